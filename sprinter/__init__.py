@@ -1,0 +1,8 @@
+"""sprinter: speculative decoding with trained acceptance verifiers."""
+
+__version__ = "0.1.0"
+
+from sprinter.errors import SprinterError  # noqa: E402
+from sprinter.models import Pair, load_pair  # noqa: E402
+
+__all__ = ["Pair", "SprinterError", "__version__", "load_pair"]

@@ -1,0 +1,385 @@
+"""The offline pair builder: a byte-level BPE tokenizer, a target and a draft causal LM, trained here.
+
+No machine of this project can download models, so the pipeline is exercised on pairs it makes
+itself. The recipe, and why (measured on 2 CPU cores; see the README's "Offline pairs"):
+1. A byte-level BPE tokenizer (`tokenizers`) on the train split; a small vocabulary (2k-4k) keeps
+   the output layer cheap, which is most of a small model's cost.
+2. The target: a transformers GPT-2 or Llama, trained with AdamW, a high peak learning rate, warmup
+   and cosine decay, on random windows of the train split.
+3. The draft, two ways (`draft_init`): `truncate` keeps the trained target's embeddings, first
+   `draft_layers` blocks and final norm, then distils briefly on the target's outputs: a weaker model
+   that agrees with the target often, for the price of a minute (training both from scratch in this
+   budget gave a target no better than its draft). `scratch` builds a narrower model (cheaper per
+   step: the `bench` pair needs a >= 6x decode-step gap) and distils it from the target.
+4. Held-out figures in `pair.json`: validation losses, greedy agreement, decode-step latencies.
+The pair is written to a temporary folder and renamed into place, so an interrupted build never
+leaves a folder that looks complete.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import shutil
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Sequence
+
+import torch
+import torch.nn.functional as F
+from tqdm.auto import tqdm
+
+from sprinter.config import option, parse_config, to_dict
+from sprinter.corpus import Document, load_documents
+from sprinter.errors import SprinterError
+from sprinter.models import check_same_vocabulary, resolve_device
+
+CONFIG_DIR = Path(__file__).resolve().parent.parent / "configs"
+EOS = "<|endoftext|>"
+ARCHS = ("gpt2", "llama")
+
+
+@dataclass
+class PairConfig:
+    preset: str = option("tiny", "size preset: a YAML under configs/pairs/ (tiny, demo, bench)")
+    arch: str = option("gpt2", "transformers architecture of both models: gpt2 or llama")
+    corpus: str = option("stdlib", "training text: 'stdlib', a folder, a .jsonl/text file, or a Hub dataset name")
+    out: str | None = option(None, "output folder (default: checkpoints/pairs/<preset>)")
+    overwrite: bool = option(False, "replace an existing pair in --out")
+    seed: int = option(0, "seed for initialisation and batch sampling")
+    device: str = option("auto", "cpu, cuda or auto")
+    max_train_chars: int = option(2_000_000, "characters of the train split to tokenize (tokenizer and model)")
+    vocab_size: int = option(1024, "BPE vocabulary size")
+    context_length: int = option(512, "models' context window (positions)")
+    seq_len: int = option(64, "training window in tokens")
+    batch_size: int = option(16, "windows per optimizer step")
+    target_layers: int = option(2, "target blocks")
+    target_width: int = option(64, "target hidden size")
+    target_heads: int = option(2, "target attention heads")
+    target_steps: int = option(60, "target optimizer steps")
+    lr: float = option(3e-3, "peak learning rate (target)")
+    warmup_fraction: float = option(0.05, "fraction of steps with linear warmup")
+    draft_init: str = option("truncate", "truncate (target's first blocks) or scratch (a narrower model)")
+    draft_layers: int = option(1, "draft blocks")
+    draft_width: int = option(64, "draft hidden size (scratch only; truncate keeps the target's)")
+    draft_heads: int = option(2, "draft attention heads (scratch only)")
+    distill_steps: int = option(30, "draft distillation steps on the target's outputs")
+    distill_lr: float = option(2e-3, "peak learning rate (draft distillation)")
+    eval_windows: int = option(32, "held-out windows for validation loss and greedy agreement")
+    threads: int = option(0, "CPU threads for torch (0: all cores)")
+
+    def __post_init__(self) -> None:
+        if self.arch not in ARCHS:
+            raise SprinterError(f"arch: got {self.arch!r}; expected one of {ARCHS}")
+        if self.draft_init not in ("truncate", "scratch"):
+            raise SprinterError(f"draft_init: got {self.draft_init!r}; expected 'truncate' or 'scratch'")
+        if self.draft_init == "truncate" and not 1 <= self.draft_layers < self.target_layers:
+            raise SprinterError(f"draft_layers: got {self.draft_layers}; expected 1..{self.target_layers - 1} "
+                                "(fewer blocks than the target) with draft_init=truncate")
+        for name in ("vocab_size", "seq_len", "batch_size", "target_layers", "target_width", "target_heads",
+                     "target_steps", "draft_layers", "draft_width", "draft_heads", "eval_windows", "max_train_chars"):
+            if getattr(self, name) < 1:
+                raise SprinterError(f"{name}: got {getattr(self, name)}; expected a positive integer")
+        if self.target_width % self.target_heads or self.draft_width % self.draft_heads:
+            raise SprinterError("width must be a multiple of heads: got target "
+                                f"{self.target_width}/{self.target_heads}, draft {self.draft_width}/{self.draft_heads}")
+        if self.seq_len + 1 > self.context_length:
+            raise SprinterError(f"seq_len: got {self.seq_len}; expected below context_length={self.context_length}")
+        if self.vocab_size < 260:
+            raise SprinterError(f"vocab_size: got {self.vocab_size}; expected at least 260 (256 bytes + specials)")
+
+    @property
+    def out_dir(self) -> Path:
+        return Path(self.out) if self.out else Path("checkpoints/pairs") / self.preset
+
+
+def presets() -> list[str]:
+    return sorted(p.stem for p in (CONFIG_DIR / "pairs").glob("*.yaml"))
+
+
+def parse_pair_config(argv: Sequence[str] | None) -> PairConfig:
+    """`--preset NAME` picks configs/pairs/NAME.yaml as the base; other flags override it."""
+    args = list(sys.argv[1:] if argv is None else argv)
+    preset = "tiny"
+    for i, a in enumerate(args):
+        if a == "--preset" and i + 1 < len(args):
+            preset = args[i + 1]
+        elif a.startswith("--preset="):
+            preset = a.split("=", 1)[1]
+    if preset not in presets():
+        raise SprinterError(f"preset: got {preset!r}; expected one of {presets()}")
+    return parse_config(PairConfig, args, "Build an offline draft/target pair.", CONFIG_DIR / "pairs" / f"{preset}.yaml")
+
+
+# ---------------------------------------------------------------------------------------------- data
+def train_tokenizer(docs: list[Document], vocab_size: int):
+    """A byte-level BPE tokenizer as a transformers fast tokenizer (EOS doubles as BOS and padding)."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    tok = Tokenizer(models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(vocab_size=vocab_size, special_tokens=[EOS], show_progress=False,
+                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
+    tok.train_from_iterator((d.text for d in docs), trainer=trainer)
+    return PreTrainedTokenizerFast(tokenizer_object=tok, eos_token=EOS, bos_token=EOS, pad_token=EOS,
+                                   unk_token=None, clean_up_tokenization_spaces=False)
+
+
+def take_chars(docs: list[Document], max_chars: int) -> list[Document]:
+    out, total = [], 0
+    for doc in docs:
+        out.append(doc)
+        total += len(doc.text)
+        if total >= max_chars:
+            break
+    return out
+
+
+def token_stream(tokenizer, docs: list[Document]) -> torch.Tensor:
+    """All documents as one stream of ids, EOS between documents."""
+    ids: list[int] = []
+    for enc in tokenizer([d.text for d in docs], add_special_tokens=False)["input_ids"]:
+        ids.extend(enc)
+        ids.append(tokenizer.eos_token_id)
+    return torch.tensor(ids, dtype=torch.long)
+
+
+def random_windows(stream: torch.Tensor, batch: int, length: int, gen: torch.Generator) -> torch.Tensor:
+    starts = torch.randint(0, len(stream) - length - 1, (batch,), generator=gen)
+    return torch.stack([stream[s : s + length + 1] for s in starts.tolist()])  # (B, length + 1)
+
+
+def fixed_windows(stream: torch.Tensor, count: int, length: int) -> torch.Tensor:
+    n = min(count, (len(stream) - 1) // (length + 1))
+    if n < 1:
+        raise SprinterError(f"the held-out split has {len(stream)} tokens; expected at least {length + 2}")
+    return stream[: n * (length + 1)].view(n, length + 1)
+
+
+# --------------------------------------------------------------------------------------------- models
+def make_config(arch: str, vocab_size: int, layers: int, width: int, heads: int, context_length: int, eos_id: int):
+    from transformers import GPT2Config, LlamaConfig
+
+    if arch == "gpt2":
+        return GPT2Config(vocab_size=vocab_size, n_positions=context_length, n_embd=width, n_layer=layers, n_head=heads,
+                          resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0, bos_token_id=eos_id, eos_token_id=eos_id,
+                          tie_word_embeddings=True)
+    return LlamaConfig(vocab_size=vocab_size, hidden_size=width, intermediate_size=width * 8 // 3 // 16 * 16 or width * 2,
+                       num_hidden_layers=layers, num_attention_heads=heads, num_key_value_heads=heads,
+                       max_position_embeddings=context_length, bos_token_id=eos_id, eos_token_id=eos_id,
+                       pad_token_id=eos_id, tie_word_embeddings=True)
+
+
+def build_model(config, seed: int):
+    from transformers import AutoModelForCausalLM
+
+    torch.manual_seed(seed)
+    return AutoModelForCausalLM.from_config(config, dtype=torch.float32)
+
+
+def truncated_draft(target, layers: int, seed: int):
+    """The target's embeddings, first `layers` blocks and final norm, as a model of its own."""
+    config = target.config.__class__.from_dict(target.config.to_dict())
+    if hasattr(config, "n_layer"):
+        config.n_layer = layers
+    else:
+        config.num_hidden_layers = layers
+        config.layer_types = None  # re-derived from num_hidden_layers
+    draft = build_model(config, seed)
+    missing, unexpected = draft.load_state_dict(target.state_dict(), strict=False)
+    if missing:
+        raise RuntimeError(f"truncated draft is missing weights {missing[:4]}")  # a bug, not bad input
+    return draft
+
+
+def lr_at(step: int, steps: int, peak: float, warmup_fraction: float) -> float:
+    """Linear warmup, then cosine decay to a tenth of the peak."""
+    warmup = max(1, int(steps * warmup_fraction))
+    if step < warmup:
+        return peak * (step + 1) / warmup
+    progress = (step - warmup) / max(1, steps - warmup)
+    return peak * (0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * progress)))
+
+
+def train_loop(model, steps: int, peak_lr: float, warmup_fraction: float, batch_fn, loss_fn, desc: str) -> float:
+    """A plain AdamW loop with a progress bar; returns seconds spent."""
+    opt = torch.optim.AdamW(model.parameters(), lr=peak_lr, betas=(0.9, 0.95), weight_decay=0.1)
+    model.train()
+    start = time.perf_counter()
+    bar = tqdm(range(steps), desc=desc, unit="step", dynamic_ncols=True)
+    ema = None
+    for step in bar:
+        for group in opt.param_groups:
+            group["lr"] = lr_at(step, steps, peak_lr, warmup_fraction)
+        loss = loss_fn(model, batch_fn())
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+        opt.step()
+        ema = loss.item() if ema is None else 0.95 * ema + 0.05 * loss.item()
+        bar.set_postfix(loss=f"{ema:.3f}")
+    model.eval()
+    return time.perf_counter() - start
+
+
+def lm_loss(model, batch: torch.Tensor) -> torch.Tensor:
+    logits = model(batch[:, :-1]).logits
+    return F.cross_entropy(logits.flatten(0, 1), batch[:, 1:].flatten())
+
+
+def distill_loss(target):
+    def loss(draft, batch: torch.Tensor) -> torch.Tensor:
+        with torch.no_grad():
+            p_log = F.log_softmax(target(batch[:, :-1]).logits, -1)
+        q_log = F.log_softmax(draft(batch[:, :-1]).logits, -1)
+        return F.kl_div(q_log.flatten(0, 1), p_log.flatten(0, 1), log_target=True, reduction="batchmean")
+
+    return loss
+
+
+@torch.no_grad()
+def evaluate(target, draft, windows: torch.Tensor) -> dict[str, float]:
+    """Held-out loss of both, and how often the draft's argmax is the target's."""
+    t_loss = d_loss = agree = count = 0.0
+    for chunk in windows.split(8):
+        t_logits, d_logits = target(chunk[:, :-1]).logits, draft(chunk[:, :-1]).logits
+        labels = chunk[:, 1:].flatten()
+        t_loss += F.cross_entropy(t_logits.flatten(0, 1), labels, reduction="sum").item()
+        d_loss += F.cross_entropy(d_logits.flatten(0, 1), labels, reduction="sum").item()
+        agree += (t_logits.argmax(-1) == d_logits.argmax(-1)).sum().item()
+        count += labels.numel()
+    return {"target_val_loss": t_loss / count, "draft_val_loss": d_loss / count, "greedy_agreement": agree / count}
+
+
+@torch.no_grad()
+def decode_step_ms(model, context: torch.Tensor, steps: int = 40, repeats: int = 3) -> float:
+    """Median milliseconds of one cached one-token decode step at batch 1 (after a prefill)."""
+    from transformers import DynamicCache
+
+    times = []
+    for _ in range(repeats):
+        cache = DynamicCache()
+        out = model(context[None], past_key_values=cache, use_cache=True)
+        token = out.logits[:, -1:].argmax(-1)
+        start = time.perf_counter()
+        for _ in range(steps):
+            token = model(token, past_key_values=cache, use_cache=True).logits[:, -1:].argmax(-1)
+        times.append((time.perf_counter() - start) / steps * 1e3)
+    return sorted(times)[len(times) // 2]
+
+
+# ---------------------------------------------------------------------------------------------- build
+def _check_out_dir(cfg: PairConfig) -> bool:
+    """True when `out` already holds this very pair (nothing to do); refuses a different one."""
+    out = cfg.out_dir
+    if not out.exists() or not any(out.iterdir()):
+        return False
+    meta = out / "pair.json"
+    if cfg.overwrite:
+        return False
+    if meta.is_file():
+        old = json.loads(meta.read_text()).get("config", {})
+        new = {k: v for k, v in to_dict(cfg).items() if k not in ("overwrite", "device", "threads", "out")}
+        if all(old.get(k) == v for k, v in new.items()):
+            return True
+        raise SprinterError(f"out: {str(out)!r} already holds a different pair (preset {old.get('preset')!r}); "
+                            "pass --overwrite to replace it, or choose another --out")
+    raise SprinterError(f"out: {str(out)!r} is not empty and holds no pair.json; expected an empty or new folder "
+                        "(or --overwrite)")
+
+
+def build_pair(cfg: PairConfig) -> dict:
+    """Build and save the pair described by `cfg`; returns the contents of pair.json."""
+    if _check_out_dir(cfg):
+        print(f"{cfg.out_dir} already holds this pair; nothing to do")
+        return json.loads((cfg.out_dir / "pair.json").read_text())
+    device = resolve_device(cfg.device)
+    if cfg.threads:
+        torch.set_num_threads(cfg.threads)
+    started = time.perf_counter()
+    gen = torch.Generator().manual_seed(cfg.seed)
+
+    train_docs = take_chars(load_documents(cfg.corpus, "train"), cfg.max_train_chars)
+    val_docs = load_documents(cfg.corpus, "val")
+    print(f"corpus {cfg.corpus!r}: {len(train_docs)} train documents, {len(val_docs)} held-out documents")
+    tokenizer = train_tokenizer(train_docs, cfg.vocab_size)
+    train_stream = token_stream(tokenizer, train_docs)
+    val_windows = fixed_windows(token_stream(tokenizer, val_docs), cfg.eval_windows, cfg.seq_len).to(device)
+    if len(train_stream) < cfg.seq_len + 2:
+        raise SprinterError(f"corpus {cfg.corpus!r}: {len(train_stream)} training tokens; expected more than {cfg.seq_len + 1}")
+    vocab = len(tokenizer)
+
+    def batch() -> torch.Tensor:
+        return random_windows(train_stream, cfg.batch_size, cfg.seq_len, gen).to(device)
+
+    target_cfg = make_config(cfg.arch, vocab, cfg.target_layers, cfg.target_width, cfg.target_heads,
+                             cfg.context_length, tokenizer.eos_token_id)
+    target = build_model(target_cfg, cfg.seed).to(device)
+    target_seconds = train_loop(target, cfg.target_steps, cfg.lr, cfg.warmup_fraction, batch, lm_loss, "target")
+
+    if cfg.draft_init == "truncate":
+        draft = truncated_draft(target, cfg.draft_layers, cfg.seed + 1).to(device)
+    else:
+        draft_cfg = make_config(cfg.arch, vocab, cfg.draft_layers, cfg.draft_width, cfg.draft_heads,
+                                cfg.context_length, tokenizer.eos_token_id)
+        draft = build_model(draft_cfg, cfg.seed + 1).to(device)
+    target.requires_grad_(False)
+    draft_seconds = train_loop(draft, cfg.distill_steps, cfg.distill_lr, cfg.warmup_fraction, batch,
+                               distill_loss(target), "draft (distil)")
+    target.requires_grad_(True)
+
+    figures = evaluate(target, draft, val_windows)
+    context = val_windows[0, : cfg.seq_len]
+    t_ms, d_ms = decode_step_ms(target, context), decode_step_ms(draft, context)
+    meta = {
+        "preset": cfg.preset, "arch": cfg.arch, "corpus": cfg.corpus,
+        "target_params": sum(p.numel() for p in target.parameters()),
+        "draft_params": sum(p.numel() for p in draft.parameters()),
+        "vocab_size": vocab,
+        "training_tokens": {"target": cfg.target_steps * cfg.batch_size * cfg.seq_len,
+                            "draft": cfg.distill_steps * cfg.batch_size * cfg.seq_len},
+        "training_seconds": {"target": round(target_seconds, 1), "draft": round(draft_seconds, 1),
+                             "total": round(time.perf_counter() - started, 1)},
+        **{k: round(v, 4) for k, v in figures.items()},
+        "decode_step_ms": {"target": round(t_ms, 3), "draft": round(d_ms, 3), "ratio": round(t_ms / d_ms, 2),
+                           "device": str(device), "threads": torch.get_num_threads()},
+        "config": {k: v for k, v in to_dict(cfg).items() if k not in ("overwrite", "device", "threads", "out")},
+    }
+    save_pair(cfg.out_dir, target, draft, tokenizer, meta)
+    return meta
+
+
+def save_pair(out: Path, target, draft, tokenizer, meta: dict) -> None:
+    """Write DIR/target, DIR/draft (each with the tokenizer) and DIR/pair.json; rename into place last."""
+    out = Path(out)
+    tmp = out.with_name(f".{out.name}.tmp-{os.getpid()}")
+    shutil.rmtree(tmp, ignore_errors=True)
+    for role, model in (("target", target), ("draft", draft)):
+        model.to("cpu").save_pretrained(tmp / role)
+        tokenizer.save_pretrained(tmp / role)
+    (tmp / "pair.json").write_text(json.dumps(meta, indent=2) + "\n")
+    from transformers import AutoTokenizer
+
+    check_same_vocabulary(AutoTokenizer.from_pretrained(tmp / "draft"), AutoTokenizer.from_pretrained(tmp / "target"),
+                          str(out / "draft"), str(out / "target"))
+    if out.exists():
+        shutil.rmtree(out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp.rename(out)
+
+
+def ensure_pair(preset: str = "demo") -> Path:
+    """The folder of a preset pair under checkpoints/pairs/, built first (with a note) if missing."""
+    out = Path("checkpoints/pairs") / preset
+    if not (out / "pair.json").is_file():
+        print(f"note: {out} not found; building the {preset!r} pair first (python scripts/make_pair.py --preset {preset})")
+        build_pair(parse_pair_config(["--preset", preset]))
+    return out
+
+
+__all__ = ["PairConfig", "build_pair", "ensure_pair", "parse_pair_config", "presets"]

@@ -1,0 +1,115 @@
+"""The offline pair builder and pair loading (the real from_pretrained path)."""
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from sprinter import SprinterError, load_pair
+from sprinter.corpus import load_documents, split_of
+from sprinter.pairs import PairConfig, build_pair, parse_pair_config
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def test_tiny_pair_loads_with_from_pretrained(tiny_pair):
+    meta = json.loads((tiny_pair / "pair.json").read_text())
+    for key in ("preset", "arch", "corpus", "target_params", "draft_params", "training_tokens", "training_seconds",
+                "target_val_loss", "draft_val_loss", "greedy_agreement"):
+        assert key in meta
+    assert 0.0 <= meta["greedy_agreement"] <= 1.0
+    pair = load_pair(str(tiny_pair / "draft"), str(tiny_pair / "target"), device="cpu", dtype="float32")
+    ids = pair.tokenizer("def f(x):\n    return x", return_tensors="pt")["input_ids"]
+    assert pair.target(ids).logits.shape[-1] == pair.draft(ids).logits.shape[-1] == pair.vocab_size
+    assert pair.tokenizer.decode(ids[0]) == "def f(x):\n    return x"
+
+
+def test_llama_pair_loads(tiny_llama_pair):
+    pair = load_pair(str(tiny_llama_pair / "draft"), str(tiny_llama_pair / "target"), device="cpu", dtype="float32")
+    assert pair.target.config.model_type == "llama"
+    assert pair.target.config.num_hidden_layers > pair.draft.config.num_hidden_layers
+
+
+def test_build_is_deterministic_and_rebuild_is_a_no_op(tmp_path, tiny_pair):
+    cfg = parse_pair_config(["--preset", "tiny", "--out", str(tmp_path / "again")])
+    build_pair(cfg)
+    from safetensors.torch import load_file
+
+    a = load_file(tiny_pair / "target" / "model.safetensors")
+    b = load_file(tmp_path / "again" / "target" / "model.safetensors")
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    # The same config again is recognised and nothing is rebuilt.
+    assert build_pair(cfg)["target_params"] == json.loads((tiny_pair / "pair.json").read_text())["target_params"]
+
+
+def test_out_folder_with_a_different_pair_is_refused(tiny_pair):
+    cfg = parse_pair_config(["--preset", "tiny", "--out", str(tiny_pair), "--seed", "7"])
+    with pytest.raises(SprinterError, match="different pair.*--overwrite"):
+        build_pair(cfg)
+
+
+def test_interrupted_build_leaves_no_pair(tmp_path, monkeypatch):
+    import sprinter.pairs as pairs
+
+    def boom(*args, **kwargs):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(pairs, "check_same_vocabulary", boom)  # fails after the files are written to the temp dir
+    out = tmp_path / "pair"
+    with pytest.raises(KeyboardInterrupt):
+        build_pair(parse_pair_config(["--preset", "tiny", "--out", str(out), "--target-steps", "2",
+                                      "--distill-steps", "1"]))
+    assert not out.exists()
+
+
+def test_mismatched_vocabularies_are_refused(tiny_pair, tmp_path):
+    from transformers import AutoTokenizer
+
+    other = tmp_path / "other"
+    tok = AutoTokenizer.from_pretrained(tiny_pair / "target")
+    tok.add_tokens(["<extra_token>"])
+    tok.save_pretrained(other)
+    with pytest.raises(SprinterError, match="different vocabularies"):
+        load_pair(str(other), str(tiny_pair / "target"), device="cpu")
+
+
+def test_uncached_hub_name_says_so():
+    with pytest.raises(SprinterError, match="local path"):
+        load_pair("no-such-org/no-such-model", "no-such-org/no-such-model", device="cpu")
+
+
+def test_cuda_where_none_is_refused(tiny_pair):
+    if torch.cuda.is_available():
+        pytest.skip("this machine has CUDA")
+    with pytest.raises(SprinterError, match="no CUDA"):
+        load_pair(str(tiny_pair / "draft"), str(tiny_pair / "target"), device="cuda")
+
+
+@pytest.mark.parametrize("args, message", [
+    (["--preset", "huge"], "preset: got 'huge'"),
+    (["--arch", "bert"], "arch: got 'bert'"),
+    (["--corpus", "/no/such/folder"], "dataset: got '/no/such/folder'"),
+    (["--target-steps", "many"], "bad command line"),
+])
+def test_cli_bad_input_is_one_line_and_nonzero(args, message, tmp_path):
+    proc = subprocess.run([sys.executable, str(ROOT / "scripts" / "make_pair.py"), "--out", str(tmp_path / "p"), *args],
+                          capture_output=True, text=True, cwd=tmp_path)
+    assert proc.returncode == 2
+    assert message in proc.stderr
+    assert "Traceback" not in proc.stderr
+
+
+def test_empty_corpus_is_refused(tmp_path):
+    (tmp_path / "corpus").mkdir()
+    (tmp_path / "corpus" / "blank.txt").write_text("   \n")
+    with pytest.raises(SprinterError, match="no text"):
+        build_pair(PairConfig(corpus=str(tmp_path / "corpus"), out=str(tmp_path / "p")))
+
+
+def test_splits_are_stable_and_disjoint():
+    assert split_of("stdlib/os.py") == split_of("stdlib/os.py")
+    names = {d.id for d in load_documents("stdlib", "val")} & {d.id for d in load_documents("stdlib", "train")}
+    assert not names
