@@ -1,7 +1,11 @@
 """Shared fixtures: tiny pairs built once per test session, offline, on CPU."""
 
 import os
+from pathlib import Path
 
+ROOT = Path(__file__).resolve().parent.parent
+# Scripts run in subprocesses import this checkout, not whichever copy is installed.
+os.environ["PYTHONPATH"] = os.pathsep.join(filter(None, [str(ROOT), os.environ.get("PYTHONPATH")]))
 os.environ.setdefault("HF_HUB_OFFLINE", "1")  # tests never touch the network
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
