@@ -18,6 +18,7 @@ leaves a folder that looks complete.
 
 from __future__ import annotations
 
+import hashlib
 import json
 import math
 import os
@@ -131,8 +132,10 @@ def train_tokenizer(docs: list[Document], vocab_size: int):
 
 
 def take_chars(docs: list[Document], max_chars: int) -> list[Document]:
+    """Documents up to `max_chars`, in an order fixed by a hash of their ids (not alphabetical, so
+    one package does not fill the budget)."""
     out, total = [], 0
-    for doc in docs:
+    for doc in sorted(docs, key=lambda d: hashlib.sha256(d.id.encode()).hexdigest()):
         out.append(doc)
         total += len(doc.text)
         if total >= max_chars:
@@ -155,10 +158,12 @@ def random_windows(stream: torch.Tensor, batch: int, length: int, gen: torch.Gen
 
 
 def fixed_windows(stream: torch.Tensor, count: int, length: int) -> torch.Tensor:
-    n = min(count, (len(stream) - 1) // (length + 1))
+    """`count` windows spread evenly over the stream (not just its first documents)."""
+    n = (len(stream) - 1) // (length + 1)
     if n < 1:
         raise SprinterError(f"the held-out split has {len(stream)} tokens; expected at least {length + 2}")
-    return stream[: n * (length + 1)].view(n, length + 1)
+    rows = torch.linspace(0, n - 1, min(count, n)).long()
+    return stream[: n * (length + 1)].view(n, length + 1)[rows]  # (count, length + 1)
 
 
 # --------------------------------------------------------------------------------------------- models
@@ -211,7 +216,9 @@ def train_loop(model, steps: int, peak_lr: float, warmup_fraction: float, batch_
     opt = torch.optim.AdamW(model.parameters(), lr=peak_lr, betas=(0.9, 0.95), weight_decay=0.1)
     model.train()
     start = time.perf_counter()
-    bar = tqdm(range(steps), desc=desc, unit="step", dynamic_ncols=True)
+    # In a log file (not a terminal), a line every 15 s instead of one per step.
+    bar = tqdm(range(steps), desc=desc, unit="step", dynamic_ncols=True,
+               mininterval=0.5 if sys.stderr.isatty() else 15)
     ema = None
     for step in bar:
         for group in opt.param_groups:
