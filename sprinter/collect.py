@@ -52,7 +52,7 @@ class CollectConfig:
     prompt_len: int = option(64, "prompt tokens before the first labelled token")
     max_new_tokens: int = option(32, "labelled (drafted) tokens per prompt")
     draft_length: int = option(4, "k: tokens the draft drafts per target call (decode source)")
-    windows_per_document: int = option(4, "most prompts cut from one document (spreads prompts over documents)")
+    windows_per_document: int = option(32, "most prompts cut from one document (spreads prompts over documents)")
     temperature: float = option(0.0, "collection temperature: 0 drafts greedily, > 0 samples from q")
     batch_size: int = option(16, "prompts per forward pass")
     rows_per_shard: int = option(50_000, "rows per shard file (a shard holds whole batches)")
