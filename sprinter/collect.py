@@ -170,7 +170,6 @@ def prepare_out(cfg: CollectConfig) -> None:
             raise SprinterError(f"out: {cfg.out!r} is not empty ({what}); pass --resume to continue it, --overwrite "
                                 "to replace it, or choose another --out")
     out.mkdir(parents=True, exist_ok=True)
-    (out / MANIFEST).unlink(missing_ok=True)  # written again when every rank has finished
     tmp = out / ".config.json.tmp"
     save_config(cfg, tmp)
     os.replace(tmp, saved)
@@ -236,17 +235,20 @@ def collect(cfg: CollectConfig) -> dict | None:
     pair = load_pair(draft_path, target_path, device, cfg.dtype, cfg.trust_remote_code)
     check_pair(cfg, pair)
     out = Path(cfg.out)
+    if dist.rank == 0:
+        (out / MANIFEST).unlink(missing_ok=True)  # a resumed folder is unfinished until every rank is done
     done = done_prompts(out)
     writer = ShardWriter(out, cfg.rows_per_shard, dist.rank,
                          metadata={"source": cfg.source, "draft": fingerprint(draft_path)})
     started = time.perf_counter()
-    new_rows = 0
+    new_rows = new_tokens = seen = 0
     bar = tqdm(total=cfg.num_prompts, unit="prompt", desc=f"collect ({cfg.source})",
                disable=not cfg.progress or dist.rank != 0)
     for b, (first, windows) in enumerate(iter_batches(cfg, pair.tokenizer)):
-        todo = set(range(first, first + len(windows))) - done
+        seen = first + len(windows)
+        todo = set(range(first, seen)) - done
         if b % dist.world != dist.rank or not todo:
-            bar.update(len(windows))
+            bar.update(len(windows) if not todo or dist.world == 1 else 0)
             continue
         if len(todo) != len(windows):
             raise SprinterError(f"out: {cfg.out!r} holds part of the batch starting at prompt {first}; expected "
@@ -254,15 +256,21 @@ def collect(cfg: CollectConfig) -> dict | None:
         rows = batch_rows(cfg, pair, windows, first)
         writer.add(rows)
         new_rows += len(rows["token_id"])
+        new_tokens += windows.numel()
         seconds = time.perf_counter() - started
-        bar.update(len(windows) * dist.world)
-        bar.set_postfix({"labelled/s": f"{new_rows * dist.world / seconds:.0f}"})
+        bar.update(len(windows) * dist.world)  # the other ranks advance at about the same pace
+        bar.set_postfix({"tokens/s": f"{new_tokens * dist.world / seconds:.0f}",
+                         "labelled/s": f"{new_rows * dist.world / seconds:.0f}"})
     writer.close()
     bar.close()
     seconds = time.perf_counter() - started
     dist.barrier()  # every rank's shards are on disk
     if dist.rank != 0:
         return None
+    if seen < cfg.num_prompts:
+        print(f"note: dataset {cfg.dataset!r} ({cfg.split!r} split) holds {seen} prompts of "
+              f"{cfg.prompt_len + cfg.max_new_tokens} tokens, fewer than num_prompts={cfg.num_prompts}; "
+              "raise --windows-per-document or use a larger dataset for more")
     manifest = build_manifest(cfg, pair, draft_path, target_path, seconds)
     write_manifest(out, manifest)
     manifest["run"] = {"new_rows_rank0": new_rows, "seconds": seconds, "world_size": dist.world}

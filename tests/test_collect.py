@@ -277,3 +277,19 @@ def test_two_processes_write_the_same_rows_as_one(tiny_pair, text_file, tmp_path
     keys = _row_keys(two)
     assert len(set(keys.tolist())) == len(keys)  # no row twice
     _assert_same_rows(one, two)
+
+
+def test_release_baseline_agrees_on_each_prompts_first_row(tiny_pair, text_file):
+    from sprinter.collect_bench import release_rows
+    from sprinter.collect import batch_rows
+
+    pair = load_pair(str(tiny_pair / "draft"), str(tiny_pair / "target"), device="cpu", dtype="float32")
+    cfg = parse_collect_config(_argv(tiny_pair, text_file, "unused"))
+    windows = torch.stack(list(iter_windows(cfg, pair.tokenizer))[:2])
+    base = release_rows(pair, windows[:, : cfg.prompt_len], 3)
+    assert base["prompt_index"].tolist() == [0, 0, 0, 1, 1, 1]
+    ours = batch_rows(cfg, pair, windows, 0)
+    first = ours["position"] == 0
+    assert torch.equal(base["token_id"][base["position"] == 0], ours["token_id"][first])
+    assert torch.allclose(base["hidden"][base["position"] == 0], ours["hidden"][first], atol=1e-5)
+    assert torch.allclose(base["target_prob"][base["position"] == 0], ours["target_prob"][first], atol=1e-6)
