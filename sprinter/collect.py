@@ -142,6 +142,10 @@ class Dist:
         if self.world > 1:
             torch.distributed.barrier()
 
+    def close(self) -> None:
+        if self.world > 1 and torch.distributed.is_initialized():
+            torch.distributed.destroy_process_group()
+
 
 def prepare_out(cfg: CollectConfig) -> None:
     """Refuse a non-empty folder unless resuming (same config) or overwriting; then write config.json."""
@@ -223,10 +227,17 @@ def resolve_pair_paths(cfg: CollectConfig) -> tuple[str, str]:
 def collect(cfg: CollectConfig) -> dict | None:
     """Run the collection described by `cfg`; rank 0 returns the manifest (other ranks None)."""
     dist = Dist.from_env()
+    try:
+        return _collect(cfg, dist)
+    finally:
+        dist.close()
+
+
+def _collect(cfg: CollectConfig, dist: Dist) -> dict | None:
     if dist.rank == 0:
-        draft_path, target_path = resolve_pair_paths(cfg)
+        resolve_pair_paths(cfg)  # builds the demo pair once, before the other ranks look for it
         prepare_out(cfg)
-    dist.barrier()  # the folder is ready (and the demo pair built) before any rank writes
+    dist.barrier()  # the folder is ready before any rank writes
     draft_path, target_path = resolve_pair_paths(cfg)
     device = cfg.device
     if dist.world > 1 and cfg.device.startswith("cuda") and ":" not in cfg.device:

@@ -121,9 +121,11 @@ def test_corpus_rows_are_the_drafts_own_hidden_states(tiny_pair, text_file, tmp_
         assert int(rows["context_length"][r]) == cfg.prompt_len + j
 
 
-def test_decode_rows_follow_the_target_path(tiny_pair, text_file):
-    pair = load_pair(str(tiny_pair / "draft"), str(tiny_pair / "target"), device="cpu", dtype="float32")
-    cfg = parse_collect_config(_argv(tiny_pair, text_file, "unused"))
+@pytest.mark.parametrize("arch", ["gpt2", "llama"])
+def test_decode_rows_follow_the_target_path(request, text_file, arch):
+    folder = request.getfixturevalue("tiny_pair" if arch == "gpt2" else "tiny_llama_pair")
+    pair = load_pair(str(folder / "draft"), str(folder / "target"), device="cpu", dtype="float32")
+    cfg = parse_collect_config(_argv(folder, text_file, "unused"))
     prompts = torch.stack([w[:12] for w in list(iter_windows(cfg, pair.tokenizer))[:3]])
     args = (10, 4, pair.vocab_size, 0.0, torch.Generator(), 0, None, pair.max_length)
     rows, paths = decode_rows(pair.draft, pair.target, prompts, *args)
