@@ -142,7 +142,9 @@ def draft_block(draft, ids: torch.Tensor, mask: torch.Tensor, k: int, vocab_size
     for j in range(k):
         q_j = probabilities(out.logits[:, -1, :vocab_size], temperature)
         x_j = choose_tokens(q_j, temperature, gen)
-        tokens.append(x_j), qs.append(q_j), hiddens.append(out.hidden_states[-1][:, -1])
+        tokens.append(x_j)
+        qs.append(q_j)
+        hiddens.append(out.hidden_states[-1][:, -1])
         if j + 1 < k:
             mask = torch.cat([mask, torch.ones_like(mask[:, :1])], dim=1)
             pos = pos[:, -1:] + 1

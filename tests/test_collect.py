@@ -1,20 +1,20 @@
 """The data stage: labels from their definitions, rows that match the draft, resume, bad inputs."""
 
+import email.message
 import errno
+import inspect
 import json
+import json.decoder
 import os
 import shutil
 import sys
-import inspect
-import email.message
-import json.decoder
 from pathlib import Path
 
 import pytest
 import torch
 
 import sprinter.collect as collect_module
-from sprinter import SprinterError, load_pair
+from sprinter import load_pair
 from sprinter.collect import collect, iter_windows, parse_collect_config
 from sprinter.contexts import accept_labels, decode_rows, probabilities, target_path
 from sprinter.errors import run_cli
