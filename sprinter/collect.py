@@ -1,0 +1,346 @@
+"""The data stage: run a draft/target pair over prompts and stream labelled rows out to shards.
+
+Prompts are fixed-length token windows cut from a corpus split (`val` by default: text the pair never
+trained on), numbered in a fixed order, and grouped into fixed batches: batch b holds prompts
+b*B .. b*B+B-1 whatever the number of processes, so every run (one process, several, or resumed)
+computes exactly the same rows. Rank r of W processes (torchrun) takes batches b with b % W == r and
+writes its own shards; rank 0 writes the manifest once every rank is done. A shard holds whole
+batches, so `--resume` skips the prompts already in finished shards and nothing is lost or repeated.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import time
+from dataclasses import dataclass
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import Iterator, Sequence
+
+import torch
+from tqdm.auto import tqdm
+
+import sprinter
+from sprinter.config import option, parse_config, save_config, to_dict
+from sprinter.contexts import corpus_rows, decode_rows
+from sprinter.corpus import iter_documents, split_of
+from sprinter.errors import SprinterError
+from sprinter.models import Pair, fingerprint, load_pair
+from sprinter.shards import (FORMAT, LABELS, MANIFEST, ShardWriter, complete_shards, shard_entry,
+                             write_manifest)
+
+CONFIG_DIR = Path(__file__).resolve().parent.parent / "configs" / "collect"
+SOURCES = ("corpus", "decode")
+HIDDEN_DTYPES = {"float16": torch.float16, "float32": torch.float32}
+FEATURES = ["hidden", "draft_prob", "draft_entropy", "draft_max_prob", "position", "context_length"]
+# Options that may change on --resume without changing a single row.
+RUNTIME_OPTIONS = ("resume", "overwrite", "device", "threads", "progress")
+
+
+@dataclass
+class CollectConfig:
+    draft: str | None = option(None, "draft model: Hub name or local folder (default: the demo pair, built if missing)")
+    target: str | None = option(None, "target model: Hub name or local folder (default: the demo pair)")
+    dataset: str = option("stdlib", "prompt text: 'stdlib', a folder, a .jsonl/text file, or a Hub dataset name")
+    split: str = option("val", "corpus split the prompts come from: train, val, test or all")
+    text_field: str = option("text", "text field of .jsonl rows and Hub datasets")
+    hub_split: str = option("train", "split of a Hub dataset to read (before our own train/val/test split)")
+    out: str = option("data/demo", "output folder for manifest.json and shard-NNNNN.safetensors")
+    source: str = option("corpus", "context source: corpus (teacher forcing, fast) or decode (speculative decoding)")
+    num_prompts: int = option(512, "prompts to collect (fewer if the dataset runs out)")
+    prompt_len: int = option(64, "prompt tokens before the first labelled token")
+    max_new_tokens: int = option(32, "labelled (drafted) tokens per prompt")
+    draft_length: int = option(4, "k: tokens the draft drafts per target call (decode source)")
+    windows_per_document: int = option(32, "most prompts cut from one document (spreads prompts over documents)")
+    temperature: float = option(0.0, "collection temperature: 0 drafts greedily, > 0 samples from q")
+    batch_size: int = option(16, "prompts per forward pass")
+    rows_per_shard: int = option(50_000, "rows per shard file (a shard holds whole batches)")
+    hidden_dtype: str = option("float32", "dtype of the stored hidden states: float32 or float16")
+    device: str = option("auto", "cpu, cuda, cuda:N or auto (each torchrun rank takes cuda:LOCAL_RANK)")
+    dtype: str = option("auto", "model dtype: float32, bfloat16, float16 or auto (bf16 on CUDA, fp32 on CPU)")
+    seed: int = option(0, "seed of the draft's sampling (temperature > 0) and of the decode path")
+    threads: int = option(0, "CPU threads per process (0: the cores divided among the processes)")
+    resume: bool = option(False, "continue an interrupted collection in --out")
+    overwrite: bool = option(False, "replace the collection in --out")
+    progress: bool = option(True, "show a progress bar")
+    trust_remote_code: bool = option(False, "allow models with custom code from the Hub")
+
+    def __post_init__(self) -> None:
+        if self.source not in SOURCES:
+            raise SprinterError(f"source: got {self.source!r}; expected one of {SOURCES}")
+        for name in ("num_prompts", "prompt_len", "max_new_tokens", "draft_length", "windows_per_document",
+                     "batch_size", "rows_per_shard"):
+            if not isinstance(getattr(self, name), int) or getattr(self, name) < 1:
+                raise SprinterError(f"{name}: got {getattr(self, name)!r}; expected an integer >= 1")
+        if not self.temperature >= 0:
+            raise SprinterError(f"temperature: got {self.temperature!r}; expected a number >= 0")
+        if self.hidden_dtype not in HIDDEN_DTYPES:
+            raise SprinterError(f"hidden_dtype: got {self.hidden_dtype!r}; expected one of {sorted(HIDDEN_DTYPES)}")
+        if self.resume and self.overwrite:
+            raise SprinterError("resume and overwrite: got both; expected at most one")
+        if (self.draft is None) != (self.target is None):
+            raise SprinterError(f"draft/target: got draft={self.draft!r}, target={self.target!r}; expected both "
+                                "or neither (neither: the demo pair)")
+
+
+def parse_collect_config(argv: Sequence[str] | None) -> CollectConfig:
+    return parse_config(CollectConfig, argv, "Collect draft features and accept labels into safetensors shards.",
+                        CONFIG_DIR / "demo.yaml")
+
+
+# ------------------------------------------------------------------------------------------- prompts
+def iter_windows(cfg: CollectConfig, tokenizer) -> Iterator[torch.Tensor]:
+    """Token windows of prompt_len + max_new_tokens tokens from the chosen split, in a fixed order."""
+    length = cfg.prompt_len + cfg.max_new_tokens
+    found = 0
+    for doc in iter_documents(cfg.dataset, cfg.text_field, cfg.hub_split):
+        if cfg.split != "all" and split_of(doc.id) != cfg.split:
+            continue
+        ids = tokenizer(doc.text)["input_ids"]
+        for start in range(0, min(len(ids) // length, cfg.windows_per_document) * length, length):
+            found += 1
+            yield torch.tensor(ids[start: start + length], dtype=torch.long)
+    if found == 0:
+        raise SprinterError(f"dataset {cfg.dataset!r} has no document of at least {length} tokens "
+                            f"(prompt_len + max_new_tokens) in its {cfg.split!r} split; expected some text, "
+                            "or a smaller --prompt-len/--max-new-tokens")
+
+
+def iter_batches(cfg: CollectConfig, tokenizer) -> Iterator[tuple[int, torch.Tensor]]:
+    """(index of the batch's first prompt, windows (B, L)) for the first num_prompts windows."""
+    batch: list[torch.Tensor] = []
+    first = 0
+    for n, window in enumerate(iter_windows(cfg, tokenizer)):
+        if n >= cfg.num_prompts:
+            break
+        batch.append(window)
+        if len(batch) == cfg.batch_size:
+            yield first, torch.stack(batch)
+            first, batch = n + 1, []
+    if batch:
+        yield first, torch.stack(batch)
+
+
+# ------------------------------------------------------------------------------------------- the run
+@dataclass
+class Dist:
+    """This process's place among torchrun ranks (rank 0 of 1 without torchrun)."""
+
+    rank: int = 0
+    world: int = 1
+    local_rank: int = 0
+
+    @classmethod
+    def from_env(cls) -> "Dist":
+        world = int(os.environ.get("WORLD_SIZE", "1"))
+        if world > 1 and not torch.distributed.is_initialized():
+            torch.distributed.init_process_group("gloo")
+        return cls(int(os.environ.get("RANK", "0")), world, int(os.environ.get("LOCAL_RANK", "0")))
+
+    def barrier(self) -> None:
+        if self.world > 1:
+            torch.distributed.barrier()
+
+    def close(self) -> None:
+        if self.world > 1 and torch.distributed.is_initialized():
+            torch.distributed.destroy_process_group()
+
+
+def prepare_out(cfg: CollectConfig) -> None:
+    """Refuse a non-empty folder unless resuming (same config) or overwriting; then write config.json."""
+    out = Path(cfg.out)
+    saved = out / "config.json"
+    if out.is_dir() and any(out.iterdir()):
+        if cfg.overwrite:
+            for path in out.iterdir():
+                if path.name in (MANIFEST, "config.json") or path in complete_shards(out) or \
+                        path.name.startswith(".shard-"):
+                    path.unlink()
+        elif cfg.resume:
+            if not saved.is_file():
+                raise SprinterError(f"out: {cfg.out!r} holds no config.json from an earlier collection; expected "
+                                    "the folder of an interrupted run for --resume")
+            old = json.loads(saved.read_text())
+            new = to_dict(cfg)
+            changed = sorted(k for k in new if k not in RUNTIME_OPTIONS and old.get(k) != new[k])
+            if changed:
+                raise SprinterError(f"--resume: options {changed} differ from the run in {cfg.out!r} "
+                                    f"({ {k: old.get(k) for k in changed} }); expected the same options, or "
+                                    "--overwrite to start again")
+        else:
+            what = f"{len(complete_shards(out))} shard(s)" + (", a finished collection" if (out / MANIFEST).is_file()
+                                                              else "")
+            raise SprinterError(f"out: {cfg.out!r} is not empty ({what}); pass --resume to continue it, --overwrite "
+                                "to replace it, or choose another --out")
+    out.mkdir(parents=True, exist_ok=True)
+    tmp = out / ".config.json.tmp"
+    save_config(cfg, tmp)
+    os.replace(tmp, saved)
+
+
+def done_prompts(out: Path) -> set[int]:
+    """Prompt indices already in finished shards (any rank)."""
+    from safetensors import safe_open
+
+    done: set[int] = set()
+    for path in complete_shards(out):
+        with safe_open(str(path), framework="pt") as f:
+            done.update(f.get_tensor("prompt_index").tolist())
+    return done
+
+
+def batch_rows(cfg: CollectConfig, pair: Pair, windows: torch.Tensor, first: int) -> dict[str, torch.Tensor]:
+    """The rows of one batch of prompts, with global `prompt_index`, ready for a shard."""
+    # One generator per batch, seeded by its first prompt: the rows never depend on who computes them.
+    gen = torch.Generator(device=pair.device).manual_seed(cfg.seed * 1_000_003 + first)
+    windows = windows.to(pair.device)
+    if cfg.source == "corpus":
+        rows = corpus_rows(pair.draft, pair.target, windows, cfg.prompt_len, pair.vocab_size, cfg.temperature, gen)
+    else:
+        tok = pair.tokenizer
+        pad = tok.pad_token_id if tok.pad_token_id is not None else (tok.eos_token_id or 0)
+        rows, _ = decode_rows(pair.draft, pair.target, windows[:, : cfg.prompt_len], cfg.max_new_tokens,
+                              cfg.draft_length, pair.vocab_size, cfg.temperature, gen, pad, tok.eos_token_id,
+                              pair.max_length)
+    rows["prompt_index"] = rows.pop("row_prompt") + first
+    rows["hidden"] = rows["hidden"].to(HIDDEN_DTYPES[cfg.hidden_dtype])
+    return {name: (t.float() if t.is_floating_point() and name != "hidden" else t).cpu() for name, t in rows.items()}
+
+
+def check_pair(cfg: CollectConfig, pair: Pair) -> None:
+    need = cfg.prompt_len + cfg.max_new_tokens + (cfg.draft_length if cfg.source == "decode" else 0)
+    if need > pair.max_length:
+        raise SprinterError(f"prompt_len + max_new_tokens{' + draft_length' if cfg.source == 'decode' else ''} = "
+                            f"{need} tokens; the models' context window is {pair.max_length}: expected at most that")
+
+
+def resolve_pair_paths(cfg: CollectConfig) -> tuple[str, str]:
+    if cfg.draft is not None:
+        return cfg.draft, cfg.target  # type: ignore[return-value]
+    from sprinter.pairs import ensure_pair
+
+    folder = ensure_pair("demo")
+    return str(folder / "draft"), str(folder / "target")
+
+
+def collect(cfg: CollectConfig) -> dict | None:
+    """Run the collection described by `cfg`; rank 0 returns the manifest (other ranks None)."""
+    dist = Dist.from_env()
+    try:
+        return _collect(cfg, dist)
+    finally:
+        dist.close()
+
+
+def _collect(cfg: CollectConfig, dist: Dist) -> dict | None:
+    if dist.rank == 0:
+        resolve_pair_paths(cfg)  # builds the demo pair once, before the other ranks look for it
+        prepare_out(cfg)
+    dist.barrier()  # the folder is ready before any rank writes
+    draft_path, target_path = resolve_pair_paths(cfg)
+    device = cfg.device
+    if dist.world > 1 and cfg.device.startswith("cuda") and ":" not in cfg.device:
+        device = f"cuda:{dist.local_rank}"
+    torch.set_num_threads(cfg.threads or max(1, (os.cpu_count() or 1) // int(os.environ.get("LOCAL_WORLD_SIZE", 1))))
+    pair = load_pair(draft_path, target_path, device, cfg.dtype, cfg.trust_remote_code)
+    check_pair(cfg, pair)
+    out = Path(cfg.out)
+    if dist.rank == 0:
+        (out / MANIFEST).unlink(missing_ok=True)  # a resumed folder is unfinished until every rank is done
+    done = done_prompts(out)
+    writer = ShardWriter(out, cfg.rows_per_shard, dist.rank,
+                         metadata={"source": cfg.source, "draft": fingerprint(draft_path)})
+    started = time.perf_counter()
+    new_rows = new_tokens = seen = 0
+    bar = tqdm(total=cfg.num_prompts, unit="prompt", desc=f"collect ({cfg.source})",
+               disable=not cfg.progress or dist.rank != 0)
+    for b, (first, windows) in enumerate(iter_batches(cfg, pair.tokenizer)):
+        seen = first + len(windows)
+        todo = set(range(first, seen)) - done
+        if b % dist.world != dist.rank or not todo:
+            bar.update(len(windows) if not todo or dist.world == 1 else 0)
+            continue
+        if len(todo) != len(windows):
+            raise SprinterError(f"out: {cfg.out!r} holds part of the batch starting at prompt {first}; expected "
+                                "whole batches (was --batch-size changed?): rerun with --overwrite")
+        rows = batch_rows(cfg, pair, windows, first)
+        writer.add(rows)
+        new_rows += len(rows["token_id"])
+        new_tokens += windows.numel()
+        seconds = time.perf_counter() - started
+        bar.update(len(windows) * dist.world)  # the other ranks advance at about the same pace
+        bar.set_postfix({"tokens/s": f"{new_tokens * dist.world / seconds:.0f}",
+                         "labelled/s": f"{new_rows * dist.world / seconds:.0f}"})
+    writer.close()
+    bar.close()
+    seconds = time.perf_counter() - started
+    dist.barrier()  # every rank's shards are on disk
+    if dist.rank != 0:
+        return None
+    if seen < cfg.num_prompts:
+        print(f"note: dataset {cfg.dataset!r} ({cfg.split!r} split) holds {seen} prompts of "
+              f"{cfg.prompt_len + cfg.max_new_tokens} tokens, fewer than num_prompts={cfg.num_prompts}; "
+              "raise --windows-per-document or use a larger dataset for more")
+    manifest = build_manifest(cfg, pair, draft_path, target_path, seconds)
+    write_manifest(out, manifest)
+    manifest["run"] = {"new_rows_rank0": new_rows, "seconds": seconds, "world_size": dist.world}
+    return manifest
+
+
+def build_manifest(cfg: CollectConfig, pair: Pair, draft_path: str, target_path: str, seconds: float) -> dict:
+    """The manifest of everything in `cfg.out`, read back from the shard files of every rank."""
+    from safetensors import safe_open
+
+    out = Path(cfg.out)
+    entries, prompts, sums, columns = [], set(), dict.fromkeys(LABELS, 0.0), {}
+    for path in complete_shards(out):
+        entries.append(shard_entry(path))
+        with safe_open(str(path), framework="pt") as f:
+            prompts.update(f.get_tensor("prompt_index").tolist())
+            for label in LABELS:
+                sums[label] += float(f.get_tensor(label).double().sum())
+            for name in f.keys():
+                sl = f.get_slice(name)
+                columns[name] = {"dtype": str(sl.get_dtype()), "shape": ["N", *sl.get_shape()[1:]]}
+    total = sum(e["rows"] for e in entries)
+    return {
+        "format": FORMAT,
+        "sprinter_version": sprinter.__version__,
+        "draft": {"name": draft_path, "fingerprint": fingerprint(draft_path)},
+        "target": {"name": target_path, "fingerprint": fingerprint(target_path)},
+        "tokenizer": target_path,
+        "hidden_size": int(pair.draft.config.hidden_size),
+        "vocab_size": pair.vocab_size,
+        "context_source": cfg.source,
+        "temperature": cfg.temperature,
+        "features": FEATURES,
+        "labels": list(LABELS),
+        "dtype": cfg.hidden_dtype,
+        "columns": columns,
+        "num_samples": total,
+        "num_prompts": len(prompts),
+        "label_means": {k: (v / total if total else None) for k, v in sums.items()},
+        "shards": entries,
+        "config": to_dict(cfg),
+        "last_run_seconds": round(seconds, 2),
+        "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+    }
+
+
+def summary(manifest: dict) -> str:
+    """A one-screen summary of a finished collection."""
+    run = manifest.get("run", {})
+    rate = run.get("new_rows_rank0", 0) * run.get("world_size", 1) / max(run.get("seconds", 0), 1e-9)
+    lines = [f"collected {manifest['num_samples']} samples from {manifest['num_prompts']} prompts "
+             f"({manifest['context_source']} contexts, temperature {manifest['temperature']}) "
+             f"into {manifest['config']['out']}",
+             f"draft  {manifest['draft']['name']} ({manifest['draft']['fingerprint']})",
+             f"target {manifest['target']['name']} ({manifest['target']['fingerprint']})",
+             "acceptance: " + ", ".join(f"{k} {v:.3f}" for k, v in manifest["label_means"].items() if v is not None),
+             f"this run: {run.get('seconds', 0):.1f} s, {rate:.0f} labelled tokens/s "
+             f"over {run.get('world_size', 1)} process(es); {len(manifest['shards'])} shard(s)"]
+    return "\n".join(lines)
+
+
+__all__ = ["CollectConfig", "collect", "parse_collect_config", "summary"]

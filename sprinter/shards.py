@@ -1,0 +1,198 @@
+"""The on-disk format of collected data: `OUT/manifest.json` plus `OUT/shard-NNNNN.safetensors`.
+
+A shard is a safetensors file whose tensors all have the same number of rows: `hidden` (N, H) and
+1-D columns such as `token_id`, `draft_prob`, `target_prob` and the three accept labels. Shards are
+written to a temporary file and renamed into place, so a killed run never leaves a shard that looks
+complete; each shard also carries its row count and rank in its safetensors metadata, so a folder can
+be audited (and a run resumed) from its shard files alone. The manifest is written last, once every
+rank has finished: a folder without one is an unfinished collection.
+
+Readers use `read_manifest`, `load_columns` and `iter_shards`; nothing here unpickles anything.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+from pathlib import Path
+from typing import Iterator
+
+import torch
+from safetensors import safe_open
+from safetensors.torch import save as safetensors_bytes
+
+from sprinter.errors import SprinterError
+
+FORMAT = "sprinter-shards/1"
+MANIFEST = "manifest.json"
+LABELS = ("accept_greedy", "accept_sprinter", "accept_soft")
+# Columns every shard holds; a collector may add more (draft-side only), listed in the manifest.
+REQUIRED_COLUMNS = ("hidden", "token_id", "draft_prob", "draft_entropy", "target_prob", "position", "prompt_index",
+                    *LABELS)
+SHARD_NAME = re.compile(r"^shard-(?:r(\d+)-)?(\d{5,})\.safetensors$")
+
+
+def shard_name(rank: int, index: int) -> str:
+    """`shard-00003.safetensors` on rank 0, `shard-r1-00003.safetensors` on rank 1: ranks never collide."""
+    return f"shard-{index:05d}.safetensors" if rank == 0 else f"shard-r{rank}-{index:05d}.safetensors"
+
+
+def write_atomic(path: Path, data: bytes) -> None:
+    """Write `data` to `path` through a temporary file in the same folder, then rename it into place."""
+    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    try:
+        with tmp.open("wb") as fh:
+            fh.write(data)
+            fh.flush()
+            os.fsync(fh.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
+
+
+def _disk_error(path: Path, err: OSError, kept: int) -> SprinterError:
+    reason = err.strerror or str(err)
+    return SprinterError(f"could not write {str(path)!r}: {reason}; the {kept} shard(s) already written in "
+                         f"{str(path.parent)!r} are intact: free some space and rerun with --resume")
+
+
+def complete_shards(folder: str | Path) -> list[Path]:
+    """The finished shard files in `folder` (temporary files of a killed run are not shards)."""
+    folder = Path(folder)
+    return sorted(p for p in folder.iterdir() if SHARD_NAME.match(p.name)) if folder.is_dir() else []
+
+
+class ShardWriter:
+    """Streams rows out to shards of one rank, so memory stays flat however many rows are collected.
+
+    `add(rows)` buffers a dict of equal-length tensors; once `rows_per_shard` rows are buffered they are
+    written as one shard. Callers add whole prompts at a time, so a shard never splits a prompt (which
+    is what makes `--resume` exact). `close()` writes what is left. `written` lists manifest entries.
+    """
+
+    def __init__(self, folder: str | Path, rows_per_shard: int = 50_000, rank: int = 0,
+                 metadata: dict[str, str] | None = None) -> None:
+        if rows_per_shard < 1:
+            raise SprinterError(f"rows_per_shard: got {rows_per_shard!r}; expected an integer >= 1")
+        self.folder = Path(folder)
+        self.folder.mkdir(parents=True, exist_ok=True)
+        self.rows_per_shard = rows_per_shard
+        self.rank = rank
+        self.metadata = dict(metadata or {})
+        self.written: list[dict] = []
+        self._buffer: dict[str, list[torch.Tensor]] = {}
+        self._buffered = 0
+        taken = [int(m.group(2)) for p in complete_shards(self.folder)
+                 if (m := SHARD_NAME.match(p.name)) and int(m.group(1) or 0) == rank]
+        self._next_index = max(taken, default=-1) + 1
+
+    def add(self, rows: dict[str, torch.Tensor]) -> None:
+        """Buffer rows (a dict of tensors with equal first dimension); write a shard when enough are buffered."""
+        counts = {name: t.shape[0] for name, t in rows.items()}
+        if len(set(counts.values())) > 1:
+            raise SprinterError(f"rows: columns have different lengths {counts}; expected equal row counts")
+        if self._buffer and set(rows) != set(self._buffer):
+            raise SprinterError(f"rows: got columns {sorted(rows)}; expected {sorted(self._buffer)}")
+        for name, tensor in rows.items():
+            self._buffer.setdefault(name, []).append(tensor.detach().to("cpu").contiguous())
+        self._buffered += next(iter(counts.values()), 0)
+        if self._buffered >= self.rows_per_shard:
+            self.flush()
+
+    def flush(self) -> dict | None:
+        """Write the buffered rows as one shard; returns its manifest entry (None if nothing was buffered)."""
+        if self._buffered == 0:
+            return None
+        tensors = {name: torch.cat(parts) for name, parts in self._buffer.items()}
+        path = self.folder / shard_name(self.rank, self._next_index)
+        meta = {**self.metadata, "format": FORMAT, "rank": str(self.rank), "rows": str(self._buffered)}
+        try:
+            write_atomic(path, safetensors_bytes(tensors, metadata=meta))
+        except OSError as err:
+            raise _disk_error(path, err, len(complete_shards(self.folder))) from None
+        entry = {"file": path.name, "rows": self._buffered, "rank": self.rank}
+        self.written.append(entry)
+        self._next_index += 1
+        self._buffer, self._buffered = {}, 0
+        return entry
+
+    def close(self) -> list[dict]:
+        self.flush()
+        return self.written
+
+
+def shard_entry(path: Path) -> dict:
+    """The manifest entry of a shard file, read from its safetensors header."""
+    with safe_open(str(path), framework="pt") as f:
+        meta = f.metadata() or {}
+        rows = f.get_slice(next(iter(f.keys()))).get_shape()[0]
+    return {"file": path.name, "rows": rows, "rank": int(meta.get("rank", 0))}
+
+
+def write_manifest(folder: str | Path, manifest: dict) -> None:
+    path = Path(folder) / MANIFEST
+    try:
+        write_atomic(path, (json.dumps(manifest, indent=2) + "\n").encode())
+    except OSError as err:
+        raise _disk_error(path, err, len(complete_shards(folder))) from None
+
+
+def read_manifest(folder: str | Path) -> dict:
+    """The manifest of a shard folder, checked against the shard files it lists."""
+    folder = Path(folder)
+    path = folder / MANIFEST
+    if not path.is_file():
+        hint = (" (it holds shards: an unfinished collection; rerun the collection with --resume)"
+                if complete_shards(folder) else "")
+        raise SprinterError(f"data: {str(folder)!r} has no {MANIFEST}{hint}; expected a folder written by "
+                            "scripts/collect.py")
+    try:
+        manifest = json.loads(path.read_text())
+    except json.JSONDecodeError as err:
+        raise SprinterError(f"data: {str(path)!r} is not valid JSON ({err})") from None
+    if not isinstance(manifest, dict) or manifest.get("format") != FORMAT:
+        got = manifest.get("format") if isinstance(manifest, dict) else type(manifest).__name__
+        raise SprinterError(f"data: {str(path)!r} has format {got!r}; expected {FORMAT!r}")
+    for entry in manifest.get("shards", []):
+        shard = folder / entry["file"]
+        if not shard.is_file():
+            raise SprinterError(f"data: shard {entry['file']!r} listed in {str(path)!r} is missing")
+        rows = shard_entry(shard)["rows"]
+        if rows != entry["rows"]:
+            raise SprinterError(f"data: shard {entry['file']!r} has {rows} rows; the manifest says {entry['rows']}")
+    total = sum(entry["rows"] for entry in manifest.get("shards", []))
+    if total != manifest.get("num_samples"):
+        raise SprinterError(f"data: shards of {str(folder)!r} hold {total} rows; the manifest says "
+                            f"num_samples={manifest.get('num_samples')}")
+    return manifest
+
+
+def iter_shards(folder: str | Path, names: list[str] | tuple[str, ...] | None = None
+                ) -> Iterator[tuple[str, dict[str, torch.Tensor]]]:
+    """(file name, {column: tensor}) for each shard in manifest order, one shard in memory at a time."""
+    folder = Path(folder)
+    for entry in read_manifest(folder)["shards"]:
+        with safe_open(str(folder / entry["file"]), framework="pt") as f:
+            keys = list(f.keys()) if names is None else list(names)
+            missing = sorted(set(keys) - set(f.keys()))
+            if missing:
+                raise SprinterError(f"data: shard {entry['file']!r} has no column(s) {missing}; "
+                                    f"columns: {sorted(f.keys())}")
+            yield entry["file"], {name: f.get_tensor(name) for name in keys}
+
+
+def load_columns(folder: str | Path, names: list[str] | tuple[str, ...]) -> dict[str, torch.Tensor]:
+    """The named columns of every shard, concatenated in manifest order."""
+    parts: dict[str, list[torch.Tensor]] = {name: [] for name in names}
+    for _, columns in iter_shards(folder, names):
+        for name in names:
+            parts[name].append(columns[name])
+    if not any(parts.values()):
+        raise SprinterError(f"data: {str(folder)!r} holds no rows")
+    return {name: torch.cat(tensors) for name, tensors in parts.items()}
+
+
+__all__ = ["FORMAT", "LABELS", "MANIFEST", "REQUIRED_COLUMNS", "ShardWriter", "complete_shards", "iter_shards",
+           "load_columns", "read_manifest", "shard_entry", "shard_name", "write_atomic", "write_manifest"]
