@@ -15,6 +15,15 @@ from sprinter.gates import AlwaysFlag
 PROMPTS = ["def foo(x):", "import os\nclass A:", [5, 17, 33, 2, 9]]
 
 
+@pytest.fixture(autouse=True, scope="module")
+def one_thread():
+    """Tiny models on a shared 2-core machine: one thread is ~100x faster than two fighting threads."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
 def scrambled(pair_dir, seed: int = 0) -> Decoder:
     dec = Decoder.from_pretrained(draft=str(pair_dir / "draft"), target=str(pair_dir / "target"), device="cpu",
                                   dtype="float32")
