@@ -25,6 +25,7 @@ import torch
 from sprinter.acceptance import correction, flag_then_check
 from sprinter.cache import CachedLM
 from sprinter.drafters import Drafter, ModelDrafter
+from sprinter.config import option
 from sprinter.errors import SprinterError
 from sprinter.gates import (CONFIDENCE_THRESHOLD, AlwaysFlag, ConfidenceGate, Gate, LearnedGate, NeverFlag,
                             check_threshold, load_learned_gate)
@@ -34,10 +35,73 @@ from sprinter.stats import DecodeStats
 
 MODES = ("ar", "draft", "sd", "sprinter")
 GATES = ("learned", "confidence", "always", "never")
+DEMO_VERIFIER = "checkpoints/verifiers/demo"
 NO_VERIFIER = ("mode='sprinter' needs a gate, and this decoder has no verifier: train one with "
                "`python scripts/collect.py` then `python scripts/train.py` (writes checkpoints/verifiers/demo) and "
                "pass verifier=DIR (CLI --verifier DIR), or use the draft's confidence: gate='confidence' "
                "(CLI --gate confidence)")
+
+
+@dataclass
+class GenerateConfig:
+    """One generation's options: the single home of their defaults (`Decoder.generate` and
+    scripts/generate.py both read them from here). Validated on construction, before any model runs."""
+
+    prompt: str = option("def fibonacci(n):", "text to continue")
+    mode: str = option("sprinter", f"one of {MODES}")
+    max_new_tokens: int = option(128, "most tokens to generate")
+    temperature: float = option(0.0, "0 is greedy; above 0 samples")
+    top_k: int = option(0, "sample among the k likeliest tokens only (0: all)")
+    top_p: float = option(1.0, "sample from the smallest set with this much probability (1.0: all)")
+    seed: int = option(0, "seed of the torch.Generator every random draw comes from")
+    k: int = option(4, "tokens drafted per target call in mode 'sd'")
+    max_block: int | None = option(20, "sprinter: call the target after this many passed tokens (none: unbounded)")
+    gate: str | None = option(None, f"sprinter: one of {GATES}; none: learned when a verifier is loaded")
+    threshold: float | None = option(None, "sprinter: the gate's threshold; none: the verifier's calibrated "
+                                           f"one, or {CONFIDENCE_THRESHOLD} for the confidence gate")
+    strict: bool = option(False, "sprinter: the target also checks the passed tokens of each block (greedy: lossless)")
+    stop: tuple[str, ...] = option((), "stop after any of these strings (kept in the output)")
+    pair: str = option("demo", "a preset pair under checkpoints/pairs/ (built if missing) or a pair folder")
+    draft: str | None = option(None, "draft model: Hub name or folder; none: PAIR/draft")
+    target: str | None = option(None, "target model: Hub name or folder; none: PAIR/target")
+    verifier: str | None = option(None, f"verifier checkpoint; none: {DEMO_VERIFIER} when it exists")
+    device: str = option("auto", "cpu, cuda, cuda:N or auto")
+    dtype: str = option("auto", "float32, bfloat16, float16 or auto: bfloat16 on CUDA, float32 on CPU")
+    threads: int = option(0, "CPU threads for torch (0: torch's default)")
+    json: bool = option(False, "print one JSON object (text, token ids, stats) instead of streaming text")
+
+    def __post_init__(self) -> None:
+        check_options(self.mode, self.max_new_tokens, self.k, self.max_block, self.threshold, self.strict,
+                      self.gate, self.stop)
+        Sampler(self.temperature, self.top_k, self.top_p)
+        if not isinstance(self.threads, int) or self.threads < 0:
+            raise SprinterError(f"threads: got {self.threads!r}; expected an integer >= 0")
+
+
+def check_options(mode: str, max_new_tokens: int, k: int, max_block: int | None, threshold: float | None,
+                  strict: bool, gate: str | Gate | None, stop: Sequence[str]) -> None:
+    """The checks of one generation's options that need no model."""
+    if mode not in MODES:
+        raise SprinterError(f"mode: got {mode!r}; expected one of {MODES}")
+    if not _positive_int(max_new_tokens):
+        raise SprinterError(f"max_new_tokens: got {max_new_tokens!r}; expected an integer >= 1")
+    if not _positive_int(k):
+        raise SprinterError(f"k: got {k!r}; expected an integer >= 1")
+    if max_block is not None and not _positive_int(max_block):
+        raise SprinterError(f"max_block: got {max_block!r}; expected an integer >= 1, or None (unbounded)")
+    if isinstance(stop, str) or not all(isinstance(s, str) and s for s in stop):
+        raise SprinterError(f"stop: got {stop!r}; expected a list of non-empty strings")
+    if threshold is not None:
+        check_threshold(threshold)
+    if mode != "sprinter":
+        for name, value, default in (("gate", gate, None), ("threshold", threshold, None), ("strict", strict, False)):
+            if value != default:
+                raise SprinterError(f"{name}: got {value!r} with mode={mode!r}; expected it only with mode='sprinter'")
+    if isinstance(gate, str) and gate not in GATES:
+        raise SprinterError(f"gate: got {gate!r}; expected one of {GATES} or a Gate object")
+    if threshold is not None and gate not in (None, "learned", "confidence"):
+        raise SprinterError(f"threshold: got {threshold!r} with gate={gate!r}; expected it only with the "
+                            "learned or the confidence gate")
 
 
 @dataclass
@@ -179,11 +243,12 @@ class Decoder:
         return self.pair.tokenizer
 
     @torch.inference_mode()
-    def generate(self, prompt: str | Sequence[int] | torch.Tensor, max_new_tokens: int = 128, mode: str = "sprinter",
-                 temperature: float = 0.0, top_k: int = 0, top_p: float = 1.0, seed: int = 0, k: int = 4,
-                 max_block: int | None = 20, threshold: float | None = None, strict: bool = False,
-                 gate: str | Gate | None = None, stop: Sequence[str] = (),
-                 on_text: Callable[[str], None] | None = None) -> GenerateOutput:
+    def generate(self, prompt: str | Sequence[int] | torch.Tensor, max_new_tokens: int = GenerateConfig.max_new_tokens,
+                 mode: str = GenerateConfig.mode, temperature: float = GenerateConfig.temperature,
+                 top_k: int = GenerateConfig.top_k, top_p: float = GenerateConfig.top_p, seed: int = GenerateConfig.seed,
+                 k: int = GenerateConfig.k, max_block: int | None = GenerateConfig.max_block,
+                 threshold: float | None = None, strict: bool = False, gate: str | Gate | None = None,
+                 stop: Sequence[str] = (), on_text: Callable[[str], None] | None = None) -> GenerateOutput:
         """Generate up to `max_new_tokens` after `prompt` (text, or token ids with a batch of 1).
 
         temperature 0 is greedy; above 0 tokens are drawn (with top_k / top_p) from a generator seeded
@@ -245,47 +310,24 @@ class Decoder:
     def _check_request(self, mode: str, prompt_len: int, max_new_tokens: int, k: int, max_block: int | None,
                        threshold: float | None, strict: bool, gate: str | Gate | None, stop: Sequence[str]) -> Gate | None:
         """Validate one `generate` call; returns the gate "sprinter" will use (None for other modes)."""
-        if mode not in MODES:
-            raise SprinterError(f"mode: got {mode!r}; expected one of {MODES}")
-        if not _positive_int(max_new_tokens):
-            raise SprinterError(f"max_new_tokens: got {max_new_tokens!r}; expected an integer >= 1")
-        if not _positive_int(k):
-            raise SprinterError(f"k: got {k!r}; expected an integer >= 1")
-        if max_block is not None and not _positive_int(max_block):
-            raise SprinterError(f"max_block: got {max_block!r}; expected an integer >= 1, or None (unbounded)")
-        if isinstance(stop, str) or not all(isinstance(s, str) and s for s in stop):
-            raise SprinterError(f"stop: got {stop!r}; expected a list of non-empty strings")
+        check_options(mode, max_new_tokens, k, max_block, threshold, strict, gate, stop)
         window = self.pair.max_length
         if prompt_len + max_new_tokens > window:
             raise SprinterError(f"prompt: {prompt_len} tokens + max_new_tokens={max_new_tokens} exceed the context "
                                 f"window of {window} tokens; expected a shorter prompt or fewer new tokens")
-        if threshold is not None:
-            check_threshold(threshold)
-        if mode != "sprinter":
-            for name, value, default in (("gate", gate, None), ("threshold", threshold, None), ("strict", strict, False)):
-                if value != default:
-                    raise SprinterError(f"{name}: got {value!r} with mode={mode!r}; expected it only with mode='sprinter'")
-            return None
-        return self._gate(gate, threshold)
+        return self._gate(gate, threshold) if mode == "sprinter" else None
 
     def _gate(self, gate: str | Gate | None, threshold: float | None) -> Gate:
-        if threshold is not None and gate not in (None, "learned", "confidence"):
-            raise SprinterError(f"threshold: got {threshold!r} with gate={gate!r}; expected it only with the "
-                                "learned or the confidence gate")
         if gate is None or gate == "learned":
             if self.gate is None:
                 raise SprinterError(NO_VERIFIER)
-            if threshold is None:
-                return self.gate
-            return LearnedGate(self.gate.verifier, self.gate.features, threshold)
+            return self.gate if threshold is None else LearnedGate(self.gate.verifier, self.gate.features, threshold)
         if gate == "confidence":
             return ConfidenceGate(CONFIDENCE_THRESHOLD if threshold is None else threshold)
         if gate == "always":
             return AlwaysFlag()
         if gate == "never":
             return NeverFlag()
-        if isinstance(gate, str):
-            raise SprinterError(f"gate: got {gate!r}; expected one of {GATES} or a Gate object")
         return gate
 
 
@@ -303,4 +345,4 @@ def _hidden_size(draft: str, trust_remote_code: bool) -> int:
         raise SprinterError(f"could not read the draft's config {draft!r} ({str(err).strip().splitlines()[0]})") from None
 
 
-__all__ = ["MODES", "Decoder", "GenerateOutput", "autoregressive", "speculative"]
+__all__ = ["GATES", "MODES", "Decoder", "GenerateConfig", "GenerateOutput", "check_options", "autoregressive", "speculative"]
