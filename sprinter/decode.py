@@ -30,7 +30,7 @@ from sprinter.errors import SprinterError
 from sprinter.gates import (CONFIDENCE_THRESHOLD, AlwaysFlag, ConfidenceGate, Gate, LearnedGate, NeverFlag,
                             check_threshold, load_learned_gate)
 from sprinter.models import Pair, fingerprint, load_pair, resolve_device, resolve_dtype
-from sprinter.sampling import Sampler, sample, uniform
+from sprinter.sampling import Sampler, uniform
 from sprinter.stats import DecodeStats
 
 MODES = ("ar", "draft", "sd", "sprinter")
@@ -162,7 +162,7 @@ def autoregressive(lm: CachedLM, tokens: torch.Tensor, sampler: Sampler, gen: to
         # 1. Run the model over what its cache lacks (the prompt first, then the last token).
         logits, _ = lm.append(tokens[:, lm.length:])  # (1, V)
         # 2. Draw the next token from its distribution.
-        x = sample(sampler.probs(logits[0]), gen)
+        x = sampler.draw(sampler.probs(logits[0]), gen)
         # 3. Emit it.
         tokens = torch.cat([tokens, x.view(1, 1)], 1)
         out.emit([x.item()])
@@ -208,7 +208,7 @@ def speculative(target: CachedLM, drafter: Drafter, gate: Gate | None, tokens: t
         positions = torch.arange(n, device=x.device)
         n_kept = int(flag_then_check(p[positions, x], q[positions, x], uniform(n, gen, x.device), flagged, check_all))
         # 5. The target's own token: from the residual after a rejection, else a bonus token from p[n].
-        y = sample(correction(p, q, n_kept), gen)
+        y = sampler.draw(correction(p, q, n_kept), gen)
         stats.accepted += n_kept
         stats.rejected += n - n_kept
         # 6. Roll both caches back to what was emitted (the target has not read its own token y yet).

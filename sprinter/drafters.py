@@ -14,7 +14,7 @@ from typing import Protocol
 import torch
 
 from sprinter.cache import CachedLM
-from sprinter.sampling import Sampler, sample
+from sprinter.sampling import Sampler
 
 
 @dataclass
@@ -46,7 +46,7 @@ class ModelDrafter:
     def propose(self, tokens: torch.Tensor, gen: torch.Generator) -> DraftStep:
         logits, hidden = self.lm.append(tokens[:, self.lm.length:], hidden=self.with_hidden)  # (1, V), (1, H)
         q = self.sampler.probs(logits[0])
-        return DraftStep(token=sample(q, gen), q=q, q_soft=self.sampler.soft_probs(logits[0]),
+        return DraftStep(token=self.sampler.draw(q, gen), q=q, q_soft=self.sampler.soft_probs(logits[0]),
                          hidden=None if hidden is None else hidden[0])
 
     def rollback_to(self, length: int) -> None:

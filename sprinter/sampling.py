@@ -54,6 +54,10 @@ class Sampler:
             probs = probs / probs.sum(-1, keepdim=True)
         return probs
 
+    def draw(self, probs: torch.Tensor, gen: torch.Generator) -> torch.Tensor:
+        """One token from `probs` (as made by `probs`): the argmax when greedy, else a draw with `gen`.  # (V,) -> ()"""
+        return probs.argmax(-1) if self.greedy else sample(probs, gen)
+
     def soft_probs(self, logits: torch.Tensor) -> torch.Tensor:
         """What a verifier reads as q: `probs` when sampling, the untempered softmax when greedy
         (a one-hot says nothing about the draft's confidence).  # (..., V) -> (..., V)"""
