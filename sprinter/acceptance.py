@@ -62,16 +62,15 @@ def flag_then_check(p_x: torch.Tensor, q_x: torch.Tensor, u: torch.Tensor, flagg
     return leading_true(checks)
 
 
-def correction(p: torch.Tensor, q: torch.Tensor, n_kept: int) -> torch.Tensor:
+def correction(p: torch.Tensor, q: torch.Tensor, n_kept: torch.Tensor | int) -> torch.Tensor:
     """The distribution of the target's token after `n_kept` of k drafted tokens were kept.
 
     p: (k + 1, V) target probabilities for each block position and the one after it; q: (k, V).
     A rejection at position n_kept < k samples from the residual there; when all k were kept the
-    target adds a bonus token from p[k]. Returns (V,)."""
-    k = q.shape[0]
-    if n_kept < k:
-        return residual(p[n_kept], q[n_kept])
-    return p[k]
+    target adds a bonus token from p[k], which is the residual against an all-zero q. `n_kept` may
+    stay on the device (a () tensor): no host synchronisation. Returns (V,)."""
+    q_after = torch.cat([q, torch.zeros_like(p[:1])])  # (k + 1, V): nothing was drafted after the block
+    return residual(p[n_kept], q_after[n_kept])
 
 
 __all__ = ["correction", "flag_then_check", "greedy_match", "leading_true", "residual", "speculative_accept"]

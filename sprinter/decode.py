@@ -206,16 +206,18 @@ def speculative(target: CachedLM, drafter: Drafter, gate: Gate | None, tokens: t
         p, q = sampler.probs(logits), torch.stack(qs)  # (n + 1, V), (n, V)
         # 4. Check the flagged token (strict / SD: every token) with the speculative-sampling rule.
         positions = torch.arange(n, device=x.device)
-        n_kept = int(flag_then_check(p[positions, x], q[positions, x], uniform(n, gen, x.device), flagged, check_all))
+        n_kept = flag_then_check(p[positions, x], q[positions, x], uniform(n, gen, x.device), flagged, check_all)
         # 5. The target's own token: from the residual after a rejection, else a bonus token from p[n].
         y = sampler.draw(correction(p, q, n_kept), gen)
-        stats.accepted += n_kept
-        stats.rejected += n - n_kept
+        kept, *decided = torch.cat([n_kept.view(1), x, y.view(1)]).tolist()  # the one host sync of this round
+        decided = decided[:kept] + decided[-1:]
+        stats.accepted += kept
+        stats.rejected += n - kept
         # 6. Roll both caches back to what was emitted (the target has not read its own token y yet).
-        tokens = torch.cat([tokens, x[None, :n_kept], y.view(1, 1)], 1)
+        tokens = torch.cat([tokens, x[None, :kept], y.view(1, 1)], 1)
         target.rollback_to(tokens.shape[1] - 1)
         drafter.rollback_to(tokens.shape[1] - 1)
-        out.emit(tokens[0, -(n_kept + 1):].tolist())
+        out.emit(decided)
 
 
 class Decoder:

@@ -77,7 +77,8 @@ def test_correction_is_residual_on_rejection_and_bonus_when_all_kept():
     p = torch.tensor([[0.5, 0.5], [0.9, 0.1], [0.2, 0.8]])  # (k + 1, V)
     q = torch.tensor([[0.5, 0.5], [0.1, 0.9]])  # (k, V)
     assert torch.allclose(correction(p, q, 1), torch.tensor([1.0, 0.0]))
-    assert torch.equal(correction(p, q, 2), p[2])
+    assert torch.allclose(correction(p, q, 2), p[2])
+    assert torch.allclose(correction(p, q, torch.tensor(1)), torch.tensor([1.0, 0.0]))  # n_kept left on the device
 
 
 def test_sampler_top_k_top_p_and_bad_values():
