@@ -121,6 +121,7 @@ class Emitter:
                  on_text: Callable[[str], None] | None):
         self.tokenizer, self.max_new_tokens, self.eos_id = tokenizer, max_new_tokens, eos_id
         self.stop, self.on_text = tuple(stop), on_text
+        self._stop_tokens = 4 * max(map(len, self.stop), default=0)
         self.ids: list[int] = []
         self.stop_reason: str | None = None
         self._streamed = 0
@@ -136,13 +137,17 @@ class Emitter:
     def text(self) -> str:
         return self.tokenizer.decode(self.ids, skip_special_tokens=True)
 
+    def _tail_text(self) -> str:
+        """The text of the last tokens that can hold a stop string (each character is at most 4 byte tokens)."""
+        return self.tokenizer.decode(self.ids[-self._stop_tokens:], skip_special_tokens=True)
+
     def emit(self, ids: list[int]) -> None:
         """Append decided tokens, up to the first that ends the generation."""
         for token in ids:
             self.ids.append(token)
             if token == self.eos_id:
                 self.stop_reason = "eos"
-            elif self.stop and any(s in self.text() for s in self.stop):
+            elif self.stop and any(s in self._tail_text() for s in self.stop):
                 self.stop_reason = "stop_string"
             elif len(self.ids) >= self.max_new_tokens:
                 self.stop_reason = "max_new_tokens"

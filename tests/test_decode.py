@@ -16,8 +16,9 @@ PROMPTS = ["def foo(x):", "import os\nclass A:", [5, 17, 33, 2, 9]]
 
 
 @pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """Tiny models on a shared 2-core machine: one thread is ~100x faster than two fighting threads."""
+def one_thread(tiny_pair, tiny_llama_pair):
+    """Tiny models on a shared 2-core machine: one thread is ~100x faster than two fighting threads.
+    The pairs are built first, with the default threads: a build's floats depend on the thread count."""
     before = torch.get_num_threads()
     torch.set_num_threads(1)
     yield
