@@ -109,7 +109,7 @@ def load_learned_gate(path: str | Path, draft_fingerprint: str, hidden_size: int
     from sprinter.verifier import load_verifier  # imported here: the decode path works without it
 
     verifier, info = load_verifier(path)
-    trained_for = (info.draft or {}).get("fingerprint", "unknown")
+    trained_for = (info.draft or {}).get("fingerprint") or "unknown"
     if "unknown" not in (trained_for, draft_fingerprint) and trained_for != draft_fingerprint:
         raise SprinterError(f"verifier {str(path)!r} was trained for draft {info.draft.get('name')!r} "
                             f"(fingerprint {trained_for}); this draft's fingerprint is {draft_fingerprint}: "

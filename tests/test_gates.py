@@ -111,8 +111,9 @@ def test_verifier_for_another_draft_is_refused(tiny_pair, tmp_path, monkeypatch,
         load(tiny_pair, tmp_path)
 
 
-def test_unknown_fingerprint_is_not_checked(tiny_pair, tmp_path, monkeypatch):
-    fake_verifier_module(monkeypatch, logit=0.0, draft_fingerprint="unknown", hidden_size=48)
+@pytest.mark.parametrize("recorded", ["unknown", None])
+def test_unknown_fingerprint_is_not_checked(tiny_pair, tmp_path, monkeypatch, recorded):
+    fake_verifier_module(monkeypatch, logit=0.0, draft_fingerprint=recorded, hidden_size=48)
     assert load(tiny_pair, tmp_path).gate is not None
 
 
