@@ -4,5 +4,6 @@ __version__ = "0.1.0"
 
 from sprinter.errors import SprinterError  # noqa: E402
 from sprinter.models import Pair, load_pair  # noqa: E402
+from sprinter.decode import Decoder, GenerateOutput  # noqa: E402
 
-__all__ = ["Pair", "SprinterError", "__version__", "load_pair"]
+__all__ = ["Decoder", "GenerateOutput", "Pair", "SprinterError", "__version__", "load_pair"]

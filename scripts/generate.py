@@ -1,0 +1,87 @@
+"""Generate text with a draft/target pair in any mode; streams tokens as they are decided.
+
+    python scripts/generate.py                                   # demo pair, mode sprinter, demo verifier
+    python scripts/generate.py --prompt "def add(a, b):" --mode sd --k 4
+    python scripts/generate.py --mode sprinter --gate confidence --threshold 0.4 --json
+
+Options and defaults: sprinter.decode.GenerateConfig (or --help).
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+from typing import Sequence
+
+import torch
+
+from sprinter.config import parse_config, to_dict
+from sprinter.decode import DEMO_VERIFIER, NO_VERIFIER, Decoder, GenerateConfig
+from sprinter.errors import SprinterError, run_cli
+from sprinter.models import resolve_device, resolve_dtype
+from sprinter.pairs import ensure_pair, presets
+
+
+def pair_paths(cfg: GenerateConfig) -> tuple[str, str]:
+    """(draft, target): --draft/--target, else PAIR/draft and PAIR/target (a preset pair is built if missing)."""
+    if cfg.draft is not None and cfg.target is not None:
+        return cfg.draft, cfg.target
+    if Path(cfg.pair).is_dir():
+        folder = Path(cfg.pair)
+    elif cfg.pair in presets():
+        folder = ensure_pair(cfg.pair)
+    else:
+        raise SprinterError(f"pair: got {cfg.pair!r}; expected a pair folder (with draft/ and target/) or a preset "
+                            f"of {presets()}")
+    return cfg.draft or str(folder / "draft"), cfg.target or str(folder / "target")
+
+
+def verifier_path(cfg: GenerateConfig) -> str | None:
+    """--verifier, else the demo verifier when it exists; none when the mode or gate does not use one."""
+    if cfg.mode != "sprinter" or cfg.gate not in (None, "learned"):
+        return None
+    if cfg.verifier is not None:
+        return cfg.verifier
+    return DEMO_VERIFIER if Path(DEMO_VERIFIER).exists() else None
+
+
+def main(argv: Sequence[str] | None = None) -> None:
+    cfg = parse_config(GenerateConfig, argv, "Generate text with a draft/target pair (modes ar, draft, sd, sprinter).")
+    if cfg.threads:
+        torch.set_num_threads(cfg.threads)
+    verifier = verifier_path(cfg)
+    if cfg.mode == "sprinter" and cfg.gate in (None, "learned") and verifier is None:
+        raise SprinterError(NO_VERIFIER)  # before building or loading any model
+    resolve_dtype(cfg.dtype, resolve_device(cfg.device))  # fail on a bad device before building a pair
+    draft, target = pair_paths(cfg)
+    decoder = Decoder.from_pretrained(draft=draft, target=target, verifier=verifier, device=cfg.device, dtype=cfg.dtype)
+
+    echoed: list[str] = []  # the prompt is echoed with the first text, so an error is never glued to it
+
+    def stream(piece: str) -> None:
+        if not echoed:
+            echoed.append(cfg.prompt)
+            print(cfg.prompt, end="")
+        print(piece, end="", flush=True)
+
+    out = decoder.generate(cfg.prompt, max_new_tokens=cfg.max_new_tokens, mode=cfg.mode, temperature=cfg.temperature,
+                           top_k=cfg.top_k, top_p=cfg.top_p, seed=cfg.seed, k=cfg.k, max_block=cfg.max_block,
+                           threshold=cfg.threshold, strict=cfg.strict, gate=cfg.gate, stop=cfg.stop,
+                           on_text=None if cfg.json else stream)
+    stats = out.stats.to_dict()
+    if cfg.json:
+        print(json.dumps({"text": out.text, "token_ids": out.token_ids, "stop_reason": out.stop_reason,
+                          "stats": stats, "config": to_dict(cfg), "draft": draft, "target": target}, indent=2))
+        return
+    if not echoed:
+        print(cfg.prompt, end="")
+    mal = stats["mean_acceptance_length"]
+    print(f"\n[{cfg.mode}] {stats['new_tokens']} tokens in {stats['wall_seconds']:.2f} s "
+          f"({stats['tokens_per_second']:.1f} tokens/s), stop: {out.stop_reason}; target calls {stats['target_calls']}, "
+          f"drafted {stats['drafted']}, accepted {stats['accepted']}, flagged {stats['flagged']}, "
+          f"mean acceptance length {'-' if mal is None else f'{mal:.2f}'}", file=sys.stderr)
+
+
+if __name__ == "__main__":
+    sys.exit(run_cli(main))

@@ -1,0 +1,355 @@
+"""The decode API: `Decoder.from_pretrained(...)`, then `decoder.generate(prompt, mode=...)`.
+
+Modes (REFERENCES.md §1 and §5):
+- "ar": the target alone, one token per forward (the reference every other mode is measured against);
+- "draft": the draft alone;
+- "sd": standard speculative decoding: draft k tokens, one target forward checks them all with the
+  speculative-sampling rule (lossless: the output is distributed as the target's);
+- "sprinter": approximate verification: a gate decides from the draft alone whether each drafted
+  token needs the target; the target is called only on a flagged token (or after max_block tokens)
+  and checks only that token (`strict=True`: every token of the block).
+
+Two loops serve all four: `autoregressive` (one model) and `speculative` (a drafter, an optional gate
+and the target). A mode is a few arguments to one of them.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable, Sequence
+
+import torch
+
+from sprinter.acceptance import correction, flag_then_check
+from sprinter.cache import CachedLM
+from sprinter.drafters import Drafter, ModelDrafter
+from sprinter.config import option
+from sprinter.errors import SprinterError
+from sprinter.gates import (CONFIDENCE_THRESHOLD, AlwaysFlag, ConfidenceGate, Gate, LearnedGate, NeverFlag,
+                            check_threshold, load_learned_gate)
+from sprinter.models import Pair, fingerprint, load_pair, resolve_device, resolve_dtype
+from sprinter.sampling import Sampler, uniform
+from sprinter.stats import DecodeStats
+
+MODES = ("ar", "draft", "sd", "sprinter")
+GATES = ("learned", "confidence", "always", "never")
+DEMO_VERIFIER = "checkpoints/verifiers/demo"
+NO_VERIFIER = ("mode='sprinter' needs a gate, and this decoder has no verifier: train one with "
+               "`python scripts/collect.py` then `python scripts/train.py` (writes checkpoints/verifiers/demo) and "
+               "pass verifier=DIR (CLI --verifier DIR), or use the draft's confidence: gate='confidence' "
+               "(CLI --gate confidence)")
+
+
+@dataclass
+class GenerateConfig:
+    """One generation's options: the single home of their defaults (`Decoder.generate` and
+    scripts/generate.py both read them from here). Validated on construction, before any model runs."""
+
+    prompt: str = option("def fibonacci(n):", "text to continue")
+    mode: str = option("sprinter", f"one of {MODES}")
+    max_new_tokens: int = option(128, "most tokens to generate")
+    temperature: float = option(0.0, "0 is greedy; above 0 samples")
+    top_k: int = option(0, "sample among the k likeliest tokens only (0: all)")
+    top_p: float = option(1.0, "sample from the smallest set with this much probability (1.0: all)")
+    seed: int = option(0, "seed of the torch.Generator every random draw comes from")
+    k: int = option(4, "tokens drafted per target call in mode 'sd'")
+    max_block: int | None = option(20, "sprinter: call the target after this many passed tokens (none: unbounded)")
+    gate: str | None = option(None, f"sprinter: one of {GATES}; none: learned when a verifier is loaded")
+    threshold: float | None = option(None, "sprinter: the gate's threshold; none: the verifier's calibrated "
+                                           f"one, or {CONFIDENCE_THRESHOLD} for the confidence gate")
+    strict: bool = option(False, "sprinter: the target also checks the passed tokens of each block (greedy: lossless)")
+    stop: tuple[str, ...] = option((), "stop after any of these strings (kept in the output)")
+    pair: str = option("demo", "a preset pair under checkpoints/pairs/ (built if missing) or a pair folder")
+    draft: str | None = option(None, "draft model: Hub name or folder; none: PAIR/draft")
+    target: str | None = option(None, "target model: Hub name or folder; none: PAIR/target")
+    verifier: str | None = option(None, f"verifier checkpoint; none: {DEMO_VERIFIER} when it exists")
+    device: str = option("auto", "cpu, cuda, cuda:N or auto")
+    dtype: str = option("auto", "float32, bfloat16, float16 or auto: bfloat16 on CUDA, float32 on CPU")
+    threads: int = option(0, "CPU threads for torch (0: torch's default)")
+    json: bool = option(False, "print one JSON object (text, token ids, stats) instead of streaming text")
+
+    def __post_init__(self) -> None:
+        check_options(self.mode, self.max_new_tokens, self.k, self.max_block, self.threshold, self.strict,
+                      self.gate, self.stop)
+        Sampler(self.temperature, self.top_k, self.top_p)
+        if not isinstance(self.threads, int) or self.threads < 0:
+            raise SprinterError(f"threads: got {self.threads!r}; expected an integer >= 0")
+
+
+def check_options(mode: str, max_new_tokens: int, k: int, max_block: int | None, threshold: float | None,
+                  strict: bool, gate: str | Gate | None, stop: Sequence[str]) -> None:
+    """The checks of one generation's options that need no model."""
+    if mode not in MODES:
+        raise SprinterError(f"mode: got {mode!r}; expected one of {MODES}")
+    if not _positive_int(max_new_tokens):
+        raise SprinterError(f"max_new_tokens: got {max_new_tokens!r}; expected an integer >= 1")
+    if not _positive_int(k):
+        raise SprinterError(f"k: got {k!r}; expected an integer >= 1")
+    if max_block is not None and not _positive_int(max_block):
+        raise SprinterError(f"max_block: got {max_block!r}; expected an integer >= 1, or None (unbounded)")
+    if isinstance(stop, str) or not all(isinstance(s, str) and s for s in stop):
+        raise SprinterError(f"stop: got {stop!r}; expected a list of non-empty strings")
+    if threshold is not None:
+        check_threshold(threshold)
+    if mode != "sprinter":
+        for name, value, default in (("gate", gate, None), ("threshold", threshold, None), ("strict", strict, False)):
+            if value != default:
+                raise SprinterError(f"{name}: got {value!r} with mode={mode!r}; expected it only with mode='sprinter'")
+    if isinstance(gate, str) and gate not in GATES:
+        raise SprinterError(f"gate: got {gate!r}; expected one of {GATES} or a Gate object")
+    if threshold is not None and gate not in (None, "learned", "confidence"):
+        raise SprinterError(f"threshold: got {threshold!r} with gate={gate!r}; expected it only with the "
+                            "learned or the confidence gate")
+
+
+@dataclass
+class GenerateOutput:
+    """What `Decoder.generate` returns: the new tokens only (the prompt is not repeated)."""
+
+    text: str
+    token_ids: list[int]
+    stats: DecodeStats
+    stop_reason: str  # "eos", "stop_string" or "max_new_tokens"
+
+
+class Emitter:
+    """The emitted tokens: enforces the budget, EOS and stop strings, and streams text as it is decided."""
+
+    def __init__(self, tokenizer, max_new_tokens: int, eos_id: int | None, stop: Sequence[str],
+                 on_text: Callable[[str], None] | None):
+        self.tokenizer, self.max_new_tokens, self.eos_id = tokenizer, max_new_tokens, eos_id
+        self.stop, self.on_text = tuple(stop), on_text
+        self._stop_tokens = 4 * max(map(len, self.stop), default=0)
+        self.ids: list[int] = []
+        self.stop_reason: str | None = None
+        self._streamed = 0
+
+    @property
+    def done(self) -> bool:
+        return self.stop_reason is not None
+
+    @property
+    def remaining(self) -> int:
+        return self.max_new_tokens - len(self.ids)
+
+    def text(self) -> str:
+        return self.tokenizer.decode(self.ids, skip_special_tokens=True)
+
+    def _tail_text(self) -> str:
+        """The text of the last tokens that can hold a stop string (each character is at most 4 byte tokens)."""
+        return self.tokenizer.decode(self.ids[-self._stop_tokens:], skip_special_tokens=True)
+
+    def emit(self, ids: list[int]) -> None:
+        """Append decided tokens, up to the first that ends the generation."""
+        for token in ids:
+            self.ids.append(token)
+            if token == self.eos_id:
+                self.stop_reason = "eos"
+            elif self.stop and any(s in self._tail_text() for s in self.stop):
+                self.stop_reason = "stop_string"
+            elif len(self.ids) >= self.max_new_tokens:
+                self.stop_reason = "max_new_tokens"
+            if self.done:
+                break
+        if self.on_text is not None:
+            text = self.text()
+            end = len(text) if self.done else len(text.rstrip("\ufffd"))  # hold back a split multi-byte character
+            if end > self._streamed:
+                self.on_text(text[self._streamed:end])
+                self._streamed = end
+
+
+def autoregressive(lm: CachedLM, tokens: torch.Tensor, sampler: Sampler, gen: torch.Generator, out: Emitter) -> None:
+    """Plain decoding with one model ("ar": the target; "draft": the draft). tokens: (1, T) the prompt."""
+    while not out.done:
+        # 1. Run the model over what its cache lacks (the prompt first, then the last token).
+        logits, _ = lm.append(tokens[:, lm.length:])  # (1, V)
+        # 2. Draw the next token from its distribution.
+        x = sampler.draw(sampler.probs(logits[0]), gen)
+        # 3. Emit it.
+        tokens = torch.cat([tokens, x.view(1, 1)], 1)
+        out.emit([x.item()])
+
+
+def speculative(target: CachedLM, drafter: Drafter, gate: Gate | None, tokens: torch.Tensor, sampler: Sampler,
+                gen: torch.Generator, out: Emitter, stats: DecodeStats, max_block: int | None, check_all: bool) -> None:
+    """Draft, (maybe) verify, emit, roll back; until the budget, EOS or a stop string.
+
+    "sd": gate None, max_block = k, check_all. "sprinter": a gate, max_block (None: unbounded),
+    check_all = strict. tokens: (1, T) the prompt. The target's cache always covers every emitted
+    token but the last; its first forward reads the prompt together with the first block."""
+    while not out.done:
+        limit = out.remaining if max_block is None else min(max_block, out.remaining)
+        # 1. Draft one token at a time. The gate scores each from the draft's state; drafting stops at
+        #    the first flagged token, or when the block is full.
+        block: list[torch.Tensor] = []
+        qs: list[torch.Tensor] = []
+        flagged = False
+        seq = tokens
+        while len(block) < limit and not flagged:
+            step = drafter.propose(seq, gen)
+            block.append(step.token)
+            qs.append(step.q)
+            seq = torch.cat([seq, step.token.view(1, 1)], 1)
+            if gate is not None:
+                stats.verifier_calls += 1
+                flagged = not bool(gate.accept_prob(step, len(block) - 1) >= gate.threshold)  # one host sync
+        n = len(block)
+        x = torch.stack(block)  # (n,)
+        stats.drafted += n
+        stats.flagged += int(flagged)
+        # 2. A block that ends the generation with nothing flagged needs no target (unless every token is checked).
+        if not flagged and not check_all and n == out.remaining:
+            stats.accepted += n
+            out.emit(x.tolist())
+            break
+        # 3. One target forward over every token it has not seen (the last emitted one(s) and the block);
+        #    this also fills its cache. p[i] is the target's distribution for block position i, p[n] after it.
+        logits, _ = target.append(seq[:, target.length:], logits=n + 1)
+        p, q = sampler.probs(logits), torch.stack(qs)  # (n + 1, V), (n, V)
+        # 4. Check the flagged token (strict / SD: every token) with the speculative-sampling rule.
+        positions = torch.arange(n, device=x.device)
+        n_kept = flag_then_check(p[positions, x], q[positions, x], uniform(n, gen, x.device), flagged, check_all)
+        # 5. The target's own token: from the residual after a rejection, else a bonus token from p[n].
+        y = sampler.draw(correction(p, q, n_kept), gen)
+        kept, *decided = torch.cat([n_kept.view(1), x, y.view(1)]).tolist()  # the one host sync of this round
+        decided = decided[:kept] + decided[-1:]
+        stats.accepted += kept
+        stats.rejected += n - kept
+        # 6. Roll both caches back to what was emitted (the target has not read its own token y yet).
+        tokens = torch.cat([tokens, x[None, :kept], y.view(1, 1)], 1)
+        target.rollback_to(tokens.shape[1] - 1)
+        drafter.rollback_to(tokens.shape[1] - 1)
+        out.emit(decided)
+
+
+class Decoder:
+    """A draft/target pair (and optionally a trained verifier) ready to generate in any mode."""
+
+    def __init__(self, pair: Pair, gate: LearnedGate | None = None, verifier_info: object = None):
+        self.pair = pair
+        self.gate = gate  # the learned verifier, when one was loaded
+        self.verifier_info = verifier_info
+
+    @classmethod
+    def from_pretrained(cls, draft: str, target: str, verifier: str | Path | None = None, device: str = "auto",
+                        dtype: str = "auto", trust_remote_code: bool = False) -> "Decoder":
+        """Load the pair (Hub names or local folders) and, if given, a verifier trained for this draft.
+        The verifier is checked against the draft (fingerprint, hidden size) before any model is loaded."""
+        dev = resolve_device(device)
+        dt = resolve_dtype(dtype, dev)
+        gate = info = None
+        if verifier is not None:
+            gate, info = load_learned_gate(verifier, fingerprint(draft), _hidden_size(draft, trust_remote_code), dev, dt)
+        return cls(load_pair(draft, target, dev, dt, trust_remote_code), gate, info)
+
+    @property
+    def tokenizer(self):
+        return self.pair.tokenizer
+
+    @torch.inference_mode()
+    def generate(self, prompt: str | Sequence[int] | torch.Tensor, max_new_tokens: int = GenerateConfig.max_new_tokens,
+                 mode: str = GenerateConfig.mode, temperature: float = GenerateConfig.temperature,
+                 top_k: int = GenerateConfig.top_k, top_p: float = GenerateConfig.top_p, seed: int = GenerateConfig.seed,
+                 k: int = GenerateConfig.k, max_block: int | None = GenerateConfig.max_block,
+                 threshold: float | None = None, strict: bool = False, gate: str | Gate | None = None,
+                 stop: Sequence[str] = (), on_text: Callable[[str], None] | None = None) -> GenerateOutput:
+        """Generate up to `max_new_tokens` after `prompt` (text, or token ids with a batch of 1).
+
+        temperature 0 is greedy; above 0 tokens are drawn (with top_k / top_p) from a generator seeded
+        by `seed`. `k`: tokens drafted per target call in "sd". "sprinter" options: `gate` ("learned",
+        the default when a verifier is loaded; "confidence": the draft's q(x); "always"; "never"; or a
+        Gate object), `threshold` (overrides the verifier's calibrated one, or the confidence gate's
+        0.4), `max_block` (None: unbounded), `strict`. Generation stops at EOS, at any of `stop`
+        (the stop string is kept in the output) or after max_new_tokens. `on_text` receives text as it
+        is decided."""
+        # 0. Every check happens before any model runs.
+        sampler = Sampler(temperature, top_k, top_p)
+        ids = self._prompt_ids(prompt)
+        chosen_gate = self._check_request(mode, len(ids), max_new_tokens, k, max_block, threshold, strict, gate, stop)
+        device = self.pair.device
+        gen = torch.Generator(device=device).manual_seed(int(seed))
+        tokens = torch.tensor([ids], dtype=torch.long, device=device)  # (1, T)
+        out = Emitter(self.tokenizer, max_new_tokens, self.tokenizer.eos_token_id, stop, on_text)
+        stats = DecodeStats(mode=mode)
+        target = CachedLM(self.pair.target, self.pair.vocab_size)
+        draft = CachedLM(self.pair.draft, self.pair.vocab_size)
+
+        start = time.perf_counter()
+        if mode in ("ar", "draft"):
+            autoregressive(target if mode == "ar" else draft, tokens, sampler, gen, out)
+        else:
+            drafter = ModelDrafter(draft, sampler, with_hidden=chosen_gate is not None and chosen_gate.needs_hidden)
+            speculative(target, drafter, chosen_gate, tokens, sampler, gen, out, stats,
+                        max_block=k if mode == "sd" else max_block, check_all=mode == "sd" or strict)
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)
+        stats.wall_seconds = time.perf_counter() - start
+
+        stats.new_tokens = len(out.ids)
+        stats.target_calls, stats.target_tokens, stats.target_flops = target.calls, target.tokens, target.flops
+        stats.draft_calls, stats.draft_tokens, stats.draft_flops = draft.calls, draft.tokens, draft.flops
+        if isinstance(chosen_gate, LearnedGate):
+            params = sum(w.numel() for w in chosen_gate.verifier.parameters())
+            stats.verifier_flops = 2 * params * stats.verifier_calls
+        return GenerateOutput(text=out.text(), token_ids=out.ids, stats=stats, stop_reason=out.stop_reason)
+
+    def _prompt_ids(self, prompt: str | Sequence[int] | torch.Tensor) -> list[int]:
+        if isinstance(prompt, str):
+            if not prompt:
+                raise SprinterError("prompt: got ''; expected a non-empty text or a list of token ids")
+            return self.tokenizer(prompt, add_special_tokens=False)["input_ids"]
+        ids = prompt.tolist() if isinstance(prompt, torch.Tensor) else list(prompt)
+        if ids and isinstance(ids[0], list):  # a batch dimension
+            if len(ids) != 1:
+                raise SprinterError(f"prompt: got a batch of {len(ids)} sequences; expected a batch of 1")
+            ids = ids[0]
+        if not ids:
+            raise SprinterError("prompt: got no token ids; expected a non-empty text or a list of token ids")
+        vocab = self.pair.vocab_size
+        bad = [t for t in ids if not isinstance(t, int) or not 0 <= t < vocab]
+        if bad:
+            raise SprinterError(f"prompt: got token id(s) {bad[:4]}; expected integers in [0, {vocab})")
+        return ids
+
+    def _check_request(self, mode: str, prompt_len: int, max_new_tokens: int, k: int, max_block: int | None,
+                       threshold: float | None, strict: bool, gate: str | Gate | None, stop: Sequence[str]) -> Gate | None:
+        """Validate one `generate` call; returns the gate "sprinter" will use (None for other modes)."""
+        check_options(mode, max_new_tokens, k, max_block, threshold, strict, gate, stop)
+        window = self.pair.max_length
+        if prompt_len + max_new_tokens > window:
+            raise SprinterError(f"prompt: {prompt_len} tokens + max_new_tokens={max_new_tokens} exceed the context "
+                                f"window of {window} tokens; expected a shorter prompt or fewer new tokens")
+        return self._gate(gate, threshold) if mode == "sprinter" else None
+
+    def _gate(self, gate: str | Gate | None, threshold: float | None) -> Gate:
+        if gate is None or gate == "learned":
+            if self.gate is None:
+                raise SprinterError(NO_VERIFIER)
+            return self.gate if threshold is None else LearnedGate(self.gate.verifier, self.gate.features, threshold)
+        if gate == "confidence":
+            return ConfidenceGate(CONFIDENCE_THRESHOLD if threshold is None else threshold)
+        if gate == "always":
+            return AlwaysFlag()
+        if gate == "never":
+            return NeverFlag()
+        return gate
+
+
+def _positive_int(value: object) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool) and value >= 1
+
+
+def _hidden_size(draft: str, trust_remote_code: bool) -> int:
+    """The draft's hidden size from its config alone (no weights loaded)."""
+    from transformers import AutoConfig
+
+    try:
+        return AutoConfig.from_pretrained(draft, trust_remote_code=trust_remote_code).hidden_size
+    except (OSError, ValueError) as err:
+        raise SprinterError(f"could not read the draft's config {draft!r} ({str(err).strip().splitlines()[0]})") from None
+
+
+__all__ = ["GATES", "MODES", "Decoder", "GenerateConfig", "GenerateOutput", "check_options", "autoregressive", "speculative"]

@@ -1,0 +1,59 @@
+"""What one generation cost and how the drafted tokens fared (names as in Spec-Bench and vLLM,
+REFERENCES.md §5)."""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass
+
+
+@dataclass
+class DecodeStats:
+    """Counts for one `Decoder.generate` call.
+
+    Every drafted token is either accepted (emitted without being replaced; in SPRINTER this
+    includes tokens the verifier passed, which the target never checks) or rejected (replaced by
+    the target, or discarded after a rejection): drafted = accepted + rejected. Each target call
+    adds one token of its own (a replacement or a bonus) unless the generation ends first.
+    """
+
+    mode: str
+    new_tokens: int = 0
+    wall_seconds: float = 0.0
+    target_calls: int = 0  # target forward passes (the first one also reads the prompt)
+    target_tokens: int = 0  # positions the target processed, prompt included
+    draft_calls: int = 0
+    draft_tokens: int = 0
+    verifier_calls: int = 0  # gate decisions
+    flagged: int = 0  # drafted tokens the gate sent to the target
+    drafted: int = 0
+    accepted: int = 0
+    rejected: int = 0
+    target_flops: int = 0
+    draft_flops: int = 0
+    verifier_flops: int = 0
+
+    @property
+    def tokens_per_second(self) -> float:
+        return self.new_tokens / self.wall_seconds if self.wall_seconds > 0 else 0.0
+
+    @property
+    def mean_acceptance_length(self) -> float | None:
+        """vLLM's definition, 1 + accepted / target calls (plain decoding: 1.0); None without a target call."""
+        return 1 + self.accepted / self.target_calls if self.target_calls else None
+
+    @property
+    def acceptance_rate(self) -> float | None:
+        """accepted / drafted (vLLM's draft acceptance rate); None when nothing was drafted."""
+        return self.accepted / self.drafted if self.drafted else None
+
+    def to_dict(self) -> dict:
+        out = dataclasses.asdict(self)
+        out["tokens_per_second"] = round(self.tokens_per_second, 3)
+        out["mean_acceptance_length"] = self.mean_acceptance_length
+        out["acceptance_rate"] = self.acceptance_rate
+        out["wall_seconds"] = round(self.wall_seconds, 6)
+        return out
+
+
+__all__ = ["DecodeStats"]

@@ -1,0 +1,78 @@
+"""SD at temperature > 0 samples from the target's distribution: a chi-square test on a 4-token vocabulary.
+
+Hand-made models (random one-block GPT-2s over 4 tokens, sharp and different from each other) so the
+exact target distribution is cheap to compute and many generations take a few seconds.
+"""
+
+import pytest
+import torch
+
+from sprinter.decode import Decoder
+from sprinter.models import Pair
+
+VOCAB = 4
+CHI2_DF3_P001 = 16.27  # chi-square critical value, 3 degrees of freedom, p = 0.001
+
+
+@pytest.fixture(autouse=True, scope="module")
+def one_thread():
+    """Tiny models on a shared 2-core machine: one thread is ~100x faster than two fighting threads."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
+class IdTokenizer:
+    """Token ids in, token ids out: all a Decoder needs from a tokenizer when prompts are ids."""
+
+    eos_token_id = None
+
+    def __len__(self) -> int:
+        return VOCAB
+
+    def decode(self, ids, skip_special_tokens=True) -> str:
+        return " ".join(map(str, ids))
+
+
+def random_lm(seed: int, scale: float):
+    from transformers import GPT2Config, GPT2LMHeadModel
+
+    torch.manual_seed(seed)
+    model = GPT2LMHeadModel(GPT2Config(vocab_size=VOCAB, n_positions=32, n_embd=16, n_layer=1, n_head=2,
+                                       tie_word_embeddings=False)).eval()
+    with torch.no_grad():
+        model.lm_head.weight.mul_(scale / model.lm_head.weight.std())
+    return model
+
+
+def chi_square(counts: torch.Tensor, probs: torch.Tensor) -> float:
+    expected = probs * counts.sum()
+    return float(((counts - expected) ** 2 / expected).sum())
+
+
+def test_sd_samples_from_the_target_distribution():
+    target, draft = random_lm(0, 0.6), random_lm(1, 0.6)
+    pair = Pair(draft=draft, target=target, tokenizer=IdTokenizer(), draft_name="d", target_name="t",
+                device=torch.device("cpu"), dtype=torch.float32)
+    decoder = Decoder(pair)
+    prompt = [1, 2]
+    with torch.inference_mode():
+        p1 = target(torch.tensor([prompt])).logits[0, -1].softmax(-1)  # (V,) first token
+        q1 = draft(torch.tensor([prompt])).logits[0, -1].softmax(-1)
+        p2_given = torch.stack([target(torch.tensor([prompt + [x]])).logits[0, -1].softmax(-1) for x in range(VOCAB)])
+    p2 = p1 @ p2_given  # (V,) marginal of the second token
+    assert (p1 - q1).abs().sum() > 0.3  # the draft is clearly wrong, so the test has power
+
+    n = 1000
+    first, second = torch.zeros(VOCAB), torch.zeros(VOCAB)
+    rejected = 0
+    for seed in range(n):
+        out = decoder.generate(prompt, max_new_tokens=2, mode="sd", k=2, temperature=1.0, seed=seed)
+        first[out.token_ids[0]] += 1
+        second[out.token_ids[1]] += 1
+        rejected += out.stats.rejected
+    assert rejected > n // 10  # residual sampling was exercised
+    assert chi_square(first, p1) < CHI2_DF3_P001, (first / n, p1)
+    assert chi_square(second, p2) < CHI2_DF3_P001, (second / n, p2)
+    assert chi_square(first, q1) > CHI2_DF3_P001  # the draft's own distribution is told apart

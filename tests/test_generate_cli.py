@@ -1,0 +1,73 @@
+"""scripts/generate.py as a user runs it: streamed text, JSON output, one-line errors with exit code 2.
+
+Most runs call the script's `main` in this process (a subprocess costs seconds of imports each);
+one runs it as a program to cover the `__main__` path."""
+
+import importlib.util
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from sprinter.errors import run_cli
+
+ROOT = Path(__file__).resolve().parent.parent
+SCRIPT = ROOT / "scripts" / "generate.py"
+
+
+@pytest.fixture(scope="module")
+def generate_main():
+    spec = importlib.util.spec_from_file_location("generate_script", SCRIPT)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module.main
+
+
+@pytest.fixture(autouse=True)
+def restore_threads():
+    before = torch.get_num_threads()
+    yield
+    torch.set_num_threads(before)
+
+
+def test_json_output(generate_main, tiny_pair, capsys):
+    argv = ["--pair", str(tiny_pair), "--mode", "sprinter", "--gate", "confidence", "--max-new-tokens", "6",
+            "--threads", "1", "--json"]
+    assert run_cli(generate_main, argv) == 0
+    out = json.loads(capsys.readouterr().out)
+    assert len(out["token_ids"]) == out["stats"]["new_tokens"] <= 6
+    assert out["stats"]["mode"] == "sprinter" and out["config"]["gate"] == "confidence"
+
+
+def test_streams_text_and_a_stats_line(generate_main, tiny_pair, capsys):
+    argv = ["--pair", str(tiny_pair), "--mode", "sd", "--prompt", "x = ", "--max-new-tokens", "5", "--threads", "1"]
+    assert run_cli(generate_main, argv) == 0
+    captured = capsys.readouterr()
+    assert captured.out.startswith("x = ")
+    assert "[sd] " in captured.err and "tokens/s" in captured.err
+
+
+@pytest.mark.parametrize("argv,message", [
+    (["--mode", "fast"], "mode"),
+    (["--mode", "sprinter"], "scripts/train.py"),  # no verifier here, and no gate: before any pair is built
+    (["--mode", "ar", "--max-new-tokens", "9999"], "context window"),
+    (["--mode", "sd", "--k", "0"], "k: got 0"),
+    (["--pair", "nowhere", "--mode", "ar"], "pair"),
+])
+def test_errors_are_one_line(generate_main, tiny_pair, tmp_path, monkeypatch, capsys, argv, message):
+    monkeypatch.chdir(tmp_path)  # a fresh folder: no demo verifier
+    if "--pair" not in argv:
+        argv = ["--pair", str(tiny_pair), *argv]
+    assert run_cli(generate_main, argv) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert err[-1].startswith("error: ") and message in err[-1]
+
+
+def test_runs_as_a_program(tmp_path):
+    proc = subprocess.run([sys.executable, str(SCRIPT), "--mode", "fast"], cwd=tmp_path, capture_output=True,
+                          text=True, timeout=300)
+    assert proc.returncode == 2
+    assert proc.stderr.strip().splitlines() == ["error: mode: got 'fast'; expected one of ('ar', 'draft', 'sd', 'sprinter')"]
