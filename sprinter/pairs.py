@@ -305,9 +305,17 @@ def build_pair(cfg: PairConfig) -> dict:
     if _check_out_dir(cfg):
         print(f"{cfg.out_dir} already holds this pair; nothing to do")
         return json.loads((cfg.out_dir / "pair.json").read_text())
+    # A build's floats depend on the thread count (reduction order): fix it, so a seed fixes the pair.
+    threads_before = torch.get_num_threads()
+    torch.set_num_threads(cfg.threads or os.cpu_count() or 1)
+    try:
+        return _build(cfg)
+    finally:
+        torch.set_num_threads(threads_before)
+
+
+def _build(cfg: PairConfig) -> dict:
     device = resolve_device(cfg.device)
-    if cfg.threads:
-        torch.set_num_threads(cfg.threads)
     started = time.perf_counter()
     gen = torch.Generator().manual_seed(cfg.seed)
 
