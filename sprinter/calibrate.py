@@ -11,6 +11,7 @@ A token passes iff score >= threshold.
 from __future__ import annotations
 
 import math
+import warnings
 from typing import Sequence
 
 import torch
@@ -57,7 +58,9 @@ def summarize(scores: torch.Tensor, labels: torch.Tensor, probabilities: bool = 
            "accept_rate": float(target.float().mean())}
     if probabilities:
         out["accuracy"] = float(binary_accuracy(scores, target))
-        out["calibration_error"] = float(binary_calibration_error(scores, target, n_bins=15))
+        with warnings.catch_warnings():  # torchmetrics' own bucketize call warns about a non-contiguous view
+            warnings.filterwarnings("ignore", message=".*non-contiguous.*")
+            out["calibration_error"] = float(binary_calibration_error(scores, target, n_bins=15))
     return out
 
 

@@ -143,8 +143,9 @@ class VerifierModule(L.LightningModule):
         budget = self.cfg["budgets"][0]
         point = operating_point(scores, labels, threshold_for_budget(scores, labels, budget))
         metrics = summarize(scores, labels)
-        self.log_dict({f"val/{k}": v for k, v in metrics.items() if k != "accept_rate"}, prog_bar=False)
-        self.log(f"val/true_accept@{budget_key(budget)}", point["true_accept"], prog_bar=True)
+        # Every rank holds the same gathered scores, so the values agree; sync_dist only averages equals.
+        self.log_dict({f"val/{k}": v for k, v in metrics.items() if k != "accept_rate"}, sync_dist=True)
+        self.log(f"val/true_accept@{budget_key(budget)}", point["true_accept"], prog_bar=True, sync_dist=True)
         if metrics["auroc"] > self.best_auroc:
             self.best_auroc, self.best_epoch = metrics["auroc"], self.current_epoch
             if self.trainer.is_global_zero:
@@ -317,3 +318,17 @@ def fit_baselines(cfg: TrainConfig, table: TokenTable, splits: dict, verifier: V
     linear_info.default_threshold = linear_info.thresholds[budget_key(cfg.budgets[0])]
     save_verifier(Path(cfg.out) / "baselines" / "linear", linear, linear_info)
     return out
+
+
+def summary_lines(metrics: dict) -> list[str]:
+    """A small table of the test figures: each scorer's AUROC, AP and its default operating point."""
+    key = budget_key(metrics["default_budget"])
+    rows = [("verifier", metrics["verifier"]), *metrics["baselines"].items()]
+    lines = [f"test split ({metrics['splits']['test']['samples']} samples, label {metrics['eval_label']}); "
+             f"thresholds calibrated on val for a false-accept budget of {key}",
+             f"{'scorer':<20} {'AUROC':>6} {'AP':>6} {'threshold':>9} {'false-acc':>9} {'true-acc':>8}"]
+    for name, m in rows:
+        p = m["operating_points"][key]
+        lines.append(f"{name:<20} {m['auroc']:6.3f} {m['ap']:6.3f} {p['threshold']:9.4f} {p['false_accept']:9.3f} "
+                     f"{p['true_accept']:8.3f}")
+    return lines
