@@ -17,14 +17,13 @@ import torch
 FEATURES = ["hidden", "token_id", "draft_prob", "draft_entropy", "position"]
 
 
-def make_rows(num_prompts: int, tokens_per_prompt: int, hidden_size: int, vocab_size: int,
+def make_rows(prompts: torch.Tensor, tokens_per_prompt: int, direction: torch.Tensor, token_bias: torch.Tensor,
               generator: torch.Generator) -> dict[str, torch.Tensor]:
-    n = num_prompts * tokens_per_prompt
-    hidden = torch.randn(n, hidden_size, generator=generator)  # (N, H)
-    token_id = torch.randint(0, vocab_size, (n,), generator=generator)
+    """Rows for the given prompt ids under the rule (direction (H,), token_bias (V,)), in the shard columns."""
+    n = len(prompts) * tokens_per_prompt
+    hidden = torch.randn(n, len(direction), generator=generator)  # (N, H)
+    token_id = torch.randint(0, len(token_bias), (n,), generator=generator)
     draft_logit = torch.randn(n, generator=generator) * 1.5 + 0.5
-    direction = torch.randn(hidden_size, generator=generator) / math.sqrt(hidden_size)
-    token_bias = torch.randn(vocab_size, generator=generator)
     z = (1.5 * hidden @ direction + 1.2 * hidden[:, 0] * hidden[:, 1] + token_bias[token_id]
          + 0.6 * draft_logit + 0.5)
     p_accept = torch.sigmoid(z)
@@ -34,8 +33,8 @@ def make_rows(num_prompts: int, tokens_per_prompt: int, hidden_size: int, vocab_
     return {"hidden": hidden.half(), "token_id": token_id, "draft_prob": draft_prob,
             "draft_entropy": (1 - draft_prob) * 3 + 0.1 * torch.rand(n, generator=generator),
             "target_prob": draft_prob * accept_soft,
-            "position": torch.arange(tokens_per_prompt).repeat(num_prompts),
-            "prompt_index": torch.arange(num_prompts).repeat_interleave(tokens_per_prompt),
+            "position": torch.arange(tokens_per_prompt).repeat(len(prompts)),
+            "prompt_index": prompts.repeat_interleave(tokens_per_prompt),
             "accept_greedy": accept_sprinter * (draft_prob > 0.5).float(), "accept_sprinter": accept_sprinter,
             "accept_soft": accept_soft}
 
@@ -48,13 +47,16 @@ def write_shards(folder: str | Path, num_prompts: int = 60, tokens_per_prompt: i
 
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
-    rows = make_rows(num_prompts, tokens_per_prompt, hidden_size, vocab_size, torch.Generator().manual_seed(seed))
-    n = len(rows["token_id"])
+    generator = torch.Generator().manual_seed(seed)
+    direction = torch.randn(hidden_size, generator=generator) / math.sqrt(hidden_size)
+    token_bias = torch.randn(vocab_size, generator=generator)
     shards = []
-    for i, part in enumerate(torch.arange(n).tensor_split(num_shards)):
+    for i, prompts in enumerate(torch.arange(num_prompts).tensor_split(num_shards)):  # one shard in RAM at a time
+        rows = make_rows(prompts, tokens_per_prompt, direction, token_bias, generator)
         name = f"shard-{i:05d}.safetensors"
-        save_file({k: v[part].contiguous() for k, v in rows.items()}, str(folder / name))
-        shards.append({"file": name, "rows": len(part), "rank": 0})
+        save_file(rows, str(folder / name))
+        shards.append({"file": name, "rows": len(rows["token_id"]), "rank": 0})
+    n = num_prompts * tokens_per_prompt
     manifest = {"format": "sprinter-shards/1", "sprinter_version": "synthetic",
                 "draft": draft or {"name": "synthetic-draft", "fingerprint": "synthetic"},
                 "target": {"name": "synthetic-target", "fingerprint": "synthetic"}, "tokenizer": None,
