@@ -21,7 +21,7 @@ import torch
 from torch.utils.data import DataLoader, Dataset, Sampler
 
 from sprinter.errors import SprinterError
-from sprinter.verifier import HIDDEN, LEAKY
+from sprinter.verifier import HIDDEN, LEAKY, TOKEN
 
 SHARD_FORMAT = "sprinter-shards/1"
 LABEL_COLUMN = {"greedy": "accept_greedy", "sprinter": "accept_sprinter", "soft": "accept_soft"}
@@ -155,6 +155,11 @@ def open_folders(paths: Sequence[str | Path], features: Sequence[str], label_rul
                 if values.is_floating_point() and not torch.isfinite(values[start:start + 65536]).all():
                     raise SprinterError(f"column {name!r} has NaN or infinite values; expected finite features "
                                         "and labels (re-collect the data)")
+    if TOKEN in columns:
+        vocab_size = first.get("vocab_size") or 0
+        largest = max(int(shard[TOKEN].max()) for shard in table.shards if len(shard[TOKEN]))
+        if not 0 <= largest < vocab_size:
+            raise SprinterError(f"column 'token_id' holds id {largest}; the manifest's vocab_size is {vocab_size}")
     if len(table) == 0:
         raise SprinterError(f"data: {[str(p) for p in paths]} hold no samples")
     for name in dict.fromkeys([LABEL_COLUMN[label_rule], EVAL_COLUMN[label_rule]]):

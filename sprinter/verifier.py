@@ -146,6 +146,11 @@ def save_verifier(path: str | Path, verifier: Verifier, info: VerifierInfo) -> P
     file = checkpoint_file(path)
     file.parent.mkdir(parents=True, exist_ok=True)
     metadata = {"format": FORMAT, **{k: json.dumps(v) for k, v in dataclasses.asdict(info).items()}}
+    # For readers of the header only: the statistics the module applies are its buffers (the weights).
+    metadata["normalisation"] = json.dumps({
+        "scalars": {f: [float(m), float(s)] for f, m, s in zip(info.scalar_features, verifier.scalar_mean,
+                                                                  verifier.scalar_std)},
+        "hidden": "standardised per dimension with the buffers hidden_mean, hidden_std"})
     state = {k: v.detach().cpu().contiguous() for k, v in verifier.state_dict().items()}
     fd, tmp = tempfile.mkstemp(dir=file.parent, prefix=".verifier-", suffix=".tmp")
     os.close(fd)
