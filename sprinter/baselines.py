@@ -17,6 +17,8 @@ import torch
 from sprinter.train_data import TokenTable, loader
 from sprinter.verifier import HIDDEN, Verifier
 
+Scorer = Callable[[TokenTable, torch.Tensor], torch.Tensor]  # (table, rows (N,)) -> P(accept)-like scores (N,)
+
 
 @torch.no_grad()
 def score_rows(verifier: Verifier, table: TokenTable, features, label_rule: str, rows: torch.Tensor,
@@ -76,17 +78,25 @@ def numeric_matrix(verifier: Verifier, table: TokenTable, rows: torch.Tensor) ->
     return torch.cat(parts, dim=-1)
 
 
-def logistic_regression(verifier: Verifier, table: TokenTable, eval_column: str, splits: dict, *, max_rows: int,
-                        pos_weight: float, neg_weight: float, seed: int) -> dict[str, torch.Tensor]:
-    """Fit scikit-learn's LogisticRegression on (a sample of) train; P(accept) on val and test."""
+def logistic_regression(verifier: Verifier, table: TokenTable, eval_column: str, train_rows: torch.Tensor, *,
+                        max_rows: int, pos_weight: float, neg_weight: float, seed: int) -> Scorer:
+    """Fit scikit-learn's LogisticRegression on (a sample of) the train rows; returns its P(accept) scorer."""
     from sklearn.linear_model import LogisticRegression
 
-    train = splits["train"]
-    if len(train) > max_rows:
-        train = train[torch.randperm(len(train), generator=torch.Generator().manual_seed(seed))[:max_rows]].sort().values
-    x = numeric_matrix(verifier, table, train).numpy()
-    y = (table.gather(eval_column, train) >= 0.5).long().numpy()
+    if len(train_rows) > max_rows:
+        pick = torch.randperm(len(train_rows), generator=torch.Generator().manual_seed(seed))[:max_rows]
+        train_rows = train_rows[pick].sort().values
+    x = numeric_matrix(verifier, table, train_rows).numpy()
+    y = (table.gather(eval_column, train_rows) >= 0.5).long().numpy()
     model = LogisticRegression(max_iter=500, class_weight={0: neg_weight, 1: pos_weight})
     model.fit(x, y)
-    return {name: torch.from_numpy(model.predict_proba(numeric_matrix(verifier, table, splits[name]).numpy())[:, 1]).float()
-            for name in ("val", "test")}
+    return lambda t, rows: torch.from_numpy(model.predict_proba(numeric_matrix(verifier, t, rows).numpy())[:, 1]).float()
+
+
+def verifier_scorer(verifier: Verifier, features, label_rule: str) -> Scorer:
+    return lambda t, rows: score_rows(verifier, t, features, label_rule, rows)[0]
+
+
+def draft_prob_scorer(t: TokenTable, rows: torch.Tensor) -> torch.Tensor:
+    """Hugging Face's confidence rule: the draft's probability of its own token is the score."""
+    return t.gather("draft_prob", rows).float()

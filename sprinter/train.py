@@ -27,7 +27,8 @@ import torch
 from torchmetrics.aggregation import CatMetric
 
 from sprinter import __version__
-from sprinter.baselines import fit_plain, logistic_regression, score_rows, weighted_bce
+from sprinter.baselines import (Scorer, draft_prob_scorer, fit_plain, logistic_regression, verifier_scorer,
+                                weighted_bce)
 from sprinter.calibrate import budget_key, evaluate, operating_point, summarize, threshold_for_budget
 from sprinter.config import option, parse_config, save_config
 from sprinter.errors import SprinterError
@@ -63,6 +64,8 @@ class TrainConfig:
     val_fraction: float = option(0.1, "share of prompts in the validation split (model selection, thresholds)")
     test_fraction: float = option(0.1, "share of prompts in the test split (reported, never used to choose)")
     budgets: tuple[float, ...] = option((0.05, 0.02, 0.1), "false-accept budgets to calibrate; the first is the default")
+    eval_data: tuple[str, ...] = option((), "extra shard folder(s) scored on the test split's prompts, e.g. decode-time "
+                                              "contexts when --data holds corpus contexts")
     baselines: bool = option(True, "also fit and report the baselines (draft_prob, logistic regression, linear)")
     baseline_rows: int = option(200_000, "train rows sampled for the logistic-regression baseline")
     seed: int = option(0, "seed for the split, initialisation and shuffling")
@@ -77,6 +80,7 @@ class TrainConfig:
 
     def __post_init__(self) -> None:
         self.data, self.features, self.budgets = tuple(self.data), tuple(self.features), tuple(self.budgets)
+        self.eval_data = tuple(self.eval_data)
         if self.label_rule not in LABEL_COLUMN:
             raise SprinterError(f"label_rule: got {self.label_rule!r}; expected one of {tuple(LABEL_COLUMN)}")
         if HIDDEN not in self.features or len(set(self.features)) != len(self.features):
@@ -275,49 +279,61 @@ def train(cfg: TrainConfig) -> dict:
 
     # 3. Calibrate on val, report on test (the first and only read of the test split's scores).
     verifier, _ = load_verifier(best_file)
-    budgets = cfg.budgets
-    split = {name: score_rows(verifier, table, cfg.features, cfg.label_rule, splits[name]) for name in ("val", "test")}
-    report = evaluate(split["val"], split["test"], budgets)
-    info.thresholds = {k: p["threshold"] for k, p in report["operating_points"].items()}
-    info.default_threshold = info.thresholds[budget_key(budgets[0])]
-    save_verifier(out, verifier, info)
+    scorers: dict[str, Scorer] = {"verifier": verifier_scorer(verifier, cfg.features, cfg.label_rule)}
+    if cfg.baselines:
+        linear, linear_info = fit_linear(cfg, table, splits, info, verifier, neg_weight)
+        scorers.update(draft_prob=draft_prob_scorer,
+                       logistic_regression=logistic_regression(verifier, table, EVAL_COLUMN[cfg.label_rule],
+                                                               splits["train"], max_rows=cfg.baseline_rows,
+                                                               pos_weight=cfg.pos_weight, neg_weight=neg_weight,
+                                                               seed=cfg.seed),
+                       linear=verifier_scorer(linear, (HIDDEN,), cfg.label_rule))
+    label = lambda t, rows: (t.gather(EVAL_COLUMN[cfg.label_rule], rows) >= 0.5).float()  # noqa: E731
+    val = {name: (score(table, splits["val"]), label(table, splits["val"])) for name, score in scorers.items()}
+    reports = {name: evaluate(val[name], (score(table, splits["test"]), label(table, splits["test"])), cfg.budgets)
+               for name, score in scorers.items()}
+    save_verifier(out, verifier, calibrated(info, reports["verifier"], cfg.budgets))
+    if cfg.baselines:
+        save_verifier(out / "baselines" / "linear", linear, calibrated(linear_info, reports["linear"], cfg.budgets))
     save_config(cfg, out / "train_config.json")
     metrics = {"label_rule": cfg.label_rule, "eval_label": EVAL_COLUMN[cfg.label_rule],
-               "default_budget": budgets[0], "data": [str(p) for p in cfg.data], "draft": info.draft,
+               "default_budget": cfg.budgets[0], "data": [str(p) for p in cfg.data], "draft": info.draft,
                "context_source": info.context_source, "splits": sizes, "pos_weight": cfg.pos_weight,
                "neg_weight": neg_weight, "epochs_run": trainer.current_epoch,
                "best_epoch": json.loads(best_file.with_suffix(".json").read_text())["epoch"],
-               "train_seconds": round(seconds, 2), "verifier": report, "baselines": {}}
-    if cfg.baselines:
-        metrics["baselines"] = fit_baselines(cfg, table, splits, verifier, info, neg_weight)
+               "train_seconds": round(seconds, 2), "verifier": reports.pop("verifier"), "baselines": reports,
+               "eval_data": {}}
+    test_prompts = table.column("prompt_index")[splits["test"]].unique()
+    for path in cfg.eval_data:  # other context sources, scored on the test prompts only
+        other_folders, other = open_folders([path], cfg.features, cfg.label_rule, like=folders[0])
+        rows = torch.isin(other.column("prompt_index"), test_prompts).nonzero().squeeze(1)
+        if len(rows) == 0 or label(other, rows).min() == label(other, rows).max():
+            raise SprinterError(f"eval_data {path!r}: its rows on the test split's prompts hold one class or none; "
+                                "expected both (it must share the prompt list of --data)")
+        metrics["eval_data"][str(path)] = {
+            "samples": len(rows), "context_source": other_folders[0].manifest.get("context_source"),
+            **{name: evaluate(val[name], (score(other, rows), label(other, rows)), cfg.budgets)
+               for name, score in scorers.items()}}
     write_json(out / "metrics.json", metrics)
     return metrics
 
 
-def fit_baselines(cfg: TrainConfig, table: TokenTable, splits: dict, verifier: Verifier, info: VerifierInfo,
-                  neg_weight: float) -> dict:
-    """(a) draft_prob, (b) logistic regression, (c) the paper's linear verifier: calibrated on val, reported on test."""
-    labels = {name: (table.gather(EVAL_COLUMN[cfg.label_rule], splits[name]) >= 0.5).float() for name in ("val", "test")}
-    out = {}
-    if "draft_prob" in table.columns:
-        draft = {name: table.gather("draft_prob", splits[name]).float() for name in ("val", "test")}
-        out["draft_prob"] = evaluate((draft["val"], labels["val"]), (draft["test"], labels["test"]), cfg.budgets)
-    lr = logistic_regression(verifier, table, EVAL_COLUMN[cfg.label_rule], splits, max_rows=cfg.baseline_rows,
-                             pos_weight=cfg.pos_weight, neg_weight=neg_weight, seed=cfg.seed)
-    out["logistic_regression"] = evaluate((lr["val"], labels["val"]), (lr["test"], labels["test"]), cfg.budgets)
+def calibrated(info: VerifierInfo, report: dict, budgets: Sequence[float]) -> VerifierInfo:
+    """info with the thresholds chosen on val (the first budget's is the default)."""
+    thresholds = {k: p["threshold"] for k, p in report["operating_points"].items()}
+    return dataclasses.replace(info, thresholds=thresholds, default_threshold=thresholds[budget_key(budgets[0])])
+
+
+def fit_linear(cfg: TrainConfig, table: TokenTable, splits: dict, info: VerifierInfo, verifier: Verifier,
+               neg_weight: float) -> tuple[Verifier, VerifierInfo]:
+    """The paper's Linear(H, 1), trained with the MLP's loss, weights, lr and best-epoch rule."""
     linear_info = dataclasses.replace(info, features=(HIDDEN,), arch=default_arch(depth=0), thresholds={})
     linear = Verifier(linear_info)
     linear.set_normalisation(verifier.hidden_mean, verifier.hidden_std, torch.zeros(0), torch.ones(0))
-    auroc = lambda scores, labels_: summarize(scores, labels_)["auroc"]  # noqa: E731
     fit_plain(linear, table, (HIDDEN,), cfg.label_rule, splits, epochs=cfg.epochs, batch_size=cfg.batch_size,
               lr=cfg.lr, pos_weight=cfg.pos_weight, neg_weight=neg_weight, patience=cfg.patience, seed=cfg.seed,
-              auroc=auroc)
-    scored = {name: score_rows(linear, table, (HIDDEN,), cfg.label_rule, splits[name]) for name in ("val", "test")}
-    out["linear"] = evaluate(scored["val"], scored["test"], cfg.budgets)
-    linear_info.thresholds = {k: p["threshold"] for k, p in out["linear"]["operating_points"].items()}
-    linear_info.default_threshold = linear_info.thresholds[budget_key(cfg.budgets[0])]
-    save_verifier(Path(cfg.out) / "baselines" / "linear", linear, linear_info)
-    return out
+              auroc=lambda scores, labels: summarize(scores, labels)["auroc"])
+    return linear, linear_info
 
 
 def summary_lines(metrics: dict) -> list[str]:

@@ -119,24 +119,28 @@ class TokenTable:
         return torch.cat([s[name] for s in self.shards])
 
 
-def open_folders(paths: Sequence[str | Path], features: Sequence[str], label_rule: str) -> tuple[list[Folder], TokenTable]:
-    """Read and check the folders: manifests, row counts, one draft and hidden size, finite features, two classes."""
+def open_folders(paths: Sequence[str | Path], features: Sequence[str], label_rule: str,
+                 like: Folder | None = None) -> tuple[list[Folder], TokenTable]:
+    """Read and check the folders: manifests, row counts, one draft and hidden size (also `like`'s, if
+    given), finite features, both classes. The table maps the features, draft_prob, prompt_index, labels."""
     if not paths:
         raise SprinterError("data: got no folder; expected one or more shard folders")
     folders = [read_folder(p) for p in paths]
-    first = folders[0].manifest
-    for folder in folders[1:]:
+    reference = like or folders[0]
+    first = reference.manifest
+    for folder in folders:
         m = folder.manifest
         if m.get("hidden_size") != first.get("hidden_size"):
-            raise SprinterError(f"data folders disagree on hidden size: {str(folders[0].path)!r} has "
+            raise SprinterError(f"data folders disagree on hidden size: {str(reference.path)!r} has "
                                 f"{first.get('hidden_size')}, {str(folder.path)!r} has {m.get('hidden_size')}")
         if m.get("draft", {}).get("fingerprint") != first.get("draft", {}).get("fingerprint"):
-            raise SprinterError(f"data folders come from different drafts: {str(folders[0].path)!r} has "
+            raise SprinterError(f"data folders come from different drafts: {str(reference.path)!r} has "
                                 f"{first.get('draft')}, {str(folder.path)!r} has {m.get('draft')}")
     leaky = sorted(set(features) & set(LEAKY))
     if leaky:
         raise SprinterError(f"features: got {leaky}; these carry the target's answer and cannot be features")
-    columns = list(dict.fromkeys([*features, "prompt_index", LABEL_COLUMN[label_rule], EVAL_COLUMN[label_rule]]))
+    columns = list(dict.fromkeys([*features, "draft_prob", "prompt_index", LABEL_COLUMN[label_rule],
+                                  EVAL_COLUMN[label_rule]]))
     for folder in folders:
         m = folder.manifest
         listed = sum(s["rows"] for s in m["shards"])
