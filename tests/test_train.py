@@ -106,7 +106,7 @@ def test_train_exports_a_calibrated_verifier_that_reproduces_its_metrics(shards,
 @pytest.mark.slow
 def test_two_process_gloo_ddp_with_soft_labels(shards, tmp_path):
     cfg = parse_train_config(["--config", TINY, "--data", str(shards), "--out", str(tmp_path), "--devices", "2",
-                              "--accelerator", "cpu", "--strategy", "ddp_spawn", "--epochs", "2", "--label-rule",
+                              "--accelerator", "cpu", "--strategy", "ddp_fork", "--epochs", "2", "--label-rule",
                               "soft", "--neg-weight", "6", "--no-baselines"])
     metrics = train(cfg)
     assert metrics["label_rule"] == "soft" and metrics["eval_label"] == "accept_sprinter"
