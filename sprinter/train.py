@@ -245,7 +245,7 @@ def train(cfg: TrainConfig) -> dict:
     """Run the stage; returns the metrics written to OUT/metrics.json ({} on DDP ranks other than 0)."""
     if cfg.threads:
         torch.set_num_threads(cfg.threads)
-    warnings.filterwarnings("ignore", message=".*does not have many workers.*")  # batches come from memory maps
+    # 1. Check the data and split it by prompt: every refusal happens here, before training.
     folders, table = open_folders(cfg.data, cfg.features, cfg.label_rule)
     manifest = folders[0].manifest
     splits = split_prompts(table.column("prompt_index"), cfg.val_fraction, cfg.test_fraction, cfg.seed)
@@ -270,9 +270,12 @@ def train(cfg: TrainConfig) -> dict:
     stats = feature_statistics(table, info, splits["train"], cfg.seed)
     module.verifier.set_normalisation(*stats)
     datamodule = ShardDataModule(cfg.data, cfg.features, cfg.label_rule, splits, cfg.batch_size, cfg.seed)
+    # 2. Train; the best epoch by val AUROC is written to best_file as it happens.
     trainer = make_trainer(cfg, out)
     start = time.perf_counter()
-    trainer.fit(module, datamodule=datamodule, ckpt_path=resume)
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message=".*does not have many workers.*")  # batches are gathered whole
+        trainer.fit(module, datamodule=datamodule, ckpt_path=resume)
     seconds = time.perf_counter() - start
     if trainer.global_rank != 0:
         return {}

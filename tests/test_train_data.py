@@ -40,7 +40,7 @@ def test_split_never_shares_a_prompt_and_covers_every_row():
 def test_sampler_gives_each_rank_disjoint_equal_batches():
     rows = torch.arange(103)
     parts = [list(BatchSampler(rows, 10, shuffle=True, seed=1, rank=r, world_size=2)) for r in (0, 1)]
-    assert len(parts[0]) == len(parts[1])
+    assert len(parts[0]) == len(parts[1]) == len(BatchSampler(rows, 10, shuffle=True, rank=1, world_size=2)) == 6
     seen = [set(torch.cat(p).tolist()) for p in parts]
     assert not seen[0] & seen[1] and len(seen[0]) == len(seen[1]) == 51
     evals = [torch.cat(list(BatchSampler(rows, 10, shuffle=False, rank=r, world_size=2))) for r in (0, 1)]
