@@ -32,7 +32,8 @@ from sprinter.baselines import (Scorer, draft_prob_scorer, fit_plain, logistic_r
 from sprinter.calibrate import budget_key, evaluate, operating_point, summarize, threshold_for_budget
 from sprinter.config import option, parse_config, save_config
 from sprinter.errors import SprinterError
-from sprinter.train_data import EVAL_COLUMN, LABEL_COLUMN, ShardDataModule, TokenTable, open_folders, split_prompts
+from sprinter.train_data import (EVAL_COLUMN, LABEL_COLUMN, Folder, ShardDataModule, TokenTable, open_folders,
+                                 read_folder, split_prompts)
 from sprinter.verifier import HIDDEN, NORMS, Verifier, VerifierInfo, default_arch, load_verifier, save_verifier
 
 CONFIG_DIR = Path(__file__).resolve().parent.parent / "configs" / "train"
@@ -44,7 +45,8 @@ class TrainConfig:
     data: tuple[str, ...] = option(("data/demo",), "shard folder(s) from scripts/collect.py (one draft)")
     out: str = option("checkpoints/verifiers/demo", "output folder: verifier.safetensors, metrics.json, TensorBoard")
     features: tuple[str, ...] = option(FEATURES, "verifier inputs: hidden, token_id and scalar columns of the shards")
-    label_rule: str = option("sprinter", "training label: greedy, sprinter (q <= p) or soft (min(1, p/q))")
+    label_rule: str = option("auto", "training label: greedy (target argmax = token), sprinter (q <= p), soft "
+                                     "(min(1, p/q)), or auto: greedy for data collected at temperature 0, else sprinter")
     width: int = option(256, "MLP hidden width")
     depth: int = option(2, "MLP hidden layers (0: one linear layer, the paper's verifier)")
     norm: str = option("layer", "normalisation after each hidden layer: layer, rms or none")
@@ -81,8 +83,8 @@ class TrainConfig:
     def __post_init__(self) -> None:
         self.data, self.features, self.budgets = tuple(self.data), tuple(self.features), tuple(self.budgets)
         self.eval_data = tuple(self.eval_data)
-        if self.label_rule not in LABEL_COLUMN:
-            raise SprinterError(f"label_rule: got {self.label_rule!r}; expected one of {tuple(LABEL_COLUMN)}")
+        if self.label_rule not in (*LABEL_COLUMN, "auto"):
+            raise SprinterError(f"label_rule: got {self.label_rule!r}; expected one of {(*LABEL_COLUMN, 'auto')}")
         if HIDDEN not in self.features or len(set(self.features)) != len(self.features):
             raise SprinterError(f"features: got {list(self.features)}; expected distinct names including 'hidden'")
         if self.norm not in NORMS:
@@ -200,6 +202,15 @@ def feature_statistics(table: TokenTable, info: VerifierInfo, rows: torch.Tensor
     return hidden.mean(0), hidden.std(0), scalars.mean(0), scalars.std(0)
 
 
+def auto_label_rule(folders: Sequence[Folder]) -> str:
+    """greedy for data decoded at temperature 0 (the target's argmax decides), else sprinter (q <= p)."""
+    temperatures = {f.manifest.get("temperature") for f in folders}
+    if len(temperatures) != 1:
+        raise SprinterError(f"label_rule auto: the data folders were collected at temperatures "
+                            f"{sorted(map(str, temperatures))}; pass --label-rule greedy, sprinter or soft")
+    return "greedy" if temperatures.pop() == 0 else "sprinter"
+
+
 def check_splits(table: TokenTable, splits: dict, label_rule: str) -> dict:
     """Every split needs both classes (AUROC and thresholds are undefined otherwise); returns split sizes."""
     labels = table.column(EVAL_COLUMN[label_rule]) >= 0.5
@@ -246,6 +257,8 @@ def train(cfg: TrainConfig) -> dict:
     if cfg.threads:
         torch.set_num_threads(cfg.threads)
     # 1. Check the data and split it by prompt: every refusal happens here, before training.
+    if cfg.label_rule == "auto":
+        cfg = dataclasses.replace(cfg, label_rule=auto_label_rule([read_folder(p) for p in cfg.data]))
     folders, table = open_folders(cfg.data, cfg.features, cfg.label_rule)
     manifest = folders[0].manifest
     splits = split_prompts(table.column("prompt_index"), cfg.val_fraction, cfg.test_fraction, cfg.seed)

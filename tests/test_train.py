@@ -138,3 +138,18 @@ def test_script_refuses_a_folder_without_manifest(tmp_path):
                              "--out", str(tmp_path / "out")], capture_output=True, text=True)
     assert result.returncode == 2 and "has no manifest.json" in result.stderr
     assert not (tmp_path / "out").exists()
+
+
+def test_auto_label_rule_follows_the_collection_temperature(tmp_path):
+    from sprinter.train import auto_label_rule
+    from sprinter.train_data import read_folder
+
+    folders = []
+    for name, temperature in (("greedy", 0.0), ("sampled", 1.0)):
+        folder = write_shards(tmp_path / name, num_prompts=3, tokens_per_prompt=2)
+        manifest = json.loads((folder / "manifest.json").read_text())
+        (folder / "manifest.json").write_text(json.dumps({**manifest, "temperature": temperature}))
+        folders.append(read_folder(folder))
+    assert auto_label_rule(folders[:1]) == "greedy" and auto_label_rule(folders[1:]) == "sprinter"
+    with pytest.raises(Exception, match="temperatures"):
+        auto_label_rule(folders)
