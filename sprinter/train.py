@@ -1,0 +1,366 @@
+"""The training stage: shard folders -> a calibrated verifier.safetensors, metrics.json and a TensorBoard run.
+
+1. Read and check the folders (train_data.open_folders); split by prompt into train/val/test.
+2. Train the verifier with Lightning (DDP across devices and nodes when asked); each epoch logs
+   AUROC, AP, accuracy, calibration error, the true-accept rate at the default budget, a score
+   histogram and a PR curve on val; the best epoch (val AUROC) is kept, `.ckpt` files allow resuming.
+3. Calibrate thresholds on val for each false-accept budget; report test figures for the verifier
+   and the baselines (baselines.py) fitted on the same splits; write everything beside the verifier.
+The test split is read only in step 3, after every choice has been made on val.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+import os
+import tempfile
+import time
+import warnings
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Sequence
+
+import lightning as L
+import torch
+from torchmetrics.aggregation import CatMetric
+
+from sprinter import __version__
+from sprinter.baselines import (Scorer, draft_prob_scorer, fit_plain, logistic_regression, verifier_scorer,
+                                weighted_bce)
+from sprinter.calibrate import budget_key, evaluate, operating_point, summarize, threshold_for_budget
+from sprinter.config import option, parse_config, save_config
+from sprinter.errors import SprinterError
+from sprinter.train_data import (EVAL_COLUMN, LABEL_COLUMN, Folder, ShardDataModule, TokenTable, open_folders,
+                                 read_folder, split_prompts)
+from sprinter.verifier import HIDDEN, NORMS, Verifier, VerifierInfo, default_arch, load_verifier, save_verifier
+
+CONFIG_DIR = Path(__file__).resolve().parent.parent / "configs" / "train"
+FEATURES = ("hidden", "token_id", "draft_prob", "draft_entropy", "position")
+
+
+@dataclass
+class TrainConfig:
+    data: tuple[str, ...] = option(("data/demo",), "shard folder(s) from scripts/collect.py (one draft)")
+    out: str = option("checkpoints/verifiers/demo", "output folder: verifier.safetensors, metrics.json, TensorBoard")
+    features: tuple[str, ...] = option(FEATURES, "verifier inputs: hidden, token_id and scalar columns of the shards")
+    label_rule: str = option("auto", "training label: greedy (target argmax = token), sprinter (q <= p), soft "
+                                     "(min(1, p/q)), or auto: greedy for data collected at temperature 0, else sprinter")
+    width: int = option(256, "MLP hidden width")
+    depth: int = option(2, "MLP hidden layers (0: one linear layer, the paper's verifier)")
+    norm: str = option("layer", "normalisation after each hidden layer: layer, rms or none")
+    dropout: float = option(0.1, "dropout after each hidden layer")
+    token_dim: int = option(16, "size of the learned token embedding (with the token_id feature)")
+    neg_weight: float | None = option(None, "loss weight of rejected (label-0) tokens; none: n_accept / n_reject "
+                                            "of the train split (balanced); SpecDec++ uses 6")
+    pos_weight: float = option(1.0, "loss weight of accepted (label-1) tokens")
+    optimizer: str = option("adamw", "adamw, adam or sgd")
+    lr: float = option(1e-3, "peak learning rate")
+    weight_decay: float = option(0.01, "weight decay (adamw, sgd)")
+    schedule: str = option("cosine", "learning-rate schedule: cosine (with warmup) or constant")
+    warmup_fraction: float = option(0.05, "share of steps with linear warmup (cosine)")
+    batch_size: int = option(1024, "samples per optimizer step and device")
+    epochs: int = option(40, "maximum epochs")
+    patience: int = option(8, "early stopping: epochs without a better val AUROC (0: off)")
+    val_fraction: float = option(0.1, "share of prompts in the validation split (model selection, thresholds)")
+    test_fraction: float = option(0.1, "share of prompts in the test split (reported, never used to choose)")
+    budgets: tuple[float, ...] = option((0.05, 0.02, 0.1), "false-accept budgets to calibrate; the first is the default")
+    eval_data: tuple[str, ...] = option((), "extra shard folder(s) scored on the test split's prompts, e.g. decode-time "
+                                              "contexts when --data holds corpus contexts")
+    baselines: bool = option(True, "also fit and report the baselines (draft_prob, logistic regression, linear)")
+    baseline_rows: int = option(200_000, "train rows sampled for the logistic-regression baseline")
+    seed: int = option(0, "seed for the split, initialisation and shuffling")
+    accelerator: str = option("auto", "Lightning accelerator: auto, cpu, gpu")
+    devices: int = option(1, "devices per node (DDP when > 1)")
+    num_nodes: int = option(1, "nodes (DDP when > 1)")
+    strategy: str = option("auto", "Lightning strategy; auto: ddp when devices * num_nodes > 1")
+    precision: str = option("32-true", "Lightning precision: 32-true, bf16-mixed, 16-mixed")
+    resume: str | None = option(None, "a Lightning .ckpt to resume from, or 'last' for OUT/lightning/last.ckpt")
+    threads: int = option(0, "CPU threads for torch (0: leave the default)")
+    progress: bool = option(True, "show progress bars")
+
+    def __post_init__(self) -> None:
+        self.data, self.features, self.budgets = tuple(self.data), tuple(self.features), tuple(self.budgets)
+        self.eval_data = tuple(self.eval_data)
+        if self.label_rule not in (*LABEL_COLUMN, "auto"):
+            raise SprinterError(f"label_rule: got {self.label_rule!r}; expected one of {(*LABEL_COLUMN, 'auto')}")
+        if HIDDEN not in self.features or len(set(self.features)) != len(self.features):
+            raise SprinterError(f"features: got {list(self.features)}; expected distinct names including 'hidden'")
+        if self.norm not in NORMS:
+            raise SprinterError(f"norm: got {self.norm!r}; expected one of {NORMS}")
+        if self.optimizer not in ("adamw", "adam", "sgd"):
+            raise SprinterError(f"optimizer: got {self.optimizer!r}; expected adamw, adam or sgd")
+        if self.schedule not in ("cosine", "constant"):
+            raise SprinterError(f"schedule: got {self.schedule!r}; expected cosine or constant")
+        for name in ("width", "batch_size", "epochs", "devices", "num_nodes", "token_dim", "baseline_rows"):
+            if getattr(self, name) < 1:
+                raise SprinterError(f"{name}: got {getattr(self, name)!r}; expected an integer >= 1")
+        for name in ("depth", "patience", "threads"):
+            if getattr(self, name) < 0:
+                raise SprinterError(f"{name}: got {getattr(self, name)!r}; expected an integer >= 0")
+        if not 0 <= self.dropout < 1:
+            raise SprinterError(f"dropout: got {self.dropout!r}; expected 0 <= dropout < 1")
+        if not (self.lr > 0 and self.pos_weight > 0 and (self.neg_weight is None or self.neg_weight > 0)):
+            raise SprinterError(f"lr/pos_weight/neg_weight: got {self.lr}/{self.pos_weight}/{self.neg_weight}; "
+                                "expected positive numbers")
+        if not (0 < self.val_fraction < 1 and 0 < self.test_fraction < 1 and self.val_fraction + self.test_fraction < 1):
+            raise SprinterError(f"val_fraction/test_fraction: got {self.val_fraction}/{self.test_fraction}; expected "
+                                "two shares in (0, 1) summing below 1")
+        if not self.budgets or not all(0 < b < 1 for b in self.budgets):
+            raise SprinterError(f"budgets: got {list(self.budgets)}; expected false-accept rates in (0, 1)")
+
+
+def parse_train_config(argv: Sequence[str] | None) -> TrainConfig:
+    return parse_config(TrainConfig, argv, "Train a verifier on collected shards (presets: configs/train/*.yaml).")
+
+
+# --------------------------------------------------------------------------------------------- model
+class VerifierModule(L.LightningModule):
+    """Wraps the plain Verifier for training; keeps the best-AUROC epoch as a safetensors file."""
+
+    def __init__(self, info: dict, cfg: dict, pos_weight: float, neg_weight: float, best_file: str) -> None:
+        super().__init__()
+        self.save_hyperparameters()
+        self.info = VerifierInfo(**info)
+        self.verifier = Verifier(self.info)
+        self.cfg, self.pos_weight, self.neg_weight, self.best_file = cfg, pos_weight, neg_weight, best_file
+        self.val_scores, self.val_labels = CatMetric(), CatMetric()  # gathered over DDP ranks at compute()
+        self.best_auroc, self.best_epoch = -1.0, -1
+
+    def training_step(self, batch: dict, batch_idx: int) -> torch.Tensor:
+        loss = weighted_bce(self.verifier(batch), batch["label"], self.pos_weight, self.neg_weight)
+        self.log("train/loss", loss, on_step=True, on_epoch=True, prog_bar=True, batch_size=len(batch["label"]))
+        return loss
+
+    def validation_step(self, batch: dict, batch_idx: int) -> None:
+        logits = self.verifier(batch)
+        loss = weighted_bce(logits, batch["label"], self.pos_weight, self.neg_weight)
+        self.log("val/loss", loss, on_epoch=True, sync_dist=True, batch_size=len(batch["label"]))
+        self.val_scores.update(torch.sigmoid(logits))
+        self.val_labels.update(batch["eval_label"])
+
+    def on_validation_epoch_end(self) -> None:
+        scores, labels = self.val_scores.compute().float().cpu(), self.val_labels.compute().float().cpu()
+        self.val_scores.reset()
+        self.val_labels.reset()
+        if self.trainer.sanity_checking:
+            return
+        budget = self.cfg["budgets"][0]
+        point = operating_point(scores, labels, threshold_for_budget(scores, labels, budget))
+        metrics = summarize(scores, labels)
+        # Every rank holds the same gathered scores, so the values agree; sync_dist only averages equals.
+        self.log_dict({f"val/{k}": v for k, v in metrics.items() if k != "accept_rate"}, sync_dist=True)
+        self.log(f"val/true_accept@{budget_key(budget)}", point["true_accept"], prog_bar=True, sync_dist=True)
+        if metrics["auroc"] > self.best_auroc:
+            self.best_auroc, self.best_epoch = metrics["auroc"], self.current_epoch
+            if self.trainer.is_global_zero:
+                save_verifier(self.best_file, self.verifier, self.info)
+                write_json(Path(self.best_file).with_suffix(".json"), {"epoch": self.best_epoch, "auroc": self.best_auroc})
+        if self.trainer.is_global_zero and isinstance(self.logger, L.pytorch.loggers.TensorBoardLogger):
+            board, step = self.logger.experiment, self.current_epoch
+            board.add_histogram("val/score_accepted", scores[labels >= 0.5], step)
+            board.add_histogram("val/score_rejected", scores[labels < 0.5], step)
+            board.add_pr_curve("val/pr_curve", labels.int(), scores, step)
+
+    def on_save_checkpoint(self, checkpoint: dict) -> None:
+        checkpoint["best"] = {"auroc": self.best_auroc, "epoch": self.best_epoch}
+
+    def on_load_checkpoint(self, checkpoint: dict) -> None:
+        self.best_auroc, self.best_epoch = checkpoint["best"]["auroc"], checkpoint["best"]["epoch"]
+
+    def configure_optimizers(self):
+        cfg = self.cfg
+        if cfg["optimizer"] == "sgd":
+            optimizer = torch.optim.SGD(self.parameters(), lr=cfg["lr"], momentum=0.9, weight_decay=cfg["weight_decay"])
+        elif cfg["optimizer"] == "adam":
+            optimizer = torch.optim.Adam(self.parameters(), lr=cfg["lr"])
+        else:
+            optimizer = torch.optim.AdamW(self.parameters(), lr=cfg["lr"], weight_decay=cfg["weight_decay"])
+        if cfg["schedule"] == "constant":
+            return optimizer
+        total = max(1, int(self.trainer.estimated_stepping_batches))
+        warmup = int(cfg["warmup_fraction"] * total)
+
+        def factor(step: int) -> float:  # linear warmup, then cosine decay to 0
+            if step < warmup:
+                return (step + 1) / warmup
+            return 0.5 * (1 + math.cos(math.pi * min(1.0, (step - warmup) / max(1, total - warmup))))
+
+        scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, factor)
+        return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}
+
+
+# ------------------------------------------------------------------------------------------ pipeline
+def feature_statistics(table: TokenTable, info: VerifierInfo, rows: torch.Tensor, seed: int, max_rows: int = 100_000):
+    """Mean and std of the hidden state and each scalar feature over (a sample of) the train rows."""
+    if len(rows) > max_rows:
+        rows = rows[torch.randperm(len(rows), generator=torch.Generator().manual_seed(seed))[:max_rows]].sort().values
+    hidden = table.gather(HIDDEN, rows).float()  # (n, H)
+    scalars = torch.stack([table.gather(f, rows).float() for f in info.scalar_features], dim=-1) \
+        if info.scalar_features else torch.zeros(len(rows), 0)
+    return hidden.mean(0), hidden.std(0), scalars.mean(0), scalars.std(0)
+
+
+def auto_label_rule(folders: Sequence[Folder]) -> str:
+    """greedy for data decoded at temperature 0 (the target's argmax decides), else sprinter (q <= p)."""
+    temperatures = {f.manifest.get("temperature") for f in folders}
+    if len(temperatures) != 1:
+        raise SprinterError(f"label_rule auto: the data folders were collected at temperatures "
+                            f"{sorted(map(str, temperatures))}; pass --label-rule greedy, sprinter or soft")
+    return "greedy" if temperatures.pop() == 0 else "sprinter"
+
+
+def check_splits(table: TokenTable, splits: dict, label_rule: str) -> dict:
+    """Every split needs both classes (AUROC and thresholds are undefined otherwise); returns split sizes."""
+    labels = table.column(EVAL_COLUMN[label_rule]) >= 0.5
+    prompts = table.column("prompt_index")
+    sizes = {}
+    for name, rows in splits.items():
+        accepted = labels[rows]
+        if len(rows) == 0 or accepted.all() or not accepted.any():
+            raise SprinterError(f"{name} split: {len(rows)} samples, all of one class of {EVAL_COLUMN[label_rule]!r}; "
+                                "expected both (collect more prompts or change val_fraction/test_fraction)")
+        sizes[name] = {"samples": len(rows), "prompts": int(prompts[rows].unique().numel()),
+                       "accept_rate": float(accepted.float().mean())}
+    return sizes
+
+
+def write_json(path: Path, value: dict) -> None:
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}-", suffix=".tmp")
+    with os.fdopen(fd, "w") as handle:
+        handle.write(json.dumps(value, indent=2) + "\n")
+    os.replace(tmp, path)
+
+
+def make_trainer(cfg: TrainConfig, out: Path) -> L.Trainer:
+    from lightning.pytorch.callbacks import EarlyStopping, ModelCheckpoint
+    from lightning.pytorch.loggers import TensorBoardLogger
+
+    callbacks = [ModelCheckpoint(dirpath=out / "lightning", filename="best", monitor="val/auroc", mode="max",
+                                 save_last=True, enable_version_counter=False)]
+    if cfg.patience:
+        callbacks.append(EarlyStopping(monitor="val/auroc", mode="max", patience=cfg.patience))
+    strategy = cfg.strategy
+    if strategy == "auto" and cfg.devices * cfg.num_nodes > 1:
+        strategy = "ddp"
+    return L.Trainer(accelerator=cfg.accelerator, devices=cfg.devices, num_nodes=cfg.num_nodes, strategy=strategy,
+                     precision=cfg.precision, max_epochs=cfg.epochs, callbacks=callbacks,
+                     logger=TensorBoardLogger(save_dir=str(out), name="tensorboard"),
+                     use_distributed_sampler=False,  # the BatchSampler shards rows over ranks itself
+                     num_sanity_val_steps=0, log_every_n_steps=50, enable_progress_bar=cfg.progress,
+                     enable_model_summary=cfg.progress)
+
+
+def train(cfg: TrainConfig) -> dict:
+    """Run the stage; returns the metrics written to OUT/metrics.json ({} on DDP ranks other than 0)."""
+    if cfg.threads:
+        torch.set_num_threads(cfg.threads)
+    # 1. Check the data and split it by prompt: every refusal happens here, before training.
+    if cfg.label_rule == "auto":
+        cfg = dataclasses.replace(cfg, label_rule=auto_label_rule([read_folder(p) for p in cfg.data]))
+    folders, table = open_folders(cfg.data, cfg.features, cfg.label_rule)
+    manifest = folders[0].manifest
+    splits = split_prompts(table.column("prompt_index"), cfg.val_fraction, cfg.test_fraction, cfg.seed)
+    sizes = check_splits(table, splits, cfg.label_rule)
+    out = Path(cfg.out)
+    resume = str(out / "lightning" / "last.ckpt") if cfg.resume == "last" else cfg.resume
+    if resume is not None and not Path(resume).is_file():
+        raise SprinterError(f"resume: got {cfg.resume!r}; expected a Lightning .ckpt file (or 'last' with one in "
+                            f"{str(out / 'lightning')!r})")
+    train_labels = table.column(LABEL_COLUMN[cfg.label_rule])[splits["train"]].double()
+    neg_weight = cfg.neg_weight or float(train_labels.sum() / (1 - train_labels).sum())  # balanced by default
+    info = VerifierInfo(features=cfg.features, hidden_size=int(manifest["hidden_size"]),
+                        arch=default_arch(width=cfg.width, depth=cfg.depth, norm=cfg.norm, dropout=cfg.dropout,
+                                          token_dim=cfg.token_dim, vocab_size=int(manifest.get("vocab_size", 0))),
+                        label_rule=cfg.label_rule, draft=dict(manifest.get("draft", {})),
+                        target=dict(manifest.get("target", {})), context_source=manifest.get("context_source"),
+                        default_budget=cfg.budgets[0], sprinter_version=__version__)
+    out.mkdir(parents=True, exist_ok=True)
+    best_file = out / "lightning" / "best-epoch.safetensors"
+    L.seed_everything(cfg.seed, verbose=False)
+    module = VerifierModule(dataclasses.asdict(info), dataclasses.asdict(cfg), cfg.pos_weight, neg_weight, str(best_file))
+    stats = feature_statistics(table, info, splits["train"], cfg.seed)
+    module.verifier.set_normalisation(*stats)
+    datamodule = ShardDataModule(cfg.data, cfg.features, cfg.label_rule, splits, cfg.batch_size, cfg.seed)
+    # 2. Train; the best epoch by val AUROC is written to best_file as it happens.
+    trainer = make_trainer(cfg, out)
+    start = time.perf_counter()
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message=".*does not have many workers.*")  # batches are gathered whole
+        trainer.fit(module, datamodule=datamodule, ckpt_path=resume)
+    seconds = time.perf_counter() - start
+    if trainer.global_rank != 0:
+        return {}
+
+    # 3. Calibrate on val, report on test (the first and only read of the test split's scores).
+    verifier, _ = load_verifier(best_file)
+    scorers: dict[str, Scorer] = {"verifier": verifier_scorer(verifier, cfg.features, cfg.label_rule)}
+    if cfg.baselines:
+        linear, linear_info = fit_linear(cfg, table, splits, info, verifier, neg_weight)
+        scorers.update(draft_prob=draft_prob_scorer,
+                       logistic_regression=logistic_regression(verifier, table, EVAL_COLUMN[cfg.label_rule],
+                                                               splits["train"], max_rows=cfg.baseline_rows,
+                                                               pos_weight=cfg.pos_weight, neg_weight=neg_weight,
+                                                               seed=cfg.seed),
+                       linear=verifier_scorer(linear, (HIDDEN,), cfg.label_rule))
+    label = lambda t, rows: (t.gather(EVAL_COLUMN[cfg.label_rule], rows) >= 0.5).float()  # noqa: E731
+    val = {name: (score(table, splits["val"]), label(table, splits["val"])) for name, score in scorers.items()}
+    reports = {name: evaluate(val[name], (score(table, splits["test"]), label(table, splits["test"])), cfg.budgets)
+               for name, score in scorers.items()}
+    save_verifier(out, verifier, calibrated(info, reports["verifier"], cfg.budgets))
+    if cfg.baselines:
+        save_verifier(out / "baselines" / "linear", linear, calibrated(linear_info, reports["linear"], cfg.budgets))
+    save_config(cfg, out / "train_config.json")
+    metrics = {"label_rule": cfg.label_rule, "eval_label": EVAL_COLUMN[cfg.label_rule],
+               "default_budget": cfg.budgets[0], "data": [str(p) for p in cfg.data], "draft": info.draft,
+               "context_source": info.context_source, "splits": sizes, "pos_weight": cfg.pos_weight,
+               "neg_weight": neg_weight, "epochs_run": trainer.current_epoch,
+               "best_epoch": json.loads(best_file.with_suffix(".json").read_text())["epoch"],
+               "train_seconds": round(seconds, 2), "verifier": reports.pop("verifier"), "baselines": reports,
+               "eval_data": {}}
+    test_prompts = table.column("prompt_index")[splits["test"]].unique()
+    for path in cfg.eval_data:  # other context sources, scored on the test prompts only
+        other_folders, other = open_folders([path], cfg.features, cfg.label_rule, like=folders[0])
+        rows = torch.isin(other.column("prompt_index"), test_prompts).nonzero().squeeze(1)
+        if len(rows) == 0 or label(other, rows).min() == label(other, rows).max():
+            raise SprinterError(f"eval_data {path!r}: its rows on the test split's prompts hold one class or none; "
+                                "expected both (it must share the prompt list of --data)")
+        metrics["eval_data"][str(path)] = {
+            "samples": len(rows), "context_source": other_folders[0].manifest.get("context_source"),
+            **{name: evaluate(val[name], (score(other, rows), label(other, rows)), cfg.budgets)
+               for name, score in scorers.items()}}
+    write_json(out / "metrics.json", metrics)
+    return metrics
+
+
+def calibrated(info: VerifierInfo, report: dict, budgets: Sequence[float]) -> VerifierInfo:
+    """info with the thresholds chosen on val (the first budget's is the default)."""
+    thresholds = {k: p["threshold"] for k, p in report["operating_points"].items()}
+    return dataclasses.replace(info, thresholds=thresholds, default_threshold=thresholds[budget_key(budgets[0])])
+
+
+def fit_linear(cfg: TrainConfig, table: TokenTable, splits: dict, info: VerifierInfo, verifier: Verifier,
+               neg_weight: float) -> tuple[Verifier, VerifierInfo]:
+    """The paper's Linear(H, 1), trained with the MLP's loss, weights, lr and best-epoch rule."""
+    linear_info = dataclasses.replace(info, features=(HIDDEN,), arch=default_arch(depth=0), thresholds={})
+    linear = Verifier(linear_info)
+    linear.set_normalisation(verifier.hidden_mean, verifier.hidden_std, torch.zeros(0), torch.ones(0))
+    fit_plain(linear, table, (HIDDEN,), cfg.label_rule, splits, epochs=cfg.epochs, batch_size=cfg.batch_size,
+              lr=cfg.lr, pos_weight=cfg.pos_weight, neg_weight=neg_weight, patience=cfg.patience, seed=cfg.seed,
+              auroc=lambda scores, labels: summarize(scores, labels)["auroc"])
+    return linear, linear_info
+
+
+def summary_lines(metrics: dict) -> list[str]:
+    """A small table of the test figures: each scorer's AUROC, AP and its default operating point."""
+    key = budget_key(metrics["default_budget"])
+    rows = [("verifier", metrics["verifier"]), *metrics["baselines"].items()]
+    lines = [f"test split ({metrics['splits']['test']['samples']} samples, label {metrics['eval_label']}); "
+             f"thresholds calibrated on val for a false-accept budget of {key}",
+             f"{'scorer':<20} {'AUROC':>6} {'AP':>6} {'threshold':>9} {'false-acc':>9} {'true-acc':>8}"]
+    for name, m in rows:
+        p = m["operating_points"][key]
+        lines.append(f"{name:<20} {m['auroc']:6.3f} {m['ap']:6.3f} {p['threshold']:9.4f} {p['false_accept']:9.3f} "
+                     f"{p['true_accept']:8.3f}")
+    return lines

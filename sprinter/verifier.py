@@ -1,0 +1,211 @@
+"""The verifier: a small network that reads the draft's state and predicts P(target accepts the token).
+
+A plain `nn.Module` (the decode path imports this file, never Lightning) with two shapes:
+- the token-aware MLP: the draft's last hidden state, a small learned embedding of the drafted token,
+  and scalar features (the draft's probability of its token, its entropy, the position), each
+  standardised with statistics stored in the module, then `depth` blocks of Linear -> norm -> GELU ->
+  dropout and a Linear to one logit;
+- the paper's baseline (REFERENCES.md §1): `features=("hidden",)`, `depth=0`, i.e. Linear(H, 1).
+
+The checkpoint is one `verifier.safetensors`: the state dict (normalisation statistics included as
+buffers) plus string metadata holding everything needed to use it without the training config
+(`VerifierInfo`). Loading never unpickles and uses `strict=True`.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+import tempfile
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from sprinter.errors import SprinterError
+
+FORMAT = "sprinter-verifier/1"
+FILE_NAME = "verifier.safetensors"
+HIDDEN, TOKEN = "hidden", "token_id"
+NORMS = ("none", "layer", "rms")
+# Columns that carry the target's answer: using one as a feature would leak the label.
+LEAKY = ("target_prob", "accept_greedy", "accept_sprinter", "accept_soft")
+
+
+@dataclass
+class VerifierInfo:
+    """Everything a user of the checkpoint needs besides the weights (stored as safetensors metadata)."""
+
+    features: tuple[str, ...]
+    hidden_size: int
+    arch: dict[str, Any]  # width, depth, norm, dropout, token_dim, vocab_size
+    label_rule: str = "sprinter"  # greedy | sprinter | soft: the label the verifier was trained on
+    draft: dict[str, str] = field(default_factory=dict)  # {"name", "fingerprint"} from the data manifest
+    target: dict[str, Any] = field(default_factory=dict)
+    thresholds: dict[str, float] = field(default_factory=dict)  # false-accept budget (as str) -> threshold
+    default_budget: float | None = None
+    default_threshold: float = 0.5  # a token passes iff sigmoid(logit) >= threshold
+    context_source: str | None = None  # "corpus" | "decode": how the training contexts were made
+    sprinter_version: str = ""
+
+    def __post_init__(self) -> None:
+        self.features = tuple(self.features)
+        if HIDDEN not in self.features:
+            raise SprinterError(f"features: got {list(self.features)}; expected 'hidden' among them")
+        leaky = sorted(set(self.features) & set(LEAKY))
+        if leaky:
+            raise SprinterError(f"features: got {leaky}; these carry the target's answer and cannot be features")
+
+    @property
+    def scalar_features(self) -> tuple[str, ...]:
+        return tuple(f for f in self.features if f not in (HIDDEN, TOKEN))
+
+
+def default_arch(**overrides: Any) -> dict[str, Any]:
+    arch = {"width": 256, "depth": 2, "norm": "layer", "dropout": 0.0, "token_dim": 16, "vocab_size": 0}
+    arch.update(overrides)
+    return arch
+
+
+class Verifier(nn.Module):
+    """features dict -> one logit per row; P(accept) = sigmoid(logit)."""
+
+    def __init__(self, info: VerifierInfo) -> None:
+        super().__init__()
+        arch = info.arch
+        self.features = info.features
+        self.scalar_features = info.scalar_features
+        width, depth, norm = int(arch["width"]), int(arch["depth"]), arch["norm"]
+        if norm not in NORMS:
+            raise SprinterError(f"norm: got {norm!r}; expected one of {NORMS}")
+        if depth < 0 or (depth > 0 and width < 1):
+            raise SprinterError(f"depth/width: got {depth}/{width}; expected depth >= 0 and width >= 1")
+        H = info.hidden_size
+        # Standardisation statistics (set from the train split; identity until then).
+        self.register_buffer("hidden_mean", torch.zeros(H))
+        self.register_buffer("hidden_std", torch.ones(H))
+        self.register_buffer("scalar_mean", torch.zeros(len(self.scalar_features)))
+        self.register_buffer("scalar_std", torch.ones(len(self.scalar_features)))
+        n_in = H + len(self.scalar_features)
+        self.token_embedding = None
+        if TOKEN in self.features:
+            if int(arch["vocab_size"]) < 1 or int(arch["token_dim"]) < 1:
+                raise SprinterError(f"token_id feature needs vocab_size and token_dim >= 1; got {arch}")
+            self.token_embedding = nn.Embedding(int(arch["vocab_size"]), int(arch["token_dim"]))
+            n_in += int(arch["token_dim"])
+        layers: list[nn.Module] = []
+        for _ in range(depth):
+            layers.append(nn.Linear(n_in, width))
+            if norm == "layer":
+                layers.append(nn.LayerNorm(width))
+            elif norm == "rms":
+                layers.append(nn.RMSNorm(width))
+            layers += [nn.GELU(), nn.Dropout(float(arch["dropout"]))]
+            n_in = width
+        layers.append(nn.Linear(n_in, 1))
+        self.net = nn.Sequential(*layers)
+
+    def set_normalisation(self, hidden_mean, hidden_std, scalar_mean, scalar_std) -> None:
+        """Store standardisation statistics (std clamped away from 0 so constant columns stay finite)."""
+        for name, value in (("hidden_mean", hidden_mean), ("hidden_std", hidden_std.clamp_min(1e-6)),
+                            ("scalar_mean", scalar_mean), ("scalar_std", scalar_std.clamp_min(1e-6))):
+            getattr(self, name).copy_(value)
+
+    def forward(self, features: dict[str, torch.Tensor]) -> torch.Tensor:
+        """features: "hidden" (N, H) and each scalar feature (N,); "token_id" (N,) long -> logits (N,) float32.
+
+        Inputs are cast to the verifier's own dtype (call `.to(hidden.dtype)` to run it in half precision).
+        """
+        missing = [f for f in self.features if f not in features]
+        if missing:
+            raise SprinterError(f"verifier input: missing feature(s) {missing}; expected {list(self.features)}")
+        dtype = self.hidden_mean.dtype
+        parts = [(features[HIDDEN].to(dtype) - self.hidden_mean) / self.hidden_std]  # (N, H)
+        if self.token_embedding is not None:
+            parts.append(self.token_embedding(features[TOKEN].long()).to(dtype))  # (N, D)
+        if self.scalar_features:
+            scalars = torch.stack([features[f].to(dtype) for f in self.scalar_features], dim=-1)  # (N, S)
+            parts.append((scalars - self.scalar_mean) / self.scalar_std)
+        return self.net(torch.cat(parts, dim=-1)).squeeze(-1).float()  # (N,)
+
+
+# ------------------------------------------------------------------------------------------ checkpoint
+def checkpoint_file(path: str | Path) -> Path:
+    """A folder means FOLDER/verifier.safetensors; a file path is used as given."""
+    path = Path(path)
+    return path / FILE_NAME if path.is_dir() or path.suffix != ".safetensors" else path
+
+
+def save_verifier(path: str | Path, verifier: Verifier, info: VerifierInfo) -> Path:
+    """Write weights + metadata atomically (temp file + rename); returns the file written."""
+    from safetensors.torch import save_file
+
+    file = checkpoint_file(path)
+    file.parent.mkdir(parents=True, exist_ok=True)
+    metadata = {"format": FORMAT, **{k: json.dumps(v) for k, v in dataclasses.asdict(info).items()}}
+    # For readers of the header only: the statistics the module applies are its buffers (the weights).
+    metadata["normalisation"] = json.dumps({
+        "scalars": {f: [float(m), float(s)] for f, m, s in zip(info.scalar_features, verifier.scalar_mean,
+                                                                  verifier.scalar_std)},
+        "hidden": "standardised per dimension with the buffers hidden_mean, hidden_std"})
+    state = {k: v.detach().cpu().contiguous() for k, v in verifier.state_dict().items()}
+    fd, tmp = tempfile.mkstemp(dir=file.parent, prefix=".verifier-", suffix=".tmp")
+    os.close(fd)
+    try:
+        save_file(state, tmp, metadata=metadata)
+        os.replace(tmp, file)
+    finally:
+        if os.path.exists(tmp):
+            os.remove(tmp)
+    return file
+
+
+def read_info(path: str | Path) -> VerifierInfo:
+    """The metadata of a verifier checkpoint, without loading weights."""
+    from safetensors import SafetensorError, safe_open
+
+    file = checkpoint_file(path)
+    if not file.is_file():
+        raise SprinterError(f"verifier: got {str(path)!r}; expected a folder with {FILE_NAME} or that file")
+    try:
+        with safe_open(str(file), "pt") as handle:
+            metadata = handle.metadata() or {}
+    except (SafetensorError, OSError) as err:
+        raise SprinterError(f"verifier {str(file)!r} is not a readable safetensors file: {err}") from None
+    if metadata.get("format") != FORMAT:
+        raise SprinterError(f"verifier {str(file)!r}: format {metadata.get('format')!r}; expected {FORMAT!r}")
+    names = {f.name for f in dataclasses.fields(VerifierInfo)}
+    try:
+        values = {k: json.loads(v) for k, v in metadata.items() if k in names}
+        info = VerifierInfo(**values)
+    except (json.JSONDecodeError, TypeError) as err:
+        raise SprinterError(f"verifier {str(file)!r}: unreadable metadata ({err})") from None
+    info.thresholds = {str(k): float(v) for k, v in info.thresholds.items()}
+    return info
+
+
+def load_verifier(path: str | Path, draft_fingerprint: str | None = None,
+                  hidden_size: int | None = None) -> tuple[Verifier, VerifierInfo]:
+    """Load a verifier (eval mode, CPU, float32); refuse one made for another draft or hidden size."""
+    from safetensors import SafetensorError
+    from safetensors.torch import load_file
+
+    file = checkpoint_file(path)
+    info = read_info(file)
+    trained_for = info.draft.get("fingerprint")
+    if draft_fingerprint is not None and trained_for != draft_fingerprint:
+        raise SprinterError(f"verifier {str(file)!r} was trained for draft {info.draft.get('name')!r} "
+                            f"(fingerprint {trained_for!r}); got a draft with fingerprint {draft_fingerprint!r}")
+    if hidden_size is not None and info.hidden_size != hidden_size:
+        raise SprinterError(f"verifier {str(file)!r} expects hidden size {info.hidden_size}; got {hidden_size}")
+    verifier = Verifier(info)
+    try:
+        state = load_file(str(file))
+        verifier.load_state_dict(state, strict=True)
+    except (SafetensorError, OSError, RuntimeError) as err:
+        raise SprinterError(f"verifier {str(file)!r}: weights do not match its metadata ({err})".splitlines()[0]) \
+            from None
+    return verifier.eval(), info

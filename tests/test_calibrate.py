@@ -1,0 +1,51 @@
+"""Threshold calibration meets its false-accept budget, and is the most permissive threshold that does."""
+
+import pytest
+import torch
+
+from sprinter.calibrate import evaluate, operating_point, threshold_for_budget
+
+
+def known_scores(n=4000, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    labels = (torch.rand(n, generator=g) < 0.7).float()
+    scores = torch.where(labels > 0, torch.rand(n, generator=g) * 0.6 + 0.4, torch.rand(n, generator=g) * 0.7)
+    return scores, labels
+
+
+@pytest.mark.parametrize("budget", [0.001, 0.01, 0.05, 0.1, 0.3])
+def test_threshold_meets_budget_and_is_the_lowest_that_does(budget):
+    scores, labels = known_scores()
+    t = threshold_for_budget(scores, labels, budget)
+    point = operating_point(scores, labels, t)
+    assert point["false_accept"] <= budget
+    # The next label-0 score below t would push the rate over the budget.
+    below = scores[(labels == 0) & (scores < t)].max()
+    assert operating_point(scores, labels, float(below))["false_accept"] > budget
+    # Known shape: label-0 scores are uniform on [0, 0.7), so the threshold sits near 0.7 (1 - budget).
+    assert abs(t - 0.7 * (1 - budget)) < 0.03
+
+
+def test_ties_are_refused_together():
+    scores = torch.tensor([0.9, 0.5, 0.5, 0.5, 0.1, 0.8, 0.7])
+    labels = torch.tensor([0.0, 0.0, 0.0, 0.0, 0.0, 1.0, 1.0])
+    t = threshold_for_budget(scores, labels, 0.4)  # two of five label-0 may pass; the three tied ones cannot
+    assert operating_point(scores, labels, t)["false_accept"] == pytest.approx(0.2)
+    assert 0.5 < t <= 0.7
+
+
+def test_generous_budget_passes_everything_and_no_negatives_is_an_error():
+    scores, labels = torch.tensor([0.2, 0.4, 0.6]), torch.tensor([0.0, 1.0, 1.0])
+    assert threshold_for_budget(scores, labels, 0.99) == pytest.approx(0.2)
+    with pytest.raises(ValueError):
+        threshold_for_budget(scores, torch.ones(3), 0.05)
+
+
+def test_evaluate_calibrates_on_val_and_reports_on_test():
+    val, test = known_scores(seed=1), known_scores(seed=2)
+    report = evaluate(val, test, [0.05, 0.1])
+    assert set(report["operating_points"]) == {"0.05", "0.1"}
+    point = report["operating_points"]["0.05"]
+    assert point["val_false_accept"] <= 0.05 and abs(point["false_accept"] - 0.05) < 0.02
+    assert point["threshold"] == threshold_for_budget(*val, 0.05)
+    assert report["auroc"] > 0.85 and 0 <= report["calibration_error"] <= 1
