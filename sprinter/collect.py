@@ -22,13 +22,13 @@ import torch
 from tqdm.auto import tqdm
 
 import sprinter
-from sprinter.config import option, parse_config, save_config, to_dict
+from sprinter.config import check_integers, option, parse_config, save_config, to_dict
 from sprinter.contexts import corpus_rows, decode_rows
 from sprinter.corpus import iter_documents, split_of
 from sprinter.errors import SprinterError
 from sprinter.models import Pair, fingerprint, load_pair
-from sprinter.shards import (FORMAT, LABELS, MANIFEST, ShardWriter, complete_shards, shard_entry,
-                             write_manifest)
+from sprinter.shards import (FORMAT, LABELS, MANIFEST, ShardWriter, complete_shards, map_safetensors, read_header,
+                             shard_entry, write_manifest)
 
 CONFIG_DIR = Path(__file__).resolve().parent.parent / "configs" / "collect"
 SOURCES = ("corpus", "decode")
@@ -69,10 +69,8 @@ class CollectConfig:
     def __post_init__(self) -> None:
         if self.source not in SOURCES:
             raise SprinterError(f"source: got {self.source!r}; expected one of {SOURCES}")
-        for name in ("num_prompts", "prompt_len", "max_new_tokens", "draft_length", "windows_per_document",
-                     "batch_size", "rows_per_shard"):
-            if not isinstance(getattr(self, name), int) or getattr(self, name) < 1:
-                raise SprinterError(f"{name}: got {getattr(self, name)!r}; expected an integer >= 1")
+        check_integers(self, ("num_prompts", "prompt_len", "max_new_tokens", "draft_length", "windows_per_document",
+                              "batch_size", "rows_per_shard"))
         if not self.temperature >= 0:
             raise SprinterError(f"temperature: got {self.temperature!r}; expected a number >= 0")
         if self.hidden_dtype not in HIDDEN_DTYPES:
@@ -181,12 +179,9 @@ def prepare_out(cfg: CollectConfig) -> None:
 
 def done_prompts(out: Path) -> set[int]:
     """Prompt indices already in finished shards (any rank)."""
-    from safetensors import safe_open
-
     done: set[int] = set()
     for path in complete_shards(out):
-        with safe_open(str(path), framework="pt") as f:
-            done.update(f.get_tensor("prompt_index").tolist())
+        done.update(map_safetensors(path)["prompt_index"].tolist())
     return done
 
 
@@ -290,19 +285,18 @@ def _collect(cfg: CollectConfig, dist: Dist) -> dict | None:
 
 def build_manifest(cfg: CollectConfig, pair: Pair, draft_path: str, target_path: str, seconds: float) -> dict:
     """The manifest of everything in `cfg.out`, read back from the shard files of every rank."""
-    from safetensors import safe_open
-
     out = Path(cfg.out)
     entries, prompts, sums, columns = [], set(), dict.fromkeys(LABELS, 0.0), {}
     for path in complete_shards(out):
         entries.append(shard_entry(path))
-        with safe_open(str(path), framework="pt") as f:
-            prompts.update(f.get_tensor("prompt_index").tolist())
-            for label in LABELS:
-                sums[label] += float(f.get_tensor(label).double().sum())
-            for name in f.keys():
-                sl = f.get_slice(name)
-                columns[name] = {"dtype": str(sl.get_dtype()), "shape": ["N", *sl.get_shape()[1:]]}
+        tensors = map_safetensors(path)
+        prompts.update(tensors["prompt_index"].tolist())
+        for label in LABELS:
+            sums[label] += float(tensors[label].double().sum())
+        header, _ = read_header(path)
+        for name, spec in header.items():
+            if name != "__metadata__":
+                columns[name] = {"dtype": spec["dtype"], "shape": ["N", *spec["shape"][1:]]}
     total = sum(e["rows"] for e in entries)
     return {
         "format": FORMAT,

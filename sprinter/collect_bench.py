@@ -29,9 +29,8 @@ import torch
 from tqdm.auto import tqdm
 
 from sprinter.collect import CollectConfig, batch_rows, check_pair, iter_batches, resolve_pair_paths
-from sprinter.config import option, parse_config, to_dict
+from sprinter.config import check_integers, option, parse_config, to_dict
 from sprinter.contexts import accept_labels, entropy, probabilities
-from sprinter.errors import SprinterError
 from sprinter.models import Pair, load_pair
 
 
@@ -53,10 +52,8 @@ class BenchCollectConfig:
     out: str = option("results/collect", "folder for the results JSON")
 
     def __post_init__(self) -> None:
-        for name in ("num_prompts", "prompt_len", "max_new_tokens", "draft_length", "batch_size", "repeats",
-                     "threads"):
-            if getattr(self, name) < 1:
-                raise SprinterError(f"{name}: got {getattr(self, name)!r}; expected an integer >= 1")
+        check_integers(self, ("num_prompts", "prompt_len", "max_new_tokens", "draft_length", "batch_size", "repeats",
+                              "threads"))
 
 
 @torch.inference_mode()

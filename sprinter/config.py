@@ -29,6 +29,14 @@ def option(default: Any, help: str, **kwargs: Any) -> Any:
     return dataclasses.field(default=default, metadata={"help": help}, **kwargs)
 
 
+def check_integers(cfg: Any, names: Sequence[str], minimum: int = 1) -> None:
+    """For `__post_init__`: each named field of `cfg` must be an integer >= minimum (bools are not integers)."""
+    for name in names:
+        value = getattr(cfg, name)
+        if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
+            raise SprinterError(f"{name}: got {value!r}; expected an integer >= {minimum}")
+
+
 def to_dict(cfg: Any) -> dict[str, Any]:
     """A JSON-safe dict of a config (tuples become lists, paths strings)."""
     out = {}

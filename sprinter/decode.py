@@ -25,7 +25,7 @@ import torch
 from sprinter.acceptance import correction, flag_then_check
 from sprinter.cache import CachedLM
 from sprinter.drafters import Drafter, ModelDrafter
-from sprinter.config import option
+from sprinter.config import check_integers, option
 from sprinter.errors import SprinterError
 from sprinter.gates import (CONFIDENCE_THRESHOLD, AlwaysFlag, ConfidenceGate, Gate, LearnedGate, NeverFlag,
                             check_threshold, load_learned_gate)
@@ -74,8 +74,7 @@ class GenerateConfig:
         check_options(self.mode, self.max_new_tokens, self.k, self.max_block, self.threshold, self.strict,
                       self.gate, self.stop)
         Sampler(self.temperature, self.top_k, self.top_p)
-        if not isinstance(self.threads, int) or self.threads < 0:
-            raise SprinterError(f"threads: got {self.threads!r}; expected an integer >= 0")
+        check_integers(self, ("threads",), minimum=0)
 
 
 def check_options(mode: str, max_new_tokens: int, k: int, max_block: int | None, threshold: float | None,

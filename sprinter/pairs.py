@@ -33,7 +33,7 @@ import torch
 import torch.nn.functional as F
 from tqdm.auto import tqdm
 
-from sprinter.config import option, parse_config, to_dict
+from sprinter.config import check_integers, option, parse_config, to_dict
 from sprinter.corpus import Document, load_documents
 from sprinter.errors import SprinterError
 from sprinter.models import check_same_vocabulary, resolve_device
@@ -80,10 +80,9 @@ class PairConfig:
         if self.draft_init == "truncate" and not 1 <= self.draft_layers < self.target_layers:
             raise SprinterError(f"draft_layers: got {self.draft_layers}; expected 1..{self.target_layers - 1} "
                                 "(fewer blocks than the target) with draft_init=truncate")
-        for name in ("vocab_size", "seq_len", "batch_size", "target_layers", "target_width", "target_heads",
-                     "target_steps", "draft_layers", "draft_width", "draft_heads", "eval_windows", "max_train_chars"):
-            if getattr(self, name) < 1:
-                raise SprinterError(f"{name}: got {getattr(self, name)}; expected a positive integer")
+        check_integers(self, ("vocab_size", "seq_len", "batch_size", "target_layers", "target_width", "target_heads",
+                              "target_steps", "draft_layers", "draft_width", "draft_heads", "eval_windows",
+                              "max_train_chars"))
         if self.target_width % self.target_heads or self.draft_width % self.draft_heads:
             raise SprinterError("width must be a multiple of heads: got target "
                                 f"{self.target_width}/{self.target_heads}, draft {self.draft_width}/{self.draft_heads}")

@@ -7,19 +7,23 @@ complete; each shard also carries its row count and rank in its safetensors meta
 be audited (and a run resumed) from its shard files alone. The manifest is written last, once every
 rank has finished: a folder without one is an unfinished collection.
 
-Readers use `read_manifest`, `load_columns` and `iter_shards`; nothing here unpickles anything.
+Readers use `read_manifest`, `iter_shards`, `load_columns` and `map_safetensors`. Columns are mapped
+from disk (copy-on-write `np.memmap`), never read whole into RAM, so a training set can be larger than
+memory; nothing here unpickles anything.
 """
 
 from __future__ import annotations
 
 import json
+import math
 import os
 import re
+import struct
 from pathlib import Path
 from typing import Iterator
 
+import numpy as np
 import torch
-from safetensors import safe_open
 from safetensors.torch import save as safetensors_bytes
 
 from sprinter.errors import SprinterError
@@ -31,6 +35,9 @@ LABELS = ("accept_greedy", "accept_sprinter", "accept_soft")
 REQUIRED_COLUMNS = ("hidden", "token_id", "draft_prob", "draft_entropy", "target_prob", "position", "prompt_index",
                     *LABELS)
 SHARD_NAME = re.compile(r"^shard-(?:r(\d+)-)?(\d{5,})\.safetensors$")
+_DTYPES = {"F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16,
+           "I64": torch.int64, "I32": torch.int32, "I16": torch.int16, "I8": torch.int8, "U8": torch.uint8,
+           "BOOL": torch.bool}
 
 
 def shard_name(rank: int, index: int) -> str:
@@ -123,12 +130,51 @@ class ShardWriter:
         return self.written
 
 
+def read_header(file: str | Path) -> tuple[dict, int]:
+    """(safetensors header {column: {"dtype", "shape", "data_offsets"}, "__metadata__": {...}}, byte offset of
+    the data), read without touching the data."""
+    try:
+        with open(file, "rb") as handle:
+            (n,) = struct.unpack("<Q", handle.read(8))
+            header = json.loads(handle.read(n))
+        if not isinstance(header, dict):
+            raise ValueError(f"header is a {type(header).__name__}")
+    except (OSError, struct.error, ValueError) as err:  # JSONDecodeError and UnicodeDecodeError are ValueErrors
+        raise SprinterError(f"shard {str(file)!r} is not a readable safetensors file ({err})") from None
+    return header, 8 + n
+
+
+def map_safetensors(file: str | Path) -> dict[str, torch.Tensor]:
+    """Every tensor of a safetensors file as a view of one copy-on-write memory map (no read into RAM)."""
+    header, start = read_header(file)
+    try:
+        data = torch.from_numpy(np.memmap(file, dtype=np.uint8, mode="c", offset=start))
+    except (OSError, ValueError) as err:  # ValueError: no data after the header
+        raise SprinterError(f"shard {str(file)!r} is not a readable safetensors file ({err})") from None
+    out = {}
+    for name, spec in header.items():
+        if name == "__metadata__":
+            continue
+        begin, end = spec["data_offsets"]
+        dtype = _DTYPES.get(spec["dtype"])
+        if dtype is None or end > data.numel() or end - begin != math.prod(spec["shape"]) * dtype.itemsize:
+            raise SprinterError(f"shard {str(file)!r}: column {name!r} ({spec}) does not fit the file")
+        raw = data[begin:end]
+        if begin % dtype.itemsize:  # safetensors aligns tensors; copy if a writer did not
+            raw = raw.clone()
+        out[name] = raw.view(dtype).reshape(spec["shape"])
+    return out
+
+
 def shard_entry(path: Path) -> dict:
     """The manifest entry of a shard file, read from its safetensors header."""
-    with safe_open(str(path), framework="pt") as f:
-        meta = f.metadata() or {}
-        rows = f.get_slice(next(iter(f.keys()))).get_shape()[0]
-    return {"file": path.name, "rows": rows, "rank": int(meta.get("rank", 0))}
+    header, _ = read_header(path)
+    meta = header.pop("__metadata__", None) or {}
+    rows = {spec["shape"][0] if spec["shape"] else None for spec in header.values()}
+    if len(rows) != 1 or None in rows:
+        counts = {name: (spec["shape"] or [None])[0] for name, spec in header.items()}
+        raise SprinterError(f"shard {str(path)!r}: columns have row counts {counts}; expected one row count")
+    return {"file": path.name, "rows": rows.pop(), "rank": int(meta.get("rank", 0))}
 
 
 def write_manifest(folder: str | Path, manifest: dict) -> None:
@@ -171,20 +217,20 @@ def read_manifest(folder: str | Path) -> dict:
 
 def iter_shards(folder: str | Path, names: list[str] | tuple[str, ...] | None = None
                 ) -> Iterator[tuple[str, dict[str, torch.Tensor]]]:
-    """(file name, {column: tensor}) for each shard in manifest order, one shard in memory at a time."""
+    """(file name, {column: memory-mapped tensor}) for each shard in manifest order (all columns if names is None)."""
     folder = Path(folder)
     for entry in read_manifest(folder)["shards"]:
-        with safe_open(str(folder / entry["file"]), framework="pt") as f:
-            keys = list(f.keys()) if names is None else list(names)
-            missing = sorted(set(keys) - set(f.keys()))
-            if missing:
-                raise SprinterError(f"data: shard {entry['file']!r} has no column(s) {missing}; "
-                                    f"columns: {sorted(f.keys())}")
-            yield entry["file"], {name: f.get_tensor(name) for name in keys}
+        columns = map_safetensors(folder / entry["file"])
+        keys = list(columns) if names is None else list(names)
+        missing = [name for name in keys if name not in columns]
+        if missing:
+            raise SprinterError(f"data: shard {str(folder / entry['file'])!r} lacks column(s) {missing}; "
+                                f"it has {sorted(columns)}")
+        yield entry["file"], {name: columns[name] for name in keys}
 
 
 def load_columns(folder: str | Path, names: list[str] | tuple[str, ...]) -> dict[str, torch.Tensor]:
-    """The named columns of every shard, concatenated in manifest order."""
+    """The named columns of every shard, concatenated in manifest order (a copy in RAM: for small columns)."""
     parts: dict[str, list[torch.Tensor]] = {name: [] for name in names}
     for _, columns in iter_shards(folder, names):
         for name in names:
@@ -195,4 +241,5 @@ def load_columns(folder: str | Path, names: list[str] | tuple[str, ...]) -> dict
 
 
 __all__ = ["FORMAT", "LABELS", "MANIFEST", "REQUIRED_COLUMNS", "ShardWriter", "complete_shards", "iter_shards",
-           "load_columns", "read_manifest", "shard_entry", "shard_name", "write_atomic", "write_manifest"]
+           "load_columns", "map_safetensors", "read_header", "read_manifest", "shard_entry", "shard_name",
+           "write_atomic", "write_manifest"]

@@ -14,6 +14,8 @@ from pathlib import Path
 
 import torch
 
+from sprinter.shards import FORMAT, LABELS
+
 FEATURES = ["hidden", "token_id", "draft_prob", "draft_entropy", "position"]
 
 
@@ -57,11 +59,11 @@ def write_shards(folder: str | Path, num_prompts: int = 60, tokens_per_prompt: i
         save_file(rows, str(folder / name))
         shards.append({"file": name, "rows": len(rows["token_id"]), "rank": 0})
     n = num_prompts * tokens_per_prompt
-    manifest = {"format": "sprinter-shards/1", "sprinter_version": "synthetic",
+    manifest = {"format": FORMAT, "sprinter_version": "synthetic",
                 "draft": draft or {"name": "synthetic-draft", "fingerprint": "synthetic"},
                 "target": {"name": "synthetic-target", "fingerprint": "synthetic"}, "tokenizer": None,
                 "hidden_size": hidden_size, "vocab_size": vocab_size, "context_source": "corpus", "temperature": 1.0,
-                "features": FEATURES, "labels": ["accept_greedy", "accept_sprinter", "accept_soft"],
+                "features": FEATURES, "labels": list(LABELS),
                 "dtype": "float16", "num_samples": n, "num_prompts": num_prompts, "shards": shards,
                 "config": {"synthetic": True, "seed": seed}, "created": "synthetic"}
     (folder / "manifest.json").write_text(json.dumps(manifest, indent=2) + "\n")

@@ -30,10 +30,10 @@ from sprinter import __version__
 from sprinter.baselines import (Scorer, draft_prob_scorer, fit_plain, logistic_regression, verifier_scorer,
                                 weighted_bce)
 from sprinter.calibrate import budget_key, evaluate, operating_point, summarize, threshold_for_budget
-from sprinter.config import option, parse_config, save_config
+from sprinter.config import check_integers, option, parse_config, save_config
 from sprinter.errors import SprinterError
-from sprinter.train_data import (EVAL_COLUMN, LABEL_COLUMN, Folder, ShardDataModule, TokenTable, open_folders,
-                                 read_folder, split_prompts)
+from sprinter.shards import read_manifest
+from sprinter.train_data import EVAL_COLUMN, LABEL_COLUMN, ShardDataModule, TokenTable, open_folders, split_prompts
 from sprinter.verifier import HIDDEN, NORMS, Verifier, VerifierInfo, default_arch, load_verifier, save_verifier
 
 CONFIG_DIR = Path(__file__).resolve().parent.parent / "configs" / "train"
@@ -93,12 +93,8 @@ class TrainConfig:
             raise SprinterError(f"optimizer: got {self.optimizer!r}; expected adamw, adam or sgd")
         if self.schedule not in ("cosine", "constant"):
             raise SprinterError(f"schedule: got {self.schedule!r}; expected cosine or constant")
-        for name in ("width", "batch_size", "epochs", "devices", "num_nodes", "token_dim", "baseline_rows"):
-            if getattr(self, name) < 1:
-                raise SprinterError(f"{name}: got {getattr(self, name)!r}; expected an integer >= 1")
-        for name in ("depth", "patience", "threads"):
-            if getattr(self, name) < 0:
-                raise SprinterError(f"{name}: got {getattr(self, name)!r}; expected an integer >= 0")
+        check_integers(self, ("width", "batch_size", "epochs", "devices", "num_nodes", "token_dim", "baseline_rows"))
+        check_integers(self, ("depth", "patience", "threads"), minimum=0)
         if not 0 <= self.dropout < 1:
             raise SprinterError(f"dropout: got {self.dropout!r}; expected 0 <= dropout < 1")
         if not (self.lr > 0 and self.pos_weight > 0 and (self.neg_weight is None or self.neg_weight > 0)):
@@ -202,9 +198,9 @@ def feature_statistics(table: TokenTable, info: VerifierInfo, rows: torch.Tensor
     return hidden.mean(0), hidden.std(0), scalars.mean(0), scalars.std(0)
 
 
-def auto_label_rule(folders: Sequence[Folder]) -> str:
+def auto_label_rule(manifests: Sequence[dict]) -> str:
     """greedy for data decoded at temperature 0 (the target's argmax decides), else sprinter (q <= p)."""
-    temperatures = {f.manifest.get("temperature") for f in folders}
+    temperatures = {m.get("temperature") for m in manifests}
     if len(temperatures) != 1:
         raise SprinterError(f"label_rule auto: the data folders were collected at temperatures "
                             f"{sorted(map(str, temperatures))}; pass --label-rule greedy, sprinter or soft")
@@ -258,9 +254,9 @@ def train(cfg: TrainConfig) -> dict:
         torch.set_num_threads(cfg.threads)
     # 1. Check the data and split it by prompt: every refusal happens here, before training.
     if cfg.label_rule == "auto":
-        cfg = dataclasses.replace(cfg, label_rule=auto_label_rule([read_folder(p) for p in cfg.data]))
-    folders, table = open_folders(cfg.data, cfg.features, cfg.label_rule)
-    manifest = folders[0].manifest
+        cfg = dataclasses.replace(cfg, label_rule=auto_label_rule([read_manifest(p) for p in cfg.data]))
+    manifests, table = open_folders(cfg.data, cfg.features, cfg.label_rule)
+    manifest = manifests[0]
     splits = split_prompts(table.column("prompt_index"), cfg.val_fraction, cfg.test_fraction, cfg.seed)
     sizes = check_splits(table, splits, cfg.label_rule)
     out = Path(cfg.out)
@@ -321,13 +317,13 @@ def train(cfg: TrainConfig) -> dict:
                "eval_data": {}}
     test_prompts = table.column("prompt_index")[splits["test"]].unique()
     for path in cfg.eval_data:  # other context sources, scored on the test prompts only
-        other_folders, other = open_folders([path], cfg.features, cfg.label_rule, like=folders[0])
+        other_manifests, other = open_folders([path], cfg.features, cfg.label_rule, like=cfg.data[0])
         rows = torch.isin(other.column("prompt_index"), test_prompts).nonzero().squeeze(1)
         if len(rows) == 0 or label(other, rows).min() == label(other, rows).max():
             raise SprinterError(f"eval_data {path!r}: its rows on the test split's prompts hold one class or none; "
                                 "expected both (it must share the prompt list of --data)")
         metrics["eval_data"][str(path)] = {
-            "samples": len(rows), "context_source": other_folders[0].manifest.get("context_source"),
+            "samples": len(rows), "context_source": other_manifests[0].get("context_source"),
             **{name: evaluate(val[name], (score(other, rows), label(other, rows)), cfg.budgets)
                for name, score in scorers.items()}}
     write_json(out / "metrics.json", metrics)

@@ -1,101 +1,37 @@
-"""The verifier's training data: validated shard folders, memory-mapped columns, prompt-level splits, fast batches.
+"""The verifier's training data: checked shard folders, prompt-level splits, fast batches.
 
-Shard folders are the data stage's output (`manifest.json` + `shard-*.safetensors`, format
-"sprinter-shards/1"). Columns are mapped from disk (copy-on-write `np.memmap`, never read whole into
-RAM) and gathered a batch at a time: a sampler yields index tensors and the dataset gathers every
-column for the whole batch at once, which is ~100x faster than a per-row `__getitem__` + collate.
+Shard folders are the data stage's output, read through `sprinter.shards` (manifest checks and
+memory-mapped columns: the set is never read whole into RAM). Batches are gathered a batch at a
+time: a sampler yields index tensors and the dataset gathers every column for the whole batch at
+once, which is ~100x faster than a per-row `__getitem__` + collate.
 """
 
 from __future__ import annotations
 
-import json
 import math
-import struct
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Iterator, Sequence
 
 import lightning as L
-import numpy as np
 import torch
 from torch.utils.data import DataLoader, Dataset, Sampler
 
 from sprinter.errors import SprinterError
+from sprinter.shards import iter_shards, read_manifest
 from sprinter.verifier import HIDDEN, LEAKY, TOKEN
 
-SHARD_FORMAT = "sprinter-shards/1"
 LABEL_COLUMN = {"greedy": "accept_greedy", "sprinter": "accept_sprinter", "soft": "accept_soft"}
 # Metrics and thresholds need a 0/1 label. A soft-label verifier is judged on the paper's label
 # (accept_sprinter: q(x) <= p(x), accepted with probability 1), so it compares with the others.
 EVAL_COLUMN = {"greedy": "accept_greedy", "sprinter": "accept_sprinter", "soft": "accept_sprinter"}
-_DTYPES = {"F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16,
-           "I64": torch.int64, "I32": torch.int32, "I16": torch.int16, "I8": torch.int8, "U8": torch.uint8,
-           "BOOL": torch.bool}
-
-
-def map_safetensors(file: Path) -> dict[str, torch.Tensor]:
-    """Every tensor of a safetensors file as a view of a copy-on-write memory map (no read into RAM)."""
-    try:
-        with open(file, "rb") as handle:
-            (n,) = struct.unpack("<Q", handle.read(8))
-            header = json.loads(handle.read(n))
-        data = torch.from_numpy(np.memmap(file, dtype=np.uint8, mode="c", offset=8 + n))
-    except (OSError, struct.error, ValueError) as err:  # JSONDecodeError is a ValueError
-        raise SprinterError(f"shard {str(file)!r} is not a readable safetensors file ({err})") from None
-    out = {}
-    for name, spec in header.items():
-        if name == "__metadata__":
-            continue
-        begin, end = spec["data_offsets"]
-        dtype = _DTYPES.get(spec["dtype"])
-        if dtype is None or end > data.numel() or end - begin != math.prod(spec["shape"]) * dtype.itemsize:
-            raise SprinterError(f"shard {str(file)!r}: column {name!r} ({spec}) does not fit the file")
-        raw = data[begin:end]
-        if begin % dtype.itemsize:  # safetensors aligns tensors; copy if a writer did not
-            raw = raw.clone()
-        out[name] = raw.view(dtype).reshape(spec["shape"])
-    return out
-
-
-@dataclass
-class Folder:
-    path: Path
-    manifest: dict
-
-
-def read_folder(path: str | Path) -> Folder:
-    path = Path(path)
-    file = path / "manifest.json"
-    if not file.is_file():
-        raise SprinterError(f"data folder {str(path)!r} has no manifest.json; expected a folder written by "
-                            "scripts/collect.py")
-    try:
-        manifest = json.loads(file.read_text())
-    except json.JSONDecodeError as err:
-        raise SprinterError(f"{str(file)!r} is not valid JSON: {err}") from None
-    if manifest.get("format") != SHARD_FORMAT:
-        raise SprinterError(f"{str(file)!r}: format {manifest.get('format')!r}; expected {SHARD_FORMAT!r}")
-    return Folder(path, manifest)
 
 
 class TokenTable:
     """Columns of one or more shard folders, indexable by global row without loading them whole."""
 
-    def __init__(self, folders: Sequence[Folder], columns: Sequence[str]) -> None:
+    def __init__(self, folders: Sequence[str | Path], columns: Sequence[str]) -> None:
         self.columns = tuple(columns)
-        self.shards: list[dict[str, torch.Tensor]] = []
-        for folder in folders:
-            for shard in folder.manifest["shards"]:
-                tensors = map_safetensors(folder.path / shard["file"])
-                missing = [c for c in self.columns if c not in tensors]
-                if missing:
-                    raise SprinterError(f"shard {str(folder.path / shard['file'])!r} lacks column(s) {missing}; "
-                                        f"it has {sorted(tensors)}")
-                for name in self.columns:
-                    if tensors[name].shape[0] != shard["rows"]:
-                        raise SprinterError(f"shard {str(folder.path / shard['file'])!r}: column {name!r} has "
-                                            f"{tensors[name].shape[0]} rows; the manifest says {shard['rows']}")
-                self.shards.append({c: tensors[c] for c in self.columns})
+        self.shards = [mapped for folder in folders for _, mapped in iter_shards(folder, self.columns)]
         sizes = torch.tensor([0] + [len(s[self.columns[0]]) for s in self.shards])
         self.starts = sizes.cumsum(0)  # (S + 1,)
 
@@ -120,33 +56,30 @@ class TokenTable:
 
 
 def open_folders(paths: Sequence[str | Path], features: Sequence[str], label_rule: str,
-                 like: Folder | None = None) -> tuple[list[Folder], TokenTable]:
-    """Read and check the folders: manifests, row counts, one draft and hidden size (also `like`'s, if
-    given), finite features, both classes. The table maps the features, draft_prob, prompt_index, labels."""
+                 like: str | Path | None = None) -> tuple[list[dict], TokenTable]:
+    """Read and check the folders: manifests and row counts (shards.read_manifest), one draft and hidden
+    size (also `like`'s, if given), finite features, both classes. Returns their manifests and a table
+    that maps the features, draft_prob, prompt_index and labels."""
     if not paths:
         raise SprinterError("data: got no folder; expected one or more shard folders")
-    folders = [read_folder(p) for p in paths]
-    reference = like or folders[0]
-    first = reference.manifest
-    for folder in folders:
-        m = folder.manifest
+    manifests = [read_manifest(p) for p in paths]
+    reference = str(like if like is not None else paths[0])
+    first = read_manifest(like) if like is not None else manifests[0]
+    for path, m in zip(paths, manifests):
         if m.get("hidden_size") != first.get("hidden_size"):
-            raise SprinterError(f"data folders disagree on hidden size: {str(reference.path)!r} has "
-                                f"{first.get('hidden_size')}, {str(folder.path)!r} has {m.get('hidden_size')}")
+            raise SprinterError(f"data folders disagree on hidden size: {reference!r} has "
+                                f"{first.get('hidden_size')}, {str(path)!r} has {m.get('hidden_size')}")
         if m.get("draft", {}).get("fingerprint") != first.get("draft", {}).get("fingerprint"):
-            raise SprinterError(f"data folders come from different drafts: {str(reference.path)!r} has "
-                                f"{first.get('draft')}, {str(folder.path)!r} has {m.get('draft')}")
+            raise SprinterError(f"data folders come from different drafts: {reference!r} has "
+                                f"{first.get('draft')}, {str(path)!r} has {m.get('draft')}")
     leaky = sorted(set(features) & set(LEAKY))
     if leaky:
         raise SprinterError(f"features: got {leaky}; these carry the target's answer and cannot be features")
     columns = list(dict.fromkeys([*features, "draft_prob", "prompt_index", LABEL_COLUMN[label_rule],
                                   EVAL_COLUMN[label_rule]]))
-    for folder in folders:
-        m = folder.manifest
-        listed = sum(s["rows"] for s in m["shards"])
-        if listed != m.get("num_samples"):
-            raise SprinterError(f"{str(folder.path)!r}: shards list {listed} rows; num_samples says {m.get('num_samples')}")
-    table = TokenTable(folders, columns)
+    table = TokenTable(paths, columns)
+    if len(table) == 0:
+        raise SprinterError(f"data: {[str(p) for p in paths]} hold no samples")
     hidden_size = first.get("hidden_size")
     for shard in table.shards:
         if shard[HIDDEN].ndim != 2 or shard[HIDDEN].shape[1] != hidden_size:
@@ -164,14 +97,12 @@ def open_folders(paths: Sequence[str | Path], features: Sequence[str], label_rul
         largest = max(int(shard[TOKEN].max()) for shard in table.shards if len(shard[TOKEN]))
         if not 0 <= largest < vocab_size:
             raise SprinterError(f"column 'token_id' holds id {largest}; the manifest's vocab_size is {vocab_size}")
-    if len(table) == 0:
-        raise SprinterError(f"data: {[str(p) for p in paths]} hold no samples")
     for name in dict.fromkeys([LABEL_COLUMN[label_rule], EVAL_COLUMN[label_rule]]):
         hard = table.column(name) >= 0.5
         if hard.all() or not hard.any():
             raise SprinterError(f"label {name!r} has a single class (all {int(hard[0])}) over {len(table)} samples; "
                                 "expected both accepted and rejected tokens")
-    return folders, table
+    return manifests, table
 
 
 def split_prompts(prompt_index: torch.Tensor, val_fraction: float, test_fraction: float,
@@ -254,7 +185,7 @@ class ShardDataModule(L.LightningDataModule):
     def setup(self, stage: str) -> None:
         # Opened here, not in __init__, so that spawned DDP workers map the files themselves.
         columns = list(dict.fromkeys([*self.features, LABEL_COLUMN[self.label_rule], EVAL_COLUMN[self.label_rule]]))
-        self.table = TokenTable([read_folder(p) for p in self.paths], columns)
+        self.table = TokenTable(self.paths, columns)
 
     def _loader(self, split: str, shuffle: bool) -> DataLoader:
         rank, world = (self.trainer.global_rank, self.trainer.world_size) if self.trainer else (0, 1)

@@ -72,3 +72,16 @@ def test_full_disk_keeps_finished_shards_and_leaves_no_partial_file(tmp_path, mo
     with pytest.raises(SprinterError, match="No space left on device.*1 shard.*--resume"):
         writer.add(_rows(2, 2))
     assert sorted(p.name for p in tmp_path.iterdir()) == ["shard-00000.safetensors"]
+
+
+def test_readers_map_the_files_instead_of_copying_them(tmp_path):
+    writer = ShardWriter(tmp_path, rows_per_shard=4)
+    writer.add(_rows(0, 4))
+    _finish(tmp_path, writer.close())
+    (_, columns), = iter_shards(tmp_path)
+    # Every column is a view of one copy-on-write map of the file: no column was read into its own buffer.
+    assert columns["hidden"].untyped_storage().data_ptr() == columns["prompt_index"].untyped_storage().data_ptr()
+    columns["prompt_index"][0] = 99  # copy-on-write: the file is unchanged
+    assert load_columns(tmp_path, ["prompt_index"])["prompt_index"].tolist() == [0, 1, 2, 3]
+    with pytest.raises(SprinterError, match="lacks column"):
+        next(iter_shards(tmp_path, ["draft_margin"]))

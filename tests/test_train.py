@@ -142,14 +142,14 @@ def test_script_refuses_a_folder_without_manifest(tmp_path):
 
 def test_auto_label_rule_follows_the_collection_temperature(tmp_path):
     from sprinter.train import auto_label_rule
-    from sprinter.train_data import read_folder
+    from sprinter.shards import read_manifest
 
     folders = []
     for name, temperature in (("greedy", 0.0), ("sampled", 1.0)):
         folder = write_shards(tmp_path / name, num_prompts=3, tokens_per_prompt=2)
         manifest = json.loads((folder / "manifest.json").read_text())
         (folder / "manifest.json").write_text(json.dumps({**manifest, "temperature": temperature}))
-        folders.append(read_folder(folder))
+        folders.append(read_manifest(folder))
     assert auto_label_rule(folders[:1]) == "greedy" and auto_label_rule(folders[1:]) == "sprinter"
     with pytest.raises(Exception, match="temperatures"):
         auto_label_rule(folders)

@@ -71,7 +71,7 @@ def test_bad_inputs_are_refused_before_training(tmp_path):
     short = write_shards(tmp_path / "short")
     shard = short / "shard-00000.safetensors"
     rewrite(shard, token_id=load_file(str(shard))["token_id"][:-1])
-    with pytest.raises(SprinterError, match="manifest says"):
+    with pytest.raises(SprinterError, match="row counts"):
         open_folders([short], FEATURES, "sprinter")
 
     miscount = write_shards(tmp_path / "miscount")
