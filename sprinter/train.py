@@ -37,7 +37,9 @@ from sprinter.train_data import EVAL_COLUMN, LABEL_COLUMN, ShardDataModule, Toke
 from sprinter.verifier import HIDDEN, NORMS, Verifier, VerifierInfo, default_arch, load_verifier, save_verifier
 
 CONFIG_DIR = Path(__file__).resolve().parent.parent / "configs" / "train"
-FEATURES = ("hidden", "token_id", "draft_prob", "draft_entropy", "position")
+# `position` is left out by default: it counts within a continuation (corpus data), within a k-block
+# (decode data) and within a SPRINTER block at decode time: three meanings a verifier cannot reconcile.
+FEATURES = ("hidden", "token_id", "draft_prob", "draft_entropy")
 
 
 @dataclass
