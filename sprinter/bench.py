@@ -56,21 +56,24 @@ class BenchConfig:
     methods: tuple[str, ...] = option(DEFAULT_METHODS, f"method families to run, some of {FAMILIES}")
     ks: tuple[int, ...] = option((2, 4, 8), "sd: draft lengths k (the best one is marked)")
     budgets: tuple[float, ...] = option((), "sprinter: false-accept budgets to run (empty: all the checkpoint has)")
-    confidence_thresholds: tuple[float, ...] = option((CONFIDENCE_THRESHOLD,), "sprinter-confidence: thresholds on q(x)")
+    confidence_thresholds: tuple[float, ...] = option((0.2, CONFIDENCE_THRESHOLD, 0.6),
+                                                      "sprinter-confidence: thresholds on q(x) (0.4: Hugging Face's default)")
     max_block: int = option(20, "sprinter: call the target after this many passed tokens")
     dataset: str = option("stdlib", "prompt source (sprinter.corpus): 'stdlib', a folder or a file")
     split: str = option("test", "corpus split of the prompts (test: held out from pair and verifier training)")
     domains: tuple[str, ...] = option(DOMAINS, f"prompt domains, alternated: some of {DOMAINS}")
-    num_prompts: int = option(20, "prompts in all (the domains take turns)")
+    num_prompts: int = option(40, "prompts in all (the domains take turns)")
     prompt_len: int = option(64, "prompt tokens")
     max_new_tokens: int = option(128, "most tokens to generate per prompt")
     temperature: float = option(0.0, "0 is greedy (outputs of lossless methods are checked); above 0 samples")
+    check_lossless: bool = option(True, "greedy: stop with an error when a lossless method's output differs from ar's "
+                                        "(off for bfloat16/float16, where near-ties can flip; exact_match_vs_ar still shows it)")
     seed: int = option(0, "seed of prompt i's generator is seed + i, the same for every method")
     warmup: int = option(1, "warm-up generations per method before timing")
     device: str = option("auto", "cpu, cuda, cuda:N or auto")
     dtype: str = option("auto", "float32, bfloat16, float16 or auto: bfloat16 on CUDA, float32 on CPU")
     threads: int = option(1, "CPU threads for torch (0: torch's default; 1 is fastest for small models on busy cores)")
-    out: str = option("results/bench", "output folder: records.jsonl, results.json, results.md, pareto.png")
+    out: str = option("results/demo", "output folder: records.jsonl, results.json, results.md, pareto.png")
     resume: bool = option(False, "continue from OUT/records.jsonl (same options)")
     overwrite: bool = option(False, "replace the records in OUT")
     progress: bool = option(True, "show a progress bar")
@@ -356,7 +359,7 @@ def append_records(cfg: BenchConfig, records: Sequence[dict]) -> None:
 
 
 # ------------------------------------------------------------------------------------------- the run
-def check_lossless(prompt: Prompt, method: Method, output: list[int], reference: list[int]) -> None:
+def require_equal_to_ar(prompt: Prompt, method: Method, output: list[int], reference: list[int]) -> None:
     i = first_difference(output, reference)
     if i is not None:
         raise SprinterError(f"{method.name} is lossless but its greedy output differs from ar's on prompt "
@@ -376,8 +379,8 @@ def run_prompt(cfg: BenchConfig, decoder: Decoder, prompt: Prompt, methods: Sequ
     records = []
     for method in methods:
         tokens, stats = outputs[method.name]
-        if method.lossless:
-            check_lossless(prompt, method, tokens, reference)
+        if method.lossless and cfg.check_lossless:
+            require_equal_to_ar(prompt, method, tokens, reference)
         fidelity = score_output(decoder.pair.target, prompt.ids, tokens, decoder.pair.vocab_size)
         records.append({"prompt": prompt.index, "domain": prompt.domain, "method": method.name, "tokens": tokens,
                         "stats": stats, "fidelity": fidelity, "rouge_l_vs_ar": rouge_l(tokens, reference),

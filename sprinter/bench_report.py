@@ -165,7 +165,9 @@ def markdown(results: dict) -> str:
                                          _fmt(e["mean_acceptance_length"]), _fmt(e["target_consistency"], 3),
                                          _fmt(e["target_nll"], 3), _fmt(e["target_nll_ratio_vs_ar"], 3),
                                          _fmt(e["rouge_l_vs_ar"], 3), _fmt(e["exact_match_vs_ar"], 2)]) + " |")
-    lines += ["", "Lossless rows were checked equal to ar's output token for token (greedy runs).", ""]
+    checked = results["temperature"] == 0 and results["options"]["check_lossless"]
+    lines += ["", "Lossless rows were checked equal to ar's output token for token." if checked else
+              "Lossless rows were not checked against ar's output (sampling, or --no-check-lossless).", ""]
     return "\n".join(lines)
 
 

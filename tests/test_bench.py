@@ -1,12 +1,20 @@
 """The benchmark: fidelity metrics with known answers, the results schema, a 2-prompt smoke run on the tiny pair."""
 
+import json
 import math
+from pathlib import Path
 
 import pytest
 import torch
+from transformers import AutoConfig
 
+from sprinter.bench import BenchConfig, Method, Prompt, load_prompts, require_equal_to_ar, run_benchmark
+from sprinter.bench_report import METHOD_KEYS, check_results
+from sprinter.config import parse_config
+from sprinter.errors import SprinterError
 from sprinter.fidelity import (exact_match, first_difference, lcs_length, rouge_l, target_consistency,
                                total_nll)
+from sprinter.verifier import Verifier, VerifierInfo, default_arch, save_verifier
 
 
 @pytest.mark.parametrize("a, b, expected", [
@@ -42,17 +50,6 @@ def test_target_consistency_and_nll_on_hand_made_logits():
 
 
 # ------------------------------------------------------------------------------------------- the runner
-import json  # noqa: E402
-from pathlib import Path  # noqa: E402
-
-from transformers import AutoConfig  # noqa: E402
-
-from sprinter.bench import BenchConfig, check_lossless, load_prompts, run_benchmark  # noqa: E402
-from sprinter.bench_report import METHOD_KEYS, check_results  # noqa: E402
-from sprinter.config import parse_config  # noqa: E402
-from sprinter.errors import SprinterError  # noqa: E402
-from sprinter.verifier import Verifier, VerifierInfo, default_arch, save_verifier  # noqa: E402
-
 ROOT = Path(__file__).resolve().parent.parent
 TINY = str(ROOT / "configs" / "bench" / "tiny.yaml")
 
@@ -150,12 +147,10 @@ def test_prompts_alternate_domains_from_the_test_split(tiny_pair):
 
 
 def test_a_lossless_method_that_differs_from_ar_fails_loudly():
-    from sprinter.bench import Method, Prompt
-
     method = Method("sd-k4", "sd", True, lambda ids, seed, n: ([], {}))
     with pytest.raises(SprinterError, match="sd-k4 is lossless .* at new token 2"):
-        check_lossless(Prompt(3, "code", "stdlib/x.py", (1, 2)), method, [5, 6, 7], [5, 6, 8])
-    check_lossless(Prompt(3, "code", "stdlib/x.py", (1, 2)), method, [5, 6], [5, 6])
+        require_equal_to_ar(Prompt(3, "code", "stdlib/x.py", (1, 2)), method, [5, 6, 7], [5, 6, 8])
+    require_equal_to_ar(Prompt(3, "code", "stdlib/x.py", (1, 2)), method, [5, 6], [5, 6])
 
 
 @pytest.mark.parametrize("argv, message", [
@@ -188,3 +183,12 @@ def test_budgets_the_checkpoint_lacks_are_refused(tiny_pair, verifier, tmp_path)
 def test_every_bench_preset_parses():
     for path in sorted((ROOT / "configs" / "bench").glob("*.yaml")):
         parse_config(BenchConfig, ["--config", str(path)], "test")
+
+
+def test_a_sampling_run_reports_without_checking_outputs(tiny_pair, verifier, tmp_path):
+    args = bench_args(tiny_pair, verifier, tmp_path, "--temperature", "0.8", "--methods", "ar", "sd", "hf-assisted",
+                      "sprinter-confidence")
+    results = run_benchmark(parse_config(BenchConfig, args, "test"))
+    check_results(results)
+    assert results["temperature"] == 0.8 and all(not m["lossless"] for m in results["methods"] if m["name"] != "ar")
+    assert "not checked" in (tmp_path / "results.md").read_text()
