@@ -16,6 +16,7 @@ import datetime
 import json
 import platform
 import statistics
+import sys
 from pathlib import Path
 from typing import Sequence
 
@@ -239,6 +240,12 @@ def write_reports(cfg: BenchConfig, decoder, verifiers: dict[str, str], prompts:
     out = Path(cfg.out)
     write_atomic(out / "results.json", json.dumps(results, indent=2) + "\n")
     write_atomic(out / "results.md", markdown(results))
+    try:
+        import matplotlib  # noqa: F401  (an extra: sprinter[plot]; the GPU image may lack it)
+    except ImportError:
+        print(f"note: pareto.png not written: matplotlib is not installed (pip install 'sprinter[plot]'); then "
+              f"`python scripts/benchmark.py --resume --out {out}` (same options) draws it from the records", file=sys.stderr)
+        return results
     plot(results, out / "pareto.png")
     return results
 
