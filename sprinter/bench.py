@@ -221,9 +221,14 @@ def hf_assisted_runner(decoder: Decoder, temperature: float) -> Runner:
 
 
 def decoder_runner(decoder: Decoder, temperature: float, **options) -> Runner:
+    """A sprinter mode, timed around the whole call as hf-assisted is (the loop's own time kept as loop_seconds)."""
     def run(ids: list[int], seed: int, max_new_tokens: int) -> tuple[list[int], dict]:
+        start = time.perf_counter()
         out = decoder.generate(ids, max_new_tokens=max_new_tokens, temperature=temperature, seed=seed, **options)
-        return out.token_ids, out.stats.to_dict()
+        seconds = time.perf_counter() - start  # generate synchronises CUDA before it returns
+        stats = out.stats.to_dict()
+        stats["loop_seconds"], stats["wall_seconds"] = stats["wall_seconds"], seconds
+        return out.token_ids, stats
 
     return run
 
@@ -301,7 +306,8 @@ def build_methods(cfg: BenchConfig, decoder: Decoder, verifiers: dict[str, str])
                 budgets = budgets[:1]
             for budget, threshold in budgets:
                 methods.append(Method(f"{family}@{budget:g}", family, family == "sprinter-strict" and greedy,
-                                      decoder_runner(decoder, t, mode="sprinter", max_block=cfg.max_block, strict=family == "sprinter-strict",
+                                      decoder_runner(decoder, t, mode="sprinter", max_block=cfg.max_block,
+                                                     strict=family == "sprinter-strict",
                                                      gate=LearnedGate(gate.verifier, gate.features, threshold)),
                                       budget))
     return methods

@@ -149,9 +149,10 @@ def _fmt(value, digits: int = 2) -> str:
 def markdown(results: dict) -> str:
     hw, p = results["hardware"], results["prompts"]
     where = hw.get("gpu") or f"{hw['cpu']}, {hw['torch_threads']} torch thread(s)"
+    domains = ", ".join(f"{n} {d}" for d, n in p["domains"].items())
     lines = [f"# Benchmark: {results['pair']['target']} (target) / {results['pair']['draft']} (draft)", "",
              f"{where}; {hw['dtype']}; torch {results['libraries']['torch']}, transformers "
-             f"{results['libraries']['transformers']}. {p['count']} prompts ({', '.join(f'{n} {d}' for d, n in p['domains'].items())}; "
+             f"{results['libraries']['transformers']}. {p['count']} prompts ({domains}; "
              f"{p['prompt_len']} tokens from {p['dataset']}/{p['split']}), up to {results['max_new_tokens']} new tokens, "
              f"temperature {results['temperature']}. Speedup: median over prompts of ar's ms/token over the method's, "
              "measured interleaved in the same run.", "",
