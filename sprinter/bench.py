@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import json
 import os
+import sys
 import tempfile
 import time
 from dataclasses import dataclass
@@ -206,7 +207,8 @@ def hf_assisted_runner(decoder: Decoder, temperature: float) -> Runner:
         with ForwardCounter(pair.target) as target, ForwardCounter(pair.draft) as draft:
             start = time.perf_counter()
             out = pair.target.generate(inputs, attention_mask=torch.ones_like(inputs), assistant_model=pair.draft,
-                                       max_new_tokens=max_new_tokens, pad_token_id=pad, **sampling)
+                                       max_new_tokens=max_new_tokens, pad_token_id=pad,
+                                       eos_token_id=pair.tokenizer.eos_token_id, **sampling)  # EOS stops ar too
             if pair.device.type == "cuda":
                 torch.cuda.synchronize(pair.device)
             seconds = time.perf_counter() - start
@@ -441,10 +443,15 @@ def run_benchmark(cfg: BenchConfig) -> dict:
         warm_up(cfg, todo[0], methods)
         bar = tqdm(total=len(todo) * len(methods), desc="benchmark", unit="gen", disable=not cfg.progress)
         with bar:
-            for prompt in todo:
-                records = run_prompt(cfg, decoder, prompt, methods, bar)
-                append_records(cfg, records)
-                done[prompt.index] = records
+            try:
+                for prompt in todo:
+                    records = run_prompt(cfg, decoder, prompt, methods, bar)
+                    append_records(cfg, records)
+                    done[prompt.index] = records
+            except KeyboardInterrupt:
+                print(f"\ninterrupted: {len(done)} finished prompt(s) kept in {Path(cfg.out) / RECORDS}; run the same "
+                      "command with --resume to continue", file=sys.stderr)
+                raise
     # 3. Aggregate and write the reports.
     return write_reports(cfg, decoder, verifiers, prompts, methods, done, time.perf_counter() - start)
 

@@ -2,6 +2,8 @@
 
 import json
 import math
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -192,3 +194,10 @@ def test_a_sampling_run_reports_without_checking_outputs(tiny_pair, verifier, tm
     check_results(results)
     assert results["temperature"] == 0.8 and all(not m["lossless"] for m in results["methods"] if m["name"] != "ar")
     assert "not checked" in (tmp_path / "results.md").read_text()
+
+
+def test_script_refuses_a_missing_verifier_in_one_line(tmp_path):
+    run = subprocess.run([sys.executable, str(ROOT / "scripts" / "benchmark.py"), "--verifier", str(tmp_path / "none"),
+                          "--out", str(tmp_path / "out")], capture_output=True, text=True, cwd=tmp_path)
+    assert run.returncode == 2 and run.stderr.startswith("error: verifier: got")
+    assert len(run.stderr.strip().splitlines()) == 1 and "scripts/train.py" in run.stderr
