@@ -1,0 +1,460 @@
+"""The benchmark: every decoding mode on the same prompts and hardware, speed and fidelity side by side.
+
+Protocol (REFERENCES.md §5, as Spec-Bench): batch 1, greedy by default, prompts from two domains held
+out from pair and verifier training (Python code windows and English docstrings of the stdlib `test`
+split), a warm-up generation per method first, then the methods interleaved prompt by prompt (their
+order rotated each prompt) so machine drift hits all alike. Each lossless method's output is checked
+equal to `ar`'s (greedy runs); a difference stops the run with a SprinterError. Fidelity is scored
+outside the timed region by one teacher-forced target forward per output (sprinter.fidelity).
+
+Per-prompt records are appended to OUT/records.jsonl as each prompt finishes; `resume` continues from
+them. sprinter.bench_report turns the records into results.json, results.md and pareto.png.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import sys
+import tempfile
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable, Sequence
+
+import torch
+
+from sprinter.cache import FlopModel
+from sprinter.calibrate import budget_key
+from sprinter.config import option, to_dict
+from sprinter.corpus import load_documents, prose_documents
+from sprinter.decode import DEMO_VERIFIER, Decoder, check_options
+from sprinter.errors import SprinterError
+from sprinter.fidelity import exact_match, first_difference, rouge_l, score_output
+from sprinter.gates import CONFIDENCE_THRESHOLD, LearnedGate, check_threshold, load_learned_gate
+from sprinter.models import fingerprint
+
+CONFIG_DIR = Path(__file__).resolve().parent.parent / "configs" / "bench"
+FAMILIES = ("ar", "draft", "sd", "hf-assisted", "sprinter-mlp", "sprinter-linear", "sprinter-confidence",
+            "sprinter-strict")
+DEFAULT_METHODS = FAMILIES[:-1]
+LEARNED = ("sprinter-mlp", "sprinter-linear", "sprinter-strict")
+DOMAINS = ("code", "prose")
+RECORDS, RUN = "records.jsonl", "run.json"
+# Options that may change on --resume without changing what a record means.
+RUNTIME_OPTIONS = ("out", "resume", "overwrite", "progress", "threads", "warmup")
+
+
+@dataclass
+class BenchConfig:
+    """The benchmark's options: the single home of their defaults (scripts/benchmark.py reads them)."""
+
+    pair: str = option("demo", "a preset pair under checkpoints/pairs/ (built if missing) or a pair folder")
+    draft: str | None = option(None, "draft model: Hub name or folder; none: PAIR/draft")
+    target: str | None = option(None, "target model: Hub name or folder; none: PAIR/target")
+    verifier: str = option(DEMO_VERIFIER, "the project's verifier checkpoint (scripts/train.py --out)")
+    linear_verifier: str | None = option(None, "the paper's linear verifier; none: VERIFIER/baselines/linear")
+    methods: tuple[str, ...] = option(DEFAULT_METHODS, f"method families to run, some of {FAMILIES}")
+    ks: tuple[int, ...] = option((2, 4, 8), "sd: draft lengths k (the best one is marked)")
+    budgets: tuple[float, ...] = option((), "sprinter: false-accept budgets to run (empty: all the checkpoint has)")
+    confidence_thresholds: tuple[float, ...] = option((0.2, CONFIDENCE_THRESHOLD, 0.6),
+                                                      "sprinter-confidence: thresholds on q(x) (0.4: Hugging Face's default)")
+    max_block: int = option(20, "sprinter: call the target after this many passed tokens")
+    dataset: str = option("stdlib", "prompt source (sprinter.corpus): 'stdlib', a folder or a file")
+    split: str = option("test", "corpus split of the prompts (test: held out from pair and verifier training)")
+    domains: tuple[str, ...] = option(DOMAINS, f"prompt domains, alternated: some of {DOMAINS}")
+    num_prompts: int = option(40, "prompts in all (the domains take turns)")
+    prompt_len: int = option(64, "prompt tokens")
+    max_new_tokens: int = option(128, "most tokens to generate per prompt")
+    temperature: float = option(0.0, "0 is greedy (outputs of lossless methods are checked); above 0 samples")
+    check_lossless: bool = option(True, "greedy: stop with an error when a lossless method's output differs from ar's "
+                                        "(off for bfloat16/float16, where near-ties can flip; exact_match_vs_ar still shows it)")
+    seed: int = option(0, "seed of prompt i's generator is seed + i, the same for every method")
+    warmup: int = option(1, "warm-up generations per method before timing")
+    device: str = option("auto", "cpu, cuda, cuda:N or auto")
+    dtype: str = option("auto", "float32, bfloat16, float16 or auto: bfloat16 on CUDA, float32 on CPU")
+    threads: int = option(1, "CPU threads for torch (0: torch's default; 1 is fastest for small models on busy cores)")
+    out: str = option("results/demo", "output folder: records.jsonl, results.json, results.md, pareto.png")
+    resume: bool = option(False, "continue from OUT/records.jsonl (same options)")
+    overwrite: bool = option(False, "replace the records in OUT")
+    progress: bool = option(True, "show a progress bar")
+
+    def __post_init__(self) -> None:
+        unknown = [m for m in self.methods if m not in FAMILIES]
+        if unknown or not self.methods:
+            raise SprinterError(f"methods: got {list(self.methods)}; expected some of {FAMILIES}")
+        if "ar" not in self.methods:
+            raise SprinterError(f"methods: got {list(self.methods)}; expected 'ar' among them (every speedup and "
+                                "fidelity figure is measured against it)")
+        bad_domains = [d for d in self.domains if d not in DOMAINS]
+        if bad_domains or not self.domains:
+            raise SprinterError(f"domains: got {list(self.domains)}; expected some of {DOMAINS}")
+        for name in ("num_prompts", "prompt_len", "max_new_tokens", "max_block"):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+                raise SprinterError(f"{name}: got {value!r}; expected an integer >= 1")
+        for k in self.ks:
+            check_options("sd", self.max_new_tokens, k, None, None, False, None, ())
+        for name in ("warmup", "threads"):
+            if not isinstance(getattr(self, name), int) or getattr(self, name) < 0:
+                raise SprinterError(f"{name}: got {getattr(self, name)!r}; expected an integer >= 0")
+        for value in (*self.budgets, *self.confidence_thresholds):
+            check_threshold(value)
+        if not isinstance(self.temperature, (int, float)) or not self.temperature >= 0:
+            raise SprinterError(f"temperature: got {self.temperature!r}; expected a number >= 0")
+        if self.resume and self.overwrite:
+            raise SprinterError("resume and overwrite: got both; expected at most one")
+        if (self.draft is None) != (self.target is None):
+            raise SprinterError(f"draft/target: got draft={self.draft!r}, target={self.target!r}; expected both or "
+                                "neither (neither: PAIR/draft and PAIR/target)")
+
+
+def default_config_path() -> Path:
+    return CONFIG_DIR / "demo.yaml"
+
+
+# ------------------------------------------------------------------------------------------- prompts
+@dataclass(frozen=True)
+class Prompt:
+    index: int
+    domain: str  # "code" or "prose"
+    doc: str  # the document id it was cut from
+    ids: tuple[int, ...]
+
+
+def load_prompts(cfg: BenchConfig, tokenizer) -> list[Prompt]:
+    """num_prompts prompts of prompt_len tokens, the domains taking turns: code windows cut from the middle
+    of each source file of the split, prose from the start of each long docstring."""
+    docs = load_documents(cfg.dataset, cfg.split)
+    sources = {"code": docs, "prose": prose_documents(docs)}
+    pools: dict[str, list[tuple[str, list[int]]]] = {}
+    per_domain = -(-cfg.num_prompts // len(cfg.domains))
+    for domain in cfg.domains:
+        pool = []
+        for doc in sources[domain]:
+            ids = tokenizer(doc.text, add_special_tokens=False)["input_ids"]
+            if len(ids) < cfg.prompt_len + 8:  # room for a continuation that exists in the text
+                continue
+            start = (len(ids) - cfg.prompt_len) // 2 if domain == "code" else 0
+            pool.append((doc.id, ids[start: start + cfg.prompt_len]))
+            if len(pool) == per_domain:
+                break
+        if not pool:
+            raise SprinterError(f"dataset {cfg.dataset!r} ({cfg.split!r} split) has no {domain} document of at least "
+                                f"{cfg.prompt_len + 8} tokens; expected some, or a smaller --prompt-len")
+        pools[domain] = pool
+    prompts: list[Prompt] = []
+    for i in range(max(map(len, pools.values()))):
+        for domain in cfg.domains:
+            if i < len(pools[domain]) and len(prompts) < cfg.num_prompts:
+                doc, ids = pools[domain][i]
+                prompts.append(Prompt(len(prompts), domain, doc, tuple(ids)))
+    return prompts
+
+
+# ------------------------------------------------------------------------------------------- methods
+Runner = Callable[[list[int], int, int], tuple[list[int], dict]]  # (prompt ids, seed, max_new_tokens) -> (ids, stats)
+
+
+@dataclass(frozen=True)
+class Method:
+    """One row of the table."""
+
+    name: str  # "sd-k4", "sprinter-mlp@0.05", ...
+    family: str  # the FAMILIES entry it belongs to (a curve in the plot for the sprinter families)
+    lossless: bool  # greedy output must equal ar's
+    run: Runner
+    operating_point: float | None = None  # k, false-accept budget or confidence threshold
+
+
+class ForwardCounter:
+    """Counts a model's forward passes, tokens and analytic FLOPs while active (for hf-assisted, whose
+    loop is not ours): a forward pre-hook reads input_ids and the cache length."""
+
+    def __init__(self, model: torch.nn.Module):
+        self.model, self.flop_model = model, FlopModel.of(model)
+        self.calls = self.tokens = self.flops = 0
+
+    def __enter__(self) -> "ForwardCounter":
+        self.handle = self.model.register_forward_pre_hook(self._count, with_kwargs=True)
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.handle.remove()
+
+    def _count(self, module, args, kwargs) -> None:
+        ids = kwargs.get("input_ids", args[0] if args else None)
+        cache = kwargs.get("past_key_values")
+        past = cache.get_seq_length() if cache is not None else 0
+        new = ids.shape[1]
+        keep = kwargs.get("logits_to_keep", 0)
+        logits = min(keep, new) if isinstance(keep, int) and keep > 0 else new
+        self.calls += 1
+        self.tokens += new
+        self.flops += self.flop_model.forward(past, new, logits)
+
+
+def hf_assisted_runner(decoder: Decoder, temperature: float) -> Runner:
+    """Hugging Face assisted generation on the same pair: target.generate(assistant_model=draft)."""
+    pair = decoder.pair
+    pad = pair.tokenizer.pad_token_id if pair.tokenizer.pad_token_id is not None else pair.tokenizer.eos_token_id
+
+    @torch.inference_mode()
+    def run(ids: list[int], seed: int, max_new_tokens: int) -> tuple[list[int], dict]:
+        inputs = torch.tensor([ids], device=pair.device)  # (1, T)
+        sampling = {"do_sample": True, "temperature": temperature, "top_k": 0} if temperature > 0 else {"do_sample": False}
+        torch.manual_seed(seed)  # HF samples from the global generator
+        with ForwardCounter(pair.target) as target, ForwardCounter(pair.draft) as draft:
+            start = time.perf_counter()
+            out = pair.target.generate(inputs, attention_mask=torch.ones_like(inputs), assistant_model=pair.draft,
+                                       max_new_tokens=max_new_tokens, pad_token_id=pad,
+                                       eos_token_id=pair.tokenizer.eos_token_id, **sampling)  # EOS stops ar too
+            if pair.device.type == "cuda":
+                torch.cuda.synchronize(pair.device)
+            seconds = time.perf_counter() - start
+        new = out[0, len(ids):].tolist()
+        # HF exposes no acceptance counts: each target call emits its accepted tokens plus one of its own.
+        return new, {"new_tokens": len(new), "wall_seconds": seconds, "target_calls": target.calls,
+                     "target_tokens": target.tokens, "target_flops": target.flops, "draft_calls": draft.calls,
+                     "draft_tokens": draft.tokens, "draft_flops": draft.flops, "verifier_flops": 0,
+                     "accepted": max(0, len(new) - target.calls)}
+
+    return run
+
+
+def decoder_runner(decoder: Decoder, temperature: float, **options) -> Runner:
+    """A sprinter mode, timed around the whole call as hf-assisted is (the loop's own time kept as loop_seconds)."""
+    def run(ids: list[int], seed: int, max_new_tokens: int) -> tuple[list[int], dict]:
+        start = time.perf_counter()
+        out = decoder.generate(ids, max_new_tokens=max_new_tokens, temperature=temperature, seed=seed, **options)
+        seconds = time.perf_counter() - start  # generate synchronises CUDA before it returns
+        stats = out.stats.to_dict()
+        stats["loop_seconds"], stats["wall_seconds"] = stats["wall_seconds"], seconds
+        return out.token_ids, stats
+
+    return run
+
+
+def missing_verifier(path: str, role: str) -> SprinterError:
+    return SprinterError(
+        f"{role}: got {path!r}, which does not exist; make one with `python scripts/collect.py` then "
+        "`python scripts/train.py --budgets 0.05 0.02 0.1 0.2` (writes checkpoints/verifiers/demo and its "
+        "baselines/linear/), pass --verifier DIR, or leave the learned rows out: "
+        "--methods ar draft sd hf-assisted sprinter-confidence")
+
+
+def check_verifiers(cfg: BenchConfig) -> dict[str, str]:
+    """{"mlp": path, "linear": path} for the learned families asked for; refuses a missing checkpoint."""
+    paths = {}
+    if {"sprinter-mlp", "sprinter-strict"} & set(cfg.methods):
+        if not Path(cfg.verifier).exists():
+            raise missing_verifier(cfg.verifier, "verifier")
+        paths["mlp"] = cfg.verifier
+    if "sprinter-linear" in cfg.methods:
+        linear = cfg.linear_verifier or str(Path(cfg.verifier) / "baselines" / "linear")
+        if not Path(linear).exists():
+            raise missing_verifier(linear, "linear verifier")
+        paths["linear"] = linear
+    return paths
+
+
+def chosen_budgets(cfg: BenchConfig, thresholds: dict[str, float], path: str) -> list[tuple[float, float]]:
+    """[(budget, threshold)] sorted by budget: cfg.budgets, or every budget the checkpoint was calibrated for."""
+    if not thresholds:
+        raise SprinterError(f"verifier {path!r} has no calibrated thresholds; expected a checkpoint written by "
+                            "scripts/train.py (--budgets 0.05 0.02 0.1 0.2)")
+    if not cfg.budgets:
+        return sorted((float(b), t) for b, t in thresholds.items())
+    missing = [b for b in cfg.budgets if budget_key(b) not in thresholds]
+    if missing:
+        raise SprinterError(f"budgets: got {missing} for verifier {path!r}; expected some of {sorted(thresholds)} "
+                            "(retrain with --budgets to add more)")
+    return sorted((float(b), thresholds[budget_key(b)]) for b in cfg.budgets)
+
+
+def build_methods(cfg: BenchConfig, decoder: Decoder, verifiers: dict[str, str]) -> list[Method]:
+    """The rows of the table, in the order of FAMILIES."""
+    t = cfg.temperature
+    greedy = t == 0
+    gates: dict[str, tuple[LearnedGate, dict[str, float]]] = {}
+    if "mlp" in verifiers:
+        gates["mlp"] = (decoder.gate, decoder.verifier_info.thresholds)
+    if "linear" in verifiers:
+        pair = decoder.pair
+        gate, info = load_learned_gate(verifiers["linear"], fingerprint(pair.draft_name), pair.draft.config.hidden_size,
+                                       pair.device, pair.dtype)
+        gates["linear"] = (gate, info.thresholds)
+    methods: list[Method] = []
+    for family in FAMILIES:
+        if family not in cfg.methods:
+            continue
+        if family in ("ar", "draft"):
+            methods.append(Method(family, family, family == "ar", decoder_runner(decoder, t, mode=family)))
+        elif family == "sd":
+            methods += [Method(f"sd-k{k}", family, greedy, decoder_runner(decoder, t, mode="sd", k=k), k)
+                        for k in sorted(set(cfg.ks))]
+        elif family == "hf-assisted":
+            methods.append(Method(family, family, greedy, hf_assisted_runner(decoder, t)))
+        elif family == "sprinter-confidence":
+            methods += [Method(f"{family}@{c:g}", family, False,
+                               decoder_runner(decoder, t, mode="sprinter", gate="confidence", threshold=c,
+                                              max_block=cfg.max_block), c)
+                        for c in sorted(set(cfg.confidence_thresholds))]
+        else:
+            name = "linear" if family == "sprinter-linear" else "mlp"
+            gate, thresholds = gates[name]
+            budgets = chosen_budgets(cfg, thresholds, verifiers[name])
+            if family == "sprinter-strict":  # lossless: the default budget is enough to show its cost
+                budgets = budgets[:1]
+            for budget, threshold in budgets:
+                methods.append(Method(f"{family}@{budget:g}", family, family == "sprinter-strict" and greedy,
+                                      decoder_runner(decoder, t, mode="sprinter", max_block=cfg.max_block,
+                                                     strict=family == "sprinter-strict",
+                                                     gate=LearnedGate(gate.verifier, gate.features, threshold)),
+                                      budget))
+    return methods
+
+
+# ------------------------------------------------------------------------------------------- records
+def run_header(cfg: BenchConfig, prompts: Sequence[Prompt], methods: Sequence[Method]) -> dict:
+    """What the records mean: checked equal on --resume."""
+    options = {k: v for k, v in to_dict(cfg).items() if k not in RUNTIME_OPTIONS}
+    return {"options": options, "methods": [m.name for m in methods],
+            "prompts": [[p.domain, p.doc, list(p.ids)] for p in prompts]}
+
+
+def write_atomic(path: Path, text: str) -> None:
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}-", suffix=".tmp")
+    with os.fdopen(fd, "w") as fh:
+        fh.write(text)
+    os.replace(tmp, path)
+
+
+def open_records(cfg: BenchConfig, header: dict) -> dict[int, list[dict]]:
+    """Prepare OUT; returns the finished prompts' records ({} unless resuming). A prompt whose methods did
+    not all finish is dropped (it runs again)."""
+    out = Path(cfg.out)
+    records_file, run_file = out / RECORDS, out / RUN
+    if records_file.exists() and not (cfg.resume or cfg.overwrite):
+        raise SprinterError(f"out: {str(out)!r} already holds {RECORDS}; expected --resume to continue that run, "
+                            "--overwrite to replace it, or another --out")
+    out.mkdir(parents=True, exist_ok=True)
+    if not cfg.resume or not records_file.exists():
+        write_atomic(run_file, json.dumps(header) + "\n")
+        write_atomic(records_file, "")
+        return {}
+    previous = json.loads(run_file.read_text()) if run_file.exists() else None
+    if previous != header:
+        changed = sorted(k for k in header["options"] if (previous or {}).get("options", {}).get(k) != header["options"][k])
+        raise SprinterError(f"resume: the run in {str(out)!r} was made with other options, methods or prompts "
+                            f"(options that differ: {changed or 'none; the methods or prompts do'}); expected the "
+                            "same ones, or --overwrite")
+    by_prompt: dict[int, list[dict]] = {}
+    for line in records_file.read_text().splitlines():
+        if line.strip():
+            record = json.loads(line)
+            by_prompt.setdefault(record["prompt"], []).append(record)
+    done = {i: recs for i, recs in by_prompt.items() if {r["method"] for r in recs} == set(header["methods"])}
+    write_atomic(records_file, "".join(json.dumps(r) + "\n" for i in sorted(done) for r in done[i]))
+    return done
+
+
+def append_records(cfg: BenchConfig, records: Sequence[dict]) -> None:
+    with open(Path(cfg.out) / RECORDS, "a") as fh:
+        fh.write("".join(json.dumps(r) + "\n" for r in records))
+        fh.flush()
+        os.fsync(fh.fileno())
+
+
+# ------------------------------------------------------------------------------------------- the run
+def require_equal_to_ar(prompt: Prompt, method: Method, output: list[int], reference: list[int]) -> None:
+    i = first_difference(output, reference)
+    if i is not None:
+        raise SprinterError(f"{method.name} is lossless but its greedy output differs from ar's on prompt "
+                            f"{prompt.index} ({prompt.domain}, {prompt.doc}) at new token {i}: "
+                            f"{output[i:i + 5]} vs {reference[i:i + 5]}; expected identical tokens")
+
+
+def run_prompt(cfg: BenchConfig, decoder: Decoder, prompt: Prompt, methods: Sequence[Method], bar) -> list[dict]:
+    """Every method on one prompt (order rotated by the prompt index), then the checks and fidelity scores."""
+    shift = prompt.index % len(methods)
+    outputs: dict[str, tuple[list[int], dict]] = {}
+    for method in list(methods[shift:]) + list(methods[:shift]):
+        bar.set_postfix_str(f"prompt {prompt.index} {method.name}")
+        outputs[method.name] = method.run(list(prompt.ids), cfg.seed + prompt.index, cfg.max_new_tokens)
+        bar.update(1)
+    reference = outputs["ar"][0]
+    records = []
+    for method in methods:
+        tokens, stats = outputs[method.name]
+        if method.lossless and cfg.check_lossless:
+            require_equal_to_ar(prompt, method, tokens, reference)
+        fidelity = score_output(decoder.pair.target, prompt.ids, tokens, decoder.pair.vocab_size)
+        records.append({"prompt": prompt.index, "domain": prompt.domain, "method": method.name, "tokens": tokens,
+                        "stats": stats, "fidelity": fidelity, "rouge_l_vs_ar": rouge_l(tokens, reference),
+                        "exact_match_vs_ar": exact_match(tokens, reference)})
+    return records
+
+
+def warm_up(cfg: BenchConfig, prompt: Prompt, methods: Sequence[Method]) -> None:
+    for _ in range(cfg.warmup):
+        for method in methods:
+            method.run(list(prompt.ids), cfg.seed, min(cfg.max_new_tokens, 16))
+
+
+def load_decoder(cfg: BenchConfig, verifiers: dict[str, str]) -> Decoder:
+    from sprinter.pairs import ensure_pair, presets
+
+    if cfg.draft is not None:
+        draft, target = cfg.draft, cfg.target
+    else:
+        if Path(cfg.pair).is_dir():
+            folder = Path(cfg.pair)
+        elif cfg.pair in presets():
+            folder = ensure_pair(cfg.pair)
+        else:
+            raise SprinterError(f"pair: got {cfg.pair!r}; expected a pair folder (with draft/ and target/) or a "
+                                f"preset of {presets()}")
+        draft, target = str(folder / "draft"), str(folder / "target")
+    return Decoder.from_pretrained(draft, target, verifier=verifiers.get("mlp"), device=cfg.device, dtype=cfg.dtype)
+
+
+def run_benchmark(cfg: BenchConfig) -> dict:
+    """Run (or resume) the benchmark and write OUT/results.json, results.md, pareto.png; returns the results."""
+    from tqdm import tqdm
+
+    from sprinter.bench_report import write_reports
+
+    if cfg.threads:
+        torch.set_num_threads(cfg.threads)
+    # 1. Every check that needs no model, then the models, prompts and rows.
+    verifiers = check_verifiers(cfg)
+    decoder = load_decoder(cfg, verifiers)
+    if cfg.prompt_len + cfg.max_new_tokens > decoder.pair.max_length:
+        raise SprinterError(f"prompt_len + max_new_tokens = {cfg.prompt_len + cfg.max_new_tokens} tokens; the models' "
+                            f"context window is {decoder.pair.max_length}: expected at most that")
+    methods = build_methods(cfg, decoder, verifiers)
+    prompts = load_prompts(cfg, decoder.tokenizer)
+    done = open_records(cfg, run_header(cfg, prompts, methods))
+    todo = [p for p in prompts if p.index not in done]
+    start = time.perf_counter()
+    # 2. Warm up, then every method on each prompt in turn; each finished prompt is appended to the records.
+    if todo:
+        warm_up(cfg, todo[0], methods)
+        bar = tqdm(total=len(todo) * len(methods), desc="benchmark", unit="gen", disable=not cfg.progress)
+        with bar:
+            try:
+                for prompt in todo:
+                    records = run_prompt(cfg, decoder, prompt, methods, bar)
+                    append_records(cfg, records)
+                    done[prompt.index] = records
+            except KeyboardInterrupt:
+                print(f"\ninterrupted: {len(done)} finished prompt(s) kept in {Path(cfg.out) / RECORDS}; run the same "
+                      "command with --resume to continue", file=sys.stderr)
+                raise
+    # 3. Aggregate and write the reports.
+    return write_reports(cfg, decoder, verifiers, prompts, methods, done, time.perf_counter() - start)
+
+
+__all__ = ["BenchConfig", "FAMILIES", "Method", "Prompt", "build_methods", "default_config_path", "load_prompts",
+           "run_benchmark"]

@@ -1,0 +1,255 @@
+"""The benchmark's reports: per-prompt records -> results.json (one entry per method), results.md, pareto.png.
+
+Aggregation (names as Spec-Bench and vLLM, REFERENCES.md §5):
+- `ms_per_token`: the median over prompts of wall time / new tokens; `tokens_per_s`: all new tokens over
+  all wall time; `speedup_vs_ar`: the median over prompts of ar's ms/token over the method's on the same
+  prompt (both measured in the same run, interleaved);
+- `target_calls_per_token`, `target_tokens_per_token`, `flops_per_token` (target + draft + verifier):
+  totals over new tokens; `mean_acceptance_length`: 1 + accepted / target calls (ar: 1.0);
+- fidelity pooled over output tokens: `target_consistency`, `target_nll`, `target_nll_ratio_vs_ar`;
+  per prompt, averaged: `rouge_l_vs_ar`, `exact_match_vs_ar`.
+"""
+
+from __future__ import annotations
+
+import datetime
+import json
+import platform
+import statistics
+import sys
+from pathlib import Path
+from typing import Sequence
+
+import torch
+
+from sprinter.bench import BenchConfig, Method, Prompt, write_atomic
+from sprinter.config import to_dict
+from sprinter.errors import SprinterError
+
+FORMAT = "sprinter-bench/1"
+METHOD_KEYS = ("name", "family", "operating_point", "lossless", "prompts", "new_tokens", "ms_per_token",
+               "tokens_per_s", "speedup_vs_ar", "target_calls_per_token", "target_tokens_per_token",
+               "flops_per_token", "mean_acceptance_length", "target_consistency", "target_nll",
+               "target_nll_ratio_vs_ar", "rouge_l_vs_ar", "exact_match_vs_ar", "by_domain")
+TOP_KEYS = ("format", "created", "hardware", "libraries", "pair", "verifiers", "prompts", "max_new_tokens",
+            "temperature", "options", "elapsed_seconds", "methods")
+CURVES = ("sprinter-mlp", "sprinter-linear", "sprinter-confidence")
+
+
+def _ratio(a: float, b: float) -> float | None:
+    return a / b if b else None
+
+
+def _ms_per_token(record: dict) -> float | None:
+    stats = record["stats"]
+    return 1000 * stats["wall_seconds"] / stats["new_tokens"] if stats["new_tokens"] else None
+
+
+def summarize(records: Sequence[dict], reference: dict[int, dict]) -> dict:
+    """The figures of one method over its records; `reference`: ar's record per prompt."""
+    stats = [r["stats"] for r in records]
+    total = lambda key: sum(s.get(key, 0) or 0 for s in stats)  # noqa: E731
+    tokens = total("new_tokens")
+    ms = [m for m in map(_ms_per_token, records) if m is not None]
+    speedups = [ref / own for r in records
+                if (own := _ms_per_token(r)) and (ref := _ms_per_token(reference[r["prompt"]]))]
+    scored = sum(r["fidelity"]["tokens"] for r in records)
+    nll = _ratio(sum(r["fidelity"]["nll_sum"] for r in records), scored)
+    ar_scored = sum(reference[r["prompt"]]["fidelity"]["tokens"] for r in records)
+    ar_nll = _ratio(sum(reference[r["prompt"]]["fidelity"]["nll_sum"] for r in records), ar_scored)
+    return {
+        "prompts": len(records), "new_tokens": tokens,
+        "ms_per_token": statistics.median(ms) if ms else None,
+        "tokens_per_s": _ratio(tokens, total("wall_seconds")),
+        "speedup_vs_ar": statistics.median(speedups) if speedups else None,
+        "target_calls_per_token": _ratio(total("target_calls"), tokens),
+        "target_tokens_per_token": _ratio(total("target_tokens"), tokens),
+        "flops_per_token": _ratio(total("target_flops") + total("draft_flops") + total("verifier_flops"), tokens),
+        "mean_acceptance_length": 1 + total("accepted") / total("target_calls") if total("target_calls") else None,
+        "target_consistency": _ratio(sum(r["fidelity"]["consistent"] for r in records), scored),
+        "target_nll": nll,
+        "target_nll_ratio_vs_ar": _ratio(nll, ar_nll) if nll is not None and ar_nll is not None else None,
+        "rouge_l_vs_ar": statistics.fmean(r["rouge_l_vs_ar"] for r in records),
+        "exact_match_vs_ar": statistics.fmean(float(r["exact_match_vs_ar"]) for r in records),
+    }
+
+
+def method_entries(methods: Sequence[Method], done: dict[int, list[dict]]) -> list[dict]:
+    """One entry per method (the fastest sd marked best), over the finished prompts."""
+    if not done:
+        raise SprinterError("no prompt finished; nothing to report (run without --resume, or with more time)")
+    by_method: dict[str, list[dict]] = {}
+    for index in sorted(done):
+        for record in done[index]:
+            by_method.setdefault(record["method"], []).append(record)
+    reference = {r["prompt"]: r for r in by_method["ar"]}
+    entries = []
+    for method in methods:
+        records = by_method[method.name]
+        entry = {"name": method.name, "family": method.family, "operating_point": method.operating_point,
+                 "lossless": method.lossless, **summarize(records, reference)}
+        domains = sorted({r["domain"] for r in records})
+        entry["by_domain"] = {d: {k: v for k, v in summarize([r for r in records if r["domain"] == d], reference).items()
+                                  if k in ("prompts", "speedup_vs_ar", "target_consistency", "target_nll_ratio_vs_ar",
+                                           "rouge_l_vs_ar")}
+                              for d in domains}
+        entries.append(entry)
+    sd = [e for e in entries if e["family"] == "sd" and e["speedup_vs_ar"] is not None]
+    for e in entries:
+        if e["family"] == "sd":
+            e["best"] = bool(sd) and e is max(sd, key=lambda x: x["speedup_vs_ar"])
+    return entries
+
+
+def hardware(device: torch.device, dtype: torch.dtype) -> dict:
+    info = {"device": str(device), "dtype": str(dtype).removeprefix("torch."), "torch_threads": torch.get_num_threads(),
+            "platform": platform.platform()}
+    if device.type == "cuda":
+        info["gpu"] = torch.cuda.get_device_name(device)
+    cpu = platform.processor()
+    cpuinfo = Path("/proc/cpuinfo")
+    if cpuinfo.is_file():
+        names = [line.split(":", 1)[1].strip() for line in cpuinfo.read_text().splitlines() if line.startswith("model name")]
+        cpu = names[0] if names else cpu
+        info["cpu_count"] = len(names) or None
+    info["cpu"] = cpu or "unknown"
+    return info
+
+
+def libraries() -> dict:
+    import transformers
+
+    from sprinter import __version__
+
+    return {"python": platform.python_version(), "torch": torch.__version__, "transformers": transformers.__version__,
+            "sprinter": __version__}
+
+
+def check_results(results: dict) -> None:
+    """Refuse a results dict without the documented keys (the schema test and readers use this)."""
+    missing = [k for k in TOP_KEYS if k not in results]
+    if missing or results.get("format") != FORMAT:
+        raise SprinterError(f"results: missing keys {missing} or format {results.get('format')!r}; expected {FORMAT!r}")
+    for entry in results["methods"]:
+        missing = [k for k in METHOD_KEYS if k not in entry]
+        if missing:
+            raise SprinterError(f"results method {entry.get('name')!r}: missing keys {missing}")
+    if "ar" not in {e["name"] for e in results["methods"]}:
+        raise SprinterError("results: no 'ar' entry; expected the reference method")
+
+
+def _fmt(value, digits: int = 2) -> str:
+    if value is None:
+        return "-"
+    if isinstance(value, float):
+        return f"{value:.{digits}e}" if abs(value) >= 1e5 else f"{value:.{digits}f}"
+    return str(value)
+
+
+def markdown(results: dict) -> str:
+    hw, p = results["hardware"], results["prompts"]
+    where = hw.get("gpu") or f"{hw['cpu']}, {hw['torch_threads']} torch thread(s)"
+    domains = ", ".join(f"{n} {d}" for d, n in p["domains"].items())
+    lines = [f"# Benchmark: {results['pair']['target']} (target) / {results['pair']['draft']} (draft)", "",
+             f"{where}; {hw['dtype']}; torch {results['libraries']['torch']}, transformers "
+             f"{results['libraries']['transformers']}. {p['count']} prompts ({domains}; "
+             f"{p['prompt_len']} tokens from {p['dataset']}/{p['split']}), up to {results['max_new_tokens']} new tokens, "
+             f"temperature {results['temperature']}. Speedup: median over prompts of ar's ms/token over the method's, "
+             "measured interleaved in the same run.", "",
+             "| method | ms/token | tokens/s | speedup vs ar | target calls/token | target tokens/token | FLOPs/token "
+             "| mean acc. length | target consistency | target NLL | NLL / ar | ROUGE-L vs ar | exact match vs ar |",
+             "|---|" + "---:|" * 12]
+    for e in results["methods"]:
+        name = e["name"] + (" (best sd)" if e.get("best") else "") + (" [lossless]" if e["lossless"] else "")
+        lines.append("| " + " | ".join([name, _fmt(e["ms_per_token"]), _fmt(e["tokens_per_s"], 1),
+                                         _fmt(e["speedup_vs_ar"]), _fmt(e["target_calls_per_token"], 3),
+                                         _fmt(e["target_tokens_per_token"]), _fmt(e["flops_per_token"]),
+                                         _fmt(e["mean_acceptance_length"]), _fmt(e["target_consistency"], 3),
+                                         _fmt(e["target_nll"], 3), _fmt(e["target_nll_ratio_vs_ar"], 3),
+                                         _fmt(e["rouge_l_vs_ar"], 3), _fmt(e["exact_match_vs_ar"], 2)]) + " |")
+    checked = results["temperature"] == 0 and results["options"]["check_lossless"]
+    lines += ["", "Lossless rows were checked equal to ar's output token for token." if checked else
+              "Lossless rows were not checked against ar's output (sampling, or --no-check-lossless).", ""]
+    return "\n".join(lines)
+
+
+def plot(results: dict, path: Path) -> None:
+    """Fidelity (target consistency; target NLL over ar's) against speedup: reference points and one curve
+    per gate over its operating points (false-accept budgets, or confidence thresholds)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    entries = [e for e in results["methods"] if e["speedup_vs_ar"] is not None]
+    fig, axes = plt.subplots(1, 2, figsize=(12, 4.8))
+    for ax, key, label in ((axes[0], "target_consistency", "target consistency (share of target-greedy tokens)"),
+                           (axes[1], "target_nll_ratio_vs_ar", "target NLL / ar's (lower is closer)")):
+        for e in entries:
+            if e["family"] not in CURVES and e[key] is not None:
+                ax.scatter(e["speedup_vs_ar"], e[key], marker="*" if e.get("best") else "o", s=60, zorder=3)
+                ax.annotate(e["name"], (e["speedup_vs_ar"], e[key]), textcoords="offset points", xytext=(4, 4), fontsize=8)
+        for family in CURVES:
+            curve = sorted((e for e in entries if e["family"] == family and e[key] is not None),
+                           key=lambda e: e["operating_point"])
+            if curve:
+                ax.plot([e["speedup_vs_ar"] for e in curve], [e[key] for e in curve], "-s", label=family, zorder=2)
+                for e in curve:
+                    ax.annotate(f"{e['operating_point']:g}", (e["speedup_vs_ar"], e[key]), textcoords="offset points",
+                                xytext=(3, -10), fontsize=7)
+        ax.axvline(1.0, color="grey", lw=0.8, ls=":")
+        ax.set_xlabel("speedup vs ar (median over prompts)")
+        ax.set_ylabel(label)
+        ax.grid(alpha=0.3)
+        if any(e["family"] in CURVES for e in entries):
+            ax.legend(fontsize=8, title="curve labels: budget / threshold", title_fontsize=7)
+    fig.suptitle(f"{results['pair']['target']} / {results['pair']['draft']}: fidelity against speed", fontsize=10)
+    fig.tight_layout()
+    tmp = path.with_name(f".{path.name}.tmp.png")
+    fig.savefig(tmp, dpi=120)
+    plt.close(fig)
+    tmp.replace(path)
+
+
+def write_reports(cfg: BenchConfig, decoder, verifiers: dict[str, str], prompts: Sequence[Prompt],
+                  methods: Sequence[Method], done: dict[int, list[dict]], seconds: float) -> dict:
+    """Write OUT/results.json, results.md and pareto.png from the finished prompts; returns the results."""
+    pair = decoder.pair
+    verifier_info = {}
+    for name, path in verifiers.items():
+        from sprinter.verifier import read_info
+
+        info = read_info(path)
+        verifier_info[name] = {"path": path, "features": list(info.features), "arch": info.arch,
+                               "label_rule": info.label_rule, "thresholds": info.thresholds,
+                               "context_source": info.context_source}
+    finished = [p for p in prompts if p.index in done]
+    domains: dict[str, int] = {}
+    for p in finished:
+        domains[p.domain] = domains.get(p.domain, 0) + 1
+    results = {
+        "format": FORMAT, "created": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+        "hardware": hardware(pair.device, pair.dtype), "libraries": libraries(),
+        "pair": {"draft": pair.draft_name, "target": pair.target_name, "vocab_size": pair.vocab_size},
+        "verifiers": verifier_info,
+        "prompts": {"dataset": cfg.dataset, "split": cfg.split, "count": len(finished), "planned": len(prompts),
+                    "domains": domains, "prompt_len": cfg.prompt_len},
+        "max_new_tokens": cfg.max_new_tokens, "temperature": cfg.temperature, "options": to_dict(cfg),
+        "elapsed_seconds": round(seconds, 2), "methods": method_entries(methods, done),
+    }
+    check_results(results)
+    out = Path(cfg.out)
+    write_atomic(out / "results.json", json.dumps(results, indent=2) + "\n")
+    write_atomic(out / "results.md", markdown(results))
+    try:
+        import matplotlib  # noqa: F401  (an extra: sprinter[plot]; the GPU image may lack it)
+    except ImportError:
+        print(f"note: pareto.png not written: matplotlib is not installed (pip install 'sprinter[plot]'); then "
+              f"`python scripts/benchmark.py --resume --out {out}` (same options) draws it from the records", file=sys.stderr)
+        return results
+    plot(results, out / "pareto.png")
+    return results
+
+
+__all__ = ["FORMAT", "METHOD_KEYS", "check_results", "markdown", "method_entries", "plot", "summarize",
+           "write_reports"]

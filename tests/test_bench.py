@@ -1,0 +1,203 @@
+"""The benchmark: fidelity metrics with known answers, the results schema, a 2-prompt smoke run on the tiny pair."""
+
+import json
+import math
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from transformers import AutoConfig
+
+from sprinter.bench import BenchConfig, Method, Prompt, load_prompts, require_equal_to_ar, run_benchmark
+from sprinter.bench_report import METHOD_KEYS, check_results
+from sprinter.config import parse_config
+from sprinter.errors import SprinterError
+from sprinter.fidelity import (exact_match, first_difference, lcs_length, rouge_l, target_consistency,
+                               total_nll)
+from sprinter.verifier import Verifier, VerifierInfo, default_arch, save_verifier
+
+
+@pytest.mark.parametrize("a, b, expected", [
+    ("ABCBDAB", "BDCABA", 4), ("", "abc", 0), ("abc", "abc", 3), ("abc", "def", 0), ("axbycz", "abc", 3)])
+def test_lcs_length(a, b, expected):
+    assert lcs_length(list(a), list(b)) == expected
+    assert lcs_length(list(b), list(a)) == expected
+
+
+def test_rouge_l_known_values():
+    assert rouge_l([1, 2, 3, 4], [1, 3, 4, 5]) == pytest.approx(0.75)  # LCS 3: P = R = 3/4
+    assert rouge_l([1, 2], [1, 2, 3, 4]) == pytest.approx(2 * 1.0 * 0.5 / 1.5)  # P = 1, R = 1/2
+    assert rouge_l([7, 7], [7, 7]) == 1.0
+    assert rouge_l([], []) == 1.0
+    assert rouge_l([1], []) == 0.0
+    assert rouge_l([1, 2], [3, 4]) == 0.0
+
+
+def test_exact_match_and_first_difference():
+    assert exact_match([1, 2], (1, 2)) and not exact_match([1, 2], [1, 2, 3])
+    assert first_difference([1, 2, 3], [1, 2, 3]) is None
+    assert first_difference([1, 5, 3], [1, 2, 3]) == 1
+    assert first_difference([1, 2], [1, 2, 3]) == 2
+
+
+def test_target_consistency_and_nll_on_hand_made_logits():
+    logits = torch.tensor([[0.0, 5.0, 0.0], [3.0, 0.0, 0.0], [0.0, 0.0, 1.0]])  # argmax 1, 0, 2
+    assert target_consistency(logits, torch.tensor([1, 2, 2])) == (2, 3)
+    uniform = torch.zeros(5, 4)
+    assert total_nll(uniform, torch.tensor([0, 1, 2, 3, 0])) == pytest.approx(5 * math.log(4))
+    two = torch.log(torch.tensor([[0.5, 0.25, 0.25]]))
+    assert total_nll(two, torch.tensor([1])) == pytest.approx(math.log(4))
+
+
+# ------------------------------------------------------------------------------------------- the runner
+ROOT = Path(__file__).resolve().parent.parent
+TINY = str(ROOT / "configs" / "bench" / "tiny.yaml")
+
+
+@pytest.fixture(autouse=True)
+def one_thread():
+    threads = torch.get_num_threads()
+    yield
+    torch.set_num_threads(threads)  # the benchmark sets its own thread count
+
+
+@pytest.fixture(scope="module")
+def verifier(tiny_pair, tmp_path_factory):
+    """A hand-made calibrated verifier for the tiny draft (random weights; thresholds chosen so that both
+    flagged and passed tokens occur) with the paper's linear baseline beside it: the learned path in seconds."""
+    hidden = AutoConfig.from_pretrained(tiny_pair / "draft").hidden_size
+    out = tmp_path_factory.mktemp("verifier")
+    torch.manual_seed(0)
+    for folder, arch, features in ((out, default_arch(width=8, depth=1), ("hidden", "draft_prob")),
+                                   (out / "baselines" / "linear", default_arch(depth=0), ("hidden",))):
+        info = VerifierInfo(features=features, hidden_size=hidden, arch=arch, thresholds={"0.05": 0.6, "0.2": 0.4},
+                            default_budget=0.05, default_threshold=0.6)
+        save_verifier(folder, Verifier(info), info)
+    return out
+
+
+def bench_args(tiny_pair, verifier, out, *extra):
+    return ["--config", TINY, "--pair", str(tiny_pair), "--verifier", str(verifier), "--out", str(out), *extra]
+
+
+@pytest.fixture(scope="module")
+def smoke(tiny_pair, verifier, tmp_path_factory):
+    out = tmp_path_factory.mktemp("bench")
+    cfg = parse_config(BenchConfig, bench_args(tiny_pair, verifier, out, "--methods", *BenchConfig().methods,
+                                               "sprinter-strict"), "test")
+    return out, run_benchmark(cfg)
+
+
+def test_smoke_run_writes_every_output_with_the_schema(smoke):
+    out, results = smoke
+    assert {p.name for p in out.iterdir()} >= {"results.json", "results.md", "pareto.png", "records.jsonl", "run.json"}
+    on_disk = json.loads((out / "results.json").read_text())
+    check_results(on_disk)
+    assert on_disk["prompts"]["count"] == 2 and on_disk["prompts"]["domains"] == {"code": 1, "prose": 1}
+    assert on_disk["temperature"] == 0.0 and on_disk["hardware"]["dtype"] == "float32"
+    names = [m["name"] for m in on_disk["methods"]]
+    assert names == ["ar", "draft", "sd-k2", "sd-k4", "hf-assisted", "sprinter-mlp@0.05", "sprinter-mlp@0.2",
+                     "sprinter-linear@0.05", "sprinter-linear@0.2", "sprinter-confidence@0.4", "sprinter-strict@0.05"]
+    by_name = {m["name"]: m for m in on_disk["methods"]}
+    ar = by_name["ar"]
+    assert ar["speedup_vs_ar"] == pytest.approx(1.0) and ar["target_calls_per_token"] == 1.0
+    assert ar["target_consistency"] == 1.0 and ar["target_nll_ratio_vs_ar"] == pytest.approx(1.0)
+    assert ar["mean_acceptance_length"] == 1.0
+    for m in on_disk["methods"]:
+        assert set(METHOD_KEYS) <= set(m)
+        if m["lossless"]:  # checked token for token during the run
+            assert m["exact_match_vs_ar"] == 1.0 and m["rouge_l_vs_ar"] == 1.0
+    assert sum(m.get("best", False) for m in on_disk["methods"]) == 1
+    assert by_name["draft"]["target_calls_per_token"] == 0
+    assert by_name["sprinter-mlp@0.05"]["lossless"] is False and by_name["sprinter-strict@0.05"]["lossless"] is True
+    assert "| sd-k" in (out / "results.md").read_text()
+    assert (out / "pareto.png").read_bytes()[:4] == b"\x89PNG"
+    records = [json.loads(line) for line in (out / "records.jsonl").read_text().splitlines()]
+    assert len(records) == 2 * len(names)
+
+
+def test_resume_keeps_finished_prompts_and_reruns_only_the_rest(smoke, tiny_pair, verifier, tmp_path):
+    out, _ = smoke
+    for name in ("run.json", "records.jsonl"):
+        (tmp_path / name).write_text((out / name).read_text())
+    lines = (tmp_path / "records.jsonl").read_text().splitlines()
+    first = [line for line in lines if json.loads(line)["prompt"] == 0]
+    # A run killed during prompt 1: prompt 0 complete, one record of prompt 1.
+    partial = first + [next(line for line in lines if json.loads(line)["prompt"] == 1)]
+    (tmp_path / "records.jsonl").write_text("\n".join(partial) + "\n")
+    args = bench_args(tiny_pair, verifier, tmp_path, "--methods", *BenchConfig().methods, "sprinter-strict")
+    with pytest.raises(SprinterError, match="--resume"):
+        run_benchmark(parse_config(BenchConfig, args, "test"))
+    results = run_benchmark(parse_config(BenchConfig, args + ["--resume"], "test"))
+    assert results["prompts"]["count"] == 2
+    kept = (tmp_path / "records.jsonl").read_text().splitlines()
+    assert kept[:len(first)] == first and len(kept) == 2 * len(first)
+    with pytest.raises(SprinterError, match="other options"):
+        run_benchmark(parse_config(BenchConfig, args + ["--resume", "--max-new-tokens", "5"], "test"))
+
+
+def test_prompts_alternate_domains_from_the_test_split(tiny_pair):
+    from transformers import AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(tiny_pair / "target")
+    prompts = load_prompts(BenchConfig(num_prompts=5, prompt_len=16), tokenizer)
+    assert [p.domain for p in prompts] == ["code", "prose", "code", "prose", "code"]
+    assert all(len(p.ids) == 16 for p in prompts) and len({p.ids for p in prompts}) == 5
+    assert all(p.doc.startswith("stdlib/") for p in prompts)
+
+
+def test_a_lossless_method_that_differs_from_ar_fails_loudly():
+    method = Method("sd-k4", "sd", True, lambda ids, seed, n: ([], {}))
+    with pytest.raises(SprinterError, match="sd-k4 is lossless .* at new token 2"):
+        require_equal_to_ar(Prompt(3, "code", "stdlib/x.py", (1, 2)), method, [5, 6, 7], [5, 6, 8])
+    require_equal_to_ar(Prompt(3, "code", "stdlib/x.py", (1, 2)), method, [5, 6], [5, 6])
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["--methods", "ar", "beam"], "methods: got"),
+    (["--methods", "sd"], "expected 'ar' among them"),
+    (["--ks", "0"], "k: got 0"),
+    (["--domains", "poetry"], "domains: got"),
+    (["--num-prompts", "0"], "num_prompts: got 0"),
+    (["--budgets", "1.5"], "threshold: got 1.5"),
+    (["--resume", "--overwrite"], "at most one"),
+])
+def test_bad_options_are_refused(argv, message):
+    with pytest.raises(SprinterError, match=message):
+        parse_config(BenchConfig, ["--config", TINY, *argv], "test")
+
+
+def test_missing_verifier_says_how_to_make_one(tiny_pair, tmp_path):
+    cfg = parse_config(BenchConfig, bench_args(tiny_pair, tmp_path / "none", tmp_path / "out"), "test")
+    with pytest.raises(SprinterError, match="scripts/train.py .*--methods ar draft sd hf-assisted sprinter-confidence"):
+        run_benchmark(cfg)
+    assert not (tmp_path / "out").exists()  # refused before any model was loaded
+
+
+def test_budgets_the_checkpoint_lacks_are_refused(tiny_pair, verifier, tmp_path):
+    cfg = parse_config(BenchConfig, bench_args(tiny_pair, verifier, tmp_path, "--budgets", "0.07"), "test")
+    with pytest.raises(SprinterError, match=r"budgets: got \[0.07\].*expected some of \['0.05', '0.2'\]"):
+        run_benchmark(cfg)
+
+
+def test_every_bench_preset_parses():
+    for path in sorted((ROOT / "configs" / "bench").glob("*.yaml")):
+        parse_config(BenchConfig, ["--config", str(path)], "test")
+
+
+def test_a_sampling_run_reports_without_checking_outputs(tiny_pair, verifier, tmp_path):
+    args = bench_args(tiny_pair, verifier, tmp_path, "--temperature", "0.8", "--methods", "ar", "sd", "hf-assisted",
+                      "sprinter-confidence")
+    results = run_benchmark(parse_config(BenchConfig, args, "test"))
+    check_results(results)
+    assert results["temperature"] == 0.8 and all(not m["lossless"] for m in results["methods"] if m["name"] != "ar")
+    assert "not checked" in (tmp_path / "results.md").read_text()
+
+
+def test_script_refuses_a_missing_verifier_in_one_line(tmp_path):
+    run = subprocess.run([sys.executable, str(ROOT / "scripts" / "benchmark.py"), "--verifier", str(tmp_path / "none"),
+                          "--out", str(tmp_path / "out")], capture_output=True, text=True, cwd=tmp_path)
+    assert run.returncode == 2 and run.stderr.startswith("error: verifier: got")
+    assert len(run.stderr.strip().splitlines()) == 1 and "scripts/train.py" in run.stderr
