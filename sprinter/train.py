@@ -67,7 +67,7 @@ class TrainConfig:
     patience: int = option(8, "early stopping: epochs without a better val AUROC (0: off)")
     val_fraction: float = option(0.1, "share of prompts in the validation split (model selection, thresholds)")
     test_fraction: float = option(0.1, "share of prompts in the test split (reported, never used to choose)")
-    budgets: tuple[float, ...] = option((0.05, 0.02, 0.1), "false-accept budgets to calibrate; the first is the default")
+    budgets: tuple[float, ...] = option((0.05, 0.02, 0.1, 0.2), "false-accept budgets to calibrate; the first is the default")
     eval_data: tuple[str, ...] = option((), "extra shard folder(s) scored on the test split's prompts, e.g. decode-time "
                                               "contexts when --data holds corpus contexts")
     baselines: bool = option(True, "also fit and report the baselines (draft_prob, logistic regression, linear)")
