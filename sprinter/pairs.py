@@ -41,6 +41,11 @@ from sprinter.models import check_same_vocabulary, resolve_device
 CONFIG_DIR = Path(__file__).resolve().parent.parent / "configs"
 EOS = "<|endoftext|>"
 ARCHS = ("gpt2", "llama")
+# Options that do not change the pair a build makes.
+RUNTIME_OPTIONS = ("overwrite", "device", "threads", "out", "target_from")
+# Options that fix the tokenizer and the target (what `target_from` must share).
+TARGET_OPTIONS = ("arch", "corpus", "seed", "max_train_chars", "vocab_size", "context_length", "seq_len", "batch_size",
+                  "target_layers", "target_width", "target_heads", "target_steps", "lr", "warmup_fraction")
 
 
 @dataclass
@@ -71,6 +76,8 @@ class PairConfig:
     distill_lr: float = option(2e-3, "peak learning rate (draft distillation)")
     eval_windows: int = option(32, "held-out windows for validation loss and greedy agreement")
     threads: int = option(0, "CPU threads for torch (0: all cores)")
+    target_from: str | None = option(None, "reuse the trained target and tokenizer of this pair folder (built with the "
+                                           "same target options) and train only the draft")
 
     def __post_init__(self) -> None:
         if self.arch not in ARCHS:
@@ -177,6 +184,22 @@ def make_config(arch: str, vocab_size: int, layers: int, width: int, heads: int,
                        num_hidden_layers=layers, num_attention_heads=heads, num_key_value_heads=heads,
                        max_position_embeddings=context_length, bos_token_id=eos_id, eos_token_id=eos_id,
                        pad_token_id=eos_id, tie_word_embeddings=True)
+
+
+def reused_tokenizer(cfg: PairConfig):
+    """The tokenizer of `cfg.target_from`, after checking that its target was built with the same options."""
+    from transformers import AutoTokenizer
+
+    meta_file = Path(cfg.target_from) / "pair.json"
+    if not meta_file.is_file():
+        raise SprinterError(f"target_from: got {cfg.target_from!r}; expected a pair folder with pair.json")
+    old = json.loads(meta_file.read_text()).get("config", {})
+    differ = [k for k in TARGET_OPTIONS if old.get(k) != getattr(cfg, k)]
+    if differ:
+        raise SprinterError(f"target_from {cfg.target_from!r} was built with other target options "
+                            f"({', '.join(f'{k}={old.get(k)!r}, not {getattr(cfg, k)!r}' for k in differ)}); "
+                            "expected the same, so the pair equals a full build")
+    return AutoTokenizer.from_pretrained(Path(cfg.target_from) / "target")
 
 
 def build_model(config, seed: int):
@@ -290,7 +313,7 @@ def _check_out_dir(cfg: PairConfig) -> bool:
         return False
     if meta.is_file():
         old = json.loads(meta.read_text()).get("config", {})
-        new = {k: v for k, v in to_dict(cfg).items() if k not in ("overwrite", "device", "threads", "out")}
+        new = {k: v for k, v in to_dict(cfg).items() if k not in RUNTIME_OPTIONS}
         if all(old.get(k) == v for k, v in new.items()):
             return True
         raise SprinterError(f"out: {str(out)!r} already holds a different pair (preset {old.get('preset')!r}); "
@@ -321,7 +344,7 @@ def _build(cfg: PairConfig) -> dict:
     train_docs = take_chars(load_documents(cfg.corpus, "train"), cfg.max_train_chars)
     val_docs = load_documents(cfg.corpus, "val")
     print(f"corpus {cfg.corpus!r}: {len(train_docs)} train documents, {len(val_docs)} held-out documents")
-    tokenizer = train_tokenizer(train_docs, cfg.vocab_size)
+    tokenizer = reused_tokenizer(cfg) if cfg.target_from else train_tokenizer(train_docs, cfg.vocab_size)
     train_stream = token_stream(tokenizer, train_docs)
     val_windows = fixed_windows(token_stream(tokenizer, val_docs), cfg.eval_windows, cfg.seq_len).to(device)
     if len(train_stream) < cfg.seq_len + 2:
@@ -333,8 +356,16 @@ def _build(cfg: PairConfig) -> dict:
 
     target_cfg = make_config(cfg.arch, vocab, cfg.target_layers, cfg.target_width, cfg.target_heads,
                              cfg.context_length, tokenizer.eos_token_id)
-    target = build_model(target_cfg, cfg.seed).to(device)
-    target_seconds = train_loop(target, cfg.target_steps, cfg.lr, cfg.warmup_fraction, batch, lm_loss, "target")
+    if cfg.target_from:
+        from transformers import AutoModelForCausalLM
+
+        target = AutoModelForCausalLM.from_pretrained(Path(cfg.target_from) / "target", dtype=torch.float32).to(device)
+        for _ in range(cfg.target_steps):  # draw the target's batches, so the draft sees what a full build shows it
+            batch()
+        target_seconds = json.loads((Path(cfg.target_from) / "pair.json").read_text())["training_seconds"]["target"]
+    else:
+        target = build_model(target_cfg, cfg.seed).to(device)
+        target_seconds = train_loop(target, cfg.target_steps, cfg.lr, cfg.warmup_fraction, batch, lm_loss, "target")
 
     if cfg.draft_init == "truncate":
         draft = truncated_draft(target, cfg.draft_layers, cfg.seed + 1).to(device)
@@ -351,7 +382,7 @@ def _build(cfg: PairConfig) -> dict:
     context = val_windows[0, : cfg.seq_len]
     t_ms, d_ms = decode_step_ms(target, context), decode_step_ms(draft, context)
     meta = {
-        "preset": cfg.preset, "arch": cfg.arch, "corpus": cfg.corpus,
+        "preset": cfg.preset, "arch": cfg.arch, "corpus": cfg.corpus, "target_reused_from": cfg.target_from,
         "target_params": sum(p.numel() for p in target.parameters()),
         "draft_params": sum(p.numel() for p in draft.parameters()),
         "vocab_size": vocab,
@@ -362,7 +393,7 @@ def _build(cfg: PairConfig) -> dict:
         **{k: round(v, 4) for k, v in figures.items()},
         "decode_step_ms": {"target": round(t_ms, 3), "draft": round(d_ms, 3), "ratio": round(t_ms / d_ms, 2),
                            "device": str(device), "threads": torch.get_num_threads()},
-        "config": {k: v for k, v in to_dict(cfg).items() if k not in ("overwrite", "device", "threads", "out")},
+        "config": {k: v for k, v in to_dict(cfg).items() if k not in RUNTIME_OPTIONS},
     }
     save_pair(cfg.out_dir, target, draft, tokenizer, meta)
     return meta

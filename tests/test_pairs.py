@@ -113,3 +113,18 @@ def test_splits_are_stable_and_disjoint():
     assert split_of("stdlib/os.py") == split_of("stdlib/os.py")
     names = {d.id for d in load_documents("stdlib", "val")} & {d.id for d in load_documents("stdlib", "train")}
     assert not names
+
+
+def test_target_from_rebuilds_only_the_draft_and_equals_a_full_build(tiny_pair, tmp_path):
+    from safetensors.torch import load_file
+
+    out = tmp_path / "redraft"
+    meta = build_pair(parse_pair_config(["--preset", "tiny", "--out", str(out), "--target-from", str(tiny_pair)]))
+    assert meta["target_reused_from"] == str(tiny_pair)
+    for role in ("target", "draft"):
+        a = load_file(tiny_pair / role / "model.safetensors")
+        b = load_file(out / role / "model.safetensors")
+        assert all(torch.equal(a[k], b[k]) for k in a), role
+    with pytest.raises(SprinterError, match="other target options.*target_layers=2, not 3"):
+        build_pair(parse_pair_config(["--preset", "tiny", "--out", str(tmp_path / "x"), "--target-from",
+                                      str(tiny_pair), "--target-layers", "3"]))
