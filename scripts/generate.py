@@ -20,21 +20,12 @@ from sprinter.config import parse_config, to_dict
 from sprinter.decode import DEMO_VERIFIER, NO_VERIFIER, Decoder, GenerateConfig
 from sprinter.errors import SprinterError, run_cli
 from sprinter.models import resolve_device, resolve_dtype
-from sprinter.pairs import ensure_pair, presets
+from sprinter.pairs import resolve_pair
 
 
 def pair_paths(cfg: GenerateConfig) -> tuple[str, str]:
     """(draft, target): --draft/--target, else PAIR/draft and PAIR/target (a preset pair is built if missing)."""
-    if cfg.draft is not None and cfg.target is not None:
-        return cfg.draft, cfg.target
-    if Path(cfg.pair).is_dir():
-        folder = Path(cfg.pair)
-    elif cfg.pair in presets():
-        folder = ensure_pair(cfg.pair)
-    else:
-        raise SprinterError(f"pair: got {cfg.pair!r}; expected a pair folder (with draft/ and target/) or a preset "
-                            f"of {presets()}")
-    return cfg.draft or str(folder / "draft"), cfg.target or str(folder / "target")
+    return resolve_pair(cfg.pair, cfg.draft, cfg.target)
 
 
 def verifier_path(cfg: GenerateConfig) -> str | None:

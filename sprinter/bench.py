@@ -403,19 +403,9 @@ def warm_up(cfg: BenchConfig, prompt: Prompt, methods: Sequence[Method]) -> None
 
 
 def load_decoder(cfg: BenchConfig, verifiers: dict[str, str]) -> Decoder:
-    from sprinter.pairs import ensure_pair, presets
+    from sprinter.pairs import resolve_pair
 
-    if cfg.draft is not None:
-        draft, target = cfg.draft, cfg.target
-    else:
-        if Path(cfg.pair).is_dir():
-            folder = Path(cfg.pair)
-        elif cfg.pair in presets():
-            folder = ensure_pair(cfg.pair)
-        else:
-            raise SprinterError(f"pair: got {cfg.pair!r}; expected a pair folder (with draft/ and target/) or a "
-                                f"preset of {presets()}")
-        draft, target = str(folder / "draft"), str(folder / "target")
+    draft, target = resolve_pair(cfg.pair, cfg.draft, cfg.target)
     return Decoder.from_pretrained(draft, target, verifier=verifiers.get("mlp"), device=cfg.device, dtype=cfg.dtype)
 
 

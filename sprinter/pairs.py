@@ -427,4 +427,19 @@ def ensure_pair(preset: str = "demo") -> Path:
     return out
 
 
-__all__ = ["PairConfig", "build_pair", "ensure_pair", "parse_pair_config", "presets"]
+def resolve_pair(pair: str, draft: str | None = None, target: str | None = None) -> tuple[str, str]:
+    """(draft, target) paths: the explicit ones, else PAIR/draft and PAIR/target, where PAIR is a pair
+    folder or a preset name (a preset pair is built first if missing)."""
+    if draft is not None and target is not None:
+        return draft, target
+    if Path(pair).is_dir():
+        folder = Path(pair)
+    elif pair in presets():
+        folder = ensure_pair(pair)
+    else:
+        raise SprinterError(f"pair: got {pair!r}; expected a pair folder (with draft/ and target/) or a preset "
+                            f"of {presets()}")
+    return draft or str(folder / "draft"), target or str(folder / "target")
+
+
+__all__ = ["PairConfig", "build_pair", "ensure_pair", "parse_pair_config", "presets", "resolve_pair"]
