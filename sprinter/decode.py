@@ -7,9 +7,12 @@ Modes (REFERENCES.md §1 and §5):
   speculative-sampling rule (lossless: the output is distributed as the target's);
 - "sprinter": approximate verification: a gate decides from the draft alone whether each drafted
   token needs the target; the target is called only on a flagged token (or after max_block tokens)
-  and checks only that token (`strict=True`: every token of the block).
+  and checks only that token (`strict=True`: every token of the block);
+- "sd-gated": lossless speculative decoding whose block length a gate decides (SpecDec++): drafting
+  stops once 1 - prod P(accept) over the block exceeds a stop threshold (or at max_block), then the
+  target checks every token as in "sd".
 
-Two loops serve all four: `autoregressive` (one model) and `speculative` (a drafter, an optional gate
+Two loops serve all five: `autoregressive` (one model) and `speculative` (a drafter, an optional gate
 and the target). A mode is a few arguments to one of them.
 """
 
@@ -33,7 +36,9 @@ from sprinter.models import Pair, fingerprint, load_pair, resolve_device, resolv
 from sprinter.sampling import Sampler, uniform
 from sprinter.stats import DecodeStats
 
-MODES = ("ar", "draft", "sd", "sprinter")
+MODES = ("ar", "draft", "sd", "sprinter", "sd-gated")
+GATED_MODES = ("sprinter", "sd-gated")  # the modes that consult a gate
+STOP_THRESHOLD = 0.5  # sd-gated: stop drafting once P(the block holds a rejection) exceeds this
 GATES = ("learned", "confidence", "always", "never")
 DEMO_VERIFIER = "checkpoints/verifiers/demo"
 NO_VERIFIER = ("mode='sprinter' needs a gate, and this decoder has no verifier: train one with "
@@ -58,7 +63,8 @@ class GenerateConfig:
     max_block: int | None = option(20, "sprinter: call the target after this many passed tokens (none: unbounded)")
     gate: str | None = option(None, f"sprinter: one of {GATES}; none: learned when a verifier is loaded")
     threshold: float | None = option(None, "sprinter: the gate's threshold; none: the verifier's calibrated "
-                                           f"one, or {CONFIDENCE_THRESHOLD} for the confidence gate")
+                                           f"one, or {CONFIDENCE_THRESHOLD} for the confidence gate. sd-gated: the "
+                                           f"stop threshold on 1 - prod P(accept); none: {STOP_THRESHOLD}")
     strict: bool = option(False, "sprinter: the target also checks the passed tokens of each block (greedy: lossless)")
     stop: tuple[str, ...] = option((), "stop after any of these strings (kept in the output)")
     pair: str = option("demo", "a preset pair under checkpoints/pairs/ (built if missing) or a pair folder")
@@ -92,13 +98,16 @@ def check_options(mode: str, max_new_tokens: int, k: int, max_block: int | None,
         raise SprinterError(f"stop: got {stop!r}; expected a list of non-empty strings")
     if threshold is not None:
         check_threshold(threshold)
-    if mode != "sprinter":
-        for name, value, default in (("gate", gate, None), ("threshold", threshold, None), ("strict", strict, False)):
-            if value != default:
-                raise SprinterError(f"{name}: got {value!r} with mode={mode!r}; expected it only with mode='sprinter'")
+    if mode not in GATED_MODES:
+        for name, value in (("gate", gate), ("threshold", threshold)):
+            if value is not None:
+                raise SprinterError(f"{name}: got {value!r} with mode={mode!r}; expected it only with a mode of "
+                                    f"{GATED_MODES}")
+    if strict and mode != "sprinter":
+        raise SprinterError(f"strict: got True with mode={mode!r}; expected it only with mode='sprinter'")
     if isinstance(gate, str) and gate not in GATES:
         raise SprinterError(f"gate: got {gate!r}; expected one of {GATES} or a Gate object")
-    if threshold is not None and gate not in (None, "learned", "confidence"):
+    if mode == "sprinter" and threshold is not None and gate not in (None, "learned", "confidence"):
         raise SprinterError(f"threshold: got {threshold!r} with gate={gate!r}; expected it only with the "
                             "learned or the confidence gate")
 
@@ -173,11 +182,13 @@ def autoregressive(lm: CachedLM, tokens: torch.Tensor, sampler: Sampler, gen: to
 
 
 def speculative(target: CachedLM, drafter: Drafter, gate: Gate | None, tokens: torch.Tensor, sampler: Sampler,
-                gen: torch.Generator, out: Emitter, stats: DecodeStats, max_block: int | None, check_all: bool) -> None:
+                gen: torch.Generator, out: Emitter, stats: DecodeStats, max_block: int | None, check_all: bool,
+                stop_threshold: float | None = None) -> None:
     """Draft, (maybe) verify, emit, roll back; until the budget, EOS or a stop string.
 
     "sd": gate None, max_block = k, check_all. "sprinter": a gate, max_block (None: unbounded),
-    check_all = strict. tokens: (1, T) the prompt. The target's cache always covers every emitted
+    check_all = strict. "sd-gated": a gate, check_all, and `stop_threshold`: the block ends once
+    1 - prod P(accept) over it exceeds the threshold (SpecDec++), not at the first flagged token. tokens: (1, T) the prompt. The target's cache always covers every emitted
     token but the last; its first forward reads the prompt together with the first block."""
     while not out.done:
         limit = out.remaining if max_block is None else min(max_block, out.remaining)
@@ -186,6 +197,7 @@ def speculative(target: CachedLM, drafter: Drafter, gate: Gate | None, tokens: t
         block: list[torch.Tensor] = []
         qs: list[torch.Tensor] = []
         flagged = False
+        survival = 1.0  # sd-gated: estimated P(every token of the block is accepted)
         seq = tokens
         while len(block) < limit and not flagged:
             step = drafter.propose(seq, gen)
@@ -194,7 +206,12 @@ def speculative(target: CachedLM, drafter: Drafter, gate: Gate | None, tokens: t
             seq = torch.cat([seq, step.token.view(1, 1)], 1)
             if gate is not None:
                 stats.verifier_calls += 1
-                flagged = not bool(gate.accept_prob(step, len(block) - 1) >= gate.threshold)  # one host sync
+                p_accept = gate.accept_prob(step, len(block) - 1)
+                if stop_threshold is None:  # sprinter: this token is checked iff flagged
+                    flagged = not bool(p_accept >= gate.threshold)  # one host sync
+                else:  # sd-gated: stop drafting once the block probably holds a rejection
+                    survival = survival * p_accept
+                    flagged = bool(1 - survival > stop_threshold)  # one host sync
         n = len(block)
         x = torch.stack(block)  # (n,)
         stats.drafted += n
@@ -261,7 +278,8 @@ class Decoder:
         by `seed`. `k`: tokens drafted per target call in "sd". "sprinter" options: `gate` ("learned",
         the default when a verifier is loaded; "confidence": the draft's q(x); "always"; "never"; or a
         Gate object), `threshold` (overrides the verifier's calibrated one, or the confidence gate's
-        0.4), `max_block` (None: unbounded), `strict`. Generation stops at EOS, at any of `stop`
+        0.4), `max_block` (None: unbounded), `strict`. "sd-gated" takes `gate` and `max_block` alike,
+        and `threshold` as its stop threshold (default STOP_THRESHOLD). Generation stops at EOS, at any of `stop`
         (the stop string is kept in the output) or after max_new_tokens. `on_text` receives text as it
         is decided."""
         # 0. Every check happens before any model runs.
@@ -282,7 +300,9 @@ class Decoder:
         else:
             drafter = ModelDrafter(draft, sampler, with_hidden=chosen_gate is not None and chosen_gate.needs_hidden)
             speculative(target, drafter, chosen_gate, tokens, sampler, gen, out, stats,
-                        max_block=k if mode == "sd" else max_block, check_all=mode == "sd" or strict)
+                        max_block=k if mode == "sd" else max_block, check_all=mode != "sprinter" or strict,
+                        stop_threshold=None if mode != "sd-gated" else
+                        (STOP_THRESHOLD if threshold is None else threshold))
         if device.type == "cuda":
             torch.cuda.synchronize(device)
         stats.wall_seconds = time.perf_counter() - start
@@ -321,6 +341,8 @@ class Decoder:
         if prompt_len + max_new_tokens > window:
             raise SprinterError(f"prompt: {prompt_len} tokens + max_new_tokens={max_new_tokens} exceed the context "
                                 f"window of {window} tokens; expected a shorter prompt or fewer new tokens")
+        if mode == "sd-gated":  # `threshold` is the stop threshold here, not the gate's
+            return self._gate(gate, None)
         return self._gate(gate, threshold) if mode == "sprinter" else None
 
     def _gate(self, gate: str | Gate | None, threshold: float | None) -> Gate:
@@ -351,4 +373,4 @@ def _hidden_size(draft: str, trust_remote_code: bool) -> int:
         raise SprinterError(f"could not read the draft's config {draft!r} ({str(err).strip().splitlines()[0]})") from None
 
 
-__all__ = ["GATES", "MODES", "Decoder", "GenerateConfig", "GenerateOutput", "check_options", "autoregressive", "speculative"]
+__all__ = ["GATES", "MODES", "STOP_THRESHOLD", "Decoder", "GenerateConfig", "GenerateOutput", "check_options", "autoregressive", "speculative"]

@@ -158,7 +158,8 @@ def test_learned_gate_limits_via_a_gate_object(gpt2_decoder):
     ({"threshold": -0.1, "gate": "confidence"}, "threshold"),
     ({"gate": "magic"}, "gate"),
     ({"gate": None}, "train one"),
-    ({"mode": "ar", "gate": "confidence"}, "only with mode='sprinter'"),
+    ({"mode": "ar", "gate": "confidence"}, "only with a mode of"),
+    ({"mode": "sd", "strict": True}, "only with mode='sprinter'"),
     ({"max_block": 0, "gate": "confidence"}, "max_block"),
     ({"temperature": -1.0}, "temperature"),
     ({"stop": "abc"}, "stop"),
@@ -182,3 +183,45 @@ def test_cuda_requested_without_cuda(tiny_pair):
         pytest.skip("this machine has CUDA")
     with pytest.raises(SprinterError, match="no CUDA"):
         Decoder.from_pretrained(draft=str(tiny_pair / "draft"), target=str(tiny_pair / "target"), device="cuda")
+
+
+class RandomGate:
+    """A gate whose P(accept) is noise: sd-gated's output must not depend on it."""
+
+    threshold = 0.5
+    needs_hidden = False
+
+    def __init__(self, seed: int):
+        self.gen = torch.Generator().manual_seed(seed)
+
+    def accept_prob(self, step, position):
+        return torch.rand((), generator=self.gen)
+
+
+def test_sd_gated_equals_ar_for_any_gate(decoder):
+    for prompt in PROMPTS:
+        ar = decoder.generate(prompt, max_new_tokens=24, mode="ar").token_ids
+        for seed, stop in ((0, 0.3), (1, 0.7), (2, 0.95)):
+            out = decoder.generate(prompt, max_new_tokens=24, mode="sd-gated", gate=RandomGate(seed), threshold=stop)
+            assert out.token_ids == ar
+            s = out.stats
+            assert s.accepted + s.rejected == s.drafted and s.verifier_calls == s.drafted
+        conf = decoder.generate(prompt, max_new_tokens=24, mode="sd-gated", gate="confidence")
+        assert conf.token_ids == ar
+
+
+def test_sd_gated_limits(gpt2_decoder):
+    prompt = PROMPTS[0]
+    stops = gpt2_decoder.generate(prompt, max_new_tokens=20, mode="sd-gated", gate="always")
+    k1 = gpt2_decoder.generate(prompt, max_new_tokens=20, mode="sd", k=1)
+    assert stops.token_ids == k1.token_ids
+    assert (stops.stats.drafted, stops.stats.target_calls) == (k1.stats.drafted, k1.stats.target_calls)
+    never = gpt2_decoder.generate(prompt, max_new_tokens=30, mode="sd-gated", gate="never", max_block=6)
+    k6 = gpt2_decoder.generate(prompt, max_new_tokens=30, mode="sd", k=6)
+    assert never.token_ids == k6.token_ids and never.stats.drafted == k6.stats.drafted
+
+
+def test_sd_gated_refuses_strict():
+    with pytest.raises(SprinterError, match="strict"):
+        from sprinter.decode import check_options
+        check_options("sd-gated", 8, 4, 20, 0.5, True, None, ())

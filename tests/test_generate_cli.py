@@ -70,4 +70,4 @@ def test_runs_as_a_program(tmp_path):
     proc = subprocess.run([sys.executable, str(SCRIPT), "--mode", "fast"], cwd=tmp_path, capture_output=True,
                           text=True, timeout=300)
     assert proc.returncode == 2
-    assert proc.stderr.strip().splitlines() == ["error: mode: got 'fast'; expected one of ('ar', 'draft', 'sd', 'sprinter')"]
+    assert proc.stderr.strip().splitlines() == ["error: mode: got 'fast'; expected one of ('ar', 'draft', 'sd', 'sprinter', 'sd-gated')"]
