@@ -19,30 +19,30 @@ import torch
 
 
 def leading_true(mask: torch.Tensor) -> torch.Tensor:
-    """Number of True entries before the first False.  # (k,) bool -> () long"""
-    return mask.long().cumprod(0).sum()
+    """Number of True entries before the first False.  # (..., k) bool -> (...) long"""
+    return mask.long().cumprod(-1).sum(-1)
 
 
 def greedy_match(x: torch.Tensor, target_tokens: torch.Tensor) -> torch.Tensor:
-    """How many drafted tokens `x` the target's greedy tokens confirm, from the first on.  # (k,), (k,) -> ()"""
+    """How many drafted tokens `x` the target's greedy tokens confirm, from the first on.  # (..., k) x2 -> (...)"""
     return leading_true(x == target_tokens)
 
 
 def speculative_accept(p_x: torch.Tensor, q_x: torch.Tensor, u: torch.Tensor) -> torch.Tensor:
     """Per-token acceptance of speculative sampling: u < p(x) / q(x), written without the division.
 
-    p_x, q_x: (k,) the target's and the draft's probability of each drafted token (q_x > 0: x was
-    drawn from q); u: (k,) uniform [0, 1) draws. Returns (k,) bool."""
+    p_x, q_x: (..., k) the target's and the draft's probability of each drafted token (q_x > 0: x was
+    drawn from q); u: (..., k) uniform [0, 1) draws. Returns (..., k) bool."""
     return u * q_x < p_x
 
 
 def residual(p: torch.Tensor, q: torch.Tensor) -> torch.Tensor:
-    """norm(max(0, p - q)): where to sample after a rejection.  # (V,), (V,) -> (V,)
+    """norm(max(0, p - q)): where to sample after a rejection.  # (..., V), (..., V) -> (..., V)
 
     When p == q a rejection has probability 0; should rounding produce one anyway, the residual is
     all zeros and p itself is the right distribution, so it is returned instead of dividing by 0."""
     r = (p - q).clamp_min(0)
-    total = r.sum()
+    total = r.sum(-1, keepdim=True)
     return torch.where(total > 0, r / total.clamp_min(torch.finfo(r.dtype).tiny), p)
 
 

@@ -211,12 +211,10 @@ def check_pair(cfg: CollectConfig, pair: Pair) -> None:
 
 
 def resolve_pair_paths(cfg: CollectConfig) -> tuple[str, str]:
-    if cfg.draft is not None:
-        return cfg.draft, cfg.target  # type: ignore[return-value]
-    from sprinter.pairs import ensure_pair
+    """--draft/--target, else the demo pair (built first if missing)."""
+    from sprinter.pairs import resolve_pair
 
-    folder = ensure_pair("demo")
-    return str(folder / "draft"), str(folder / "target")
+    return resolve_pair("demo", cfg.draft, cfg.target)
 
 
 def collect(cfg: CollectConfig) -> dict | None:

@@ -30,7 +30,8 @@ from tqdm.auto import tqdm
 
 from sprinter.collect import CollectConfig, batch_rows, check_pair, iter_batches, resolve_pair_paths
 from sprinter.config import check_integers, option, parse_config, to_dict
-from sprinter.contexts import accept_labels, entropy, probabilities
+from sprinter.contexts import accept_labels, probabilities
+from sprinter.sampling import entropy
 from sprinter.models import Pair, load_pair
 
 

@@ -21,7 +21,9 @@ from __future__ import annotations
 import torch
 from transformers import DynamicCache
 
+from sprinter.acceptance import greedy_match, leading_true, residual, speculative_accept
 from sprinter.errors import SprinterError
+from sprinter.sampling import entropy
 
 
 # ------------------------------------------------------------------------------------- pure functions
@@ -29,11 +31,6 @@ def probabilities(logits: torch.Tensor, temperature: float) -> torch.Tensor:
     """Softmax at the collection temperature (the untempered softmax at temperature 0), in float32."""
     logits = logits.float()
     return torch.softmax(logits / temperature if temperature > 0 else logits, dim=-1)
-
-
-def entropy(q: torch.Tensor) -> torch.Tensor:
-    """Entropy in nats of each distribution on the last axis.  # (..., V) -> (...)"""
-    return -(q * torch.log(q.clamp_min(1e-30))).sum(-1)
 
 
 def choose_tokens(q: torch.Tensor, temperature: float, gen: torch.Generator) -> torch.Tensor:
@@ -68,20 +65,16 @@ def target_path(p: torch.Tensor, q: torch.Tensor, block: torch.Tensor, temperatu
     """
     b, k = block.shape
     if temperature == 0:
-        keep = block == p[:, :k].argmax(-1)
+        accepted = greedy_match(block, p[:, :k].argmax(-1))  # (B,)
     else:
         u = torch.rand(b, k, generator=gen, device=block.device)
-        keep = u * gather(q, block) < gather(p[:, :k], block)
-    accepted = keep.long().cumprod(-1).sum(-1)  # (B,)
+        accepted = leading_true(speculative_accept(gather(p[:, :k], block), gather(q, block), u))
     rows = torch.arange(b, device=block.device)
     p_next = p[rows, accepted]  # (B, V)
     if temperature == 0:
         return accepted, p_next.argmax(-1)
     q_next = torch.cat([q, torch.zeros_like(q[:, :1])], dim=1)[rows, accepted]  # zero after a full accept: p itself
-    residual = (p_next - q_next).clamp_min(0)
-    empty = residual.sum(-1, keepdim=True) <= 0  # p == q there: a rejection was impossible, sample p
-    residual = torch.where(empty, p_next, residual)
-    return accepted, torch.multinomial(residual / residual.sum(-1, keepdim=True), 1, generator=gen).squeeze(-1)
+    return accepted, torch.multinomial(residual(p_next, q_next), 1, generator=gen).squeeze(-1)
 
 
 def row_columns(hidden: torch.Tensor, q: torch.Tensor, p: torch.Tensor, x: torch.Tensor) -> dict[str, torch.Tensor]:

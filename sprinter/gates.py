@@ -17,6 +17,7 @@ import torch
 
 from sprinter.drafters import DraftStep
 from sprinter.errors import SprinterError
+from sprinter.sampling import entropy
 
 CONFIDENCE_THRESHOLD = 0.4  # Hugging Face's default assistant_confidence_threshold
 
@@ -92,7 +93,7 @@ class LearnedGate:
         if name == "draft_prob":
             return step.q_soft[step.token].to(self.dtype)
         if name == "draft_entropy":
-            return torch.special.entr(step.q_soft).sum().to(self.dtype)
+            return entropy(step.q_soft).to(self.dtype)
         if name == "position":
             return torch.tensor(float(position), device=device, dtype=self.dtype)
         raise SprinterError(f"verifier feature: got {name!r}; expected some of "
