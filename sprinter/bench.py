@@ -35,14 +35,15 @@ from sprinter.gates import CONFIDENCE_THRESHOLD, LearnedGate, check_threshold, l
 from sprinter.models import fingerprint
 
 CONFIG_DIR = Path(__file__).resolve().parent.parent / "configs" / "bench"
-FAMILIES = ("ar", "draft", "sd", "hf-assisted", "sprinter-mlp", "sprinter-linear", "sprinter-confidence",
-            "sprinter-strict")
+FAMILIES = ("ar", "draft", "sd", "hf-assisted", "sd-gated", "sd-gated-confidence", "sprinter-mlp", "sprinter-linear",
+            "sprinter-confidence", "sprinter-strict")
 DEFAULT_METHODS = FAMILIES[:-1]
 LEARNED = ("sprinter-mlp", "sprinter-linear", "sprinter-strict")
+GATED = ("sd-gated", "sd-gated-confidence")  # lossless; the operating point is the stop threshold
 DOMAINS = ("code", "prose")
 RECORDS, RUN = "records.jsonl", "run.json"
 # Options that may change on --resume without changing what a record means.
-RUNTIME_OPTIONS = ("out", "resume", "overwrite", "progress", "threads", "warmup")
+RUNTIME_OPTIONS = ("out", "resume", "overwrite", "progress", "threads", "warmup", "store_stop_threshold")
 
 
 @dataclass
@@ -59,7 +60,13 @@ class BenchConfig:
     budgets: tuple[float, ...] = option((), "sprinter: false-accept budgets to run (empty: all the checkpoint has)")
     confidence_thresholds: tuple[float, ...] = option((0.2, CONFIDENCE_THRESHOLD, 0.6),
                                                       "sprinter-confidence: thresholds on q(x) (0.4: Hugging Face's default)")
-    max_block: int = option(20, "sprinter: call the target after this many passed tokens")
+    max_block: int = option(20, "sprinter: call the target after this many passed tokens; sd-gated: the longest block")
+    stop_thresholds: tuple[float, ...] = option((0.3, 0.5, 0.7), "sd-gated: stop thresholds on 1 - prod P(accept) "
+                                                                  "to sweep (the fastest is marked)")
+    stop_verifier: str | None = option(None, "sd-gated: the verifier whose P(accept) sets the block length (one "
+                                             "trained with --label-rule soft suits it); none: VERIFIER")
+    store_stop_threshold: bool = option(False, "write the fastest sd-gated stop threshold into STOP_VERIFIER's "
+                                               "checkpoint (the Decoder's default for mode sd-gated)")
     dataset: str = option("stdlib", "prompt source (sprinter.corpus): 'stdlib', a folder or a file")
     split: str = option("test", "corpus split of the prompts (test: held out from pair and verifier training)")
     domains: tuple[str, ...] = option(DOMAINS, f"prompt domains, alternated: some of {DOMAINS}")
@@ -98,8 +105,13 @@ class BenchConfig:
         for name in ("warmup", "threads"):
             if not isinstance(getattr(self, name), int) or getattr(self, name) < 0:
                 raise SprinterError(f"{name}: got {getattr(self, name)!r}; expected an integer >= 0")
-        for value in (*self.budgets, *self.confidence_thresholds):
+        for value in (*self.budgets, *self.confidence_thresholds, *self.stop_thresholds):
             check_threshold(value)
+        if "sd-gated" in self.methods and not self.stop_thresholds:
+            raise SprinterError("stop_thresholds: got none with method sd-gated; expected at least one")
+        if self.store_stop_threshold and "sd-gated" not in self.methods:
+            raise SprinterError(f"store_stop_threshold: got True with methods {list(self.methods)}; expected "
+                                "'sd-gated' among them (its sweep chooses the threshold)")
         if not isinstance(self.temperature, (int, float)) or not self.temperature >= 0:
             raise SprinterError(f"temperature: got {self.temperature!r}; expected a number >= 0")
         if self.resume and self.overwrite:
@@ -244,12 +256,17 @@ def missing_verifier(path: str, role: str) -> SprinterError:
 
 
 def check_verifiers(cfg: BenchConfig) -> dict[str, str]:
-    """{"mlp": path, "linear": path} for the learned families asked for; refuses a missing checkpoint."""
+    """{"mlp": path, "linear": path, "stop": path} for the learned families asked for; refuses a missing checkpoint."""
     paths = {}
     if {"sprinter-mlp", "sprinter-strict"} & set(cfg.methods):
         if not Path(cfg.verifier).exists():
             raise missing_verifier(cfg.verifier, "verifier")
         paths["mlp"] = cfg.verifier
+    if "sd-gated" in cfg.methods:
+        stop = cfg.stop_verifier or cfg.verifier
+        if not Path(stop).exists():
+            raise missing_verifier(stop, "stop verifier" if cfg.stop_verifier else "verifier")
+        paths["stop"] = stop
     if "sprinter-linear" in cfg.methods:
         linear = cfg.linear_verifier or str(Path(cfg.verifier) / "baselines" / "linear")
         if not Path(linear).exists():
@@ -279,11 +296,14 @@ def build_methods(cfg: BenchConfig, decoder: Decoder, verifiers: dict[str, str])
     gates: dict[str, tuple[LearnedGate, dict[str, float]]] = {}
     if "mlp" in verifiers:
         gates["mlp"] = (decoder.gate, decoder.verifier_info.thresholds)
-    if "linear" in verifiers:
-        pair = decoder.pair
-        gate, info = load_learned_gate(verifiers["linear"], fingerprint(pair.draft_name), pair.draft.config.hidden_size,
-                                       pair.device, pair.dtype)
-        gates["linear"] = (gate, info.thresholds)
+    for name in ("linear", "stop"):
+        if name in verifiers and not (name == "stop" and verifiers["stop"] == verifiers.get("mlp")):
+            pair = decoder.pair
+            gate, info = load_learned_gate(verifiers[name], fingerprint(pair.draft_name), pair.draft.config.hidden_size,
+                                           pair.device, pair.dtype)
+            gates[name] = (gate, info.thresholds)
+    if "stop" in verifiers and "stop" not in gates:
+        gates["stop"] = gates["mlp"]
     methods: list[Method] = []
     for family in FAMILIES:
         if family not in cfg.methods:
@@ -295,6 +315,12 @@ def build_methods(cfg: BenchConfig, decoder: Decoder, verifiers: dict[str, str])
                         for k in sorted(set(cfg.ks))]
         elif family == "hf-assisted":
             methods.append(Method(family, family, greedy, hf_assisted_runner(decoder, t)))
+        elif family in GATED:
+            gate = gates["stop"][0] if family == "sd-gated" else "confidence"
+            methods += [Method(f"{family}@{c:g}", family, greedy,
+                               decoder_runner(decoder, t, mode="sd-gated", gate=gate, threshold=c,
+                                              max_block=cfg.max_block), c)
+                        for c in sorted(set(cfg.stop_thresholds))]
         elif family == "sprinter-confidence":
             methods += [Method(f"{family}@{c:g}", family, False,
                                decoder_runner(decoder, t, mode="sprinter", gate="confidence", threshold=c,
@@ -442,8 +468,16 @@ def run_benchmark(cfg: BenchConfig) -> dict:
                 print(f"\ninterrupted: {len(done)} finished prompt(s) kept in {Path(cfg.out) / RECORDS}; run the same "
                       "command with --resume to continue", file=sys.stderr)
                 raise
-    # 3. Aggregate and write the reports.
-    return write_reports(cfg, decoder, verifiers, prompts, methods, done, time.perf_counter() - start)
+    # 3. Aggregate and write the reports; store the chosen stop threshold with its verifier if asked.
+    results = write_reports(cfg, decoder, verifiers, prompts, methods, done, time.perf_counter() - start)
+    stop = results["recommended_stop_threshold"]
+    if cfg.store_stop_threshold and stop is not None:
+        from sprinter.verifier import update_info
+
+        update_info(verifiers["stop"], stop_threshold=stop)
+        print(f"stored stop_threshold={stop:g} in {verifiers['stop']} (the default of mode sd-gated with it)",
+              file=sys.stderr)
+    return results
 
 
 __all__ = ["BenchConfig", "FAMILIES", "Method", "Prompt", "build_methods", "default_config_path", "load_prompts",

@@ -33,7 +33,8 @@ METHOD_KEYS = ("name", "family", "operating_point", "lossless", "prompts", "new_
                "target_nll_ratio_vs_ar", "rouge_l_vs_ar", "exact_match_vs_ar", "by_domain")
 TOP_KEYS = ("format", "created", "hardware", "libraries", "pair", "verifiers", "prompts", "max_new_tokens",
             "temperature", "options", "elapsed_seconds", "methods")
-CURVES = ("sprinter-mlp", "sprinter-linear", "sprinter-confidence")
+CURVES = ("sd-gated", "sd-gated-confidence", "sprinter-mlp", "sprinter-linear", "sprinter-confidence")
+BEST_OF = ("sd", "sd-gated", "sd-gated-confidence")  # lossless families whose fastest operating point is marked
 
 
 def _ratio(a: float, b: float) -> float | None:
@@ -75,7 +76,7 @@ def summarize(records: Sequence[dict], reference: dict[int, dict]) -> dict:
 
 
 def method_entries(methods: Sequence[Method], done: dict[int, list[dict]]) -> list[dict]:
-    """One entry per method (the fastest sd marked best), over the finished prompts."""
+    """One entry per method (the fastest of each BEST_OF family marked best), over the finished prompts."""
     if not done:
         raise SprinterError("no prompt finished; nothing to report (run without --resume, or with more time)")
     by_method: dict[str, list[dict]] = {}
@@ -94,11 +95,18 @@ def method_entries(methods: Sequence[Method], done: dict[int, list[dict]]) -> li
                                            "rouge_l_vs_ar")}
                               for d in domains}
         entries.append(entry)
-    sd = [e for e in entries if e["family"] == "sd" and e["speedup_vs_ar"] is not None]
-    for e in entries:
-        if e["family"] == "sd":
-            e["best"] = bool(sd) and e is max(sd, key=lambda x: x["speedup_vs_ar"])
+    for family in BEST_OF:
+        timed = [e for e in entries if e["family"] == family and e["speedup_vs_ar"] is not None]
+        for e in entries:
+            if e["family"] == family:
+                e["best"] = bool(timed) and e is max(timed, key=lambda x: x["speedup_vs_ar"])
     return entries
+
+
+def recommended_stop_threshold(entries: Sequence[dict]) -> float | None:
+    """The stop threshold of the fastest sd-gated row (None without sd-gated rows)."""
+    best = [e for e in entries if e["family"] == "sd-gated" and e.get("best")]
+    return best[0]["operating_point"] if best else None
 
 
 def hardware(device: torch.device, dtype: torch.dtype) -> dict:
@@ -160,13 +168,17 @@ def markdown(results: dict) -> str:
              "| mean acc. length | target consistency | target NLL | NLL / ar | ROUGE-L vs ar | exact match vs ar |",
              "|---|" + "---:|" * 12]
     for e in results["methods"]:
-        name = e["name"] + (" (best sd)" if e.get("best") else "") + (" [lossless]" if e["lossless"] else "")
+        name = e["name"] + (f" (best {e['family']})" if e.get("best") else "") + (" [lossless]" if e["lossless"] else "")
         lines.append("| " + " | ".join([name, _fmt(e["ms_per_token"]), _fmt(e["tokens_per_s"], 1),
                                          _fmt(e["speedup_vs_ar"]), _fmt(e["target_calls_per_token"], 3),
                                          _fmt(e["target_tokens_per_token"]), _fmt(e["flops_per_token"]),
                                          _fmt(e["mean_acceptance_length"]), _fmt(e["target_consistency"], 3),
                                          _fmt(e["target_nll"], 3), _fmt(e["target_nll_ratio_vs_ar"], 3),
                                          _fmt(e["rouge_l_vs_ar"], 3), _fmt(e["exact_match_vs_ar"], 2)]) + " |")
+    stop = results.get("recommended_stop_threshold")
+    if stop is not None:
+        lines += ["", f"sd-gated: the fastest stop threshold was {stop:g} (`--store-stop-threshold` writes it into the "
+                      "stop verifier's checkpoint, where mode sd-gated reads its default)."]
     checked = results["temperature"] == 0 and results["options"]["check_lossless"]
     lines += ["", "Lossless rows were checked equal to ar's output token for token." if checked else
               "Lossless rows were not checked against ar's output (sampling, or --no-check-lossless).", ""]
@@ -237,6 +249,7 @@ def write_reports(cfg: BenchConfig, decoder, verifiers: dict[str, str], prompts:
         "max_new_tokens": cfg.max_new_tokens, "temperature": cfg.temperature, "options": to_dict(cfg),
         "elapsed_seconds": round(seconds, 2), "methods": method_entries(methods, done),
     }
+    results["recommended_stop_threshold"] = recommended_stop_threshold(results["methods"])
     check_results(results)
     out = Path(cfg.out)
     write_atomic(out / "results.json", json.dumps(results, indent=2) + "\n")

@@ -64,7 +64,7 @@ class GenerateConfig:
     gate: str | None = option(None, f"sprinter: one of {GATES}; none: learned when a verifier is loaded")
     threshold: float | None = option(None, "sprinter: the gate's threshold; none: the verifier's calibrated "
                                            f"one, or {CONFIDENCE_THRESHOLD} for the confidence gate. sd-gated: the "
-                                           f"stop threshold on 1 - prod P(accept); none: {STOP_THRESHOLD}")
+                                           f"stop threshold on 1 - prod P(accept); none: the verifier's recommended one, else {STOP_THRESHOLD}")
     strict: bool = option(False, "sprinter: the target also checks the passed tokens of each block (greedy: lossless)")
     stop: tuple[str, ...] = option((), "stop after any of these strings (kept in the output)")
     pair: str = option("demo", "a preset pair under checkpoints/pairs/ (built if missing) or a pair folder")
@@ -279,7 +279,8 @@ class Decoder:
         the default when a verifier is loaded; "confidence": the draft's q(x); "always"; "never"; or a
         Gate object), `threshold` (overrides the verifier's calibrated one, or the confidence gate's
         0.4), `max_block` (None: unbounded), `strict`. "sd-gated" takes `gate` and `max_block` alike,
-        and `threshold` as its stop threshold (default STOP_THRESHOLD). Generation stops at EOS, at any of `stop`
+        and `threshold` as its stop threshold (default: the verifier's recommended one when its gate is the
+        loaded verifier, else STOP_THRESHOLD). Generation stops at EOS, at any of `stop`
         (the stop string is kept in the output) or after max_new_tokens. `on_text` receives text as it
         is decided."""
         # 0. Every check happens before any model runs.
@@ -301,8 +302,7 @@ class Decoder:
             drafter = ModelDrafter(draft, sampler, with_hidden=chosen_gate is not None and chosen_gate.needs_hidden)
             speculative(target, drafter, chosen_gate, tokens, sampler, gen, out, stats,
                         max_block=k if mode == "sd" else max_block, check_all=mode != "sprinter" or strict,
-                        stop_threshold=None if mode != "sd-gated" else
-                        (STOP_THRESHOLD if threshold is None else threshold))
+                        stop_threshold=self._stop_threshold(threshold, chosen_gate) if mode == "sd-gated" else None)
         if device.type == "cuda":
             torch.cuda.synchronize(device)
         stats.wall_seconds = time.perf_counter() - start
@@ -314,6 +314,14 @@ class Decoder:
             params = sum(w.numel() for w in chosen_gate.verifier.parameters())
             stats.verifier_flops = 2 * params * stats.verifier_calls
         return GenerateOutput(text=out.text(), token_ids=out.ids, stats=stats, stop_reason=out.stop_reason)
+
+    def _stop_threshold(self, threshold: float | None, gate: Gate | None) -> float:
+        """sd-gated's stop threshold: the one asked for, else the loaded verifier's recommended one (stored by
+        `scripts/benchmark.py --store-stop-threshold`) when it is the gate, else STOP_THRESHOLD."""
+        if threshold is not None:
+            return threshold
+        stored = getattr(self.verifier_info, "stop_threshold", None)
+        return stored if stored is not None and gate is self.gate else STOP_THRESHOLD
 
     def _prompt_ids(self, prompt: str | Sequence[int] | torch.Tensor) -> list[int]:
         if isinstance(prompt, str):

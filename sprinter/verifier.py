@@ -49,6 +49,8 @@ class VerifierInfo:
     default_budget: float | None = None
     default_threshold: float = 0.5  # a token passes iff sigmoid(logit) >= threshold
     context_source: str | None = None  # "corpus" | "decode": how the training contexts were made
+    stop_threshold: float | None = None  # sd-gated: the recommended stop threshold (scripts/benchmark.py
+    #                                      --store-stop-threshold writes the fastest one of its sweep here)
     sprinter_version: str = ""
 
     def __post_init__(self) -> None:
@@ -161,6 +163,22 @@ def save_verifier(path: str | Path, verifier: Verifier, info: VerifierInfo) -> P
         if os.path.exists(tmp):
             os.remove(tmp)
     return file
+
+
+def update_info(path: str | Path, **changes: Any) -> VerifierInfo:
+    """Rewrite a checkpoint's metadata (e.g. `stop_threshold=0.5`) atomically; the weights are kept as they are."""
+    from safetensors.torch import load_file
+
+    names = {f.name for f in dataclasses.fields(VerifierInfo)}
+    unknown = sorted(set(changes) - names)
+    if unknown:
+        raise SprinterError(f"verifier metadata: got field(s) {unknown}; expected some of {sorted(names)}")
+    file = checkpoint_file(path)
+    info = dataclasses.replace(read_info(file), **changes)
+    verifier = Verifier(info)
+    verifier.load_state_dict(load_file(str(file)), strict=True)
+    save_verifier(file, verifier, info)
+    return info
 
 
 def read_info(path: str | Path) -> VerifierInfo:

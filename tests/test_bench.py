@@ -98,7 +98,8 @@ def test_smoke_run_writes_every_output_with_the_schema(smoke):
     assert on_disk["prompts"]["count"] == 2 and on_disk["prompts"]["domains"] == {"code": 1, "prose": 1}
     assert on_disk["temperature"] == 0.0 and on_disk["hardware"]["dtype"] == "float32"
     names = [m["name"] for m in on_disk["methods"]]
-    assert names == ["ar", "draft", "sd-k2", "sd-k4", "hf-assisted", "sprinter-mlp@0.05", "sprinter-mlp@0.2",
+    assert names == ["ar", "draft", "sd-k2", "sd-k4", "hf-assisted", "sd-gated@0.3", "sd-gated@0.7",
+                     "sd-gated-confidence@0.3", "sd-gated-confidence@0.7", "sprinter-mlp@0.05", "sprinter-mlp@0.2",
                      "sprinter-linear@0.05", "sprinter-linear@0.2", "sprinter-confidence@0.4", "sprinter-strict@0.05"]
     by_name = {m["name"]: m for m in on_disk["methods"]}
     ar = by_name["ar"]
@@ -109,7 +110,10 @@ def test_smoke_run_writes_every_output_with_the_schema(smoke):
         assert set(METHOD_KEYS) <= set(m)
         if m["lossless"]:  # checked token for token during the run
             assert m["exact_match_vs_ar"] == 1.0 and m["rouge_l_vs_ar"] == 1.0
-    assert sum(m.get("best", False) for m in on_disk["methods"]) == 1
+    best = [m["name"] for m in on_disk["methods"] if m.get("best")]  # one per lossless family with operating points
+    assert [name.split("@")[0].rsplit("-k", 1)[0] for name in best] == ["sd", "sd-gated", "sd-gated-confidence"]
+    assert on_disk["recommended_stop_threshold"] == by_name[best[1]]["operating_point"]
+    assert by_name["sd-gated@0.3"]["lossless"] is True
     assert by_name["draft"]["target_calls_per_token"] == 0
     assert by_name["sprinter-mlp@0.05"]["lossless"] is False and by_name["sprinter-strict@0.05"]["lossless"] is True
     assert "| sd-k" in (out / "results.md").read_text()
@@ -163,6 +167,8 @@ def test_a_lossless_method_that_differs_from_ar_fails_loudly():
     (["--num-prompts", "0"], "num_prompts: got 0"),
     (["--budgets", "1.5"], "threshold: got 1.5"),
     (["--resume", "--overwrite"], "at most one"),
+    (["--stop-thresholds", "2"], "threshold: got 2"),
+    (["--methods", "ar", "sd", "--store-stop-threshold"], "expected 'sd-gated' among them"),
 ])
 def test_bad_options_are_refused(argv, message):
     with pytest.raises(SprinterError, match=message):
@@ -201,3 +207,22 @@ def test_script_refuses_a_missing_verifier_in_one_line(tmp_path):
                           "--out", str(tmp_path / "out")], capture_output=True, text=True, cwd=tmp_path)
     assert run.returncode == 2 and run.stderr.startswith("error: verifier: got")
     assert len(run.stderr.strip().splitlines()) == 1 and "scripts/train.py" in run.stderr
+
+
+def test_the_fastest_stop_threshold_is_stored_with_its_verifier(tiny_pair, verifier, tmp_path):
+    import shutil
+
+    from sprinter.decode import STOP_THRESHOLD, Decoder
+    from sprinter.verifier import read_info
+
+    stop = tmp_path / "stop"
+    shutil.copytree(verifier / "baselines" / "linear", stop)  # a separate stop verifier, as a soft-label one would be
+    args = bench_args(tiny_pair, verifier, tmp_path / "out", "--methods", "ar", "sd-gated", "--stop-thresholds", "0.2",
+                      "0.6", "--stop-verifier", str(stop), "--store-stop-threshold")
+    results = run_benchmark(parse_config(BenchConfig, args, "test"))
+    chosen = results["recommended_stop_threshold"]
+    assert chosen in (0.2, 0.6) and read_info(stop).stop_threshold == chosen
+    assert read_info(verifier).stop_threshold is None  # the other checkpoint is untouched
+    decoder = Decoder.from_pretrained(str(tiny_pair / "draft"), str(tiny_pair / "target"), verifier=stop, device="cpu")
+    assert decoder._stop_threshold(None, decoder.gate) == chosen and decoder._stop_threshold(0.9, decoder.gate) == 0.9
+    assert decoder._stop_threshold(None, None) == STOP_THRESHOLD  # another gate: the library default

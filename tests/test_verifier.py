@@ -99,3 +99,20 @@ def test_weights_that_disagree_with_metadata_are_refused(tmp_path):
     with pytest.raises(SprinterError, match="do not match"):
         load_verifier(tmp_path)
     assert read_info(tmp_path).features == FEATURES
+
+
+def test_update_info_rewrites_the_metadata_and_keeps_the_weights(tmp_path):
+    from safetensors.torch import load_file
+
+    from sprinter.verifier import update_info
+
+    info = VerifierInfo(features=("hidden",), hidden_size=4, arch=default_arch(depth=0))
+    save_verifier(tmp_path, Verifier(info), info)
+    before = load_file(str(tmp_path / "verifier.safetensors"))
+    assert read_info(tmp_path).stop_threshold is None
+    update_info(tmp_path, stop_threshold=0.4)
+    assert read_info(tmp_path).stop_threshold == 0.4
+    after = load_file(str(tmp_path / "verifier.safetensors"))
+    assert all(torch.equal(before[k], after[k]) for k in before)
+    with pytest.raises(SprinterError, match="stop_threshhold"):
+        update_info(tmp_path, stop_threshhold=0.4)
