@@ -38,7 +38,7 @@ from typing import Sequence
 
 import numpy as np
 
-from sprinter.config import check_integers, option, save_config, to_dict
+from sprinter.config import check_integers, option, save_config
 from sprinter.errors import SprinterError
 
 FORMAT = "sprinter-datastore"
@@ -193,25 +193,36 @@ class Datastore:
     def _continue(self, lo: int, hi: int, depth: int, s: int) -> list[int]:
         """Greedy most-frequent continuation of the suffixes[lo:hi] (which share `depth` tokens), up to s tokens."""
         out: list[int] = []
-        while len(out) < s:
-            if hi - lo == 1:  # one occurrence left: copy what followed it, up to the document's end
-                start = self._sa[lo] + depth
-                rest = self._tok[start : start + s - len(out)].tolist()
-                return out + (rest[: rest.index(self.eos_id)] if self.eos_id in rest else rest)
-            sampled = hi - lo > SAMPLE
-            rows = lo + np.arange(SAMPLE) * (hi - lo) // SAMPLE if sampled else slice(lo, hi)
-            following = self.tokens[self.suffixes[rows] + depth]  # sorted: equal tokens are runs
-            bounds = [0, *(np.flatnonzero(following[1:] != following[:-1]) + 1).tolist(), following.size]
+        while len(out) < s and hi - lo > SAMPLE:  # a large range: count a sample, then search the sub-range
+            following = self.tokens[self.suffixes[lo + np.arange(SAMPLE) * (hi - lo) // SAMPLE] + depth]
+            bounds = [0, *((following[1:] != following[:-1]).nonzero()[0] + 1).tolist(), SAMPLE]
             run = max(range(len(bounds) - 1), key=lambda r: bounds[r + 1] - bounds[r])  # first on ties: smallest id
             token = int(following[bounds[run]])
             if token == self.eos_id:
+                return out
+            out.append(token)
+            lo, hi = self._narrow(lo, hi, depth, token)
+            depth += 1
+        return out + self._greedy_block(lo, hi, depth, s - len(out)) if len(out) < s else out
+
+    def _greedy_block(self, lo: int, hi: int, depth: int, k: int) -> list[int]:
+        """`_continue` for a range of at most SAMPLE suffixes: one read of the next k tokens of each."""
+        rows = self.suffixes[lo:hi, None].astype(np.int64) + depth + np.arange(k)
+        block = self.tokens[np.minimum(rows, self.tokens.size - 1)]  # (R, k); what lies past an EOS is never used
+        # split[i, j]: rows i and i + 1 differ within their first j + 1 tokens (the rows are sorted).
+        split = np.logical_or.accumulate(block[1:] != block[:-1], axis=1)  # (R - 1, k)
+        a, b, out = 0, hi - lo, []
+        for j in range(k):
+            if b - a == 1:  # one occurrence left: the rest of its row
+                rest = block[a, j:].tolist()
+                return out + (rest[: rest.index(self.eos_id)] if self.eos_id in rest else rest)
+            bounds = [a, *(split[a : b - 1, j].nonzero()[0] + a + 1).tolist(), b]
+            run = max(range(len(bounds) - 1), key=lambda r: bounds[r + 1] - bounds[r])  # first on ties: smallest id
+            token = int(block[bounds[run], j])
+            if token == self.eos_id:
                 break
             out.append(token)
-            if sampled:
-                lo, hi = self._narrow(lo, hi, depth, token)
-            else:  # the run is the exact sub-range
-                lo, hi = lo + bounds[run], lo + bounds[run + 1]
-            depth += 1
+            a, b = bounds[run], bounds[run + 1]
         return out
 
     def verify(self) -> None:
@@ -367,8 +378,7 @@ def build_datastore(cfg: DatastoreConfig) -> dict:
     meta = {"vocab_size": len(tokenizer), "eos_id": tokenizer.eos_token_id,
             "tokenizer_fingerprint": tokenizer_fingerprint(tokenizer),
             "documents": int(np.count_nonzero(tokens == tokenizer.eos_token_id)),
-            "seconds": {"tokenize": round(tokenized - started, 2), "suffix_array": round(sorted_at - tokenized, 2)},
-            "config": to_dict(cfg)}
+            "seconds": {"tokenize": round(tokenized - started, 2), "suffix_array": round(sorted_at - tokenized, 2)}}
     return write_datastore(out, tokens, suffixes, meta, cfg)
 
 

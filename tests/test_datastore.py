@@ -59,6 +59,39 @@ def test_ties_go_to_the_smaller_id_and_matches_never_cross_documents():
     assert ds.chain([6, EOS, 1], 3) == [5]  # the context is cut after its EOS: only (1,) is looked up
 
 
+def naive_chain(tokens: list[int], context: list[int], s: int, n: int, min_n: int) -> list[int]:
+    """The documented rule, by brute force: longest suffix of the context that occurs, then greedily the
+    most frequent next token among the occurrences still alive (smallest id on ties), stopping at EOS."""
+    for m in range(min(n, len(context)), min_n - 1, -1):
+        alive = [p + m for p in range(len(tokens) - m) if tokens[p : p + m] == context[-m:]]
+        out = []
+        while alive and len(out) < s:
+            counts = {}
+            for q in alive:
+                counts[tokens[q]] = counts.get(tokens[q], 0) + 1
+            token = min(counts, key=lambda t: (-counts[t], t))
+            if token == EOS:
+                break
+            out.append(token)
+            alive = [q + 1 for q in alive if tokens[q] == token]
+        if out:
+            return out
+    return []
+
+
+@pytest.mark.parametrize("seed", range(4))
+def test_lookups_equal_the_rule_by_brute_force(seed):
+    rng = np.random.default_rng(seed)
+    docs = [rng.integers(1, 5, rng.integers(1, 60)).tolist() for _ in range(8)]
+    ds = Datastore.from_documents(docs, eos_id=EOS)
+    tokens = ds.tokens.tolist()
+    for _ in range(50):
+        context = rng.integers(1, 6, rng.integers(0, 5)).tolist()
+        n, min_n, s = int(rng.integers(1, 5)), 1, int(rng.integers(1, 9))
+        min_n = int(rng.integers(1, n + 1))
+        assert ds.chain(context, s, n, min_n) == naive_chain(tokens, context, s, n, min_n), (context, s, n, min_n)
+
+
 def test_large_ranges_are_counted_on_a_sample():
     docs = [[1, 2]] * (SAMPLE + 40) + [[1, 3, 4]] * (SAMPLE + 60)
     ds = Datastore.from_documents(docs, eos_id=EOS)
