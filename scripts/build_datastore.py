@@ -19,8 +19,8 @@ def main(argv=None) -> None:
                        default_config=DEFAULT)
     manifest = build_datastore(cfg)
     size = sum(f["bytes"] for f in manifest["files"].values())
-    print(f"datastore written to {cfg.out}/: {manifest['tokens']:,} tokens from {manifest['documents']:,} documents, "
-          f"{size / 2**20:.1f} MiB; tokenize {manifest['seconds']['tokenize']} s, "
+    print(f"datastore {cfg.out}/: {manifest['tokens']:,} tokens from {manifest['documents']:,} documents, "
+          f"{size / 2**20:.1f} MiB; built in: tokenize {manifest['seconds']['tokenize']} s, "
           f"suffix array {manifest['seconds']['suffix_array']} s")
 
 

@@ -137,10 +137,13 @@ def test_build_and_load_round_trip(built, tiny_pair, corpus):
     assert not list(out.parent.glob(".*tmp*"))  # the temporary folder was renamed into place
 
 
-def test_an_existing_datastore_is_kept_unless_overwrite(built, tiny_pair, corpus):
-    out, _ = built
+def test_an_existing_datastore_is_kept_unless_overwrite(built, tiny_pair, corpus, capsys):
+    out, manifest = built
+    same = DatastoreConfig(pair=str(tiny_pair), corpus=str(corpus), split="all", out=str(out))
+    assert build_datastore(same) == manifest and "nothing to do" in capsys.readouterr().out
     with pytest.raises(SprinterError, match="--overwrite"):
-        build_datastore(DatastoreConfig(pair=str(tiny_pair), corpus=str(corpus), split="all", out=str(out)))
+        build_datastore(DatastoreConfig(pair=str(tiny_pair), corpus=str(corpus), split="all", out=str(out),
+                                        max_tokens=100))
 
 
 def copy_of(out: Path, tmp_path: Path) -> Path:
@@ -238,4 +241,4 @@ def test_the_script_builds_a_datastore(tiny_pair, corpus, tmp_path):
     run = subprocess.run([sys.executable, str(SCRIPT), "--pair", str(tiny_pair), "--corpus", str(corpus), "--split",
                           "all", "--out", str(out)], capture_output=True, text=True, timeout=120)
     assert run.returncode == 0, run.stderr
-    assert "datastore written to" in run.stdout and (out / "manifest.json").is_file()
+    assert f"datastore {out}/: " in run.stdout and (out / "manifest.json").is_file()
