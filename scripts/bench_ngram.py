@@ -58,7 +58,8 @@ def agree(chain: list[int], truth: list[int]) -> int:
 
 
 def main(argv=None) -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0], formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0],
+                                     formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     parser.add_argument("--datastore", default="checkpoints/datastores/demo", help="from scripts/build_datastore.py")
     parser.add_argument("--pair", default="demo", help="pair preset or folder (its tokenizer and target)")
     parser.add_argument("--n", type=int, default=3, help="longest n-gram")

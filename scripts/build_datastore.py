@@ -1,4 +1,5 @@
-"""Build an n-gram datastore (a suffix array over a tokenized corpus): python scripts/build_datastore.py [--pair P] [--corpus C] [--out DIR]
+"""Build an n-gram datastore (a suffix array over a tokenized corpus):
+python scripts/build_datastore.py [--pair P] [--corpus C] [--split S] [--out DIR]
 
 With no arguments: the standard library's train split, tokenized with the demo pair's tokenizer
 (the pair is built first if missing), into checkpoints/datastores/demo/ (configs/datastore/demo.yaml).

@@ -13,7 +13,8 @@ On disk a datastore is a folder of four files, written by `build_datastore` (scr
 Plain .npy files (no pickle) opened with `mmap_mode="r"`: pages are read on demand. `Datastore.open`
 checks the manifest, the file sizes and the hashed first 64 KiB (headers) of each file, which
 catches truncated, replaced and header-damaged files at the cost of reading 128 KiB, then counts the
-tokens once for its first-token table (0.3 s at 10 M tokens); `verify()` hashes the full contents
+tokens once for its first-token table (0.3 s at 10 M tokens; ids outside the vocabulary are refused
+there); `verify()` hashes the full contents
 (about 0.1 s per 10 M tokens), for when damage deep inside a file matters.
 
 A lookup (`Datastore.chain`) finds the longest suffix of the context (n down to min_n tokens) that
@@ -53,7 +54,8 @@ MAX_TOKENS = 2**31 - 1  # int32 positions
 
 @dataclass
 class DatastoreConfig:
-    pair: str = option("demo", "pair whose tokenizer tokenizes the corpus: a preset (built if missing) or a pair folder")
+    pair: str = option("demo", "pair whose tokenizer tokenizes the corpus: a preset (built if missing) or a "
+                               "pair folder")
     tokenizer: str | None = option(None, "tokenizer folder or Hub name (default: the pair's target)")
     corpus: str = option("stdlib", "text: 'stdlib', a folder, a .jsonl/text file, or a Hub dataset name")
     split: str = option("train", "which split of the corpus: train, val, test or all")
@@ -158,7 +160,7 @@ class Datastore:
             context = context[len(context) - context[::-1].index(self.eos_id):]
         for m in range(min(n, len(context)), min_n - 1, -1):
             first = context[-m]
-            if first >= len(self._first) - 1:
+            if not 0 <= first < len(self._first) - 1:
                 continue
             lo, hi = self._first[first], self._first[first + 1]
             for depth in range(1, m):
@@ -227,15 +229,13 @@ class Datastore:
         return out
 
     def verify(self) -> None:
-        """Hash the full contents against the manifest, and check every token id is in the vocabulary."""
+        """Hash the full contents against the manifest (`open` checks sizes and headers only)."""
         if self.path is None:
             return
         for name in FILES:
             entry = self.manifest["files"][name]
             if _sha256(self.path / entry["file"]) != entry["sha256"]:
                 raise _unusable(self.path / entry["file"], "its contents do not match the manifest's SHA-256")
-        if int(self.tokens.max()) >= self.manifest["vocab_size"] or int(self.tokens.min()) < 0:
-            raise _unusable(self.path / "tokens.npy", f"it holds ids outside 0..{self.manifest['vocab_size'] - 1}")
 
 
 # ------------------------------------------------------------------------------------------ the format
@@ -314,7 +314,8 @@ def open_datastore(path: Path, tokenizer=None) -> Datastore:
         if not data.is_file():
             raise _unusable(data, "it is missing")
         if data.stat().st_size != entry["bytes"]:
-            raise _unusable(data, f"it is {data.stat().st_size} bytes where the manifest says {entry['bytes']} (truncated?)")
+            raise _unusable(data, f"it is {data.stat().st_size} bytes where the manifest says {entry['bytes']} "
+                                  "(truncated?)")
         if _sha256(data, HEAD_BYTES) != entry["head_sha256"]:
             raise _unusable(data, "its header (first 64 KiB) does not match the manifest's checksum")
         try:
@@ -322,7 +323,8 @@ def open_datastore(path: Path, tokenizer=None) -> Datastore:
         except (ValueError, OSError) as err:
             raise _unusable(data, f"numpy cannot read it ({err})") from None
         if arrays[name].dtype != np.int32 or list(arrays[name].shape) != [manifest["tokens"]]:
-            raise _unusable(data, f"it holds {arrays[name].dtype} {list(arrays[name].shape)}, not int32 [{manifest['tokens']}]")
+            raise _unusable(data, f"it holds {arrays[name].dtype} {list(arrays[name].shape)}, not int32 "
+                                  f"[{manifest['tokens']}]")
     if manifest["tokens"] and int(arrays["tokens"][-1]) != manifest["eos_id"]:
         raise _unusable(path / "tokens.npy", f"it does not end with the EOS id {manifest['eos_id']}")
     if tokenizer is not None:
@@ -333,7 +335,13 @@ def open_datastore(path: Path, tokenizer=None) -> Datastore:
             raise SprinterError(f"datastore {str(file)!r} was built for another tokenizer ({built}); expected "
                                 f"{expected}, the tokenizer in use: rebuild it with scripts/build_datastore.py "
                                 "--pair (or --tokenizer) of the models you decode with")
-    return Datastore(arrays["tokens"], arrays["suffixes"], manifest["eos_id"], manifest, path)
+    try:
+        store = Datastore(arrays["tokens"], arrays["suffixes"], manifest["eos_id"], manifest, path)
+    except ValueError:  # np.bincount of a negative id
+        raise _unusable(path / "tokens.npy", "it holds negative token ids") from None
+    if len(store._first) - 1 > manifest["vocab_size"]:  # the first-token table counted every id once
+        raise _unusable(path / "tokens.npy", f"it holds ids beyond the vocabulary of {manifest['vocab_size']}")
+    return store
 
 
 # ---------------------------------------------------------------------------------------------- build
@@ -380,7 +388,8 @@ def build_datastore(cfg: DatastoreConfig) -> dict:
                             "or choose another --out")
     tokenizer = load_tokenizer(cfg.tokenizer or resolve_pair(cfg.pair)[1], "tokenizer")
     if tokenizer.eos_token_id is None:
-        raise SprinterError(f"tokenizer {cfg.tokenizer or cfg.pair!r} has no EOS token; expected one to separate documents")
+        raise SprinterError(f"tokenizer {cfg.tokenizer or cfg.pair!r} has no EOS token; expected one to separate "
+                            "documents")
     docs = load_documents(cfg.corpus, cfg.split)
     started = time.perf_counter()
     tokens = tokenize(docs, tokenizer, cfg.max_tokens)

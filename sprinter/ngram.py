@@ -1,12 +1,13 @@
 """N-gram drafting (SSSD, REFERENCES.md §4; prompt-lookup decoding): no draft model, the draft is what
-followed the latest earlier occurrence of the sequence's own suffix, or else what followed it in a corpus.
+followed the latest earlier occurrence of the sequence's own suffix, or what followed it in a corpus.
 
 `NgramDrafter.chain(ids, s)` looks for the longest suffix of `ids` (n tokens, from `n` down to
 `min_n`) that also occurs earlier in `ids`, and proposes the up to `s` tokens that followed its most
 recent earlier occurrence. A drafter with a datastore (sprinter/datastore.py) also looks the suffix
 up in a corpus, and proposes the corpus's continuation when the corpus matches a longer suffix than
-the sequence does (in particular when the sequence has no match at all); the sequence wins ties. A chain is deterministic:
-verified with the speculative-sampling rule as a one-hot q, it keeps the target's distribution exactly.
+the sequence does (in particular when the sequence has no match at all); the sequence wins ties.
+A chain is deterministic: verified with the speculative-sampling rule as a one-hot q, it keeps the
+target's distribution exactly.
 
 `chain` is stateless and scans the sequence (tens of microseconds at 2k tokens, most of it turning a
 list into an array). A decode loop that keeps one sequence growing can use `drafter.index(ids)`

@@ -10,8 +10,8 @@ import numpy as np
 import pytest
 
 from sprinter.config import parse_config
-from sprinter.datastore import (SAMPLE, Datastore, DatastoreConfig, build_datastore, suffix_array, tokenizer_fingerprint,
-                                write_datastore)
+from sprinter.datastore import (SAMPLE, Datastore, DatastoreConfig, build_datastore, suffix_array,
+                                tokenizer_fingerprint, write_datastore)
 from sprinter.errors import SprinterError, run_cli
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -152,9 +152,9 @@ def copy_of(out: Path, tmp_path: Path) -> Path:
     return Path(shutil.copytree(out, tmp_path / "copy"))
 
 
-def flip(file: Path, offset: int) -> None:
+def flip(file: Path, offset: int, mask: int = 0xFF) -> None:
     data = bytearray(file.read_bytes())
-    data[offset] ^= 0xFF
+    data[offset] ^= mask
     file.write_bytes(bytes(data))
 
 
@@ -175,13 +175,20 @@ def test_flipped_header_bytes_are_refused(built, tmp_path, offset):
 
 
 def test_damage_past_the_checked_head_is_found_by_verify(tmp_path):
-    tokens = np.tile(np.arange(1, 40_001, dtype=np.int32) % 97 + 1, 1)
+    tokens = np.arange(40_000, dtype=np.int32) % 97 + 1
     tokens[-1] = EOS
     write_datastore(tmp_path / "ds", tokens, suffix_array(tokens, EOS), {"vocab_size": 100, "eos_id": EOS})
-    flip(tmp_path / "ds" / "tokens.npy", 150_000)
+    flip(tmp_path / "ds" / "tokens.npy", 128 + 4 * 37_500, mask=1)  # the low byte of an id: still in the vocabulary
     ds = Datastore.open(tmp_path / "ds")  # the cheap check reads the first 64 KiB only
     with pytest.raises(SprinterError, match=r"tokens\.npy.*SHA-256"):
         ds.verify()
+
+
+def test_ids_outside_the_vocabulary_are_refused(tmp_path):
+    tokens = np.array([5, 60, EOS], dtype=np.int32)
+    write_datastore(tmp_path / "ds", tokens, suffix_array(tokens, EOS), {"vocab_size": 50, "eos_id": EOS})
+    with pytest.raises(SprinterError, match=r"tokens\.npy.*beyond the vocabulary of 50"):
+        Datastore.open(tmp_path / "ds")
 
 
 def test_a_manifest_that_was_edited_or_from_another_version_is_refused(built, tmp_path):
