@@ -94,6 +94,9 @@ class GenerateConfig:
     def __post_init__(self) -> None:
         check_options(self.mode, self.max_new_tokens, self.k, self.max_block, self.threshold, self.strict,
                       self.gate, self.stop, self.ngram_n, self.s, self.i_knee, self.max_batch)
+        if self.prompts_file is not None and self.mode not in BATCH_MODES:
+            raise SprinterError(f"prompts_file: got {self.prompts_file!r} with mode={self.mode!r}; expected a mode of "
+                                f"{BATCH_MODES} (the modes that decode a batch)")
         Sampler(self.temperature, self.top_k, self.top_p)
         check_integers(self, ("threads",), minimum=0)
 
