@@ -35,7 +35,7 @@ from sprinter.gates import CONFIDENCE_THRESHOLD, LearnedGate, check_threshold, l
 from sprinter.models import fingerprint
 
 CONFIG_DIR = Path(__file__).resolve().parent.parent / "configs" / "bench"
-FAMILIES = ("ar", "draft", "sd", "hf-assisted", "sprinter-mlp", "sprinter-linear", "sprinter-confidence",
+FAMILIES = ("ar", "draft", "sd", "hf-assisted", "ngram", "sprinter-mlp", "sprinter-linear", "sprinter-confidence",
             "sprinter-strict")
 DEFAULT_METHODS = FAMILIES[:-1]
 LEARNED = ("sprinter-mlp", "sprinter-linear", "sprinter-strict")
@@ -295,6 +295,8 @@ def build_methods(cfg: BenchConfig, decoder: Decoder, verifiers: dict[str, str])
                         for k in sorted(set(cfg.ks))]
         elif family == "hf-assisted":
             methods.append(Method(family, family, greedy, hf_assisted_runner(decoder, t)))
+        elif family == "ngram":  # batch 1: s from the device's I_knee (sprinter.roofline)
+            methods.append(Method(family, family, greedy, decoder_runner(decoder, t, mode="ngram")))
         elif family == "sprinter-confidence":
             methods += [Method(f"{family}@{c:g}", family, False,
                                decoder_runner(decoder, t, mode="sprinter", gate="confidence", threshold=c,
