@@ -73,7 +73,8 @@ def print_batch(cfg: GenerateConfig, prompts: list[str], outs: list) -> None:
     tokens = sum(o.stats.new_tokens for o in outs)
     seconds = outs[0].stats.wall_seconds
     accepted, calls = sum(o.stats.accepted for o in outs), sum(o.stats.target_calls for o in outs)
-    print(f"[{cfg.mode}, batch of {len(prompts)}] {tokens} tokens in {seconds:.2f} s ({tokens / seconds:.1f} tokens/s); "
+    print(f"[{cfg.mode}, batch of {len(prompts)}] {tokens} tokens in {seconds:.2f} s "
+          f"({tokens / seconds:.1f} tokens/s); "
           f"drafted {sum(o.stats.drafted for o in outs)}, accepted {accepted}, mean acceptance length "
           f"{1 + accepted / calls:.2f}", file=sys.stderr)
 

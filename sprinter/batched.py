@@ -40,7 +40,7 @@ class Chains:
     """One round's drafts: a chain per row, and the distributions they were drawn from."""
 
     x: list[list[int]]  # row b's n_b drafted tokens (n_b may be 0)
-    q: torch.Tensor | None  # (B, max n_b, V) q of each chain slot, zero past a row's chain; None: one-hot (deterministic)
+    q: torch.Tensor | None  # (B, max n_b, V) q of each chain slot, zero past a row's chain; None: one-hot
     cost: list[tuple[int, int, int]] | None = None  # per row: draft forwards, tokens read, FLOPs (None: no model)
 
 
@@ -103,7 +103,8 @@ class ModelChains:
         self.lm.rollback_to(lengths)
 
 
-def accept(p: torch.Tensor, chains: Chains, sampler: Sampler, gen: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]:
+def accept(p: torch.Tensor, chains: Chains, sampler: Sampler, gen: torch.Generator
+           ) -> tuple[torch.Tensor, torch.Tensor]:
     """Steps 3 and 4 for every row: (n_kept (B,), the target's own token y (B,)).
 
     p: (B, 1 + n, V) the target's distribution at each row's last emitted token and each chain slot."""

@@ -63,7 +63,8 @@ class BatchBenchConfig:
     def __post_init__(self) -> None:
         check_integers(self, ("k", "ngram_n", "prompt_len", "max_new_tokens", "repeats"))
         check_integers(self, ("threads",), minimum=0)
-        if not self.batch_sizes or any(isinstance(b, bool) or not isinstance(b, int) or b < 1 for b in self.batch_sizes):
+        sizes = self.batch_sizes
+        if not sizes or any(isinstance(b, bool) or not isinstance(b, int) or b < 1 for b in sizes):
             raise SprinterError(f"batch_sizes: got {list(self.batch_sizes)}; expected integers >= 1")
         if any(isinstance(s, bool) or not isinstance(s, int) or s < 1 for s in self.fixed_s):
             raise SprinterError(f"fixed_s: got {list(self.fixed_s)}; expected integers >= 1 (or none)")
@@ -94,7 +95,8 @@ def methods(cfg: BatchBenchConfig) -> dict[str, dict]:
 
 
 def batch_prompts(cfg: BatchBenchConfig, tokenizer, domain: str) -> list[list[int]]:
-    """max(batch_sizes) prompts of the domain (the pool cycles when the split has fewer); a batch of B takes the first B."""
+    """max(batch_sizes) prompts of the domain (the pool cycles when the split has fewer); a batch of B takes the
+    first B."""
     size = max(cfg.batch_sizes)
     picked = load_prompts(BenchConfig(dataset=cfg.dataset, split=cfg.split, domains=(domain,), num_prompts=size,
                                       prompt_len=cfg.prompt_len, methods=("ar",)), tokenizer)
@@ -130,6 +132,7 @@ def run_cell(cfg: BatchBenchConfig, decoder: Decoder, prompts: list[list[int]], 
                     raise SprinterError(f"{name} differs from batched ar on row {row} of a batch of {len(prompts)} at "
                                         f"new token {i}: {got[i:i + 5]} vs {want[i:i + 5]}; expected identical tokens")
     cell = {}
+    ar_median = statistics.median(r["tokens_per_s"] for r in runs["ar"])
     for name in names:
         median = lambda key: statistics.median(r[key] for r in runs[name])  # noqa: E731
         cell[name] = {"tokens_per_s": median("tokens_per_s"), "seconds": median("seconds"),
@@ -138,7 +141,7 @@ def run_cell(cfg: BatchBenchConfig, decoder: Decoder, prompts: list[list[int]], 
                       "acceptance_rate": (runs[name][0]["accepted"] / runs[name][0]["drafted"]
                                           if runs[name][0]["drafted"] else None),
                       "target_forwards": runs[name][0]["target_forwards"],
-                      "speedup_vs_ar": median("tokens_per_s") / statistics.median(r["tokens_per_s"] for r in runs["ar"])}
+                      "speedup_vs_ar": median("tokens_per_s") / ar_median}
     return cell
 
 
@@ -228,7 +231,8 @@ def write_reports(results: dict, out: Path) -> None:
     try:
         import matplotlib  # noqa: F401  (an extra: sprinter[plot])
     except ImportError:
-        print("note: batch.png not written: matplotlib is not installed (pip install 'sprinter[plot]')", file=sys.stderr)
+        print("note: batch.png not written: matplotlib is not installed (pip install 'sprinter[plot]')",
+              file=sys.stderr)
         return
     plot(results, out / "batch.png")
 

@@ -132,7 +132,8 @@ def check_options(mode: str, max_new_tokens: int, k: int, max_block: int | None,
     if not _positive_int(ngram_n):
         raise SprinterError(f"ngram_n: got {ngram_n!r}; expected an integer >= 1")
     if s is not None and not (_positive_int(s) or s == 0 and not isinstance(s, bool)):
-        raise SprinterError(f"s: got {s!r}; expected an integer >= 0 (0: plain decoding), or None (from the batch size)")
+        raise SprinterError(f"s: got {s!r}; expected an integer >= 0 (0: plain decoding), or None (from the batch "
+                            "size)")
     if i_knee is not None and not (isinstance(i_knee, (int, float)) and not isinstance(i_knee, bool) and i_knee > 0):
         raise SprinterError(f"i_knee: got {i_knee!r}; expected a number > 0, or None (measured on the device)")
     for name, value in (("s", s), ("i_knee", i_knee)):
