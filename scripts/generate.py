@@ -3,6 +3,8 @@
     python scripts/generate.py                                   # demo pair, mode sprinter, demo verifier
     python scripts/generate.py --prompt "def add(a, b):" --mode sd --k 4
     python scripts/generate.py --mode sprinter --gate confidence --threshold 0.4 --json
+    python scripts/generate.py --mode ngram --prompts-file prompts.txt    # one batch: one prompt per line
+    python scripts/generate.py --mode sd --prompts-file prompts.jsonl --max-batch 8 --json  # JSON strings per line
 
 Options and defaults: sprinter.decode.GenerateConfig (or --help).
 """
@@ -37,8 +39,50 @@ def verifier_path(cfg: GenerateConfig) -> str | None:
     return DEMO_VERIFIER if Path(DEMO_VERIFIER).exists() else None
 
 
+def read_prompts(path: str) -> list[str]:
+    """The prompts of --prompts-file: each non-empty line, or in a .jsonl file each line's JSON string."""
+    file = Path(path)
+    if not file.is_file():
+        raise SprinterError(f"prompts_file: got {path!r}; expected an existing text file, one prompt per line")
+    lines = [line for line in file.read_text().splitlines() if line.strip()]
+    if file.suffix != ".jsonl":
+        prompts = lines
+    else:
+        prompts = []
+        for number, line in enumerate(lines, 1):
+            try:
+                prompts.append(json.loads(line))
+            except json.JSONDecodeError as err:
+                raise SprinterError(f"prompts_file {path!r} line {number}: not JSON ({err.msg}); expected one JSON "
+                                    "string per line") from None
+    bad = [p for p in prompts if not isinstance(p, str) or not p]
+    if bad or not prompts:
+        raise SprinterError(f"prompts_file {path!r}: got {bad[:1] or 'no prompt'}; expected non-empty prompts, one "
+                            "per line")
+    return prompts
+
+
+def print_batch(cfg: GenerateConfig, prompts: list[str], outs: list) -> None:
+    """Each prompt and its continuation (or, with --json, one JSON list), then the batch's figures on stderr."""
+    if cfg.json:
+        print(json.dumps([{"prompt": p, "text": o.text, "token_ids": o.token_ids, "stop_reason": o.stop_reason,
+                           "stats": o.stats.to_dict()} for p, o in zip(prompts, outs)], indent=2))
+    else:
+        for i, (prompt, out) in enumerate(zip(prompts, outs)):
+            print(f"=== prompt {i} ({out.stop_reason}) ===\n{prompt}{out.text}")
+    tokens = sum(o.stats.new_tokens for o in outs)
+    seconds = outs[0].stats.wall_seconds
+    accepted, calls = sum(o.stats.accepted for o in outs), sum(o.stats.target_calls for o in outs)
+    print(f"[{cfg.mode}, batch of {len(prompts)}] {tokens} tokens in {seconds:.2f} s "
+          f"({tokens / seconds:.1f} tokens/s); "
+          f"drafted {sum(o.stats.drafted for o in outs)}, accepted {accepted}, mean acceptance length "
+          f"{1 + accepted / calls:.2f}", file=sys.stderr)
+
+
 def main(argv: Sequence[str] | None = None) -> None:
-    cfg = parse_config(GenerateConfig, argv, "Generate text with a draft/target pair (modes ar, draft, sd, sprinter).")
+    cfg = parse_config(GenerateConfig, argv, "Generate text with a draft/target pair (modes ar, draft, sd, sprinter, "
+                                             "sd-gated, ngram; a batch of prompts with --prompts-file).")
+    prompts = read_prompts(cfg.prompts_file) if cfg.prompts_file is not None else None
     if cfg.threads:
         torch.set_num_threads(cfg.threads)
     verifier = verifier_path(cfg)
@@ -47,6 +91,13 @@ def main(argv: Sequence[str] | None = None) -> None:
     resolve_dtype(cfg.dtype, resolve_device(cfg.device))  # fail on a bad device before building a pair
     draft, target = pair_paths(cfg)
     decoder = Decoder.from_pretrained(draft=draft, target=target, verifier=verifier, device=cfg.device, dtype=cfg.dtype)
+    options = dict(max_new_tokens=cfg.max_new_tokens, mode=cfg.mode, temperature=cfg.temperature, top_k=cfg.top_k,
+                   top_p=cfg.top_p, seed=cfg.seed, k=cfg.k, max_block=cfg.max_block, threshold=cfg.threshold,
+                   strict=cfg.strict, gate=cfg.gate, stop=cfg.stop, ngram_n=cfg.ngram_n, s=cfg.s, i_knee=cfg.i_knee,
+                   max_batch=cfg.max_batch)
+    if prompts is not None:
+        print_batch(cfg, prompts, decoder.generate(prompts, **options))
+        return
 
     echoed: list[str] = []  # the prompt is echoed with the first text, so an error is never glued to it
 
@@ -56,10 +107,7 @@ def main(argv: Sequence[str] | None = None) -> None:
             print(cfg.prompt, end="")
         print(piece, end="", flush=True)
 
-    out = decoder.generate(cfg.prompt, max_new_tokens=cfg.max_new_tokens, mode=cfg.mode, temperature=cfg.temperature,
-                           top_k=cfg.top_k, top_p=cfg.top_p, seed=cfg.seed, k=cfg.k, max_block=cfg.max_block,
-                           threshold=cfg.threshold, strict=cfg.strict, gate=cfg.gate, stop=cfg.stop,
-                           on_text=None if cfg.json else stream)
+    out = decoder.generate(cfg.prompt, on_text=None if cfg.json else stream, **options)
     stats = out.stats.to_dict()
     if cfg.json:
         print(json.dumps({"text": out.text, "token_ids": out.token_ids, "stop_reason": out.stop_reason,

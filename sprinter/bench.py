@@ -35,8 +35,8 @@ from sprinter.gates import CONFIDENCE_THRESHOLD, LearnedGate, check_threshold, l
 from sprinter.models import fingerprint
 
 CONFIG_DIR = Path(__file__).resolve().parent.parent / "configs" / "bench"
-FAMILIES = ("ar", "draft", "sd", "hf-assisted", "sd-gated", "sd-gated-confidence", "sprinter-mlp", "sprinter-linear",
-            "sprinter-confidence", "sprinter-strict")
+FAMILIES = ("ar", "draft", "sd", "hf-assisted", "ngram", "sd-gated", "sd-gated-confidence", "sprinter-mlp",
+            "sprinter-linear", "sprinter-confidence", "sprinter-strict")
 DEFAULT_METHODS = FAMILIES[:-1]
 LEARNED = ("sprinter-mlp", "sprinter-linear", "sprinter-strict")
 GATED = ("sd-gated", "sd-gated-confidence")  # lossless; the operating point is the stop threshold
@@ -321,6 +321,8 @@ def build_methods(cfg: BenchConfig, decoder: Decoder, verifiers: dict[str, str])
                                decoder_runner(decoder, t, mode="sd-gated", gate=gate, threshold=c,
                                               max_block=cfg.max_block), c)
                         for c in sorted(set(cfg.stop_thresholds))]
+        elif family == "ngram":  # batch 1: s from the device's I_knee (sprinter.roofline)
+            methods.append(Method(family, family, greedy, decoder_runner(decoder, t, mode="ngram")))
         elif family == "sprinter-confidence":
             methods += [Method(f"{family}@{c:g}", family, False,
                                decoder_runner(decoder, t, mode="sprinter", gate="confidence", threshold=c,

@@ -11,6 +11,11 @@ Modes (REFERENCES.md §1 and §5):
 - "sd-gated": lossless speculative decoding whose block length a gate decides (SpecDec++): drafting
   stops once 1 - prod P(accept) over the block exceeds a stop threshold (or at max_block), then the
   target checks every token as in "sd".
+- "ngram": lossless speculative decoding without a draft model (SSSD, §4): each sequence drafts a chain
+  from n-gram matches in its own text, s tokens long, s from the batch size (sprinter.roofline).
+
+A list of prompts is decoded as one batch in modes "ar", "sd" and "ngram" (sprinter.batched, which
+also runs "ngram" for a single prompt) and gives a list of results, one per prompt.
 
 Two loops serve all five: `autoregressive` (one model) and `speculative` (a drafter, an optional gate
 and the target). A mode is a few arguments to one of them.
@@ -36,7 +41,8 @@ from sprinter.models import Pair, fingerprint, load_pair, resolve_device, resolv
 from sprinter.sampling import Sampler, uniform
 from sprinter.stats import DecodeStats
 
-MODES = ("ar", "draft", "sd", "sprinter", "sd-gated")
+MODES = ("ar", "draft", "sd", "sprinter", "sd-gated", "ngram")
+BATCH_MODES = ("ar", "sd", "ngram")  # the modes that decode a list of prompts together
 GATED_MODES = ("sprinter", "sd-gated")  # the modes that consult a gate
 STOP_THRESHOLD = 0.5  # sd-gated: stop drafting once P(the block holds a rejection) exceeds this
 GATES = ("learned", "confidence", "always", "never")
@@ -60,6 +66,15 @@ class GenerateConfig:
     top_p: float = option(1.0, "sample from the smallest set with this much probability (1.0: all)")
     seed: int = option(0, "seed of the torch.Generator every random draw comes from")
     k: int = option(4, "tokens drafted per target call in mode 'sd'")
+    ngram_n: int = option(3, "ngram: longest suffix (in tokens) looked up in the sequence's own text")
+    s: int | None = option(None, "ngram: tokens drafted per sequence and target call; none: from the batch size and "
+                                 "I_knee (sprinter.roofline); 0: plain decoding")
+    i_knee: float | None = option(None, "ngram: tokens per target forward at the roofline knee; none: measured on the "
+                                        "device at start")
+    max_batch: int | None = option(None, "batched modes: most prompts decoded at once, the rest queue for the places "
+                                         "of finished ones (none: all at once)")
+    prompts_file: str | None = option(None, "decode every prompt of this file as one batch (replaces --prompt): one "
+                                            "prompt per line, or one JSON string per line in a .jsonl file")
     max_block: int | None = option(20, "sprinter: call the target after this many passed tokens (none: unbounded)")
     gate: str | None = option(None, f"sprinter: one of {GATES}; none: learned when a verifier is loaded")
     threshold: float | None = option(None, "sprinter: the gate's threshold; none: the verifier's calibrated "
@@ -78,13 +93,17 @@ class GenerateConfig:
 
     def __post_init__(self) -> None:
         check_options(self.mode, self.max_new_tokens, self.k, self.max_block, self.threshold, self.strict,
-                      self.gate, self.stop)
+                      self.gate, self.stop, self.ngram_n, self.s, self.i_knee, self.max_batch)
+        if self.prompts_file is not None and self.mode not in BATCH_MODES:
+            raise SprinterError(f"prompts_file: got {self.prompts_file!r} with mode={self.mode!r}; expected a mode of "
+                                f"{BATCH_MODES} (the modes that decode a batch)")
         Sampler(self.temperature, self.top_k, self.top_p)
         check_integers(self, ("threads",), minimum=0)
 
 
 def check_options(mode: str, max_new_tokens: int, k: int, max_block: int | None, threshold: float | None,
-                  strict: bool, gate: str | Gate | None, stop: Sequence[str]) -> None:
+                  strict: bool, gate: str | Gate | None, stop: Sequence[str], ngram_n: int = 3, s: int | None = None,
+                  i_knee: float | None = None, max_batch: int | None = None) -> None:
     """The checks of one generation's options that need no model."""
     if mode not in MODES:
         raise SprinterError(f"mode: got {mode!r}; expected one of {MODES}")
@@ -110,6 +129,24 @@ def check_options(mode: str, max_new_tokens: int, k: int, max_block: int | None,
     if mode == "sprinter" and threshold is not None and gate not in (None, "learned", "confidence"):
         raise SprinterError(f"threshold: got {threshold!r} with gate={gate!r}; expected it only with the "
                             "learned or the confidence gate")
+    if not _positive_int(ngram_n):
+        raise SprinterError(f"ngram_n: got {ngram_n!r}; expected an integer >= 1")
+    if s is not None and not (_positive_int(s) or s == 0 and not isinstance(s, bool)):
+        raise SprinterError(f"s: got {s!r}; expected an integer >= 0 (0: plain decoding), or None (from the batch "
+                            "size)")
+    if i_knee is not None and not (isinstance(i_knee, (int, float)) and not isinstance(i_knee, bool) and i_knee > 0):
+        raise SprinterError(f"i_knee: got {i_knee!r}; expected a number > 0, or None (measured on the device)")
+    for name, value in (("s", s), ("i_knee", i_knee)):
+        if value is not None and mode != "ngram":
+            raise SprinterError(f"{name}: got {value!r} with mode={mode!r}; expected it only with mode='ngram'")
+    if s is not None and i_knee is not None:
+        raise SprinterError(f"i_knee: got {i_knee!r} with s={s!r}; expected at most one (s fixes the speculation "
+                            "length, i_knee derives it from the batch size)")
+    if max_batch is not None and not _positive_int(max_batch):
+        raise SprinterError(f"max_batch: got {max_batch!r}; expected an integer >= 1, or None (all prompts at once)")
+    if max_batch is not None and mode not in BATCH_MODES:
+        raise SprinterError(f"max_batch: got {max_batch!r} with mode={mode!r}; expected it only with a mode of "
+                            f"{BATCH_MODES}")
 
 
 @dataclass
@@ -266,13 +303,22 @@ class Decoder:
         return self.pair.tokenizer
 
     @torch.inference_mode()
-    def generate(self, prompt: str | Sequence[int] | torch.Tensor, max_new_tokens: int = GenerateConfig.max_new_tokens,
+    def generate(self, prompt: str | Sequence[int] | torch.Tensor | Sequence[str | Sequence[int]],
+                 max_new_tokens: int = GenerateConfig.max_new_tokens,
                  mode: str = GenerateConfig.mode, temperature: float = GenerateConfig.temperature,
                  top_k: int = GenerateConfig.top_k, top_p: float = GenerateConfig.top_p, seed: int = GenerateConfig.seed,
                  k: int = GenerateConfig.k, max_block: int | None = GenerateConfig.max_block,
                  threshold: float | None = None, strict: bool = False, gate: str | Gate | None = None,
-                 stop: Sequence[str] = (), on_text: Callable[[str], None] | None = None) -> GenerateOutput:
+                 stop: Sequence[str] = (), on_text: Callable[[str], None] | None = None,
+                 ngram_n: int = GenerateConfig.ngram_n, s: int | None = None, i_knee: float | None = None,
+                 max_batch: int | None = None) -> GenerateOutput | list[GenerateOutput]:
         """Generate up to `max_new_tokens` after `prompt` (text, or token ids with a batch of 1).
+
+        A list of prompts (texts or token-id lists) is decoded as one batch in modes "ar", "sd" and "ngram" and
+        gives a list of results, one per prompt, each with its own stats (`wall_seconds` is the batch's);
+        at most `max_batch` decode at once, the rest wait for the places of finished ones. "ngram" options:
+        `ngram_n` (longest suffix looked up), `s` (tokens drafted per sequence; None: from the batch size and
+        `i_knee`, measured on the device when None; see sprinter.roofline).
 
         temperature 0 is greedy; above 0 tokens are drawn (with top_k / top_p) from a generator seeded
         by `seed`. `k`: tokens drafted per target call in "sd". "sprinter" options: `gate` ("learned",
@@ -285,8 +331,12 @@ class Decoder:
         is decided."""
         # 0. Every check happens before any model runs.
         sampler = Sampler(temperature, top_k, top_p)
+        if _is_batch(prompt) or mode == "ngram":
+            return self._generate_batch(prompt, mode, max_new_tokens, sampler, seed, k, ngram_n, s, i_knee,
+                                        max_batch, threshold, strict, gate, stop, on_text)
         ids = self._prompt_ids(prompt)
-        chosen_gate = self._check_request(mode, len(ids), max_new_tokens, k, max_block, threshold, strict, gate, stop)
+        chosen_gate = self._check_request(mode, len(ids), max_new_tokens, k, max_block, threshold, strict, gate, stop,
+                                          ngram_n, s, i_knee, max_batch)
         device = self.pair.device
         gen = torch.Generator(device=device).manual_seed(int(seed))
         tokens = torch.tensor([ids], dtype=torch.long, device=device)  # (1, T)
@@ -323,6 +373,27 @@ class Decoder:
         stored = getattr(self.verifier_info, "stop_threshold", None)
         return stored if stored is not None and gate is self.gate else STOP_THRESHOLD
 
+    def _generate_batch(self, prompt, mode: str, max_new_tokens: int, sampler: Sampler, seed: int, k: int,
+                        ngram_n: int, s: int | None, i_knee: float | None, max_batch: int | None,
+                        threshold: float | None, strict: bool, gate: str | Gate | None, stop: Sequence[str],
+                        on_text: Callable[[str], None] | None) -> GenerateOutput | list[GenerateOutput]:
+        """A list of prompts (a list of results), or one prompt in mode "ngram" (one result): sprinter.batched."""
+        from sprinter.batched import generate_batch  # batched imports this module (Emitter, GenerateOutput)
+
+        batch = _is_batch(prompt)
+        if batch and mode not in BATCH_MODES:
+            raise SprinterError(f"prompt: got a batch of {len(prompt)} prompts with mode={mode!r}; expected a single "
+                                f"prompt, or a mode of {BATCH_MODES}")
+        if batch and on_text is not None:
+            raise SprinterError("on_text: got a callback with a batch of prompts; expected streaming only for a single "
+                                "prompt")
+        ids = [self._prompt_ids(p) for p in prompt] if batch else [self._prompt_ids(prompt)]
+        self._check_request(mode, max(map(len, ids)), max_new_tokens, k, None, threshold, strict, gate, stop, ngram_n,
+                            s, i_knee, max_batch)
+        outs = generate_batch(self.pair, ids, mode, max_new_tokens, sampler, seed, k, ngram_n, s, i_knee,
+                              max_batch, stop, on_text)
+        return outs if batch else outs[0]
+
     def _prompt_ids(self, prompt: str | Sequence[int] | torch.Tensor) -> list[int]:
         if isinstance(prompt, str):
             if not prompt:
@@ -331,7 +402,8 @@ class Decoder:
         ids = prompt.tolist() if isinstance(prompt, torch.Tensor) else list(prompt)
         if ids and isinstance(ids[0], list):  # a batch dimension
             if len(ids) != 1:
-                raise SprinterError(f"prompt: got a batch of {len(ids)} sequences; expected a batch of 1")
+                raise SprinterError(f"prompt: got a batch of {len(ids)} sequences in one tensor; expected a batch "
+                                    "of 1 (for a batch: a list of prompts)")
             ids = ids[0]
         if not ids:
             raise SprinterError("prompt: got no token ids; expected a non-empty text or a list of token ids")
@@ -342,9 +414,10 @@ class Decoder:
         return ids
 
     def _check_request(self, mode: str, prompt_len: int, max_new_tokens: int, k: int, max_block: int | None,
-                       threshold: float | None, strict: bool, gate: str | Gate | None, stop: Sequence[str]) -> Gate | None:
+                       threshold: float | None, strict: bool, gate: str | Gate | None, stop: Sequence[str],
+                       ngram_n: int, s: int | None, i_knee: float | None, max_batch: int | None) -> Gate | None:
         """Validate one `generate` call; returns the gate "sprinter" will use (None for other modes)."""
-        check_options(mode, max_new_tokens, k, max_block, threshold, strict, gate, stop)
+        check_options(mode, max_new_tokens, k, max_block, threshold, strict, gate, stop, ngram_n, s, i_knee, max_batch)
         window = self.pair.max_length
         if prompt_len + max_new_tokens > window:
             raise SprinterError(f"prompt: {prompt_len} tokens + max_new_tokens={max_new_tokens} exceed the context "
@@ -367,6 +440,12 @@ class Decoder:
         return gate
 
 
+def _is_batch(prompt: object) -> bool:
+    """A list of prompts (texts or token-id lists), not one prompt's token ids."""
+    return isinstance(prompt, (list, tuple)) and len(prompt) > 0 and isinstance(prompt[0], (str, list, tuple,
+                                                                                           torch.Tensor))
+
+
 def _positive_int(value: object) -> bool:
     return isinstance(value, int) and not isinstance(value, bool) and value >= 1
 
@@ -381,4 +460,4 @@ def _hidden_size(draft: str, trust_remote_code: bool) -> int:
         raise SprinterError(f"could not read the draft's config {draft!r} ({str(err).strip().splitlines()[0]})") from None
 
 
-__all__ = ["GATES", "MODES", "STOP_THRESHOLD", "Decoder", "GenerateConfig", "GenerateOutput", "check_options", "autoregressive", "speculative"]
+__all__ = ["BATCH_MODES", "GATES", "MODES", "STOP_THRESHOLD", "Decoder", "GenerateConfig", "GenerateOutput", "check_options", "autoregressive", "speculative"]

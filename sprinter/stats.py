@@ -19,7 +19,9 @@ class DecodeStats:
 
     mode: str
     new_tokens: int = 0
-    wall_seconds: float = 0.0
+    wall_seconds: float = 0.0  # batched modes: the whole batch's time, the same for each of its prompts
+    batch_size: int = 1  # prompts decoded together (batched modes: the number given to generate)
+    draft_seconds: float = 0.0  # batched modes: time spent drafting (n-gram lookups or the draft model), batch-wide
     target_calls: int = 0  # target forward passes (the first one also reads the prompt)
     target_tokens: int = 0  # positions the target processed, prompt included
     draft_calls: int = 0

@@ -12,6 +12,7 @@ from pathlib import Path
 import pytest
 import torch
 
+from sprinter.decode import MODES
 from sprinter.errors import run_cli
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -50,12 +51,26 @@ def test_streams_text_and_a_stats_line(generate_main, tiny_pair, capsys):
     assert "[sd] " in captured.err and "tokens/s" in captured.err
 
 
+def test_a_prompts_file_is_one_batch(generate_main, tiny_pair, tmp_path, capsys):
+    (tmp_path / "p.jsonl").write_text('"def f(x):\\n    return"\n"import os"\n')
+    argv = ["--pair", str(tiny_pair), "--mode", "ngram", "--s", "2", "--prompts-file", str(tmp_path / "p.jsonl"),
+            "--max-new-tokens", "5", "--threads", "1", "--json"]
+    assert run_cli(generate_main, argv) == 0
+    captured = capsys.readouterr()
+    out = json.loads(captured.out)
+    assert [o["prompt"] for o in out] == ["def f(x):\n    return", "import os"]
+    assert all(o["stats"]["batch_size"] == 2 and len(o["token_ids"]) <= 5 for o in out)
+    assert "[ngram, batch of 2]" in captured.err
+
+
 @pytest.mark.parametrize("argv,message", [
     (["--mode", "fast"], "mode"),
     (["--mode", "sprinter"], "scripts/train.py"),  # no verifier here, and no gate: before any pair is built
     (["--mode", "ar", "--max-new-tokens", "9999"], "context window"),
     (["--mode", "sd", "--k", "0"], "k: got 0"),
     (["--pair", "nowhere", "--mode", "ar"], "pair"),
+    (["--prompts-file", "p.txt"], "mode='sprinter'"),
+    (["--mode", "ar", "--prompts-file", "missing.txt"], "existing text file"),
 ])
 def test_errors_are_one_line(generate_main, tiny_pair, tmp_path, monkeypatch, capsys, argv, message):
     monkeypatch.chdir(tmp_path)  # a fresh folder: no demo verifier
@@ -70,4 +85,4 @@ def test_runs_as_a_program(tmp_path):
     proc = subprocess.run([sys.executable, str(SCRIPT), "--mode", "fast"], cwd=tmp_path, capture_output=True,
                           text=True, timeout=300)
     assert proc.returncode == 2
-    assert proc.stderr.strip().splitlines() == ["error: mode: got 'fast'; expected one of ('ar', 'draft', 'sd', 'sprinter', 'sd-gated')"]
+    assert proc.stderr.strip().splitlines() == [f"error: mode: got 'fast'; expected one of {MODES}"]

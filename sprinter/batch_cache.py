@@ -1,0 +1,161 @@
+"""A causal LM over a batch of sequences that share one rectangular KV cache (the batched `CachedLM`).
+
+Row b of the cache holds sequence b's tokens in order, interleaved with masked slots: the padding of
+blocks narrower than the batch's widest (rows read different numbers of tokens per forward), and
+tokens that were rolled back (rejected drafts). `valid` (B, L) marks the real slots. Every forward
+passes it as the 2D attention mask and gives each new token its position = the number of real
+tokens before it in its row, so every sequence sees exactly the keys, values and positions it would
+see alone (up to float rounding of differently shaped matmuls).
+
+The cache only grows by whole columns. Rolling back masks slots; `crop(-n)` (n > 0 only,
+REFERENCES.md §6) drops the trailing columns no row uses any more, and `compact` squeezes the masked
+slots out (a gather per layer) once they make up a large part of the width. Finished rows leave with
+`select`, so they stop costing work.
+"""
+
+from __future__ import annotations
+
+from typing import Sequence
+
+import torch
+
+from sprinter.cache import FlopModel
+
+# Compact once this many slots of the fullest row are masked, and they are at least a quarter of the width:
+# attention reads every slot, the gather copies the whole cache once.
+COMPACT_MIN_SLOTS = 16
+
+
+class BatchCachedLM:
+    """A causal LM and a DynamicCache over B rows, with named operations `append`, `rollback_to`,
+    `select`."""
+
+    def __init__(self, model: torch.nn.Module, vocab_size: int, batch_size: int = 0, pad_id: int = 0):
+        from transformers import DynamicCache
+
+        self.model = model
+        self.vocab_size = vocab_size  # logits are compared over the ids both models share
+        self.pad_id = pad_id  # the input id of masked slots (never attended to)
+        self.device = next(model.parameters()).device
+        self.flop_model = FlopModel.of(model)
+        self.cache = DynamicCache()
+        self.valid = torch.zeros(batch_size, 0, dtype=torch.bool, device=self.device)  # (B, L)
+        self.lengths = [0] * batch_size  # real tokens per row (host copy: the loop builds its inputs there)
+
+    @property
+    def batch_size(self) -> int:
+        return self.valid.shape[0]
+
+    @property
+    def width(self) -> int:
+        """L: the slots per row, masked ones included."""
+        return self.valid.shape[1]
+
+    def append(self, rows: Sequence[Sequence[int]]) -> torch.Tensor:
+        """Run the model over `rows` (one list of new token ids per row, possibly empty), which follow each row's
+        cached tokens, and cache them. Rows are left-aligned in a block as wide as the longest one; the rest
+        of the block is masked. Returns the logits of every column of the block.  # -> (B, W, V)"""
+        width = max(map(len, rows))
+        return self._forward(rows, width)[:, -width:, : self.vocab_size]
+
+    def extend(self, rows: Sequence[Sequence[int]]) -> None:
+        """`append` for tokens whose logits nobody reads (a prompt): the output projection runs on one column."""
+        self._forward(rows, 1)
+
+    def _forward(self, rows: Sequence[Sequence[int]], logits: int) -> torch.Tensor:
+        width = max(map(len, rows))
+        ids = torch.tensor([list(row) + [self.pad_id] * (width - len(row)) for row in rows], dtype=torch.long,
+                           device=self.device)  # (B, W)
+        columns = torch.arange(width, device=self.device)
+        new_valid = columns < torch.tensor([len(row) for row in rows], device=self.device)[:, None]  # (B, W)
+        before = torch.tensor(self.lengths, device=self.device)
+        positions = torch.where(new_valid, before[:, None] + columns, 0)  # masked slots: any position in range
+        mask = torch.cat([self.valid, new_valid], 1)  # (B, L + W)
+        out = self.model(input_ids=ids, attention_mask=mask.long(), position_ids=positions,
+                         past_key_values=self.cache, use_cache=True, logits_to_keep=logits)
+        self.valid = mask
+        self.lengths = [n + len(row) for n, row in zip(self.lengths, rows)]
+        return out.logits
+
+    def admit(self, rows: Sequence[Sequence[int]]) -> None:
+        """Add rows after the current ones, their cache filled with `rows` (the prompts, read in a forward of
+        their own so the rows already decoding wait one forward, not one per prompt token of the widest)."""
+        new = BatchCachedLM(self.model, self.vocab_size, len(rows), self.pad_id)
+        if max(map(len, rows), default=0):
+            new.extend(rows)
+        width = max(self.width, new.width)
+        mine, theirs = self._layers(), new._layers()
+        if mine or theirs:  # left-pad the narrower side with masked slots (zeros), then stack the rows
+            like = mine or theirs
+            mine = mine or [(k.new_zeros((self.batch_size, *k.shape[1:])),) * 2 for k, _ in like]
+            theirs = theirs or [(k.new_zeros((new.batch_size, *k.shape[1:])),) * 2 for k, _ in like]
+            self._set_layers([tuple(torch.cat([_pad_left(a, width), _pad_left(b, width)]) for a, b in zip(x, y))
+                              for x, y in zip(mine, theirs)])
+        self.valid = torch.cat([_pad_left(self.valid, width), _pad_left(new.valid, width)])
+        self.lengths = self.lengths + new.lengths
+
+    def rollback_to(self, lengths: Sequence[int]) -> None:
+        """Keep only the first `lengths[b]` real tokens of each row (rows already that short are unchanged)."""
+        target = torch.tensor(lengths, device=self.device)
+        self.valid &= self.valid.cumsum(1) <= target[:, None]
+        self.lengths = [min(n, t) for n, t in zip(self.lengths, lengths)]
+        self._trim()
+
+    def select(self, rows: Sequence[int]) -> None:
+        """Keep only these rows, in this order (the others finished)."""
+        if list(rows) == list(range(self.batch_size)):
+            return
+        index = torch.tensor(rows, dtype=torch.long, device=self.device)
+        if self.width:
+            self.cache.batch_select_indices(index)
+        else:  # no slot yet: a fresh cache (an empty one may still hold the old batch size)
+            self._set_layers([])
+        self.valid = self.valid[index]
+        self.lengths = [self.lengths[r] for r in rows]
+        self._trim()
+
+    def _trim(self) -> None:
+        """Drop the trailing columns no row uses; compact when masked slots pile up."""
+        used = self.valid.any(0).nonzero()  # one host sync
+        unused = self.width - (int(used[-1]) + 1 if len(used) else 0)
+        if unused > 0:
+            self.cache.crop(-unused)
+            self.valid = self.valid[:, : self.width - unused]
+        masked = self.width - max(self.lengths, default=0)
+        if masked >= COMPACT_MIN_SLOTS and 4 * masked >= self.width:
+            self.compact()
+
+    def compact(self) -> None:
+        """Gather each row's real slots to the right end of a block as wide as the fullest row (order kept;
+        positions were fixed when the keys were computed, so only the masking changes)."""
+        width, full = self.width, max(self.lengths)
+        slots = torch.arange(width, device=self.device)
+        # masked slots sort first (by slot), real ones after them (by slot): the last `full` are the kept ones
+        order = torch.where(self.valid, slots + width, slots).argsort(1)[:, width - full:]  # (B, full)
+        index = order[:, None, :, None]
+        self._set_layers([tuple(t.gather(2, index.expand(-1, t.shape[1], -1, t.shape[3])) for t in kv)
+                          for kv in self._layers()])
+        self.valid = self.valid.gather(1, order)
+
+    def _layers(self) -> list[tuple[torch.Tensor, torch.Tensor]]:
+        """Each layer's (keys, values), (B, heads, L, head dim); [] while the cache holds no slot."""
+        return [(layer.keys, layer.values) for layer in self.cache.layers] if self.width else []
+
+    def _set_layers(self, layers: list[tuple[torch.Tensor, torch.Tensor]]) -> None:
+        from transformers import DynamicCache
+
+        self.cache = DynamicCache(layers)
+
+
+def _pad_left(t: torch.Tensor, width: int) -> torch.Tensor:
+    """Masked (zero) slots before a row block so it is `width` slots wide: dim 1 of (B, L), dim 2 of (B, H, L, D)."""
+    dim = 1 if t.dim() == 2 else 2
+    missing = width - t.shape[dim]
+    if missing == 0:
+        return t
+    shape = list(t.shape)
+    shape[dim] = missing
+    return torch.cat([t.new_zeros(shape), t], dim)
+
+
+__all__ = ["BatchCachedLM"]

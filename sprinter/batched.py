@@ -1,0 +1,226 @@
+"""Batched decoding with ragged acceptance: modes "ar", "sd" and "ngram" over many prompts at once.
+
+Each round serves every row (sequence) still generating, in the steps of the single-sequence
+`speculative` loop (decode.py):
+1. Draft: each row proposes its own chain x_b of n_b tokens: "ar" none; "sd" the draft model, k per row
+   (batched, one draft forward per drafted position); "ngram" a lookup in the row's own text, 0..s tokens.
+2. Verify: one target forward over every row's last emitted token and its chain, left-aligned in a block
+   1 + max n_b wide; the slots after a row's chain are masked (sprinter.batch_cache).
+3. Accept: the speculative-sampling rule, batched over rows (acceptance.py); a slot past a row's chain never
+   accepts, so row b keeps its own n_kept_b <= n_b tokens (ragged).
+4. Correct: each row's own token from the residual at its first rejection, or a bonus token after its chain.
+5. Emit; roll each cache back to what its row emitted (rejected slots become masked); rows that finished
+   (EOS, a stop string, their budget) leave the batch, and waiting prompts take their places (continuous
+   batching: at most `max_batch` rows decode at once).
+
+An n-gram chain is deterministic (a one-hot q), so the rule keeps the target's distribution exactly;
+at temperature 0 every row equals its prompt's `ar` output.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass
+from typing import Callable, Protocol, Sequence
+
+import torch
+
+from sprinter.acceptance import leading_true, residual, speculative_accept
+from sprinter.batch_cache import BatchCachedLM
+from sprinter.decode import Emitter, GenerateOutput
+from sprinter.models import Pair
+from sprinter.ngram import NgramDrafter
+from sprinter.roofline import measure_i_knee, speculation_length
+from sprinter.sampling import Sampler, uniform
+from sprinter.stats import DecodeStats
+
+
+@dataclass
+class Chains:
+    """One round's drafts: a chain per row, and the distributions they were drawn from."""
+
+    x: list[list[int]]  # row b's n_b drafted tokens (n_b may be 0)
+    q: torch.Tensor | None  # (B, max n_b, V) q of each chain slot, zero past a row's chain; None: one-hot
+    cost: list[tuple[int, int, int]] | None = None  # per row: draft forwards, tokens read, FLOPs (None: no model)
+
+
+class BatchDrafter(Protocol):
+    def propose(self, seqs: Sequence[Sequence[int]], limits: Sequence[int], gen: torch.Generator) -> Chains:
+        """A chain of at most limits[b] tokens after each row's whole sequence so far (prompt and emitted)."""
+
+    def keep(self, rows: Sequence[int], lengths: Sequence[int]) -> None:
+        """Keep only these rows (the others finished), each with only its first `lengths` tokens; then admit
+        the rows given to the next `propose` beyond them."""
+
+
+class NgramChains:
+    """Chains from n-gram matches in each row's own text (sprinter.ngram); no model, no state."""
+
+    def __init__(self, ngram: NgramDrafter):
+        self.ngram = ngram
+
+    def propose(self, seqs: Sequence[Sequence[int]], limits: Sequence[int], gen: torch.Generator) -> Chains:
+        return Chains([self.ngram.chain(seq, limit) for seq, limit in zip(seqs, limits)], None)
+
+    def keep(self, rows: Sequence[int], lengths: Sequence[int]) -> None:
+        pass
+
+
+class ModelChains:
+    """Chains drawn from a draft model with its own batched cache, fed only the tokens it has not seen."""
+
+    def __init__(self, lm: BatchCachedLM, sampler: Sampler):
+        self.lm, self.sampler = lm, sampler
+
+    def propose(self, seqs: Sequence[Sequence[int]], limits: Sequence[int], gen: torch.Generator) -> Chains:
+        if len(seqs) > self.lm.batch_size:  # new rows: read their prompts (all but the last token)
+            self.lm.admit([seq[:-1] for seq in seqs[self.lm.batch_size:]])
+        if not max(limits):
+            return Chains([[] for _ in seqs], None)
+        before = list(self.lm.lengths)
+        # 1. Catch up on the tokens the draft has not read (the last emitted one; two after a fully kept chain).
+        unseen = [seq[n:] for seq, n in zip(seqs, before)]
+        logits = self.lm.append(unseen)  # (B, W, V)
+        rows = torch.arange(len(seqs), device=logits.device)
+        logits = logits[rows, torch.tensor([len(u) - 1 for u in unseen], device=logits.device)]  # (B, V)
+        # 2. Draft position j for the rows whose chain is longer than j (the others read a masked slot).
+        xs, qs = [], []
+        for j in range(max(limits)):
+            if j:
+                logits = self.lm.append([[x] if limit > j else [] for x, limit in zip(xs[-1], limits)])[:, 0]
+            q = self.sampler.probs(logits)  # (B, V)
+            qs.append(q)
+            xs.append(self.sampler.draw(q, gen).tolist())
+        chains = [[x[b] for x in xs[:limit]] for b, limit in enumerate(limits)]
+        q = torch.stack(qs, 1)  # (B, n, V)
+        q = q * (torch.arange(q.shape[1], device=q.device) < torch.tensor(limits, device=q.device)[:, None])[..., None]
+        read = [after - n for after, n in zip(self.lm.lengths, before)]
+        cost = [(limit, r, self.lm.flop_model.forward(n, r, limit)) for limit, r, n in zip(limits, read, before)]
+        return Chains(chains, q, cost)
+
+    def keep(self, rows: Sequence[int], lengths: Sequence[int]) -> None:
+        self.lm.select(rows)
+        self.lm.rollback_to(lengths)
+
+
+def accept(p: torch.Tensor, chains: Chains, sampler: Sampler, gen: torch.Generator
+           ) -> tuple[torch.Tensor, torch.Tensor]:
+    """Steps 3 and 4 for every row: (n_kept (B,), the target's own token y (B,)).
+
+    p: (B, 1 + n, V) the target's distribution at each row's last emitted token and each chain slot."""
+    B, width, V = p.shape
+    n = width - 1
+    if n == 0:  # no row drafted: plain decoding
+        return torch.zeros(B, dtype=torch.long, device=p.device), sampler.draw(p[:, 0], gen)
+    rows = torch.arange(B, device=p.device)
+    lengths = torch.tensor([len(c) for c in chains.x], device=p.device)  # (B,)
+    x = torch.tensor([c + [0] * (n - len(c)) for c in chains.x], device=p.device)  # (B, n)
+    p_x = p[:, :n].gather(2, x[..., None])[..., 0]  # (B, n)
+    q_x = torch.ones_like(p_x) if chains.q is None else chains.q.gather(2, x[..., None])[..., 0]
+    u = uniform(B * n, gen, p.device).view(B, n)
+    in_chain = torch.arange(n, device=p.device) < lengths[:, None]
+    n_kept = leading_true(speculative_accept(p_x, q_x, u) & in_chain)  # (B,)
+    # q where the target's token goes: the rejected token's q, or nothing after a fully kept chain (a bonus token)
+    if chains.q is None:
+        rejected = x[rows, n_kept.clamp(max=n - 1)]
+        q_at = torch.nn.functional.one_hot(rejected, V).to(p.dtype) * (n_kept < lengths)[:, None]
+    else:
+        q_at = torch.cat([chains.q, torch.zeros_like(p[:, :1])], 1)[rows, n_kept]
+    return n_kept, sampler.draw(residual(p[rows, n_kept], q_at), gen)
+
+
+def decode_batch(target: BatchCachedLM, drafter: BatchDrafter | None, prompts: Sequence[Sequence[int]],
+                 sampler: Sampler, gen: torch.Generator, outs: Sequence, stats: Sequence[DecodeStats],
+                 chain_length: Callable[[int], int], max_batch: int) -> None:
+    """Decode every prompt to its Emitter in `outs` (budget, EOS, stop strings), at most `max_batch` at a time.
+
+    chain_length(B): tokens to draft per row when B rows decode (0: plain decoding). `target` starts empty;
+    its cache always holds every emitted token of a row but the last. Counters go to `stats` per prompt;
+    `draft_seconds` (time in `drafter.propose`) and `wall_seconds` are left to the caller."""
+    tokens = [list(p) for p in prompts]
+    waiting = list(range(len(prompts)))
+    live: list[int] = []  # prompt index of each batch row
+    draft_seconds = 0.0
+    while waiting or live:
+        # 0. Admit waiting prompts into free rows: their caches read the prompt but its last token.
+        joining = waiting[: max_batch - len(live)]
+        del waiting[: len(joining)]
+        if joining:
+            target.admit([tokens[i][:-1] for i in joining])
+            live += joining
+        seqs = [tokens[i] for i in live]
+        s = chain_length(len(live))
+        limits = [min(s, outs[i].remaining) for i in live]
+        # 1. Draft.
+        start = time.perf_counter()
+        chains = drafter.propose(seqs, limits, gen) if drafter is not None else Chains([[] for _ in live], None)
+        draft_seconds += time.perf_counter() - start
+        # 2. Verify: one target forward over each row's last token and chain.
+        before = list(target.lengths)
+        logits = target.append([seq[-1:] + chain for seq, chain in zip(seqs, chains.x)])  # (B, 1 + n, V)
+        # 3.-4. Accept and correct, every row at once; the one host sync of the round.
+        n_kept, y = accept(sampler.probs(logits), chains, sampler, gen)
+        kept, ys = n_kept.tolist(), y.tolist()
+        # 5. Emit, count, roll back, and let the finished rows go.
+        for b, i in enumerate(live):
+            chain, s_i = chains.x[b], stats[i]
+            s_i.target_calls += 1
+            s_i.target_tokens += 1 + len(chain)
+            s_i.target_flops += target.flop_model.forward(before[b], 1 + len(chain), 1 + len(chain))
+            s_i.drafted += len(chain)
+            s_i.accepted += kept[b]
+            s_i.rejected += len(chain) - kept[b]
+            if chains.cost is not None:
+                calls, read, flops = chains.cost[b]
+                s_i.draft_calls, s_i.draft_tokens, s_i.draft_flops = (s_i.draft_calls + calls, s_i.draft_tokens + read,
+                                                                     s_i.draft_flops + flops)
+            tokens[i] += chain[: kept[b]] + [ys[b]]
+            outs[i].emit(chain[: kept[b]] + [ys[b]])
+        rows = [b for b, i in enumerate(live) if not outs[i].done]
+        live = [live[b] for b in rows]
+        lengths = [len(tokens[i]) - 1 for i in live]
+        target.select(rows)
+        target.rollback_to(lengths)
+        if drafter is not None:
+            drafter.keep(rows, lengths)
+    for s_i in stats:
+        s_i.draft_seconds = draft_seconds
+
+
+def generate_batch(pair: Pair, prompts: Sequence[Sequence[int]], mode: str, max_new_tokens: int, sampler: Sampler,
+                   seed: int, k: int, ngram_n: int, s: int | None, i_knee: float | None, max_batch: int | None,
+                   stop: Sequence[str], on_text: Callable[[str], None] | None = None) -> list[GenerateOutput]:
+    """`Decoder.generate` for a list of prompts (checked already) in mode "ar", "sd" or "ngram"."""
+    device = pair.device
+    gen = torch.Generator(device=device).manual_seed(int(seed))
+    eos = pair.tokenizer.eos_token_id
+    outs = [Emitter(pair.tokenizer, max_new_tokens, eos, stop, on_text) for _ in prompts]
+    stats = [DecodeStats(mode=mode, batch_size=len(prompts)) for _ in prompts]
+    pad = eos if eos is not None else 0
+    target = BatchCachedLM(pair.target, pair.vocab_size, pad_id=pad)
+    drafter: BatchDrafter | None = None
+    if mode == "sd":
+        drafter = ModelChains(BatchCachedLM(pair.draft, pair.vocab_size, pad_id=pad), sampler)
+        chain_length = lambda batch: k  # noqa: E731
+    elif mode == "ngram":
+        drafter = NgramChains(NgramDrafter(ngram_n))
+        if s is not None:
+            chain_length = lambda batch: s  # noqa: E731
+        else:
+            knee = i_knee if i_knee is not None else measure_i_knee(device, pair.dtype)
+            chain_length = lambda batch: speculation_length(knee, batch)  # noqa: E731
+    else:
+        chain_length = lambda batch: 0  # noqa: E731
+
+    start = time.perf_counter()
+    decode_batch(target, drafter, prompts, sampler, gen, outs, stats, chain_length, max_batch or len(prompts))
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+    seconds = time.perf_counter() - start
+    for out, st in zip(outs, stats):
+        st.wall_seconds, st.new_tokens = seconds, len(out.ids)
+    return [GenerateOutput(text=out.text(), token_ids=out.ids, stats=st, stop_reason=out.stop_reason)
+            for out, st in zip(outs, stats)]
+
+
+__all__ = ["BatchDrafter", "Chains", "ModelChains", "NgramChains", "accept", "decode_batch", "generate_batch"]

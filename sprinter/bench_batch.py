@@ -1,0 +1,240 @@
+"""The batch sweep: tokens/s of batched "ar", "sd" and "ngram" as the batch grows (SSSD's question, REFERENCES.md §4).
+
+For each domain (code windows, prose docstrings: the benchmark's held-out prompts, sprinter.bench) and each
+batch size B, one batch of B prompts is decoded by every method, `repeats` times with the methods' order
+rotated each repeat; a method's figure is the median over repeats of (new tokens of the batch / its wall
+time). Greedy by default: every method's outputs are checked equal, token for token, to batched "ar"'s
+(all of them are lossless). Rows: "ar"; "sd-k{k}" (the draft model); "ngram" (s from the batch size and
+I_knee, sprinter.roofline) and "ngram-s{s}" for each fixed s.
+
+Writes OUT/results.json, OUT/results.md and OUT/batch.png (matplotlib optional, as bench_report).
+"""
+
+from __future__ import annotations
+
+import json
+import statistics
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from sprinter.bench import DOMAINS, BenchConfig, load_prompts, write_atomic
+from sprinter.bench_report import hardware, libraries
+from sprinter.config import check_integers, option, to_dict
+from sprinter.decode import Decoder, check_options
+from sprinter.errors import SprinterError
+from sprinter.fidelity import first_difference
+from sprinter.roofline import measure_i_knee, speculation_length
+
+CONFIG_DIR = Path(__file__).resolve().parent.parent / "configs" / "bench_batch"
+FORMAT = "sprinter-bench-batch/1"
+
+
+@dataclass
+class BatchBenchConfig:
+    """The batch sweep's options: the single home of their defaults (scripts/bench_batch.py reads them)."""
+
+    pair: str = option("demo", "a preset pair under checkpoints/pairs/ (built if missing) or a pair folder")
+    draft: str | None = option(None, "draft model: Hub name or folder; none: PAIR/draft")
+    target: str | None = option(None, "target model: Hub name or folder; none: PAIR/target")
+    batch_sizes: tuple[int, ...] = option((1, 4, 8, 16, 32), "batch sizes B of the sweep")
+    k: int = option(4, "sd: tokens drafted per sequence and target call")
+    ngram_n: int = option(3, "ngram: longest suffix looked up")
+    fixed_s: tuple[int, ...] = option((4,), "ngram: fixed speculation lengths, a row each (beside the s rule's row)")
+    i_knee: float | None = option(None, "the s rule's I_knee; none: measured on the device at start")
+    sd: bool = option(True, "include the sd row (needs the draft model)")
+    dataset: str = option("stdlib", "prompt source (sprinter.corpus): 'stdlib', a folder or a file")
+    split: str = option("test", "corpus split of the prompts (test: held out from pair training)")
+    domains: tuple[str, ...] = option(DOMAINS, f"prompt domains, a sweep each: some of {DOMAINS}")
+    prompt_len: int = option(64, "prompt tokens")
+    max_new_tokens: int = option(64, "most tokens to generate per prompt")
+    repeats: int = option(3, "timed runs per (domain, B, method); the median is reported")
+    temperature: float = option(0.0, "0 is greedy (outputs checked equal to batched ar's); above 0 samples")
+    seed: int = option(0, "generator seed of every run")
+    device: str = option("auto", "cpu, cuda, cuda:N or auto")
+    dtype: str = option("auto", "float32, bfloat16, float16 or auto: bfloat16 on CUDA, float32 on CPU")
+    threads: int = option(1, "CPU threads for torch (0: torch's default)")
+    out: str = option("results/batch/demo", "output folder: results.json, results.md, batch.png")
+    progress: bool = option(True, "show a progress bar")
+
+    def __post_init__(self) -> None:
+        check_integers(self, ("k", "ngram_n", "prompt_len", "max_new_tokens", "repeats"))
+        check_integers(self, ("threads",), minimum=0)
+        sizes = self.batch_sizes
+        if not sizes or any(isinstance(b, bool) or not isinstance(b, int) or b < 1 for b in sizes):
+            raise SprinterError(f"batch_sizes: got {list(self.batch_sizes)}; expected integers >= 1")
+        if any(isinstance(s, bool) or not isinstance(s, int) or s < 1 for s in self.fixed_s):
+            raise SprinterError(f"fixed_s: got {list(self.fixed_s)}; expected integers >= 1 (or none)")
+        bad = [d for d in self.domains if d not in DOMAINS]
+        if bad or not self.domains:
+            raise SprinterError(f"domains: got {list(self.domains)}; expected some of {DOMAINS}")
+        check_options("ngram", self.max_new_tokens, self.k, None, None, False, None, (), self.ngram_n,
+                      i_knee=self.i_knee)
+        if not isinstance(self.temperature, (int, float)) or not self.temperature >= 0:
+            raise SprinterError(f"temperature: got {self.temperature!r}; expected a number >= 0")
+        if (self.draft is None) != (self.target is None):
+            raise SprinterError(f"draft/target: got draft={self.draft!r}, target={self.target!r}; expected both or "
+                                "neither (neither: PAIR/draft and PAIR/target)")
+
+
+def default_config_path() -> Path:
+    return CONFIG_DIR / "demo.yaml"
+
+
+def methods(cfg: BatchBenchConfig) -> dict[str, dict]:
+    """Row name -> the generate options of that row."""
+    rows = {"ar": {"mode": "ar"}}
+    if cfg.sd:
+        rows[f"sd-k{cfg.k}"] = {"mode": "sd", "k": cfg.k}
+    rows["ngram"] = {"mode": "ngram", "ngram_n": cfg.ngram_n, "i_knee": cfg.i_knee}
+    rows.update({f"ngram-s{s}": {"mode": "ngram", "ngram_n": cfg.ngram_n, "s": s} for s in cfg.fixed_s})
+    return rows
+
+
+def batch_prompts(cfg: BatchBenchConfig, tokenizer, domain: str) -> list[list[int]]:
+    """max(batch_sizes) prompts of the domain (the pool cycles when the split has fewer); a batch of B takes the
+    first B."""
+    size = max(cfg.batch_sizes)
+    picked = load_prompts(BenchConfig(dataset=cfg.dataset, split=cfg.split, domains=(domain,), num_prompts=size,
+                                      prompt_len=cfg.prompt_len, methods=("ar",)), tokenizer)
+    return [list(picked[i % len(picked)].ids) for i in range(size)]
+
+
+def run_cell(cfg: BatchBenchConfig, decoder: Decoder, prompts: list[list[int]], rows: dict[str, dict], bar) -> dict:
+    """Every method on one batch, `repeats` times (order rotated); the outputs checked against batched ar's."""
+    names = list(rows)
+    runs: dict[str, list[dict]] = {name: [] for name in names}
+    outputs: dict[str, list[list[int]]] = {}
+    for repeat in range(cfg.repeats):
+        shift = repeat % len(names)
+        for name in names[shift:] + names[:shift]:
+            start = time.perf_counter()
+            outs = decoder.generate(prompts, max_new_tokens=cfg.max_new_tokens, temperature=cfg.temperature,
+                                    seed=cfg.seed, **rows[name])
+            seconds = time.perf_counter() - start
+            tokens = sum(o.stats.new_tokens for o in outs)
+            accepted, drafted = sum(o.stats.accepted for o in outs), sum(o.stats.drafted for o in outs)
+            calls = sum(o.stats.target_calls for o in outs)
+            runs[name].append({"seconds": seconds, "tokens": tokens, "tokens_per_s": tokens / seconds,
+                               "draft_share": outs[0].stats.draft_seconds / seconds,
+                               "mean_acceptance_length": 1 + accepted / calls, "drafted": drafted,
+                               "accepted": accepted, "target_forwards": max(o.stats.target_calls for o in outs)})
+            outputs[name] = [o.token_ids for o in outs]
+            bar.update(1)
+    if cfg.temperature == 0:
+        for name in names:
+            for row, (got, want) in enumerate(zip(outputs[name], outputs["ar"])):
+                i = first_difference(got, want)
+                if i is not None:
+                    raise SprinterError(f"{name} differs from batched ar on row {row} of a batch of {len(prompts)} at "
+                                        f"new token {i}: {got[i:i + 5]} vs {want[i:i + 5]}; expected identical tokens")
+    cell = {}
+    ar_median = statistics.median(r["tokens_per_s"] for r in runs["ar"])
+    for name in names:
+        median = lambda key: statistics.median(r[key] for r in runs[name])  # noqa: E731
+        cell[name] = {"tokens_per_s": median("tokens_per_s"), "seconds": median("seconds"),
+                      "tokens": runs[name][0]["tokens"], "draft_share": median("draft_share"),
+                      "mean_acceptance_length": runs[name][0]["mean_acceptance_length"],
+                      "acceptance_rate": (runs[name][0]["accepted"] / runs[name][0]["drafted"]
+                                          if runs[name][0]["drafted"] else None),
+                      "target_forwards": runs[name][0]["target_forwards"],
+                      "speedup_vs_ar": median("tokens_per_s") / ar_median}
+    return cell
+
+
+def run_sweep(cfg: BatchBenchConfig) -> dict:
+    """Run the sweep and write OUT/results.json, results.md and batch.png; returns the results."""
+    from tqdm import tqdm
+
+    from sprinter.pairs import resolve_pair
+
+    if cfg.threads:
+        torch.set_num_threads(cfg.threads)
+    draft, target = resolve_pair(cfg.pair, cfg.draft, cfg.target)
+    decoder = Decoder.from_pretrained(draft, target, device=cfg.device, dtype=cfg.dtype)
+    if cfg.prompt_len + cfg.max_new_tokens > decoder.pair.max_length:
+        raise SprinterError(f"prompt_len + max_new_tokens = {cfg.prompt_len + cfg.max_new_tokens} tokens; the models' "
+                            f"context window is {decoder.pair.max_length}: expected at most that")
+    rows = methods(cfg)
+    pools = {domain: batch_prompts(cfg, decoder.tokenizer, domain) for domain in cfg.domains}
+    i_knee = cfg.i_knee if cfg.i_knee is not None else measure_i_knee(decoder.pair.device, decoder.pair.dtype)
+    sizes = sorted(set(cfg.batch_sizes))
+    start = time.perf_counter()
+    decoder.generate(pools[cfg.domains[0]][:2], max_new_tokens=8, mode="sd", k=cfg.k)  # warm-up
+    cells: dict[str, dict[str, dict]] = {}
+    with tqdm(total=len(cfg.domains) * len(sizes) * len(rows) * cfg.repeats, desc="batch sweep", unit="batch",
+              disable=not cfg.progress) as bar:
+        for domain in cfg.domains:
+            cells[domain] = {}
+            for size in sizes:
+                bar.set_postfix_str(f"{domain} B={size}")
+                cells[domain][str(size)] = run_cell(cfg, decoder, pools[domain][:size], rows, bar)
+    results = {
+        "format": FORMAT, "created": time.strftime("%Y-%m-%dT%H:%M:%S"),
+        "hardware": hardware(decoder.pair.device, decoder.pair.dtype), "libraries": libraries(),
+        "pair": {"draft": draft, "target": target}, "options": to_dict(cfg), "i_knee": i_knee,
+        "s_rule": {str(b): speculation_length(i_knee, b) for b in sizes}, "methods": rows,
+        "elapsed_seconds": time.perf_counter() - start, "cells": cells,
+    }
+    write_reports(results, Path(cfg.out))
+    return results
+
+
+def markdown(results: dict) -> str:
+    hw, opts = results["hardware"], results["options"]
+    where = hw.get("gpu") or f"{hw['cpu']}, {hw['torch_threads']} thread(s)"
+    lines = [f"Batch sweep on {where}; {hw['dtype']}; {opts['prompt_len']}-token prompts, {opts['max_new_tokens']} new "
+             f"tokens, temperature {opts['temperature']}, median of {opts['repeats']}. I_knee = "
+             f"{results['i_knee']:.1f} tokens; the s rule gives "
+             + ", ".join(f"s={s} at B={b}" for b, s in results["s_rule"].items()) + ".", ""]
+    for domain, by_size in results["cells"].items():
+        names = list(results["methods"])
+        lines += [f"### {domain}: tokens/s (speedup vs batched ar; mean acceptance length)", "",
+                  "| B | " + " | ".join(names) + " | ngram lookup share |", "|---" * (len(names) + 2) + "|"]
+        for size, cell in by_size.items():
+            entries = [f"{cell[n]['tokens_per_s']:.0f} ({cell[n]['speedup_vs_ar']:.2f}x; "
+                       f"{cell[n]['mean_acceptance_length']:.2f})" for n in names]
+            lines.append(f"| {size} | " + " | ".join(entries) + f" | {100 * cell['ngram']['draft_share']:.1f}% |")
+        lines.append("")
+    return "\n".join(lines)
+
+
+def plot(results: dict, path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    domains = list(results["cells"])
+    fig, axes = plt.subplots(1, len(domains), figsize=(5.5 * len(domains), 4), squeeze=False)
+    for ax, domain in zip(axes[0], domains):
+        sizes = [int(b) for b in results["cells"][domain]]
+        for name in results["methods"]:
+            ax.plot(sizes, [results["cells"][domain][str(b)][name]["tokens_per_s"] for b in sizes], marker="o",
+                    label=name)
+        ax.set(xscale="log", yscale="log", xlabel="batch size B", ylabel="tokens/s", title=domain)
+        ax.set_xticks(sizes, [str(b) for b in sizes])
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
+def write_reports(results: dict, out: Path) -> None:
+    out.mkdir(parents=True, exist_ok=True)
+    write_atomic(out / "results.json", json.dumps(results, indent=2) + "\n")
+    write_atomic(out / "results.md", markdown(results) + "\n")
+    try:
+        import matplotlib  # noqa: F401  (an extra: sprinter[plot])
+    except ImportError:
+        print("note: batch.png not written: matplotlib is not installed (pip install 'sprinter[plot]')",
+              file=sys.stderr)
+        return
+    plot(results, out / "batch.png")
+
+
+__all__ = ["BatchBenchConfig", "default_config_path", "markdown", "methods", "run_sweep"]

@@ -1,0 +1,37 @@
+"""scripts/bench_batch.py on the tiny pair: the sweep runs, checks every row against batched ar, writes its reports."""
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+
+from sprinter.bench_batch import BatchBenchConfig, run_sweep
+from sprinter.config import parse_config
+from sprinter.errors import SprinterError
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def test_tiny_sweep_writes_its_reports(tiny_pair, tmp_path):
+    before = torch.get_num_threads()
+    cfg = parse_config(BatchBenchConfig, ["--config", str(ROOT / "configs/bench_batch/tiny.yaml"), "--draft",
+                                          str(tiny_pair / "draft"), "--target", str(tiny_pair / "target"), "--out",
+                                          str(tmp_path), "--i-knee", "4"], "test")
+    try:
+        results = run_sweep(cfg)
+    finally:
+        torch.set_num_threads(before)
+    on_disk = json.loads((tmp_path / "results.json").read_text())
+    assert on_disk["s_rule"] == {"1": 4, "3": 1} and list(on_disk["methods"]) == ["ar", "sd-k4", "ngram", "ngram-s2"]
+    for size, cell in results["cells"]["code"].items():
+        assert cell["ar"]["speedup_vs_ar"] == 1.0 and cell["ngram"]["tokens"] == cell["ar"]["tokens"]
+        assert 0 <= cell["ngram"]["draft_share"] < 1
+    assert "| 3 |" in (tmp_path / "results.md").read_text() and (tmp_path / "batch.png").exists()
+
+
+@pytest.mark.parametrize("argv,message", [(["--batch-sizes", "0"], "batch_sizes"), (["--fixed-s", "0"], "fixed_s"),
+                                          (["--i-knee", "-1"], "i_knee"), (["--domains", "poetry"], "domains")])
+def test_bad_options_are_refused(argv, message):
+    with pytest.raises(SprinterError, match=message):
+        parse_config(BatchBenchConfig, argv, "test")
