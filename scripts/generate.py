@@ -90,7 +90,8 @@ def main(argv: Sequence[str] | None = None) -> None:
         raise SprinterError(NO_VERIFIER)  # before building or loading any model
     resolve_dtype(cfg.dtype, resolve_device(cfg.device))  # fail on a bad device before building a pair
     draft, target = pair_paths(cfg)
-    decoder = Decoder.from_pretrained(draft=draft, target=target, verifier=verifier, device=cfg.device, dtype=cfg.dtype)
+    decoder = Decoder.from_pretrained(draft=draft, target=target, verifier=verifier, device=cfg.device, dtype=cfg.dtype,
+                                      datastore=cfg.datastore)
     options = dict(max_new_tokens=cfg.max_new_tokens, mode=cfg.mode, temperature=cfg.temperature, top_k=cfg.top_k,
                    top_p=cfg.top_p, seed=cfg.seed, k=cfg.k, max_block=cfg.max_block, threshold=cfg.threshold,
                    strict=cfg.strict, gate=cfg.gate, stop=cfg.stop, ngram_n=cfg.ngram_n, s=cfg.s, i_knee=cfg.i_knee,

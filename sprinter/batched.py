@@ -28,6 +28,7 @@ import torch
 from sprinter.acceptance import leading_true, residual, speculative_accept
 from sprinter.batch_cache import BatchCachedLM
 from sprinter.decode import Emitter, GenerateOutput
+from sprinter.datastore import Datastore
 from sprinter.models import Pair
 from sprinter.ngram import NgramDrafter
 from sprinter.roofline import measure_i_knee, speculation_length
@@ -189,7 +190,8 @@ def decode_batch(target: BatchCachedLM, drafter: BatchDrafter | None, prompts: S
 
 def generate_batch(pair: Pair, prompts: Sequence[Sequence[int]], mode: str, max_new_tokens: int, sampler: Sampler,
                    seed: int, k: int, ngram_n: int, s: int | None, i_knee: float | None, max_batch: int | None,
-                   stop: Sequence[str], on_text: Callable[[str], None] | None = None) -> list[GenerateOutput]:
+                   stop: Sequence[str], on_text: Callable[[str], None] | None = None,
+                   datastore: Datastore | None = None) -> list[GenerateOutput]:
     """`Decoder.generate` for a list of prompts (checked already) in mode "ar", "sd" or "ngram"."""
     device = pair.device
     gen = torch.Generator(device=device).manual_seed(int(seed))
@@ -203,7 +205,7 @@ def generate_batch(pair: Pair, prompts: Sequence[Sequence[int]], mode: str, max_
         drafter = ModelChains(BatchCachedLM(pair.draft, pair.vocab_size, pad_id=pad), sampler)
         chain_length = lambda batch: k  # noqa: E731
     elif mode == "ngram":
-        drafter = NgramChains(NgramDrafter(ngram_n))
+        drafter = NgramChains(NgramDrafter(ngram_n, datastore=datastore))
         if s is not None:
             chain_length = lambda batch: s  # noqa: E731
         else:

@@ -45,6 +45,8 @@ class BatchBenchConfig:
     ngram_n: int = option(3, "ngram: longest suffix looked up")
     fixed_s: tuple[int, ...] = option((4,), "ngram: fixed speculation lengths, a row each (beside the s rule's row)")
     i_knee: float | None = option(None, "the s rule's I_knee; none: measured on the device at start")
+    datastore: str | None = option(None, "ngram rows also look up this datastore (scripts/build_datastore.py); "
+                                         "none: each sequence's own text only")
     sd: bool = option(True, "include the sd row (needs the draft model)")
     dataset: str = option("stdlib", "prompt source (sprinter.corpus): 'stdlib', a folder or a file")
     split: str = option("test", "corpus split of the prompts (test: held out from pair training)")
@@ -154,7 +156,7 @@ def run_sweep(cfg: BatchBenchConfig) -> dict:
     if cfg.threads:
         torch.set_num_threads(cfg.threads)
     draft, target = resolve_pair(cfg.pair, cfg.draft, cfg.target)
-    decoder = Decoder.from_pretrained(draft, target, device=cfg.device, dtype=cfg.dtype)
+    decoder = Decoder.from_pretrained(draft, target, device=cfg.device, dtype=cfg.dtype, datastore=cfg.datastore)
     if cfg.prompt_len + cfg.max_new_tokens > decoder.pair.max_length:
         raise SprinterError(f"prompt_len + max_new_tokens = {cfg.prompt_len + cfg.max_new_tokens} tokens; the models' "
                             f"context window is {decoder.pair.max_length}: expected at most that")

@@ -147,6 +147,17 @@ class Datastore:
         """Memory-map a datastore folder, refusing a damaged one, or one built for another tokenizer."""
         return open_datastore(Path(path), tokenizer)
 
+    def check_tokenizer(self, tokenizer) -> None:
+        """Refuse a tokenizer other than the one the datastore was built with (vocabulary, ids, EOS)."""
+        expected = {"vocab_size": len(tokenizer), "eos_id": tokenizer.eos_token_id,
+                    "tokenizer_fingerprint": tokenizer_fingerprint(tokenizer)}
+        built = {k: self.manifest.get(k) for k in expected}
+        if built != expected:
+            where = str(self.path / MANIFEST) if self.path is not None else "(in memory)"
+            raise SprinterError(f"datastore {where!r} was built for another tokenizer ({built}); "
+                                f"expected {expected}, the tokenizer in use: rebuild it with scripts/build_datastore.py "
+                                "--pair (or --tokenizer) of the models you decode with")
+
     def __len__(self) -> int:
         return int(self.tokens.size)
 
@@ -327,20 +338,14 @@ def open_datastore(path: Path, tokenizer=None) -> Datastore:
                                   f"[{manifest['tokens']}]")
     if manifest["tokens"] and int(arrays["tokens"][-1]) != manifest["eos_id"]:
         raise _unusable(path / "tokens.npy", f"it does not end with the EOS id {manifest['eos_id']}")
-    if tokenizer is not None:
-        expected = {"vocab_size": len(tokenizer), "eos_id": tokenizer.eos_token_id,
-                    "tokenizer_fingerprint": tokenizer_fingerprint(tokenizer)}
-        built = {k: manifest.get(k) for k in expected}
-        if built != expected:
-            raise SprinterError(f"datastore {str(file)!r} was built for another tokenizer ({built}); expected "
-                                f"{expected}, the tokenizer in use: rebuild it with scripts/build_datastore.py "
-                                "--pair (or --tokenizer) of the models you decode with")
     try:
         store = Datastore(arrays["tokens"], arrays["suffixes"], manifest["eos_id"], manifest, path)
     except ValueError:  # np.bincount of a negative id
         raise _unusable(path / "tokens.npy", "it holds negative token ids") from None
     if len(store._first) - 1 > manifest["vocab_size"]:  # the first-token table counted every id once
         raise _unusable(path / "tokens.npy", f"it holds ids beyond the vocabulary of {manifest['vocab_size']}")
+    if tokenizer is not None:
+        store.check_tokenizer(tokenizer)
     return store
 
 

@@ -34,6 +34,7 @@ from sprinter.acceptance import correction, flag_then_check
 from sprinter.cache import CachedLM
 from sprinter.drafters import Drafter, ModelDrafter
 from sprinter.config import check_integers, option
+from sprinter.datastore import Datastore
 from sprinter.errors import SprinterError
 from sprinter.gates import (CONFIDENCE_THRESHOLD, AlwaysFlag, ConfidenceGate, Gate, LearnedGate, NeverFlag,
                             check_threshold, load_learned_gate)
@@ -86,6 +87,7 @@ class GenerateConfig:
     draft: str | None = option(None, "draft model: Hub name or folder; none: PAIR/draft")
     target: str | None = option(None, "target model: Hub name or folder; none: PAIR/target")
     verifier: str | None = option(None, f"verifier checkpoint; none: {DEMO_VERIFIER} when it exists")
+    datastore: str | None = option(None, "ngram: also look up this n-gram datastore (scripts/build_datastore.py)")
     device: str = option("auto", "cpu, cuda, cuda:N or auto")
     dtype: str = option("auto", "float32, bfloat16, float16 or auto: bfloat16 on CUDA, float32 on CPU")
     threads: int = option(0, "CPU threads for torch (0: torch's default)")
@@ -97,6 +99,9 @@ class GenerateConfig:
         if self.prompts_file is not None and self.mode not in BATCH_MODES:
             raise SprinterError(f"prompts_file: got {self.prompts_file!r} with mode={self.mode!r}; expected a mode of "
                                 f"{BATCH_MODES} (the modes that decode a batch)")
+        if self.datastore is not None and self.mode != "ngram":
+            raise SprinterError(f"datastore: got {self.datastore!r} with mode={self.mode!r}; expected it only with "
+                                "mode='ngram'")
         Sampler(self.temperature, self.top_k, self.top_p)
         check_integers(self, ("threads",), minimum=0)
 
@@ -281,22 +286,31 @@ def speculative(target: CachedLM, drafter: Drafter, gate: Gate | None, tokens: t
 class Decoder:
     """A draft/target pair (and optionally a trained verifier) ready to generate in any mode."""
 
-    def __init__(self, pair: Pair, gate: LearnedGate | None = None, verifier_info: object = None):
+    def __init__(self, pair: Pair, gate: LearnedGate | None = None, verifier_info: object = None,
+                 datastore: Datastore | None = None):
         self.pair = pair
         self.gate = gate  # the learned verifier, when one was loaded
         self.verifier_info = verifier_info
+        self.datastore = datastore  # mode "ngram": the corpus n-gram fallback, when one was loaded
 
     @classmethod
     def from_pretrained(cls, draft: str, target: str, verifier: str | Path | None = None, device: str = "auto",
-                        dtype: str = "auto", trust_remote_code: bool = False) -> "Decoder":
-        """Load the pair (Hub names or local folders) and, if given, a verifier trained for this draft.
-        The verifier is checked against the draft (fingerprint, hidden size) before any model is loaded."""
+                        dtype: str = "auto", trust_remote_code: bool = False,
+                        datastore: str | Path | None = None) -> "Decoder":
+        """Load the pair (Hub names or local folders) and, if given, a verifier trained for this draft and an
+        n-gram datastore (scripts/build_datastore.py) for mode "ngram". The verifier is checked against the
+        draft (fingerprint, hidden size) and the datastore's files before any model is loaded; the datastore's
+        tokenizer against the pair's once it is loaded."""
         dev = resolve_device(device)
         dt = resolve_dtype(dtype, dev)
         gate = info = None
         if verifier is not None:
             gate, info = load_learned_gate(verifier, fingerprint(draft), _hidden_size(draft, trust_remote_code), dev, dt)
-        return cls(load_pair(draft, target, dev, dt, trust_remote_code), gate, info)
+        store = Datastore.open(datastore) if datastore is not None else None
+        pair = load_pair(draft, target, dev, dt, trust_remote_code)
+        if store is not None:
+            store.check_tokenizer(pair.tokenizer)
+        return cls(pair, gate, info, store)
 
     @property
     def tokenizer(self):
@@ -391,7 +405,7 @@ class Decoder:
         self._check_request(mode, max(map(len, ids)), max_new_tokens, k, None, threshold, strict, gate, stop, ngram_n,
                             s, i_knee, max_batch)
         outs = generate_batch(self.pair, ids, mode, max_new_tokens, sampler, seed, k, ngram_n, s, i_knee,
-                              max_batch, stop, on_text)
+                              max_batch, stop, on_text, datastore=self.datastore)
         return outs if batch else outs[0]
 
     def _prompt_ids(self, prompt: str | Sequence[int] | torch.Tensor) -> list[int]:

@@ -249,3 +249,33 @@ def test_the_script_builds_a_datastore(tiny_pair, corpus, tmp_path):
                           "all", "--out", str(out)], capture_output=True, text=True, timeout=120)
     assert run.returncode == 0, run.stderr
     assert f"datastore {out}/: " in run.stdout and (out / "manifest.json").is_file()
+
+
+# ------------------------------------------------------------------------------------ decoding with it
+def test_ngram_decoding_with_a_datastore_equals_ar(built, tiny_pair):
+    """The datastore changes what is drafted, never the output: with a corpus whose chains the (scrambled)
+    target mostly rejects, and with one made of ar's own outputs (mostly accepted)."""
+    from tests.test_decode import scrambled
+
+    out, _ = built
+    dec = scrambled(tiny_pair)
+    prompts = [[5, 9, 3], [7, 1, 2, 8, 8, 4, 6, 2, 1]]
+    ar = [dec.generate(p, mode="ar", max_new_tokens=24).token_ids for p in prompts]
+    eos = dec.tokenizer.eos_token_id
+    for store in (Datastore.open(out, tokenizer=dec.tokenizer),
+                  Datastore.from_documents([p + a for p, a in zip(prompts, ar)], eos)):
+        dec.datastore = store
+        outs = dec.generate(prompts, mode="ngram", max_new_tokens=24, s=4)
+        assert [o.token_ids for o in outs] == ar
+    assert sum(o.stats.accepted for o in outs) > 0  # the second store's chains were used
+
+
+def test_the_decoder_loads_a_datastore_and_refuses_one_for_another_tokenizer(built, tiny_pair, tmp_path):
+    from sprinter.decode import Decoder
+    from sprinter.errors import SprinterError
+
+    out, _ = built
+    dec = Decoder.from_pretrained(str(tiny_pair / "draft"), str(tiny_pair / "target"), device="cpu", datastore=out)
+    assert isinstance(dec.datastore, Datastore)
+    with pytest.raises(SprinterError, match="datastore: .*not found"):
+        Decoder.from_pretrained(str(tiny_pair / "draft"), str(tiny_pair / "target"), device="cpu", datastore=tmp_path)
