@@ -3,6 +3,7 @@
     python scripts/generate.py                                   # demo pair, mode sprinter, demo verifier
     python scripts/generate.py --prompt "def add(a, b):" --mode sd --k 4
     python scripts/generate.py --mode sprinter --gate confidence --threshold 0.4 --json
+    python scripts/generate.py --mode async --window 4 --threads 1      # the draft runs ahead in its own thread
 
 Options and defaults: sprinter.decode.GenerateConfig (or --help).
 """
@@ -59,7 +60,8 @@ def main(argv: Sequence[str] | None = None) -> None:
     out = decoder.generate(cfg.prompt, max_new_tokens=cfg.max_new_tokens, mode=cfg.mode, temperature=cfg.temperature,
                            top_k=cfg.top_k, top_p=cfg.top_p, seed=cfg.seed, k=cfg.k, max_block=cfg.max_block,
                            threshold=cfg.threshold, strict=cfg.strict, gate=cfg.gate, stop=cfg.stop,
-                           on_text=None if cfg.json else stream)
+                           on_text=None if cfg.json else stream, window=cfg.window, draft_device=cfg.draft_device,
+                           target_device=cfg.target_device)
     stats = out.stats.to_dict()
     if cfg.json:
         print(json.dumps({"text": out.text, "token_ids": out.token_ids, "stop_reason": out.stop_reason,

@@ -395,7 +395,9 @@ def _positive_int(value: object) -> bool:
 
 
 def _same_device(a: torch.device, b: torch.device) -> bool:
-    def index(d: torch.device) -> int | None:  # "cuda" means the current CUDA device
+    def index(d: torch.device) -> int | None:  # "cuda" means the current CUDA device; "cpu:0" is "cpu"
+        if d.type == "cpu":
+            return None
         return torch.cuda.current_device() if d.type == "cuda" and d.index is None else d.index
 
     return a.type == b.type and index(a) == index(b)
