@@ -255,3 +255,32 @@ def test_the_draft_stays_in_place_on_the_decoders_device(gpt2_decoder):
     assert gpt2_decoder.model_on("draft", torch.device("cpu")) is gpt2_decoder.pair.draft
     assert gpt2_decoder.model_on("target", torch.device("cpu:0")) is gpt2_decoder.pair.target
     assert not gpt2_decoder.copies
+
+
+def test_benchmark_rows(gpt2_decoder):
+    from sprinter.bench import BenchConfig, build_methods
+
+    rows = build_methods(BenchConfig(methods=("ar", "async"), windows=(4, 1)), gpt2_decoder, {})
+    assert [m.name for m in rows] == ["ar", "async-w1", "async-w4"] and all(m.lossless for m in rows)
+    reference, _ = rows[0].run(PROMPTS[2], 0, 12)
+    tokens, stats = rows[2].run(PROMPTS[2], 0, 12)
+    assert tokens == reference and stats["overlap"] is not None and stats["mode"] == "async"
+
+
+def test_bench_async_script(tiny_pair, tmp_path):
+    import json
+
+    from sprinter.async_bench import AsyncBenchConfig, run
+    from sprinter.config import parse_config
+
+    cfg = parse_config(AsyncBenchConfig, ["--pairs", str(tiny_pair), "--num-prompts", "2", "--prompt-len", "16",
+                                          "--max-new-tokens", "8", "--ks", "2", "--windows", "2", "--sd-threads", "1",
+                                          "--warmup", "0", "--no-progress", "--out", str(tmp_path)], "test")
+    (results,) = run(cfg)
+    on_disk = json.loads((tmp_path / tiny_pair.name / "results.json").read_text())
+    assert on_disk["methods"] == results["methods"]
+    assert [m["name"] for m in results["methods"]] == ["ar", "sd-k2-t1", "async-w2"]
+    assert results["methods"][2]["overlap"] is not None and results["hardware"]["cpu"]
+    assert "| async-w2 | 1 |" in (tmp_path / tiny_pair.name / "results.md").read_text()
+    with pytest.raises(SprinterError, match="sd_threads"):
+        AsyncBenchConfig(sd_threads=(0,))
