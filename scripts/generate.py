@@ -5,6 +5,7 @@
     python scripts/generate.py --mode sprinter --gate confidence --threshold 0.4 --json
     python scripts/generate.py --mode ngram --prompts-file prompts.txt    # one batch: one prompt per line
     python scripts/generate.py --mode sd --prompts-file prompts.jsonl --max-batch 8 --json  # JSON strings per line
+    python scripts/generate.py --mode async --window 4 --threads 1      # the draft runs ahead in its own thread
 
 Options and defaults: sprinter.decode.GenerateConfig (or --help).
 """
@@ -81,7 +82,7 @@ def print_batch(cfg: GenerateConfig, prompts: list[str], outs: list) -> None:
 
 def main(argv: Sequence[str] | None = None) -> None:
     cfg = parse_config(GenerateConfig, argv, "Generate text with a draft/target pair (modes ar, draft, sd, sprinter, "
-                                             "sd-gated, ngram; a batch of prompts with --prompts-file).")
+                                             "sd-gated, ngram, async; a batch of prompts with --prompts-file).")
     prompts = read_prompts(cfg.prompts_file) if cfg.prompts_file is not None else None
     if cfg.threads:
         torch.set_num_threads(cfg.threads)
@@ -95,7 +96,8 @@ def main(argv: Sequence[str] | None = None) -> None:
     options = dict(max_new_tokens=cfg.max_new_tokens, mode=cfg.mode, temperature=cfg.temperature, top_k=cfg.top_k,
                    top_p=cfg.top_p, seed=cfg.seed, k=cfg.k, max_block=cfg.max_block, threshold=cfg.threshold,
                    strict=cfg.strict, gate=cfg.gate, stop=cfg.stop, ngram_n=cfg.ngram_n, s=cfg.s, i_knee=cfg.i_knee,
-                   max_batch=cfg.max_batch)
+                   max_batch=cfg.max_batch, window=cfg.window, draft_device=cfg.draft_device,
+                   target_device=cfg.target_device)
     if prompts is not None:
         print_batch(cfg, prompts, decoder.generate(prompts, **options))
         return

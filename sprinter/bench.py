@@ -25,6 +25,7 @@ from typing import Callable, Sequence
 import torch
 
 from sprinter.cache import FlopModel
+from sprinter.async_decode import check_async_options
 from sprinter.calibrate import budget_key
 from sprinter.config import option, to_dict
 from sprinter.corpus import load_documents, prose_documents
@@ -36,8 +37,8 @@ from sprinter.models import fingerprint
 
 CONFIG_DIR = Path(__file__).resolve().parent.parent / "configs" / "bench"
 FAMILIES = ("ar", "draft", "sd", "hf-assisted", "ngram", "sd-gated", "sd-gated-confidence", "sprinter-mlp",
-            "sprinter-linear", "sprinter-confidence", "sprinter-strict")
-DEFAULT_METHODS = FAMILIES[:-1]
+            "sprinter-linear", "sprinter-confidence", "sprinter-strict", "async")
+DEFAULT_METHODS = FAMILIES[:-2]  # sprinter-strict and async are asked for by name
 LEARNED = ("sprinter-mlp", "sprinter-linear", "sprinter-strict")
 GATED = ("sd-gated", "sd-gated-confidence")  # lossless; the operating point is the stop threshold
 DOMAINS = ("code", "prose")
@@ -57,6 +58,8 @@ class BenchConfig:
     linear_verifier: str | None = option(None, "the paper's linear verifier; none: VERIFIER/baselines/linear")
     methods: tuple[str, ...] = option(DEFAULT_METHODS, f"method families to run, some of {FAMILIES}")
     ks: tuple[int, ...] = option((2, 4, 8), "sd: draft lengths k (the best one is marked)")
+    windows: tuple[int, ...] = option((4,), "async: windows (most drafted tokens awaiting verification); each side "
+                                            "runs on --threads intra-op threads")
     budgets: tuple[float, ...] = option((), "sprinter: false-accept budgets to run (empty: all the checkpoint has)")
     confidence_thresholds: tuple[float, ...] = option((0.2, CONFIDENCE_THRESHOLD, 0.6),
                                                       "sprinter-confidence: thresholds on q(x) (0.4: Hugging Face's default)")
@@ -102,6 +105,8 @@ class BenchConfig:
                 raise SprinterError(f"{name}: got {value!r}; expected an integer >= 1")
         for k in self.ks:
             check_options("sd", self.max_new_tokens, k, None, None, False, None, ())
+        for window in self.windows:
+            check_async_options("async", window, None, None)
         for name in ("warmup", "threads"):
             if not isinstance(getattr(self, name), int) or getattr(self, name) < 0:
                 raise SprinterError(f"{name}: got {getattr(self, name)!r}; expected an integer >= 0")
@@ -313,6 +318,9 @@ def build_methods(cfg: BenchConfig, decoder: Decoder, verifiers: dict[str, str])
         elif family == "sd":
             methods += [Method(f"sd-k{k}", family, greedy, decoder_runner(decoder, t, mode="sd", k=k), k)
                         for k in sorted(set(cfg.ks))]
+        elif family == "async":
+            methods += [Method(f"async-w{w}", family, greedy, decoder_runner(decoder, t, mode="async", window=w), w)
+                        for w in sorted(set(cfg.windows))]
         elif family == "hf-assisted":
             methods.append(Method(family, family, greedy, hf_assisted_runner(decoder, t)))
         elif family in GATED:

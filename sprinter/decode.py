@@ -10,19 +10,23 @@ Modes (REFERENCES.md §1 and §5):
   and checks only that token (`strict=True`: every token of the block);
 - "sd-gated": lossless speculative decoding whose block length a gate decides (SpecDec++): drafting
   stops once 1 - prod P(accept) over the block exceeds a stop threshold (or at max_block), then the
-  target checks every token as in "sd".
+  target checks every token as in "sd";
 - "ngram": lossless speculative decoding without a draft model (SSSD, §4): each sequence drafts a chain
-  from n-gram matches in its own text, s tokens long, s from the batch size (sprinter.roofline).
+  from n-gram matches in its own text (and a datastore), s tokens long, s from the batch size (sprinter.roofline);
+- "async": lossless speculative decoding with the draft running ahead in a thread of its own, maybe on
+  another device, while the target verifies (AMUSD, REFERENCES.md §3; sprinter.async_decode).
 
 A list of prompts is decoded as one batch in modes "ar", "sd" and "ngram" (sprinter.batched, which
 also runs "ngram" for a single prompt) and gives a list of results, one per prompt.
 
-Two loops serve all five: `autoregressive` (one model) and `speculative` (a drafter, an optional gate
-and the target). A mode is a few arguments to one of them.
+Two loops here serve a single prompt in the first five modes: `autoregressive` (one model) and
+`speculative` (a drafter, an optional gate and the target); a mode is a few arguments to one of them.
+The batched loop (sprinter.batched) and the two-thread loop (sprinter.async_decode) live beside them.
 """
 
 from __future__ import annotations
 
+import copy
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -31,6 +35,7 @@ from typing import Callable, Sequence
 import torch
 
 from sprinter.acceptance import correction, flag_then_check
+from sprinter.async_decode import ASYNC_WINDOW, asynchronous, check_async_options
 from sprinter.cache import CachedLM
 from sprinter.drafters import Drafter, ModelDrafter
 from sprinter.config import check_integers, option
@@ -42,7 +47,7 @@ from sprinter.models import Pair, fingerprint, load_pair, resolve_device, resolv
 from sprinter.sampling import Sampler, uniform
 from sprinter.stats import DecodeStats
 
-MODES = ("ar", "draft", "sd", "sprinter", "sd-gated", "ngram")
+MODES = ("ar", "draft", "sd", "sprinter", "sd-gated", "ngram", "async")
 BATCH_MODES = ("ar", "sd", "ngram")  # the modes that decode a list of prompts together
 GATED_MODES = ("sprinter", "sd-gated")  # the modes that consult a gate
 STOP_THRESHOLD = 0.5  # sd-gated: stop drafting once P(the block holds a rejection) exceeds this
@@ -83,6 +88,9 @@ class GenerateConfig:
                                            f"stop threshold on 1 - prod P(accept); none: the verifier's recommended one, else {STOP_THRESHOLD}")
     strict: bool = option(False, "sprinter: the target also checks the passed tokens of each block (greedy: lossless)")
     stop: tuple[str, ...] = option((), "stop after any of these strings (kept in the output)")
+    window: int | None = option(None, f"async: most drafted tokens awaiting verification; none: {ASYNC_WINDOW}")
+    draft_device: str | None = option(None, "async: the draft's device (cpu, cuda:N); none: --device")
+    target_device: str | None = option(None, "async: the target's device; none: --device")
     pair: str = option("demo", "a preset pair under checkpoints/pairs/ (built if missing) or a pair folder")
     draft: str | None = option(None, "draft model: Hub name or folder; none: PAIR/draft")
     target: str | None = option(None, "target model: Hub name or folder; none: PAIR/target")
@@ -102,6 +110,7 @@ class GenerateConfig:
         if self.datastore is not None and self.mode != "ngram":
             raise SprinterError(f"datastore: got {self.datastore!r} with mode={self.mode!r}; expected it only with "
                                 "mode='ngram'")
+        check_async_options(self.mode, self.window, self.draft_device, self.target_device)
         Sampler(self.temperature, self.top_k, self.top_p)
         check_integers(self, ("threads",), minimum=0)
 
@@ -292,6 +301,7 @@ class Decoder:
         self.gate = gate  # the learned verifier, when one was loaded
         self.verifier_info = verifier_info
         self.datastore = datastore  # mode "ngram": the corpus n-gram fallback, when one was loaded
+        self.copies: dict[tuple[str, str], torch.nn.Module] = {}  # async: models copied to another device
 
     @classmethod
     def from_pretrained(cls, draft: str, target: str, verifier: str | Path | None = None, device: str = "auto",
@@ -325,7 +335,8 @@ class Decoder:
                  threshold: float | None = None, strict: bool = False, gate: str | Gate | None = None,
                  stop: Sequence[str] = (), on_text: Callable[[str], None] | None = None,
                  ngram_n: int = GenerateConfig.ngram_n, s: int | None = None, i_knee: float | None = None,
-                 max_batch: int | None = None) -> GenerateOutput | list[GenerateOutput]:
+                 max_batch: int | None = None, window: int | None = None, draft_device: str | None = None,
+                 target_device: str | None = None) -> GenerateOutput | list[GenerateOutput]:
         """Generate up to `max_new_tokens` after `prompt` (text, or token ids with a batch of 1).
 
         A list of prompts (texts or token-id lists) is decoded as one batch in modes "ar", "sd" and "ngram" and
@@ -342,9 +353,12 @@ class Decoder:
         and `threshold` as its stop threshold (default: the verifier's recommended one when its gate is the
         loaded verifier, else STOP_THRESHOLD). Generation stops at EOS, at any of `stop`
         (the stop string is kept in the output) or after max_new_tokens. `on_text` receives text as it
-        is decided."""
+        is decided. "async" takes `window` (most drafted tokens awaiting verification, default
+        ASYNC_WINDOW) and `draft_device` / `target_device` (default: the decoder's device; a model is
+        copied to another device on first use and the copy kept)."""
         # 0. Every check happens before any model runs.
         sampler = Sampler(temperature, top_k, top_p)
+        check_async_options(mode, window, draft_device, target_device)
         if _is_batch(prompt) or mode == "ngram":
             return self._generate_batch(prompt, mode, max_new_tokens, sampler, seed, k, ngram_n, s, i_knee,
                                         max_batch, threshold, strict, gate, stop, on_text)
@@ -362,6 +376,12 @@ class Decoder:
         start = time.perf_counter()
         if mode in ("ar", "draft"):
             autoregressive(target if mode == "ar" else draft, tokens, sampler, gen, out)
+        elif mode == "async":
+            target_dev, draft_dev = (device if d is None else resolve_device(d) for d in (target_device, draft_device))
+            target = CachedLM(self.model_on("target", target_dev), self.pair.vocab_size)
+            draft = CachedLM(self.model_on("draft", draft_dev), self.pair.vocab_size)
+            asynchronous(target, ModelDrafter(draft, sampler), tokens.to(target_dev), sampler, int(seed), out, stats,
+                         ASYNC_WINDOW if window is None else window, draft_dev)
         else:
             drafter = ModelDrafter(draft, sampler, with_hidden=chosen_gate is not None and chosen_gate.needs_hidden)
             speculative(target, drafter, chosen_gate, tokens, sampler, gen, out, stats,
@@ -407,6 +427,17 @@ class Decoder:
         outs = generate_batch(self.pair, ids, mode, max_new_tokens, sampler, seed, k, ngram_n, s, i_knee,
                               max_batch, stop, on_text, datastore=self.datastore)
         return outs if batch else outs[0]
+
+    def model_on(self, role: str, device: torch.device) -> torch.nn.Module:
+        """The pair's "draft" or "target" on `device`: the model itself on the decoder's device, else a copy
+        made there on first use and kept (later changes to the pair's model do not reach the copy)."""
+        model = getattr(self.pair, role)
+        if _same_device(device, self.pair.device):
+            return model
+        key = (role, str(device))
+        if key not in self.copies:
+            self.copies[key] = copy.deepcopy(model).to(device)
+        return self.copies[key]
 
     def _prompt_ids(self, prompt: str | Sequence[int] | torch.Tensor) -> list[int]:
         if isinstance(prompt, str):
@@ -462,6 +493,15 @@ def _is_batch(prompt: object) -> bool:
 
 def _positive_int(value: object) -> bool:
     return isinstance(value, int) and not isinstance(value, bool) and value >= 1
+
+
+def _same_device(a: torch.device, b: torch.device) -> bool:
+    def index(d: torch.device) -> int | None:  # "cuda" means the current CUDA device; "cpu:0" is "cpu"
+        if d.type == "cpu":
+            return None
+        return torch.cuda.current_device() if d.type == "cuda" and d.index is None else d.index
+
+    return a.type == b.type and index(a) == index(b)
 
 
 def _hidden_size(draft: str, trust_remote_code: bool) -> int:

@@ -34,6 +34,11 @@ class DecodeStats:
     target_flops: int = 0
     draft_flops: int = 0
     verifier_flops: int = 0
+    # async: drafted tokens the target never checked (run-ahead after a rejection, or made redundant by the
+    # target's own token); they count as rejected. And each side's busy time: wall time minus its waits.
+    discarded: int = 0
+    draft_busy_seconds: float = 0.0
+    target_busy_seconds: float = 0.0
 
     @property
     def tokens_per_second(self) -> float:
@@ -49,11 +54,23 @@ class DecodeStats:
         """accepted / drafted (vLLM's draft acceptance rate); None when nothing was drafted."""
         return self.accepted / self.drafted if self.drafted else None
 
+    @property
+    def overlap(self) -> float | None:
+        """async: how much of the less busy side's work ran while the other side worked:
+        (draft_busy + target_busy - wall) / min(draft_busy, target_busy). 1: hidden entirely behind the
+        busier side; 0: the sides took turns; below 0: waiting and handover cost more than any overlap.
+        None for the other modes."""
+        shorter = min(self.draft_busy_seconds, self.target_busy_seconds)
+        if shorter <= 0 or self.wall_seconds <= 0:
+            return None
+        return (self.draft_busy_seconds + self.target_busy_seconds - self.wall_seconds) / shorter
+
     def to_dict(self) -> dict:
         out = dataclasses.asdict(self)
         out["tokens_per_second"] = round(self.tokens_per_second, 3)
         out["mean_acceptance_length"] = self.mean_acceptance_length
         out["acceptance_rate"] = self.acceptance_rate
+        out["overlap"] = self.overlap
         out["wall_seconds"] = round(self.wall_seconds, 6)
         return out
 
