@@ -53,7 +53,7 @@ from sprinter.sampling import Sampler, uniform
 from sprinter.stats import DecodeStats
 
 if TYPE_CHECKING:
-    from sprinter.decode import Emitter
+    from sprinter.emit import Emitter
 
 ASYNC_WINDOW = 4  # default: most drafted tokens awaiting verification
 WAIT_SECONDS = 0.05  # the longest either side sleeps before it looks at the stop flag again

@@ -27,7 +27,7 @@ import torch
 
 from sprinter.acceptance import leading_true, residual, speculative_accept
 from sprinter.batch_cache import BatchCachedLM
-from sprinter.decode import Emitter, GenerateOutput
+from sprinter.emit import Emitter, GenerateOutput
 from sprinter.datastore import Datastore
 from sprinter.models import Pair
 from sprinter.ngram import NgramDrafter
