@@ -11,7 +11,9 @@ os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
 import pytest  # noqa: E402
+import torch  # noqa: E402
 
+from sprinter.decode import Decoder  # noqa: E402
 from sprinter.pairs import build_pair, parse_pair_config  # noqa: E402
 
 
@@ -31,3 +33,47 @@ def tiny_pair(tmp_path_factory):
 def tiny_llama_pair(tmp_path_factory):
     """Folder of a tiny Llama-architecture pair."""
     return _build(tmp_path_factory, "llama")
+
+
+@pytest.fixture(scope="module")
+def single_thread(tiny_pair, tiny_llama_pair):
+    """One torch thread for a test module (`pytestmark = pytest.mark.usefixtures("single_thread")`): tiny
+    models on a shared 2-core machine run ~100x faster on one thread than on two that fight. The pairs are
+    built first, with the default threads: a build's floats depend on the thread count."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
+def scrambled(pair_dir, seed: int = 0) -> Decoder:
+    """A decoder over a tiny pair with random weights. The tiny pairs' trained weights repeat one token,
+    which would make equality tests vacuous; here the draft is the target's first block and the target's
+    extra block is weaker, so draft and target disagree on some tokens and agree on others."""
+    dec = Decoder.from_pretrained(draft=str(pair_dir / "draft"), target=str(pair_dir / "target"), device="cpu",
+                                  dtype="float32")
+    gen = torch.Generator().manual_seed(seed)
+    shared = dec.pair.draft.state_dict().keys()
+    with torch.no_grad():
+        for name, weight in dec.pair.target.named_parameters():
+            if weight.dim() > 1:
+                weight.copy_(torch.randn(weight.shape, generator=gen) * (0.3 if name in shared else 0.15))
+        dec.pair.draft.load_state_dict(dec.pair.target.state_dict(), strict=False)
+    return dec
+
+
+@pytest.fixture(scope="module")
+def gpt2_decoder(tiny_pair):
+    return scrambled(tiny_pair)
+
+
+@pytest.fixture(scope="module")
+def llama_decoder(tiny_llama_pair):
+    return scrambled(tiny_llama_pair)
+
+
+@pytest.fixture(params=["gpt2_decoder", "llama_decoder"])
+def decoder(request):
+    """Each test runs on both architectures' scrambled decoders."""
+    return request.getfixturevalue(request.param)
+

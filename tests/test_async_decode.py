@@ -12,7 +12,8 @@ import time
 
 import pytest
 import torch
-from test_decode import PROMPTS, scrambled
+from conftest import scrambled
+from test_decode import PROMPTS
 from test_decode_distribution import VOCAB, IdTokenizer, chi_square, random_lm
 
 from sprinter.async_decode import asynchronous
@@ -29,28 +30,7 @@ SHUTDOWN_SECONDS = 5.0
 CHI2_DF3_P1E5 = 25.90  # chi-square critical value, 3 degrees of freedom, p = 1e-5 (the run is timing-dependent)
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread(tiny_pair, tiny_llama_pair):
-    """One intra-op thread per side: the two sides then use the two cores (and tiny models run fastest)."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
-
-@pytest.fixture(scope="module")
-def gpt2_decoder(tiny_pair):
-    return scrambled(tiny_pair)
-
-
-@pytest.fixture(scope="module")
-def llama_decoder(tiny_llama_pair):
-    return scrambled(tiny_llama_pair)
-
-
-@pytest.fixture(params=["gpt2_decoder", "llama_decoder"])
-def decoder(request):
-    return request.getfixturevalue(request.param)
+pytestmark = pytest.mark.usefixtures("single_thread")
 
 
 @pytest.fixture

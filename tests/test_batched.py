@@ -12,20 +12,14 @@ from sprinter.decode import Decoder
 from sprinter.errors import SprinterError
 from sprinter.models import Pair
 from sprinter.roofline import measure_i_knee, speculation_length
-from test_decode import scrambled
+from conftest import scrambled
 from test_decode_distribution import CHI2_DF3_P001, VOCAB, IdTokenizer, chi_square, random_lm
 
 PROMPTS = [[5, 17, 33], [40, 41, 42, 43, 40, 41, 42, 44, 40], [7, 8, 9, 10, 11, 12, 7, 8, 9, 10, 11, 12, 7, 8, 9, 3, 7]]
 NEW = 24
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread(tiny_pair, tiny_llama_pair):
-    """One thread (see tests/test_decode.py); the pairs are built first, with the default threads."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("single_thread")
 
 
 @pytest.fixture(scope="module", params=["gpt2", "llama"])

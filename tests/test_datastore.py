@@ -252,13 +252,11 @@ def test_the_script_builds_a_datastore(tiny_pair, corpus, tmp_path):
 
 
 # ------------------------------------------------------------------------------------ decoding with it
-def test_ngram_decoding_with_a_datastore_equals_ar(built, tiny_pair):
+def test_ngram_decoding_with_a_datastore_equals_ar(built, gpt2_decoder):
     """The datastore changes what is drafted, never the output: with a corpus whose chains the (scrambled)
     target mostly rejects, and with one made of ar's own outputs (mostly accepted)."""
-    from tests.test_decode import scrambled
-
     out, _ = built
-    dec = scrambled(tiny_pair)
+    dec = gpt2_decoder
     prompts = [[5, 9, 3], [7, 1, 2, 8, 8, 4, 6, 2, 1]]
     ar = [dec.generate(p, mode="ar", max_new_tokens=24).token_ids for p in prompts]
     eos = dec.tokenizer.eos_token_id
@@ -267,6 +265,7 @@ def test_ngram_decoding_with_a_datastore_equals_ar(built, tiny_pair):
         dec.datastore = store
         outs = dec.generate(prompts, mode="ngram", max_new_tokens=24, s=4)
         assert [o.token_ids for o in outs] == ar
+    dec.datastore = None
     assert sum(o.stats.accepted for o in outs) > 0  # the second store's chains were used
 
 

@@ -7,6 +7,7 @@ block is weaker), so the draft and target disagree on some tokens and agree on o
 
 import pytest
 import torch
+from conftest import scrambled
 
 from sprinter import Decoder
 from sprinter.errors import SprinterError
@@ -15,42 +16,7 @@ from sprinter.gates import AlwaysFlag
 PROMPTS = ["def foo(x):", "import os\nclass A:", [5, 17, 33, 2, 9]]
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread(tiny_pair, tiny_llama_pair):
-    """Tiny models on a shared 2-core machine: one thread is ~100x faster than two fighting threads.
-    The pairs are built first, with the default threads: a build's floats depend on the thread count."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
-
-def scrambled(pair_dir, seed: int = 0) -> Decoder:
-    dec = Decoder.from_pretrained(draft=str(pair_dir / "draft"), target=str(pair_dir / "target"), device="cpu",
-                                  dtype="float32")
-    gen = torch.Generator().manual_seed(seed)
-    shared = dec.pair.draft.state_dict().keys()
-    with torch.no_grad():
-        for name, weight in dec.pair.target.named_parameters():
-            if weight.dim() > 1:
-                weight.copy_(torch.randn(weight.shape, generator=gen) * (0.3 if name in shared else 0.15))
-        dec.pair.draft.load_state_dict(dec.pair.target.state_dict(), strict=False)
-    return dec
-
-
-@pytest.fixture(scope="module")
-def gpt2_decoder(tiny_pair):
-    return scrambled(tiny_pair)
-
-
-@pytest.fixture(scope="module")
-def llama_decoder(tiny_llama_pair):
-    return scrambled(tiny_llama_pair)
-
-
-@pytest.fixture(params=["gpt2_decoder", "llama_decoder"])
-def decoder(request):
-    return request.getfixturevalue(request.param)
+pytestmark = pytest.mark.usefixtures("single_thread")
 
 
 def test_sd_greedy_equals_ar(decoder):

@@ -19,12 +19,7 @@ from sprinter.models import fingerprint
 FEATURES = ("hidden", "token_id", "draft_prob", "draft_entropy", "position")
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread(tiny_pair):  # built first, with the default threads: a build's floats depend on the thread count
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("single_thread")
 
 
 class FixedLogit(torch.nn.Module):
