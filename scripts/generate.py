@@ -20,7 +20,7 @@ from typing import Sequence
 import torch
 
 from sprinter.config import parse_config, to_dict
-from sprinter.decode import DEMO_VERIFIER, NO_VERIFIER, Decoder, GenerateConfig
+from sprinter.decode import DEMO_VERIFIER, GATED_MODES, NO_VERIFIER, Decoder, GenerateConfig
 from sprinter.errors import SprinterError, run_cli
 from sprinter.models import resolve_device, resolve_dtype
 from sprinter.pairs import resolve_pair
@@ -33,7 +33,7 @@ def pair_paths(cfg: GenerateConfig) -> tuple[str, str]:
 
 def verifier_path(cfg: GenerateConfig) -> str | None:
     """--verifier, else the demo verifier when it exists; none when the mode or gate does not use one."""
-    if cfg.mode != "sprinter" or cfg.gate not in (None, "learned"):
+    if cfg.mode not in GATED_MODES or cfg.gate not in (None, "learned"):
         return None
     if cfg.verifier is not None:
         return cfg.verifier
@@ -87,7 +87,7 @@ def main(argv: Sequence[str] | None = None) -> None:
     if cfg.threads:
         torch.set_num_threads(cfg.threads)
     verifier = verifier_path(cfg)
-    if cfg.mode == "sprinter" and cfg.gate in (None, "learned") and verifier is None:
+    if cfg.mode in GATED_MODES and cfg.gate in (None, "learned") and verifier is None:
         raise SprinterError(NO_VERIFIER)  # before building or loading any model
     resolve_dtype(cfg.dtype, resolve_device(cfg.device))  # fail on a bad device before building a pair
     draft, target = pair_paths(cfg)

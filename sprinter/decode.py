@@ -55,7 +55,7 @@ GATED_MODES = ("sprinter", "sd-gated")  # the modes that consult a gate
 STOP_THRESHOLD = 0.5  # sd-gated: stop drafting once P(the block holds a rejection) exceeds this
 GATES = ("learned", "confidence", "always", "never")
 DEMO_VERIFIER = "checkpoints/verifiers/demo"
-NO_VERIFIER = ("mode='sprinter' needs a gate, and this decoder has no verifier: train one with "
+NO_VERIFIER = ("modes 'sprinter' and 'sd-gated' need a gate, and this decoder has no verifier: train one with "
                "`python scripts/collect.py` then `python scripts/train.py` (writes checkpoints/verifiers/demo) and "
                "pass verifier=DIR (CLI --verifier DIR), or use the draft's confidence: gate='confidence' "
                "(CLI --gate confidence)")

@@ -66,6 +66,9 @@ def test_a_prompts_file_is_one_batch(generate_main, tiny_pair, tmp_path, capsys)
 @pytest.mark.parametrize("argv,message", [
     (["--mode", "fast"], "mode"),
     (["--mode", "sprinter"], "scripts/train.py"),  # no verifier here, and no gate: before any pair is built
+    (["--mode", "sd-gated"], "'sd-gated' need a gate"),
+    (["--mode", "sd", "--datastore", "ds"], "only with mode='ngram'"),
+    (["--mode", "async", "--window", "0"], "window: got 0"),
     (["--mode", "ar", "--max-new-tokens", "9999"], "context window"),
     (["--mode", "sd", "--k", "0"], "k: got 0"),
     (["--pair", "nowhere", "--mode", "ar"], "pair"),
