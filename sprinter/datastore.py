@@ -64,7 +64,11 @@ class DatastoreConfig:
     overwrite: bool = option(False, "replace an existing datastore in --out")
 
     def __post_init__(self) -> None:
+        from sprinter.corpus import SPLITS
+
         check_integers(self, ("max_tokens",), minimum=2)
+        if self.split not in SPLITS + ("all",):  # checked here, before a preset pair could be built
+            raise SprinterError(f"split: got {self.split!r}; expected one of {SPLITS + ('all',)}")
         if self.max_tokens > MAX_TOKENS:
             raise SprinterError(f"max_tokens: got {self.max_tokens}; expected at most {MAX_TOKENS} (int32 positions)")
 
@@ -385,17 +389,18 @@ def build_datastore(cfg: DatastoreConfig) -> dict:
     from sprinter.pairs import resolve_pair
 
     out = Path(cfg.out)
-    if out.exists() and any(out.iterdir()) and not cfg.overwrite:
-        if _built_by(out, cfg):
-            print(f"{out} already holds this datastore; nothing to do (--overwrite rebuilds it)")
-            return json.loads((out / MANIFEST).read_text())
-        raise SprinterError(f"out: {str(out)!r} already exists and is not empty; pass --overwrite to rebuild it, "
-                            "or choose another --out")
+    occupied = out.exists() and any(out.iterdir()) and not cfg.overwrite
+    if occupied and _built_by(out, cfg):
+        print(f"{out} already holds this datastore; nothing to do (--overwrite rebuilds it)")
+        return json.loads((out / MANIFEST).read_text())
     tokenizer = load_tokenizer(cfg.tokenizer or resolve_pair(cfg.pair)[1], "tokenizer")
     if tokenizer.eos_token_id is None:
         raise SprinterError(f"tokenizer {cfg.tokenizer or cfg.pair!r} has no EOS token; expected one to separate "
                             "documents")
     docs = load_documents(cfg.corpus, cfg.split)
+    if occupied:  # refused only once the inputs are known to be good, so a typo is named as such
+        raise SprinterError(f"out: {str(out)!r} already exists and is not empty; pass --overwrite to rebuild it, "
+                            "or choose another --out")
     started = time.perf_counter()
     tokens = tokenize(docs, tokenizer, cfg.max_tokens)
     tokenized = time.perf_counter()

@@ -14,6 +14,8 @@ from sprinter.datastore import (SAMPLE, Datastore, DatastoreConfig, build_datast
                                 tokenizer_fingerprint, write_datastore)
 from sprinter.errors import SprinterError, run_cli
 
+pytestmark = pytest.mark.usefixtures("single_thread")  # the decoding tests at the end: tiny models, one thread
+
 ROOT = Path(__file__).resolve().parent.parent
 SCRIPT = ROOT / "scripts" / "build_datastore.py"
 EOS = 0
@@ -237,7 +239,9 @@ def test_no_arguments_mean_the_demo_datastore(script_main):
     (["--split", "dev"], "split"),
     (["--pair", "nowhere"], "pair: got 'nowhere'"),
 ])
-def test_bad_arguments_give_one_line_and_exit_2(script_main, tmp_path, capsys, argv, message):
+def test_bad_arguments_give_one_line_and_exit_2(script_main, tmp_path, capsys, monkeypatch, argv, message):
+    monkeypatch.chdir(tmp_path)  # no preset pair here: a check that came too late would build one (minutes)
+    monkeypatch.setattr("sprinter.pairs.build_pair", lambda *a, **k: pytest.fail("a pair was built"))
     assert run_cli(script_main.main, argv + ["--out", str(tmp_path / "ds")]) == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert err[-1].startswith("error: ") and message in err[-1]
