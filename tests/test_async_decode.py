@@ -14,14 +14,13 @@ import pytest
 import torch
 from conftest import scrambled
 from test_decode import PROMPTS
-from test_decode_distribution import VOCAB, IdTokenizer, chi_square, random_lm
+from test_decode_distribution import VOCAB, chi_square, random_decoder
 
 from sprinter.async_decode import asynchronous
 from sprinter.cache import CachedLM
 from sprinter.decode import Decoder, Emitter, GenerateConfig
 from sprinter.drafters import ModelDrafter
 from sprinter.errors import SprinterError
-from sprinter.models import Pair
 from sprinter.sampling import Sampler
 from sprinter.stats import DecodeStats
 
@@ -115,10 +114,7 @@ def test_sampling_has_the_target_distribution(no_thread_left):
     """First, second and third tokens at temperature 1 against their exact marginals under the target.
     window=1 is deterministic; window=3 lets the target take 1-3 entries and the draft run ahead of a bonus
     token (its run-ahead kept when the bonus equals its own token)."""
-    target, draft = random_lm(0, 0.6), random_lm(1, 0.6)
-    pair = Pair(draft=draft, target=target, tokenizer=IdTokenizer(), draft_name="d", target_name="t",
-                device=torch.device("cpu"), dtype=torch.float32)
-    decoder = Decoder(pair)
+    decoder, target, draft = random_decoder()
     prompt = [1, 2]
     with torch.inference_mode():
         def p_next(prefixes):  # (N, V): the target's next-token distribution after each prefix

@@ -10,10 +10,9 @@ import torch
 from sprinter.batch_cache import BatchCachedLM
 from sprinter.decode import Decoder
 from sprinter.errors import SprinterError
-from sprinter.models import Pair
 from sprinter.roofline import measure_i_knee, speculation_length
 from conftest import scrambled
-from test_decode_distribution import CHI2_DF3_P001, VOCAB, IdTokenizer, chi_square, random_lm
+from test_decode_distribution import CHI2_DF3_P001, VOCAB, chi_square, random_decoder
 
 PROMPTS = [[5, 17, 33], [40, 41, 42, 43, 40, 41, 42, 44, 40], [7, 8, 9, 10, 11, 12, 7, 8, 9, 10, 11, 12, 7, 8, 9, 3, 7]]
 NEW = 24
@@ -97,9 +96,7 @@ def test_sampling_same_seed_same_output(decoder):
 def test_batched_sampling_follows_the_target_distribution():
     """Rows of two ragged prompts decoded together at temperature 1: each prompt's first two tokens are
     distributed as the target's (chi-square, as tests/test_decode_distribution.py)."""
-    target, draft = random_lm(0, 0.6), random_lm(1, 0.6)
-    decoder = Decoder(Pair(draft=draft, target=target, tokenizer=IdTokenizer(), draft_name="d", target_name="t",
-                           device=torch.device("cpu"), dtype=torch.float32))
+    decoder, target, draft = random_decoder()
     prompts = [[1, 2, 1, 2, 1], [3, 0]]  # the first repeats itself, so n-gram chains are drafted
     exact = []
     with torch.inference_mode():

@@ -40,16 +40,22 @@ def random_lm(seed: int, scale: float):
     return model
 
 
+def random_decoder() -> tuple[Decoder, torch.nn.Module, torch.nn.Module]:
+    """(decoder, target, draft): two random models over VOCAB ids, far enough apart that drafts are often
+    rejected, with an id tokenizer."""
+    target, draft = random_lm(0, 0.6), random_lm(1, 0.6)
+    pair = Pair(draft=draft, target=target, tokenizer=IdTokenizer(), draft_name="d", target_name="t",
+                device=torch.device("cpu"), dtype=torch.float32)
+    return Decoder(pair), target, draft
+
+
 def chi_square(counts: torch.Tensor, probs: torch.Tensor) -> float:
     expected = probs * counts.sum()
     return float(((counts - expected) ** 2 / expected).sum())
 
 
 def test_sd_samples_from_the_target_distribution():
-    target, draft = random_lm(0, 0.6), random_lm(1, 0.6)
-    pair = Pair(draft=draft, target=target, tokenizer=IdTokenizer(), draft_name="d", target_name="t",
-                device=torch.device("cpu"), dtype=torch.float32)
-    decoder = Decoder(pair)
+    decoder, target, draft = random_decoder()
     prompt = [1, 2]
     with torch.inference_mode():
         p1 = target(torch.tensor([prompt])).logits[0, -1].softmax(-1)  # (V,) first token
