@@ -74,10 +74,14 @@ class ModelChains:
         self.lm, self.sampler = lm, sampler
 
     def propose(self, seqs: Sequence[Sequence[int]], limits: Sequence[int], gen: torch.Generator) -> Chains:
+        read_prompt = [0] * len(seqs)  # prompt tokens each new row's cache read this round
         if len(seqs) > self.lm.batch_size:  # new rows: read their prompts (all but the last token)
-            self.lm.admit([seq[:-1] for seq in seqs[self.lm.batch_size:]])
+            new = [seq[:-1] for seq in seqs[self.lm.batch_size:]]
+            read_prompt[self.lm.batch_size:] = map(len, new)
+            self.lm.admit(new)
+        prompt_cost = [(1, n, self.lm.flop_model.forward(0, n, 1)) if n else (0, 0, 0) for n in read_prompt]
         if not max(limits):
-            return Chains([[] for _ in seqs], None)
+            return Chains([[] for _ in seqs], None, prompt_cost)
         before = list(self.lm.lengths)
         # 1. Catch up on the tokens the draft has not read (the last emitted one; two after a fully kept chain).
         unseen = [seq[n:] for seq, n in zip(seqs, before)]
@@ -96,7 +100,8 @@ class ModelChains:
         q = torch.stack(qs, 1)  # (B, n, V)
         q = q * (torch.arange(q.shape[1], device=q.device) < torch.tensor(limits, device=q.device)[:, None])[..., None]
         read = [after - n for after, n in zip(self.lm.lengths, before)]
-        cost = [(limit, r, self.lm.flop_model.forward(n, r, limit)) for limit, r, n in zip(limits, read, before)]
+        cost = [(c + limit, t + r, f + self.lm.flop_model.forward(n, r, limit))
+                for (c, t, f), limit, r, n in zip(prompt_cost, limits, read, before)]
         return Chains(chains, q, cost)
 
     def keep(self, rows: Sequence[int], lengths: Sequence[int]) -> None:
@@ -148,6 +153,12 @@ def decode_batch(target: BatchCachedLM, drafter: BatchDrafter | None, prompts: S
         del waiting[: len(joining)]
         if joining:
             target.admit([tokens[i][:-1] for i in joining])
+            for i in joining:  # counted as the single-prompt loop counts its prompt read
+                n = len(tokens[i]) - 1
+                if n:
+                    stats[i].target_calls += 1
+                    stats[i].target_tokens += n
+                    stats[i].target_flops += target.flop_model.forward(0, n, 1)
             live += joining
         seqs = [tokens[i] for i in live]
         s = chain_length(len(live))

@@ -389,6 +389,9 @@ def build_datastore(cfg: DatastoreConfig) -> dict:
     from sprinter.pairs import resolve_pair
 
     out = Path(cfg.out)
+    if out.exists() and any(out.iterdir()) and not (out / MANIFEST).is_file():
+        raise SprinterError(f"out: {str(out)!r} is not empty and holds no {MANIFEST}; expected an empty or new folder, "
+                            "or a datastore folder (--overwrite replaces only a datastore)")
     occupied = out.exists() and any(out.iterdir()) and not cfg.overwrite
     if occupied and _built_by(out, cfg):
         print(f"{out} already holds this datastore; nothing to do (--overwrite rebuilds it)")

@@ -285,7 +285,8 @@ class Decoder:
         """Generate up to `max_new_tokens` after `prompt` (text, or token ids with a batch of 1).
 
         A list of prompts (texts or token-id lists) is decoded as one batch in modes "ar", "sd" and "ngram" and
-        gives a list of results, one per prompt, each with its own stats (`wall_seconds` is the batch's);
+        gives a list of results, one per prompt, each with its own stats (`wall_seconds` is the batch's); the
+        other modes take a batch of one and give one result;
         at most `max_batch` decode at once, the rest wait for the places of finished ones. "ngram" options:
         `ngram_n` (longest suffix looked up), `s` (tokens drafted per sequence; None: from the batch size and
         `i_knee`, measured on the device when None; see sprinter.roofline).
@@ -304,6 +305,8 @@ class Decoder:
         # 0. Every check happens before any model runs.
         sampler = Sampler(temperature, top_k, top_p)
         check_async_options(mode, window, draft_device, target_device)
+        if _is_batch(prompt) and len(prompt) == 1 and mode not in BATCH_MODES:
+            prompt = prompt[0]  # a batch of one, in a mode that decodes one prompt at a time
         if _is_batch(prompt) or mode == "ngram":
             return self._generate_batch(prompt, mode, max_new_tokens, sampler, seed, k, ngram_n, s, i_knee,
                                         max_batch, threshold, strict, gate, stop, on_text)
@@ -387,7 +390,8 @@ class Decoder:
             if not prompt:
                 raise SprinterError("prompt: got ''; expected a non-empty text or a list of token ids")
             return self.tokenizer(prompt, add_special_tokens=False)["input_ids"]
-        ids = prompt.tolist() if isinstance(prompt, torch.Tensor) else list(prompt)
+        ids = prompt.tolist() if isinstance(prompt, torch.Tensor) else \
+            [t.item() if isinstance(t, torch.Tensor) and t.dim() == 0 else t for t in prompt]
         if ids and isinstance(ids[0], list):  # a batch dimension
             if len(ids) != 1:
                 raise SprinterError(f"prompt: got a batch of {len(ids)} sequences in one tensor; expected a batch "
@@ -430,8 +434,8 @@ class Decoder:
 
 def _is_batch(prompt: object) -> bool:
     """A list of prompts (texts or token-id lists), not one prompt's token ids."""
-    return isinstance(prompt, (list, tuple)) and len(prompt) > 0 and isinstance(prompt[0], (str, list, tuple,
-                                                                                           torch.Tensor))
+    first = prompt[0] if isinstance(prompt, (list, tuple)) and len(prompt) > 0 else None
+    return isinstance(first, (str, list, tuple)) or (isinstance(first, torch.Tensor) and first.dim() >= 1)
 
 
 def _positive_int(value: object) -> bool:

@@ -309,17 +309,17 @@ def _check_out_dir(cfg: PairConfig) -> bool:
     if not out.exists() or not any(out.iterdir()):
         return False
     meta = out / "pair.json"
+    if not meta.is_file():  # --overwrite replaces a pair, never a folder of other files
+        raise SprinterError(f"out: {str(out)!r} is not empty and holds no pair.json; expected an empty or new folder, "
+                            "or a pair folder to --overwrite")
     if cfg.overwrite:
         return False
-    if meta.is_file():
-        old = json.loads(meta.read_text()).get("config", {})
-        new = {k: v for k, v in to_dict(cfg).items() if k not in RUNTIME_OPTIONS}
-        if all(old.get(k) == v for k, v in new.items()):
-            return True
-        raise SprinterError(f"out: {str(out)!r} already holds a different pair (preset {old.get('preset')!r}); "
-                            "pass --overwrite to replace it, or choose another --out")
-    raise SprinterError(f"out: {str(out)!r} is not empty and holds no pair.json; expected an empty or new folder "
-                        "(or --overwrite)")
+    old = json.loads(meta.read_text()).get("config", {})
+    new = {k: v for k, v in to_dict(cfg).items() if k not in RUNTIME_OPTIONS}
+    if all(old.get(k) == v for k, v in new.items()):
+        return True
+    raise SprinterError(f"out: {str(out)!r} already holds a different pair (preset {old.get('preset')!r}); "
+                        "pass --overwrite to replace it, or choose another --out")
 
 
 def build_pair(cfg: PairConfig) -> dict:

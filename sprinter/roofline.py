@@ -49,7 +49,8 @@ def measure_i_knee(device: torch.device, dtype: torch.dtype) -> float:
     cuda = device.type == "cuda"
     n = 4096 if cuda else 512  # a matmul big enough to run at full rate, small enough to time in ms
     elements = (256 if cuda else 32) * 2**20 // torch.empty((), dtype=dtype).element_size()
-    a = torch.randn(n, n, device=device).to(dtype)
+    gen = torch.Generator(device=device).manual_seed(0)  # its own generator: the caller's global RNG is untouched
+    a = torch.randn(n, n, device=device, generator=gen).to(dtype)
     src = torch.empty(elements, dtype=dtype, device=device)
     dst = torch.empty_like(src)
 

@@ -42,7 +42,7 @@ def test_each_row_equals_its_prompt_alone(decoder, mode, options):
         assert s.accepted + s.rejected == s.drafted and s.new_tokens == len(out.token_ids)
         assert s.new_tokens <= s.accepted + s.target_calls and s.batch_size == len(PROMPTS)
         if mode == "sd":
-            assert s.draft_calls == s.drafted and s.draft_flops > 0
+            assert s.draft_calls == s.drafted + 1 and s.draft_flops > 0  # one forward a drafted token, one for the prompt
     assert len({o.stats.wall_seconds for o in outs}) == 1  # the batch's time, shared
     if mode != "ar":
         assert sum(o.stats.rejected for o in outs) > 0  # rollbacks were exercised
@@ -175,3 +175,26 @@ def test_bad_batch_requests_fail_before_any_model_work(tiny_pair, kwargs, messag
     call = {"prompt": ["def f(x):", "import os"], "max_new_tokens": 8, **kwargs}
     with pytest.raises(SprinterError, match=message):
         dec.generate(call.pop("prompt"), **call)
+
+
+def test_batched_stats_count_the_prompt_read(decoder):
+    """A batch of one reads the same positions as the single-prompt loop (the prompt included); its prompt
+    read is a forward of its own, so it makes one call more to each model."""
+    prompt = list(range(40, 70))
+    single = decoder.generate(prompt, max_new_tokens=8, mode="sd", k=3).stats
+    batched = decoder.generate([prompt], max_new_tokens=8, mode="sd", k=3)[0].stats
+    assert (batched.target_tokens, batched.draft_tokens) == (single.target_tokens, single.draft_tokens)
+    assert (batched.target_calls, batched.draft_calls) == (single.target_calls + 1, single.draft_calls + 1)
+    ar = decoder.generate([prompt, prompt[:5]], max_new_tokens=4, mode="ar")
+    assert [o.stats.target_tokens for o in ar] == [len(prompt) + 3, 5 + 3]
+
+
+def test_a_batch_of_one_in_a_single_prompt_mode_and_a_list_of_scalar_tensors(decoder):
+    prompt = [5, 17, 33, 2]
+    ar = decoder.generate(prompt, max_new_tokens=6, mode="ar")
+    assert decoder.generate([prompt], max_new_tokens=6, mode="draft").token_ids == \
+        decoder.generate(prompt, max_new_tokens=6, mode="draft").token_ids  # one result, as before batches
+    assert decoder.generate([prompt], max_new_tokens=6, mode="ar")[0].token_ids == ar.token_ids  # a batch mode: a list
+    assert decoder.generate(list(torch.tensor(prompt)), max_new_tokens=6, mode="ar").token_ids == ar.token_ids
+    with pytest.raises(SprinterError, match="a batch of 2 prompts with mode='draft'"):
+        decoder.generate([prompt, prompt], max_new_tokens=6, mode="draft")

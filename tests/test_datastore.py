@@ -282,3 +282,11 @@ def test_the_decoder_loads_a_datastore_and_refuses_one_for_another_tokenizer(bui
     assert isinstance(dec.datastore, Datastore)
     with pytest.raises(SprinterError, match="datastore: .*not found"):
         Decoder.from_pretrained(str(tiny_pair / "draft"), str(tiny_pair / "target"), device="cpu", datastore=tmp_path)
+
+
+def test_overwrite_never_deletes_a_folder_that_is_not_a_datastore(tiny_pair, corpus, tmp_path):
+    (tmp_path / "precious.txt").write_text("keep me")
+    cfg = DatastoreConfig(pair=str(tiny_pair), corpus=str(corpus), split="all", out=str(tmp_path), overwrite=True)
+    with pytest.raises(SprinterError, match="holds no manifest.json"):
+        build_datastore(cfg)
+    assert (tmp_path / "precious.txt").read_text() == "keep me"

@@ -128,3 +128,10 @@ def test_target_from_rebuilds_only_the_draft_and_equals_a_full_build(tiny_pair, 
     with pytest.raises(SprinterError, match="other target options.*target_layers=2, not 3"):
         build_pair(parse_pair_config(["--preset", "tiny", "--out", str(tmp_path / "x"), "--target-from",
                                       str(tiny_pair), "--target-layers", "3"]))
+
+
+def test_overwrite_never_deletes_a_folder_that_is_not_a_pair(tmp_path):
+    (tmp_path / "precious.txt").write_text("keep me")
+    with pytest.raises(SprinterError, match="holds no pair.json"):
+        build_pair(parse_pair_config(["--preset", "tiny", "--out", str(tmp_path), "--overwrite"]))
+    assert (tmp_path / "precious.txt").read_text() == "keep me"
