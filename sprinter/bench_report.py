@@ -210,7 +210,11 @@ def plot(results: dict, path: Path) -> None:
                     ax.annotate(f"{e['operating_point']:g}", (e["speedup_vs_ar"], e[key]), textcoords="offset points",
                                 xytext=(3, -10), fontsize=7)
         ax.axvline(1.0, color="grey", lw=0.8, ls=":")
-        ax.set_xlabel("speedup vs ar (median over prompts)")
+        ax.set_xscale("log")  # speedups span 0.3x (hf-assisted) to 7x (the draft alone)
+        ax.xaxis.set_major_formatter(matplotlib.ticker.FuncFormatter(lambda x, _: f"{x:g}x"))
+        ax.xaxis.set_minor_formatter(matplotlib.ticker.FuncFormatter(
+            lambda x, _: f"{x:g}x" if round(x, 3) in (0.2, 0.5, 2, 5) else ""))
+        ax.set_xlabel("speedup vs ar (median over prompts, log scale)")
         ax.set_ylabel(label)
         ax.grid(alpha=0.3)
         if any(e["family"] in CURVES for e in entries):
