@@ -65,12 +65,13 @@ def flag_then_check(p_x: torch.Tensor, q_x: torch.Tensor, u: torch.Tensor, flagg
 def correction(p: torch.Tensor, q: torch.Tensor, n_kept: torch.Tensor | int) -> torch.Tensor:
     """The distribution of the target's token after `n_kept` of k drafted tokens were kept.
 
-    p: (k + 1, V) target probabilities for each block position and the one after it; q: (k, V).
-    A rejection at position n_kept < k samples from the residual there; when all k were kept the
-    target adds a bonus token from p[k], which is the residual against an all-zero q. `n_kept` may
-    stay on the device (a () tensor): no host synchronisation. Returns (V,)."""
-    q_after = torch.cat([q, torch.zeros_like(p[:1])])  # (k + 1, V): nothing was drafted after the block
-    return residual(p[n_kept], q_after[n_kept])
+    p: (..., k + 1, V) target probabilities for each block position and the one after it; q: (..., k, V);
+    n_kept: (...) (a tensor, or an int without leading axes). A rejection at position n_kept < k samples
+    from the residual there; when all k were kept the target adds a bonus token from p[k], which is the
+    residual against an all-zero q. `n_kept` may stay on the device: no host synchronisation. Returns (..., V)."""
+    q_after = torch.cat([q, torch.zeros_like(p[..., :1, :])], -2)  # (..., k + 1, V): nothing drafted after the block
+    index = torch.as_tensor(n_kept, device=p.device)[..., None, None].expand(*p.shape[:-2], 1, p.shape[-1])
+    return residual(p.gather(-2, index), q_after.gather(-2, index)).squeeze(-2)
 
 
 __all__ = ["correction", "flag_then_check", "greedy_match", "leading_true", "residual", "speculative_accept"]

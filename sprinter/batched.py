@@ -25,7 +25,7 @@ from typing import Callable, Protocol, Sequence
 
 import torch
 
-from sprinter.acceptance import leading_true, residual, speculative_accept
+from sprinter.acceptance import correction, leading_true, residual, speculative_accept
 from sprinter.batch_cache import BatchCachedLM
 from sprinter.emit import Emitter, GenerateOutput
 from sprinter.datastore import Datastore
@@ -130,9 +130,8 @@ def accept(p: torch.Tensor, chains: Chains, sampler: Sampler, gen: torch.Generat
     if chains.q is None:
         rejected = x[rows, n_kept.clamp(max=n - 1)]
         q_at = torch.nn.functional.one_hot(rejected, V).to(p.dtype) * (n_kept < lengths)[:, None]
-    else:
-        q_at = torch.cat([chains.q, torch.zeros_like(p[:, :1])], 1)[rows, n_kept]
-    return n_kept, sampler.draw(residual(p[rows, n_kept], q_at), gen)
+        return n_kept, sampler.draw(residual(p[rows, n_kept], q_at), gen)
+    return n_kept, sampler.draw(correction(p, chains.q, n_kept), gen)
 
 
 def decode_batch(target: BatchCachedLM, drafter: BatchDrafter | None, prompts: Sequence[Sequence[int]],

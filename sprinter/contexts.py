@@ -21,7 +21,7 @@ from __future__ import annotations
 import torch
 from transformers import DynamicCache
 
-from sprinter.acceptance import greedy_match, leading_true, residual, speculative_accept
+from sprinter.acceptance import correction, greedy_match, leading_true, speculative_accept
 from sprinter.errors import SprinterError
 from sprinter.sampling import entropy
 
@@ -69,12 +69,9 @@ def target_path(p: torch.Tensor, q: torch.Tensor, block: torch.Tensor, temperatu
     else:
         u = torch.rand(b, k, generator=gen, device=block.device)
         accepted = leading_true(speculative_accept(gather(p[:, :k], block), gather(q, block), u))
-    rows = torch.arange(b, device=block.device)
-    p_next = p[rows, accepted]  # (B, V)
     if temperature == 0:
-        return accepted, p_next.argmax(-1)
-    q_next = torch.cat([q, torch.zeros_like(q[:, :1])], dim=1)[rows, accepted]  # zero after a full accept: p itself
-    return accepted, torch.multinomial(residual(p_next, q_next), 1, generator=gen).squeeze(-1)
+        return accepted, p[torch.arange(b, device=block.device), accepted].argmax(-1)
+    return accepted, torch.multinomial(correction(p, q, accepted), 1, generator=gen).squeeze(-1)
 
 
 def row_columns(hidden: torch.Tensor, q: torch.Tensor, p: torch.Tensor, x: torch.Tensor) -> dict[str, torch.Tensor]:

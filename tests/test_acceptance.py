@@ -91,3 +91,14 @@ def test_sampler_top_k_top_p_and_bad_values():
     for bad in ({"temperature": -1.0}, {"top_k": -2}, {"top_p": 0.0}, {"top_p": 1.5}):
         with pytest.raises(SprinterError):
             Sampler(**bad)
+
+
+def test_correction_is_batched_over_leading_axes():
+    torch.manual_seed(0)
+    p, q = torch.rand(3, 5, 7).softmax(-1), torch.rand(3, 4, 7).softmax(-1)  # (B, k + 1, V), (B, k, V)
+    n_kept = torch.tensor([0, 2, 4])  # a rejection at the first and the third token, and a bonus token
+    rows = correction(p, q, n_kept)
+    assert rows.shape == (3, 7)
+    for b in range(3):
+        assert torch.allclose(rows[b], correction(p[b], q[b], int(n_kept[b])))
+    assert torch.allclose(rows[2], p[2, 4])  # all kept: the bonus token comes from p itself
