@@ -438,6 +438,13 @@ def warm_up(cfg: BenchConfig, prompt: Prompt, methods: Sequence[Method]) -> None
             method.run(list(prompt.ids), cfg.seed, min(cfg.max_new_tokens, 16))
 
 
+def check_window(prompt_len: int, max_new_tokens: int, max_length: int) -> None:
+    """Refuse prompts and budgets that do not fit the models' context window (checked once the pair is loaded)."""
+    if prompt_len + max_new_tokens > max_length:
+        raise SprinterError(f"prompt_len + max_new_tokens = {prompt_len + max_new_tokens} tokens; the models' "
+                            f"context window is {max_length}: expected at most that")
+
+
 def load_decoder(cfg: BenchConfig, verifiers: dict[str, str]) -> Decoder:
     from sprinter.pairs import resolve_pair
 
@@ -456,9 +463,7 @@ def run_benchmark(cfg: BenchConfig) -> dict:
     # 1. Every check that needs no model, then the models, prompts and rows.
     verifiers = check_verifiers(cfg)
     decoder = load_decoder(cfg, verifiers)
-    if cfg.prompt_len + cfg.max_new_tokens > decoder.pair.max_length:
-        raise SprinterError(f"prompt_len + max_new_tokens = {cfg.prompt_len + cfg.max_new_tokens} tokens; the models' "
-                            f"context window is {decoder.pair.max_length}: expected at most that")
+    check_window(cfg.prompt_len, cfg.max_new_tokens, decoder.pair.max_length)
     methods = build_methods(cfg, decoder, verifiers)
     prompts = load_prompts(cfg, decoder.tokenizer)
     done = open_records(cfg, run_header(cfg, prompts, methods))

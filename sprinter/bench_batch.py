@@ -21,7 +21,7 @@ from pathlib import Path
 
 import torch
 
-from sprinter.bench import DOMAINS, BenchConfig, load_prompts, write_atomic
+from sprinter.bench import DOMAINS, BenchConfig, check_window, load_prompts, write_atomic
 from sprinter.bench_report import hardware, libraries
 from sprinter.config import check_integers, option, to_dict
 from sprinter.decode import Decoder, check_options
@@ -157,9 +157,7 @@ def run_sweep(cfg: BatchBenchConfig) -> dict:
         torch.set_num_threads(cfg.threads)
     draft, target = resolve_pair(cfg.pair, cfg.draft, cfg.target)
     decoder = Decoder.from_pretrained(draft, target, device=cfg.device, dtype=cfg.dtype, datastore=cfg.datastore)
-    if cfg.prompt_len + cfg.max_new_tokens > decoder.pair.max_length:
-        raise SprinterError(f"prompt_len + max_new_tokens = {cfg.prompt_len + cfg.max_new_tokens} tokens; the models' "
-                            f"context window is {decoder.pair.max_length}: expected at most that")
+    check_window(cfg.prompt_len, cfg.max_new_tokens, decoder.pair.max_length)
     rows = methods(cfg)
     pools = {domain: batch_prompts(cfg, decoder.tokenizer, domain) for domain in cfg.domains}
     i_knee = cfg.i_knee if cfg.i_knee is not None else measure_i_knee(decoder.pair.device, decoder.pair.dtype)
