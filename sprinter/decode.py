@@ -318,16 +318,15 @@ class Decoder:
         tokens = torch.tensor([ids], dtype=torch.long, device=device)  # (1, T)
         out = Emitter(self.tokenizer, max_new_tokens, self.tokenizer.eos_token_id, stop, on_text)
         stats = DecodeStats(mode=mode)
-        target = CachedLM(self.pair.target, self.pair.vocab_size)
-        draft = CachedLM(self.pair.draft, self.pair.vocab_size)
+        # async may run each model on a device of its own (a copy made once); every other mode on the decoder's
+        target_dev, draft_dev = (device if d is None else resolve_device(d) for d in (target_device, draft_device))
+        target = CachedLM(self.model_on("target", target_dev), self.pair.vocab_size)
+        draft = CachedLM(self.model_on("draft", draft_dev), self.pair.vocab_size)
 
         start = time.perf_counter()
         if mode in ("ar", "draft"):
             autoregressive(target if mode == "ar" else draft, tokens, sampler, gen, out)
         elif mode == "async":
-            target_dev, draft_dev = (device if d is None else resolve_device(d) for d in (target_device, draft_device))
-            target = CachedLM(self.model_on("target", target_dev), self.pair.vocab_size)
-            draft = CachedLM(self.model_on("draft", draft_dev), self.pair.vocab_size)
             asynchronous(target, ModelDrafter(draft, sampler), tokens.to(target_dev), sampler, int(seed), out, stats,
                          ASYNC_WINDOW if window is None else window, draft_dev)
         else:
