@@ -4,7 +4,7 @@
     python scripts/bench_async.py --pairs demo --num-prompts 4 --windows 2 4 --out /tmp/async
 
 Writes OUT/<pair>/results.json and results.md (default OUT: results/async) and prints the tables.
-Options and defaults: sprinter.async_bench.AsyncBenchConfig (or --help).
+Options and defaults: sprinter.bench.asynchronous.AsyncBenchConfig (or --help).
 """
 
 from __future__ import annotations
@@ -13,7 +13,7 @@ import sys
 from pathlib import Path
 from typing import Sequence
 
-from sprinter.async_bench import AsyncBenchConfig, markdown, run
+from sprinter.bench.asynchronous import AsyncBenchConfig, markdown, run
 from sprinter.config import parse_config
 from sprinter.errors import run_cli
 

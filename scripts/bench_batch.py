@@ -4,7 +4,7 @@
     python scripts/bench_batch.py --threads 2 --out results/batch/demo-2t
     python scripts/bench_batch.py --config configs/bench_batch/gpu.yaml   # a CUDA device: the real picture
 
-Writes OUT/results.json, OUT/results.md and OUT/batch.png. Options and defaults: sprinter.bench_batch.BatchBenchConfig
+Writes OUT/results.json, OUT/results.md and OUT/batch.png. Options and defaults: sprinter.bench.batch.BatchBenchConfig
 (or --help).
 """
 
@@ -14,7 +14,12 @@ import sys
 from pathlib import Path
 from typing import Sequence
 
-from sprinter.bench_batch import BatchBenchConfig, default_config_path, markdown, run_sweep
+from sprinter.bench.batch import (
+    BatchBenchConfig,
+    default_config_path,
+    markdown,
+    run_sweep,
+)
 from sprinter.config import parse_config
 from sprinter.errors import run_cli
 

@@ -6,7 +6,7 @@ Writes results/collect/bench-<time>.json and prints a table. Not a test: keep ru
 
 import sys
 
-from sprinter.collect_bench import parse_bench_config, run_benchmark, write_results
+from sprinter.bench.collect import parse_bench_config, run_benchmark, write_results
 from sprinter.errors import run_cli
 
 

@@ -19,13 +19,13 @@ import time
 import numpy as np
 import torch
 
-from sprinter.cache import CachedLM
 from sprinter.corpus import load_documents
-from sprinter.datastore import Datastore
+from sprinter.decode.cache import CachedLM
+from sprinter.decode.datastore import Datastore
+from sprinter.decode.ngram import NgramDrafter
 from sprinter.errors import run_cli
-from sprinter.models import load_model, load_tokenizer
-from sprinter.ngram import NgramDrafter
-from sprinter.pairs import resolve_pair
+from sprinter.pairs.build import resolve_pair
+from sprinter.pairs.load import load_model, load_tokenizer
 
 
 def per_call_us(fn, repeats: int) -> float:

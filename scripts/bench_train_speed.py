@@ -17,9 +17,9 @@ import lightning as L
 import torch
 from torch.utils.data import DataLoader
 
-from sprinter.synthetic import write_shards
-from sprinter.train import FEATURES, TrainConfig, VerifierModule, feature_statistics
-from sprinter.train_data import ShardDataModule, loader, open_folders
+from sprinter.data.synthetic import write_shards
+from sprinter.train.data import ShardDataModule, loader, open_folders
+from sprinter.train.fit import FEATURES, TrainConfig, VerifierModule, feature_statistics
 from sprinter.verifier import VerifierInfo, default_arch
 
 

@@ -6,7 +6,7 @@
     python scripts/benchmark.py --resume                           # continue an interrupted run in --out
 
 Writes OUT/results.json, OUT/results.md and OUT/pareto.png (per-prompt records in OUT/records.jsonl).
-Options and defaults: sprinter.bench.BenchConfig (or --help).
+Options and defaults: sprinter.bench.benchmark.BenchConfig (or --help).
 """
 
 from __future__ import annotations
@@ -15,8 +15,8 @@ import sys
 from pathlib import Path
 from typing import Sequence
 
-from sprinter.bench import BenchConfig, default_config_path, run_benchmark
-from sprinter.bench_report import markdown
+from sprinter.bench.benchmark import BenchConfig, default_config_path, run_benchmark
+from sprinter.bench.report import markdown
 from sprinter.config import parse_config
 from sprinter.errors import run_cli
 

@@ -7,7 +7,7 @@ its own shards; rank 0 writes the manifest).
 
 import sys
 
-from sprinter.collect import collect, parse_collect_config, summary
+from sprinter.data.collect import collect, parse_collect_config, summary
 from sprinter.errors import run_cli
 
 

@@ -7,7 +7,7 @@
     python scripts/generate.py --mode sd --prompts-file prompts.jsonl --max-batch 8 --json  # JSON strings per line
     python scripts/generate.py --mode async --window 4 --threads 1      # the draft runs ahead in its own thread
 
-Options and defaults: sprinter.decode.GenerateConfig (or --help).
+Options and defaults: sprinter.decode.decoder.GenerateConfig (or --help).
 """
 
 from __future__ import annotations
@@ -20,10 +20,16 @@ from typing import Sequence
 import torch
 
 from sprinter.config import parse_config, to_dict
-from sprinter.decode import DEMO_VERIFIER, GATED_MODES, NO_VERIFIER, Decoder, GenerateConfig
+from sprinter.decode.decoder import (
+    DEMO_VERIFIER,
+    GATED_MODES,
+    NO_VERIFIER,
+    Decoder,
+    GenerateConfig,
+)
 from sprinter.errors import SprinterError, run_cli
-from sprinter.models import resolve_device, resolve_dtype
-from sprinter.pairs import resolve_pair
+from sprinter.pairs.build import resolve_pair
+from sprinter.pairs.load import resolve_device, resolve_dtype
 
 
 def pair_paths(cfg: GenerateConfig) -> tuple[str, str]:

@@ -4,7 +4,7 @@ import json
 import sys
 
 from sprinter.errors import run_cli
-from sprinter.pairs import build_pair, parse_pair_config
+from sprinter.pairs.build import build_pair, parse_pair_config
 
 
 def main(argv=None) -> None:

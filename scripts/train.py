@@ -7,7 +7,7 @@ metrics.json, train_config.json, TensorBoard run, Lightning .ckpt files for --re
 import sys
 
 from sprinter.errors import run_cli
-from sprinter.train import parse_train_config, summary_lines, train
+from sprinter.train.fit import parse_train_config, summary_lines, train
 
 
 def main(argv=None) -> None:

@@ -2,8 +2,8 @@
 
 __version__ = "0.1.0"
 
+from sprinter.decode.decoder import Decoder, GenerateOutput  # noqa: E402
 from sprinter.errors import SprinterError  # noqa: E402
-from sprinter.models import Pair, load_pair  # noqa: E402
-from sprinter.decode import Decoder, GenerateOutput  # noqa: E402
+from sprinter.pairs.load import Pair, load_pair  # noqa: E402
 
 __all__ = ["Decoder", "GenerateOutput", "Pair", "SprinterError", "__version__", "load_pair"]

@@ -19,6 +19,9 @@ import yaml
 
 from sprinter.errors import SprinterError
 
+# The YAML presets of every stage: configs/<stage>/<name>.yaml at the repository root.
+CONFIGS = Path(__file__).resolve().parent.parent / "configs"
+
 C = TypeVar("C")
 
 

@@ -16,8 +16,6 @@ from __future__ import annotations
 
 import dataclasses
 import json
-import os
-import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -26,6 +24,7 @@ import torch
 from torch import nn
 
 from sprinter.errors import SprinterError
+from sprinter.files import write_atomic
 
 FORMAT = "sprinter-verifier/1"
 FILE_NAME = "verifier.safetensors"
@@ -154,15 +153,7 @@ def save_verifier(path: str | Path, verifier: Verifier, info: VerifierInfo) -> P
                                                                   verifier.scalar_std)},
         "hidden": "standardised per dimension with the buffers hidden_mean, hidden_std"})
     state = {k: v.detach().cpu().contiguous() for k, v in verifier.state_dict().items()}
-    fd, tmp = tempfile.mkstemp(dir=file.parent, prefix=".verifier-", suffix=".tmp")
-    os.close(fd)
-    try:
-        save_file(state, tmp, metadata=metadata)
-        os.replace(tmp, file)
-    finally:
-        if os.path.exists(tmp):
-            os.remove(tmp)
-    return file
+    return write_atomic(file, lambda tmp: save_file(state, tmp, metadata=metadata))
 
 
 def update_info(path: str | Path, **changes: Any) -> VerifierInfo:

@@ -13,8 +13,8 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 import pytest  # noqa: E402
 import torch  # noqa: E402
 
-from sprinter.decode import Decoder  # noqa: E402
-from sprinter.pairs import build_pair, parse_pair_config  # noqa: E402
+from sprinter.decode.decoder import Decoder  # noqa: E402
+from sprinter.pairs.build import build_pair, parse_pair_config  # noqa: E402
 
 
 def _build(tmp_path_factory, arch: str):

@@ -3,10 +3,16 @@
 import pytest
 import torch
 
-from sprinter.acceptance import (correction, flag_then_check, greedy_match, leading_true, residual,
-                                 speculative_accept)
+from sprinter.decode.acceptance import (
+    correction,
+    flag_then_check,
+    greedy_match,
+    leading_true,
+    residual,
+    speculative_accept,
+)
+from sprinter.decode.sampling import Sampler, sample
 from sprinter.errors import SprinterError
-from sprinter.sampling import Sampler, sample
 
 
 def test_leading_true_counts_up_to_the_first_false():

@@ -16,13 +16,13 @@ from conftest import scrambled
 from test_decode import PROMPTS
 from test_decode_distribution import VOCAB, chi_square, random_decoder
 
-from sprinter.async_decode import asynchronous
-from sprinter.cache import CachedLM
-from sprinter.decode import Decoder, Emitter, GenerateConfig
-from sprinter.drafters import ModelDrafter
+from sprinter.decode.asynchronous import asynchronous
+from sprinter.decode.cache import CachedLM
+from sprinter.decode.decoder import Decoder, Emitter, GenerateConfig
+from sprinter.decode.drafters import ModelDrafter
+from sprinter.decode.sampling import Sampler
+from sprinter.decode.stats import DecodeStats
 from sprinter.errors import SprinterError
-from sprinter.sampling import Sampler
-from sprinter.stats import DecodeStats
 
 WINDOWS = (1, 2, 4, 16)
 SHUTDOWN_SECONDS = 5.0
@@ -85,7 +85,7 @@ class CheckingDrafter:
 
 
 def run_loop(decoder: Decoder, prompt, drafter_of, window: int, max_new_tokens: int = 24, stop=()):
-    """sprinter.async_decode.asynchronous on the decoder's models with a drafter made by `drafter_of(lm)`."""
+    """sprinter.decode.asynchronous.asynchronous on the decoder's models with a drafter made by `drafter_of(lm)`."""
     ids = decoder._prompt_ids(prompt)
     target = CachedLM(decoder.pair.target, decoder.pair.vocab_size)
     drafter = drafter_of(CachedLM(decoder.pair.draft, decoder.pair.vocab_size))
@@ -234,7 +234,7 @@ def test_the_draft_stays_in_place_on_the_decoders_device(gpt2_decoder):
 
 
 def test_benchmark_rows(gpt2_decoder):
-    from sprinter.bench import BenchConfig, build_methods
+    from sprinter.bench.benchmark import BenchConfig, build_methods
 
     rows = build_methods(BenchConfig(methods=("ar", "async"), windows=(4, 1)), gpt2_decoder, {})
     assert [m.name for m in rows] == ["ar", "async-w1", "async-w4"] and all(m.lossless for m in rows)
@@ -246,7 +246,7 @@ def test_benchmark_rows(gpt2_decoder):
 def test_bench_async_script(tiny_pair, tmp_path):
     import json
 
-    from sprinter.async_bench import AsyncBenchConfig, run
+    from sprinter.bench.asynchronous import AsyncBenchConfig, run
     from sprinter.config import parse_config
 
     cfg = parse_config(AsyncBenchConfig, ["--pairs", str(tiny_pair), "--num-prompts", "2", "--prompt-len", "16",

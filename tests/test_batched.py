@@ -1,4 +1,4 @@
-"""Batched decoding (sprinter.batched): each row equals its prompt decoded alone, whatever the other rows do.
+"""Batched decoding (sprinter.decode.batched): each row equals its prompt decoded alone, whatever the other rows do.
 
 Scrambled random-weight pairs (tests/test_decode.py) so drafts are really rejected; prompts of ragged lengths
 (3, 9, 17 tokens) that repeat themselves, so n-gram chains are proposed and sometimes kept.
@@ -6,13 +6,13 @@ Scrambled random-weight pairs (tests/test_decode.py) so drafts are really reject
 
 import pytest
 import torch
-
-from sprinter.batch_cache import BatchCachedLM
-from sprinter.decode import Decoder
-from sprinter.errors import SprinterError
-from sprinter.roofline import measure_i_knee, speculation_length
 from conftest import scrambled
 from test_decode_distribution import CHI2_DF3_P001, VOCAB, chi_square, random_decoder
+
+from sprinter.decode.batch_cache import BatchCachedLM
+from sprinter.decode.decoder import Decoder
+from sprinter.decode.roofline import measure_i_knee, speculation_length
+from sprinter.errors import SprinterError
 
 PROMPTS = [[5, 17, 33], [40, 41, 42, 43, 40, 41, 42, 44, 40], [7, 8, 9, 10, 11, 12, 7, 8, 9, 10, 11, 12, 7, 8, 9, 3, 7]]
 NEW = 24

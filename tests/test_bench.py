@@ -10,12 +10,25 @@ import pytest
 import torch
 from transformers import AutoConfig
 
-from sprinter.bench import BenchConfig, Method, Prompt, load_prompts, require_equal_to_ar, run_benchmark
-from sprinter.bench_report import METHOD_KEYS, check_results
+from sprinter.bench.benchmark import (
+    BenchConfig,
+    Method,
+    Prompt,
+    load_prompts,
+    require_equal_to_ar,
+    run_benchmark,
+)
+from sprinter.bench.fidelity import (
+    exact_match,
+    first_difference,
+    lcs_length,
+    rouge_l,
+    target_consistency,
+    total_nll,
+)
+from sprinter.bench.report import METHOD_KEYS, check_results
 from sprinter.config import parse_config
 from sprinter.errors import SprinterError
-from sprinter.fidelity import (exact_match, first_difference, lcs_length, rouge_l, target_consistency,
-                               total_nll)
 from sprinter.verifier import Verifier, VerifierInfo, default_arch, save_verifier
 
 
@@ -212,7 +225,7 @@ def test_script_refuses_a_missing_verifier_in_one_line(tmp_path):
 def test_the_fastest_stop_threshold_is_stored_with_its_verifier(tiny_pair, verifier, tmp_path):
     import shutil
 
-    from sprinter.decode import STOP_THRESHOLD, Decoder
+    from sprinter.decode.decoder import STOP_THRESHOLD, Decoder
     from sprinter.verifier import read_info
 
     stop = tmp_path / "stop"

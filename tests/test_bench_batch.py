@@ -6,7 +6,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from sprinter.bench_batch import BatchBenchConfig, run_sweep
+from sprinter.bench.batch import BatchBenchConfig, run_sweep
 from sprinter.config import parse_config
 from sprinter.errors import SprinterError
 

@@ -3,7 +3,7 @@
 import pytest
 import torch
 
-from sprinter.calibrate import evaluate, operating_point, threshold_for_budget
+from sprinter.train.calibrate import evaluate, operating_point, threshold_for_budget
 
 
 def known_scores(n=4000, seed=0):

@@ -13,12 +13,17 @@ from pathlib import Path
 import pytest
 import torch
 
-import sprinter.collect as collect_module
+import sprinter.data.collect as collect_module
 from sprinter import load_pair
-from sprinter.collect import collect, iter_windows, parse_collect_config
-from sprinter.contexts import accept_labels, decode_rows, probabilities, target_path
+from sprinter.data.collect import collect, iter_windows, parse_collect_config
+from sprinter.data.contexts import (
+    accept_labels,
+    decode_rows,
+    probabilities,
+    target_path,
+)
+from sprinter.data.shards import complete_shards, load_columns, read_manifest
 from sprinter.errors import run_cli
-from sprinter.shards import complete_shards, load_columns, read_manifest
 
 ROOT = Path(__file__).resolve().parent.parent
 COLUMNS = ["hidden", "token_id", "draft_prob", "draft_entropy", "draft_max_prob", "target_prob", "position",
@@ -282,8 +287,8 @@ def test_two_processes_write_the_same_rows_as_one(tiny_pair, text_file, tmp_path
 
 
 def test_release_baseline_agrees_on_each_prompts_first_row(tiny_pair, text_file):
-    from sprinter.collect_bench import release_rows
-    from sprinter.collect import batch_rows
+    from sprinter.bench.collect import release_rows
+    from sprinter.data.collect import batch_rows
 
     pair = load_pair(str(tiny_pair / "draft"), str(tiny_pair / "target"), device="cpu", dtype="float32")
     cfg = parse_collect_config(_argv(tiny_pair, text_file, "unused"))

@@ -7,7 +7,7 @@ import pytest
 
 from sprinter.config import option, parse_config
 from sprinter.errors import SprinterError
-from sprinter.pairs import PairConfig, parse_pair_config, presets
+from sprinter.pairs.build import PairConfig, parse_pair_config, presets
 
 ROOT = Path(__file__).resolve().parent.parent
 

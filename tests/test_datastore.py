@@ -10,8 +10,15 @@ import numpy as np
 import pytest
 
 from sprinter.config import parse_config
-from sprinter.datastore import (SAMPLE, Datastore, DatastoreConfig, build_datastore, suffix_array,
-                                tokenizer_fingerprint, write_datastore)
+from sprinter.decode.datastore import (
+    SAMPLE,
+    Datastore,
+    DatastoreConfig,
+    build_datastore,
+    suffix_array,
+    tokenizer_fingerprint,
+    write_datastore,
+)
 from sprinter.errors import SprinterError, run_cli
 
 pytestmark = pytest.mark.usefixtures("single_thread")  # the decoding tests at the end: tiny models, one thread
@@ -118,7 +125,7 @@ def built(tiny_pair, corpus, tmp_path_factory):
 
 
 def tokenizer_of(pair):
-    from sprinter.models import load_tokenizer
+    from sprinter.pairs.load import load_tokenizer
 
     return load_tokenizer(str(pair / "target"))
 
@@ -211,7 +218,7 @@ def test_a_manifest_that_was_edited_or_from_another_version_is_refused(built, tm
 
 def test_a_datastore_for_another_tokenizer_is_refused(built, corpus):
     from sprinter.corpus import load_documents
-    from sprinter.pairs import train_tokenizer
+    from sprinter.pairs.build import train_tokenizer
 
     other = train_tokenizer(load_documents(str(corpus), "all"), 300)
     with pytest.raises(SprinterError, match=r"manifest\.json.*another tokenizer.*'vocab_size': 300"):
@@ -241,7 +248,7 @@ def test_no_arguments_mean_the_demo_datastore(script_main):
 ])
 def test_bad_arguments_give_one_line_and_exit_2(script_main, tmp_path, capsys, monkeypatch, argv, message):
     monkeypatch.chdir(tmp_path)  # no preset pair here: a check that came too late would build one (minutes)
-    monkeypatch.setattr("sprinter.pairs.build_pair", lambda *a, **k: pytest.fail("a pair was built"))
+    monkeypatch.setattr("sprinter.pairs.build.build_pair", lambda *a, **k: pytest.fail("a pair was built"))
     assert run_cli(script_main.main, argv + ["--out", str(tmp_path / "ds")]) == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert err[-1].startswith("error: ") and message in err[-1]
@@ -274,7 +281,7 @@ def test_ngram_decoding_with_a_datastore_equals_ar(built, gpt2_decoder):
 
 
 def test_the_decoder_loads_a_datastore_and_refuses_one_for_another_tokenizer(built, tiny_pair, tmp_path):
-    from sprinter.decode import Decoder
+    from sprinter.decode.decoder import Decoder
     from sprinter.errors import SprinterError
 
     out, _ = built

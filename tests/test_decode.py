@@ -10,8 +10,8 @@ import torch
 from conftest import scrambled
 
 from sprinter import Decoder
+from sprinter.decode.gates import AlwaysFlag
 from sprinter.errors import SprinterError
-from sprinter.gates import AlwaysFlag
 
 PROMPTS = ["def foo(x):", "import os\nclass A:", [5, 17, 33, 2, 9]]
 
@@ -189,5 +189,5 @@ def test_sd_gated_limits(gpt2_decoder):
 
 def test_sd_gated_refuses_strict():
     with pytest.raises(SprinterError, match="strict"):
-        from sprinter.decode import check_options
+        from sprinter.decode.decoder import check_options
         check_options("sd-gated", 8, 4, 20, 0.5, True, None, ())

@@ -7,8 +7,8 @@ exact target distribution is cheap to compute and many generations take a few se
 import pytest
 import torch
 
-from sprinter.decode import Decoder
-from sprinter.models import Pair
+from sprinter.decode.decoder import Decoder
+from sprinter.pairs.load import Pair
 
 VOCAB = 4
 CHI2_DF3_P001 = 16.27  # chi-square critical value, 3 degrees of freedom, p = 0.001

@@ -11,10 +11,10 @@ import pytest
 import torch
 
 from sprinter import Decoder
-from sprinter.drafters import DraftStep
+from sprinter.decode.drafters import DraftStep
+from sprinter.decode.gates import AlwaysFlag, ConfidenceGate, LearnedGate, NeverFlag
 from sprinter.errors import SprinterError
-from sprinter.gates import AlwaysFlag, ConfidenceGate, LearnedGate, NeverFlag
-from sprinter.models import fingerprint
+from sprinter.pairs.load import fingerprint
 
 FEATURES = ("hidden", "token_id", "draft_prob", "draft_entropy", "position")
 
@@ -101,7 +101,7 @@ def test_decoder_uses_a_learned_verifier(tiny_pair, tmp_path, monkeypatch):
 def test_verifier_for_another_draft_is_refused(tiny_pair, tmp_path, monkeypatch, fingerprint_of, hidden, message):
     fp = fingerprint(str(tiny_pair / "draft")) if fingerprint_of == "draft" else "0123456789abcdef"
     fake_verifier_module(monkeypatch, logit=0.0, draft_fingerprint=fp, hidden_size=hidden)
-    monkeypatch.setattr("sprinter.decode.load_pair", lambda *a, **k: pytest.fail("models loaded before the check"))
+    monkeypatch.setattr("sprinter.decode.decoder.load_pair", lambda *a, **k: pytest.fail("models loaded before the check"))
     with pytest.raises(SprinterError, match=message):
         load(tiny_pair, tmp_path)
 

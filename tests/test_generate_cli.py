@@ -12,7 +12,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from sprinter.decode import MODES
+from sprinter.decode.decoder import MODES
 from sprinter.errors import run_cli
 
 ROOT = Path(__file__).resolve().parent.parent

@@ -1,9 +1,9 @@
 import numpy as np
 import pytest
 
-from sprinter.datastore import Datastore
+from sprinter.decode.datastore import Datastore
+from sprinter.decode.ngram import NgramDrafter
 from sprinter.errors import SprinterError
-from sprinter.ngram import NgramDrafter
 
 
 def test_longest_suffix_match_proposes_what_followed_its_latest_occurrence():

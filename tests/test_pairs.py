@@ -10,7 +10,7 @@ import torch
 
 from sprinter import SprinterError, load_pair
 from sprinter.corpus import load_documents, split_of
-from sprinter.pairs import PairConfig, build_pair, parse_pair_config
+from sprinter.pairs.build import PairConfig, build_pair, parse_pair_config
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -52,7 +52,7 @@ def test_out_folder_with_a_different_pair_is_refused(tiny_pair):
 
 
 def test_interrupted_build_leaves_no_pair(tmp_path, monkeypatch):
-    import sprinter.pairs as pairs
+    import sprinter.pairs.build as pairs
 
     def boom(*args, **kwargs):
         raise KeyboardInterrupt

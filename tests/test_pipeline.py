@@ -10,10 +10,10 @@ import pytest
 import torch
 
 from sprinter import Decoder
-from sprinter.collect import collect, parse_collect_config
+from sprinter.data.collect import collect, parse_collect_config
+from sprinter.data.shards import read_manifest
 from sprinter.errors import SprinterError
-from sprinter.shards import read_manifest
-from sprinter.train import parse_train_config, train
+from sprinter.train.fit import parse_train_config, train
 
 ROOT = Path(__file__).resolve().parent.parent
 COLLECT_TINY = str(ROOT / "configs" / "collect" / "tiny.yaml")

@@ -7,8 +7,16 @@ import os
 import pytest
 import torch
 
+from sprinter.data.shards import (
+    FORMAT,
+    ShardWriter,
+    complete_shards,
+    iter_shards,
+    load_columns,
+    read_manifest,
+    write_manifest,
+)
 from sprinter.errors import SprinterError
-from sprinter.shards import FORMAT, ShardWriter, complete_shards, iter_shards, load_columns, read_manifest, write_manifest
 
 
 def _rows(start: int, n: int) -> dict[str, torch.Tensor]:

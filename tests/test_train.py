@@ -8,11 +8,11 @@ from pathlib import Path
 import pytest
 import torch
 
-from sprinter.baselines import score_rows, weighted_bce
-from sprinter.calibrate import operating_point
-from sprinter.synthetic import write_shards
-from sprinter.train import TrainConfig, parse_train_config, train
-from sprinter.train_data import loader, open_folders, split_prompts
+from sprinter.data.synthetic import write_shards
+from sprinter.train.baselines import score_rows, weighted_bce
+from sprinter.train.calibrate import operating_point
+from sprinter.train.data import loader, open_folders, split_prompts
+from sprinter.train.fit import TrainConfig, parse_train_config, train
 from sprinter.verifier import Verifier, VerifierInfo, default_arch, load_verifier
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -141,8 +141,8 @@ def test_script_refuses_a_folder_without_manifest(tmp_path):
 
 
 def test_auto_label_rule_follows_the_collection_temperature(tmp_path):
-    from sprinter.train import auto_label_rule
-    from sprinter.shards import read_manifest
+    from sprinter.data.shards import read_manifest
+    from sprinter.train.fit import auto_label_rule
 
     folders = []
     for name, temperature in (("greedy", 0.0), ("sampled", 1.0)):

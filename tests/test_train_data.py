@@ -6,9 +6,9 @@ import pytest
 import torch
 from safetensors.torch import load_file, save_file
 
+from sprinter.data.synthetic import write_shards
 from sprinter.errors import SprinterError
-from sprinter.synthetic import write_shards
-from sprinter.train_data import BatchSampler, loader, open_folders, split_prompts
+from sprinter.train.data import BatchSampler, loader, open_folders, split_prompts
 
 FEATURES = ("hidden", "token_id", "draft_prob", "draft_entropy", "position")
 

@@ -4,7 +4,14 @@ import pytest
 import torch
 
 from sprinter.errors import SprinterError
-from sprinter.verifier import Verifier, VerifierInfo, default_arch, load_verifier, read_info, save_verifier
+from sprinter.verifier import (
+    Verifier,
+    VerifierInfo,
+    default_arch,
+    load_verifier,
+    read_info,
+    save_verifier,
+)
 
 H, V = 12, 50
 FEATURES = ("hidden", "token_id", "draft_prob", "draft_entropy", "position")

@@ -19,7 +19,7 @@ from typing import Sequence
 
 import torch
 
-from sprinter.cache import FlopModel
+from sprinter.decode.cache import FlopModel
 
 # Compact once this many slots of the fullest row are masked, and they are at least a quarter of the width:
 # attention reads every slot, the gather copies the whole cache once.

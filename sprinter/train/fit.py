@@ -14,8 +14,6 @@ from __future__ import annotations
 import dataclasses
 import json
 import math
-import os
-import tempfile
 import time
 import warnings
 from dataclasses import dataclass
@@ -27,16 +25,44 @@ import torch
 from torchmetrics.aggregation import CatMetric
 
 from sprinter import __version__
-from sprinter.baselines import (Scorer, draft_prob_scorer, fit_plain, logistic_regression, verifier_scorer,
-                                weighted_bce)
-from sprinter.calibrate import budget_key, evaluate, operating_point, summarize, threshold_for_budget
-from sprinter.config import check_integers, option, parse_config, save_config
+from sprinter.config import CONFIGS, check_integers, option, parse_config, save_config
+from sprinter.data.shards import read_manifest
 from sprinter.errors import SprinterError
-from sprinter.shards import read_manifest
-from sprinter.train_data import EVAL_COLUMN, LABEL_COLUMN, ShardDataModule, TokenTable, open_folders, split_prompts
-from sprinter.verifier import HIDDEN, NORMS, Verifier, VerifierInfo, default_arch, load_verifier, save_verifier
+from sprinter.files import write_json
+from sprinter.train.baselines import (
+    Scorer,
+    draft_prob_scorer,
+    fit_plain,
+    logistic_regression,
+    verifier_scorer,
+    weighted_bce,
+)
+from sprinter.train.calibrate import (
+    budget_key,
+    evaluate,
+    operating_point,
+    summarize,
+    threshold_for_budget,
+)
+from sprinter.train.data import (
+    EVAL_COLUMN,
+    LABEL_COLUMN,
+    ShardDataModule,
+    TokenTable,
+    open_folders,
+    split_prompts,
+)
+from sprinter.verifier import (
+    HIDDEN,
+    NORMS,
+    Verifier,
+    VerifierInfo,
+    default_arch,
+    load_verifier,
+    save_verifier,
+)
 
-CONFIG_DIR = Path(__file__).resolve().parent.parent / "configs" / "train"
+CONFIG_DIR = CONFIGS / "train"
 # `position` is left out by default: it counts within a continuation (corpus data), within a k-block
 # (decode data) and within a SPRINTER block at decode time: three meanings a verifier cannot reconcile.
 FEATURES = ("hidden", "token_id", "draft_prob", "draft_entropy")
@@ -222,13 +248,6 @@ def check_splits(table: TokenTable, splits: dict, label_rule: str) -> dict:
         sizes[name] = {"samples": len(rows), "prompts": int(prompts[rows].unique().numel()),
                        "accept_rate": float(accepted.float().mean())}
     return sizes
-
-
-def write_json(path: Path, value: dict) -> None:
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}-", suffix=".tmp")
-    with os.fdopen(fd, "w") as handle:
-        handle.write(json.dumps(value, indent=2) + "\n")
-    os.replace(tmp, path)
 
 
 def make_trainer(cfg: TrainConfig, out: Path) -> L.Trainer:

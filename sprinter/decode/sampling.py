@@ -1,7 +1,7 @@
 """Logits -> probabilities (temperature, top-k, top-p) and drawing from them with an explicit generator.
 
 Temperature 0 is greedy and is expressed as a one-hot distribution on the argmax, so the
-speculative-sampling rule in `sprinter.acceptance` needs no separate greedy branch and stays exact.
+speculative-sampling rule in `sprinter.decode.acceptance` needs no separate greedy branch and stays exact.
 Draft and target go through the same `Sampler`, so SD is lossless with respect to the warped
 (top-k/top-p) target distribution.
 """

@@ -1,12 +1,12 @@
 """What a generation returns (`GenerateOutput`) and the object that decides when it ends (`Emitter`):
-shared by every decode loop (sprinter.decode, sprinter.batched, sprinter.async_decode)."""
+shared by every decode loop (sprinter.decode.decoder, sprinter.decode.batched, sprinter.decode.asynchronous)."""
 
 from __future__ import annotations
 
 from dataclasses import dataclass
 from typing import Callable, Sequence
 
-from sprinter.stats import DecodeStats
+from sprinter.decode.stats import DecodeStats
 
 
 @dataclass

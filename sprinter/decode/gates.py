@@ -15,9 +15,9 @@ from typing import Protocol
 
 import torch
 
-from sprinter.drafters import DraftStep
+from sprinter.decode.drafters import DraftStep
+from sprinter.decode.sampling import entropy
 from sprinter.errors import SprinterError
-from sprinter.sampling import entropy
 
 CONFIDENCE_THRESHOLD = 0.4  # Hugging Face's default assistant_confidence_threshold
 

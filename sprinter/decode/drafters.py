@@ -13,8 +13,8 @@ from typing import Protocol
 
 import torch
 
-from sprinter.cache import CachedLM
-from sprinter.sampling import Sampler
+from sprinter.decode.cache import CachedLM
+from sprinter.decode.sampling import Sampler
 
 
 @dataclass

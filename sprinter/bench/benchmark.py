@@ -5,10 +5,10 @@ out from pair and verifier training (Python code windows and English docstrings 
 split), a warm-up generation per method first, then the methods interleaved prompt by prompt (their
 order rotated each prompt) so machine drift hits all alike. Each lossless method's output is checked
 equal to `ar`'s (greedy runs); a difference stops the run with a SprinterError. Fidelity is scored
-outside the timed region by one teacher-forced target forward per output (sprinter.fidelity).
+outside the timed region by one teacher-forced target forward per output (sprinter.bench.fidelity).
 
 Per-prompt records are appended to OUT/records.jsonl as each prompt finishes; `resume` continues from
-them. sprinter.bench_report turns the records into results.json, results.md and pareto.png.
+them. sprinter.bench.report turns the records into results.json, results.md and pareto.png.
 """
 
 from __future__ import annotations
@@ -16,7 +16,6 @@ from __future__ import annotations
 import json
 import os
 import sys
-import tempfile
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -24,18 +23,24 @@ from typing import Callable, Sequence
 
 import torch
 
-from sprinter.cache import FlopModel
-from sprinter.async_decode import check_async_options
-from sprinter.calibrate import budget_key
-from sprinter.config import option, to_dict
+from sprinter.bench.fidelity import exact_match, first_difference, rouge_l, score_output
+from sprinter.config import CONFIGS, option, to_dict
 from sprinter.corpus import load_documents, prose_documents
-from sprinter.decode import DEMO_VERIFIER, Decoder, check_options
+from sprinter.decode.asynchronous import check_async_options
+from sprinter.decode.cache import FlopModel
+from sprinter.decode.decoder import DEMO_VERIFIER, Decoder, check_options
+from sprinter.decode.gates import (
+    CONFIDENCE_THRESHOLD,
+    LearnedGate,
+    check_threshold,
+    load_learned_gate,
+)
 from sprinter.errors import SprinterError
-from sprinter.fidelity import exact_match, first_difference, rouge_l, score_output
-from sprinter.gates import CONFIDENCE_THRESHOLD, LearnedGate, check_threshold, load_learned_gate
-from sprinter.models import fingerprint
+from sprinter.files import write_atomic
+from sprinter.pairs.load import fingerprint
+from sprinter.train.calibrate import budget_key
 
-CONFIG_DIR = Path(__file__).resolve().parent.parent / "configs" / "bench"
+CONFIG_DIR = CONFIGS / "bench"
 FAMILIES = ("ar", "draft", "sd", "hf-assisted", "ngram", "sd-gated", "sd-gated-confidence", "sprinter-mlp",
             "sprinter-linear", "sprinter-confidence", "sprinter-strict", "async")
 DEFAULT_METHODS = FAMILIES[:-2]  # sprinter-strict and async are asked for by name
@@ -329,7 +334,7 @@ def build_methods(cfg: BenchConfig, decoder: Decoder, verifiers: dict[str, str])
                                decoder_runner(decoder, t, mode="sd-gated", gate=gate, threshold=c,
                                               max_block=cfg.max_block), c)
                         for c in sorted(set(cfg.stop_thresholds))]
-        elif family == "ngram":  # batch 1: s from the device's I_knee (sprinter.roofline)
+        elif family == "ngram":  # batch 1: s from the device's I_knee (sprinter.decode.roofline)
             methods.append(Method(family, family, greedy, decoder_runner(decoder, t, mode="ngram")))
         elif family == "sprinter-confidence":
             methods += [Method(f"{family}@{c:g}", family, False,
@@ -357,13 +362,6 @@ def run_header(cfg: BenchConfig, prompts: Sequence[Prompt], methods: Sequence[Me
     options = {k: v for k, v in to_dict(cfg).items() if k not in RUNTIME_OPTIONS}
     return {"options": options, "methods": [m.name for m in methods],
             "prompts": [[p.domain, p.doc, list(p.ids)] for p in prompts]}
-
-
-def write_atomic(path: Path, text: str) -> None:
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}-", suffix=".tmp")
-    with os.fdopen(fd, "w") as fh:
-        fh.write(text)
-    os.replace(tmp, path)
 
 
 def open_records(cfg: BenchConfig, header: dict) -> dict[int, list[dict]]:
@@ -446,7 +444,7 @@ def check_window(prompt_len: int, max_new_tokens: int, max_length: int) -> None:
 
 
 def load_decoder(cfg: BenchConfig, verifiers: dict[str, str]) -> Decoder:
-    from sprinter.pairs import resolve_pair
+    from sprinter.pairs.build import resolve_pair
 
     draft, target = resolve_pair(cfg.pair, cfg.draft, cfg.target)
     return Decoder.from_pretrained(draft, target, verifier=verifiers.get("mlp"), device=cfg.device, dtype=cfg.dtype)
@@ -456,7 +454,7 @@ def run_benchmark(cfg: BenchConfig) -> dict:
     """Run (or resume) the benchmark and write OUT/results.json, results.md, pareto.png; returns the results."""
     from tqdm import tqdm
 
-    from sprinter.bench_report import write_reports
+    from sprinter.bench.report import write_reports
 
     if cfg.threads:
         torch.set_num_threads(cfg.threads)

@@ -33,12 +33,12 @@ import torch
 import torch.nn.functional as F
 from tqdm.auto import tqdm
 
-from sprinter.config import check_integers, option, parse_config, to_dict
+from sprinter.config import CONFIGS, check_integers, option, parse_config, to_dict
 from sprinter.corpus import Document, load_documents
 from sprinter.errors import SprinterError
-from sprinter.models import check_same_vocabulary, resolve_device
+from sprinter.pairs.load import check_same_vocabulary, resolve_device
 
-CONFIG_DIR = Path(__file__).resolve().parent.parent / "configs"
+CONFIG_DIR = CONFIGS
 EOS = "<|endoftext|>"
 ARCHS = ("gpt2", "llama")
 # Options that do not change the pair a build makes.

@@ -12,16 +12,16 @@ Modes (REFERENCES.md §1 and §5):
   stops once 1 - prod P(accept) over the block exceeds a stop threshold (or at max_block), then the
   target checks every token as in "sd";
 - "ngram": lossless speculative decoding without a draft model (SSSD, §4): each sequence drafts a chain
-  from n-gram matches in its own text (and a datastore), s tokens long, s from the batch size (sprinter.roofline);
+  from n-gram matches in its own text (and a datastore), s tokens long, s from the batch size (sprinter.decode.roofline);
 - "async": lossless speculative decoding with the draft running ahead in a thread of its own, maybe on
-  another device, while the target verifies (AMUSD, REFERENCES.md §3; sprinter.async_decode).
+  another device, while the target verifies (AMUSD, REFERENCES.md §3; sprinter.decode.asynchronous).
 
-A list of prompts is decoded as one batch in modes "ar", "sd" and "ngram" (sprinter.batched, which
+A list of prompts is decoded as one batch in modes "ar", "sd" and "ngram" (sprinter.decode.batched, which
 also runs "ngram" for a single prompt) and gives a list of results, one per prompt.
 
 Two loops here serve a single prompt in the first five modes: `autoregressive` (one model) and
 `speculative` (a drafter, an optional gate and the target); a mode is a few arguments to one of them.
-The batched loop (sprinter.batched) and the two-thread loop (sprinter.async_decode) live beside them.
+The batched loop (sprinter.decode.batched) and the two-thread loop (sprinter.decode.asynchronous) live beside them.
 """
 
 from __future__ import annotations
@@ -34,20 +34,34 @@ from typing import Callable, Sequence
 
 import torch
 
-from sprinter.acceptance import correction, flag_then_check
-from sprinter.async_decode import ASYNC_WINDOW, asynchronous, check_async_options
-from sprinter.batched import generate_batch
-from sprinter.cache import CachedLM
-from sprinter.drafters import Drafter, ModelDrafter
 from sprinter.config import check_integers, option
-from sprinter.datastore import Datastore
-from sprinter.emit import Emitter, GenerateOutput
+from sprinter.decode.acceptance import correction, flag_then_check
+from sprinter.decode.asynchronous import ASYNC_WINDOW, asynchronous, check_async_options
+from sprinter.decode.batched import generate_batch
+from sprinter.decode.cache import CachedLM
+from sprinter.decode.datastore import Datastore
+from sprinter.decode.drafters import Drafter, ModelDrafter
+from sprinter.decode.emit import Emitter, GenerateOutput
+from sprinter.decode.gates import (
+    CONFIDENCE_THRESHOLD,
+    AlwaysFlag,
+    ConfidenceGate,
+    Gate,
+    LearnedGate,
+    NeverFlag,
+    check_threshold,
+    load_learned_gate,
+)
+from sprinter.decode.sampling import Sampler, uniform
+from sprinter.decode.stats import DecodeStats
 from sprinter.errors import SprinterError
-from sprinter.gates import (CONFIDENCE_THRESHOLD, AlwaysFlag, ConfidenceGate, Gate, LearnedGate, NeverFlag,
-                            check_threshold, load_learned_gate)
-from sprinter.models import Pair, fingerprint, load_pair, resolve_device, resolve_dtype
-from sprinter.sampling import Sampler, uniform
-from sprinter.stats import DecodeStats
+from sprinter.pairs.load import (
+    Pair,
+    fingerprint,
+    load_pair,
+    resolve_device,
+    resolve_dtype,
+)
 
 MODES = ("ar", "draft", "sd", "sprinter", "sd-gated", "ngram", "async")
 BATCH_MODES = ("ar", "sd", "ngram")  # the modes that decode a list of prompts together
@@ -76,7 +90,7 @@ class GenerateConfig:
     k: int = option(4, "tokens drafted per target call in mode 'sd'")
     ngram_n: int = option(3, "ngram: longest suffix (in tokens) looked up in the sequence's own text")
     s: int | None = option(None, "ngram: tokens drafted per sequence and target call; none: from the batch size and "
-                                 "I_knee (sprinter.roofline); 0: plain decoding")
+                                 "I_knee (sprinter.decode.roofline); 0: plain decoding")
     i_knee: float | None = option(None, "ngram: tokens per target forward at the roofline knee; none: measured on the "
                                         "device at start")
     max_batch: int | None = option(None, "batched modes: most prompts decoded at once, the rest queue for the places "
@@ -289,7 +303,7 @@ class Decoder:
         other modes take a batch of one and give one result;
         at most `max_batch` decode at once, the rest wait for the places of finished ones. "ngram" options:
         `ngram_n` (longest suffix looked up), `s` (tokens drafted per sequence; None: from the batch size and
-        `i_knee`, measured on the device when None; see sprinter.roofline).
+        `i_knee`, measured on the device when None; see sprinter.decode.roofline).
 
         temperature 0 is greedy; above 0 tokens are drawn (with top_k / top_p) from a generator seeded
         by `seed`. `k`: tokens drafted per target call in "sd". "sprinter" options: `gate` ("learned",
@@ -358,7 +372,7 @@ class Decoder:
                         ngram_n: int, s: int | None, i_knee: float | None, max_batch: int | None,
                         threshold: float | None, strict: bool, gate: str | Gate | None, stop: Sequence[str],
                         on_text: Callable[[str], None] | None) -> GenerateOutput | list[GenerateOutput]:
-        """A list of prompts (a list of results), or one prompt in mode "ngram" (one result): sprinter.batched."""
+        """A list of prompts (a list of results), or one prompt in mode "ngram" (one result): sprinter.decode.batched."""
         batch = _is_batch(prompt)
         if batch and mode not in BATCH_MODES:
             raise SprinterError(f"prompt: got a batch of {len(prompt)} prompts with mode={mode!r}; expected a single "

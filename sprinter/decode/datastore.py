@@ -385,8 +385,8 @@ def _built_by(out: Path, cfg: DatastoreConfig) -> bool:
 def build_datastore(cfg: DatastoreConfig) -> dict:
     """Tokenize the corpus, sort its suffixes and write the datastore; returns its manifest."""
     from sprinter.corpus import load_documents
-    from sprinter.models import load_tokenizer
-    from sprinter.pairs import resolve_pair
+    from sprinter.pairs.build import resolve_pair
+    from sprinter.pairs.load import load_tokenizer
 
     out = Path(cfg.out)
     if out.exists() and any(out.iterdir()) and not (out / MANIFEST).is_file():

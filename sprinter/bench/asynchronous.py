@@ -2,7 +2,7 @@
 intra-op threads each would get on a machine of two cores: ar on one thread, sd on one and on two (its
 draft and target take turns, each may use both cores), async on one thread per side (two cores).
 
-Protocol as sprinter.bench (greedy, held-out stdlib prompts of both domains, a warm-up per method, the
+Protocol as sprinter.bench.benchmark (greedy, held-out stdlib prompts of both domains, a warm-up per method, the
 methods interleaved prompt by prompt with their order rotated, every output checked equal to ar's), but
 timing only: no fidelity scoring (every row is lossless). An output may leave ar's only where the target's
 two best logits are within NEAR_TIE (fp32 rounding, which depends on the forward's shape, decides; async's
@@ -24,13 +24,14 @@ from pathlib import Path
 
 import torch
 
-from sprinter.async_decode import check_async_options
-from sprinter.bench import BenchConfig, Prompt, load_prompts, write_atomic
-from sprinter.bench_report import hardware, libraries
+from sprinter.bench.benchmark import BenchConfig, Prompt, load_prompts
+from sprinter.bench.fidelity import first_difference
+from sprinter.bench.report import hardware, libraries
 from sprinter.config import check_integers, option, to_dict
-from sprinter.decode import Decoder, check_options
+from sprinter.decode.asynchronous import check_async_options
+from sprinter.decode.decoder import Decoder, check_options
 from sprinter.errors import SprinterError
-from sprinter.fidelity import first_difference
+from sprinter.files import write_atomic
 
 FORMAT = "sprinter-async-bench/1"
 NEAR_TIE = 1e-4  # fp32 target logits this close: which wins depends on the forward's shape (async's varies with timing)
@@ -121,7 +122,7 @@ def summarize(name: str, threads: int, runs: list[dict], reference: list[dict]) 
 
 def bench_pair(cfg: AsyncBenchConfig, pair: str, bar) -> dict:
     """Every row on every prompt of one pair; returns its results dict."""
-    from sprinter.pairs import resolve_pair
+    from sprinter.pairs.build import resolve_pair
 
     draft, target = resolve_pair(pair, None, None)
     decoder = Decoder.from_pretrained(draft, target, device=cfg.device)

@@ -22,9 +22,10 @@ from typing import Sequence
 
 import torch
 
-from sprinter.bench import BenchConfig, Method, Prompt, write_atomic
+from sprinter.bench.benchmark import BenchConfig, Method, Prompt
 from sprinter.config import to_dict
 from sprinter.errors import SprinterError
+from sprinter.files import write_atomic
 
 FORMAT = "sprinter-bench/1"
 METHOD_KEYS = ("name", "family", "operating_point", "lossless", "prompts", "new_tokens", "ms_per_token",

@@ -14,7 +14,7 @@ from typing import Callable
 
 import torch
 
-from sprinter.train_data import TokenTable, loader
+from sprinter.train.data import TokenTable, loader
 from sprinter.verifier import HIDDEN, Verifier
 
 Scorer = Callable[[TokenTable, torch.Tensor], torch.Tensor]  # (table, rows (N,)) -> P(accept)-like scores (N,)

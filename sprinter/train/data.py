@@ -1,6 +1,6 @@
 """The verifier's training data: checked shard folders, prompt-level splits, fast batches.
 
-Shard folders are the data stage's output, read through `sprinter.shards` (manifest checks and
+Shard folders are the data stage's output, read through `sprinter.data.shards` (manifest checks and
 memory-mapped columns: the set is never read whole into RAM). Batches are gathered a batch at a
 time: a sampler yields index tensors and the dataset gathers every column for the whole batch at
 once, which is ~100x faster than a per-row `__getitem__` + collate.
@@ -16,8 +16,8 @@ import lightning as L
 import torch
 from torch.utils.data import DataLoader, Dataset, Sampler
 
+from sprinter.data.shards import iter_shards, read_manifest
 from sprinter.errors import SprinterError
-from sprinter.shards import iter_shards, read_manifest
 from sprinter.verifier import HIDDEN, LEAKY, TOKEN
 
 LABEL_COLUMN = {"greedy": "accept_greedy", "sprinter": "accept_sprinter", "soft": "accept_soft"}

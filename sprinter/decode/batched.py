@@ -5,7 +5,7 @@ Each round serves every row (sequence) still generating, in the steps of the sin
 1. Draft: each row proposes its own chain x_b of n_b tokens: "ar" none; "sd" the draft model, k per row
    (batched, one draft forward per drafted position); "ngram" a lookup in the row's own text, 0..s tokens.
 2. Verify: one target forward over every row's last emitted token and its chain, left-aligned in a block
-   1 + max n_b wide; the slots after a row's chain are masked (sprinter.batch_cache).
+   1 + max n_b wide; the slots after a row's chain are masked (sprinter.decode.batch_cache).
 3. Accept: the speculative-sampling rule, batched over rows (acceptance.py); a slot past a row's chain never
    accepts, so row b keeps its own n_kept_b <= n_b tokens (ragged).
 4. Correct: each row's own token from the residual at its first rejection, or a bonus token after its chain.
@@ -25,15 +25,20 @@ from typing import Callable, Protocol, Sequence
 
 import torch
 
-from sprinter.acceptance import correction, leading_true, residual, speculative_accept
-from sprinter.batch_cache import BatchCachedLM
-from sprinter.emit import Emitter, GenerateOutput
-from sprinter.datastore import Datastore
-from sprinter.models import Pair
-from sprinter.ngram import NgramDrafter
-from sprinter.roofline import measure_i_knee, speculation_length
-from sprinter.sampling import Sampler, uniform
-from sprinter.stats import DecodeStats
+from sprinter.decode.acceptance import (
+    correction,
+    leading_true,
+    residual,
+    speculative_accept,
+)
+from sprinter.decode.batch_cache import BatchCachedLM
+from sprinter.decode.datastore import Datastore
+from sprinter.decode.emit import Emitter, GenerateOutput
+from sprinter.decode.ngram import NgramDrafter
+from sprinter.decode.roofline import measure_i_knee, speculation_length
+from sprinter.decode.sampling import Sampler, uniform
+from sprinter.decode.stats import DecodeStats
+from sprinter.pairs.load import Pair
 
 
 @dataclass
@@ -55,7 +60,7 @@ class BatchDrafter(Protocol):
 
 
 class NgramChains:
-    """Chains from n-gram matches in each row's own text (sprinter.ngram); no model, no state."""
+    """Chains from n-gram matches in each row's own text (sprinter.decode.ngram); no model, no state."""
 
     def __init__(self, ngram: NgramDrafter):
         self.ngram = ngram

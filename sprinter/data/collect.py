@@ -22,15 +22,31 @@ import torch
 from tqdm.auto import tqdm
 
 import sprinter
-from sprinter.config import check_integers, option, parse_config, save_config, to_dict
-from sprinter.contexts import corpus_rows, decode_rows
+from sprinter.config import (
+    CONFIGS,
+    check_integers,
+    option,
+    parse_config,
+    save_config,
+    to_dict,
+)
 from sprinter.corpus import iter_documents, split_of
+from sprinter.data.contexts import corpus_rows, decode_rows
+from sprinter.data.shards import (
+    FORMAT,
+    LABELS,
+    MANIFEST,
+    ShardWriter,
+    complete_shards,
+    map_safetensors,
+    read_header,
+    shard_entry,
+    write_manifest,
+)
 from sprinter.errors import SprinterError
-from sprinter.models import Pair, fingerprint, load_pair
-from sprinter.shards import (FORMAT, LABELS, MANIFEST, ShardWriter, complete_shards, map_safetensors, read_header,
-                             shard_entry, write_manifest)
+from sprinter.pairs.load import Pair, fingerprint, load_pair
 
-CONFIG_DIR = Path(__file__).resolve().parent.parent / "configs" / "collect"
+CONFIG_DIR = CONFIGS / "collect"
 SOURCES = ("corpus", "decode")
 HIDDEN_DTYPES = {"float16": torch.float16, "float32": torch.float32}
 FEATURES = ["hidden", "draft_prob", "draft_entropy", "draft_max_prob", "position", "context_length"]
@@ -212,7 +228,7 @@ def check_pair(cfg: CollectConfig, pair: Pair) -> None:
 
 def resolve_pair_paths(cfg: CollectConfig) -> tuple[str, str]:
     """--draft/--target, else the demo pair (built first if missing)."""
-    from sprinter.pairs import resolve_pair
+    from sprinter.pairs.build import resolve_pair
 
     return resolve_pair("demo", cfg.draft, cfg.target)
 

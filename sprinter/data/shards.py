@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import json
 import math
-import os
 import re
 import struct
 from pathlib import Path
@@ -27,6 +26,7 @@ import torch
 from safetensors.torch import save as safetensors_bytes
 
 from sprinter.errors import SprinterError
+from sprinter.files import write_atomic
 
 FORMAT = "sprinter-shards/1"
 MANIFEST = "manifest.json"
@@ -43,20 +43,6 @@ _DTYPES = {"F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF
 def shard_name(rank: int, index: int) -> str:
     """`shard-00003.safetensors` on rank 0, `shard-r1-00003.safetensors` on rank 1: ranks never collide."""
     return f"shard-{index:05d}.safetensors" if rank == 0 else f"shard-r{rank}-{index:05d}.safetensors"
-
-
-def write_atomic(path: Path, data: bytes) -> None:
-    """Write `data` to `path` through a temporary file in the same folder, then rename it into place."""
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    try:
-        with tmp.open("wb") as fh:
-            fh.write(data)
-            fh.flush()
-            os.fsync(fh.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise
 
 
 def _disk_error(path: Path, err: OSError, kept: int) -> SprinterError:
@@ -242,4 +228,4 @@ def load_columns(folder: str | Path, names: list[str] | tuple[str, ...]) -> dict
 
 __all__ = ["FORMAT", "LABELS", "MANIFEST", "REQUIRED_COLUMNS", "ShardWriter", "complete_shards", "iter_shards",
            "load_columns", "map_safetensors", "read_header", "read_manifest", "shard_entry", "shard_name",
-           "write_atomic", "write_manifest"]
+           "write_manifest"]

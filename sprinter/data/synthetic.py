@@ -14,7 +14,7 @@ from pathlib import Path
 
 import torch
 
-from sprinter.shards import FORMAT, LABELS
+from sprinter.data.shards import FORMAT, LABELS
 
 FEATURES = ["hidden", "token_id", "draft_prob", "draft_entropy", "position"]
 

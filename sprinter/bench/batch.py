@@ -1,11 +1,11 @@
 """The batch sweep: tokens/s of batched "ar", "sd" and "ngram" as the batch grows (SSSD's question, REFERENCES.md §4).
 
-For each domain (code windows, prose docstrings: the benchmark's held-out prompts, sprinter.bench) and each
+For each domain (code windows, prose docstrings: the benchmark's held-out prompts, sprinter.bench.benchmark) and each
 batch size B, one batch of B prompts is decoded by every method, `repeats` times with the methods' order
 rotated each repeat; a method's figure is the median over repeats of (new tokens of the batch / its wall
 time). Greedy by default: every method's outputs are checked equal, token for token, to batched "ar"'s
 (all of them are lossless). Rows: "ar"; "sd-k{k}" (the draft model); "ngram" (s from the batch size and
-I_knee, sprinter.roofline) and "ngram-s{s}" for each fixed s.
+I_knee, sprinter.decode.roofline) and "ngram-s{s}" for each fixed s.
 
 Writes OUT/results.json, OUT/results.md and OUT/batch.png (matplotlib optional, as bench_report).
 """
@@ -21,15 +21,16 @@ from pathlib import Path
 
 import torch
 
-from sprinter.bench import DOMAINS, BenchConfig, check_window, load_prompts, write_atomic
-from sprinter.bench_report import hardware, libraries
-from sprinter.config import check_integers, option, to_dict
-from sprinter.decode import Decoder, check_options
+from sprinter.bench.benchmark import DOMAINS, BenchConfig, check_window, load_prompts
+from sprinter.bench.fidelity import first_difference
+from sprinter.bench.report import hardware, libraries
+from sprinter.config import CONFIGS, check_integers, option, to_dict
+from sprinter.decode.decoder import Decoder, check_options
+from sprinter.decode.roofline import measure_i_knee, speculation_length
 from sprinter.errors import SprinterError
-from sprinter.fidelity import first_difference
-from sprinter.roofline import measure_i_knee, speculation_length
+from sprinter.files import write_atomic
 
-CONFIG_DIR = Path(__file__).resolve().parent.parent / "configs" / "bench_batch"
+CONFIG_DIR = CONFIGS / "bench_batch"
 FORMAT = "sprinter-bench-batch/1"
 
 
@@ -151,7 +152,7 @@ def run_sweep(cfg: BatchBenchConfig) -> dict:
     """Run the sweep and write OUT/results.json, results.md and batch.png; returns the results."""
     from tqdm import tqdm
 
-    from sprinter.pairs import resolve_pair
+    from sprinter.pairs.build import resolve_pair
 
     if cfg.threads:
         torch.set_num_threads(cfg.threads)

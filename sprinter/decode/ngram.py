@@ -3,7 +3,7 @@ followed the latest earlier occurrence of the sequence's own suffix, or what fol
 
 `NgramDrafter.chain(ids, s)` looks for the longest suffix of `ids` (n tokens, from `n` down to
 `min_n`) that also occurs earlier in `ids`, and proposes the up to `s` tokens that followed its most
-recent earlier occurrence. A drafter with a datastore (sprinter/datastore.py) also looks the suffix
+recent earlier occurrence. A drafter with a datastore (sprinter/decode/datastore.py) also looks the suffix
 up in a corpus, and proposes the corpus's continuation when the corpus matches a longer suffix than
 the sequence does (in particular when the sequence has no match at all); the sequence wins ties.
 A chain is deterministic: verified with the speculative-sampling rule as a one-hot q, it keeps the
@@ -24,7 +24,7 @@ import numpy as np
 from sprinter.errors import SprinterError
 
 if TYPE_CHECKING:
-    from sprinter.datastore import Datastore
+    from sprinter.decode.datastore import Datastore
 
 
 class NgramDrafter:

@@ -15,8 +15,12 @@ import warnings
 from typing import Sequence
 
 import torch
-from torchmetrics.functional.classification import (binary_accuracy, binary_auroc, binary_average_precision,
-                                                    binary_calibration_error)
+from torchmetrics.functional.classification import (
+    binary_accuracy,
+    binary_auroc,
+    binary_average_precision,
+    binary_calibration_error,
+)
 
 
 def budget_key(budget: float) -> str:

@@ -8,7 +8,7 @@ Protocol. A `Channel` (one lock) is all the two sides share, and only new tokens
    unverified, after drafting EOS and at the end of the budget.
 2. The target takes every entry published since its last verification (at least 1, at most `window`),
    runs one forward over them, keeps the leading ones the speculative-sampling rule accepts
-   (sprinter.acceptance) and draws its own token y: from the residual after a rejection, else a bonus
+   (sprinter.decode.acceptance) and draws its own token y: from the residual after a rejection, else a bonus
    token. It publishes Verdict(length, y): the verified sequence is now the old one, the kept entries
    and y (`length` tokens, prompt included).
 3. The draft applies each verdict. When its own token at position length - 1 is y, its run-ahead was
@@ -44,16 +44,16 @@ from typing import TYPE_CHECKING
 
 import torch
 
-from sprinter.acceptance import correction, leading_true, speculative_accept
-from sprinter.cache import CachedLM
-from sprinter.drafters import Drafter
+from sprinter.decode.acceptance import correction, leading_true, speculative_accept
+from sprinter.decode.cache import CachedLM
+from sprinter.decode.drafters import Drafter
+from sprinter.decode.sampling import Sampler, uniform
+from sprinter.decode.stats import DecodeStats
 from sprinter.errors import SprinterError
-from sprinter.models import resolve_device
-from sprinter.sampling import Sampler, uniform
-from sprinter.stats import DecodeStats
+from sprinter.pairs.load import resolve_device
 
 if TYPE_CHECKING:
-    from sprinter.emit import Emitter
+    from sprinter.decode.emit import Emitter
 
 ASYNC_WINDOW = 4  # default: most drafted tokens awaiting verification
 WAIT_SECONDS = 0.05  # the longest either side sleeps before it looks at the stop flag again

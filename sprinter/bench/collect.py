@@ -28,11 +28,17 @@ from typing import Sequence
 import torch
 from tqdm.auto import tqdm
 
-from sprinter.collect import CollectConfig, batch_rows, check_pair, iter_batches, resolve_pair_paths
 from sprinter.config import check_integers, option, parse_config, to_dict
-from sprinter.contexts import accept_labels, probabilities
-from sprinter.sampling import entropy
-from sprinter.models import Pair, load_pair
+from sprinter.data.collect import (
+    CollectConfig,
+    batch_rows,
+    check_pair,
+    iter_batches,
+    resolve_pair_paths,
+)
+from sprinter.data.contexts import accept_labels, probabilities
+from sprinter.decode.sampling import entropy
+from sprinter.pairs.load import Pair, load_pair
 
 
 @dataclass

@@ -21,9 +21,14 @@ from __future__ import annotations
 import torch
 from transformers import DynamicCache
 
-from sprinter.acceptance import correction, greedy_match, leading_true, speculative_accept
+from sprinter.decode.acceptance import (
+    correction,
+    greedy_match,
+    leading_true,
+    speculative_accept,
+)
+from sprinter.decode.sampling import entropy
 from sprinter.errors import SprinterError
-from sprinter.sampling import entropy
 
 
 # ------------------------------------------------------------------------------------- pure functions

@@ -1,0 +1,1 @@
+"""Stage 4: measuring: the benchmark of every mode (`benchmark`, `report`), the batch sweep (`batch`), the async benchmark (`asynchronous`), data-stage throughput (`collect`) and fidelity metrics (`fidelity`)."""
