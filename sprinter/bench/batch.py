@@ -45,7 +45,7 @@ from sprinter.errors import SprinterError
 
 CONFIG_DIR = CONFIGS / "bench_batch"
 FORMAT = "sprinter-bench-batch/1"
-RUNTIME_OPTIONS = ("out", "resume", "overwrite", "progress")  # may change on --resume
+RUNTIME_OPTIONS = ("out", "resume", "overwrite", "progress", "warmup")  # may change on --resume
 
 
 @dataclass
