@@ -2,6 +2,7 @@
 
     python scripts/bench_async.py                                  # demo and bench pairs, 20 prompts x 128 tokens
     python scripts/bench_async.py --pairs demo --num-prompts 4 --windows 2 4 --out /tmp/async
+    python scripts/bench_async.py --resume                         # continue a killed run in --out
 
 Writes OUT/<pair>/results.json and results.md (default OUT: results/async) and prints the tables.
 Options and defaults: sprinter.bench.asynchronous.AsyncBenchConfig (or --help).

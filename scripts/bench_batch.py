@@ -3,8 +3,10 @@
     python scripts/bench_batch.py                                   # configs/bench_batch/demo.yaml: demo pair, 1 thread
     python scripts/bench_batch.py --threads 2 --out results/batch/demo-2t
     python scripts/bench_batch.py --config configs/bench_batch/gpu.yaml   # a CUDA device: the real picture
+    python scripts/bench_batch.py --resume                          # continue a killed sweep in --out
 
-Writes OUT/results.json, OUT/results.md and OUT/batch.png. Options and defaults: sprinter.bench.batch.BatchBenchConfig
+Writes OUT/records.jsonl (a line per method of each finished cell), OUT/results.json, OUT/results.md and OUT/batch.png.
+Options and defaults: sprinter.bench.batch.BatchBenchConfig
 (or --help).
 """
 

@@ -5,7 +5,7 @@ A plain `nn.Module` (the decode path imports this file, never Lightning) with tw
   and scalar features (the draft's probability of its token, its entropy, the position), each
   standardised with statistics stored in the module, then `depth` blocks of Linear -> norm -> GELU ->
   dropout and a Linear to one logit;
-- the paper's baseline (REFERENCES.md §1): `features=("hidden",)`, `depth=0`, i.e. Linear(H, 1).
+- the paper's baseline (docs/references.md §1): `features=("hidden",)`, `depth=0`, i.e. Linear(H, 1).
 
 The checkpoint is one `verifier.safetensors`: the state dict (normalisation statistics included as
 buffers) plus string metadata holding everything needed to use it without the training config

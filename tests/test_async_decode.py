@@ -260,3 +260,11 @@ def test_bench_async_script(tiny_pair, tmp_path):
     assert "| async-w2 | 1 |" in (tmp_path / tiny_pair.name / "results.md").read_text()
     with pytest.raises(SprinterError, match="sd_threads"):
         AsyncBenchConfig(sd_threads=(0,))
+    # Killed mid-append on the last prompt: --resume drops the torn line and reruns that prompt only.
+    records = tmp_path / tiny_pair.name / "records.jsonl"
+    lines = records.read_text().splitlines()
+    records.write_text("\n".join(lines[:-1]) + "\n" + lines[-1][:25])
+    cfg.resume = True
+    (again,) = run(cfg)
+    assert [m["prompts"] for m in again["methods"]] == [2, 2, 2]
+    assert [json.loads(line)["prompt"] for line in records.read_text().splitlines()] == [0, 0, 0, 1, 1, 1]

@@ -2,6 +2,7 @@
 
 import json
 import math
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -10,14 +11,7 @@ import pytest
 import torch
 from transformers import AutoConfig
 
-from sprinter.bench.benchmark import (
-    BenchConfig,
-    Method,
-    Prompt,
-    load_prompts,
-    require_equal_to_ar,
-    run_benchmark,
-)
+from sprinter.bench.benchmark import BenchConfig, run_benchmark
 from sprinter.bench.fidelity import (
     exact_match,
     first_difference,
@@ -26,6 +20,7 @@ from sprinter.bench.fidelity import (
     target_consistency,
     total_nll,
 )
+from sprinter.bench.protocol import Prompt, check_lossless, load_prompts
 from sprinter.bench.report import METHOD_KEYS, check_results
 from sprinter.config import parse_config
 from sprinter.errors import SprinterError
@@ -155,21 +150,63 @@ def test_resume_keeps_finished_prompts_and_reruns_only_the_rest(smoke, tiny_pair
         run_benchmark(parse_config(BenchConfig, args + ["--resume", "--max-new-tokens", "5"], "test"))
 
 
+def test_resume_after_a_torn_last_line_reruns_that_prompt_and_says_so(smoke, tiny_pair, verifier, tmp_path, capsys):
+    out, _ = smoke
+    for name in ("run.json", "records.jsonl"):
+        (tmp_path / name).write_text((out / name).read_text())
+    lines = (tmp_path / "records.jsonl").read_text().splitlines()
+    (tmp_path / "records.jsonl").write_text("\n".join(lines[:-1]) + "\n" + lines[-1][:40])  # kill -9 mid-write
+    args = bench_args(tiny_pair, verifier, tmp_path, "--methods", *BenchConfig().methods, "sprinter-strict", "--resume")
+    results = run_benchmark(parse_config(BenchConfig, args, "test"))
+    said = capsys.readouterr().err
+    assert "resume: dropped the torn last line" in said and "resume: prompt 1 had not finished; it runs again" in said
+    kept = [json.loads(line) for line in (tmp_path / "records.jsonl").read_text().splitlines()]
+    assert len(kept) == len(lines) and [r["prompt"] for r in kept] == sorted(r["prompt"] for r in kept)
+    assert results["prompts"]["count"] == 2
+
+
+@pytest.mark.skipif(not Path("/proc/self/fd").exists(), reason="names a file descriptor's file through /proc")
+def test_a_full_disk_during_the_run_is_one_line_and_resume_finishes(tiny_pair, verifier, tmp_path, monkeypatch,
+                                                                     capsys):
+    import errno
+
+    from sprinter.bench import protocol
+    from sprinter.errors import run_cli
+
+    fsync = protocol.os.fsync
+
+    def full(fd):  # the disk fills up while the first prompt's records are appended
+        if os.readlink(f"/proc/self/fd/{fd}").endswith("records.jsonl"):
+            raise OSError(errno.ENOSPC, "No space left on device")
+        fsync(fd)
+
+    args = bench_args(tiny_pair, verifier, tmp_path, "--methods", "ar", "sd", "--ks", "2")
+    with monkeypatch.context() as patch:
+        patch.setattr(protocol.os, "fsync", full)
+        assert run_cli(lambda argv: run_benchmark(parse_config(BenchConfig, argv, "test")), args) == 2
+    said = capsys.readouterr().err
+    errors = [line for line in said.splitlines() if line.startswith("error:")]  # other lines: loading bars
+    assert len(errors) == 1 and errors[0].startswith("error: appending to") and "No space left on device" in errors[0]
+    assert "--resume" in errors[0] and "Traceback" not in said and not (tmp_path / "results.json").exists()
+    results = run_benchmark(parse_config(BenchConfig, args + ["--resume"], "test"))
+    assert results["prompts"]["count"] == 2
+
+
 def test_prompts_alternate_domains_from_the_test_split(tiny_pair):
     from transformers import AutoTokenizer
 
     tokenizer = AutoTokenizer.from_pretrained(tiny_pair / "target")
-    prompts = load_prompts(BenchConfig(num_prompts=5, prompt_len=16), tokenizer)
+    prompts = load_prompts(tokenizer, num_prompts=5, prompt_len=16)
     assert [p.domain for p in prompts] == ["code", "prose", "code", "prose", "code"]
     assert all(len(p.ids) == 16 for p in prompts) and len({p.ids for p in prompts}) == 5
     assert all(p.doc.startswith("stdlib/") for p in prompts)
 
 
 def test_a_lossless_method_that_differs_from_ar_fails_loudly():
-    method = Method("sd-k4", "sd", True, lambda ids, seed, n: ([], {}))
-    with pytest.raises(SprinterError, match="sd-k4 is lossless .* at new token 2"):
-        require_equal_to_ar(Prompt(3, "code", "stdlib/x.py", (1, 2)), method, [5, 6, 7], [5, 6, 8])
-    require_equal_to_ar(Prompt(3, "code", "stdlib/x.py", (1, 2)), method, [5, 6], [5, 6])
+    prompt = Prompt(3, "code", "stdlib/x.py", (1, 2))
+    with pytest.raises(SprinterError, match="sd-k4 is lossless .* on prompt 3 at new token 2"):
+        check_lossless("sd-k4", [5, 6, 7], [5, 6, 8], where=f"prompt {prompt.index}")
+    assert check_lossless("sd-k4", [5, 6], [5, 6], where="prompt 3") is None
 
 
 @pytest.mark.parametrize("argv, message", [

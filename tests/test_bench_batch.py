@@ -13,25 +13,41 @@ from sprinter.errors import SprinterError
 ROOT = Path(__file__).resolve().parent.parent
 
 
-def test_tiny_sweep_writes_its_reports(tiny_pair, tmp_path):
+def sweep(tiny_pair, out, *extra):
     before = torch.get_num_threads()
     cfg = parse_config(BatchBenchConfig, ["--config", str(ROOT / "configs/bench_batch/tiny.yaml"), "--draft",
                                           str(tiny_pair / "draft"), "--target", str(tiny_pair / "target"), "--out",
-                                          str(tmp_path), "--i-knee", "4"], "test")
+                                          str(out), "--i-knee", "4", *extra], "test")
     try:
-        results = run_sweep(cfg)
+        return run_sweep(cfg)
     finally:
         torch.set_num_threads(before)
+
+
+def test_tiny_sweep_writes_its_reports(tiny_pair, tmp_path):
+    results = sweep(tiny_pair, tmp_path)
     on_disk = json.loads((tmp_path / "results.json").read_text())
     assert on_disk["s_rule"] == {"1": 4, "3": 1} and list(on_disk["methods"]) == ["ar", "sd-k4", "ngram", "ngram-s2"]
     for size, cell in results["cells"]["code"].items():
         assert cell["ar"]["speedup_vs_ar"] == 1.0 and cell["ngram"]["tokens"] == cell["ar"]["tokens"]
         assert 0 <= cell["ngram"]["draft_share"] < 1
     assert "| 3 |" in (tmp_path / "results.md").read_text() and (tmp_path / "batch.png").exists()
+    records = [json.loads(line) for line in (tmp_path / "records.jsonl").read_text().splitlines()]
+    assert [r["cell"] for r in records] == ["code/1"] * 4 + ["code/3"] * 4
+
+    # A sweep killed while appending the last cell: --resume drops the torn line, keeps code/1, reruns code/3.
+    lines = (tmp_path / "records.jsonl").read_text().splitlines()
+    (tmp_path / "records.jsonl").write_text("\n".join(lines[:-1]) + "\n" + lines[-1][:30])
+    with pytest.raises(SprinterError, match="expected --resume"):
+        sweep(tiny_pair, tmp_path)
+    again = sweep(tiny_pair, tmp_path, "--resume")
+    assert again["cells"]["code"]["1"] == results["cells"]["code"]["1"]
+    assert len((tmp_path / "records.jsonl").read_text().splitlines()) == len(lines)
 
 
 @pytest.mark.parametrize("argv,message", [(["--batch-sizes", "0"], "batch_sizes"), (["--fixed-s", "0"], "fixed_s"),
-                                          (["--i-knee", "-1"], "i_knee"), (["--domains", "poetry"], "domains")])
+                                          (["--i-knee", "-1"], "i_knee"), (["--domains", "poetry"], "domains"),
+                                          (["--resume", "--overwrite"], "at most one")])
 def test_bad_options_are_refused(argv, message):
     with pytest.raises(SprinterError, match=message):
         parse_config(BatchBenchConfig, argv, "test")

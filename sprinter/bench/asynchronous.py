@@ -2,13 +2,14 @@
 intra-op threads each would get on a machine of two cores: ar on one thread, sd on one and on two (its
 draft and target take turns, each may use both cores), async on one thread per side (two cores).
 
-Protocol as sprinter.bench.benchmark (greedy, held-out stdlib prompts of both domains, a warm-up per method, the
-methods interleaved prompt by prompt with their order rotated, every output checked equal to ar's), but
+The protocol is sprinter.bench.protocol's (docs/benchmark.md, docs/async.md: greedy, held-out stdlib prompts
+of both domains, a warm-up per method, the methods interleaved prompt by prompt with their order rotated,
+every output checked equal to ar's, per-prompt records in OUT/<pair>/records.jsonl for --resume), but
 timing only: no fidelity scoring (every row is lossless). An output may leave ar's only where the target's
 two best logits are within NEAR_TIE (fp32 rounding, which depends on the forward's shape, decides; async's
-block shapes vary with timing): such a flip is counted per row; any other difference stops the run. Per pair it writes OUT/<pair>/results.json and
-results.md: medians over prompts of ms/token and of the speedup over ar on the same prompt, and for async
-the median overlap (DecodeStats.overlap) and each side's busy share of the wall time. Every row also gets
+block shapes vary with timing): such a flip is counted per row; any other difference stops the run. Per
+pair it writes OUT/<pair>/results.json and results.md: medians over prompts of ms/token and of the speedup
+over ar on the same prompt, and for async the median overlap (DecodeStats.overlap) and each side's busy share of the wall time. Every row also gets
 cpu_per_wall: the process's CPU time over the wall time, the cores' worth of CPU it really got (busy times
 are wall time, so they also count time a side spent descheduled or waiting for the GIL).
 """
@@ -24,16 +25,25 @@ from pathlib import Path
 
 import torch
 
-from sprinter.bench.benchmark import BenchConfig, Prompt, load_prompts
-from sprinter.bench.fidelity import first_difference
-from sprinter.bench.report import hardware, libraries
+from sprinter.bench.protocol import (
+    Prompt,
+    append_records,
+    check_lossless,
+    hardware,
+    libraries,
+    load_prompts,
+    open_records,
+    rotated,
+    save,
+    warm_up,
+)
 from sprinter.config import check_integers, option, to_dict
 from sprinter.decode.asynchronous import check_async_options
 from sprinter.decode.decoder import Decoder, check_options
 from sprinter.errors import SprinterError
-from sprinter.files import write_atomic
 
 FORMAT = "sprinter-async-bench/1"
+RUNTIME_OPTIONS = ("pairs", "out", "resume", "overwrite", "progress", "warmup")  # may change on --resume
 NEAR_TIE = 1e-4  # fp32 target logits this close: which wins depends on the forward's shape (async's varies with timing)
 
 
@@ -62,7 +72,9 @@ class AsyncBenchConfig:
     async_threads: int = option(1, "intra-op threads for each side of async")
     warmup: int = option(1, "warm-up generations per method before timing")
     device: str = option("cpu", "cpu, cuda, cuda:N or auto (both async sides run on it, on separate CUDA streams)")
-    out: str = option("results/async", "output folder: OUT/<pair>/results.json and results.md")
+    out: str = option("results/async", "output folder: OUT/<pair>/records.jsonl, results.json and results.md")
+    resume: bool = option(False, "continue from OUT/<pair>/records.jsonl (same options): finished prompts are kept")
+    overwrite: bool = option(False, "replace the records in OUT/<pair>")
     progress: bool = option(True, "show a progress bar")
 
     def __post_init__(self) -> None:
@@ -70,6 +82,8 @@ class AsyncBenchConfig:
         if not self.sd_threads or any(isinstance(n, bool) or not isinstance(n, int) or n < 1 for n in self.sd_threads):
             raise SprinterError(f"sd_threads: got {list(self.sd_threads)}; expected integers >= 1")
         check_integers(self, ("warmup",), minimum=0)
+        if self.resume and self.overwrite:
+            raise SprinterError("resume and overwrite: got both; expected at most one")
         if not self.pairs:
             raise SprinterError("pairs: got none; expected at least one pair name or folder")
         for k in self.ks:
@@ -120,33 +134,49 @@ def summarize(name: str, threads: int, runs: list[dict], reference: list[dict]) 
     return entry
 
 
+def run_prompt(decoder: Decoder, prompt: Prompt, rows: list[tuple[str, int, dict]], *, pair: str,
+               max_new_tokens: int, bar) -> list[dict]:
+    """Every row on one prompt (order rotated by the prompt index), each checked equal to ar's output."""
+    runs: dict[str, dict] = {}
+    for name, threads, options in rotated(rows, prompt.index):
+        bar.set_postfix_str(f"{Path(pair).name} prompt {prompt.index} {name}")
+        runs[name] = run_once(decoder, prompt, threads, options, max_new_tokens)
+        bar.update(1)
+    reference = runs["ar"]["tokens"]
+    records = []
+    for name, _, _ in rows:
+        tokens = runs[name]["tokens"]
+
+        def near_tie(i: int, tokens: list[int] = tokens) -> bool:
+            return i < len(tokens) and logit_gap(decoder, prompt, reference, i, tokens[i]) <= NEAR_TIE
+
+        i = check_lossless(name, tokens, reference, where=f"prompt {prompt.index} of pair {pair!r}", tolerate=near_tie)
+        records.append({"prompt": prompt.index, "method": name, **runs[name], "near_tie_flip": i is not None})
+    return records
+
+
 def bench_pair(cfg: AsyncBenchConfig, pair: str, bar) -> dict:
-    """Every row on every prompt of one pair; returns its results dict."""
+    """Every row on every prompt of one pair (continuing OUT/<pair>/records.jsonl with --resume); returns its
+    results dict."""
     from sprinter.pairs.build import resolve_pair
 
     draft, target = resolve_pair(pair, None, None)
     decoder = Decoder.from_pretrained(draft, target, device=cfg.device)
-    prompts = load_prompts(BenchConfig(pair=pair, num_prompts=cfg.num_prompts, prompt_len=cfg.prompt_len,
-                                       max_new_tokens=cfg.max_new_tokens), decoder.tokenizer)
+    prompts = load_prompts(decoder.tokenizer, num_prompts=cfg.num_prompts, prompt_len=cfg.prompt_len)
     rows = methods(cfg)
-    for _ in range(cfg.warmup):
-        for _, threads, options in rows:
-            run_once(decoder, prompts[0], threads, options, min(cfg.max_new_tokens, 16))
-    runs: dict[str, list[dict]] = {name: [] for name, _, _ in rows}
-    for prompt in prompts:
-        shift = prompt.index % len(rows)
-        for name, threads, options in rows[shift:] + rows[:shift]:
-            bar.set_postfix_str(f"{Path(pair).name} prompt {prompt.index} {name}")
-            runs[name].append(run_once(decoder, prompt, threads, options, cfg.max_new_tokens))
-            bar.update(1)
-        reference = runs["ar"][-1]["tokens"]
-        for name, _, _ in rows:
-            tokens = runs[name][-1]["tokens"]
-            i = first_difference(tokens, reference)
-            runs[name][-1]["near_tie_flip"] = i is not None
-            if i is not None and (i >= len(tokens) or logit_gap(decoder, prompt, reference, i, tokens[i]) > NEAR_TIE):
-                raise SprinterError(f"{name} is lossless but its output differs from ar's on prompt {prompt.index} of "
-                                    f"pair {pair!r} at new token {i}; expected identical tokens")
+    header = {"options": {k: v for k, v in to_dict(cfg).items() if k not in RUNTIME_OPTIONS},
+              "pair": [draft, target], "methods": [name for name, _, _ in rows],
+              "prompts": [[p.domain, p.doc, list(p.ids)] for p in prompts]}
+    done = open_records(Path(cfg.out) / Path(pair).name, header, resume=cfg.resume, overwrite=cfg.overwrite)
+    todo = [p for p in prompts if p.index not in done]
+    bar.update(len(rows) * (len(prompts) - len(todo)))
+    if todo:
+        warm_up(rows, lambda row: run_once(decoder, todo[0], row[1], row[2], min(cfg.max_new_tokens, 16)),
+                times=cfg.warmup)
+    for prompt in todo:
+        done[prompt.index] = run_prompt(decoder, prompt, rows, pair=pair, max_new_tokens=cfg.max_new_tokens, bar=bar)
+        append_records(Path(cfg.out) / Path(pair).name, done[prompt.index])
+    runs = {name: [r for p in prompts for r in done[p.index] if r["method"] == name] for name, _, _ in rows}
     return {"format": FORMAT, "created": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
             "hardware": hardware(decoder.pair.device, decoder.pair.dtype), "libraries": libraries(),
             "pair": {"name": pair, "draft": draft, "target": target}, "prompts": len(prompts),
@@ -192,9 +222,8 @@ def run(cfg: AsyncBenchConfig) -> list[dict]:
             for pair in cfg.pairs:
                 results = bench_pair(cfg, pair, bar)
                 folder = Path(cfg.out) / Path(pair).name
-                folder.mkdir(parents=True, exist_ok=True)
-                write_atomic(folder / "results.json", json.dumps(results, indent=2) + "\n")
-                write_atomic(folder / "results.md", markdown(results))
+                save(folder / "results.json", json.dumps(results, indent=2) + "\n")
+                save(folder / "results.md", markdown(results))
                 out.append(results)
     finally:
         torch.set_num_threads(before)

@@ -1,13 +1,16 @@
-"""The batch sweep: tokens/s of batched "ar", "sd" and "ngram" as the batch grows (SSSD's question, REFERENCES.md §4).
+"""The batch sweep: tokens/s of batched "ar", "sd" and "ngram" as the batch grows (SSSD's question,
+docs/references.md §4).
 
-For each domain (code windows, prose docstrings: the benchmark's held-out prompts, sprinter.bench.benchmark) and each
-batch size B, one batch of B prompts is decoded by every method, `repeats` times with the methods' order
-rotated each repeat; a method's figure is the median over repeats of (new tokens of the batch / its wall
-time). Greedy by default: every method's outputs are checked equal, token for token, to batched "ar"'s
-(all of them are lossless). Rows: "ar"; "sd-k{k}" (the draft model); "ngram" (s from the batch size and
+The protocol is sprinter.bench.protocol's (docs/benchmark.md, docs/batching.md). For each domain (code
+windows, prose docstrings: the benchmark's held-out prompts) and each batch size B, one batch of B prompts
+is decoded by every method (after a warm-up of each), `repeats` times with the methods' order rotated each
+repeat; a method's figure is the median over repeats of (new tokens of the batch / its wall time).
+Greedy by default: every method's outputs are checked equal, token for token, to batched "ar"'s (all of
+them are lossless). Rows: "ar"; "sd-k{k}" (the draft model); "ngram" (s from the batch size and
 I_knee, sprinter.decode.roofline) and "ngram-s{s}" for each fixed s.
 
-Writes OUT/results.json, OUT/results.md and OUT/batch.png (matplotlib optional, as bench_report).
+Each finished (domain, B) cell is appended to OUT/records.jsonl, so --resume continues a killed sweep.
+Writes OUT/results.json, OUT/results.md and OUT/batch.png (matplotlib optional, as sprinter.bench.report).
 """
 
 from __future__ import annotations
@@ -21,17 +24,28 @@ from pathlib import Path
 
 import torch
 
-from sprinter.bench.benchmark import DOMAINS, BenchConfig, check_window, load_prompts
-from sprinter.bench.fidelity import first_difference
-from sprinter.bench.report import hardware, libraries
+from sprinter.bench.protocol import (
+    DOMAINS,
+    append_records,
+    check_lossless,
+    check_window,
+    disk_error,
+    hardware,
+    libraries,
+    load_prompts,
+    open_records,
+    rotated,
+    save,
+    warm_up,
+)
 from sprinter.config import CONFIGS, check_integers, option, to_dict
 from sprinter.decode.decoder import Decoder, check_options
 from sprinter.decode.roofline import measure_i_knee, speculation_length
 from sprinter.errors import SprinterError
-from sprinter.files import write_atomic
 
 CONFIG_DIR = CONFIGS / "bench_batch"
 FORMAT = "sprinter-bench-batch/1"
+RUNTIME_OPTIONS = ("out", "resume", "overwrite", "progress", "warmup")  # may change on --resume
 
 
 @dataclass
@@ -55,17 +69,22 @@ class BatchBenchConfig:
     prompt_len: int = option(64, "prompt tokens")
     max_new_tokens: int = option(64, "most tokens to generate per prompt")
     repeats: int = option(3, "timed runs per (domain, B, method); the median is reported")
+    warmup: int = option(1, "warm-up batches per method before timing")
     temperature: float = option(0.0, "0 is greedy (outputs checked equal to batched ar's); above 0 samples")
     seed: int = option(0, "generator seed of every run")
     device: str = option("auto", "cpu, cuda, cuda:N or auto")
     dtype: str = option("auto", "float32, bfloat16, float16 or auto: bfloat16 on CUDA, float32 on CPU")
     threads: int = option(1, "CPU threads for torch (0: torch's default)")
     out: str = option("results/batch/demo", "output folder: results.json, results.md, batch.png")
+    resume: bool = option(False, "continue from OUT/records.jsonl (same options): finished cells are kept")
+    overwrite: bool = option(False, "replace the records in OUT")
     progress: bool = option(True, "show a progress bar")
 
     def __post_init__(self) -> None:
         check_integers(self, ("k", "ngram_n", "prompt_len", "max_new_tokens", "repeats"))
-        check_integers(self, ("threads",), minimum=0)
+        check_integers(self, ("threads", "warmup"), minimum=0)
+        if self.resume and self.overwrite:
+            raise SprinterError("resume and overwrite: got both; expected at most one")
         sizes = self.batch_sizes
         if not sizes or any(isinstance(b, bool) or not isinstance(b, int) or b < 1 for b in sizes):
             raise SprinterError(f"batch_sizes: got {list(self.batch_sizes)}; expected integers >= 1")
@@ -101,8 +120,8 @@ def batch_prompts(cfg: BatchBenchConfig, tokenizer, domain: str) -> list[list[in
     """max(batch_sizes) prompts of the domain (the pool cycles when the split has fewer); a batch of B takes the
     first B."""
     size = max(cfg.batch_sizes)
-    picked = load_prompts(BenchConfig(dataset=cfg.dataset, split=cfg.split, domains=(domain,), num_prompts=size,
-                                      prompt_len=cfg.prompt_len, methods=("ar",)), tokenizer)
+    picked = load_prompts(tokenizer, dataset=cfg.dataset, split=cfg.split, domains=(domain,), num_prompts=size,
+                          prompt_len=cfg.prompt_len)
     return [list(picked[i % len(picked)].ids) for i in range(size)]
 
 
@@ -112,8 +131,7 @@ def run_cell(cfg: BatchBenchConfig, decoder: Decoder, prompts: list[list[int]], 
     runs: dict[str, list[dict]] = {name: [] for name in names}
     outputs: dict[str, list[list[int]]] = {}
     for repeat in range(cfg.repeats):
-        shift = repeat % len(names)
-        for name in names[shift:] + names[:shift]:
+        for name in rotated(names, repeat):
             start = time.perf_counter()
             outs = decoder.generate(prompts, max_new_tokens=cfg.max_new_tokens, temperature=cfg.temperature,
                                     seed=cfg.seed, **rows[name])
@@ -129,11 +147,8 @@ def run_cell(cfg: BatchBenchConfig, decoder: Decoder, prompts: list[list[int]], 
             bar.update(1)
     if cfg.temperature == 0:
         for name in names:
-            for row, (got, want) in enumerate(zip(outputs[name], outputs["ar"])):
-                i = first_difference(got, want)
-                if i is not None:
-                    raise SprinterError(f"{name} differs from batched ar on row {row} of a batch of {len(prompts)} at "
-                                        f"new token {i}: {got[i:i + 5]} vs {want[i:i + 5]}; expected identical tokens")
+            for row, (got, want) in enumerate(zip(outputs[name], outputs["ar"], strict=True)):
+                check_lossless(name, got, want, where=f"row {row} of a batch of {len(prompts)} (vs batched ar)")
     cell = {}
     ar_median = statistics.median(r["tokens_per_s"] for r in runs["ar"])
     for name in names:
@@ -163,16 +178,28 @@ def run_sweep(cfg: BatchBenchConfig) -> dict:
     pools = {domain: batch_prompts(cfg, decoder.tokenizer, domain) for domain in cfg.domains}
     i_knee = cfg.i_knee if cfg.i_knee is not None else measure_i_knee(decoder.pair.device, decoder.pair.dtype)
     sizes = sorted(set(cfg.batch_sizes))
+    out = Path(cfg.out)
+    header = {"options": {k: v for k, v in to_dict(cfg).items() if k not in RUNTIME_OPTIONS}, "methods": list(rows),
+              "pair": [draft, target], "i_knee": i_knee}
+    done = open_records(out, header, resume=cfg.resume, overwrite=cfg.overwrite, key="cell")
+    todo = [(domain, size) for domain in cfg.domains for size in sizes if f"{domain}/{size}" not in done]
     start = time.perf_counter()
-    decoder.generate(pools[cfg.domains[0]][:2], max_new_tokens=8, mode="sd", k=cfg.k)  # warm-up
-    cells: dict[str, dict[str, dict]] = {}
-    with tqdm(total=len(cfg.domains) * len(sizes) * len(rows) * cfg.repeats, desc="batch sweep", unit="batch",
+    if todo:
+        warm = pools[todo[0][0]][:2]
+        warm_up(rows.values(), lambda options: decoder.generate(warm, max_new_tokens=8, **options), times=cfg.warmup)
+    with tqdm(total=len(todo) * len(rows) * cfg.repeats, desc="batch sweep", unit="batch",
               disable=not cfg.progress) as bar:
-        for domain in cfg.domains:
-            cells[domain] = {}
-            for size in sizes:
-                bar.set_postfix_str(f"{domain} B={size}")
-                cells[domain][str(size)] = run_cell(cfg, decoder, pools[domain][:size], rows, bar)
+        for domain, size in todo:
+            bar.set_postfix_str(f"{domain} B={size}")
+            cell = run_cell(cfg, decoder, pools[domain][:size], rows, bar)
+            records = [{"cell": f"{domain}/{size}", "method": name, **figures} for name, figures in cell.items()]
+            append_records(out, records)
+            done[f"{domain}/{size}"] = records
+    cells: dict[str, dict[str, dict]] = {domain: {} for domain in cfg.domains}
+    for domain in cfg.domains:
+        for size in sizes:
+            cells[domain][str(size)] = {r["method"]: {k: v for k, v in r.items() if k not in ("cell", "method")}
+                                        for r in done[f"{domain}/{size}"]}
     results = {
         "format": FORMAT, "created": time.strftime("%Y-%m-%dT%H:%M:%S"),
         "hardware": hardware(decoder.pair.device, decoder.pair.dtype), "libraries": libraries(),
@@ -180,7 +207,7 @@ def run_sweep(cfg: BatchBenchConfig) -> dict:
         "s_rule": {str(b): speculation_length(i_knee, b) for b in sizes}, "methods": rows,
         "elapsed_seconds": time.perf_counter() - start, "cells": cells,
     }
-    write_reports(results, Path(cfg.out))
+    write_reports(results, out)
     return results
 
 
@@ -227,15 +254,18 @@ def plot(results: dict, path: Path) -> None:
 
 def write_reports(results: dict, out: Path) -> None:
     out.mkdir(parents=True, exist_ok=True)
-    write_atomic(out / "results.json", json.dumps(results, indent=2) + "\n")
-    write_atomic(out / "results.md", markdown(results) + "\n")
+    save(out / "results.json", json.dumps(results, indent=2) + "\n")
+    save(out / "results.md", markdown(results) + "\n")
     try:
         import matplotlib  # noqa: F401  (an extra: sprinter[plot])
     except ImportError:
         print("note: batch.png not written: matplotlib is not installed (pip install 'sprinter[plot]')",
               file=sys.stderr)
         return
-    plot(results, out / "batch.png")
+    try:
+        plot(results, out / "batch.png")
+    except OSError as err:
+        raise disk_error(out / "batch.png", err, "writing") from err
 
 
 __all__ = ["BatchBenchConfig", "default_config_path", "markdown", "methods", "run_sweep"]

@@ -1,11 +1,10 @@
 """The benchmark: every decoding mode on the same prompts and hardware, speed and fidelity side by side.
 
-Protocol (REFERENCES.md §5, as Spec-Bench): batch 1, greedy by default, prompts from two domains held
-out from pair and verifier training (Python code windows and English docstrings of the stdlib `test`
-split), a warm-up generation per method first, then the methods interleaved prompt by prompt (their
-order rotated each prompt) so machine drift hits all alike. Each lossless method's output is checked
-equal to `ar`'s (greedy runs); a difference stops the run with a SprinterError. Fidelity is scored
-outside the timed region by one teacher-forced target forward per output (sprinter.bench.fidelity).
+The protocol is sprinter.bench.protocol's (docs/benchmark.md): batch 1, greedy by default, held-out
+prompts of two domains, a warm-up generation per method first, then the methods interleaved prompt by
+prompt (their order rotated each prompt). Each lossless method's output is checked equal to `ar`'s
+(greedy runs); a difference stops the run with a SprinterError. Fidelity is scored outside the timed
+region by one teacher-forced target forward per output (sprinter.bench.fidelity).
 
 Per-prompt records are appended to OUT/records.jsonl as each prompt finishes; `resume` continues from
 them. sprinter.bench.report turns the records into results.json, results.md and pareto.png.
@@ -13,19 +12,31 @@ them. sprinter.bench.report turns the records into results.json, results.md and 
 
 from __future__ import annotations
 
-import json
-import os
 import sys
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable, Sequence
+from typing import Sequence
 
 import torch
 
-from sprinter.bench.fidelity import exact_match, first_difference, rouge_l, score_output
+from sprinter.bench.fidelity import exact_match, rouge_l, score_output
+from sprinter.bench.protocol import (
+    DOMAINS,
+    RECORDS,
+    Method,
+    Prompt,
+    Runner,
+    append_records,
+    check_lossless,
+    check_window,
+    load_prompts,
+    open_records,
+    rotated,
+    warm_up,
+)
+from sprinter.bench.report import write_reports
 from sprinter.config import CONFIGS, option, to_dict
-from sprinter.corpus import load_documents, prose_documents
 from sprinter.decode.asynchronous import check_async_options
 from sprinter.decode.cache import FlopModel
 from sprinter.decode.decoder import DEMO_VERIFIER, Decoder, check_options
@@ -36,7 +47,6 @@ from sprinter.decode.gates import (
     load_learned_gate,
 )
 from sprinter.errors import SprinterError
-from sprinter.files import write_atomic
 from sprinter.pairs.load import fingerprint
 from sprinter.train.calibrate import budget_key
 
@@ -46,8 +56,6 @@ FAMILIES = ("ar", "draft", "sd", "hf-assisted", "ngram", "sd-gated", "sd-gated-c
 DEFAULT_METHODS = FAMILIES[:-2]  # sprinter-strict and async are asked for by name
 LEARNED = ("sprinter-mlp", "sprinter-linear", "sprinter-strict")
 GATED = ("sd-gated", "sd-gated-confidence")  # lossless; the operating point is the stop threshold
-DOMAINS = ("code", "prose")
-RECORDS, RUN = "records.jsonl", "run.json"
 # Options that may change on --resume without changing what a record means.
 RUNTIME_OPTIONS = ("out", "resume", "overwrite", "progress", "threads", "warmup", "store_stop_threshold")
 
@@ -135,60 +143,7 @@ def default_config_path() -> Path:
     return CONFIG_DIR / "demo.yaml"
 
 
-# ------------------------------------------------------------------------------------------- prompts
-@dataclass(frozen=True)
-class Prompt:
-    index: int
-    domain: str  # "code" or "prose"
-    doc: str  # the document id it was cut from
-    ids: tuple[int, ...]
-
-
-def load_prompts(cfg: BenchConfig, tokenizer) -> list[Prompt]:
-    """num_prompts prompts of prompt_len tokens, the domains taking turns: code windows cut from the middle
-    of each source file of the split, prose from the start of each long docstring."""
-    docs = load_documents(cfg.dataset, cfg.split)
-    sources = {"code": docs, "prose": prose_documents(docs)}
-    pools: dict[str, list[tuple[str, list[int]]]] = {}
-    per_domain = -(-cfg.num_prompts // len(cfg.domains))
-    for domain in cfg.domains:
-        pool = []
-        for doc in sources[domain]:
-            ids = tokenizer(doc.text, add_special_tokens=False)["input_ids"]
-            if len(ids) < cfg.prompt_len + 8:  # room for a continuation that exists in the text
-                continue
-            start = (len(ids) - cfg.prompt_len) // 2 if domain == "code" else 0
-            pool.append((doc.id, ids[start: start + cfg.prompt_len]))
-            if len(pool) == per_domain:
-                break
-        if not pool:
-            raise SprinterError(f"dataset {cfg.dataset!r} ({cfg.split!r} split) has no {domain} document of at least "
-                                f"{cfg.prompt_len + 8} tokens; expected some, or a smaller --prompt-len")
-        pools[domain] = pool
-    prompts: list[Prompt] = []
-    for i in range(max(map(len, pools.values()))):
-        for domain in cfg.domains:
-            if i < len(pools[domain]) and len(prompts) < cfg.num_prompts:
-                doc, ids = pools[domain][i]
-                prompts.append(Prompt(len(prompts), domain, doc, tuple(ids)))
-    return prompts
-
-
 # ------------------------------------------------------------------------------------------- methods
-Runner = Callable[[list[int], int, int], tuple[list[int], dict]]  # (prompt ids, seed, max_new_tokens) -> (ids, stats)
-
-
-@dataclass(frozen=True)
-class Method:
-    """One row of the table."""
-
-    name: str  # "sd-k4", "sprinter-mlp@0.05", ...
-    family: str  # the FAMILIES entry it belongs to (a curve in the plot for the sprinter families)
-    lossless: bool  # greedy output must equal ar's
-    run: Runner
-    operating_point: float | None = None  # k, false-accept budget or confidence threshold
-
-
 class ForwardCounter:
     """Counts a model's forward passes, tokens and analytic FLOPs while active (for hf-assisted, whose
     loop is not ours): a forward pre-hook reads input_ids and the cache length."""
@@ -364,56 +319,10 @@ def run_header(cfg: BenchConfig, prompts: Sequence[Prompt], methods: Sequence[Me
             "prompts": [[p.domain, p.doc, list(p.ids)] for p in prompts]}
 
 
-def open_records(cfg: BenchConfig, header: dict) -> dict[int, list[dict]]:
-    """Prepare OUT; returns the finished prompts' records ({} unless resuming). A prompt whose methods did
-    not all finish is dropped (it runs again)."""
-    out = Path(cfg.out)
-    records_file, run_file = out / RECORDS, out / RUN
-    if records_file.exists() and not (cfg.resume or cfg.overwrite):
-        raise SprinterError(f"out: {str(out)!r} already holds {RECORDS}; expected --resume to continue that run, "
-                            "--overwrite to replace it, or another --out")
-    out.mkdir(parents=True, exist_ok=True)
-    if not cfg.resume or not records_file.exists():
-        write_atomic(run_file, json.dumps(header) + "\n")
-        write_atomic(records_file, "")
-        return {}
-    previous = json.loads(run_file.read_text()) if run_file.exists() else None
-    if previous != header:
-        changed = sorted(k for k in header["options"] if (previous or {}).get("options", {}).get(k) != header["options"][k])
-        raise SprinterError(f"resume: the run in {str(out)!r} was made with other options, methods or prompts "
-                            f"(options that differ: {changed or 'none; the methods or prompts do'}); expected the "
-                            "same ones, or --overwrite")
-    by_prompt: dict[int, list[dict]] = {}
-    for line in records_file.read_text().splitlines():
-        if line.strip():
-            record = json.loads(line)
-            by_prompt.setdefault(record["prompt"], []).append(record)
-    done = {i: recs for i, recs in by_prompt.items() if {r["method"] for r in recs} == set(header["methods"])}
-    write_atomic(records_file, "".join(json.dumps(r) + "\n" for i in sorted(done) for r in done[i]))
-    return done
-
-
-def append_records(cfg: BenchConfig, records: Sequence[dict]) -> None:
-    with open(Path(cfg.out) / RECORDS, "a") as fh:
-        fh.write("".join(json.dumps(r) + "\n" for r in records))
-        fh.flush()
-        os.fsync(fh.fileno())
-
-
-# ------------------------------------------------------------------------------------------- the run
-def require_equal_to_ar(prompt: Prompt, method: Method, output: list[int], reference: list[int]) -> None:
-    i = first_difference(output, reference)
-    if i is not None:
-        raise SprinterError(f"{method.name} is lossless but its greedy output differs from ar's on prompt "
-                            f"{prompt.index} ({prompt.domain}, {prompt.doc}) at new token {i}: "
-                            f"{output[i:i + 5]} vs {reference[i:i + 5]}; expected identical tokens")
-
-
 def run_prompt(cfg: BenchConfig, decoder: Decoder, prompt: Prompt, methods: Sequence[Method], bar) -> list[dict]:
     """Every method on one prompt (order rotated by the prompt index), then the checks and fidelity scores."""
-    shift = prompt.index % len(methods)
     outputs: dict[str, tuple[list[int], dict]] = {}
-    for method in list(methods[shift:]) + list(methods[:shift]):
+    for method in rotated(methods, prompt.index):
         bar.set_postfix_str(f"prompt {prompt.index} {method.name}")
         outputs[method.name] = method.run(list(prompt.ids), cfg.seed + prompt.index, cfg.max_new_tokens)
         bar.update(1)
@@ -422,25 +331,13 @@ def run_prompt(cfg: BenchConfig, decoder: Decoder, prompt: Prompt, methods: Sequ
     for method in methods:
         tokens, stats = outputs[method.name]
         if method.lossless and cfg.check_lossless:
-            require_equal_to_ar(prompt, method, tokens, reference)
+            check_lossless(method.name, tokens, reference,
+                           where=f"prompt {prompt.index} ({prompt.domain}, {prompt.doc})")
         fidelity = score_output(decoder.pair.target, prompt.ids, tokens, decoder.pair.vocab_size)
         records.append({"prompt": prompt.index, "domain": prompt.domain, "method": method.name, "tokens": tokens,
                         "stats": stats, "fidelity": fidelity, "rouge_l_vs_ar": rouge_l(tokens, reference),
                         "exact_match_vs_ar": exact_match(tokens, reference)})
     return records
-
-
-def warm_up(cfg: BenchConfig, prompt: Prompt, methods: Sequence[Method]) -> None:
-    for _ in range(cfg.warmup):
-        for method in methods:
-            method.run(list(prompt.ids), cfg.seed, min(cfg.max_new_tokens, 16))
-
-
-def check_window(prompt_len: int, max_new_tokens: int, max_length: int) -> None:
-    """Refuse prompts and budgets that do not fit the models' context window (checked once the pair is loaded)."""
-    if prompt_len + max_new_tokens > max_length:
-        raise SprinterError(f"prompt_len + max_new_tokens = {prompt_len + max_new_tokens} tokens; the models' "
-                            f"context window is {max_length}: expected at most that")
 
 
 def load_decoder(cfg: BenchConfig, verifiers: dict[str, str]) -> Decoder:
@@ -454,8 +351,6 @@ def run_benchmark(cfg: BenchConfig) -> dict:
     """Run (or resume) the benchmark and write OUT/results.json, results.md, pareto.png; returns the results."""
     from tqdm import tqdm
 
-    from sprinter.bench.report import write_reports
-
     if cfg.threads:
         torch.set_num_threads(cfg.threads)
     # 1. Every check that needs no model, then the models, prompts and rows.
@@ -463,26 +358,29 @@ def run_benchmark(cfg: BenchConfig) -> dict:
     decoder = load_decoder(cfg, verifiers)
     check_window(cfg.prompt_len, cfg.max_new_tokens, decoder.pair.max_length)
     methods = build_methods(cfg, decoder, verifiers)
-    prompts = load_prompts(cfg, decoder.tokenizer)
-    done = open_records(cfg, run_header(cfg, prompts, methods))
+    prompts = load_prompts(decoder.tokenizer, dataset=cfg.dataset, split=cfg.split, domains=cfg.domains,
+                           num_prompts=cfg.num_prompts, prompt_len=cfg.prompt_len)
+    done = open_records(Path(cfg.out), run_header(cfg, prompts, methods), resume=cfg.resume, overwrite=cfg.overwrite)
     todo = [p for p in prompts if p.index not in done]
     start = time.perf_counter()
     # 2. Warm up, then every method on each prompt in turn; each finished prompt is appended to the records.
     if todo:
-        warm_up(cfg, todo[0], methods)
+        first = list(todo[0].ids)
+        warm_up(methods, lambda m: m.run(first, cfg.seed, min(cfg.max_new_tokens, 16)), times=cfg.warmup)
         bar = tqdm(total=len(todo) * len(methods), desc="benchmark", unit="gen", disable=not cfg.progress)
         with bar:
             try:
                 for prompt in todo:
                     records = run_prompt(cfg, decoder, prompt, methods, bar)
-                    append_records(cfg, records)
+                    append_records(Path(cfg.out), records)
                     done[prompt.index] = records
             except KeyboardInterrupt:
                 print(f"\ninterrupted: {len(done)} finished prompt(s) kept in {Path(cfg.out) / RECORDS}; run the same "
                       "command with --resume to continue", file=sys.stderr)
                 raise
     # 3. Aggregate and write the reports; store the chosen stop threshold with its verifier if asked.
-    results = write_reports(cfg, decoder, verifiers, prompts, methods, done, time.perf_counter() - start)
+    results = write_reports(Path(cfg.out), options=to_dict(cfg), decoder=decoder, verifiers=verifiers, prompts=prompts,
+                            methods=methods, done=done, seconds=time.perf_counter() - start)
     stop = results["recommended_stop_threshold"]
     if cfg.store_stop_threshold and stop is not None:
         from sprinter.verifier import update_info
@@ -493,5 +391,4 @@ def run_benchmark(cfg: BenchConfig) -> dict:
     return results
 
 
-__all__ = ["BenchConfig", "FAMILIES", "Method", "Prompt", "build_methods", "default_config_path", "load_prompts",
-           "run_benchmark"]
+__all__ = ["BenchConfig", "FAMILIES", "build_methods", "default_config_path", "run_benchmark"]

@@ -3,7 +3,7 @@
 The release's `dataset.py` labels tokens one at a time: at every step it calls
 `draft.generate(max_new_tokens=1)` and `target.generate(max_new_tokens=1)` on the whole context (no
 cache survives a step), reads q(x) and p(x) for the draft's greedy token x, labels it q(x) <= p(x),
-and appends x after a label 1 or the target's greedy token after a label 0 (REFERENCES.md §1).
+and appends x after a label 1 or the target's greedy token after a label 0 (docs/references.md §1).
 `release_rows` does exactly that, with two departures that only make the baseline faster: it keeps
 token ids instead of decoding to text and re-tokenizing at every step, and keeps rows in memory
 instead of rewriting a CSV file after every prompt. It also keeps the hidden state the release

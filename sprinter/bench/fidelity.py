@@ -1,4 +1,4 @@
-"""How far an output is from the target's own: the fidelity half of the benchmark (REFERENCES.md §5).
+"""How far an output is from the target's own: the fidelity half of the benchmark (docs/references.md §5).
 
 Pure functions on token sequences and on the target's teacher-forced logits, plus `score_output`,
 which runs the target once over prompt + output to feed them:

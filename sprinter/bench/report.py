@@ -1,6 +1,6 @@
 """The benchmark's reports: per-prompt records -> results.json (one entry per method), results.md, pareto.png.
 
-Aggregation (names as Spec-Bench and vLLM, REFERENCES.md §5):
+Aggregation (names as Spec-Bench and vLLM, docs/references.md §5):
 - `ms_per_token`: the median over prompts of wall time / new tokens; `tokens_per_s`: all new tokens over
   all wall time; `speedup_vs_ar`: the median over prompts of ar's ms/token over the method's on the same
   prompt (both measured in the same run, interleaved);
@@ -14,18 +14,13 @@ from __future__ import annotations
 
 import datetime
 import json
-import platform
 import statistics
 import sys
 from pathlib import Path
 from typing import Sequence
 
-import torch
-
-from sprinter.bench.benchmark import BenchConfig, Method, Prompt
-from sprinter.config import to_dict
+from sprinter.bench.protocol import Method, Prompt, disk_error, hardware, libraries, save
 from sprinter.errors import SprinterError
-from sprinter.files import write_atomic
 
 FORMAT = "sprinter-bench/1"
 METHOD_KEYS = ("name", "family", "operating_point", "lossless", "prompts", "new_tokens", "ms_per_token",
@@ -108,30 +103,6 @@ def recommended_stop_threshold(entries: Sequence[dict]) -> float | None:
     """The stop threshold of the fastest sd-gated row (None without sd-gated rows)."""
     best = [e for e in entries if e["family"] == "sd-gated" and e.get("best")]
     return best[0]["operating_point"] if best else None
-
-
-def hardware(device: torch.device, dtype: torch.dtype) -> dict:
-    info = {"device": str(device), "dtype": str(dtype).removeprefix("torch."), "torch_threads": torch.get_num_threads(),
-            "platform": platform.platform()}
-    if device.type == "cuda":
-        info["gpu"] = torch.cuda.get_device_name(device)
-    cpu = platform.processor()
-    cpuinfo = Path("/proc/cpuinfo")
-    if cpuinfo.is_file():
-        names = [line.split(":", 1)[1].strip() for line in cpuinfo.read_text().splitlines() if line.startswith("model name")]
-        cpu = names[0] if names else cpu
-        info["cpu_count"] = len(names) or None
-    info["cpu"] = cpu or "unknown"
-    return info
-
-
-def libraries() -> dict:
-    import transformers
-
-    from sprinter import __version__
-
-    return {"python": platform.python_version(), "torch": torch.__version__, "transformers": transformers.__version__,
-            "sprinter": __version__}
 
 
 def check_results(results: dict) -> None:
@@ -228,9 +199,10 @@ def plot(results: dict, path: Path) -> None:
     tmp.replace(path)
 
 
-def write_reports(cfg: BenchConfig, decoder, verifiers: dict[str, str], prompts: Sequence[Prompt],
+def write_reports(out: Path, *, options: dict, decoder, verifiers: dict[str, str], prompts: Sequence[Prompt],
                   methods: Sequence[Method], done: dict[int, list[dict]], seconds: float) -> dict:
-    """Write OUT/results.json, results.md and pareto.png from the finished prompts; returns the results."""
+    """Write OUT/results.json, results.md and pareto.png from the finished prompts; returns the results.
+    `options`: the benchmark's options as a dict (sprinter.config.to_dict of its BenchConfig)."""
     pair = decoder.pair
     verifier_info = {}
     for name, path in verifiers.items():
@@ -249,23 +221,25 @@ def write_reports(cfg: BenchConfig, decoder, verifiers: dict[str, str], prompts:
         "hardware": hardware(pair.device, pair.dtype), "libraries": libraries(),
         "pair": {"draft": pair.draft_name, "target": pair.target_name, "vocab_size": pair.vocab_size},
         "verifiers": verifier_info,
-        "prompts": {"dataset": cfg.dataset, "split": cfg.split, "count": len(finished), "planned": len(prompts),
-                    "domains": domains, "prompt_len": cfg.prompt_len},
-        "max_new_tokens": cfg.max_new_tokens, "temperature": cfg.temperature, "options": to_dict(cfg),
+        "prompts": {"dataset": options["dataset"], "split": options["split"], "count": len(finished),
+                    "planned": len(prompts), "domains": domains, "prompt_len": options["prompt_len"]},
+        "max_new_tokens": options["max_new_tokens"], "temperature": options["temperature"], "options": options,
         "elapsed_seconds": round(seconds, 2), "methods": method_entries(methods, done),
     }
     results["recommended_stop_threshold"] = recommended_stop_threshold(results["methods"])
     check_results(results)
-    out = Path(cfg.out)
-    write_atomic(out / "results.json", json.dumps(results, indent=2) + "\n")
-    write_atomic(out / "results.md", markdown(results))
+    save(out / "results.json", json.dumps(results, indent=2) + "\n")
+    save(out / "results.md", markdown(results))
     try:
         import matplotlib  # noqa: F401  (an extra: sprinter[plot]; the GPU image may lack it)
     except ImportError:
         print(f"note: pareto.png not written: matplotlib is not installed (pip install 'sprinter[plot]'); then "
               f"`python scripts/benchmark.py --resume --out {out}` (same options) draws it from the records", file=sys.stderr)
         return results
-    plot(results, out / "pareto.png")
+    try:
+        plot(results, out / "pareto.png")
+    except OSError as err:
+        raise disk_error(out / "pareto.png", err, "writing") from err
     return results
 
 

@@ -9,7 +9,7 @@ u < 1 on a match and u < 0 otherwise; the residual is the target's argmax).
 2. `speculative_accept` + `residual`: speculative sampling (Leviathan et al. 2023; Chen et al. 2023):
    keep x with probability min(1, p(x)/q(x)); on the first rejection sample from norm(max(0, p - q)).
    The output is distributed exactly as p.
-3. `flag_then_check`: SPRINTER (REFERENCES.md §1): the tokens the verifier passed are kept
+3. `flag_then_check`: SPRINTER (docs/references.md §1): the tokens the verifier passed are kept
    unchecked, only the flagged (last) token of the block meets rule 2; `strict=True` checks all.
 """
 

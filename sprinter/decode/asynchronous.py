@@ -1,4 +1,4 @@
-"""mode="async": asynchronous speculative decoding (AMUSD, REFERENCES.md §3). The draft drafts in a
+"""mode="async": asynchronous speculative decoding (AMUSD, docs/references.md §3). The draft drafts in a
 thread of its own, ahead of the target, while the target (in the caller's thread) verifies what the
 draft has published so far.
 

@@ -8,7 +8,7 @@ tokens before it in its row, so every sequence sees exactly the keys, values and
 see alone (up to float rounding of differently shaped matmuls).
 
 The cache only grows by whole columns. Rolling back masks slots; `crop(-n)` (n > 0 only,
-REFERENCES.md §6) drops the trailing columns no row uses any more, and `compact` squeezes the masked
+docs/references.md §6) drops the trailing columns no row uses any more, and `compact` squeezes the masked
 slots out (a gather per layer) once they make up a large part of the width. Finished rows leave with
 `select`, so they stop costing work.
 """

@@ -3,7 +3,7 @@
 `append(ids)` runs the model over tokens its cache does not hold yet (and keeps them);
 `rollback(n)` forgets the last n. transformers 5.x's `DynamicCache.crop` changed the meaning of a
 positive argument across releases, so it is only ever called as `crop(-n)` with n > 0
-(REFERENCES.md §6). The object also counts what the model did (calls, tokens, analytic FLOPs) for
+(docs/references.md §6). The object also counts what the model did (calls, tokens, analytic FLOPs) for
 the decode statistics; a fresh one is made per generation, so nothing is stashed on the module.
 """
 

@@ -1,4 +1,4 @@
-"""The n-gram datastore (SSSD, REFERENCES.md §4): a suffix array over a tokenized corpus, memory-mapped.
+"""The n-gram datastore (SSSD, docs/references.md §4): a suffix array over a tokenized corpus, memory-mapped.
 
 On disk a datastore is a folder of four files, written by `build_datastore` (scripts/build_datastore.py):
 - `tokens.npy`: the corpus as one int32 stream of token ids, every document followed by the

@@ -1,6 +1,6 @@
 """The decode API: `Decoder.from_pretrained(...)`, then `decoder.generate(prompt, mode=...)`.
 
-Modes (REFERENCES.md §1 and §5):
+Modes (docs/references.md §1 and §5):
 - "ar": the target alone, one token per forward (the reference every other mode is measured against);
 - "draft": the draft alone;
 - "sd": standard speculative decoding: draft k tokens, one target forward checks them all with the
@@ -14,7 +14,7 @@ Modes (REFERENCES.md §1 and §5):
 - "ngram": lossless speculative decoding without a draft model (SSSD, §4): each sequence drafts a chain
   from n-gram matches in its own text (and a datastore), s tokens long, s from the batch size (sprinter.decode.roofline);
 - "async": lossless speculative decoding with the draft running ahead in a thread of its own, maybe on
-  another device, while the target verifies (AMUSD, REFERENCES.md §3; sprinter.decode.asynchronous).
+  another device, while the target verifies (AMUSD, docs/references.md §3; sprinter.decode.asynchronous).
 
 A list of prompts is decoded as one batch in modes "ar", "sd" and "ngram" (sprinter.decode.batched, which
 also runs "ngram" for a single prompt) and gives a list of results, one per prompt.

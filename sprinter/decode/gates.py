@@ -4,7 +4,7 @@ One small interface: `accept_prob(step, position)` estimates P(the target would 
 token PASSES iff that estimate >= `threshold`; otherwise it is FLAGGED and the target is called.
 - `LearnedGate`: the trained verifier (sprinter.verifier), reading the draft's hidden state etc.
 - `ConfidenceGate`: the draft's own probability q(x), as Hugging Face assisted generation does
-  (`assistant_confidence_threshold`, default 0.4; REFERENCES.md §2): the baseline to beat.
+  (`assistant_confidence_threshold`, default 0.4; docs/references.md §2): the baseline to beat.
 - `AlwaysFlag` / `NeverFlag`: the two limits (SPRINTER becomes lossless / becomes the draft alone).
 """
 

@@ -1,4 +1,4 @@
-"""N-gram drafting (SSSD, REFERENCES.md §4; prompt-lookup decoding): no draft model, the draft is what
+"""N-gram drafting (SSSD, docs/references.md §4; prompt-lookup decoding): no draft model, the draft is what
 followed the latest earlier occurrence of the sequence's own suffix, or what followed it in a corpus.
 
 `NgramDrafter.chain(ids, s)` looks for the longest suffix of `ids` (n tokens, from `n` down to

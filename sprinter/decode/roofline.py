@@ -1,4 +1,4 @@
-"""How many tokens per sequence to speculate at batch size B (SSSD, REFERENCES.md §4).
+"""How many tokens per sequence to speculate at batch size B (SSSD, docs/references.md §4).
 
 A forward over N tokens reads each weight once (`bytes` per weight) and does 2 FLOPs per weight and
 token. It costs about as much as a forward over one token while it is memory-bound, i.e. while

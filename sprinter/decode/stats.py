@@ -1,5 +1,5 @@
 """What one generation cost and how the drafted tokens fared (names as in Spec-Bench and vLLM,
-REFERENCES.md §5)."""
+docs/references.md §5)."""
 
 from __future__ import annotations
 

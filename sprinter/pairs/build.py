@@ -1,7 +1,7 @@
 """The offline pair builder: a byte-level BPE tokenizer, a target and a draft causal LM, trained here.
 
 No machine of this project can download models, so the pipeline is exercised on pairs it makes
-itself. The recipe, and why (measured on 2 CPU cores; see the README's "Offline pairs"):
+itself. The recipe, and why (measured on 2 CPU cores; see docs/pairs.md):
 1. A byte-level BPE tokenizer (`tokenizers`) on the train split; a small vocabulary (2k-4k) keeps
    the output layer cheap, which is most of a small model's cost.
 2. The target: a transformers GPT-2 or Llama, trained with AdamW, a high peak learning rate, warmup

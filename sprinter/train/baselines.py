@@ -1,10 +1,10 @@
 """What the learned verifier must beat, trained and scored on the same prompt-level splits.
 
 (a) `draft_prob`: the draft's own probability of its token as the score (Hugging Face assisted
-    generation's confidence rule, REFERENCES.md §2);
+    generation's confidence rule, docs/references.md §2);
 (b) `logistic_regression`: scikit-learn on the same numeric features (standardised hidden state and
     scalar features; the token id is left out: one-hot over the vocabulary is not a linear feature);
-(c) `linear`: the paper's verifier, Linear(H, 1) over the hidden state alone (REFERENCES.md §1),
+(c) `linear`: the paper's verifier, Linear(H, 1) over the hidden state alone (docs/references.md §1),
     trained with the MLP's loss, optimizer and best-epoch rule.
 """
 

@@ -1,6 +1,6 @@
 """Threshold calibration for false-accept budgets, and the metrics every scorer is reported with.
 
-SPRINTER's output distribution is (1 - FP) p + FP q (REFERENCES.md §1), so its distance from the
+SPRINTER's output distribution is (1 - FP) p + FP q (docs/references.md §1), so its distance from the
 target is the false-accept rate times TV(p, q): quality is bought with the false-accept rate (the
 share of label-0 tokens the verifier passes), speed with the true-accept rate. A threshold is
 therefore chosen on the validation split as the lowest one whose false-accept rate stays within a
