@@ -184,10 +184,11 @@ def counted_ms(profile: CostProfile, *, draft_calls: float, target_calls: float,
     """Costs weighed by a run's own counts (every step counted once): for rows whose block statistics the
     model does not derive (sd-gated's stop rule, the confidence gates, hf-assisted). target_tokens: the
     tokens the verification forwards read, the prompt left out."""
-    if target_calls <= 0 or new_tokens <= 0:
-        raise SprinterError(f"counts: got {target_calls!r} target calls for {new_tokens!r} tokens; expected both > 0")
+    if target_calls < 0 or new_tokens <= 0:
+        raise SprinterError(f"counts: got {target_calls!r} target calls for {new_tokens!r} tokens; expected calls >= 0 "
+                            "and tokens > 0")
     step = profile.draft_hidden_step_ms if gate == "learned" and gate_calls else profile.draft_step_ms
-    n = max(1.0, target_tokens / target_calls)
+    n = max(1.0, target_tokens / target_calls) if target_calls else 1.0
     verify = target_calls * (profile.target(n) + profile.round_ms)
     return (draft_calls * step + gate_calls * profile.gate_ms[gate] + verify) / new_tokens
 
@@ -260,7 +261,7 @@ def predict_row(profile: CostProfile, stats: AcceptanceStats | None, *, family: 
     their costs are weighed by the row's own counts (`counted_ms`), as are the learned rows without metrics.json."""
     from sprinter.train.calibrate import budget_key
 
-    if family == "async" or not counts["new_tokens"] or (family != "draft" and not counts["target_calls"]):
+    if family == "async" or not counts["new_tokens"]:
         return None
     if family == "ar":
         return ar_ms(profile)
@@ -348,7 +349,79 @@ def fastest(times: dict[str, tuple[float, str]]) -> tuple[str, float]:
     return mode, times["ar"][0] / times[mode][0]
 
 
+def regime_grid(agreements: Sequence[float], cost_ratios: Sequence[float], *, slope: float = 0.05,
+                gate_ratio: float = 0.01, max_block: int = 20, sprinter_rates: tuple[float, float] = SPRINTER_RATES,
+                stop_rates: Sequence[tuple[float, float]] = STOP_RATES) -> list[list[tuple[str, float]]]:
+    """grid[i][j]: the fastest of REGIME_MODES and its speedup over ar at cost_ratios[i] and agreements[j], on a
+    synthetic profile (`synthetic_profile`) with the flat acceptance shape (`flat_shape`)."""
+    grid = []
+    for c in cost_ratios:
+        profile = synthetic_profile(c, slope=slope, gate_ratio=gate_ratio, max_n=max_block + 2)
+        grid.append([fastest(mode_times(profile, flat_shape(g), max_block=max_block, sprinter_rates=sprinter_rates,
+                                        stop_rates=stop_rates)) for g in agreements])
+    return grid
+
+
+def regime_table(agreements: Sequence[float], cost_ratios: Sequence[float], grid: list[list[tuple[str, float]]]) -> str:
+    """The regime map as a markdown table: rows cost ratio, columns greedy agreement, cells "mode speedup"."""
+    lines = ["| cost ratio (rows), greedy agreement (columns) | " + " | ".join(f"{g:g}" for g in agreements) + " |",
+             "|---|" + "---|" * len(agreements)]
+    for c, row in zip(cost_ratios, grid, strict=True):
+        lines.append(f"| {c:g} | " + " | ".join(f"{mode} {speedup:.2f}x" if mode != "ar" else "ar"
+                                                for mode, speedup in row) + " |")
+    return "\n".join(lines) + "\n"
+
+
+def pair_point(meta: dict) -> tuple[float, float]:
+    """(greedy agreement, draft/target cost ratio) of a pair from its pair.json (scripts/make_pair.py)."""
+    try:
+        steps = meta["decode_step_ms"]
+        return float(meta["greedy_agreement"]), float(steps["draft"]) / float(steps["target"])
+    except (KeyError, TypeError, ValueError, ZeroDivisionError):
+        raise SprinterError("pair.json: expected greedy_agreement and decode_step_ms {target, draft} (written by "
+                            "scripts/make_pair.py)") from None
+
+
+def plot_regime_map(agreements: Sequence[float], cost_ratios: Sequence[float], grid: list[list[tuple[str, float]]],
+                    pairs: dict[str, tuple[float, float]], path, title: str) -> None:
+    """The regime map as a PNG: the fastest mode's region in colour, its speedup over ar as contours, and the
+    measured pairs marked (name -> (agreement, cost ratio)). matplotlib is an extra: imported here."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    from matplotlib.colors import ListedColormap
+    from matplotlib.patches import Patch
+
+    colours = {"ar": "#d9d9d9", "sd": "#9ecae1", "sd-gated": "#a1d99b", "sprinter@0.05": "#fdae6b"}
+    index = [[REGIME_MODES.index(mode) for mode, _ in row] for row in grid]
+    speedup = [[s for _, s in row] for row in grid]
+    fig, ax = plt.subplots(figsize=(8.5, 6))
+    ax.pcolormesh(agreements, cost_ratios, index, cmap=ListedColormap([colours[m] for m in REGIME_MODES]),
+                  vmin=-0.5, vmax=len(REGIME_MODES) - 0.5, shading="nearest")
+    lines = ax.contour(agreements, cost_ratios, speedup, levels=[1.0, 1.25, 1.5, 2.0, 3.0, 4.0], colors="black",
+                       linewidths=0.8)
+    ax.clabel(lines, fmt=lambda v: f"{v:g}x", fontsize=8)
+    for name, (g, c) in pairs.items():
+        ax.plot(g, c, marker="*", markersize=13, color="crimson", markeredgecolor="black", zorder=3)
+        ax.annotate(f"{name} ({g:.2f}, {c:.2f})", (g, c), textcoords="offset points", xytext=(7, 5), fontsize=8)
+    ax.set_yscale("log")
+    ax.yaxis.set_major_formatter(matplotlib.ticker.FuncFormatter(lambda y, _: f"{y:g}"))
+    ax.yaxis.set_minor_formatter(matplotlib.ticker.FuncFormatter(
+        lambda y, _: f"{y:g}" if round(y, 3) in (0.03, 0.05, 0.2, 0.3, 0.5) else ""))
+    ax.set_xlabel("greedy agreement of draft and target (held-out text)")
+    ax.set_ylabel("draft step / target step (log scale)")
+    ax.set_title(title, fontsize=9)
+    ax.legend(handles=[Patch(color=colours[m], label=f"fastest: {m}") for m in REGIME_MODES], loc="lower left",
+              fontsize=8, framealpha=0.9)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
 __all__ = ["REGIME_MODES", "SPRINTER_RATES", "STOP_RATES", "AcceptanceStats", "Block", "acceptance_by_position",
-           "ar_ms", "clean_prefix", "counted_ms", "draft_ms", "fastest", "flat_shape", "gated_block", "mode_times",
-           "synthetic_profile", "gated_round_ms", "load_verifier_rates", "ngram_ms", "predict_row", "predictions",
-           "prefix_accept", "rate_at", "sd_gated_ms", "sd_ms", "sd_tokens_per_call", "sprinter_ms", "verifier_rates"]
+           "ar_ms", "clean_prefix", "counted_ms", "draft_ms", "fastest", "flat_shape", "gated_block", "gated_round_ms",
+           "load_verifier_rates", "mode_times", "ngram_ms", "pair_point", "plot_regime_map", "predict_row",
+           "predictions", "prefix_accept", "rate_at",
+           "regime_grid", "regime_table", "sd_gated_ms", "sd_ms", "sd_tokens_per_call", "sprinter_ms",
+           "synthetic_profile", "verifier_rates"]
