@@ -18,7 +18,10 @@ from sprinter.bench.latency import (
     gated_block,
     mode_times,
     ngram_ms,
+    pair_point,
     predict_row,
+    regime_grid,
+    regime_table,
     sd_gated_ms,
     sd_ms,
     sprinter_ms,
@@ -170,6 +173,16 @@ def test_the_regime_map_functions():
     times = mode_times(p, flat_shape(0.9))
     mode, speedup = fastest(times)
     assert mode != "ar" and speedup == pytest.approx(1 / times[mode][0])
+
+
+def test_the_regime_table_and_pair_points():
+    grid = regime_grid((0.0, 0.9), (0.6,), slope=0.0, gate_ratio=0.0, max_block=4)
+    assert grid[0][0] == ("ar", 1.0) and grid[0][1][1] > 1
+    table = regime_table((0.0, 0.9), (0.6,), grid).splitlines()
+    assert len(table) == 3 and table[2].startswith("| 0.6 | ar | ") and table[2].endswith("x |")
+    assert pair_point({"greedy_agreement": 0.6, "decode_step_ms": {"target": 4.0, "draft": 0.5}}) == (0.6, 0.125)
+    with pytest.raises(SprinterError, match="greedy_agreement"):
+        pair_point({"decode_step_ms": {"target": 4.0, "draft": 0.5}})
 
 
 def test_profiles_are_saved_by_key_and_read_back(tmp_path):

@@ -23,6 +23,7 @@ from typing import Callable, Sequence
 
 import torch
 
+from sprinter.bench.costs import measure_costs
 from sprinter.bench.fidelity import exact_match, first_difference, rouge_l, score_output
 from sprinter.config import CONFIGS, option, to_dict
 from sprinter.corpus import load_documents, prose_documents
@@ -467,6 +468,9 @@ def run_benchmark(cfg: BenchConfig) -> dict:
     done = open_records(cfg, run_header(cfg, prompts, methods))
     todo = [p for p in prompts if p.index not in done]
     start = time.perf_counter()
+    # The pair's cost profile (~2 s, before the timed runs): each row's predicted ms/token (sprinter.bench.latency).
+    profile = measure_costs(decoder.pair.draft, decoder.pair.target, decoder.pair.vocab_size, pair=cfg.pair,
+                            gate=decoder.gate, max_n=max(cfg.max_block, *cfg.ks) + 1, context=cfg.prompt_len)
     # 2. Warm up, then every method on each prompt in turn; each finished prompt is appended to the records.
     if todo:
         warm_up(cfg, todo[0], methods)
@@ -482,7 +486,8 @@ def run_benchmark(cfg: BenchConfig) -> dict:
                       "command with --resume to continue", file=sys.stderr)
                 raise
     # 3. Aggregate and write the reports; store the chosen stop threshold with its verifier if asked.
-    results = write_reports(cfg, decoder, verifiers, prompts, methods, done, time.perf_counter() - start)
+    results = write_reports(cfg, decoder, verifiers, prompts, methods, done, time.perf_counter() - start,
+                            profile=profile)
     stop = results["recommended_stop_threshold"]
     if cfg.store_stop_threshold and stop is not None:
         from sprinter.verifier import update_info
