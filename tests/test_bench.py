@@ -125,6 +125,9 @@ def test_smoke_run_writes_every_output_with_the_schema(smoke):
     assert by_name["draft"]["target_calls_per_token"] == 0
     assert by_name["sprinter-mlp@0.05"]["lossless"] is False and by_name["sprinter-strict@0.05"]["lossless"] is True
     assert "| sd-k" in (out / "results.md").read_text()
+    # the latency model's prediction beside each measurement (async aside), and the pair's two regime figures
+    assert all(m["predicted_ms_per_token"] > 0 for m in on_disk["methods"])
+    assert on_disk["pair"]["draft_target_cost_ratio"] > 0 and "greedy_agreement" in on_disk["pair"]
     assert (out / "pareto.png").read_bytes()[:4] == b"\x89PNG"
     records = [json.loads(line) for line in (out / "records.jsonl").read_text().splitlines()]
     assert len(records) == 2 * len(names)

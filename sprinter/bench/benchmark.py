@@ -20,6 +20,7 @@ from typing import Sequence
 
 import torch
 
+from sprinter.bench.costs import measure_costs
 from sprinter.bench.fidelity import exact_match, rouge_l, score_output
 from sprinter.bench.protocol import (
     DOMAINS,
@@ -363,6 +364,9 @@ def run_benchmark(cfg: BenchConfig) -> dict:
     done = open_records(Path(cfg.out), run_header(cfg, prompts, methods), resume=cfg.resume, overwrite=cfg.overwrite)
     todo = [p for p in prompts if p.index not in done]
     start = time.perf_counter()
+    # The pair's cost profile (~2 s, before the timed runs): each row's predicted ms/token (sprinter.bench.latency).
+    profile = measure_costs(decoder.pair.draft, decoder.pair.target, decoder.pair.vocab_size, pair=cfg.pair,
+                            gate=decoder.gate, max_n=max(cfg.max_block, *cfg.ks) + 1, context=cfg.prompt_len)
     # 2. Warm up, then every method on each prompt in turn; each finished prompt is appended to the records.
     if todo:
         first = list(todo[0].ids)
@@ -380,7 +384,7 @@ def run_benchmark(cfg: BenchConfig) -> dict:
                 raise
     # 3. Aggregate and write the reports; store the chosen stop threshold with its verifier if asked.
     results = write_reports(Path(cfg.out), options=to_dict(cfg), decoder=decoder, verifiers=verifiers, prompts=prompts,
-                            methods=methods, done=done, seconds=time.perf_counter() - start)
+                            methods=methods, done=done, seconds=time.perf_counter() - start, profile=profile)
     stop = results["recommended_stop_threshold"]
     if cfg.store_stop_threshold and stop is not None:
         from sprinter.verifier import update_info

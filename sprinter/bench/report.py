@@ -24,7 +24,8 @@ from sprinter.errors import SprinterError
 
 FORMAT = "sprinter-bench/1"
 METHOD_KEYS = ("name", "family", "operating_point", "lossless", "prompts", "new_tokens", "ms_per_token",
-               "tokens_per_s", "speedup_vs_ar", "target_calls_per_token", "target_tokens_per_token",
+               "predicted_ms_per_token", "tokens_per_s", "speedup_vs_ar",
+               "target_calls_per_token", "target_tokens_per_token",
                "flops_per_token", "mean_acceptance_length", "target_consistency", "target_nll",
                "target_nll_ratio_vs_ar", "rouge_l_vs_ar", "exact_match_vs_ar", "by_domain")
 TOP_KEYS = ("format", "created", "hardware", "libraries", "pair", "verifiers", "prompts", "max_new_tokens",
@@ -136,12 +137,14 @@ def markdown(results: dict) -> str:
              f"{p['prompt_len']} tokens from {p['dataset']}/{p['split']}), up to {results['max_new_tokens']} new tokens, "
              f"temperature {results['temperature']}. Speedup: median over prompts of ar's ms/token over the method's, "
              "measured interleaved in the same run.", "",
-             "| method | ms/token | tokens/s | speedup vs ar | target calls/token | target tokens/token | FLOPs/token "
+             "| method | ms/token | predicted | tokens/s | speedup vs ar | target calls/token | target tokens/token "
+             "| FLOPs/token "
              "| mean acc. length | target consistency | target NLL | NLL / ar | ROUGE-L vs ar | exact match vs ar |",
-             "|---|" + "---:|" * 12]
+             "|---|" + "---:|" * 13]
     for e in results["methods"]:
         name = e["name"] + (f" (best {e['family']})" if e.get("best") else "") + (" [lossless]" if e["lossless"] else "")
-        lines.append("| " + " | ".join([name, _fmt(e["ms_per_token"]), _fmt(e["tokens_per_s"], 1),
+        lines.append("| " + " | ".join([name, _fmt(e["ms_per_token"]), _fmt(e.get("predicted_ms_per_token")),
+                                         _fmt(e["tokens_per_s"], 1),
                                          _fmt(e["speedup_vs_ar"]), _fmt(e["target_calls_per_token"], 3),
                                          _fmt(e["target_tokens_per_token"]), _fmt(e["flops_per_token"]),
                                          _fmt(e["mean_acceptance_length"]), _fmt(e["target_consistency"], 3),
@@ -199,10 +202,29 @@ def plot(results: dict, path: Path) -> None:
     tmp.replace(path)
 
 
+def add_predictions(results: dict, profile, options: dict, verifiers: dict[str, str], methods: Sequence[Method],
+                    done: dict[int, list[dict]], pair_meta: dict) -> None:
+    """Each entry's `predicted_ms_per_token` (sprinter.bench.latency) and, under `pair`, the profile's
+    draft_target_cost_ratio, the pair's greedy_agreement (pair.json), acceptance by position and the profile."""
+    from sprinter.bench.latency import load_verifier_rates, predictions
+
+    records = {m.name: [r for i in sorted(done) for r in done[i] if r["method"] == m.name] for m in methods}
+    predicted, stats = predictions(profile, records, {m.name: (m.family, m.operating_point) for m in methods},
+                                   prompt_len=options["prompt_len"], max_block=options["max_block"],
+                                   rates=load_verifier_rates(verifiers))
+    for entry in results["methods"]:
+        entry["predicted_ms_per_token"] = predicted.get(entry["name"])
+    results["pair"].update(draft_target_cost_ratio=profile.cost_ratio,
+                           greedy_agreement=pair_meta.get("greedy_agreement"),
+                           acceptance_by_position=list(stats.by_position) if stats else None,
+                           cost_profile=profile.to_dict())
+
+
 def write_reports(out: Path, *, options: dict, decoder, verifiers: dict[str, str], prompts: Sequence[Prompt],
-                  methods: Sequence[Method], done: dict[int, list[dict]], seconds: float) -> dict:
+                  methods: Sequence[Method], done: dict[int, list[dict]], seconds: float, profile=None) -> dict:
     """Write OUT/results.json, results.md and pareto.png from the finished prompts; returns the results.
-    `options`: the benchmark's options as a dict (sprinter.config.to_dict of its BenchConfig)."""
+    `options`: the benchmark's options as a dict (sprinter.config.to_dict of its BenchConfig).
+    `profile`: the pair's CostProfile (sprinter.bench.costs), for the predicted ms/token (None: not predicted)."""
     pair = decoder.pair
     verifier_info = {}
     for name, path in verifiers.items():
@@ -227,6 +249,13 @@ def write_reports(out: Path, *, options: dict, decoder, verifiers: dict[str, str
         "elapsed_seconds": round(seconds, 2), "methods": method_entries(methods, done),
     }
     results["recommended_stop_threshold"] = recommended_stop_threshold(results["methods"])
+    if profile is not None:
+        meta = Path(pair.draft_name).parent / "pair.json"
+        add_predictions(results, profile, options, verifiers, methods, done,
+                        json.loads(meta.read_text()) if meta.is_file() else {})
+    else:
+        for entry in results["methods"]:
+            entry["predicted_ms_per_token"] = None
     check_results(results)
     save(out / "results.json", json.dumps(results, indent=2) + "\n")
     save(out / "results.md", markdown(results))

@@ -186,6 +186,7 @@ def decode_batch(target: BatchCachedLM, drafter: BatchDrafter | None, prompts: S
             s_i.drafted += len(chain)
             s_i.accepted += kept[b]
             s_i.rejected += len(chain) - kept[b]
+            s_i.count_block(len(chain), kept[b])
             if chains.cost is not None:
                 calls, read, flops = chains.cost[b]
                 s_i.draft_calls, s_i.draft_tokens, s_i.draft_flops = (s_i.draft_calls + calls, s_i.draft_tokens + read,

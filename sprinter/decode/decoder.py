@@ -244,6 +244,8 @@ def speculative(target: CachedLM, drafter: Drafter, gate: Gate | None, tokens: t
         decided = decided[:kept] + decided[-1:]
         stats.accepted += kept
         stats.rejected += n - kept
+        if check_all:
+            stats.count_block(n, kept)
         # 6. Roll both caches back to what was emitted (the target has not read its own token y yet).
         tokens = torch.cat([tokens, x[None, :kept], y.view(1, 1)], 1)
         target.rollback_to(tokens.shape[1] - 1)

@@ -4,7 +4,7 @@ docs/references.md §5)."""
 from __future__ import annotations
 
 import dataclasses
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 
 @dataclass
@@ -39,6 +39,24 @@ class DecodeStats:
     discarded: int = 0
     draft_busy_seconds: float = 0.0
     target_busy_seconds: float = 0.0
+    # Modes whose target checks every drafted token (sd, sd-gated, strict sprinter, ngram): per block position i,
+    # the blocks that drafted an i-th token after accepting the i before it (reached), and those that accepted it
+    # too. accepted_by_position[i] / reached_by_position[i] is the acceptance at position i given the earlier
+    # ones were accepted: the shape the latency model (sprinter.bench.latency) reads.
+    reached_by_position: list[int] = field(default_factory=list)
+    accepted_by_position: list[int] = field(default_factory=list)
+
+    def count_block(self, drafted: int, kept: int) -> None:
+        """Add one checked block of `drafted` tokens whose first `kept` were accepted to the by-position counts."""
+        reached = min(kept + 1, drafted)
+        grow = reached - len(self.reached_by_position)
+        if grow > 0:
+            self.reached_by_position += [0] * grow
+            self.accepted_by_position += [0] * grow
+        for i in range(reached):
+            self.reached_by_position[i] += 1
+        for i in range(kept):
+            self.accepted_by_position[i] += 1
 
     @property
     def tokens_per_second(self) -> float:

@@ -1,0 +1,205 @@
+"""The cost profile and the latency model: formulas checked on hand-made profiles worked out by hand
+(docs/latency.md), the by-position counts of real runs, and the profile measured on a tiny pair."""
+
+import json
+
+import pytest
+
+from sprinter.bench.costs import CostProfile, find_profile, measure_costs, read_profiles, save_profile
+from sprinter.bench.latency import (
+    AcceptanceStats,
+    acceptance_by_position,
+    ar_ms,
+    clean_prefix,
+    counted_ms,
+    draft_ms,
+    fastest,
+    flat_shape,
+    gated_block,
+    mode_times,
+    ngram_ms,
+    pair_point,
+    predict_row,
+    regime_grid,
+    regime_table,
+    sd_gated_ms,
+    sd_ms,
+    sprinter_ms,
+    synthetic_profile,
+    verifier_rates,
+)
+from sprinter.decode.stats import DecodeStats
+from sprinter.errors import SprinterError
+
+
+def profile(d=0.1, slope=0.1, gate=0.02, round_ms=0.0, max_n=21, d_hidden=None) -> CostProfile:
+    """Target forward over n tokens: 1 + slope (n - 1) ms; draft step d; gate g; rest of a round r."""
+    return CostProfile(pair="hand", device="cpu", dtype="float32", threads=1, context=8, draft_step_ms=d,
+                       draft_hidden_step_ms=d if d_hidden is None else d_hidden,
+                       target_ms=tuple(1 + slope * n for n in range(max_n)),
+                       gate_ms={"learned": gate, "confidence": gate / 2}, round_ms=round_ms)
+
+
+def test_the_target_cost_interpolates_and_extrapolates():
+    p = CostProfile(pair="x", device="cpu", dtype="float32", threads=1, context=8, draft_step_ms=0.1,
+                    draft_hidden_step_ms=0.1, target_ms=(1.0, 1.2, 1.6), gate_ms={"learned": 0.0}, round_ms=0.0)
+    assert p.target(1) == 1.0 and p.target(3) == 1.6
+    assert p.target(1.5) == pytest.approx(1.1)  # halfway between n = 1 and 2
+    assert p.target(5) == pytest.approx(2.4)  # the last slope (0.4 per token) beyond n = 3
+    assert p.cost_ratio == pytest.approx(0.1)
+    with pytest.raises(SprinterError, match="n >= 1"):
+        p.target(0)
+
+
+def test_ar_draft_and_sd_by_hand():
+    p = profile(d=0.1, slope=0.1, round_ms=0.05)
+    assert ar_ms(p) == 1.0 and draft_ms(p) == 0.1
+    # flat a = 0.5, k = 2: (2 x 0.1 + T(3) + r) / (1 + 0.5 + 0.25) = (0.2 + 1.2 + 0.05) / 1.75
+    assert sd_ms(p, (0.5,), 2) == pytest.approx(1.45 / 1.75)
+    # a = (0.8, 0.5, 0.5...), k = 3: P = 0.8, 0.4, 0.2 -> 2.4 tokens; cost 0.3 + T(4) + 0.05 = 1.65
+    assert sd_ms(p, (0.8, 0.5), 3) == pytest.approx(1.65 / 2.4)
+    # docs/references.md §1 (flat a, T constant): t (c k + 1)(1 - a) / (1 - a^(k + 1))
+    flat = profile(d=0.15, slope=0.0)
+    assert sd_ms(flat, (0.7,), 4) == pytest.approx((0.15 * 4 + 1) * 0.3 / (1 - 0.7 ** 5))
+
+
+def test_a_perfect_gate_makes_sprinter_and_sd_gated_the_ideal_lossless_block():
+    p = profile(d=0.1, slope=0.1, gate=0.02)
+    # M = 2, a = 0.5, TA = 1, FA = 0: L = 1 (a label-0 first token, flagged) or 2, each with probability 0.5;
+    # emitted 1.75 as SD with k = 2; cost 1.5 x (0.1 + 0.02) + (T(2) + T(3)) / 2 = 0.18 + 1.15.
+    block = gated_block(p, (0.5,), 1.0, 0.0, 2)
+    assert (block.length, block.flagged, block.flagged_label1) == pytest.approx((1.5, 0.75, 0.0))
+    assert block.target_ms == pytest.approx(1.15) and block.accepted_prefix == pytest.approx(0.75)
+    assert sprinter_ms(p, (0.5,), 1.0, 0.0, 2) == pytest.approx(1.33 / 1.75)
+    assert sd_gated_ms(p, (0.5,), 1.0, 0.0, 2) == pytest.approx(1.33 / 1.75)
+
+
+def test_the_gates_limits_by_hand():
+    p = profile(d=0.1, slope=0.1, gate=0.02)
+    # never flags: L = M = 3, nothing checked, 4 tokens for 3 x 0.12 + T(4) = 1.66
+    assert sprinter_ms(p, (0.4,), 1.0, 1.0, 3) == pytest.approx(1.66 / 4)
+    # always flags: L = 1, the token kept when it agrees: 1 + a tokens for 0.12 + T(2) = 1.22, lossless or not
+    assert sprinter_ms(p, (0.4,), 0.0, 0.0, 3) == pytest.approx(1.22 / 1.4)
+    assert sd_gated_ms(p, (0.4,), 0.0, 0.0, 3) == pytest.approx(1.22 / 1.4)
+
+
+def test_sprinter_matches_the_closed_form_of_references_section_8():
+    # a = 0.65, TA = 0.65, FA = 0.05: pi = 0.44, E[L] = 1 / 0.56, a_f = 0.65 x 0.35 / 0.56 = 0.40625;
+    # d = 0.15 t, T(n) = t (1 + 0.06 (n - 1)), g = 0, max_block large enough to be unbounded.
+    p = profile(d=0.15, slope=0.06, gate=0.0)
+    length = 1 / 0.56
+    cost = 0.15 * length + 1 + 0.06 * length
+    assert sprinter_ms(p, (0.65,), 0.65, 0.05, 400) == pytest.approx(cost / (length + 0.40625))
+
+
+def test_the_accepted_prefix_has_a_closed_form_for_any_shape():
+    p = profile()
+    a = (0.9, 0.7, 0.8, 0.6)
+    assert gated_block(p, a, 0.8, 0.3, 6).accepted_prefix == pytest.approx(clean_prefix(a, 0.8, 6))
+
+
+def test_ngram_and_counted_by_hand():
+    p = profile(d=0.1, slope=0.1, gate=0.02, round_ms=0.05)
+    # 3 drafted, 1.5 accepted per call, 0.2 ms lookups: (T(4) + 0.2 + 0.05) / 2.5
+    assert ngram_ms(p, 3.0, 1.5, 0.2) == pytest.approx(1.55 / 2.5)
+    with pytest.raises(SprinterError, match="accepted"):
+        ngram_ms(p, 1.0, 2.0)
+    # 40 draft steps, 10 gate calls, 10 calls reading 30 tokens (T(3) = 1.2), 25 tokens
+    got = counted_ms(p, draft_calls=40, target_calls=10, target_tokens=30, gate_calls=10, new_tokens=25)
+    assert got == pytest.approx((40 * 0.1 + 10 * 0.02 + 10 * (1.2 + 0.05)) / 25)
+
+
+def test_rates_are_checked():
+    with pytest.raises(SprinterError, match="probabilities"):
+        AcceptanceStats((0.5, 1.2))
+    with pytest.raises(SprinterError, match="at least"):
+        AcceptanceStats(())
+    with pytest.raises(SprinterError, match="probabilities"):
+        sprinter_ms(profile(), (0.5,), 1.5, 0.0, 4)
+
+
+def test_block_counts_give_acceptance_by_position():
+    stats = DecodeStats(mode="sd")
+    for _ in range(10):
+        stats.count_block(4, 4)  # all four accepted
+        stats.count_block(4, 1)  # position 1 rejected
+        stats.count_block(2, 0)  # position 0 rejected
+    assert stats.reached_by_position == [30, 20, 10, 10] and stats.accepted_by_position == [20, 10, 10, 10]
+    assert acceptance_by_position([stats.to_dict()]) == pytest.approx((2 / 3, 0.5, 1.0, 1.0))
+    assert acceptance_by_position([{"reached_by_position": [5], "accepted_by_position": [5]}]) == ()
+
+
+def test_sd_counts_every_checked_block(gpt2_decoder):
+    out = gpt2_decoder.generate([5, 6, 7], mode="sd", k=3, max_new_tokens=24)
+    s = out.stats
+    assert sum(s.accepted_by_position) == s.accepted and s.reached_by_position[0] == s.target_calls
+    none = gpt2_decoder.generate([5, 6, 7], mode="sprinter", gate="never", max_new_tokens=8)
+    assert none.stats.reached_by_position == []  # unchecked blocks say nothing about acceptance
+
+
+def test_verifier_rates_come_from_metrics_json():
+    point = {"threshold": 0.6, "false_accept": 0.05, "true_accept": 0.7, "pass_rate": 0.5}
+    metrics = {"verifier": {"operating_points": {"0.05": point}},
+               "baselines": {"linear": {"operating_points": {"0.05": {**point, "true_accept": 0.4}}}}}
+    assert verifier_rates(metrics) == {"0.05": (0.7, 0.05)}
+    assert verifier_rates(metrics, "linear") == {"0.05": (0.4, 0.05)}
+    assert verifier_rates({}, "linear") == {}
+
+
+def test_benchmark_rows_are_predicted_from_the_statistics():
+    p = profile(d=0.1, slope=0.1, gate=0.02)
+    stats = AcceptanceStats((0.5,))
+    counts = {"new_tokens": 100, "target_calls": 40, "target_tokens": 40 * 3 + 7, "draft_calls": 80,
+              "verifier_calls": 0, "drafted": 80, "accepted": 20, "draft_seconds": 0.004}
+    common = {"counts": counts, "prompts": 1, "prompt_len": 8, "max_block": 2,
+              "rates": {"mlp": {"0.05": (1.0, 0.0)}}}
+    assert predict_row(p, stats, family="ar", operating_point=None, **common) == 1.0
+    assert predict_row(p, stats, family="sd", operating_point=2, **common) == pytest.approx(sd_ms(p, (0.5,), 2))
+    assert predict_row(p, stats, family="sprinter-mlp", operating_point=0.05, **common) == pytest.approx(1.33 / 1.75)
+    assert predict_row(p, stats, family="async", operating_point=4, **common) is None
+    # ngram: the prompt's own call left out: 39 calls, 80 / 39 drafted, 20 / 39 accepted, 4 ms of lookups
+    assert predict_row(p, stats, family="ngram", operating_point=None, **common) == \
+        pytest.approx(ngram_ms(p, 80 / 39, 20 / 39, 4 / 39))
+    # no metrics.json for the linear gate: the row's own counts (target reads less the prompt's 7 extra tokens)
+    assert predict_row(p, stats, family="sprinter-linear", operating_point=0.05, **common) == \
+        pytest.approx(counted_ms(p, draft_calls=80, target_calls=40, target_tokens=120, gate_calls=0, new_tokens=100))
+
+
+def test_the_regime_map_functions():
+    p = synthetic_profile(0.1, slope=0.0, gate_ratio=0.0)
+    assert p.target(7) == 1.0 and p.cost_ratio == pytest.approx(0.1)
+    times = mode_times(p, flat_shape(0.0))
+    assert fastest(times) == ("ar", 1.0)  # nothing is ever accepted: drafting only costs
+    times = mode_times(p, flat_shape(0.9))
+    mode, speedup = fastest(times)
+    assert mode != "ar" and speedup == pytest.approx(1 / times[mode][0])
+
+
+def test_the_regime_table_and_pair_points():
+    grid = regime_grid((0.0, 0.9), (0.6,), slope=0.0, gate_ratio=0.0, max_block=4)
+    assert grid[0][0] == ("ar", 1.0) and grid[0][1][1] > 1
+    table = regime_table((0.0, 0.9), (0.6,), grid).splitlines()
+    assert len(table) == 3 and table[2].startswith("| 0.6 | ar | ") and table[2].endswith("x |")
+    assert pair_point({"greedy_agreement": 0.6, "decode_step_ms": {"target": 4.0, "draft": 0.5}}) == (0.6, 0.125)
+    with pytest.raises(SprinterError, match="greedy_agreement"):
+        pair_point({"decode_step_ms": {"target": 4.0, "draft": 0.5}})
+
+
+def test_profiles_are_saved_by_key_and_read_back(tmp_path):
+    path = tmp_path / "cost_profile.json"
+    one, two = profile(), CostProfile(**{**profile().to_dict(), "threads": 2})
+    save_profile(path, one)
+    save_profile(path, two)
+    assert set(read_profiles(path)) == {one.key, two.key}
+    assert find_profile(path, "hand", "cpu", "float32", 2) == two
+    assert json.loads(path.read_text())["format"] == "sprinter-costs/1"
+    with pytest.raises(SprinterError, match="target_ms"):
+        CostProfile(**{**one.to_dict(), "target_ms": ()})
+
+
+def test_measure_costs_on_a_tiny_pair(gpt2_decoder):
+    pair = gpt2_decoder.pair
+    p = measure_costs(pair.draft, pair.target, pair.vocab_size, pair="tiny", max_n=5, context=8, budget_s=0.3)
+    assert len(p.target_ms) == 5 and p.repeats >= 3
+    assert all(v > 0 for v in (p.draft_step_ms, p.draft_hidden_step_ms, p.round_ms, *p.gate_ms.values()))
+    assert p.key == "tiny | cpu | float32 | %d thread(s)" % p.threads
