@@ -7,7 +7,8 @@ time). Greedy by default: every method's outputs are checked equal, token for to
 (all of them are lossless). Rows: "ar"; "sd-k{k}" (the draft model); "ngram" (s from the batch size and
 I_knee, sprinter.decode.roofline) and "ngram-s{s}" for each fixed s.
 
-Writes OUT/results.json, OUT/results.md and OUT/batch.png (matplotlib optional, as bench_report).
+Writes OUT/results.json, OUT/results.md and OUT/batch.png (matplotlib optional, as bench_report); results.json is
+also written after every finished cell, with "partial": true, so a sweep stopped from outside keeps what it measured.
 """
 
 from __future__ import annotations
@@ -166,6 +167,14 @@ def run_sweep(cfg: BatchBenchConfig) -> dict:
     start = time.perf_counter()
     decoder.generate(pools[cfg.domains[0]][:2], max_new_tokens=8, mode="sd", k=cfg.k)  # warm-up
     cells: dict[str, dict[str, dict]] = {}
+
+    def results(partial: bool) -> dict:
+        return {"format": FORMAT, "created": time.strftime("%Y-%m-%dT%H:%M:%S"),
+                "hardware": hardware(decoder.pair.device, decoder.pair.dtype), "libraries": libraries(),
+                "pair": {"draft": draft, "target": target}, "options": to_dict(cfg), "i_knee": i_knee,
+                "s_rule": {str(b): speculation_length(i_knee, b) for b in sizes}, "methods": rows,
+                "elapsed_seconds": time.perf_counter() - start, "partial": partial, "cells": cells}
+
     with tqdm(total=len(cfg.domains) * len(sizes) * len(rows) * cfg.repeats, desc="batch sweep", unit="batch",
               disable=not cfg.progress) as bar:
         for domain in cfg.domains:
@@ -173,15 +182,12 @@ def run_sweep(cfg: BatchBenchConfig) -> dict:
             for size in sizes:
                 bar.set_postfix_str(f"{domain} B={size}")
                 cells[domain][str(size)] = run_cell(cfg, decoder, pools[domain][:size], rows, bar)
-    results = {
-        "format": FORMAT, "created": time.strftime("%Y-%m-%dT%H:%M:%S"),
-        "hardware": hardware(decoder.pair.device, decoder.pair.dtype), "libraries": libraries(),
-        "pair": {"draft": draft, "target": target}, "options": to_dict(cfg), "i_knee": i_knee,
-        "s_rule": {str(b): speculation_length(i_knee, b) for b in sizes}, "methods": rows,
-        "elapsed_seconds": time.perf_counter() - start, "cells": cells,
-    }
-    write_reports(results, Path(cfg.out))
-    return results
+                # A sweep stopped from outside (a time budget) keeps its finished cells in results.json.
+                Path(cfg.out).mkdir(parents=True, exist_ok=True)
+                write_atomic(Path(cfg.out) / "results.json", json.dumps(results(partial=True), indent=2) + "\n")
+    final = results(partial=False)
+    write_reports(final, Path(cfg.out))
+    return final
 
 
 def markdown(results: dict) -> str:
