@@ -1,0 +1,69 @@
+"""scripts/gpu_run.py: a stage over its limit is stopped and the run goes on; a stopped benchmark is summarised
+from its records; and --smoke runs every stage end to end on the CPU with the tiny presets (what a device call
+runs, known to work before any device is lent)."""
+
+import importlib.util
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parent.parent
+spec = importlib.util.spec_from_file_location("gpu_run", ROOT / "scripts" / "gpu_run.py")
+gpu_run = importlib.util.module_from_spec(spec)
+spec.loader.exec_module(gpu_run)
+
+
+def test_a_stage_over_its_limit_is_stopped(tmp_path):
+    log = gpu_run.Log(tmp_path / "log")
+    result = gpu_run.run_stage("sleepy", ["-c", "import time; print('started', flush=True); time.sleep(120)"], 2.0,
+                               {**__import__("os").environ}, log)
+    assert result.status == "timeout" and result.seconds < 2 + gpu_run.GRACE + 5
+    assert "started" in (tmp_path / "log").read_text()
+    failed = gpu_run.run_stage("broken", ["-c", "raise SystemExit(3)"], 30.0, {**__import__("os").environ}, log)
+    assert failed.status == "failed" and failed.returncode == 3
+
+
+def test_a_stopped_benchmark_is_summarised_from_its_records(tmp_path):
+    def record(prompt: int, method: str, seconds: float) -> dict:
+        return {"prompt": prompt, "domain": "code", "method": method, "tokens": [1, 2, 3, 4],
+                "stats": {"new_tokens": 4, "wall_seconds": seconds, "target_calls": 4 if method == "ar" else 2,
+                          "accepted": 0 if method == "ar" else 2},
+                "fidelity": {"tokens": 4, "consistent": 4, "nll_sum": 2.0}, "rouge_l_vs_ar": 1.0,
+                "exact_match_vs_ar": True}
+
+    records = [record(p, m, 0.4 if m == "ar" else 0.2) for p in (0, 1) for m in ("ar", "sd-k4")]
+    (tmp_path / "records.jsonl").write_text("".join(json.dumps(r) + "\n" for r in records))
+    summary = gpu_run.partial_bench(tmp_path)
+    assert summary["partial"] is True and summary["prompts"]["count"] == 2
+    sd = {e["name"]: e for e in summary["methods"]}["sd-k4"]
+    assert sd["speedup_vs_ar"] == pytest.approx(2.0) and sd["mean_acceptance_length"] == pytest.approx(2.0)
+    assert "| sd-k4 | 50.00 |" in gpu_run.bench_markdown(summary)
+    assert gpu_run.partial_bench(tmp_path / "nothing") is None
+
+
+@pytest.mark.slow
+def test_smoke_runs_every_stage_on_the_cpu(tmp_path):
+    out = tmp_path / "out"
+    proc = subprocess.run([sys.executable, str(ROOT / "scripts" / "gpu_run.py"), str(out), "--smoke", "--work",
+                           str(tmp_path / "work")], capture_output=True, text=True, timeout=240)
+    results = json.loads((out / "results.json").read_text())
+    stages = {s["name"]: s for s in results["stages"]}
+    assert proc.returncode == 0, [(s["name"], s["status"], s["note"]) for s in results["stages"]]
+    assert list(stages) == list(gpu_run.STAGES)
+    assert stages["bench-compiled"]["status"] == "skipped" and "--smoke" in stages["bench-compiled"]["note"]
+    assert all(s["status"] == "ok" for name, s in stages.items() if name != "bench-compiled")
+    # What a device call brings back: at most 8 files, each under 16 MiB, no folders.
+    files = sorted(p.name for p in out.iterdir())
+    assert files == ["batch.png", "gpu_run.log", "metrics.json", "pair.json", "pareto.png", "results.json",
+                     "results.md"]
+    assert all((out / f).is_file() and (out / f).stat().st_size < 16 * 2**20 for f in files)
+    assert results["format"] == gpu_run.FORMAT and results["tests"]["skipped"] == results["tests"]["tests"] > 0
+    assert results["pair"]["preset"] == "tiny" and results["verifier"]["verifier"]["auroc"] is not None
+    names = {e["name"] for e in results["bench"]["methods"]}
+    assert {"ar", "draft", "sd-k2", "hf-assisted", "ngram", "async-w4", "sprinter-mlp@0.05", "sd-gated@0.3"} <= names
+    assert not results["batch"]["partial"] and set(results["batch"]["cells"]["code"]) == {"1", "3"}
+    report = (out / "results.md").read_text()
+    assert "| bench | ok |" in report and "## Batch sweep" in report and "sprinter-mlp@0.05" in report
