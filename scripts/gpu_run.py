@@ -39,7 +39,7 @@ ROOT = Path(__file__).resolve().parent.parent
 CONFIGS = ROOT / "configs"
 FORMAT = "sprinter-gpu-run/1"
 # Stage -> cap in seconds: the time kept for it whatever the stages before it do (the full run; --smoke: SMOKE_CAPS).
-STAGES = {"tests": 30, "pair": 195, "collect": 30, "train": 40, "bench": 115, "bench-compiled": 50, "batch": 65}
+STAGES = {"tests": 45, "pair": 190, "collect": 30, "train": 40, "bench": 110, "bench-compiled": 45, "batch": 60}
 SMOKE_CAPS = {"tests": 25, "pair": 30, "collect": 20, "train": 30, "bench": 30, "bench-compiled": 0, "batch": 20}
 TIME_LIMIT, SMOKE_TIME_LIMIT = 540, 170
 RESERVE = 10  # seconds kept at the end for the last bundle

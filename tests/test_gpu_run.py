@@ -4,6 +4,7 @@ runs, known to work before any device is lent)."""
 
 import importlib.util
 import json
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -13,16 +14,17 @@ import pytest
 ROOT = Path(__file__).resolve().parent.parent
 spec = importlib.util.spec_from_file_location("gpu_run", ROOT / "scripts" / "gpu_run.py")
 gpu_run = importlib.util.module_from_spec(spec)
+sys.modules["gpu_run"] = gpu_run  # its dataclass looks its module up there
 spec.loader.exec_module(gpu_run)
 
 
 def test_a_stage_over_its_limit_is_stopped(tmp_path):
     log = gpu_run.Log(tmp_path / "log")
     result = gpu_run.run_stage("sleepy", ["-c", "import time; print('started', flush=True); time.sleep(120)"], 2.0,
-                               {**__import__("os").environ}, log)
+                               dict(os.environ), log)
     assert result.status == "timeout" and result.seconds < 2 + gpu_run.GRACE + 5
     assert "started" in (tmp_path / "log").read_text()
-    failed = gpu_run.run_stage("broken", ["-c", "raise SystemExit(3)"], 30.0, {**__import__("os").environ}, log)
+    failed = gpu_run.run_stage("broken", ["-c", "raise SystemExit(3)"], 30.0, dict(os.environ), log)
     assert failed.status == "failed" and failed.returncode == 3
 
 
