@@ -18,6 +18,35 @@ sys.modules["gpu_run"] = gpu_run  # its dataclass looks its module up there
 spec.loader.exec_module(gpu_run)
 
 
+def test_the_caps_fit_the_limits():
+    """9 minutes on a device (a 10-minute command, with room for the transfers); 3 minutes in CI."""
+    assert sum(gpu_run.STAGES.values()) + gpu_run.RESERVE <= gpu_run.TIME_LIMIT <= 540
+    assert sum(gpu_run.SMOKE_CAPS.values()) + gpu_run.RESERVE <= gpu_run.SMOKE_TIME_LIMIT < 180
+
+
+@pytest.mark.parametrize("smoke", [False, True])
+def test_every_stage_command_parses_into_its_config(smoke, tmp_path):
+    """The presets and flags each stage passes are valid options of its entry point (no model is loaded)."""
+    from sprinter.bench.batch import BatchBenchConfig
+    from sprinter.bench.benchmark import BenchConfig
+    from sprinter.config import parse_config
+    from sprinter.data.collect import parse_collect_config
+    from sprinter.pairs.build import parse_pair_config
+    from sprinter.train.fit import parse_train_config
+
+    argv = {name: gpu_run.stage_argv(name, smoke, tmp_path)[1:] for name in gpu_run.STAGES}
+    assert parse_pair_config(argv["pair"]).preset == ("tiny" if smoke else "gpu")
+    assert parse_collect_config(argv["collect"]).out == str(tmp_path / "data")
+    assert parse_train_config(argv["train"]).data == (str(tmp_path / "data"),)
+    bench = parse_config(BenchConfig, argv["bench"], "test")
+    assert bench.dtype == ("float32" if smoke else "bfloat16") and "sprinter-mlp" not in bench.methods  # no verifier
+    assert parse_config(BatchBenchConfig, argv["batch"], "test").out == str(tmp_path / "batch")
+    if not smoke:
+        gpu = parse_pair_config(argv["pair"])
+        assert gpu.target_layers * gpu.target_width ** 2 * 12 > 80e6  # GPT-2 Small's blocks at least
+        assert gpu.target_max_seconds + gpu.distill_max_seconds < gpu_run.STAGES["pair"] - 30  # room to set up and save
+
+
 def test_a_stage_over_its_limit_is_stopped(tmp_path):
     log = gpu_run.Log(tmp_path / "log")
     result = gpu_run.run_stage("sleepy", ["-c", "import time; print('started', flush=True); time.sleep(120)"], 2.0,
