@@ -47,6 +47,10 @@ GRACE = 8  # seconds between SIGINT and SIGKILL
 MIN_STAGE = 5  # a stage given less than this is skipped
 LOG_LIMIT = 15 * 2**20  # the log stays under the 16 MiB a device call brings back per file
 LEARNED = ("sprinter-mlp", "sprinter-linear", "sprinter-strict", "sd-gated")
+OUTPUTS = ("results.json", "results.md", "pareto.png", "batch.png", "pair.json", "metrics.json", "gpu_run.log")
+# What a stage's earlier run left in the work folder, removed before it runs again (the pair is reused).
+STALE = {"tests": ("tests.xml",), "collect": ("data",), "train": ("verifier",), "bench": ("bench",),
+         "bench-compiled": ("bench-compiled",), "batch": ("batch",)}
 
 
 @dataclasses.dataclass
@@ -127,12 +131,14 @@ def benchmark_compiles() -> bool:
 
 def skip_reason(name: str, smoke: bool, work: Path) -> str | None:
     """Why a stage cannot run (None: it can): a missing input from an earlier stage, or no compiled engine."""
+    if name == "bench-compiled" and compile_skip_reason(smoke):
+        return compile_skip_reason(smoke)
     pair_ready = (work / "pair" / "pair.json").is_file()
     if name in ("collect", "bench", "bench-compiled", "batch") and not pair_ready:
         return "no pair (the pair stage did not finish)"
     if name == "train" and not (work / "data" / "manifest.json").is_file():
         return "no collected data (the collect stage did not finish)"
-    return compile_skip_reason(smoke) if name == "bench-compiled" else None
+    return None
 
 
 def compile_skip_reason(smoke: bool) -> str | None:
@@ -200,13 +206,22 @@ def partial_bench(folder: Path) -> dict | None:
     from sprinter.bench.report import summarize
 
     path = folder / "records.jsonl"
-    records = [json.loads(line) for line in path.read_text().splitlines() if line.strip()] if path.is_file() else []
-    reference = {r["prompt"]: r for r in records if r["method"] == "ar"}
-    if not reference:
+    by_prompt: dict[int, list[dict]] = {}
+    for line in path.read_text().splitlines() if path.is_file() else []:
+        try:
+            record = json.loads(line)
+        except json.JSONDecodeError:  # the line the kill cut short
+            continue
+        by_prompt.setdefault(record["prompt"], []).append(record)
+    methods = {r["method"] for records in by_prompt.values() for r in records}
+    finished = {p: records for p, records in by_prompt.items() if {r["method"] for r in records} == methods}
+    if "ar" not in methods or not finished:
         return None
+    reference = {p: r for p, records in finished.items() for r in records if r["method"] == "ar"}
     by_method: dict[str, list[dict]] = {}
-    for record in records:
-        by_method.setdefault(record["method"], []).append(record)
+    for p in sorted(finished):
+        for record in finished[p]:
+            by_method.setdefault(record["method"], []).append(record)
     return {"partial": True, "prompts": {"count": len(reference)},
             "methods": [{"name": name, **summarize(recs, reference)} for name, recs in by_method.items()]}
 
@@ -325,6 +340,8 @@ def main(argv: list[str] | None = None) -> int:
            "TOKENIZERS_PARALLELISM": "false"}
     if args.smoke:
         env["CUDA_VISIBLE_DEVICES"] = ""  # the CPU path, even on a machine with a GPU
+    for name in OUTPUTS:  # a file an earlier run left in OUT must not pass for this one's
+        (out / name).unlink(missing_ok=True)
     log = Log(out / "gpu_run.log")
     results = {"format": FORMAT, "created": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
                "device": device_info(args.smoke), "time_limit_seconds": limit, "work": str(work), "stages": []}
@@ -344,12 +361,18 @@ def main(argv: list[str] | None = None) -> int:
                 log.line(f"stage {name}: skipped: {reason}")
                 result = StageResult(name, "skipped", note=reason)
             else:
-                if name == "train":  # a verifier left by an earlier run is not this one's
-                    shutil.rmtree(work / "verifier", ignore_errors=True)
+                for stale in STALE.get(name, ()):  # what an earlier run left must not pass for this one's
+                    if (work / stale).is_dir():
+                        shutil.rmtree(work / stale)
+                    else:
+                        (work / stale).unlink(missing_ok=True)
                 result = run_stage(name, stage_argv(name, args.smoke, work), given, env, log)
             results["stages"].append(dataclasses.asdict(result))
             results["elapsed_seconds"] = round(time.perf_counter() - start, 1)
-            bundle(out, work, results)
+            try:
+                bundle(out, work, results)
+            except Exception as err:  # a report that cannot be written must not stop the stages after it
+                log.line(f"writing {out} after stage {name} failed: {type(err).__name__}: {err}")
     finally:
         if temporary:
             shutil.rmtree(work, ignore_errors=True)

@@ -66,7 +66,8 @@ def test_a_stopped_benchmark_is_summarised_from_its_records(tmp_path):
                 "exact_match_vs_ar": True}
 
     records = [record(p, m, 0.4 if m == "ar" else 0.2) for p in (0, 1) for m in ("ar", "sd-k4")]
-    (tmp_path / "records.jsonl").write_text("".join(json.dumps(r) + "\n" for r in records))
+    lines = [json.dumps(r) for r in records] + [json.dumps(record(2, "ar", 0.4)), '{"prompt": 2, "meth']  # a kill
+    (tmp_path / "records.jsonl").write_text("\n".join(lines) + "\n")
     summary = gpu_run.partial_bench(tmp_path)
     assert summary["partial"] is True and summary["prompts"]["count"] == 2
     sd = {e["name"]: e for e in summary["methods"]}["sd-k4"]
