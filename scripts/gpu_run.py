@@ -203,8 +203,6 @@ def test_summary(path: Path) -> dict | None:
 
 def partial_bench(folder: Path) -> dict | None:
     """The benchmark's figures over its finished prompts (records.jsonl), for a run stopped before its report."""
-    from sprinter.bench.report import summarize
-
     path = folder / "records.jsonl"
     by_prompt: dict[int, list[dict]] = {}
     for line in path.read_text().splitlines() if path.is_file() else []:
@@ -217,6 +215,7 @@ def partial_bench(folder: Path) -> dict | None:
     finished = {p: records for p, records in by_prompt.items() if {r["method"] for r in records} == methods}
     if "ar" not in methods or not finished:
         return None
+    from sprinter.bench.report import summarize  # imports torch: only for a stopped benchmark
     reference = {p: r for p, records in finished.items() for r in records if r["method"] == "ar"}
     by_method: dict[str, list[dict]] = {}
     for p in sorted(finished):
@@ -226,8 +225,11 @@ def partial_bench(folder: Path) -> dict | None:
             "methods": [{"name": name, **summarize(recs, reference)} for name, recs in by_method.items()]}
 
 
-def bench_markdown(results: dict) -> str:
+def bench_markdown(results: dict, folder: Path | None = None) -> str:
+    """The benchmark's own results.md when it finished (in `folder`), else a table of the finished prompts."""
     if not results.get("partial"):
+        if folder is not None and (folder / "results.md").is_file():
+            return (folder / "results.md").read_text()
         from sprinter.bench.report import markdown
 
         return markdown(results)
@@ -274,10 +276,10 @@ def bundle(out: Path, work: Path, results: dict) -> None:
         if source.is_file() and source.stat().st_size < 16 * 2**20:
             shutil.copyfile(source, out / name)
     write_atomic(out / "results.json", json.dumps(results, indent=2) + "\n")
-    write_atomic(out / "results.md", markdown(results))
+    write_atomic(out / "results.md", markdown(results, work))
 
 
-def markdown(results: dict) -> str:
+def markdown(results: dict, work: Path) -> str:
     dev = results["device"]
     lines = [f"# GPU run ({dev['mode']})", "",
              f"{dev.get('gpu') or 'CPU'}; torch {dev['torch']}, transformers {dev['transformers']}; "
@@ -301,14 +303,18 @@ def markdown(results: dict) -> str:
     verifier = results.get("verifier")
     if verifier and verifier.get("verifier"):
         lines += ["", f"Verifier ({verifier['label_rule']} label): test AUROC {verifier['verifier'].get('auroc')}."]
-    for key, title in (("bench", "Benchmark (eager)"), ("bench_compiled", "Benchmark (compiled)")):
+    for key, folder, title in (("bench", "bench", "Benchmark (eager)"),
+                               ("bench_compiled", "bench-compiled", "Benchmark (compiled)")):
         if results.get(key):
-            lines += ["", f"## {title}", "", bench_markdown(results[key])]
+            lines += ["", f"## {title}", "", bench_markdown(results[key], work / folder)]
     if results.get("batch"):
-        from sprinter.bench.batch import markdown as batch_markdown
+        if results["batch"].get("partial"):
+            from sprinter.bench.batch import markdown as batch_markdown  # imports torch: only for a stopped sweep
 
-        partial = " (stopped by its time budget: the finished cells)" if results["batch"].get("partial") else ""
-        lines += ["", f"## Batch sweep{partial}", "", batch_markdown(results["batch"])]
+            lines += ["", "## Batch sweep (stopped by its time budget: the finished cells)", "",
+                      batch_markdown(results["batch"])]
+        else:
+            lines += ["", "## Batch sweep", "", (work / "batch" / "results.md").read_text()]
     return "\n".join(lines) + "\n"
 
 
