@@ -95,7 +95,8 @@ def stage_argv(name: str, smoke: bool, work: Path) -> list[str]:
                 str(work / "tests.xml")]
         return argv + [str(ROOT / "tests" / "test_cuda.py")] if smoke else argv + [str(ROOT / "tests")]
     if name == "pair":
-        return ["scripts/make_pair.py", "--preset", preset, "--out", str(pair)] + (["--device", "cpu"] if smoke else [])
+        smoke_pair = ["--device", "cpu", "--target-steps", "8", "--distill-steps", "4"]  # the files, not the quality
+        return ["scripts/make_pair.py", "--preset", preset, "--out", str(pair)] + (smoke_pair if smoke else [])
     if name == "collect":
         argv = ["scripts/collect.py", "--config", str(CONFIGS / "collect" / f"{preset}.yaml"), *models, "--out",
                 str(data), "--overwrite"]
