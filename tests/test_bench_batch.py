@@ -27,6 +27,7 @@ def sweep(tiny_pair, out, *extra):
 def test_tiny_sweep_writes_its_reports(tiny_pair, tmp_path):
     results = sweep(tiny_pair, tmp_path)
     on_disk = json.loads((tmp_path / "results.json").read_text())
+    assert on_disk["partial"] is False
     assert on_disk["s_rule"] == {"1": 4, "3": 1} and list(on_disk["methods"]) == ["ar", "sd-k4", "ngram", "ngram-s2"]
     for size, cell in results["cells"]["code"].items():
         assert cell["ar"]["speedup_vs_ar"] == 1.0 and cell["ngram"]["tokens"] == cell["ar"]["tokens"]
@@ -51,3 +52,28 @@ def test_tiny_sweep_writes_its_reports(tiny_pair, tmp_path):
 def test_bad_options_are_refused(argv, message):
     with pytest.raises(SprinterError, match=message):
         parse_config(BatchBenchConfig, argv, "test")
+
+
+def test_a_stopped_sweep_keeps_its_finished_cells(tiny_pair, tmp_path, monkeypatch):
+    import sprinter.bench.batch as batch
+
+    real, calls = batch.run_cell, []
+
+    def stop_at_the_second_cell(*args, **kwargs):
+        if calls:
+            raise KeyboardInterrupt  # as a time budget's signal would
+        calls.append(1)
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(batch, "run_cell", stop_at_the_second_cell)
+    before = torch.get_num_threads()
+    cfg = parse_config(BatchBenchConfig, ["--config", str(ROOT / "configs/bench_batch/tiny.yaml"), "--draft",
+                                          str(tiny_pair / "draft"), "--target", str(tiny_pair / "target"), "--out",
+                                          str(tmp_path), "--i-knee", "4"], "test")
+    try:
+        with pytest.raises(KeyboardInterrupt):
+            run_sweep(cfg)
+    finally:
+        torch.set_num_threads(before)
+    on_disk = json.loads((tmp_path / "results.json").read_text())
+    assert on_disk["partial"] is True and list(on_disk["cells"]["code"]) == ["1"]

@@ -135,3 +135,42 @@ def test_overwrite_never_deletes_a_folder_that_is_not_a_pair(tmp_path):
     with pytest.raises(SprinterError, match="holds no pair.json"):
         build_pair(parse_pair_config(["--preset", "tiny", "--out", str(tmp_path), "--overwrite"]))
     assert (tmp_path / "precious.txt").read_text() == "keep me"
+
+
+def test_time_budget_stops_training_and_is_recorded(tmp_path):
+    out = tmp_path / "budget"
+    meta = build_pair(parse_pair_config(["--preset", "tiny", "--out", str(out), "--target-steps", "100000",
+                                         "--target-max-seconds", "0.5", "--distill-steps", "3"]))
+    assert 0 < meta["steps_run"]["target"] < 100000 and meta["steps_run"]["draft"] == 3
+    assert meta["training_tokens"]["target"] == meta["steps_run"]["target"] * 8 * 48  # tiny: batch 8 x 48 tokens
+    assert meta["precision"] == "float32"  # CPU: no autocast
+
+
+def test_lr_clock_ends_the_decay_by_the_time_budget():
+    from sprinter.pairs.build import lr_at
+
+    assert lr_at(10, 1000, 1.0, 0.05) == lr_at(10, 1000, 1.0, 0.05, clock=0.0)
+    assert lr_at(500, 100000, 1.0, 0.05, clock=1.0) == pytest.approx(0.1)  # the clock ran out: the floor
+
+
+def test_pair_json_without_newer_options_is_still_recognised(tmp_path, tiny_pair):
+    import shutil
+
+    copy = tmp_path / "old"
+    shutil.copytree(tiny_pair, copy)
+    meta = json.loads((copy / "pair.json").read_text())
+    for key in ("target_max_seconds", "distill_max_seconds", "precision"):  # as a pair.json written before them
+        del meta["config"][key]
+    (copy / "pair.json").write_text(json.dumps(meta))
+    again = build_pair(parse_pair_config(["--preset", "tiny", "--out", str(copy)]))  # "nothing to do", not refused
+    assert again["target_params"] == meta["target_params"]
+
+
+@pytest.mark.parametrize("args, message", [
+    (["--target-max-seconds", "-1"], "target_max_seconds: got -1"),
+    (["--precision", "float8"], "precision: got 'float8'"),
+    (["--precision", "bfloat16", "--device", "cpu"], "precision: got 'bfloat16' on cpu"),
+])
+def test_bad_time_budget_or_precision_is_refused(args, message, tmp_path):
+    with pytest.raises(SprinterError, match=message):
+        build_pair(parse_pair_config(["--preset", "tiny", "--out", str(tmp_path / "p"), *args]))

@@ -10,7 +10,9 @@ them are lossless). Rows: "ar"; "sd-k{k}" (the draft model); "ngram" (s from the
 I_knee, sprinter.decode.roofline) and "ngram-s{s}" for each fixed s.
 
 Each finished (domain, B) cell is appended to OUT/records.jsonl, so --resume continues a killed sweep.
-Writes OUT/results.json, OUT/results.md and OUT/batch.png (matplotlib optional, as sprinter.bench.report).
+Writes OUT/results.json, OUT/results.md and OUT/batch.png (matplotlib optional, as sprinter.bench.report);
+results.json is also written after every finished cell, with "partial": true, so a sweep stopped from outside
+(a time budget) keeps what it measured.
 """
 
 from __future__ import annotations
@@ -42,6 +44,7 @@ from sprinter.config import CONFIGS, check_integers, option, to_dict
 from sprinter.decode.decoder import Decoder, check_options
 from sprinter.decode.roofline import measure_i_knee, speculation_length
 from sprinter.errors import SprinterError
+from sprinter.files import write_atomic
 
 CONFIG_DIR = CONFIGS / "bench_batch"
 FORMAT = "sprinter-bench-batch/1"
@@ -184,6 +187,19 @@ def run_sweep(cfg: BatchBenchConfig) -> dict:
     done = open_records(out, header, resume=cfg.resume, overwrite=cfg.overwrite, key="cell")
     todo = [(domain, size) for domain in cfg.domains for size in sizes if f"{domain}/{size}" not in done]
     start = time.perf_counter()
+    def results(partial: bool) -> dict:
+        cells: dict[str, dict[str, dict]] = {domain: {} for domain in cfg.domains}
+        for domain in cfg.domains:
+            for size in sizes:
+                if f"{domain}/{size}" in done:
+                    cells[domain][str(size)] = {r["method"]: {k: v for k, v in r.items() if k not in ("cell", "method")}
+                                                for r in done[f"{domain}/{size}"]}
+        return {"format": FORMAT, "created": time.strftime("%Y-%m-%dT%H:%M:%S"),
+                "hardware": hardware(decoder.pair.device, decoder.pair.dtype), "libraries": libraries(),
+                "pair": {"draft": draft, "target": target}, "options": to_dict(cfg), "i_knee": i_knee,
+                "s_rule": {str(b): speculation_length(i_knee, b) for b in sizes}, "methods": rows,
+                "elapsed_seconds": time.perf_counter() - start, "partial": partial, "cells": cells}
+
     if todo:
         warm = pools[todo[0][0]][:2]
         warm_up(rows.values(), lambda options: decoder.generate(warm, max_new_tokens=8, **options), times=cfg.warmup)
@@ -195,20 +211,11 @@ def run_sweep(cfg: BatchBenchConfig) -> dict:
             records = [{"cell": f"{domain}/{size}", "method": name, **figures} for name, figures in cell.items()]
             append_records(out, records)
             done[f"{domain}/{size}"] = records
-    cells: dict[str, dict[str, dict]] = {domain: {} for domain in cfg.domains}
-    for domain in cfg.domains:
-        for size in sizes:
-            cells[domain][str(size)] = {r["method"]: {k: v for k, v in r.items() if k not in ("cell", "method")}
-                                        for r in done[f"{domain}/{size}"]}
-    results = {
-        "format": FORMAT, "created": time.strftime("%Y-%m-%dT%H:%M:%S"),
-        "hardware": hardware(decoder.pair.device, decoder.pair.dtype), "libraries": libraries(),
-        "pair": {"draft": draft, "target": target}, "options": to_dict(cfg), "i_knee": i_knee,
-        "s_rule": {str(b): speculation_length(i_knee, b) for b in sizes}, "methods": rows,
-        "elapsed_seconds": time.perf_counter() - start, "cells": cells,
-    }
-    write_reports(results, out)
-    return results
+            # A sweep stopped from outside (a time budget) keeps its finished cells in results.json.
+            write_atomic(out / "results.json", json.dumps(results(partial=True), indent=2) + "\n")
+    final = results(partial=False)
+    write_reports(final, out)
+    return final
 
 
 def markdown(results: dict) -> str:

@@ -41,6 +41,7 @@ from sprinter.pairs.load import check_same_vocabulary, resolve_device
 CONFIG_DIR = CONFIGS
 EOS = "<|endoftext|>"
 ARCHS = ("gpt2", "llama")
+PRECISIONS = ("auto", "float32", "bfloat16")
 # Options that do not change the pair a build makes.
 RUNTIME_OPTIONS = ("overwrite", "device", "threads", "out", "target_from")
 # Options that fix the tokenizer and the target (what `target_from` must share).
@@ -66,6 +67,8 @@ class PairConfig:
     target_width: int = option(64, "target hidden size")
     target_heads: int = option(2, "target attention heads")
     target_steps: int = option(60, "target optimizer steps")
+    target_max_seconds: float = option(0.0, "stop the target's training after this many seconds (0: no limit); the "
+                                            "learning rate then decays by the clock as well as by the step count")
     lr: float = option(3e-3, "peak learning rate (target)")
     warmup_fraction: float = option(0.05, "fraction of steps with linear warmup")
     draft_init: str = option("truncate", "truncate (target's first blocks) or scratch (a narrower model)")
@@ -74,6 +77,9 @@ class PairConfig:
     draft_heads: int = option(2, "draft attention heads (scratch only)")
     distill_steps: int = option(30, "draft distillation steps on the target's outputs")
     distill_lr: float = option(2e-3, "peak learning rate (draft distillation)")
+    distill_max_seconds: float = option(0.0, "stop the draft's distillation after this many seconds (0: no limit)")
+    precision: str = option("auto", "training precision: float32, bfloat16 (autocast; CUDA only) or auto: bfloat16 "
+                                    "on CUDA, float32 on CPU (the saved weights are float32 either way)")
     eval_windows: int = option(32, "held-out windows for validation loss and greedy agreement")
     threads: int = option(0, "CPU threads for torch (0: all cores)")
     target_from: str | None = option(None, "reuse the trained target and tokenizer of this pair folder (built with the "
@@ -95,6 +101,12 @@ class PairConfig:
                                 f"{self.target_width}/{self.target_heads}, draft {self.draft_width}/{self.draft_heads}")
         if self.seq_len + 1 > self.context_length:
             raise SprinterError(f"seq_len: got {self.seq_len}; expected below context_length={self.context_length}")
+        for name in ("target_max_seconds", "distill_max_seconds"):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, (int, float)) or not value >= 0:
+                raise SprinterError(f"{name}: got {value!r}; expected a number of seconds >= 0 (0: no limit)")
+        if self.precision not in PRECISIONS:
+            raise SprinterError(f"precision: got {self.precision!r}; expected one of {PRECISIONS}")
         if self.vocab_size < 260:
             raise SprinterError(f"vocab_size: got {self.vocab_size}; expected at least 260 (256 bytes + specials)")
 
@@ -224,36 +236,46 @@ def truncated_draft(target, layers: int, seed: int):
     return draft
 
 
-def lr_at(step: int, steps: int, peak: float, warmup_fraction: float) -> float:
-    """Linear warmup, then cosine decay to a tenth of the peak."""
+def lr_at(step: int, steps: int, peak: float, warmup_fraction: float, clock: float = 0.0) -> float:
+    """Linear warmup, then cosine decay to a tenth of the peak. `clock` (the share of a time budget spent, 0
+    without one) moves the decay on when it is further along than the step count, so a run cut by its time
+    budget still ends at the low learning rate."""
     warmup = max(1, int(steps * warmup_fraction))
-    if step < warmup:
+    if step < warmup and clock < warmup_fraction:
         return peak * (step + 1) / warmup
-    progress = (step - warmup) / max(1, steps - warmup)
-    return peak * (0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * progress)))
+    progress = max((step - warmup) / max(1, steps - warmup), clock)
+    return peak * (0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * min(1.0, progress))))
 
 
-def train_loop(model, steps: int, peak_lr: float, warmup_fraction: float, batch_fn, loss_fn, desc: str) -> float:
-    """A plain AdamW loop with a progress bar; returns seconds spent."""
+def train_loop(model, steps: int, peak_lr: float, warmup_fraction: float, batch_fn, loss_fn, desc: str, *,
+               max_seconds: float = 0.0, autocast: bool = False) -> tuple[float, int]:
+    """A plain AdamW loop with a progress bar; returns (seconds spent, steps run). It stops after `steps`,
+    or once `max_seconds` (> 0) have passed; `autocast`: bfloat16 autocast on CUDA (weights stay float32)."""
     opt = torch.optim.AdamW(model.parameters(), lr=peak_lr, betas=(0.9, 0.95), weight_decay=0.1)
     model.train()
     start = time.perf_counter()
     # In a log file (not a terminal), a line every 15 s instead of one per step.
     bar = tqdm(range(steps), desc=desc, unit="step", dynamic_ncols=True,
                mininterval=0.5 if sys.stderr.isatty() else 15)
-    ema = None
+    ema, run = None, 0
     for step in bar:
+        elapsed = time.perf_counter() - start
+        if max_seconds and elapsed >= max_seconds:
+            print(f"{desc}: time budget of {max_seconds:g} s reached after {step} of {steps} steps")
+            break
         for group in opt.param_groups:
-            group["lr"] = lr_at(step, steps, peak_lr, warmup_fraction)
-        loss = loss_fn(model, batch_fn())
+            group["lr"] = lr_at(step, steps, peak_lr, warmup_fraction, elapsed / max_seconds if max_seconds else 0.0)
+        with torch.autocast("cuda", dtype=torch.bfloat16, enabled=autocast):
+            loss = loss_fn(model, batch_fn())
         opt.zero_grad(set_to_none=True)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
         opt.step()
         ema = loss.item() if ema is None else 0.95 * ema + 0.05 * loss.item()
         bar.set_postfix(loss=f"{ema:.3f}")
+        run = step + 1
     model.eval()
-    return time.perf_counter() - start
+    return time.perf_counter() - start, run
 
 
 def lm_loss(model, batch: torch.Tensor) -> torch.Tensor:
@@ -298,6 +320,8 @@ def decode_step_ms(model, context: torch.Tensor, steps: int = 40, repeats: int =
         start = time.perf_counter()
         for _ in range(steps):
             token = model(token, past_key_values=cache, use_cache=True).logits[:, -1:].argmax(-1)
+        if token.device.type == "cuda":  # the steps were only queued: wait for them before reading the clock
+            torch.cuda.synchronize(token.device)
         times.append((time.perf_counter() - start) / steps * 1e3)
     return sorted(times)[len(times) // 2]
 
@@ -316,7 +340,9 @@ def _check_out_dir(cfg: PairConfig) -> bool:
         return False
     old = json.loads(meta.read_text()).get("config", {})
     new = {k: v for k, v in to_dict(cfg).items() if k not in RUNTIME_OPTIONS}
-    if all(old.get(k) == v for k, v in new.items()):
+    # An option missing from an older pair.json did not exist then: that pair was built with its default.
+    defaults = to_dict(PairConfig())
+    if all(old.get(k, defaults[k]) == v for k, v in new.items()):
         return True
     raise SprinterError(f"out: {str(out)!r} already holds a different pair (preset {old.get('preset')!r}); "
                         "pass --overwrite to replace it, or choose another --out")
@@ -338,6 +364,9 @@ def build_pair(cfg: PairConfig) -> dict:
 
 def _build(cfg: PairConfig) -> dict:
     device = resolve_device(cfg.device)
+    if cfg.precision == "bfloat16" and device.type != "cuda":
+        raise SprinterError(f"precision: got 'bfloat16' on {device}; expected CUDA (or precision float32 / auto)")
+    autocast = device.type == "cuda" and cfg.precision != "float32"
     started = time.perf_counter()
     gen = torch.Generator().manual_seed(cfg.seed)
 
@@ -360,12 +389,15 @@ def _build(cfg: PairConfig) -> dict:
         from transformers import AutoModelForCausalLM
 
         target = AutoModelForCausalLM.from_pretrained(Path(cfg.target_from) / "target", dtype=torch.float32).to(device)
-        for _ in range(cfg.target_steps):  # draw the target's batches, so the draft sees what a full build shows it
+        old_meta = json.loads((Path(cfg.target_from) / "pair.json").read_text())
+        target_run = old_meta.get("steps_run", {}).get("target", cfg.target_steps)
+        for _ in range(target_run):  # draw the target's batches, so the draft sees what a full build shows it
             batch()
-        target_seconds = json.loads((Path(cfg.target_from) / "pair.json").read_text())["training_seconds"]["target"]
+        target_seconds = old_meta["training_seconds"]["target"]
     else:
         target = build_model(target_cfg, cfg.seed).to(device)
-        target_seconds = train_loop(target, cfg.target_steps, cfg.lr, cfg.warmup_fraction, batch, lm_loss, "target")
+        target_seconds, target_run = train_loop(target, cfg.target_steps, cfg.lr, cfg.warmup_fraction, batch, lm_loss,
+                                                "target", max_seconds=cfg.target_max_seconds, autocast=autocast)
 
     if cfg.draft_init == "truncate":
         draft = truncated_draft(target, cfg.draft_layers, cfg.seed + 1).to(device)
@@ -374,8 +406,9 @@ def _build(cfg: PairConfig) -> dict:
                                 cfg.context_length, tokenizer.eos_token_id)
         draft = build_model(draft_cfg, cfg.seed + 1).to(device)
     target.requires_grad_(False)
-    draft_seconds = train_loop(draft, cfg.distill_steps, cfg.distill_lr, cfg.warmup_fraction, batch,
-                               distill_loss(target), "draft (distil)")
+    draft_seconds, draft_run = train_loop(draft, cfg.distill_steps, cfg.distill_lr, cfg.warmup_fraction, batch,
+                                          distill_loss(target), "draft (distil)", max_seconds=cfg.distill_max_seconds,
+                                          autocast=autocast)
     target.requires_grad_(True)
 
     figures = evaluate(target, draft, val_windows)
@@ -386,8 +419,10 @@ def _build(cfg: PairConfig) -> dict:
         "target_params": sum(p.numel() for p in target.parameters()),
         "draft_params": sum(p.numel() for p in draft.parameters()),
         "vocab_size": vocab,
-        "training_tokens": {"target": cfg.target_steps * cfg.batch_size * cfg.seq_len,
-                            "draft": cfg.distill_steps * cfg.batch_size * cfg.seq_len},
+        "steps_run": {"target": target_run, "draft": draft_run},  # fewer than configured when a time budget cut in
+        "precision": "bfloat16-autocast" if autocast else "float32",
+        "training_tokens": {"target": target_run * cfg.batch_size * cfg.seq_len,
+                            "draft": draft_run * cfg.batch_size * cfg.seq_len},
         "training_seconds": {"target": round(target_seconds, 1), "draft": round(draft_seconds, 1),
                              "total": round(time.perf_counter() - started, 1)},
         **{k: round(v, 4) for k, v in figures.items()},

@@ -1,0 +1,73 @@
+"""The decode paths on a CUDA device (marked `cuda`; skipped where there is none). CI has no GPU: these run
+in scripts/gpu_run.py's first stage (`pytest -m cuda`) on a machine that has one.
+
+float32 on the GPU keeps the greedy invariants exact (bfloat16 near-ties may flip a token); the bfloat16 test
+checks only that every mode runs and counts consistently."""
+
+import pytest
+import torch
+from conftest import scrambled
+
+from sprinter.decode.decoder import Decoder
+
+pytestmark = [pytest.mark.cuda,
+              pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")]
+
+PROMPTS = ["def parse(self, text):\n    ", "import os\nimport sys\n\n", "class Cache:\n    def __init__(self"]
+
+
+@pytest.fixture(scope="module")
+def scrambled_pair(tiny_pair, tmp_path_factory):
+    """The scrambled tiny pair (draft and target disagree on some tokens) saved, so it loads onto the GPU."""
+    cpu = scrambled(tiny_pair)
+    out = tmp_path_factory.mktemp("scrambled")
+    for role, model in (("draft", cpu.pair.draft), ("target", cpu.pair.target)):
+        model.save_pretrained(out / role)
+        cpu.tokenizer.save_pretrained(out / role)
+    return out
+
+
+def on_cuda(pair_dir, dtype: str) -> Decoder:
+    return Decoder.from_pretrained(str(pair_dir / "draft"), str(pair_dir / "target"), device="cuda", dtype=dtype)
+
+
+@pytest.mark.parametrize("mode, options", [("sd", {"k": 4}), ("ngram", {}), ("async", {"window": 4}),
+                                           ("sprinter", {"gate": "always"}), ("sd-gated", {"gate": "confidence"})])
+def test_lossless_modes_equal_ar_on_cuda(scrambled_pair, mode, options):
+    decoder = on_cuda(scrambled_pair, "float32")
+    assert decoder.pair.device.type == "cuda"
+    for prompt in PROMPTS:
+        ar = decoder.generate(prompt, max_new_tokens=24, mode="ar")
+        out = decoder.generate(prompt, max_new_tokens=24, mode=mode, **options)
+        assert out.token_ids == ar.token_ids, (mode, prompt)
+
+
+@pytest.mark.parametrize("mode", ["ar", "sd", "ngram"])
+def test_batched_modes_equal_single_ar_on_cuda(scrambled_pair, mode):
+    decoder = on_cuda(scrambled_pair, "float32")
+    singles = [decoder.generate(p, max_new_tokens=16, mode="ar").token_ids for p in PROMPTS]
+    batch = decoder.generate(PROMPTS, max_new_tokens=16, mode=mode)
+    assert [o.token_ids for o in batch] == singles
+
+
+def test_async_draft_on_cpu_target_on_cuda(scrambled_pair):
+    decoder = on_cuda(scrambled_pair, "float32")
+    ar = decoder.generate(PROMPTS[0], max_new_tokens=16, mode="ar")
+    out = decoder.generate(PROMPTS[0], max_new_tokens=16, mode="async", draft_device="cpu")
+    assert out.token_ids == ar.token_ids
+
+
+@pytest.mark.parametrize("mode", ["ar", "draft", "sd", "ngram", "async", "sprinter"])
+def test_every_mode_runs_in_bfloat16(scrambled_pair, mode):
+    decoder = on_cuda(scrambled_pair, "bfloat16")
+    assert decoder.pair.dtype == torch.bfloat16
+    options = {"gate": "confidence"} if mode == "sprinter" else {}
+    out = decoder.generate(PROMPTS[1], max_new_tokens=16, mode=mode, **options)
+    assert out.stats.new_tokens == len(out.token_ids) and 0 < len(out.token_ids) <= 16
+
+
+def test_sampling_is_seeded_on_cuda(scrambled_pair):
+    decoder = on_cuda(scrambled_pair, "float32")
+    a = decoder.generate(PROMPTS[2], max_new_tokens=16, mode="sd", temperature=1.0, seed=3)
+    b = decoder.generate(PROMPTS[2], max_new_tokens=16, mode="sd", temperature=1.0, seed=3)
+    assert a.token_ids == b.token_ids
