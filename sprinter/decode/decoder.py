@@ -337,6 +337,8 @@ class Decoder:
         # 0. Every check happens before any model runs.
         sampler = Sampler(temperature, top_k, top_p)
         check_seed(seed)
+        if on_text is not None and not callable(on_text):
+            raise SprinterError(f"on_text: got {on_text!r}; expected a function of one str, or None")
         check_async_options(mode, window, draft_device, target_device)
         if _is_batch(prompt) and len(prompt) == 1 and mode not in BATCH_MODES:
             prompt = prompt[0]  # a batch of one, in a mode that decodes one prompt at a time

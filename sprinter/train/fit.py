@@ -354,6 +354,8 @@ def _train(cfg: TrainConfig) -> dict:
     if cfg.label_rule == "auto":
         cfg = dataclasses.replace(cfg, label_rule=auto_label_rule([read_manifest(p) for p in cfg.data]))
     manifests, table = open_folders(cfg.data, cfg.features, cfg.label_rule)
+    for path in cfg.eval_data:  # read only after training, but checked now: a typo should not cost a training run
+        read_manifest(path)
     manifest = manifests[0]
     splits = split_prompts(table.column("prompt_index"), cfg.val_fraction, cfg.test_fraction, cfg.seed)
     sizes = check_splits(table, splits, cfg.label_rule)
