@@ -137,7 +137,7 @@ class Verifier(nn.Module):
 def checkpoint_file(path: str | Path) -> Path:
     """A folder means FOLDER/verifier.safetensors; a file path is used as given."""
     path = Path(path)
-    return path / FILE_NAME if path.is_dir() or path.suffix != ".safetensors" else path
+    return path / FILE_NAME if path.is_dir() or (path.suffix != ".safetensors" and not path.is_file()) else path
 
 
 def save_verifier(path: str | Path, verifier: Verifier, info: VerifierInfo) -> Path:

@@ -52,7 +52,7 @@ SOURCES = ("corpus", "decode")
 HIDDEN_DTYPES = {"float16": torch.float16, "float32": torch.float32}
 FEATURES = ["hidden", "draft_prob", "draft_entropy", "draft_max_prob", "position", "context_length"]
 # Options that may change on --resume without changing a single row.
-RUNTIME_OPTIONS = ("resume", "overwrite", "device", "threads", "progress")
+RUNTIME_OPTIONS = ("resume", "overwrite", "device", "threads", "progress", "out")  # "out": a moved folder resumes
 
 
 @dataclass
@@ -290,27 +290,26 @@ def _collect(cfg: CollectConfig, dist: Dist) -> dict | None:
                          metadata={"source": cfg.source, "draft": draft_fp, "target": target_fp})
     started = time.perf_counter()
     new_rows = new_tokens = seen = 0
-    bar = tqdm(total=cfg.num_prompts, unit="prompt", desc=f"collect ({cfg.source})",
-               disable=not cfg.progress or dist.rank != 0)
-    for b, (first, windows) in enumerate(iter_batches(cfg, pair.tokenizer)):
-        seen = first + len(windows)
-        todo = set(range(first, seen)) - done
-        if b % dist.world != dist.rank or not todo:
-            bar.update(len(windows) if not todo or dist.world == 1 else 0)
-            continue
-        if len(todo) != len(windows):
-            raise SprinterError(f"out: {cfg.out!r} holds part of the batch starting at prompt {first}; expected "
-                                "whole batches (was --batch-size changed?): rerun with --overwrite")
-        rows = batch_rows(cfg, pair, windows, first)
-        writer.add(rows)
-        new_rows += len(rows["token_id"])
-        new_tokens += windows.numel()
-        seconds = time.perf_counter() - started
-        bar.update(len(windows) * dist.world)  # the other ranks advance at about the same pace
-        bar.set_postfix({"tokens/s": f"{new_tokens * dist.world / seconds:.0f}",
-                         "labelled/s": f"{new_rows * dist.world / seconds:.0f}"})
+    with tqdm(total=cfg.num_prompts, unit="prompt", desc=f"collect ({cfg.source})",
+              disable=not cfg.progress or dist.rank != 0) as bar:  # closed before an error prints
+        for b, (first, windows) in enumerate(iter_batches(cfg, pair.tokenizer)):
+            seen = first + len(windows)
+            todo = set(range(first, seen)) - done
+            if b % dist.world != dist.rank or not todo:
+                bar.update(len(windows) if not todo or dist.world == 1 else 0)
+                continue
+            if len(todo) != len(windows):
+                raise SprinterError(f"out: {cfg.out!r} holds part of the batch starting at prompt {first}; expected "
+                                    "whole batches (was --batch-size changed?): rerun with --overwrite")
+            rows = batch_rows(cfg, pair, windows, first)
+            writer.add(rows)
+            new_rows += len(rows["token_id"])
+            new_tokens += windows.numel()
+            seconds = time.perf_counter() - started
+            bar.update(len(windows) * dist.world)  # the other ranks advance at about the same pace
+            bar.set_postfix({"tokens/s": f"{new_tokens * dist.world / seconds:.0f}",
+                             "labelled/s": f"{new_rows * dist.world / seconds:.0f}"})
     writer.close()
-    bar.close()
     seconds = time.perf_counter() - started
     dist.barrier()  # every rank's shards are on disk
     if dist.rank != 0:
