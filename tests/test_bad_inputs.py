@@ -391,3 +391,20 @@ def test_the_scripts_themselves_exit_2_with_one_line(tmp_path, name, argv, named
     assert "Traceback" not in proc.stderr
     errors = [line for line in proc.stderr.splitlines() if line.startswith("error:")]
     assert len(errors) == 1 and named in errors[0], proc.stderr
+
+
+# ------------------------------------------------------------------------------------ found by the battery
+def test_an_error_is_not_glued_to_the_progress_bar(mains, capsys, tmp_path, tiny_pair):
+    argv = [a for a in collect_argv(tiny_pair, tmp_path / "missing.jsonl", tmp_path / "out") if a != "--no-progress"]
+    assert run_cli(mains["collect"], argv) == 2
+    one_error(capsys, "missing.jsonl")  # its own line: the bar is closed before the error prints
+    assert not (tmp_path / "out").exists()
+
+
+def test_a_moved_collection_resumes(mains, capsys, tmp_path, tiny_pair, corpus):
+    import shutil
+
+    assert run_cli(mains["collect"], collect_argv(tiny_pair, corpus, tmp_path / "a")) == 0
+    shutil.move(tmp_path / "a", tmp_path / "b")
+    assert run_cli(mains["collect"], collect_argv(tiny_pair, corpus, tmp_path / "b", "--resume")) == 0
+    assert read_manifest(tmp_path / "b")["num_samples"] == 64
