@@ -19,11 +19,12 @@ import time
 import numpy as np
 import torch
 
+from sprinter.config import ArgumentParser
 from sprinter.corpus import load_documents
 from sprinter.decode.cache import CachedLM
 from sprinter.decode.datastore import Datastore
 from sprinter.decode.ngram import NgramDrafter
-from sprinter.errors import run_cli
+from sprinter.errors import SprinterError, run_cli
 from sprinter.pairs.build import resolve_pair
 from sprinter.pairs.load import load_model, load_tokenizer
 
@@ -58,8 +59,7 @@ def agree(chain: list[int], truth: list[int]) -> int:
 
 
 def main(argv=None) -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0],
-                                     formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    parser = ArgumentParser(description=__doc__.splitlines()[0], formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     parser.add_argument("--datastore", default="checkpoints/datastores/demo", help="from scripts/build_datastore.py")
     parser.add_argument("--pair", default="demo", help="pair preset or folder (its tokenizer and target)")
     parser.add_argument("--n", type=int, default=3, help="longest n-gram")
@@ -68,6 +68,11 @@ def main(argv=None) -> None:
     parser.add_argument("--repeats", type=int, default=300, help="timed calls per figure (median)")
     parser.add_argument("--docs", type=int, default=40, help="held-out documents for the quality figures")
     args = parser.parse_args(argv)
+    for name in ("n", "s", "repeats", "docs"):
+        if getattr(args, name) < 1:
+            raise SprinterError(f"--{name}: got {getattr(args, name)}; expected an integer >= 1")
+    if min(args.lengths) < 2:
+        raise SprinterError(f"--lengths: got {args.lengths}; expected sequence lengths >= 2")
     torch.set_num_threads(1)
     target_path = resolve_pair(args.pair)[1]
     tok = load_tokenizer(target_path)

@@ -9,6 +9,8 @@ Writes a synthetic shard folder (once; fp16 hidden states, like a collect run), 
 import argparse
 import dataclasses
 import json
+import os
+import sys
 import time
 import warnings
 from pathlib import Path
@@ -17,20 +19,30 @@ import lightning as L
 import torch
 from torch.utils.data import DataLoader
 
+from sprinter.config import ArgumentParser
 from sprinter.data.synthetic import write_shards
+from sprinter.errors import SprinterError, run_cli
 from sprinter.train.data import ShardDataModule, loader, open_folders
 from sprinter.train.fit import FEATURES, TrainConfig, VerifierModule, feature_statistics
 from sprinter.verifier import VerifierInfo, default_arch
 
 
-def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0], formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+def main(argv=None) -> None:
+    parser = ArgumentParser(description=__doc__.splitlines()[0], formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     parser.add_argument("--rows", type=int, default=1_000_000, help="samples in the synthetic set")
     parser.add_argument("--hidden-size", type=int, default=256)
     parser.add_argument("--batch-size", type=int, default=TrainConfig.batch_size)
     parser.add_argument("--threads", type=int, default=2, help="torch CPU threads")
     parser.add_argument("--folder", default="/tmp/sprinter-bench-shards", help="where the synthetic shards go (reused)")
-    args = parser.parse_args()
+    args = parser.parse_args(argv)
+    cores = os.cpu_count() or 1
+    for name in ("rows", "hidden_size", "batch_size"):
+        if getattr(args, name) < 1:
+            raise SprinterError(f"--{name.replace('_', '-')}: got {getattr(args, name)}; expected an integer >= 1")
+    if args.rows < 20:
+        raise SprinterError(f"--rows: got {args.rows}; expected at least 20 (one prompt of 20 tokens)")
+    if not 1 <= args.threads <= cores:
+        raise SprinterError(f"--threads: got {args.threads}; expected an integer in [1, {cores}]")
     torch.set_num_threads(args.threads)
     warnings.filterwarnings("ignore", message=".*does not have many workers.*")
     folder = Path(args.folder) / f"{args.rows}x{args.hidden_size}"
@@ -84,4 +96,4 @@ class PerRow(torch.utils.data.Dataset):
 
 
 if __name__ == "__main__":
-    main()
+    sys.exit(run_cli(main))

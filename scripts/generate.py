@@ -28,6 +28,7 @@ from sprinter.decode.decoder import (
     GenerateConfig,
 )
 from sprinter.errors import SprinterError, run_cli
+from sprinter.files import read_text
 from sprinter.pairs.build import resolve_pair
 from sprinter.pairs.load import resolve_device, resolve_dtype
 
@@ -51,7 +52,7 @@ def read_prompts(path: str) -> list[str]:
     file = Path(path)
     if not file.is_file():
         raise SprinterError(f"prompts_file: got {path!r}; expected an existing text file, one prompt per line")
-    lines = [line for line in file.read_text().splitlines() if line.strip()]
+    lines = [line for line in read_text(file, "prompts_file").splitlines() if line.strip()]
     if file.suffix != ".jsonl":
         prompts = lines
     else:

@@ -10,6 +10,8 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import json
+import math
+import os
 import types
 import typing
 from pathlib import Path
@@ -18,11 +20,13 @@ from typing import Any, Sequence, TypeVar
 import yaml
 
 from sprinter.errors import SprinterError
+from sprinter.files import read_text
 
 # The YAML presets of every stage: configs/<stage>/<name>.yaml at the repository root.
 CONFIGS = Path(__file__).resolve().parent.parent / "configs"
 
 C = TypeVar("C")
+SEED_MAX = 2**63 - 1  # torch.Generator.manual_seed takes a signed 64-bit seed
 
 
 def option(default: Any, help: str, **kwargs: Any) -> Any:
@@ -38,6 +42,30 @@ def check_integers(cfg: Any, names: Sequence[str], minimum: int = 1) -> None:
         value = getattr(cfg, name)
         if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
             raise SprinterError(f"{name}: got {value!r}; expected an integer >= {minimum}")
+
+
+def check_fields(cfg: Any) -> None:
+    """The checks every config gets, from its field types and names, wherever its values came from (flags, YAML,
+    Python): a float is finite (inf and nan are never a useful setting), a `seed` fits torch's 64 bits, and
+    `threads` is between 0 (the default) and this machine's cores (more only oversubscribes, and a tokenizer's
+    thread pool aborts the process on very large counts)."""
+    hints = typing.get_type_hints(type(cfg))
+    for f in dataclasses.fields(cfg):
+        value, (inner, _) = getattr(cfg, f.name), _base_type(hints[f.name])
+        if typing.get_origin(inner) in (tuple, list):
+            inner, values = typing.get_args(inner)[0], value if isinstance(value, (tuple, list)) else [value]
+        else:
+            values = [value]
+        for v in values:
+            if inner is float and isinstance(v, float) and not math.isfinite(v):
+                raise SprinterError(f"{f.name}: got {v!r}; expected a finite number")
+    seed = getattr(cfg, "seed", None)
+    if seed is not None and (isinstance(seed, bool) or not isinstance(seed, int) or not 0 <= seed <= SEED_MAX):
+        raise SprinterError(f"seed: got {seed!r}; expected an integer in [0, 2**63 - 1]")
+    threads, cores = getattr(cfg, "threads", None), os.cpu_count() or 1
+    if threads is not None and (isinstance(threads, bool) or not isinstance(threads, int) or not 0 <= threads <= cores):
+        raise SprinterError(f"threads: got {threads!r}; expected an integer in [0, {cores}] (this machine has "
+                            f"{cores} cores; 0: the default)")
 
 
 def to_dict(cfg: Any) -> dict[str, Any]:
@@ -78,7 +106,8 @@ def _parser_type(name: str, tp: Any):
         try:
             return base(text)
         except ValueError:
-            raise argparse.ArgumentTypeError(f"--{name.replace('_', '-')}: got {text!r}; expected a {base.__name__}")
+            kind = {int: "an integer", float: "a number"}.get(base, f"a {base.__name__}")
+            raise argparse.ArgumentTypeError(f"got {text!r}; expected {kind}")
 
     return convert
 
@@ -88,11 +117,14 @@ def load_yaml(path: str | Path) -> dict[str, Any]:
     if not path.is_file():
         raise SprinterError(f"--config: got {str(path)!r}; expected an existing YAML file")
     try:
-        data = yaml.safe_load(path.read_text()) or {}
+        data = yaml.safe_load(read_text(path, "--config")) or {}
     except yaml.YAMLError as err:
         raise SprinterError(f"--config {str(path)!r} is not valid YAML: {err}".splitlines()[0]) from None
     if not isinstance(data, dict):
         raise SprinterError(f"--config {str(path)!r}: got a {type(data).__name__}; expected a mapping of option: value")
+    bad = [k for k in data if not isinstance(k, str)]
+    if bad:
+        raise SprinterError(f"--config {str(path)!r}: got key {bad[0]!r}; expected option names (text) as keys")
     return {k.replace("-", "_"): v for k, v in data.items()}
 
 
@@ -110,14 +142,23 @@ def build_config(cls: type[C], values: dict[str, Any], source: str = "config") -
             value = tuple(value)
         fixed[key] = value
     try:
-        return cls(**fixed)
+        cfg = cls(**fixed)
     except TypeError as err:  # a wrong type from YAML, caught before it reaches library code
         raise SprinterError(f"{source}: {err}") from None
+    check_fields(cfg)
+    return cfg
+
+
+class ArgumentParser(argparse.ArgumentParser):
+    """argparse whose errors are one line (a SprinterError: exit 2 through run_cli) instead of a usage dump."""
+
+    def error(self, message: str):  # type: ignore[override]
+        raise SprinterError(f"{message}; see {self.prog} --help")
 
 
 def parse_config(cls: type[C], argv: Sequence[str] | None, description: str, default_config: str | Path | None = None) -> C:
     """Parse `argv` into `cls`: defaults < YAML (`--config`, else `default_config` if it exists) < flags."""
-    parser = argparse.ArgumentParser(description=description, formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    parser = ArgumentParser(description=description, formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     parser.add_argument("--config", default=None, help="YAML preset (keys are the option names below)")
     hints = typing.get_type_hints(cls)
     for f in dataclasses.fields(cls):
@@ -132,12 +173,7 @@ def parse_config(cls: type[C], argv: Sequence[str] | None, description: str, def
         if typing.get_origin(inner) in (tuple, list):
             kwargs["nargs"] = "+"
         parser.add_argument(flag, type=_parser_type(f.name, tp), **kwargs)
-    try:
-        args = vars(parser.parse_args(argv))
-    except SystemExit as exit_:
-        if exit_.code not in (0, None):
-            raise SprinterError("bad command line (see the usage line above, or --help)") from None
-        raise
+    args = vars(parser.parse_args(argv))
     config_path = args.pop("config")
     values: dict[str, Any] = {}
     if config_path is not None:

@@ -18,6 +18,7 @@ from pathlib import Path
 from typing import Iterator
 
 from sprinter.errors import SprinterError
+from sprinter.files import iter_lines, read_text
 
 SPLITS = ("train", "val", "test")
 TEXT_SUFFIXES = {".txt", ".md", ".rst", ".py", ".c", ".h", ".js", ".ts", ".java", ".go", ".rs", ".json", ".yaml",
@@ -59,32 +60,31 @@ def _folder_documents(root: Path) -> Iterator[Document]:
     for file in sorted(p for p in root.rglob("*") if p.is_file() and p.suffix.lower() in TEXT_SUFFIXES):
         if any(part.startswith(".") for part in file.relative_to(root).parts):
             continue
-        try:
-            text = file.read_text(encoding="utf-8")
-        except UnicodeDecodeError:
-            continue  # binary file: not text
+        if b"\0" in file.read_bytes()[:8192]:
+            continue  # a binary file (NUL bytes never occur in text): not part of the corpus
+        text = read_text(file, "dataset file")  # text that is not UTF-8 is refused, not read with U+FFFD
         if text.strip():
             yield Document(file.relative_to(root).as_posix(), text)
 
 
 def _jsonl_documents(path: Path, text_field: str) -> Iterator[Document]:
-    with path.open(encoding="utf-8") as fh:
-        for i, line in enumerate(fh):
-            if not line.strip():
-                continue
-            try:
-                row = json.loads(line)
-            except json.JSONDecodeError:
-                raise SprinterError(f"dataset {str(path)!r}: line {i + 1} is not JSON; expected one object per line") from None
-            if not isinstance(row, dict) or not isinstance(row.get(text_field), str):
-                raise SprinterError(f"dataset {str(path)!r}: line {i + 1} has no string field {text_field!r}")
-            if row[text_field].strip():
-                yield Document(f"{path.name}:{i}", row[text_field])
+    for number, line in iter_lines(path, "dataset"):
+        if not line.strip():
+            continue
+        try:
+            row = json.loads(line)
+        except json.JSONDecodeError:
+            raise SprinterError(f"dataset {str(path)!r}: line {number} is not JSON; expected one object per "
+                                "line") from None
+        if not isinstance(row, dict) or not isinstance(row.get(text_field), str):
+            raise SprinterError(f"dataset {str(path)!r}: line {number} has no string field {text_field!r}")
+        if row[text_field].strip():
+            yield Document(f"{path.name}:{number - 1}", row[text_field])
 
 
 def _text_file_documents(path: Path) -> Iterator[Document]:
     """A plain text file: documents are its blank-line-separated paragraphs."""
-    text = path.read_text(encoding="utf-8", errors="replace")
+    text = read_text(path, "dataset")
     for i, para in enumerate(text.split("\n\n")):
         if para.strip():
             yield Document(f"{path.name}:{i}", para)

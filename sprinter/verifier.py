@@ -137,7 +137,7 @@ class Verifier(nn.Module):
 def checkpoint_file(path: str | Path) -> Path:
     """A folder means FOLDER/verifier.safetensors; a file path is used as given."""
     path = Path(path)
-    return path / FILE_NAME if path.is_dir() or path.suffix != ".safetensors" else path
+    return path / FILE_NAME if path.is_dir() or (path.suffix != ".safetensors" and not path.is_file()) else path
 
 
 def save_verifier(path: str | Path, verifier: Verifier, info: VerifierInfo) -> Path:
@@ -189,11 +189,61 @@ def read_info(path: str | Path) -> VerifierInfo:
     names = {f.name for f in dataclasses.fields(VerifierInfo)}
     try:
         values = {k: json.loads(v) for k, v in metadata.items() if k in names}
-        info = VerifierInfo(**values)
-    except (json.JSONDecodeError, TypeError) as err:
+    except json.JSONDecodeError as err:
         raise SprinterError(f"verifier {str(file)!r}: unreadable metadata ({err})") from None
+    check_info(values, file)
+    info = VerifierInfo(**values)
     info.thresholds = {str(k): float(v) for k, v in info.thresholds.items()}
     return info
+
+
+def _is_int(value: object, minimum: int) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool) and value >= minimum
+
+
+def _is_share(value: object) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool) and 0 <= value <= 1
+
+
+# The metadata schema: field -> (check, what it should be). Checked before any module is built from it.
+SCHEMA = {
+    "features": (lambda v: isinstance(v, list) and v and all(isinstance(f, str) for f in v), "a list of feature names"),
+    "hidden_size": (lambda v: _is_int(v, 1), "an integer >= 1"),
+    "arch": (lambda v: isinstance(v, dict) and all(_is_int(v.get(k), 0) for k in ("width", "depth", "token_dim",
+                                                                                  "vocab_size"))
+             and v.get("norm") in NORMS and isinstance(v.get("dropout"), (int, float)) and 0 <= v["dropout"] < 1,
+             f"{{width, depth, token_dim, vocab_size: integers >= 0, norm: one of {NORMS}, dropout in [0, 1)}}"),
+    "label_rule": (lambda v: v in ("greedy", "sprinter", "soft"), "greedy, sprinter or soft"),
+    "draft": (lambda v: isinstance(v, dict), "a mapping"),
+    "target": (lambda v: isinstance(v, dict), "a mapping"),
+    "thresholds": (lambda v: isinstance(v, dict) and all(_is_share(t) for t in v.values()),
+                   "a mapping of budget -> threshold in [0, 1]"),
+    "default_budget": (lambda v: v is None or _is_share(v), "a number in [0, 1] or null"),
+    "default_threshold": (_is_share, "a number in [0, 1]"),
+    "context_source": (lambda v: v is None or isinstance(v, str), "a string or null"),
+    "stop_threshold": (lambda v: v is None or _is_share(v), "a number in [0, 1] or null"),
+    "sprinter_version": (lambda v: isinstance(v, str), "a string"),
+}
+REQUIRED = ("features", "hidden_size", "arch")
+
+
+def check_info(values: dict[str, Any], file: str | Path) -> None:
+    """Refuse verifier metadata whose fields have the wrong types or ranges, naming the field."""
+    missing = [k for k in REQUIRED if k not in values]
+    if missing:
+        raise SprinterError(f"verifier {str(file)!r}: metadata lacks {missing}; expected a checkpoint written by "
+                            "scripts/train.py")
+    for key, value in values.items():
+        check, what = SCHEMA[key]
+        if not check(value):
+            raise SprinterError(f"verifier {str(file)!r}: metadata {key} is {value!r}; expected {what}")
+
+
+def check_vocabulary(info: VerifierInfo, vocab_size: int, file: str | Path) -> None:
+    """A verifier that embeds the drafted token must have a row for every token the draft can propose."""
+    if TOKEN in info.features and int(info.arch["vocab_size"]) < vocab_size:
+        raise SprinterError(f"verifier {str(file)!r} embeds {info.arch['vocab_size']} token ids; this pair's "
+                            f"vocabulary has {vocab_size}: expected a verifier trained on this pair")
 
 
 def load_verifier(path: str | Path, draft_fingerprint: str | None = None,
@@ -213,8 +263,16 @@ def load_verifier(path: str | Path, draft_fingerprint: str | None = None,
     verifier = Verifier(info)
     try:
         state = load_file(str(file))
-        verifier.load_state_dict(state, strict=True)
-    except (SafetensorError, OSError, RuntimeError) as err:
-        raise SprinterError(f"verifier {str(file)!r}: weights do not match its metadata ({err})".splitlines()[0]) \
-            from None
+    except (SafetensorError, OSError) as err:
+        raise SprinterError(f"verifier {str(file)!r} is not a readable safetensors file: {err}") from None
+    ours = {k: tuple(v.shape) for k, v in verifier.state_dict().items()}
+    theirs = {k: tuple(v.shape) for k, v in state.items()}
+    differ = sorted(k for k in ours.keys() | theirs.keys() if ours.get(k) != theirs.get(k))
+    if differ:  # named here: torch's message is many lines, and a first line that names no size
+        k = differ[0]
+        raise SprinterError(f"verifier {str(file)!r}: weights do not match its metadata: {k} has shape "
+                            f"{list(theirs[k]) if k in theirs else 'none'} in the file; the metadata "
+                            f"(hidden_size={info.hidden_size}, arch={info.arch}) expects "
+                            f"{list(ours[k]) if k in ours else 'none'} ({len(differ)} tensor(s) differ)")
+    verifier.load_state_dict(state, strict=True)
     return verifier.eval(), info

@@ -242,7 +242,7 @@ def test_no_arguments_mean_the_demo_datastore(script_main):
 
 @pytest.mark.parametrize("argv,message", [
     (["--max-tokens", "1"], "max_tokens: got 1"),
-    (["--max-tokens", "many"], "bad command line"),
+    (["--max-tokens", "many"], "--max-tokens: got 'many'"),
     (["--split", "dev"], "split"),
     (["--pair", "nowhere"], "pair: got 'nowhere'"),
 ])

@@ -98,8 +98,8 @@ class BatchBenchConfig:
             raise SprinterError(f"domains: got {list(self.domains)}; expected some of {DOMAINS}")
         check_options("ngram", self.max_new_tokens, self.k, None, None, False, None, (), self.ngram_n,
                       i_knee=self.i_knee)
-        if not isinstance(self.temperature, (int, float)) or not self.temperature >= 0:
-            raise SprinterError(f"temperature: got {self.temperature!r}; expected a number >= 0")
+        if not isinstance(self.temperature, (int, float)) or not 0 <= self.temperature < float("inf"):
+            raise SprinterError(f"temperature: got {self.temperature!r}; expected a finite number >= 0")
         if (self.draft is None) != (self.target is None):
             raise SprinterError(f"draft/target: got draft={self.draft!r}, target={self.target!r}; expected both or "
                                 "neither (neither: PAIR/draft and PAIR/target)")

@@ -48,6 +48,7 @@ from sprinter.decode.gates import (
     load_learned_gate,
 )
 from sprinter.errors import SprinterError
+from sprinter.files import FolderLock
 from sprinter.pairs.load import fingerprint
 from sprinter.train.calibrate import budget_key
 
@@ -131,8 +132,8 @@ class BenchConfig:
         if self.store_stop_threshold and "sd-gated" not in self.methods:
             raise SprinterError(f"store_stop_threshold: got True with methods {list(self.methods)}; expected "
                                 "'sd-gated' among them (its sweep chooses the threshold)")
-        if not isinstance(self.temperature, (int, float)) or not self.temperature >= 0:
-            raise SprinterError(f"temperature: got {self.temperature!r}; expected a number >= 0")
+        if not isinstance(self.temperature, (int, float)) or not 0 <= self.temperature < float("inf"):
+            raise SprinterError(f"temperature: got {self.temperature!r}; expected a finite number >= 0")
         if self.resume and self.overwrite:
             raise SprinterError("resume and overwrite: got both; expected at most one")
         if (self.draft is None) != (self.target is None):
@@ -349,7 +350,13 @@ def load_decoder(cfg: BenchConfig, verifiers: dict[str, str]) -> Decoder:
 
 
 def run_benchmark(cfg: BenchConfig) -> dict:
-    """Run (or resume) the benchmark and write OUT/results.json, results.md, pareto.png; returns the results."""
+    """Run (or resume) the benchmark and write OUT/results.json, results.md, pareto.png; returns the results.
+    OUT is locked for the whole run (a second benchmark into it, fresh or resumed, is refused at once)."""
+    with FolderLock(cfg.out, "benchmark"):
+        return _run_benchmark(cfg)
+
+
+def _run_benchmark(cfg: BenchConfig) -> dict:
     from tqdm import tqdm
 
     if cfg.threads:

@@ -10,7 +10,6 @@ batches, so `--resume` skips the prompts already in finished shards and nothing 
 
 from __future__ import annotations
 
-import json
 import os
 import time
 from dataclasses import dataclass
@@ -30,13 +29,14 @@ from sprinter.config import (
     save_config,
     to_dict,
 )
-from sprinter.corpus import iter_documents, split_of
+from sprinter.corpus import SPLITS, iter_documents, split_of
 from sprinter.data.contexts import corpus_rows, decode_rows
 from sprinter.data.shards import (
     FORMAT,
     LABELS,
     MANIFEST,
     ShardWriter,
+    check_shard_pair,
     complete_shards,
     map_safetensors,
     read_header,
@@ -44,6 +44,7 @@ from sprinter.data.shards import (
     write_manifest,
 )
 from sprinter.errors import SprinterError
+from sprinter.files import LOCK_NAME, FolderLock, read_json
 from sprinter.pairs.load import Pair, fingerprint, load_pair
 
 CONFIG_DIR = CONFIGS / "collect"
@@ -51,7 +52,7 @@ SOURCES = ("corpus", "decode")
 HIDDEN_DTYPES = {"float16": torch.float16, "float32": torch.float32}
 FEATURES = ["hidden", "draft_prob", "draft_entropy", "draft_max_prob", "position", "context_length"]
 # Options that may change on --resume without changing a single row.
-RUNTIME_OPTIONS = ("resume", "overwrite", "device", "threads", "progress")
+RUNTIME_OPTIONS = ("resume", "overwrite", "device", "threads", "progress", "out")  # "out": a moved folder resumes
 
 
 @dataclass
@@ -85,10 +86,12 @@ class CollectConfig:
     def __post_init__(self) -> None:
         if self.source not in SOURCES:
             raise SprinterError(f"source: got {self.source!r}; expected one of {SOURCES}")
+        if self.split not in (*SPLITS, "all"):
+            raise SprinterError(f"split: got {self.split!r}; expected one of {(*SPLITS, 'all')}")
         check_integers(self, ("num_prompts", "prompt_len", "max_new_tokens", "draft_length", "windows_per_document",
                               "batch_size", "rows_per_shard"))
-        if not self.temperature >= 0:
-            raise SprinterError(f"temperature: got {self.temperature!r}; expected a number >= 0")
+        if not 0 <= self.temperature < float("inf"):  # at inf q is uniform and every label would read 1
+            raise SprinterError(f"temperature: got {self.temperature!r}; expected a finite number >= 0")
         if self.hidden_dtype not in HIDDEN_DTYPES:
             raise SprinterError(f"hidden_dtype: got {self.hidden_dtype!r}; expected one of {sorted(HIDDEN_DTYPES)}")
         if self.resume and self.overwrite:
@@ -165,7 +168,7 @@ def prepare_out(cfg: CollectConfig) -> None:
     """Refuse a non-empty folder unless resuming (same config) or overwriting; then write config.json."""
     out = Path(cfg.out)
     saved = out / "config.json"
-    if out.is_dir() and any(out.iterdir()):
+    if out.is_dir() and any(p.name != LOCK_NAME for p in out.iterdir()):
         if cfg.overwrite:
             for path in out.iterdir():
                 if path.name in (MANIFEST, "config.json") or path in complete_shards(out) or \
@@ -175,7 +178,10 @@ def prepare_out(cfg: CollectConfig) -> None:
             if not saved.is_file():
                 raise SprinterError(f"out: {cfg.out!r} holds no config.json from an earlier collection; expected "
                                     "the folder of an interrupted run for --resume")
-            old = json.loads(saved.read_text())
+            old = read_json(saved, "--resume: the collection's config")
+            if not isinstance(old, dict):
+                raise SprinterError(f"--resume: {str(saved)!r} holds a {type(old).__name__}; expected the options "
+                                    "of the interrupted collection (rerun with --overwrite to start again)")
             new = to_dict(cfg)
             changed = sorted(k for k in new if k not in RUNTIME_OPTIONS and old.get(k) != new[k])
             if changed:
@@ -193,10 +199,11 @@ def prepare_out(cfg: CollectConfig) -> None:
     os.replace(tmp, saved)
 
 
-def done_prompts(out: Path) -> set[int]:
-    """Prompt indices already in finished shards (any rank)."""
+def done_prompts(out: Path, draft_fingerprint: str, target_fingerprint: str) -> set[int]:
+    """Prompt indices already in finished shards (any rank); a shard made by another pair is refused."""
     done: set[int] = set()
     for path in complete_shards(out):
+        check_shard_pair(path, draft_fingerprint, target_fingerprint)
         done.update(map_safetensors(path)["prompt_index"].tolist())
     return done
 
@@ -234,12 +241,32 @@ def resolve_pair_paths(cfg: CollectConfig) -> tuple[str, str]:
 
 
 def collect(cfg: CollectConfig) -> dict | None:
-    """Run the collection described by `cfg`; rank 0 returns the manifest (other ranks None)."""
+    """Run the collection described by `cfg`; rank 0 returns the manifest (other ranks None).
+
+    Rank 0 holds OUT's lock throughout (a second collect into OUT, fresh or resumed, is refused), and a run
+    that fails before its first shard leaves no config.json behind to block the corrected rerun."""
     dist = Dist.from_env()
     try:
-        return _collect(cfg, dist)
+        with FolderLock(cfg.out, "collect"):
+            saved = Path(cfg.out) / "config.json"
+            before = _stat(saved)
+            try:
+                return _collect(cfg, dist)
+            except BaseException:
+                if dist.rank == 0 and _stat(saved) not in (None, before) and not complete_shards(cfg.out):
+                    saved.unlink()  # this run wrote it and nothing else: there is nothing to resume
+                raise
     finally:
         dist.close()
+
+
+def _stat(path: Path) -> tuple[int, int] | None:
+    """(inode, mtime in ns) of a file, None if absent: tells whether this run replaced it."""
+    try:
+        st = path.stat()
+    except FileNotFoundError:
+        return None
+    return st.st_ino, st.st_mtime_ns
 
 
 def _collect(cfg: CollectConfig, dist: Dist) -> dict | None:
@@ -257,32 +284,32 @@ def _collect(cfg: CollectConfig, dist: Dist) -> dict | None:
     out = Path(cfg.out)
     if dist.rank == 0:
         (out / MANIFEST).unlink(missing_ok=True)  # a resumed folder is unfinished until every rank is done
-    done = done_prompts(out)
+    draft_fp, target_fp = fingerprint(draft_path), fingerprint(target_path)
+    done = done_prompts(out, draft_fp, target_fp)
     writer = ShardWriter(out, cfg.rows_per_shard, dist.rank,
-                         metadata={"source": cfg.source, "draft": fingerprint(draft_path)})
+                         metadata={"source": cfg.source, "draft": draft_fp, "target": target_fp})
     started = time.perf_counter()
     new_rows = new_tokens = seen = 0
-    bar = tqdm(total=cfg.num_prompts, unit="prompt", desc=f"collect ({cfg.source})",
-               disable=not cfg.progress or dist.rank != 0)
-    for b, (first, windows) in enumerate(iter_batches(cfg, pair.tokenizer)):
-        seen = first + len(windows)
-        todo = set(range(first, seen)) - done
-        if b % dist.world != dist.rank or not todo:
-            bar.update(len(windows) if not todo or dist.world == 1 else 0)
-            continue
-        if len(todo) != len(windows):
-            raise SprinterError(f"out: {cfg.out!r} holds part of the batch starting at prompt {first}; expected "
-                                "whole batches (was --batch-size changed?): rerun with --overwrite")
-        rows = batch_rows(cfg, pair, windows, first)
-        writer.add(rows)
-        new_rows += len(rows["token_id"])
-        new_tokens += windows.numel()
-        seconds = time.perf_counter() - started
-        bar.update(len(windows) * dist.world)  # the other ranks advance at about the same pace
-        bar.set_postfix({"tokens/s": f"{new_tokens * dist.world / seconds:.0f}",
-                         "labelled/s": f"{new_rows * dist.world / seconds:.0f}"})
+    with tqdm(total=cfg.num_prompts, unit="prompt", desc=f"collect ({cfg.source})",
+              disable=not cfg.progress or dist.rank != 0) as bar:  # closed before an error prints
+        for b, (first, windows) in enumerate(iter_batches(cfg, pair.tokenizer)):
+            seen = first + len(windows)
+            todo = set(range(first, seen)) - done
+            if b % dist.world != dist.rank or not todo:
+                bar.update(len(windows) if not todo or dist.world == 1 else 0)
+                continue
+            if len(todo) != len(windows):
+                raise SprinterError(f"out: {cfg.out!r} holds part of the batch starting at prompt {first}; expected "
+                                    "whole batches (was --batch-size changed?): rerun with --overwrite")
+            rows = batch_rows(cfg, pair, windows, first)
+            writer.add(rows)
+            new_rows += len(rows["token_id"])
+            new_tokens += windows.numel()
+            seconds = time.perf_counter() - started
+            bar.update(len(windows) * dist.world)  # the other ranks advance at about the same pace
+            bar.set_postfix({"tokens/s": f"{new_tokens * dist.world / seconds:.0f}",
+                             "labelled/s": f"{new_rows * dist.world / seconds:.0f}"})
     writer.close()
-    bar.close()
     seconds = time.perf_counter() - started
     dist.barrier()  # every rank's shards are on disk
     if dist.rank != 0:

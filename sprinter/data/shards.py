@@ -26,7 +26,7 @@ import torch
 from safetensors.torch import save as safetensors_bytes
 
 from sprinter.errors import SprinterError
-from sprinter.files import write_atomic
+from sprinter.files import read_json, write_atomic
 
 FORMAT = "sprinter-shards/1"
 MANIFEST = "manifest.json"
@@ -163,6 +163,19 @@ def shard_entry(path: Path) -> dict:
     return {"file": path.name, "rows": rows.pop(), "rank": int(meta.get("rank", 0))}
 
 
+def check_shard_pair(path: str | Path, draft_fingerprint: str | None, target_fingerprint: str | None) -> None:
+    """Refuse a shard whose metadata names another draft or target than the collection's (a shard copied in
+    from another folder). A shard without that metadata (hand-made, synthetic) is taken as it is."""
+    header, _ = read_header(path)
+    meta = header.get("__metadata__") or {}
+    for role, expected in (("draft", draft_fingerprint), ("target", target_fingerprint)):
+        got = meta.get(role)
+        if got is not None and expected is not None and got != expected:
+            raise SprinterError(f"data: shard {str(path)!r} was made with {role} fingerprint {got!r}; the collection's "
+                                f"{role} is {expected!r}: expected the shards of one pair (move the foreign shard out, "
+                                "or recollect with --overwrite)")
+
+
 def write_manifest(folder: str | Path, manifest: dict) -> None:
     path = Path(folder) / MANIFEST
     try:
@@ -180,21 +193,26 @@ def read_manifest(folder: str | Path) -> dict:
                 if complete_shards(folder) else "")
         raise SprinterError(f"data: {str(folder)!r} has no {MANIFEST}{hint}; expected a folder written by "
                             "scripts/collect.py")
-    try:
-        manifest = json.loads(path.read_text())
-    except json.JSONDecodeError as err:
-        raise SprinterError(f"data: {str(path)!r} is not valid JSON ({err})") from None
+    manifest = read_json(path, "data: manifest")
     if not isinstance(manifest, dict) or manifest.get("format") != FORMAT:
         got = manifest.get("format") if isinstance(manifest, dict) else type(manifest).__name__
         raise SprinterError(f"data: {str(path)!r} has format {got!r}; expected {FORMAT!r}")
-    for entry in manifest.get("shards", []):
+    shards, pair = manifest.get("shards", []), {}
+    for role in ("draft", "target"):
+        pair[role] = manifest.get(role, {}).get("fingerprint") if isinstance(manifest.get(role), dict) else None
+    if not isinstance(shards, list) or not all(isinstance(e, dict) and isinstance(e.get("file"), str)
+                                              and isinstance(e.get("rows"), int) for e in shards):
+        raise SprinterError(f"data: {str(path)!r} lists its shards as {str(shards)[:80]}; expected entries "
+                            '{"file": name, "rows": count}')
+    for entry in shards:
         shard = folder / entry["file"]
         if not shard.is_file():
             raise SprinterError(f"data: shard {entry['file']!r} listed in {str(path)!r} is missing")
+        check_shard_pair(shard, pair["draft"], pair["target"])
         rows = shard_entry(shard)["rows"]
         if rows != entry["rows"]:
             raise SprinterError(f"data: shard {entry['file']!r} has {rows} rows; the manifest says {entry['rows']}")
-    total = sum(entry["rows"] for entry in manifest.get("shards", []))
+    total = sum(entry["rows"] for entry in shards)
     if total != manifest.get("num_samples"):
         raise SprinterError(f"data: shards of {str(folder)!r} hold {total} rows; the manifest says "
                             f"num_samples={manifest.get('num_samples')}")
@@ -226,6 +244,7 @@ def load_columns(folder: str | Path, names: list[str] | tuple[str, ...]) -> dict
     return {name: torch.cat(tensors) for name, tensors in parts.items()}
 
 
-__all__ = ["FORMAT", "LABELS", "MANIFEST", "REQUIRED_COLUMNS", "ShardWriter", "complete_shards", "iter_shards",
+__all__ = ["FORMAT", "LABELS", "MANIFEST", "REQUIRED_COLUMNS", "ShardWriter", "check_shard_pair",
+           "complete_shards", "iter_shards",
            "load_columns", "map_safetensors", "read_header", "read_manifest", "shard_entry", "shard_name",
            "write_manifest"]

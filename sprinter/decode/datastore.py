@@ -42,6 +42,7 @@ import numpy as np
 
 from sprinter.config import check_integers, option, save_config, to_dict
 from sprinter.errors import SprinterError
+from sprinter.files import FolderLock, read_json
 
 FORMAT = "sprinter-datastore"
 VERSION = 1
@@ -313,8 +314,8 @@ def open_datastore(path: Path, tokenizer=None) -> Datastore:
         raise SprinterError(f"datastore: {str(file)!r} not found; expected a folder written by "
                             "scripts/build_datastore.py (python scripts/build_datastore.py --out ...)")
     try:
-        manifest = json.loads(file.read_text())
-    except (json.JSONDecodeError, UnicodeDecodeError):
+        manifest = read_json(file, "datastore manifest")
+    except SprinterError:
         raise _unusable(file, "it is not valid JSON") from None
     if not isinstance(manifest, dict) or manifest.get("format") != FORMAT:
         raise _unusable(file, f"its format is {manifest.get('format') if isinstance(manifest, dict) else None!r}")
@@ -378,12 +379,19 @@ def _built_by(out: Path, cfg: DatastoreConfig) -> bool:
     """Whether `out` holds a finished datastore built with these options."""
     if not (out / MANIFEST).is_file() or not (out / "config.json").is_file():
         return False
-    old = json.loads((out / "config.json").read_text())
-    return all(old.get(k) == v for k, v in to_dict(cfg).items() if k != "overwrite")
+    old = read_json(out / "config.json", "datastore config")
+    return isinstance(old, dict) and all(old.get(k) == v for k, v in to_dict(cfg).items() if k != "overwrite")
 
 
 def build_datastore(cfg: DatastoreConfig) -> dict:
-    """Tokenize the corpus, sort its suffixes and write the datastore; returns its manifest."""
+    """Tokenize the corpus, sort its suffixes and write the datastore; returns its manifest. The lock sits beside
+    OUT (OUT itself is replaced whole): a second build into OUT is refused while this one runs."""
+    out = Path(cfg.out)
+    with FolderLock(out, "build_datastore", lock_file=out.parent / f".{out.name}.lock"):
+        return _build_datastore(cfg)
+
+
+def _build_datastore(cfg: DatastoreConfig) -> dict:
     from sprinter.corpus import load_documents
     from sprinter.pairs.build import resolve_pair
     from sprinter.pairs.load import load_tokenizer
@@ -395,7 +403,7 @@ def build_datastore(cfg: DatastoreConfig) -> dict:
     occupied = out.exists() and any(out.iterdir()) and not cfg.overwrite
     if occupied and _built_by(out, cfg):
         print(f"{out} already holds this datastore; nothing to do (--overwrite rebuilds it)")
-        return json.loads((out / MANIFEST).read_text())
+        return read_json(out / MANIFEST, "datastore manifest")
     tokenizer = load_tokenizer(cfg.tokenizer or resolve_pair(cfg.pair)[1], "tokenizer")
     if tokenizer.eos_token_id is None:
         raise SprinterError(f"tokenizer {cfg.tokenizer or cfg.pair!r} has no EOS token; expected one to separate "

@@ -27,6 +27,7 @@ The batched loop (sprinter.decode.batched) and the two-thread loop (sprinter.dec
 from __future__ import annotations
 
 import copy
+import math
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -154,8 +155,10 @@ def check_options(mode: str, max_new_tokens: int, k: int, max_block: int | None,
                                     f"{GATED_MODES}")
     if strict and mode != "sprinter":
         raise SprinterError(f"strict: got True with mode={mode!r}; expected it only with mode='sprinter'")
-    if isinstance(gate, str) and gate not in GATES:
-        raise SprinterError(f"gate: got {gate!r}; expected one of {GATES} or a Gate object")
+    if isinstance(gate, str) and gate not in GATES or \
+            gate is not None and not isinstance(gate, str) and not callable(getattr(gate, "accept_prob", None)):
+        raise SprinterError(f"gate: got {gate!r}; expected one of {GATES} or a Gate object (with accept_prob and "
+                            "threshold)")
     if mode == "sprinter" and threshold is not None and gate not in (None, "learned", "confidence"):
         raise SprinterError(f"threshold: got {threshold!r} with gate={gate!r}; expected it only with the "
                             "learned or the confidence gate")
@@ -164,8 +167,9 @@ def check_options(mode: str, max_new_tokens: int, k: int, max_block: int | None,
     if s is not None and not (_positive_int(s) or s == 0 and not isinstance(s, bool)):
         raise SprinterError(f"s: got {s!r}; expected an integer >= 0 (0: plain decoding), or None (from the batch "
                             "size)")
-    if i_knee is not None and not (isinstance(i_knee, (int, float)) and not isinstance(i_knee, bool) and i_knee > 0):
-        raise SprinterError(f"i_knee: got {i_knee!r}; expected a number > 0, or None (measured on the device)")
+    if i_knee is not None and not (isinstance(i_knee, (int, float)) and not isinstance(i_knee, bool)
+                                   and 0 < i_knee < math.inf):
+        raise SprinterError(f"i_knee: got {i_knee!r}; expected a finite number > 0, or None (measured on the device)")
     for name, value in (("s", s), ("i_knee", i_knee)):
         if value is not None and mode != "ngram":
             raise SprinterError(f"{name}: got {value!r} with mode={mode!r}; expected it only with mode='ngram'")
@@ -177,6 +181,12 @@ def check_options(mode: str, max_new_tokens: int, k: int, max_block: int | None,
     if max_batch is not None and mode not in BATCH_MODES:
         raise SprinterError(f"max_batch: got {max_batch!r} with mode={mode!r}; expected it only with a mode of "
                             f"{BATCH_MODES}")
+
+
+def check_seed(seed: object) -> None:
+    """torch.Generator takes a signed 64-bit seed; anything else is refused before any model runs."""
+    if isinstance(seed, bool) or not isinstance(seed, int) or not 0 <= seed <= 2**63 - 1:
+        raise SprinterError(f"seed: got {seed!r}; expected an integer in [0, 2**63 - 1]")
 
 
 def autoregressive(lm: CachedLM, tokens: torch.Tensor, sampler: Sampler, gen: torch.Generator, out: Emitter) -> None:
@@ -272,6 +282,10 @@ class Decoder:
         n-gram datastore (scripts/build_datastore.py) for mode "ngram". The verifier is checked against the
         draft (fingerprint, hidden size) and the datastore's files before any model is loaded; the datastore's
         tokenizer against the pair's once it is loaded."""
+        for name, value in (("draft", draft), ("target", target), ("verifier", verifier), ("datastore", datastore)):
+            if not (isinstance(value, (str, Path)) or value is None and name in ("verifier", "datastore")):
+                raise SprinterError(f"{name}: got {value!r}; expected a path or Hub name (str or Path)"
+                                    f"{', or None' if name in ('verifier', 'datastore') else ''}")
         dev = resolve_device(device)
         dt = resolve_dtype(dtype, dev)
         gate = info = None
@@ -279,6 +293,10 @@ class Decoder:
             gate, info = load_learned_gate(verifier, fingerprint(draft), _hidden_size(draft, trust_remote_code), dev, dt)
         store = Datastore.open(datastore) if datastore is not None else None
         pair = load_pair(draft, target, dev, dt, trust_remote_code)
+        if info is not None:
+            from sprinter.verifier import check_vocabulary
+
+            check_vocabulary(info, pair.vocab_size, verifier)
         if store is not None:
             store.check_tokenizer(pair.tokenizer)
         return cls(pair, gate, info, store)
@@ -320,6 +338,9 @@ class Decoder:
         copied to another device on first use and the copy kept)."""
         # 0. Every check happens before any model runs.
         sampler = Sampler(temperature, top_k, top_p)
+        check_seed(seed)
+        if on_text is not None and not callable(on_text):
+            raise SprinterError(f"on_text: got {on_text!r}; expected a function of one str, or None")
         check_async_options(mode, window, draft_device, target_device)
         if _is_batch(prompt) and len(prompt) == 1 and mode not in BATCH_MODES:
             prompt = prompt[0]  # a batch of one, in a mode that decodes one prompt at a time
@@ -404,7 +425,16 @@ class Decoder:
         if isinstance(prompt, str):
             if not prompt:
                 raise SprinterError("prompt: got ''; expected a non-empty text or a list of token ids")
+            try:
+                prompt.encode("utf-8")
+            except UnicodeEncodeError as err:  # lone surrogates: bytes that were not UTF-8 (e.g. from argv)
+                raise SprinterError(f"prompt: got {prompt[max(0, err.start - 10): err.end + 10]!r}, with a character "
+                                    f"at {err.start} that is not text (a byte that was not UTF-8?); expected "
+                                    "UTF-8 text") from None
             return self.tokenizer(prompt, add_special_tokens=False)["input_ids"]
+        if not isinstance(prompt, (list, tuple, torch.Tensor)):
+            raise SprinterError(f"prompt: got {type(prompt).__name__} {prompt!r:.40}; expected a text, a list of token "
+                                "ids or a list of prompts")
         ids = prompt.tolist() if isinstance(prompt, torch.Tensor) else \
             [t.item() if isinstance(t, torch.Tensor) and t.dim() == 0 else t for t in prompt]
         if ids and isinstance(ids[0], list):  # a batch dimension

@@ -8,6 +8,7 @@ Draft and target go through the same `Sampler`, so SD is lossless with respect t
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 
 import torch
@@ -24,8 +25,8 @@ class Sampler:
     top_p: float = 1.0
 
     def __post_init__(self) -> None:
-        if not (isinstance(self.temperature, (int, float)) and self.temperature >= 0):
-            raise SprinterError(f"temperature: got {self.temperature!r}; expected a number >= 0 (0 is greedy)")
+        if not (isinstance(self.temperature, (int, float)) and 0 <= self.temperature < math.inf):
+            raise SprinterError(f"temperature: got {self.temperature!r}; expected a finite number >= 0 (0 is greedy)")
         if not (isinstance(self.top_k, int) and self.top_k >= 0):
             raise SprinterError(f"top_k: got {self.top_k!r}; expected an integer >= 0 (0 keeps every token)")
         if not (isinstance(self.top_p, (int, float)) and 0 < self.top_p <= 1):

@@ -18,6 +18,7 @@ leaves a folder that looks complete.
 
 from __future__ import annotations
 
+import errno
 import hashlib
 import json
 import math
@@ -330,6 +331,10 @@ def decode_step_ms(model, context: torch.Tensor, steps: int = 40, repeats: int =
 def _check_out_dir(cfg: PairConfig) -> bool:
     """True when `out` already holds this very pair (nothing to do); refuses a different one."""
     out = cfg.out_dir
+    # An --out below a file, or in a folder this user cannot write, fails now (one line), not after the build.
+    out.parent.mkdir(parents=True, exist_ok=True)
+    if not os.access(out.parent, os.W_OK):
+        raise PermissionError(errno.EACCES, os.strerror(errno.EACCES), str(out.parent))
     if not out.exists() or not any(out.iterdir()):
         return False
     meta = out / "pair.json"

@@ -82,9 +82,22 @@ def fingerprint(name_or_path: str) -> str:
     return digest.hexdigest()[:16]
 
 
+def check_model_folder(name_or_path: str, role: str) -> None:
+    """A local folder must hold a model (its config.json): an empty or wrong folder is named as such, not
+    through the tokenizer's or the weights' loader's complaint about a file deep inside it."""
+    path = Path(name_or_path)
+    model = role in ("draft", "target")  # a tokenizer alone may come without the model's config.json
+    needs = ("config.json",) if model else ("config.json", "tokenizer_config.json", "tokenizer.json")
+    if path.is_dir() and not any((path / name).is_file() for name in needs):
+        raise SprinterError(f"{role}: {name_or_path!r} is a folder without a {'model' if model else 'tokenizer'} "
+                            f"(no {' or '.join(needs)}); expected a model folder (config.json, weights, tokenizer "
+                            f"files), e.g. checkpoints/pairs/demo/{role if model else 'target'}")
+
+
 def load_tokenizer(name_or_path: str, role: str = "target", trust_remote_code: bool = False):
     from transformers import AutoTokenizer
 
+    check_model_folder(name_or_path, role)
     try:
         return AutoTokenizer.from_pretrained(name_or_path, trust_remote_code=trust_remote_code)
     except (OSError, ValueError) as err:
@@ -95,6 +108,7 @@ def load_model(name_or_path: str, role: str, device: torch.device, dtype: torch.
     """A causal LM in eval mode on `device` in `dtype`."""
     from transformers import AutoModelForCausalLM
 
+    check_model_folder(name_or_path, role)
     try:
         model = AutoModelForCausalLM.from_pretrained(name_or_path, dtype=dtype, trust_remote_code=trust_remote_code)
     except (OSError, ValueError) as err:
@@ -145,6 +159,8 @@ def load_pair(draft: str, target: str, device: str | torch.device = "auto", dtyp
     """Load a draft/target pair by Hub name or local path; fails clearly if they do not share a vocabulary."""
     dev = resolve_device(device)
     dt = resolve_dtype(dtype, dev)
+    check_model_folder(draft, "draft")
+    check_model_folder(target, "target")
     target_tok = load_tokenizer(target, "target", trust_remote_code)
     draft_tok = load_tokenizer(draft, "draft", trust_remote_code)
     check_same_vocabulary(draft_tok, target_tok, draft, target)

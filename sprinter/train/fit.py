@@ -28,7 +28,7 @@ from sprinter import __version__
 from sprinter.config import CONFIGS, check_integers, option, parse_config, save_config
 from sprinter.data.shards import read_manifest
 from sprinter.errors import SprinterError
-from sprinter.files import write_json
+from sprinter.files import FolderLock, write_json
 from sprinter.train.baselines import (
     Scorer,
     draft_prob_scorer,
@@ -133,6 +133,37 @@ class TrainConfig:
                                 "two shares in (0, 1) summing below 1")
         if not self.budgets or not all(0 < b < 1 for b in self.budgets):
             raise SprinterError(f"budgets: got {list(self.budgets)}; expected false-accept rates in (0, 1)")
+        # Checked here, not by Lightning or torch, so a bad value is refused in one line before any data is read.
+        if not 0 <= self.warmup_fraction < 1:
+            raise SprinterError(f"warmup_fraction: got {self.warmup_fraction!r}; expected a share in [0, 1)")
+        if not 0 <= self.weight_decay < math.inf:
+            raise SprinterError(f"weight_decay: got {self.weight_decay!r}; expected a finite number >= 0")
+        if not all(math.isfinite(w) for w in (self.lr, self.pos_weight, self.neg_weight or 1.0)):
+            raise SprinterError(f"lr/pos_weight/neg_weight: got {self.lr}/{self.pos_weight}/{self.neg_weight}; "
+                                "expected finite numbers")
+        check_trainer_options(self.accelerator, self.strategy, self.precision, self.devices)
+
+
+PRECISIONS = ("32-true", "64-true", "16-mixed", "bf16-mixed", "16-true", "bf16-true")
+
+
+def check_trainer_options(accelerator: str, strategy: str, precision: str, devices: int) -> None:
+    """The Lightning options, against what Lightning offers and what this machine has."""
+    from lightning.pytorch.accelerators import AcceleratorRegistry
+    from lightning.pytorch.strategies import StrategyRegistry
+
+    accelerators = ("auto", "gpu", *sorted(AcceleratorRegistry.available_accelerators()))
+    if accelerator not in accelerators:
+        raise SprinterError(f"accelerator: got {accelerator!r}; expected one of {accelerators}")
+    if accelerator in ("gpu", "cuda") and torch.cuda.device_count() < devices:
+        raise SprinterError(f"accelerator: got {accelerator!r} with devices={devices}; this machine has "
+                            f"{torch.cuda.device_count()} CUDA GPU(s): expected --accelerator cpu (or auto)")
+    strategies = ("auto", *StrategyRegistry.available_strategies())
+    if strategy not in strategies:
+        raise SprinterError(f"strategy: got {strategy!r}; expected auto or one of Lightning's: "
+                            f"{', '.join(strategies[1:8])}, ...")
+    if precision not in PRECISIONS:
+        raise SprinterError(f"precision: got {precision!r}; expected one of {PRECISIONS}")
 
 
 def parse_train_config(argv: Sequence[str] | None) -> TrainConfig:
@@ -261,22 +292,70 @@ def make_trainer(cfg: TrainConfig, out: Path) -> L.Trainer:
     strategy = cfg.strategy
     if strategy == "auto" and cfg.devices * cfg.num_nodes > 1:
         strategy = "ddp"
-    return L.Trainer(accelerator=cfg.accelerator, devices=cfg.devices, num_nodes=cfg.num_nodes, strategy=strategy,
-                     precision=cfg.precision, max_epochs=cfg.epochs, callbacks=callbacks,
-                     logger=TensorBoardLogger(save_dir=str(out), name="tensorboard"),
-                     use_distributed_sampler=False,  # the BatchSampler shards rows over ranks itself
-                     num_sanity_val_steps=0, log_every_n_steps=50, enable_progress_bar=cfg.progress,
-                     enable_model_summary=cfg.progress)
+    from lightning.fabric.utilities.exceptions import MisconfigurationException
+
+    try:
+        return L.Trainer(accelerator=cfg.accelerator, devices=cfg.devices, num_nodes=cfg.num_nodes, strategy=strategy,
+                         precision=cfg.precision, max_epochs=cfg.epochs, callbacks=callbacks,
+                         logger=TensorBoardLogger(save_dir=str(out), name="tensorboard"),
+                         use_distributed_sampler=False,  # the BatchSampler shards rows over ranks itself
+                         num_sanity_val_steps=0, log_every_n_steps=50, enable_progress_bar=cfg.progress,
+                         enable_model_summary=cfg.progress)
+    except (MisconfigurationException, ValueError, RuntimeError) as err:  # a combination Lightning refuses
+        raise SprinterError(f"trainer options (accelerator={cfg.accelerator!r}, devices={cfg.devices}, "
+                            f"strategy={strategy!r}, precision={cfg.precision!r}): "
+                            f"{str(err).strip().splitlines()[0]}") from None
+
+
+def check_resume(path: Path, module: VerifierModule) -> None:
+    """A --resume file must be a Lightning checkpoint that this run wrote, for this very model, before Lightning
+    reads it. It is never unpickled: a torch zip archive is read with `weights_only=True` (tensors and plain data
+    only, no code), and its model is compared with this run's, so a wrong file is one line, not a traceback."""
+    import pickle
+    import zipfile
+
+    expected = "expected OUT/lightning/last.ckpt (or best.ckpt) of an interrupted run of scripts/train.py with " \
+               "the same data and model options"
+    if not zipfile.is_zipfile(path):
+        raise SprinterError(f"resume: {str(path)!r} is not a Lightning checkpoint (not a torch zip archive: another "
+                            f"kind of file, or cut short); {expected}")
+    try:
+        ckpt = torch.load(path, map_location="cpu", weights_only=True)
+    except (pickle.UnpicklingError, RuntimeError, OSError, EOFError, ValueError, KeyError, zipfile.BadZipFile):
+        # torch's own message would advise weights_only=False, i.e. running the file's code: never say that
+        raise SprinterError(f"resume: {str(path)!r} is damaged or holds more than tensors and plain data; "
+                            f"{expected}") from None
+    hparams = ckpt.get("hyper_parameters") if isinstance(ckpt, dict) else None
+    if not (isinstance(hparams, dict) and isinstance(ckpt.get("state_dict"), dict) and "best" in ckpt
+            and "pytorch-lightning_version" in ckpt):
+        raise SprinterError(f"resume: {str(path)!r} is not a checkpoint of scripts/train.py (no Lightning state "
+                            f"with this stage's fields); {expected}")
+    ours = {k: v.shape for k, v in module.state_dict().items()}
+    theirs = {k: tuple(v.shape) for k, v in ckpt["state_dict"].items() if isinstance(v, torch.Tensor)}
+    differ = sorted(k for k in ours.keys() | theirs.keys() if tuple(ours.get(k, ())) != theirs.get(k, ()))
+    if differ:
+        k = differ[0]
+        raise SprinterError(f"resume: {str(path)!r} holds another model: {k} has shape {list(theirs.get(k, []))} "
+                            f"there and {list(ours.get(k, []))} in this run ({len(differ)} tensor(s) differ; were "
+                            f"--width, --depth, --features or the data changed?); {expected}")
 
 
 def train(cfg: TrainConfig) -> dict:
-    """Run the stage; returns the metrics written to OUT/metrics.json ({} on DDP ranks other than 0)."""
+    """Run the stage; returns the metrics written to OUT/metrics.json ({} on DDP ranks other than 0). OUT is
+    locked for the run: a second train into it is refused."""
+    with FolderLock(cfg.out, "train"):
+        return _train(cfg)
+
+
+def _train(cfg: TrainConfig) -> dict:
     if cfg.threads:
         torch.set_num_threads(cfg.threads)
     # 1. Check the data and split it by prompt: every refusal happens here, before training.
     if cfg.label_rule == "auto":
         cfg = dataclasses.replace(cfg, label_rule=auto_label_rule([read_manifest(p) for p in cfg.data]))
     manifests, table = open_folders(cfg.data, cfg.features, cfg.label_rule)
+    for path in cfg.eval_data:  # read only after training, but checked now: a typo should not cost a training run
+        read_manifest(path)
     manifest = manifests[0]
     splits = split_prompts(table.column("prompt_index"), cfg.val_fraction, cfg.test_fraction, cfg.seed)
     sizes = check_splits(table, splits, cfg.label_rule)
@@ -299,6 +378,8 @@ def train(cfg: TrainConfig) -> dict:
     module = VerifierModule(dataclasses.asdict(info), dataclasses.asdict(cfg), cfg.pos_weight, neg_weight, str(best_file))
     stats = feature_statistics(table, info, splits["train"], cfg.seed)
     module.verifier.set_normalisation(*stats)
+    if resume is not None:
+        check_resume(Path(resume), module)
     datamodule = ShardDataModule(cfg.data, cfg.features, cfg.label_rule, splits, cfg.batch_size, cfg.seed)
     # 2. Train; the best epoch by val AUROC is written to best_file as it happens.
     trainer = make_trainer(cfg, out)
