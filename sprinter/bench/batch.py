@@ -25,7 +25,8 @@ from sprinter.bench.benchmark import DOMAINS, BenchConfig, check_window, load_pr
 from sprinter.bench.fidelity import first_difference
 from sprinter.bench.report import hardware, libraries
 from sprinter.config import CONFIGS, check_integers, option, to_dict
-from sprinter.decode.decoder import Decoder, check_options
+from sprinter.decode.decoder import Decoder
+from sprinter.decode.options import DecodeOptions
 from sprinter.decode.roofline import measure_i_knee, speculation_length
 from sprinter.errors import SprinterError
 from sprinter.files import write_atomic
@@ -74,7 +75,7 @@ class BatchBenchConfig:
         bad = [d for d in self.domains if d not in DOMAINS]
         if bad or not self.domains:
             raise SprinterError(f"domains: got {list(self.domains)}; expected some of {DOMAINS}")
-        check_options("ngram", self.max_new_tokens, self.k, None, None, False, None, (), self.ngram_n,
+        DecodeOptions(mode="ngram", max_new_tokens=self.max_new_tokens, k=self.k, ngram_n=self.ngram_n,
                       i_knee=self.i_knee)
         if not isinstance(self.temperature, (int, float)) or not self.temperature >= 0:
             raise SprinterError(f"temperature: got {self.temperature!r}; expected a number >= 0")
