@@ -56,7 +56,9 @@ def accept(p: torch.Tensor, draft: Draft, sampler: Sampler, gen: torch.Generator
     x = draft.x.to(p.device)  # (B, n)
     p_x = p[:, :n].gather(2, x[..., None])[..., 0]  # (B, n)
     q_x = torch.ones_like(p_x) if draft.q is None else draft.q.gather(2, x[..., None])[..., 0]
-    u = uniform(B * n, gen, p.device).view(B, n)
+    # greedy: p and q are one-hot, so u = 0 decides exactly as any draw would (keep x iff p(x) = 1), and the
+    # generator is left untouched (the data stage's target_path shares this step and its generator's stream)
+    u = torch.zeros(B, n, device=p.device) if sampler.greedy else uniform(B * n, gen, p.device).view(B, n)
     in_chain = torch.arange(n, device=p.device) < lengths[:, None]
     n_kept = leading_true(speculative_accept(p_x, q_x, u) & in_chain)  # (B,)
     # q where the target's token goes: the rejected token's q, or nothing after a fully kept chain (a bonus token)
