@@ -2,8 +2,9 @@
 
 Each round serves every row (sequence) still generating, in the steps of the single-sequence
 `speculative` loop (decode.py):
-1. Draft: each row proposes its own chain x_b of n_b tokens: "ar" none; "sd" the draft model, k per row
-   (batched, one draft forward per drafted position); "ngram" a lookup in the row's own text, 0..s tokens.
+1. Draft: the drafter (sprinter.decode.drafters) proposes each row's own chain x_b of n_b tokens: "ar" none;
+   "sd" the draft model, k per row (batched, one draft forward per drafted position); "ngram" a lookup in
+   the row's own text, 0..s tokens.
 2. Verify: one target forward over every row's last emitted token and its chain, left-aligned in a block
    1 + max n_b wide; the slots after a row's chain are masked (sprinter.decode.batch_cache).
 3. Accept: the speculative-sampling rule, batched over rows (acceptance.py); a slot past a row's chain never
@@ -104,7 +105,7 @@ def decode_batch(target: BatchCachedLM, drafter: Drafter | None, prompts: Sequen
         draft_seconds += time.perf_counter() - start
         # 2. Verify: one target forward over each row's last token and chain.
         before = list(target.lengths)
-        logits = target.append([seq[-1:] + chain for seq, chain in zip(seqs, chains)])  # (B, 1 + n, V)
+        logits = target.append([seq[-1:] + chain for seq, chain in zip(seqs, chains, strict=True)])  # (B, 1 + n, V)
         # 3.-4. Accept and correct, every row at once; the one host sync of the round.
         n_kept, y = accept(sampler.probs(logits), draft, sampler, gen)
         kept, ys = n_kept.tolist(), y.tolist()
@@ -165,10 +166,10 @@ def generate_batch(pair: Pair, prompts: Sequence[Sequence[int]], options: Decode
     if device.type == "cuda":
         torch.cuda.synchronize(device)
     seconds = time.perf_counter() - start
-    for out, st in zip(outs, stats):
+    for out, st in zip(outs, stats, strict=True):
         st.wall_seconds, st.new_tokens = seconds, len(out.ids)
     return [GenerateOutput(text=out.text(), token_ids=out.ids, stats=st, stop_reason=out.stop_reason)
-            for out, st in zip(outs, stats)]
+            for out, st in zip(outs, stats, strict=True)]
 
 
 def _no_draft(rows: int) -> Draft:

@@ -319,7 +319,8 @@ class Decoder:
 
     def _generate_batch(self, prompt, options: DecodeOptions, on_text: Callable[[str], None] | None
                         ) -> GenerateOutput | list[GenerateOutput]:
-        """A list of prompts (a list of results), or one prompt in mode "ngram" (one result): sprinter.decode.batched."""
+        """A list of prompts (a list of results), or one prompt in mode "ngram" (one result):
+        sprinter.decode.batched."""
         batch = _is_batch(prompt)
         if batch and options.mode not in BATCH_MODES:
             raise SprinterError(f"prompt: got a batch of {len(prompt)} prompts with mode={options.mode!r}; expected a "

@@ -48,7 +48,7 @@ class Draft:
     def chains(self) -> list[list[int]]:
         """Each row's drafted tokens."""
         if self.host is None:
-            self.host = [row[:n] for row, n in zip(self.x.tolist(), self.lengths)]
+            self.host = [row[:n] for row, n in zip(self.x.tolist(), self.lengths, strict=True)]
         return self.host
 
 
@@ -121,7 +121,7 @@ class BatchModelDrafter:
             return Draft(empty, [0] * len(seqs), None, prompt_cost, [[] for _ in seqs])
         before = list(self.lm.lengths)
         # 1. Catch up on the tokens the draft has not read (the last emitted one; two after a fully kept chain).
-        unseen = [seq[n:] for seq, n in zip(seqs, before)]
+        unseen = [seq[n:] for seq, n in zip(seqs, before, strict=True)]
         logits = self.lm.append(unseen)  # (B, W, V)
         rows = torch.arange(len(seqs), device=logits.device)
         logits = logits[rows, torch.tensor([len(u) - 1 for u in unseen], device=logits.device)]  # (B, V)
@@ -129,7 +129,8 @@ class BatchModelDrafter:
         xs, qs, host = [], [], []
         for j in range(max(limits)):
             if j:
-                logits = self.lm.append([[x] if limit > j else [] for x, limit in zip(host[-1], limits)])[:, 0]
+                step = [[x] if limit > j else [] for x, limit in zip(host[-1], limits, strict=True)]
+                logits = self.lm.append(step)[:, 0]
             q = self.sampler.probs(logits)  # (B, V)
             qs.append(q)
             xs.append(self.sampler.draw(q, gen))
@@ -138,9 +139,9 @@ class BatchModelDrafter:
         in_chain = torch.arange(len(xs), device=rows.device) < torch.tensor(limits, device=rows.device)[:, None]
         x = torch.stack(xs, 1) * in_chain  # (B, n)
         q = torch.stack(qs, 1) * in_chain[..., None]  # (B, n, V)
-        read = [after - n for after, n in zip(self.lm.lengths, before)]
+        read = [after - n for after, n in zip(self.lm.lengths, before, strict=True)]
         cost = [(c + limit, t + r, f + self.lm.flop_model.forward(n, r, limit))
-                for (c, t, f), limit, r, n in zip(prompt_cost, limits, read, before)]
+                for (c, t, f), limit, r, n in zip(prompt_cost, limits, read, before, strict=True)]
         return Draft(x, list(limits), q, cost, chains)
 
     def keep(self, rows: Sequence[int], lengths: Sequence[int]) -> None:

@@ -70,7 +70,7 @@ class NgramDrafter:
         `stop` is refused: no mode gates n-gram chains, and a gate reads a draft model's state."""
         if stop is not None:
             raise RuntimeError("NgramDrafter takes no stop rule")  # a decoder bug
-        chains = [self.chain(seq, limit) for seq, limit in zip(seqs, limits)]
+        chains = [self.chain(seq, limit) for seq, limit in zip(seqs, limits, strict=True)]
         lengths = [len(c) for c in chains]
         width = max(lengths, default=0)
         x = torch.tensor([c + [0] * (width - len(c)) for c in chains], dtype=torch.long).view(len(chains), width)
