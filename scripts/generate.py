@@ -3,11 +3,13 @@
     python scripts/generate.py                                   # demo pair, mode sprinter, demo verifier
     python scripts/generate.py --prompt "def add(a, b):" --mode sd --k 4
     python scripts/generate.py --mode sprinter --gate confidence --threshold 0.4 --json
+    python scripts/generate.py --mode sd-gated --gate confidence --stop-threshold 0.6
     python scripts/generate.py --mode ngram --prompts-file prompts.txt    # one batch: one prompt per line
     python scripts/generate.py --mode sd --prompts-file prompts.jsonl --max-batch 8 --json  # JSON strings per line
     python scripts/generate.py --mode async --window 4 --threads 1      # the draft runs ahead in its own thread
 
-Options and defaults: sprinter.decode.decoder.GenerateConfig (or --help).
+Options and defaults: sprinter.decode.decoder.GenerateConfig, which extends the library's DecodeOptions
+(sprinter.decode.options) with the command line's own (or --help).
 """
 
 from __future__ import annotations
@@ -100,13 +102,9 @@ def main(argv: Sequence[str] | None = None) -> None:
     draft, target = pair_paths(cfg)
     decoder = Decoder.from_pretrained(draft=draft, target=target, verifier=verifier, device=cfg.device, dtype=cfg.dtype,
                                       datastore=cfg.datastore)
-    options = dict(max_new_tokens=cfg.max_new_tokens, mode=cfg.mode, temperature=cfg.temperature, top_k=cfg.top_k,
-                   top_p=cfg.top_p, seed=cfg.seed, k=cfg.k, max_block=cfg.max_block, threshold=cfg.threshold,
-                   strict=cfg.strict, gate=cfg.gate, stop=cfg.stop, ngram_n=cfg.ngram_n, s=cfg.s, i_knee=cfg.i_knee,
-                   max_batch=cfg.max_batch, window=cfg.window, draft_device=cfg.draft_device,
-                   target_device=cfg.target_device)
+    options = cfg.options()
     if prompts is not None:
-        print_batch(cfg, prompts, decoder.generate(prompts, **options))
+        print_batch(cfg, prompts, decoder.generate(prompts, options))
         return
 
     echoed: list[str] = []  # the prompt is echoed with the first text, so an error is never glued to it
@@ -117,7 +115,7 @@ def main(argv: Sequence[str] | None = None) -> None:
             print(cfg.prompt, end="")
         print(piece, end="", flush=True)
 
-    out = decoder.generate(cfg.prompt, on_text=None if cfg.json else stream, **options)
+    out = decoder.generate(cfg.prompt, options, on_text=None if cfg.json else stream)
     stats = out.stats.to_dict()
     if cfg.json:
         print(json.dumps({"text": out.text, "token_ids": out.token_ids, "stop_reason": out.stop_reason,

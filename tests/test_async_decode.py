@@ -20,6 +20,7 @@ from sprinter.decode.asynchronous import asynchronous
 from sprinter.decode.cache import CachedLM
 from sprinter.decode.decoder import Decoder, Emitter, GenerateConfig
 from sprinter.decode.drafters import ModelDrafter
+from sprinter.decode.options import DecodeOptions
 from sprinter.decode.sampling import Sampler
 from sprinter.decode.stats import DecodeStats
 from sprinter.errors import SprinterError
@@ -66,22 +67,25 @@ class CheckingDrafter:
         self.calls = 0
         self.rollbacks: list[tuple[int, int, int]] = []  # (cache length before, asked length, after)
 
-    def propose(self, tokens, gen):
-        assert self.lm.length < tokens.shape[1]
-        step = self.inner.propose(tokens, gen)
-        assert self.lm.length == tokens.shape[1]
-        fresh = self.lm.model(tokens).logits[0, -1, : self.lm.vocab_size].float().softmax(-1)
-        torch.testing.assert_close(step.q_soft, fresh, atol=1e-5, rtol=1e-4)
+    def propose(self, seqs, limits, gen, *, stop=None):
+        (seq,) = seqs
+        assert self.lm.length < len(seq) and list(limits) == [1]
+        steps = []  # the stop rule sees each drafted token's step (its q_soft: the draft's softmax)
+        draft = self.inner.propose(seqs, limits, gen, stop=lambda step, position: steps.append(step) or False)
+        assert self.lm.length == len(seq)
+        fresh = self.lm.model(torch.tensor([seq])).logits[0, -1, : self.lm.vocab_size].float().softmax(-1)
+        torch.testing.assert_close(steps[0].q_soft, fresh, atol=1e-5, rtol=1e-4)
         self.calls += 1
         if self.calls % self.every == 0:
-            step.token = (step.token + 1) % self.lm.vocab_size
-            step.q = torch.nn.functional.one_hot(step.token, self.lm.vocab_size).float()
-        return step
+            draft.x = (draft.x + 1) % self.lm.vocab_size
+            draft.q = torch.nn.functional.one_hot(draft.x, self.lm.vocab_size).float()  # (1, 1, V)
+            draft.host = None
+        return draft
 
-    def rollback_to(self, length):
+    def keep(self, rows, lengths):
         before = self.lm.length
-        self.inner.rollback_to(length)
-        self.rollbacks.append((before, length, self.lm.length))
+        self.inner.keep(rows, lengths)
+        self.rollbacks.append((before, lengths[0], self.lm.length))
 
 
 def run_loop(decoder: Decoder, prompt, drafter_of, window: int, max_new_tokens: int = 24, stop=()):
@@ -92,7 +96,8 @@ def run_loop(decoder: Decoder, prompt, drafter_of, window: int, max_new_tokens: 
     out = Emitter(decoder.tokenizer, max_new_tokens, decoder.tokenizer.eos_token_id, stop, None)
     stats = DecodeStats(mode="async")
     with torch.inference_mode():
-        asynchronous(target, drafter, torch.tensor([ids]), Sampler(), 0, out, stats, window, torch.device("cpu"))
+        asynchronous(target, drafter, torch.tensor([ids]), options=DecodeOptions(mode="async", window=window), out=out,
+                     stats=stats, draft_device=torch.device("cpu"))
     return out, stats, drafter
 
 

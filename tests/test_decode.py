@@ -189,5 +189,5 @@ def test_sd_gated_limits(gpt2_decoder):
 
 def test_sd_gated_refuses_strict():
     with pytest.raises(SprinterError, match="strict"):
-        from sprinter.decode.decoder import check_options
-        check_options("sd-gated", 8, 4, 20, 0.5, True, None, ())
+        from sprinter.decode.options import DecodeOptions
+        DecodeOptions(mode="sd-gated", max_new_tokens=8, stop_threshold=0.5, strict=True)

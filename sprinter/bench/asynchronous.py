@@ -38,8 +38,8 @@ from sprinter.bench.protocol import (
     warm_up,
 )
 from sprinter.config import check_integers, option, to_dict
-from sprinter.decode.asynchronous import check_async_options
-from sprinter.decode.decoder import Decoder, check_options
+from sprinter.decode.decoder import Decoder
+from sprinter.decode.options import DecodeOptions
 from sprinter.errors import SprinterError
 
 FORMAT = "sprinter-async-bench/1"
@@ -87,9 +87,9 @@ class AsyncBenchConfig:
         if not self.pairs:
             raise SprinterError("pairs: got none; expected at least one pair name or folder")
         for k in self.ks:
-            check_options("sd", self.max_new_tokens, k, None, None, False, None, ())
+            DecodeOptions(mode="sd", max_new_tokens=self.max_new_tokens, k=k)
         for window in self.windows:
-            check_async_options("async", window, None, None)
+            DecodeOptions(mode="async", window=window)
 
 
 def methods(cfg: AsyncBenchConfig) -> list[tuple[str, int, dict]]:

@@ -41,7 +41,8 @@ from sprinter.bench.protocol import (
     warm_up,
 )
 from sprinter.config import CONFIGS, check_integers, option, to_dict
-from sprinter.decode.decoder import Decoder, check_options
+from sprinter.decode.decoder import Decoder
+from sprinter.decode.options import DecodeOptions
 from sprinter.decode.roofline import measure_i_knee, speculation_length
 from sprinter.errors import SprinterError
 from sprinter.files import write_atomic
@@ -96,7 +97,7 @@ class BatchBenchConfig:
         bad = [d for d in self.domains if d not in DOMAINS]
         if bad or not self.domains:
             raise SprinterError(f"domains: got {list(self.domains)}; expected some of {DOMAINS}")
-        check_options("ngram", self.max_new_tokens, self.k, None, None, False, None, (), self.ngram_n,
+        DecodeOptions(mode="ngram", max_new_tokens=self.max_new_tokens, k=self.k, ngram_n=self.ngram_n,
                       i_knee=self.i_knee)
         if not isinstance(self.temperature, (int, float)) or not 0 <= self.temperature < float("inf"):
             raise SprinterError(f"temperature: got {self.temperature!r}; expected a finite number >= 0")

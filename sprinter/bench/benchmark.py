@@ -38,15 +38,15 @@ from sprinter.bench.protocol import (
 )
 from sprinter.bench.report import write_reports
 from sprinter.config import CONFIGS, option, to_dict
-from sprinter.decode.asynchronous import check_async_options
 from sprinter.decode.cache import FlopModel
-from sprinter.decode.decoder import DEMO_VERIFIER, Decoder, check_options
+from sprinter.decode.decoder import DEMO_VERIFIER, Decoder
 from sprinter.decode.gates import (
     CONFIDENCE_THRESHOLD,
     LearnedGate,
     check_threshold,
     load_learned_gate,
 )
+from sprinter.decode.options import DecodeOptions
 from sprinter.errors import SprinterError
 from sprinter.files import FolderLock
 from sprinter.pairs.load import fingerprint
@@ -119,9 +119,9 @@ class BenchConfig:
             if isinstance(value, bool) or not isinstance(value, int) or value < 1:
                 raise SprinterError(f"{name}: got {value!r}; expected an integer >= 1")
         for k in self.ks:
-            check_options("sd", self.max_new_tokens, k, None, None, False, None, ())
+            DecodeOptions(mode="sd", max_new_tokens=self.max_new_tokens, k=k)
         for window in self.windows:
-            check_async_options("async", window, None, None)
+            DecodeOptions(mode="async", window=window)
         for name in ("warmup", "threads"):
             if not isinstance(getattr(self, name), int) or getattr(self, name) < 0:
                 raise SprinterError(f"{name}: got {getattr(self, name)!r}; expected an integer >= 0")

@@ -21,13 +21,9 @@ from __future__ import annotations
 import torch
 from transformers import DynamicCache
 
-from sprinter.decode.acceptance import (
-    correction,
-    greedy_match,
-    leading_true,
-    speculative_accept,
-)
-from sprinter.decode.sampling import entropy
+from sprinter.decode.batched import accept
+from sprinter.decode.drafters import Draft
+from sprinter.decode.sampling import Sampler, entropy
 from sprinter.errors import SprinterError
 
 
@@ -46,6 +42,11 @@ def choose_tokens(q: torch.Tensor, temperature: float, gen: torch.Generator) -> 
     return torch.multinomial(flat, 1, generator=gen).reshape(q.shape[:-1])
 
 
+def one_hot(x: torch.Tensor, size: int) -> torch.Tensor:
+    """A one-hot distribution on each token of x.  # (...) -> (..., size) float32"""
+    return torch.nn.functional.one_hot(x, size).float()
+
+
 def gather(probs: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
     """probs[..., x].  # (..., V), (...) -> (...)"""
     return probs.gather(-1, x.unsqueeze(-1)).squeeze(-1)
@@ -62,21 +63,18 @@ def accept_labels(p: torch.Tensor, q: torch.Tensor, x: torch.Tensor) -> dict[str
 
 def target_path(p: torch.Tensor, q: torch.Tensor, block: torch.Tensor, temperature: float,
                 gen: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]:
-    """How far speculative decoding keeps a drafted block, and the target's next token.
+    """How far speculative decoding keeps a drafted block, and the target's next token: the batched decode
+    loop's own acceptance step (sprinter.decode.batched.accept), so the data stage follows exactly the path
+    decoding would.
 
     p: (B, k+1, V) target probabilities at each block position and after it; q: (B, k, V); block: (B, k).
     Returns (accepted (B,) in 0..k, next token (B,)): greedy match at temperature 0, else the
     speculative-sampling rule (accept x if u < p(x)/q(x); on rejection sample norm(max(0, p - q))).
     """
     b, k = block.shape
-    if temperature == 0:
-        accepted = greedy_match(block, p[:, :k].argmax(-1))  # (B,)
-    else:
-        u = torch.rand(b, k, generator=gen, device=block.device)
-        accepted = leading_true(speculative_accept(gather(p[:, :k], block), gather(q, block), u))
-    if temperature == 0:
-        return accepted, p[torch.arange(b, device=block.device), accepted].argmax(-1)
-    return accepted, torch.multinomial(correction(p, q, accepted), 1, generator=gen).squeeze(-1)
+    if temperature == 0:  # the rows keep the untempered softmax; the rule reads greedy decoding's one-hots
+        p, q = one_hot(p.argmax(-1), p.shape[-1]), one_hot(block, q.shape[-1])
+    return accept(p, Draft(block, [k] * b, q), Sampler(temperature), gen)
 
 
 def row_columns(hidden: torch.Tensor, q: torch.Tensor, p: torch.Tensor, x: torch.Tensor) -> dict[str, torch.Tensor]:
@@ -156,6 +154,19 @@ def decode_rows(draft, target, prompts: torch.Tensor, max_new_tokens: int, k: in
 
     prompts: (B, P). A prompt also stops at EOS on the target's path or at the context window.
     Returns (rows, prompt-major with `row_prompt`; the token path of each prompt).
+
+    Why this is not the batched decode loop (sprinter.decode.batched), whose acceptance step it does share
+    (`target_path`): reusing that loop would change the collected rows.
+    1. Every row needs the draft's last-layer hidden state at its position; the loops' batched model API
+       (BatchCachedLM.append) returns logits only.
+    2. The rows are defined by forwards over each prompt's whole left-padded path (no KV cache kept between
+       rounds). The cached loop computes the same values only up to float rounding, which flips near-ties
+       of the greedy path and changes samples at temperature > 0, so labels and paths would move.
+    3. The budget differs: a prompt stops after `max_new_tokens` drafted rows (a rejected token is a row
+       too) and every round drafts exactly k tokens; the decode loops budget emitted tokens and shorten
+       the last block.
+    4. At temperature 0 the rows keep the untempered softmax p and q (the labels read them); decoding
+       works on one-hot distributions.
     """
     device = prompts.device
     paths = [row.tolist() for row in prompts]

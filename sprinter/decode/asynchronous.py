@@ -47,33 +47,16 @@ import torch
 from sprinter.decode.acceptance import correction, leading_true, speculative_accept
 from sprinter.decode.cache import CachedLM
 from sprinter.decode.drafters import Drafter
+from sprinter.decode.options import DecodeOptions
 from sprinter.decode.sampling import Sampler, uniform
 from sprinter.decode.stats import DecodeStats
-from sprinter.errors import SprinterError
-from sprinter.pairs.load import resolve_device
 
 if TYPE_CHECKING:
     from sprinter.decode.emit import Emitter
 
-ASYNC_WINDOW = 4  # default: most drafted tokens awaiting verification
 WAIT_SECONDS = 0.05  # the longest either side sleeps before it looks at the stop flag again
 JOIN_SECONDS = 60.0  # the longest the caller waits for the draft thread to finish its current forward
 DRAFT_SEED_OFFSET = 0x5DEECE66D  # the draft's generator is seeded apart from the target's (independent draws)
-
-
-def check_async_options(mode: str, window: int | None, draft_device: str | None, target_device: str | None) -> None:
-    """The checks of the async options that need no model (devices must exist on this machine)."""
-    given = {"window": window, "draft_device": draft_device, "target_device": target_device}
-    if mode != "async":
-        for name, value in given.items():
-            if value is not None:
-                raise SprinterError(f"{name}: got {value!r} with mode={mode!r}; expected it only with mode='async'")
-        return
-    if window is not None and (isinstance(window, bool) or not isinstance(window, int) or window < 1):
-        raise SprinterError(f"window: got {window!r}; expected an integer >= 1 (drafted tokens awaiting verification)")
-    for device in (draft_device, target_device):
-        if device is not None:
-            resolve_device(device)
 
 
 @dataclass(frozen=True)
@@ -189,12 +172,11 @@ class DraftSide:
                 epoch = ch.epoch
             # 2. Draft the next token (the lock is free meanwhile: the target can take and verify).
             start = time.perf_counter()
-            tokens = torch.tensor([self.ids], device=self.device)  # (1, T)
-            step = self.drafter.propose(tokens, self.gen)
-            token = step.token.item()  # the host sync that makes q ready for the target's stream too
+            draft = self.drafter.propose([self.ids], [1], self.gen)
+            token = draft.x[0, 0].item()  # the host sync that makes q ready for the target's stream too
             # 3. Publish it; a verdict that arrived meanwhile may have overruled its prefix (then the
             #    next round's _apply rolls it back).
-            ch.publish_entry(Entry(len(self.ids), token, step.q), epoch)
+            ch.publish_entry(Entry(len(self.ids), token, draft.q[0, 0]), epoch)
             self.ids.append(token)
             self.drafted += 1
             self.busy_seconds += time.perf_counter() - start
@@ -212,26 +194,27 @@ class DraftSide:
         if len(ids) > last and ids[last] == verdict.token:
             return  # the target's token is the draft's own: the run-ahead stays
         del ids[last:]
-        self.drafter.rollback_to(last)
+        self.drafter.keep([0], [last])
         ids.append(verdict.token)
 
     def _drop_unpublished(self, next_position: int) -> None:
         """Tokens past what the channel holds were drafted under an older epoch: drafted again from here."""
         if len(self.ids) > next_position:
             del self.ids[next_position:]
-            self.drafter.rollback_to(next_position - 1)  # the next forward reads the last kept token
+            self.drafter.keep([0], [next_position - 1])  # the next forward reads the last kept token
 
 
-def asynchronous(target: CachedLM, drafter: Drafter, tokens: torch.Tensor, sampler: Sampler, seed: int,
-                 out: Emitter, stats: DecodeStats, window: int, draft_device: torch.device) -> None:
+def asynchronous(target: CachedLM, drafter: Drafter, tokens: torch.Tensor, *, options: DecodeOptions, out: Emitter,
+                 stats: DecodeStats, draft_device: torch.device) -> None:
     """Decode with the draft in a thread of its own until the budget, EOS or a stop string; the target
-    verifies in the caller's thread. tokens: (1, T) the prompt, on the target's device.
+    verifies in the caller's thread. tokens: (1, T) the prompt, on the target's device. `options` gives the
+    sampler, the seed and the window.
 
     Shutdown: whatever ends the generation (done, an error on either side, KeyboardInterrupt) sets the
     stop flag and joins the draft thread before returning; an error raised in the draft thread is
     re-raised here, as itself (type and traceback kept)."""
-    prompt = tokens[0].tolist()
-    channel = Channel(len(prompt), window)
+    prompt, seed, sampler = tokens[0].tolist(), int(options.seed), options.sampler
+    channel = Channel(len(prompt), options.async_window)
     draft = DraftSide(drafter, channel, prompt, len(prompt) + out.remaining, out.eos_id, draft_device, seed,
                       torch.get_num_threads())
     gen = torch.Generator(device=tokens.device).manual_seed(seed)
@@ -307,4 +290,4 @@ def _on_stream(stream: torch.cuda.Stream | None):
     return torch.cuda.stream(stream) if stream is not None else contextlib.nullcontext()
 
 
-__all__ = ["ASYNC_WINDOW", "Channel", "DraftSide", "Entry", "Verdict", "asynchronous", "check_async_options"]
+__all__ = ["Channel", "DraftSide", "Entry", "Verdict", "asynchronous"]

@@ -2,8 +2,9 @@
 
 Each round serves every row (sequence) still generating, in the steps of the single-sequence
 `speculative` loop (decode.py):
-1. Draft: each row proposes its own chain x_b of n_b tokens: "ar" none; "sd" the draft model, k per row
-   (batched, one draft forward per drafted position); "ngram" a lookup in the row's own text, 0..s tokens.
+1. Draft: the drafter (sprinter.decode.drafters) proposes each row's own chain x_b of n_b tokens: "ar" none;
+   "sd" the draft model, k per row (batched, one draft forward per drafted position); "ngram" a lookup in
+   the row's own text, 0..s tokens.
 2. Verify: one target forward over every row's last emitted token and its chain, left-aligned in a block
    1 + max n_b wide; the slots after a row's chain are masked (sprinter.decode.batch_cache).
 3. Accept: the speculative-sampling rule, batched over rows (acceptance.py); a slot past a row's chain never
@@ -20,8 +21,7 @@ at temperature 0 every row equals its prompt's `ar` output.
 from __future__ import annotations
 
 import time
-from dataclasses import dataclass
-from typing import Callable, Protocol, Sequence
+from typing import Callable, Sequence
 
 import torch
 
@@ -33,88 +33,17 @@ from sprinter.decode.acceptance import (
 )
 from sprinter.decode.batch_cache import BatchCachedLM
 from sprinter.decode.datastore import Datastore
+from sprinter.decode.drafters import BatchModelDrafter, Draft, Drafter
 from sprinter.decode.emit import Emitter, GenerateOutput
 from sprinter.decode.ngram import NgramDrafter
+from sprinter.decode.options import DecodeOptions
 from sprinter.decode.roofline import measure_i_knee, speculation_length
 from sprinter.decode.sampling import Sampler, uniform
 from sprinter.decode.stats import DecodeStats
 from sprinter.pairs.load import Pair
 
 
-@dataclass
-class Chains:
-    """One round's drafts: a chain per row, and the distributions they were drawn from."""
-
-    x: list[list[int]]  # row b's n_b drafted tokens (n_b may be 0)
-    q: torch.Tensor | None  # (B, max n_b, V) q of each chain slot, zero past a row's chain; None: one-hot
-    cost: list[tuple[int, int, int]] | None = None  # per row: draft forwards, tokens read, FLOPs (None: no model)
-
-
-class BatchDrafter(Protocol):
-    def propose(self, seqs: Sequence[Sequence[int]], limits: Sequence[int], gen: torch.Generator) -> Chains:
-        """A chain of at most limits[b] tokens after each row's whole sequence so far (prompt and emitted)."""
-
-    def keep(self, rows: Sequence[int], lengths: Sequence[int]) -> None:
-        """Keep only these rows (the others finished), each with only its first `lengths` tokens; then admit
-        the rows given to the next `propose` beyond them."""
-
-
-class NgramChains:
-    """Chains from n-gram matches in each row's own text (sprinter.decode.ngram); no model, no state."""
-
-    def __init__(self, ngram: NgramDrafter):
-        self.ngram = ngram
-
-    def propose(self, seqs: Sequence[Sequence[int]], limits: Sequence[int], gen: torch.Generator) -> Chains:
-        return Chains([self.ngram.chain(seq, limit) for seq, limit in zip(seqs, limits)], None)
-
-    def keep(self, rows: Sequence[int], lengths: Sequence[int]) -> None:
-        pass
-
-
-class ModelChains:
-    """Chains drawn from a draft model with its own batched cache, fed only the tokens it has not seen."""
-
-    def __init__(self, lm: BatchCachedLM, sampler: Sampler):
-        self.lm, self.sampler = lm, sampler
-
-    def propose(self, seqs: Sequence[Sequence[int]], limits: Sequence[int], gen: torch.Generator) -> Chains:
-        read_prompt = [0] * len(seqs)  # prompt tokens each new row's cache read this round
-        if len(seqs) > self.lm.batch_size:  # new rows: read their prompts (all but the last token)
-            new = [seq[:-1] for seq in seqs[self.lm.batch_size:]]
-            read_prompt[self.lm.batch_size:] = map(len, new)
-            self.lm.admit(new)
-        prompt_cost = [(1, n, self.lm.flop_model.forward(0, n, 1)) if n else (0, 0, 0) for n in read_prompt]
-        if not max(limits):
-            return Chains([[] for _ in seqs], None, prompt_cost)
-        before = list(self.lm.lengths)
-        # 1. Catch up on the tokens the draft has not read (the last emitted one; two after a fully kept chain).
-        unseen = [seq[n:] for seq, n in zip(seqs, before)]
-        logits = self.lm.append(unseen)  # (B, W, V)
-        rows = torch.arange(len(seqs), device=logits.device)
-        logits = logits[rows, torch.tensor([len(u) - 1 for u in unseen], device=logits.device)]  # (B, V)
-        # 2. Draft position j for the rows whose chain is longer than j (the others read a masked slot).
-        xs, qs = [], []
-        for j in range(max(limits)):
-            if j:
-                logits = self.lm.append([[x] if limit > j else [] for x, limit in zip(xs[-1], limits)])[:, 0]
-            q = self.sampler.probs(logits)  # (B, V)
-            qs.append(q)
-            xs.append(self.sampler.draw(q, gen).tolist())
-        chains = [[x[b] for x in xs[:limit]] for b, limit in enumerate(limits)]
-        q = torch.stack(qs, 1)  # (B, n, V)
-        q = q * (torch.arange(q.shape[1], device=q.device) < torch.tensor(limits, device=q.device)[:, None])[..., None]
-        read = [after - n for after, n in zip(self.lm.lengths, before)]
-        cost = [(c + limit, t + r, f + self.lm.flop_model.forward(n, r, limit))
-                for (c, t, f), limit, r, n in zip(prompt_cost, limits, read, before)]
-        return Chains(chains, q, cost)
-
-    def keep(self, rows: Sequence[int], lengths: Sequence[int]) -> None:
-        self.lm.select(rows)
-        self.lm.rollback_to(lengths)
-
-
-def accept(p: torch.Tensor, chains: Chains, sampler: Sampler, gen: torch.Generator
+def accept(p: torch.Tensor, draft: Draft, sampler: Sampler, gen: torch.Generator
            ) -> tuple[torch.Tensor, torch.Tensor]:
     """Steps 3 and 4 for every row: (n_kept (B,), the target's own token y (B,)).
 
@@ -124,22 +53,24 @@ def accept(p: torch.Tensor, chains: Chains, sampler: Sampler, gen: torch.Generat
     if n == 0:  # no row drafted: plain decoding
         return torch.zeros(B, dtype=torch.long, device=p.device), sampler.draw(p[:, 0], gen)
     rows = torch.arange(B, device=p.device)
-    lengths = torch.tensor([len(c) for c in chains.x], device=p.device)  # (B,)
-    x = torch.tensor([c + [0] * (n - len(c)) for c in chains.x], device=p.device)  # (B, n)
+    lengths = torch.tensor(draft.lengths, device=p.device)  # (B,)
+    x = draft.x.to(p.device)  # (B, n)
     p_x = p[:, :n].gather(2, x[..., None])[..., 0]  # (B, n)
-    q_x = torch.ones_like(p_x) if chains.q is None else chains.q.gather(2, x[..., None])[..., 0]
-    u = uniform(B * n, gen, p.device).view(B, n)
+    q_x = torch.ones_like(p_x) if draft.q is None else draft.q.gather(2, x[..., None])[..., 0]
+    # greedy: p and q are one-hot, so u = 0 decides exactly as any draw would (keep x iff p(x) = 1), and the
+    # generator is left untouched (the data stage's target_path shares this step and its generator's stream)
+    u = torch.zeros(B, n, device=p.device) if sampler.greedy else uniform(B * n, gen, p.device).view(B, n)
     in_chain = torch.arange(n, device=p.device) < lengths[:, None]
     n_kept = leading_true(speculative_accept(p_x, q_x, u) & in_chain)  # (B,)
     # q where the target's token goes: the rejected token's q, or nothing after a fully kept chain (a bonus token)
-    if chains.q is None:
+    if draft.q is None:
         rejected = x[rows, n_kept.clamp(max=n - 1)]
         q_at = torch.nn.functional.one_hot(rejected, V).to(p.dtype) * (n_kept < lengths)[:, None]
         return n_kept, sampler.draw(residual(p[rows, n_kept], q_at), gen)
-    return n_kept, sampler.draw(correction(p, chains.q, n_kept), gen)
+    return n_kept, sampler.draw(correction(p, draft.q, n_kept), gen)
 
 
-def decode_batch(target: BatchCachedLM, drafter: BatchDrafter | None, prompts: Sequence[Sequence[int]],
+def decode_batch(target: BatchCachedLM, drafter: Drafter | None, prompts: Sequence[Sequence[int]], *,
                  sampler: Sampler, gen: torch.Generator, outs: Sequence, stats: Sequence[DecodeStats],
                  chain_length: Callable[[int], int], max_batch: int) -> None:
     """Decode every prompt to its Emitter in `outs` (budget, EOS, stop strings), at most `max_batch` at a time.
@@ -169,17 +100,18 @@ def decode_batch(target: BatchCachedLM, drafter: BatchDrafter | None, prompts: S
         limits = [min(s, outs[i].remaining) for i in live]
         # 1. Draft.
         start = time.perf_counter()
-        chains = drafter.propose(seqs, limits, gen) if drafter is not None else Chains([[] for _ in live], None)
+        draft = drafter.propose(seqs, limits, gen) if drafter is not None else _no_draft(len(live))
+        chains = draft.chains()
         draft_seconds += time.perf_counter() - start
         # 2. Verify: one target forward over each row's last token and chain.
         before = list(target.lengths)
-        logits = target.append([seq[-1:] + chain for seq, chain in zip(seqs, chains.x)])  # (B, 1 + n, V)
+        logits = target.append([seq[-1:] + chain for seq, chain in zip(seqs, chains, strict=True)])  # (B, 1 + n, V)
         # 3.-4. Accept and correct, every row at once; the one host sync of the round.
-        n_kept, y = accept(sampler.probs(logits), chains, sampler, gen)
+        n_kept, y = accept(sampler.probs(logits), draft, sampler, gen)
         kept, ys = n_kept.tolist(), y.tolist()
         # 5. Emit, count, roll back, and let the finished rows go.
         for b, i in enumerate(live):
-            chain, s_i = chains.x[b], stats[i]
+            chain, s_i = chains[b], stats[i]
             s_i.target_calls += 1
             s_i.target_tokens += 1 + len(chain)
             s_i.target_flops += target.flop_model.forward(before[b], 1 + len(chain), 1 + len(chain))
@@ -187,8 +119,8 @@ def decode_batch(target: BatchCachedLM, drafter: BatchDrafter | None, prompts: S
             s_i.accepted += kept[b]
             s_i.rejected += len(chain) - kept[b]
             s_i.count_block(len(chain), kept[b])
-            if chains.cost is not None:
-                calls, read, flops = chains.cost[b]
+            if draft.cost is not None:
+                calls, read, flops = draft.cost[b]
                 s_i.draft_calls, s_i.draft_tokens, s_i.draft_flops = (s_i.draft_calls + calls, s_i.draft_tokens + read,
                                                                      s_i.draft_flops + flops)
             tokens[i] += chain[: kept[b]] + [ys[b]]
@@ -204,41 +136,46 @@ def decode_batch(target: BatchCachedLM, drafter: BatchDrafter | None, prompts: S
         s_i.draft_seconds = draft_seconds
 
 
-def generate_batch(pair: Pair, prompts: Sequence[Sequence[int]], mode: str, max_new_tokens: int, sampler: Sampler,
-                   seed: int, k: int, ngram_n: int, s: int | None, i_knee: float | None, max_batch: int | None,
-                   stop: Sequence[str], on_text: Callable[[str], None] | None = None,
-                   datastore: Datastore | None = None) -> list[GenerateOutput]:
+def generate_batch(pair: Pair, prompts: Sequence[Sequence[int]], options: DecodeOptions, *,
+                   on_text: Callable[[str], None] | None = None, datastore: Datastore | None = None
+                   ) -> list[GenerateOutput]:
     """`Decoder.generate` for a list of prompts (checked already) in mode "ar", "sd" or "ngram"."""
-    device = pair.device
-    gen = torch.Generator(device=device).manual_seed(int(seed))
+    device, mode, sampler = pair.device, options.mode, options.sampler
+    gen = torch.Generator(device=device).manual_seed(int(options.seed))
     eos = pair.tokenizer.eos_token_id
-    outs = [Emitter(pair.tokenizer, max_new_tokens, eos, stop, on_text) for _ in prompts]
+    outs = [Emitter(pair.tokenizer, options.max_new_tokens, eos, options.stop, on_text) for _ in prompts]
     stats = [DecodeStats(mode=mode, batch_size=len(prompts)) for _ in prompts]
     pad = eos if eos is not None else 0
     target = BatchCachedLM(pair.target, pair.vocab_size, pad_id=pad)
-    drafter: BatchDrafter | None = None
+    drafter: Drafter | None = None
     if mode == "sd":
-        drafter = ModelChains(BatchCachedLM(pair.draft, pair.vocab_size, pad_id=pad), sampler)
-        chain_length = lambda batch: k  # noqa: E731
+        drafter = BatchModelDrafter(BatchCachedLM(pair.draft, pair.vocab_size, pad_id=pad), sampler)
+        chain_length = lambda batch: options.k  # noqa: E731
     elif mode == "ngram":
-        drafter = NgramChains(NgramDrafter(ngram_n, datastore=datastore))
-        if s is not None:
-            chain_length = lambda batch: s  # noqa: E731
+        drafter = NgramDrafter(options.ngram_n, datastore=datastore)
+        if options.s is not None:
+            chain_length = lambda batch: options.s  # noqa: E731
         else:
-            knee = i_knee if i_knee is not None else measure_i_knee(device, pair.dtype)
+            knee = options.i_knee if options.i_knee is not None else measure_i_knee(device, pair.dtype)
             chain_length = lambda batch: speculation_length(knee, batch)  # noqa: E731
     else:
         chain_length = lambda batch: 0  # noqa: E731
 
     start = time.perf_counter()
-    decode_batch(target, drafter, prompts, sampler, gen, outs, stats, chain_length, max_batch or len(prompts))
+    decode_batch(target, drafter, prompts, sampler=sampler, gen=gen, outs=outs, stats=stats,
+                 chain_length=chain_length, max_batch=options.max_batch or len(prompts))
     if device.type == "cuda":
         torch.cuda.synchronize(device)
     seconds = time.perf_counter() - start
-    for out, st in zip(outs, stats):
+    for out, st in zip(outs, stats, strict=True):
         st.wall_seconds, st.new_tokens = seconds, len(out.ids)
     return [GenerateOutput(text=out.text(), token_ids=out.ids, stats=st, stop_reason=out.stop_reason)
-            for out, st in zip(outs, stats)]
+            for out, st in zip(outs, stats, strict=True)]
 
 
-__all__ = ["BatchDrafter", "Chains", "ModelChains", "NgramChains", "accept", "decode_batch", "generate_batch"]
+def _no_draft(rows: int) -> Draft:
+    """Mode "ar": no row drafts."""
+    return Draft(torch.zeros(rows, 0, dtype=torch.long), [0] * rows, None, None, [[] for _ in range(rows)])
+
+
+__all__ = ["accept", "decode_batch", "generate_batch"]

@@ -20,14 +20,16 @@ A list of prompts is decoded as one batch in modes "ar", "sd" and "ngram" (sprin
 also runs "ngram" for a single prompt) and gives a list of results, one per prompt.
 
 Two loops here serve a single prompt in the first five modes: `autoregressive` (one model) and
-`speculative` (a drafter, an optional gate and the target); a mode is a few arguments to one of them.
-The batched loop (sprinter.decode.batched) and the two-thread loop (sprinter.decode.asynchronous) live beside them.
+`speculative` (a drafter, an optional gate and the target). A generation's options are one frozen
+`DecodeOptions` (sprinter.decode.options) that each loop reads; drafts come through one interface
+(sprinter.decode.drafters), implemented by the draft model and by n-gram drafting. The batched loop
+(sprinter.decode.batched) and the two-thread loop (sprinter.decode.asynchronous) live beside them.
 """
 
 from __future__ import annotations
 
 import copy
-import math
+import dataclasses
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -37,11 +39,11 @@ import torch
 
 from sprinter.config import check_integers, option
 from sprinter.decode.acceptance import correction, flag_then_check
-from sprinter.decode.asynchronous import ASYNC_WINDOW, asynchronous, check_async_options
+from sprinter.decode.asynchronous import asynchronous
 from sprinter.decode.batched import generate_batch
 from sprinter.decode.cache import CachedLM
 from sprinter.decode.datastore import Datastore
-from sprinter.decode.drafters import Drafter, ModelDrafter
+from sprinter.decode.drafters import Drafter, DraftStep, ModelDrafter
 from sprinter.decode.emit import Emitter, GenerateOutput
 from sprinter.decode.gates import (
     CONFIDENCE_THRESHOLD,
@@ -50,8 +52,15 @@ from sprinter.decode.gates import (
     Gate,
     LearnedGate,
     NeverFlag,
-    check_threshold,
     load_learned_gate,
+)
+from sprinter.decode.options import (
+    BATCH_MODES,
+    GATED_MODES,
+    GATES,
+    MODES,
+    STOP_THRESHOLD,
+    DecodeOptions,
 )
 from sprinter.decode.sampling import Sampler, uniform
 from sprinter.decode.stats import DecodeStats
@@ -64,11 +73,6 @@ from sprinter.pairs.load import (
     resolve_dtype,
 )
 
-MODES = ("ar", "draft", "sd", "sprinter", "sd-gated", "ngram", "async")
-BATCH_MODES = ("ar", "sd", "ngram")  # the modes that decode a list of prompts together
-GATED_MODES = ("sprinter", "sd-gated")  # the modes that consult a gate
-STOP_THRESHOLD = 0.5  # sd-gated: stop drafting once P(the block holds a rejection) exceeds this
-GATES = ("learned", "confidence", "always", "never")
 DEMO_VERIFIER = "checkpoints/verifiers/demo"
 NO_VERIFIER = ("modes 'sprinter' and 'sd-gated' need a gate, and this decoder has no verifier: train one with "
                "`python scripts/collect.py` then `python scripts/train.py` (writes checkpoints/verifiers/demo) and "
@@ -76,38 +80,15 @@ NO_VERIFIER = ("modes 'sprinter' and 'sd-gated' need a gate, and this decoder ha
                "(CLI --gate confidence)")
 
 
-@dataclass
-class GenerateConfig:
-    """One generation's options: the single home of their defaults (`Decoder.generate` and
-    scripts/generate.py both read them from here). Validated on construction, before any model runs."""
+@dataclass(frozen=True)
+class GenerateConfig(DecodeOptions):
+    """scripts/generate.py's options: a generation's (`DecodeOptions`, whose defaults and checks it inherits)
+    and the command line's own (what to decode, which models, where). Validated on construction, before any
+    model runs; `options()` is the `DecodeOptions` part, as `Decoder.generate` takes it."""
 
     prompt: str = option("def fibonacci(n):", "text to continue")
-    mode: str = option("sprinter", f"one of {MODES}")
-    max_new_tokens: int = option(128, "most tokens to generate")
-    temperature: float = option(0.0, "0 is greedy; above 0 samples")
-    top_k: int = option(0, "sample among the k likeliest tokens only (0: all)")
-    top_p: float = option(1.0, "sample from the smallest set with this much probability (1.0: all)")
-    seed: int = option(0, "seed of the torch.Generator every random draw comes from")
-    k: int = option(4, "tokens drafted per target call in mode 'sd'")
-    ngram_n: int = option(3, "ngram: longest suffix (in tokens) looked up in the sequence's own text")
-    s: int | None = option(None, "ngram: tokens drafted per sequence and target call; none: from the batch size and "
-                                 "I_knee (sprinter.decode.roofline); 0: plain decoding")
-    i_knee: float | None = option(None, "ngram: tokens per target forward at the roofline knee; none: measured on the "
-                                        "device at start")
-    max_batch: int | None = option(None, "batched modes: most prompts decoded at once, the rest queue for the places "
-                                         "of finished ones (none: all at once)")
     prompts_file: str | None = option(None, "decode every prompt of this file as one batch (replaces --prompt): one "
                                             "prompt per line, or one JSON string per line in a .jsonl file")
-    max_block: int | None = option(20, "sprinter: call the target after this many passed tokens (none: unbounded)")
-    gate: str | None = option(None, f"sprinter: one of {GATES}; none: learned when a verifier is loaded")
-    threshold: float | None = option(None, "sprinter: the gate's threshold; none: the verifier's calibrated "
-                                           f"one, or {CONFIDENCE_THRESHOLD} for the confidence gate. sd-gated: the "
-                                           f"stop threshold on 1 - prod P(accept); none: the verifier's recommended one, else {STOP_THRESHOLD}")
-    strict: bool = option(False, "sprinter: the target also checks the passed tokens of each block (greedy: lossless)")
-    stop: tuple[str, ...] = option((), "stop after any of these strings (kept in the output)")
-    window: int | None = option(None, f"async: most drafted tokens awaiting verification; none: {ASYNC_WINDOW}")
-    draft_device: str | None = option(None, "async: the draft's device (cpu, cuda:N); none: --device")
-    target_device: str | None = option(None, "async: the target's device; none: --device")
     pair: str = option("demo", "a preset pair under checkpoints/pairs/ (built if missing) or a pair folder")
     draft: str | None = option(None, "draft model: Hub name or folder; none: PAIR/draft")
     target: str | None = option(None, "target model: Hub name or folder; none: PAIR/target")
@@ -119,77 +100,22 @@ class GenerateConfig:
     json: bool = option(False, "print one JSON object (text, token ids, stats) instead of streaming text")
 
     def __post_init__(self) -> None:
-        check_options(self.mode, self.max_new_tokens, self.k, self.max_block, self.threshold, self.strict,
-                      self.gate, self.stop, self.ngram_n, self.s, self.i_knee, self.max_batch)
+        super().__post_init__()
         if self.prompts_file is not None and self.mode not in BATCH_MODES:
             raise SprinterError(f"prompts_file: got {self.prompts_file!r} with mode={self.mode!r}; expected a mode of "
                                 f"{BATCH_MODES} (the modes that decode a batch)")
         if self.datastore is not None and self.mode != "ngram":
             raise SprinterError(f"datastore: got {self.datastore!r} with mode={self.mode!r}; expected it only with "
                                 "mode='ngram'")
-        check_async_options(self.mode, self.window, self.draft_device, self.target_device)
-        Sampler(self.temperature, self.top_k, self.top_p)
         check_integers(self, ("threads",), minimum=0)
 
-
-def check_options(mode: str, max_new_tokens: int, k: int, max_block: int | None, threshold: float | None,
-                  strict: bool, gate: str | Gate | None, stop: Sequence[str], ngram_n: int = 3, s: int | None = None,
-                  i_knee: float | None = None, max_batch: int | None = None) -> None:
-    """The checks of one generation's options that need no model."""
-    if mode not in MODES:
-        raise SprinterError(f"mode: got {mode!r}; expected one of {MODES}")
-    if not _positive_int(max_new_tokens):
-        raise SprinterError(f"max_new_tokens: got {max_new_tokens!r}; expected an integer >= 1")
-    if not _positive_int(k):
-        raise SprinterError(f"k: got {k!r}; expected an integer >= 1")
-    if max_block is not None and not _positive_int(max_block):
-        raise SprinterError(f"max_block: got {max_block!r}; expected an integer >= 1, or None (unbounded)")
-    if isinstance(stop, str) or not all(isinstance(s, str) and s for s in stop):
-        raise SprinterError(f"stop: got {stop!r}; expected a list of non-empty strings")
-    if threshold is not None:
-        check_threshold(threshold)
-    if mode not in GATED_MODES:
-        for name, value in (("gate", gate), ("threshold", threshold)):
-            if value is not None:
-                raise SprinterError(f"{name}: got {value!r} with mode={mode!r}; expected it only with a mode of "
-                                    f"{GATED_MODES}")
-    if strict and mode != "sprinter":
-        raise SprinterError(f"strict: got True with mode={mode!r}; expected it only with mode='sprinter'")
-    if isinstance(gate, str) and gate not in GATES or \
-            gate is not None and not isinstance(gate, str) and not callable(getattr(gate, "accept_prob", None)):
-        raise SprinterError(f"gate: got {gate!r}; expected one of {GATES} or a Gate object (with accept_prob and "
-                            "threshold)")
-    if mode == "sprinter" and threshold is not None and gate not in (None, "learned", "confidence"):
-        raise SprinterError(f"threshold: got {threshold!r} with gate={gate!r}; expected it only with the "
-                            "learned or the confidence gate")
-    if not _positive_int(ngram_n):
-        raise SprinterError(f"ngram_n: got {ngram_n!r}; expected an integer >= 1")
-    if s is not None and not (_positive_int(s) or s == 0 and not isinstance(s, bool)):
-        raise SprinterError(f"s: got {s!r}; expected an integer >= 0 (0: plain decoding), or None (from the batch "
-                            "size)")
-    if i_knee is not None and not (isinstance(i_knee, (int, float)) and not isinstance(i_knee, bool)
-                                   and 0 < i_knee < math.inf):
-        raise SprinterError(f"i_knee: got {i_knee!r}; expected a finite number > 0, or None (measured on the device)")
-    for name, value in (("s", s), ("i_knee", i_knee)):
-        if value is not None and mode != "ngram":
-            raise SprinterError(f"{name}: got {value!r} with mode={mode!r}; expected it only with mode='ngram'")
-    if s is not None and i_knee is not None:
-        raise SprinterError(f"i_knee: got {i_knee!r} with s={s!r}; expected at most one (s fixes the speculation "
-                            "length, i_knee derives it from the batch size)")
-    if max_batch is not None and not _positive_int(max_batch):
-        raise SprinterError(f"max_batch: got {max_batch!r}; expected an integer >= 1, or None (all prompts at once)")
-    if max_batch is not None and mode not in BATCH_MODES:
-        raise SprinterError(f"max_batch: got {max_batch!r} with mode={mode!r}; expected it only with a mode of "
-                            f"{BATCH_MODES}")
+    def options(self) -> DecodeOptions:
+        """The generation's options alone."""
+        return DecodeOptions(**{f.name: getattr(self, f.name) for f in dataclasses.fields(DecodeOptions)})
 
 
-def check_seed(seed: object) -> None:
-    """torch.Generator takes a signed 64-bit seed; anything else is refused before any model runs."""
-    if isinstance(seed, bool) or not isinstance(seed, int) or not 0 <= seed <= 2**63 - 1:
-        raise SprinterError(f"seed: got {seed!r}; expected an integer in [0, 2**63 - 1]")
-
-
-def autoregressive(lm: CachedLM, tokens: torch.Tensor, sampler: Sampler, gen: torch.Generator, out: Emitter) -> None:
+def autoregressive(lm: CachedLM, tokens: torch.Tensor, *, sampler: Sampler, gen: torch.Generator,
+                   out: Emitter) -> None:
     """Plain decoding with one model ("ar": the target; "draft": the draft). tokens: (1, T) the prompt."""
     while not out.done:
         # 1. Run the model over what its cache lacks (the prompt first, then the last token).
@@ -201,53 +127,72 @@ def autoregressive(lm: CachedLM, tokens: torch.Tensor, sampler: Sampler, gen: to
         out.emit([x.item()])
 
 
-def speculative(target: CachedLM, drafter: Drafter, gate: Gate | None, tokens: torch.Tensor, sampler: Sampler,
-                gen: torch.Generator, out: Emitter, stats: DecodeStats, max_block: int | None, check_all: bool,
-                stop_threshold: float | None = None) -> None:
+class GateRule:
+    """How a gate ends a drafted block (the drafter's stop rule): it scores each drafted token from the
+    draft's state. "sprinter": the block ends at the first flagged token (P(accept) < the gate's threshold);
+    "sd-gated" (`stop_threshold` given): once 1 - prod P(accept) over the block exceeds it (SpecDec++)."""
+
+    def __init__(self, gate: Gate, stop_threshold: float | None):
+        self.gate, self.stop_threshold = gate, stop_threshold
+        self.start()
+
+    def start(self) -> None:
+        """A new block."""
+        self.flagged, self.survival, self.calls = False, 1.0, 0
+
+    def __call__(self, step: DraftStep, position: int) -> bool:
+        self.calls += 1
+        p_accept = self.gate.accept_prob(step, position)
+        if self.stop_threshold is None:  # sprinter: this token is checked iff flagged
+            self.flagged = not bool(p_accept >= self.gate.threshold)  # one host sync
+        else:  # sd-gated: stop drafting once the block probably holds a rejection
+            self.survival = self.survival * p_accept
+            self.flagged = bool(1 - self.survival > self.stop_threshold)  # one host sync
+        return self.flagged
+
+
+def speculative(target: CachedLM, drafter: Drafter, prompt: list[int], *, options: DecodeOptions,
+                gate: Gate | None, gen: torch.Generator, out: Emitter, stats: DecodeStats) -> None:
     """Draft, (maybe) verify, emit, roll back; until the budget, EOS or a stop string.
 
-    "sd": gate None, max_block = k, check_all. "sprinter": a gate, max_block (None: unbounded),
-    check_all = strict. "sd-gated": a gate, check_all, and `stop_threshold`: the block ends once
-    1 - prod P(accept) over it exceeds the threshold (SpecDec++), not at the first flagged token. tokens: (1, T) the prompt. The target's cache always covers every emitted
-    token but the last; its first forward reads the prompt together with the first block."""
+    From `options`: "sd" drafts k tokens per block and the target checks all of them. "sprinter" drafts
+    until the gate flags a token or max_block (None: unbounded) and checks only the flagged one (`strict`:
+    every one). "sd-gated" drafts until 1 - prod P(accept) exceeds `stop_threshold` (resolved by the
+    caller) or max_block, and checks all. The target's cache always covers every emitted token but the
+    last; its first forward reads the prompt together with the first block."""
+    sampler, mode = options.sampler, options.mode
+    max_block = options.k if mode == "sd" else options.max_block
+    check_all = mode != "sprinter" or options.strict
+    rule = None if gate is None else GateRule(gate, options.stop_threshold if mode == "sd-gated" else None)
+    device = next(target.model.parameters()).device
+    ids = list(prompt)  # the prompt and every emitted token
     while not out.done:
         limit = out.remaining if max_block is None else min(max_block, out.remaining)
-        # 1. Draft one token at a time. The gate scores each from the draft's state; drafting stops at
-        #    the first flagged token, or when the block is full.
-        block: list[torch.Tensor] = []
-        qs: list[torch.Tensor] = []
-        flagged = False
-        survival = 1.0  # sd-gated: estimated P(every token of the block is accepted)
-        seq = tokens
-        while len(block) < limit and not flagged:
-            step = drafter.propose(seq, gen)
-            block.append(step.token)
-            qs.append(step.q)
-            seq = torch.cat([seq, step.token.view(1, 1)], 1)
-            if gate is not None:
-                stats.verifier_calls += 1
-                p_accept = gate.accept_prob(step, len(block) - 1)
-                if stop_threshold is None:  # sprinter: this token is checked iff flagged
-                    flagged = not bool(p_accept >= gate.threshold)  # one host sync
-                else:  # sd-gated: stop drafting once the block probably holds a rejection
-                    survival = survival * p_accept
-                    flagged = bool(1 - survival > stop_threshold)  # one host sync
-        n = len(block)
-        x = torch.stack(block)  # (n,)
+        # 1. Draft up to `limit` tokens; with a gate, drafting stops where the gate says (see GateRule).
+        if rule is not None:
+            rule.start()
+        draft = drafter.propose([ids], [limit], gen, stop=rule)
+        n = draft.lengths[0]
+        x = draft.x[0].to(device)  # (n,)
+        flagged = rule is not None and rule.flagged
+        stats.verifier_calls += 0 if rule is None else rule.calls
         stats.drafted += n
         stats.flagged += int(flagged)
         # 2. A block that ends the generation with nothing flagged needs no target (unless every token is checked).
         if not flagged and not check_all and n == out.remaining:
             stats.accepted += n
-            out.emit(x.tolist())
+            out.emit(draft.chains()[0])
             break
         # 3. One target forward over every token it has not seen (the last emitted one(s) and the block);
         #    this also fills its cache. p[i] is the target's distribution for block position i, p[n] after it.
-        logits, _ = target.append(seq[:, target.length:], logits=n + 1)
-        p, q = sampler.probs(logits), torch.stack(qs)  # (n + 1, V), (n, V)
+        unseen = torch.tensor(ids[target.length:], dtype=torch.long, device=device)
+        logits, _ = target.append(torch.cat([unseen, x])[None], logits=n + 1)
+        p = sampler.probs(logits)  # (n + 1, V)
+        q = draft.q[0].to(device) if draft.q is not None else \
+            torch.nn.functional.one_hot(x, p.shape[-1]).float()  # (n, V); a deterministic chain: one-hot
         # 4. Check the flagged token (strict / SD: every token) with the speculative-sampling rule.
-        positions = torch.arange(n, device=x.device)
-        n_kept = flag_then_check(p[positions, x], q[positions, x], uniform(n, gen, x.device), flagged, check_all)
+        positions = torch.arange(n, device=device)
+        n_kept = flag_then_check(p[positions, x], q[positions, x], uniform(n, gen, device), flagged, check_all)
         # 5. The target's own token: from the residual after a rejection, else a bonus token from p[n].
         y = sampler.draw(correction(p, q, n_kept), gen)
         kept, *decided = torch.cat([n_kept.view(1), x, y.view(1)]).tolist()  # the one host sync of this round
@@ -257,9 +202,9 @@ def speculative(target: CachedLM, drafter: Drafter, gate: Gate | None, tokens: t
         if check_all:
             stats.count_block(n, kept)
         # 6. Roll both caches back to what was emitted (the target has not read its own token y yet).
-        tokens = torch.cat([tokens, x[None, :kept], y.view(1, 1)], 1)
-        target.rollback_to(tokens.shape[1] - 1)
-        drafter.rollback_to(tokens.shape[1] - 1)
+        ids += decided
+        target.rollback_to(len(ids) - 1)
+        drafter.keep([0], [len(ids) - 1])
         out.emit(decided)
 
 
@@ -307,70 +252,51 @@ class Decoder:
 
     @torch.inference_mode()
     def generate(self, prompt: str | Sequence[int] | torch.Tensor | Sequence[str | Sequence[int]],
-                 max_new_tokens: int = GenerateConfig.max_new_tokens,
-                 mode: str = GenerateConfig.mode, temperature: float = GenerateConfig.temperature,
-                 top_k: int = GenerateConfig.top_k, top_p: float = GenerateConfig.top_p, seed: int = GenerateConfig.seed,
-                 k: int = GenerateConfig.k, max_block: int | None = GenerateConfig.max_block,
-                 threshold: float | None = None, strict: bool = False, gate: str | Gate | None = None,
-                 stop: Sequence[str] = (), on_text: Callable[[str], None] | None = None,
-                 ngram_n: int = GenerateConfig.ngram_n, s: int | None = None, i_knee: float | None = None,
-                 max_batch: int | None = None, window: int | None = None, draft_device: str | None = None,
-                 target_device: str | None = None) -> GenerateOutput | list[GenerateOutput]:
-        """Generate up to `max_new_tokens` after `prompt` (text, or token ids with a batch of 1).
+                 options: DecodeOptions | None = None, *, on_text: Callable[[str], None] | None = None,
+                 **overrides: object) -> GenerateOutput | list[GenerateOutput]:
+        """Generate after `prompt` (text, or token ids with a batch of 1) as `options` say (a `DecodeOptions`;
+        None: the defaults), with any of its fields overridden by keyword:
+        `decoder.generate("def f(x):", mode="sd", k=4, max_new_tokens=64)`. DecodeOptions documents each
+        option, and which mode reads it (`threshold` is the gate's, `stop_threshold` sd-gated's).
 
         A list of prompts (texts or token-id lists) is decoded as one batch in modes "ar", "sd" and "ngram" and
         gives a list of results, one per prompt, each with its own stats (`wall_seconds` is the batch's); the
-        other modes take a batch of one and give one result;
-        at most `max_batch` decode at once, the rest wait for the places of finished ones. "ngram" options:
-        `ngram_n` (longest suffix looked up), `s` (tokens drafted per sequence; None: from the batch size and
-        `i_knee`, measured on the device when None; see sprinter.decode.roofline).
-
-        temperature 0 is greedy; above 0 tokens are drawn (with top_k / top_p) from a generator seeded
-        by `seed`. `k`: tokens drafted per target call in "sd". "sprinter" options: `gate` ("learned",
-        the default when a verifier is loaded; "confidence": the draft's q(x); "always"; "never"; or a
-        Gate object), `threshold` (overrides the verifier's calibrated one, or the confidence gate's
-        0.4), `max_block` (None: unbounded), `strict`. "sd-gated" takes `gate` and `max_block` alike,
-        and `threshold` as its stop threshold (default: the verifier's recommended one when its gate is the
-        loaded verifier, else STOP_THRESHOLD). Generation stops at EOS, at any of `stop`
-        (the stop string is kept in the output) or after max_new_tokens. `on_text` receives text as it
-        is decided. "async" takes `window` (most drafted tokens awaiting verification, default
-        ASYNC_WINDOW) and `draft_device` / `target_device` (default: the decoder's device; a model is
-        copied to another device on first use and the copy kept)."""
+        other modes take a batch of one and give one result. Generation stops at EOS, at any of `stop` (the
+        stop string is kept in the output) or after max_new_tokens. `on_text` receives text as it is decided
+        (a single prompt only)."""
         # 0. Every check happens before any model runs.
-        sampler = Sampler(temperature, top_k, top_p)
-        check_seed(seed)
-        if on_text is not None and not callable(on_text):
-            raise SprinterError(f"on_text: got {on_text!r}; expected a function of one str, or None")
-        check_async_options(mode, window, draft_device, target_device)
+        options = self._options(options, overrides)
+        mode = options.mode
         if _is_batch(prompt) and len(prompt) == 1 and mode not in BATCH_MODES:
             prompt = prompt[0]  # a batch of one, in a mode that decodes one prompt at a time
         if _is_batch(prompt) or mode == "ngram":
-            return self._generate_batch(prompt, mode, max_new_tokens, sampler, seed, k, ngram_n, s, i_knee,
-                                        max_batch, threshold, strict, gate, stop, on_text)
+            return self._generate_batch(prompt, options, on_text)
         ids = self._prompt_ids(prompt)
-        chosen_gate = self._check_request(mode, len(ids), max_new_tokens, k, max_block, threshold, strict, gate, stop,
-                                          ngram_n, s, i_knee, max_batch)
+        gate = self._check_request(options, len(ids))
+        if mode == "sd-gated":
+            options = options.replace(stop_threshold=self._stop_threshold(options.stop_threshold, gate))
         device = self.pair.device
-        gen = torch.Generator(device=device).manual_seed(int(seed))
-        tokens = torch.tensor([ids], dtype=torch.long, device=device)  # (1, T)
-        out = Emitter(self.tokenizer, max_new_tokens, self.tokenizer.eos_token_id, stop, on_text)
+        sampler = options.sampler
+        gen = torch.Generator(device=device).manual_seed(int(options.seed))
+        out = Emitter(self.tokenizer, options.max_new_tokens, self.tokenizer.eos_token_id, options.stop, on_text)
         stats = DecodeStats(mode=mode)
         # async may run each model on a device of its own (a copy made once); every other mode on the decoder's
-        target_dev, draft_dev = (device if d is None else resolve_device(d) for d in (target_device, draft_device))
+        target_dev, draft_dev = (device if d is None else resolve_device(d)
+                                 for d in (options.target_device, options.draft_device))
         target = CachedLM(self.model_on("target", target_dev), self.pair.vocab_size)
         draft = CachedLM(self.model_on("draft", draft_dev), self.pair.vocab_size)
 
         start = time.perf_counter()
         if mode in ("ar", "draft"):
-            autoregressive(target if mode == "ar" else draft, tokens, sampler, gen, out)
+            tokens = torch.tensor([ids], dtype=torch.long, device=device)  # (1, T)
+            autoregressive(target if mode == "ar" else draft, tokens, sampler=sampler, gen=gen, out=out)
         elif mode == "async":
-            asynchronous(target, ModelDrafter(draft, sampler), tokens.to(target_dev), sampler, int(seed), out, stats,
-                         ASYNC_WINDOW if window is None else window, draft_dev)
+            tokens = torch.tensor([ids], dtype=torch.long, device=target_dev)  # (1, T)
+            asynchronous(target, ModelDrafter(draft, sampler), tokens, options=options, out=out, stats=stats,
+                         draft_device=draft_dev)
         else:
-            drafter = ModelDrafter(draft, sampler, with_hidden=chosen_gate is not None and chosen_gate.needs_hidden)
-            speculative(target, drafter, chosen_gate, tokens, sampler, gen, out, stats,
-                        max_block=k if mode == "sd" else max_block, check_all=mode != "sprinter" or strict,
-                        stop_threshold=self._stop_threshold(threshold, chosen_gate) if mode == "sd-gated" else None)
+            drafter = ModelDrafter(draft, sampler, with_hidden=gate is not None and gate.needs_hidden)
+            speculative(target, drafter, ids, options=options, gate=gate, gen=gen, out=out, stats=stats)
         if device.type == "cuda":
             torch.cuda.synchronize(device)
         stats.wall_seconds = time.perf_counter() - start
@@ -378,10 +304,20 @@ class Decoder:
         stats.new_tokens = len(out.ids)
         stats.target_calls, stats.target_tokens, stats.target_flops = target.calls, target.tokens, target.flops
         stats.draft_calls, stats.draft_tokens, stats.draft_flops = draft.calls, draft.tokens, draft.flops
-        if isinstance(chosen_gate, LearnedGate):
-            params = sum(w.numel() for w in chosen_gate.verifier.parameters())
+        if isinstance(gate, LearnedGate):
+            params = sum(w.numel() for w in gate.verifier.parameters())
             stats.verifier_flops = 2 * params * stats.verifier_calls
         return GenerateOutput(text=out.text(), token_ids=out.ids, stats=stats, stop_reason=out.stop_reason)
+
+    @staticmethod
+    def _options(options: DecodeOptions | None, overrides: dict[str, object]) -> DecodeOptions:
+        """`options` (None: the defaults) with the keyword overrides applied; checked on construction."""
+        if options is None:
+            return DecodeOptions(**overrides) if overrides else DecodeOptions()
+        if not isinstance(options, DecodeOptions):
+            raise SprinterError(f"options: got {options!r}; expected a DecodeOptions, or None (the others by keyword, "
+                                "e.g. max_new_tokens=64)")
+        return options.replace(**overrides) if overrides else options
 
     def _stop_threshold(self, threshold: float | None, gate: Gate | None) -> float:
         """sd-gated's stop threshold: the one asked for, else the loaded verifier's recommended one (stored by
@@ -391,23 +327,20 @@ class Decoder:
         stored = getattr(self.verifier_info, "stop_threshold", None)
         return stored if stored is not None and gate is self.gate else STOP_THRESHOLD
 
-    def _generate_batch(self, prompt, mode: str, max_new_tokens: int, sampler: Sampler, seed: int, k: int,
-                        ngram_n: int, s: int | None, i_knee: float | None, max_batch: int | None,
-                        threshold: float | None, strict: bool, gate: str | Gate | None, stop: Sequence[str],
-                        on_text: Callable[[str], None] | None) -> GenerateOutput | list[GenerateOutput]:
-        """A list of prompts (a list of results), or one prompt in mode "ngram" (one result): sprinter.decode.batched."""
+    def _generate_batch(self, prompt, options: DecodeOptions, on_text: Callable[[str], None] | None
+                        ) -> GenerateOutput | list[GenerateOutput]:
+        """A list of prompts (a list of results), or one prompt in mode "ngram" (one result):
+        sprinter.decode.batched."""
         batch = _is_batch(prompt)
-        if batch and mode not in BATCH_MODES:
-            raise SprinterError(f"prompt: got a batch of {len(prompt)} prompts with mode={mode!r}; expected a single "
-                                f"prompt, or a mode of {BATCH_MODES}")
+        if batch and options.mode not in BATCH_MODES:
+            raise SprinterError(f"prompt: got a batch of {len(prompt)} prompts with mode={options.mode!r}; expected a "
+                                f"single prompt, or a mode of {BATCH_MODES}")
         if batch and on_text is not None:
             raise SprinterError("on_text: got a callback with a batch of prompts; expected streaming only for a single "
                                 "prompt")
         ids = [self._prompt_ids(p) for p in prompt] if batch else [self._prompt_ids(prompt)]
-        self._check_request(mode, max(map(len, ids)), max_new_tokens, k, None, threshold, strict, gate, stop, ngram_n,
-                            s, i_knee, max_batch)
-        outs = generate_batch(self.pair, ids, mode, max_new_tokens, sampler, seed, k, ngram_n, s, i_knee,
-                              max_batch, stop, on_text, datastore=self.datastore)
+        self._check_request(options, max(map(len, ids)))
+        outs = generate_batch(self.pair, ids, options, on_text=on_text, datastore=self.datastore)
         return outs if batch else outs[0]
 
     def model_on(self, role: str, device: torch.device) -> torch.nn.Module:
@@ -450,18 +383,14 @@ class Decoder:
             raise SprinterError(f"prompt: got token id(s) {bad[:4]}; expected integers in [0, {vocab})")
         return ids
 
-    def _check_request(self, mode: str, prompt_len: int, max_new_tokens: int, k: int, max_block: int | None,
-                       threshold: float | None, strict: bool, gate: str | Gate | None, stop: Sequence[str],
-                       ngram_n: int, s: int | None, i_knee: float | None, max_batch: int | None) -> Gate | None:
-        """Validate one `generate` call; returns the gate "sprinter" will use (None for other modes)."""
-        check_options(mode, max_new_tokens, k, max_block, threshold, strict, gate, stop, ngram_n, s, i_knee, max_batch)
-        window = self.pair.max_length
-        if prompt_len + max_new_tokens > window:
-            raise SprinterError(f"prompt: {prompt_len} tokens + max_new_tokens={max_new_tokens} exceed the context "
+    def _check_request(self, options: DecodeOptions, prompt_len: int) -> Gate | None:
+        """The checks that need the pair or the verifier (`options` checked itself); returns the gate a gated
+        mode will use (None for the other modes)."""
+        window, budget = self.pair.max_length, options.max_new_tokens
+        if prompt_len + budget > window:
+            raise SprinterError(f"prompt: {prompt_len} tokens + max_new_tokens={budget} exceed the context "
                                 f"window of {window} tokens; expected a shorter prompt or fewer new tokens")
-        if mode == "sd-gated":  # `threshold` is the stop threshold here, not the gate's
-            return self._gate(gate, None)
-        return self._gate(gate, threshold) if mode == "sprinter" else None
+        return self._gate(options.gate, options.threshold) if options.mode in GATED_MODES else None
 
     def _gate(self, gate: str | Gate | None, threshold: float | None) -> Gate:
         if gate is None or gate == "learned":
@@ -483,10 +412,6 @@ def _is_batch(prompt: object) -> bool:
     return isinstance(first, (str, list, tuple)) or (isinstance(first, torch.Tensor) and first.dim() >= 1)
 
 
-def _positive_int(value: object) -> bool:
-    return isinstance(value, int) and not isinstance(value, bool) and value >= 1
-
-
 def _same_device(a: torch.device, b: torch.device) -> bool:
     def index(d: torch.device) -> int | None:  # "cuda" means the current CUDA device; "cpu:0" is "cpu"
         if d.type == "cpu":
@@ -506,4 +431,5 @@ def _hidden_size(draft: str, trust_remote_code: bool) -> int:
         raise SprinterError(f"could not read the draft's config {draft!r} ({str(err).strip().splitlines()[0]})") from None
 
 
-__all__ = ["BATCH_MODES", "GATES", "MODES", "STOP_THRESHOLD", "Decoder", "GenerateConfig", "GenerateOutput", "check_options", "autoregressive", "speculative"]
+__all__ = ["BATCH_MODES", "GATED_MODES", "GATES", "MODES", "STOP_THRESHOLD", "DecodeOptions", "Decoder", "GateRule",
+           "GenerateConfig", "GenerateOutput", "autoregressive", "speculative"]

@@ -13,6 +13,9 @@ target's distribution exactly.
 list into an array). A decode loop that keeps one sequence growing can use `drafter.index(ids)`
 instead: an `NgramIndex` that updates a table of n-grams as tokens are appended (`extend`) and
 answers `chain(s)` in microseconds, with the same result as `drafter.chain(ids, s)`.
+
+`NgramDrafter` is also a drafter of the decode loops (sprinter.decode.drafters): `propose` looks up a chain
+per row, `keep` has nothing to forget (the drafter holds no state about the sequences).
 """
 
 from __future__ import annotations
@@ -20,7 +23,9 @@ from __future__ import annotations
 from typing import TYPE_CHECKING, Iterable, Sequence
 
 import numpy as np
+import torch
 
+from sprinter.decode.drafters import Draft, StopRule
 from sprinter.errors import SprinterError
 
 if TYPE_CHECKING:
@@ -58,6 +63,21 @@ class NgramDrafter:
         if self.datastore is None or matched >= self.n or not suffix:
             return own
         return self.datastore.chain(suffix, s, self.n, max(matched + 1, self.min_n)) or own
+
+    def propose(self, seqs: Sequence[Sequence[int]], limits: Sequence[int], gen: torch.Generator, *,
+                stop: StopRule | None = None) -> Draft:
+        """The drafter interface: `chain` for each row (no randomness; q is one-hot, given as None).
+        `stop` is refused: no mode gates n-gram chains, and a gate reads a draft model's state."""
+        if stop is not None:
+            raise RuntimeError("NgramDrafter takes no stop rule")  # a decoder bug
+        chains = [self.chain(seq, limit) for seq, limit in zip(seqs, limits, strict=True)]
+        lengths = [len(c) for c in chains]
+        width = max(lengths, default=0)
+        x = torch.tensor([c + [0] * (width - len(c)) for c in chains], dtype=torch.long).view(len(chains), width)
+        return Draft(x, lengths, None, None, chains)
+
+    def keep(self, rows: Sequence[int], lengths: Sequence[int]) -> None:
+        """Nothing to forget: each `propose` reads the rows' sequences afresh."""
 
     def index(self, ids: Iterable[int] = ()) -> NgramIndex:
         """An incremental index of one growing sequence, starting with `ids` (the prompt)."""

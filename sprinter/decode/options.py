@@ -1,0 +1,171 @@
+"""One generation's options: `DecodeOptions`, the single home of their defaults and of their validation.
+
+`Decoder.generate(prompt, options=None, **overrides)` takes one (keywords override its fields), the CLI's
+`GenerateConfig` (sprinter.decode.decoder) extends it with the fields of a command line, and the decode
+loops read the fields they need from it. Everything here is checked on construction, before any model
+runs; what needs the models (the context window, a loaded verifier) is checked by the `Decoder`.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from dataclasses import dataclass
+
+from sprinter.config import option
+from sprinter.decode.gates import CONFIDENCE_THRESHOLD, Gate, check_threshold
+from sprinter.decode.sampling import Sampler
+from sprinter.errors import SprinterError
+from sprinter.pairs.load import resolve_device
+
+MODES = ("ar", "draft", "sd", "sprinter", "sd-gated", "ngram", "async")
+BATCH_MODES = ("ar", "sd", "ngram")  # the modes that decode a list of prompts together
+GATED_MODES = ("sprinter", "sd-gated")  # the modes that consult a gate
+GATES = ("learned", "confidence", "always", "never")
+STOP_THRESHOLD = 0.5  # sd-gated: stop drafting once P(the block holds a rejection) exceeds this
+ASYNC_WINDOW = 4  # async: most drafted tokens awaiting verification
+
+
+@dataclass(frozen=True)
+class DecodeOptions:
+    """How to generate: one frozen object that travels from `Decoder.generate` through the decode loops.
+
+    `threshold` and `stop_threshold` are two different numbers:
+    - `threshold` is the gate's: a token passes the gate iff its estimated P(accept) >= threshold (mode
+      "sprinter"; None: the verifier's calibrated one, or CONFIDENCE_THRESHOLD for the confidence gate);
+    - `stop_threshold` is sd-gated's: drafting stops once 1 - prod P(accept) over the block exceeds it
+      (None: the loaded verifier's recommended one when it is the gate, else STOP_THRESHOLD).
+    Mode "sd-gated" never reads the gate's threshold, and before `stop_threshold` existed it took its stop
+    threshold as `threshold`: such a call still works, its `threshold` is moved to `stop_threshold`.
+    """
+
+    mode: str = option("sprinter", f"one of {MODES}")
+    max_new_tokens: int = option(128, "most tokens to generate")
+    temperature: float = option(0.0, "0 is greedy; above 0 samples")
+    top_k: int = option(0, "sample among the k likeliest tokens only (0: all)")
+    top_p: float = option(1.0, "sample from the smallest set with this much probability (1.0: all)")
+    seed: int = option(0, "seed of the torch.Generator every random draw comes from")
+    stop: tuple[str, ...] = option((), "stop after any of these strings (kept in the output)")
+    k: int = option(4, "tokens drafted per target call in mode 'sd'")
+    max_block: int | None = option(20, "sprinter, sd-gated: call the target after this many drafted tokens "
+                                       "(none: unbounded)")
+    gate: str | Gate | None = option(None, f"sprinter, sd-gated: one of {GATES} (or a Gate object); none: learned "
+                                           "(a verifier must be loaded)")
+    threshold: float | None = option(None, "sprinter: the gate's threshold, a token passes iff P(accept) >= it; "
+                                           f"none: the verifier's calibrated one, or {CONFIDENCE_THRESHOLD} for the "
+                                           "confidence gate")
+    stop_threshold: float | None = option(None, "sd-gated: stop drafting once 1 - prod P(accept) over the block "
+                                                "exceeds this; none: the verifier's recommended one, else "
+                                                f"{STOP_THRESHOLD}")
+    strict: bool = option(False, "sprinter: the target also checks the passed tokens of each block (greedy: "
+                                 "lossless)")
+    ngram_n: int = option(3, "ngram: longest suffix (in tokens) looked up in the sequence's own text")
+    s: int | None = option(None, "ngram: tokens drafted per sequence and target call; none: from the batch size and "
+                                 "I_knee (sprinter.decode.roofline); 0: plain decoding")
+    i_knee: float | None = option(None, "ngram: tokens per target forward at the roofline knee; none: measured on the "
+                                        "device at start")
+    max_batch: int | None = option(None, "batched modes: most prompts decoded at once, the rest queue for the places "
+                                         "of finished ones (none: all at once)")
+    window: int | None = option(None, f"async: most drafted tokens awaiting verification; none: {ASYNC_WINDOW}")
+    draft_device: str | None = option(None, "async: the draft's device (cpu, cuda:N); none: the decoder's")
+    target_device: str | None = option(None, "async: the target's device; none: the decoder's")
+
+    def __post_init__(self) -> None:
+        if not isinstance(self.stop, (str, tuple)) and _is_sequence(self.stop):
+            object.__setattr__(self, "stop", tuple(self.stop))  # a list is fine; the frozen object keeps a tuple
+        if self.mode == "sd-gated" and self.threshold is not None:  # the old spelling of the stop threshold
+            if self.stop_threshold is not None:
+                raise SprinterError(f"threshold: got {self.threshold!r} with stop_threshold={self.stop_threshold!r} "
+                                    "in mode 'sd-gated'; expected only stop_threshold (sd-gated reads no gate "
+                                    "threshold)")
+            object.__setattr__(self, "stop_threshold", self.threshold)
+            object.__setattr__(self, "threshold", None)
+        self._check()
+
+    def _check(self) -> None:
+        mode = self.mode
+        if mode not in MODES:
+            raise SprinterError(f"mode: got {mode!r}; expected one of {MODES}")
+        Sampler(self.temperature, self.top_k, self.top_p)  # checks temperature, top_k, top_p
+        for name in ("max_new_tokens", "k", "ngram_n"):
+            _check_int(name, getattr(self, name), "an integer >= 1")
+        _check_int("max_block", self.max_block, "an integer >= 1, or None (unbounded)", optional=True)
+        _check_int("max_batch", self.max_batch, "an integer >= 1, or None (all prompts at once)", optional=True)
+        _check_int("s", self.s, "an integer >= 0 (0: plain decoding), or None (from the batch size)", minimum=0,
+                   optional=True)
+        _check_int("window", self.window, "an integer >= 1 (drafted tokens awaiting verification)", optional=True)
+        if isinstance(self.stop, str) or not all(isinstance(s, str) and s for s in self.stop):
+            raise SprinterError(f"stop: got {self.stop!r}; expected a list of non-empty strings")
+        if self.threshold is not None:
+            check_threshold(self.threshold)
+        st = self.stop_threshold
+        if st is not None and (isinstance(st, bool) or not isinstance(st, (int, float)) or not 0 <= st <= 1):
+            raise SprinterError(f"stop_threshold: got {st!r}; expected a number in [0, 1]")
+        i_knee = self.i_knee
+        if i_knee is not None and (isinstance(i_knee, bool) or not isinstance(i_knee, (int, float))
+                                   or not 0 < i_knee < math.inf):
+            raise SprinterError(f"i_knee: got {i_knee!r}; expected a finite number > 0, or None (measured on the device)")
+        # torch.Generator takes a signed 64-bit seed; anything else is refused before any model runs.
+        if isinstance(self.seed, bool) or not isinstance(self.seed, int) or not 0 <= self.seed <= 2**63 - 1:
+            raise SprinterError(f"seed: got {self.seed!r}; expected an integer in [0, 2**63 - 1]")
+        gate = self.gate
+        if isinstance(gate, str) and gate not in GATES:
+            raise SprinterError(f"gate: got {gate!r}; expected one of {GATES} or a Gate object")
+        if gate is not None and not isinstance(gate, str) and not callable(getattr(gate, "accept_prob", None)):
+            raise SprinterError(f"gate: got {gate!r}; expected one of {GATES} or a Gate object (with accept_prob)")
+        # Each option belongs to some modes; given with another it would be ignored, so it is refused.
+        self._only("gate", GATED_MODES)
+        self._only("threshold", ("sprinter",))
+        self._only("stop_threshold", ("sd-gated",))
+        self._only("strict", ("sprinter",))
+        self._only("s", ("ngram",))
+        self._only("i_knee", ("ngram",))
+        self._only("max_batch", BATCH_MODES)
+        for name in ("window", "draft_device", "target_device"):
+            self._only(name, ("async",))
+        if self.threshold is not None and gate not in (None, "learned", "confidence"):
+            raise SprinterError(f"threshold: got {self.threshold!r} with gate={gate!r}; expected it only with the "
+                                "learned or the confidence gate")
+        if self.s is not None and i_knee is not None:
+            raise SprinterError(f"i_knee: got {i_knee!r} with s={self.s!r}; expected at most one (s fixes the "
+                                "speculation length, i_knee derives it from the batch size)")
+        for device in (self.draft_device, self.target_device):
+            if device is not None:
+                resolve_device(device)  # the device must exist on this machine
+
+    def _only(self, name: str, modes: tuple[str, ...]) -> None:
+        value = getattr(self, name)
+        if value is not None and value is not False and self.mode not in modes:
+            expected = f"mode={modes[0]!r}" if len(modes) == 1 else f"a mode of {modes}"
+            raise SprinterError(f"{name}: got {value!r} with mode={self.mode!r}; expected it only with {expected}")
+
+    @property
+    def sampler(self) -> Sampler:
+        """How logits become a distribution (temperature, top_k, top_p); draft and target share it."""
+        return Sampler(self.temperature, self.top_k, self.top_p)
+
+    @property
+    def async_window(self) -> int:
+        return ASYNC_WINDOW if self.window is None else self.window
+
+    def replace(self, **changes: object) -> DecodeOptions:
+        """A copy with some fields changed (and checked again); an unknown name is one clear error."""
+        names = {f.name for f in dataclasses.fields(DecodeOptions)}
+        unknown = sorted(set(changes) - names)
+        if unknown:
+            raise SprinterError(f"options: got unknown option(s) {unknown}; expected some of {sorted(names)}")
+        return dataclasses.replace(self, **changes)
+
+
+def _check_int(name: str, value: object, expected: str, *, minimum: int = 1, optional: bool = False) -> None:
+    if value is None and optional:
+        return
+    if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
+        raise SprinterError(f"{name}: got {value!r}; expected {expected}")
+
+
+def _is_sequence(value: object) -> bool:
+    return isinstance(value, (list, tuple))
+
+
+__all__ = ["ASYNC_WINDOW", "BATCH_MODES", "GATED_MODES", "GATES", "MODES", "STOP_THRESHOLD", "DecodeOptions"]
