@@ -37,7 +37,7 @@ from sprinter.decode.gates import (
 )
 from sprinter.errors import SprinterError
 from sprinter.files import write_atomic
-from sprinter.pairs.load import fingerprint
+from sprinter.pairs.load import cache_argument, fingerprint
 from sprinter.train.calibrate import budget_key
 
 CONFIG_DIR = CONFIGS / "bench"
@@ -206,7 +206,7 @@ class ForwardCounter:
 
     def _count(self, module, args, kwargs) -> None:
         ids = kwargs.get("input_ids", args[0] if args else None)
-        cache = kwargs.get("past_key_values")
+        cache = cache_argument(kwargs)
         past = cache.get_seq_length() if cache is not None else 0
         new = ids.shape[1]
         keep = kwargs.get("logits_to_keep", 0)

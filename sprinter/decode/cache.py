@@ -13,6 +13,8 @@ from dataclasses import dataclass
 
 import torch
 
+from sprinter.pairs.load import run_with_cache
+
 
 @dataclass(frozen=True)
 class FlopModel:
@@ -65,8 +67,8 @@ class CachedLM:
         Returns the logits of the last `logits` positions (logits, V) and, when `hidden`, the
         last layer's state there (after the final norm) (logits, H)."""
         past, new = self.length, ids.shape[1]
-        out = self.model(input_ids=ids, past_key_values=self.cache, use_cache=True, logits_to_keep=logits,
-                         output_hidden_states=hidden)
+        out = run_with_cache(self.model, self.cache, input_ids=ids, logits_to_keep=logits,
+                             output_hidden_states=hidden)
         self.calls += 1
         self.tokens += new
         self.flops += self.flop_model.forward(past, new, logits)
