@@ -9,7 +9,10 @@ import warnings
 import pytest
 import torch
 
+from sprinter import Decoder
 from sprinter.bench.benchmark import hf_assisted_runner
+from sprinter.decode.cache import CachedLM, static_cache, static_capacity
+from sprinter.decode.engine import Engine
 from sprinter.pairs.load import cache_keyword, run_with_cache
 
 pytestmark = pytest.mark.usefixtures("single_thread")
@@ -47,3 +50,50 @@ def test_the_cache_keyword_is_read_from_the_forward_signature():
 
     assert cache_keyword(Old) == "past_key_values" and cache_keyword(New) == "cache"
     assert run_with_cache(Old(), "c", input_ids=None) == "c" and run_with_cache(New(), "c", input_ids=None) == "c"
+
+
+# Every single-prompt mode; each must equal its eager, dynamic-cache self token for token (and the lossless
+# ones equal ar). Sprinter with a confidence gate is lossy, so it is compared with itself.
+SINGLE = [dict(mode="ar"), dict(mode="draft"), dict(mode="sd", k=3), dict(mode="sprinter", gate="always"),
+          dict(mode="sprinter", gate="confidence"), dict(mode="sprinter", gate="confidence", strict=True),
+          dict(mode="sd-gated", gate="confidence"), dict(mode="async")]
+LOSSLESS = ("ar", "sd", "sd-gated", "async")
+
+
+def _same_tokens_as_the_reference(decoder, other: Decoder, prompts, max_new_tokens: int) -> int:
+    """Asserts `other` decodes as `decoder` (eager, dynamic cache) in every mode; returns the tokens rejected."""
+    rejected = 0
+    for prompt in prompts:
+        ar = decoder.generate(prompt, max_new_tokens=max_new_tokens, mode="ar").token_ids
+        for options in SINGLE:
+            want = decoder.generate(prompt, max_new_tokens=max_new_tokens, **options)
+            got = other.generate(prompt, max_new_tokens=max_new_tokens, **options)
+            assert got.token_ids == want.token_ids, (prompt, options)
+            if options["mode"] in LOSSLESS or options.get("gate") == "always" or options.get("strict"):
+                assert got.token_ids == ar, (prompt, options)
+            rejected += got.stats.rejected
+    return rejected
+
+
+def test_the_static_cache_decodes_every_mode_as_the_dynamic_one(decoder):
+    static = Decoder(decoder.pair, engine=Engine(decoder.pair.device, static=True))
+    rejected = _same_tokens_as_the_reference(decoder, static, ["def foo(x):"], 32)
+    assert rejected > 0  # rollbacks happened: the static cache moved its length back and overwrote stale keys
+    # one cache per model, reused across generations (a longer request grows it)
+    assert len(static.engine.caches) == 2
+    static.generate("def foo(x):", max_new_tokens=100, mode="sd")
+    assert min(static_capacity(c) for c in static.engine.caches.values()) >= 100
+
+
+def test_a_static_rollback_only_moves_the_length(gpt2_decoder):
+    model = gpt2_decoder.pair.target
+    lm = CachedLM(model, gpt2_decoder.pair.vocab_size, static_cache(model, 64))
+    ids = torch.tensor([[5, 17, 33, 2, 9, 11]])
+    lm.append(ids[:, :4])
+    keys = lm.cache.layers[0].keys
+    lm.append(torch.tensor([[7, 8]]))  # a rejected block
+    lm.rollback(2)
+    assert lm.length == 4 and int(lm.cache.get_seq_length()) == 4 and lm.cache.layers[0].keys is keys
+    logits, _ = lm.append(ids[:, 4:], logits=2)  # overwrites the forgotten slots
+    want, _ = CachedLM(model, gpt2_decoder.pair.vocab_size).append(ids, logits=2)
+    torch.testing.assert_close(logits, want)

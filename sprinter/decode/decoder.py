@@ -42,6 +42,7 @@ from sprinter.decode.cache import CachedLM
 from sprinter.decode.datastore import Datastore
 from sprinter.decode.drafters import Drafter, ModelDrafter
 from sprinter.decode.emit import Emitter, GenerateOutput
+from sprinter.decode.engine import Engine
 from sprinter.decode.gates import (
     CONFIDENCE_THRESHOLD,
     AlwaysFlag,
@@ -255,8 +256,9 @@ class Decoder:
     """A draft/target pair (and optionally a trained verifier) ready to generate in any mode."""
 
     def __init__(self, pair: Pair, gate: LearnedGate | None = None, verifier_info: object = None,
-                 datastore: Datastore | None = None):
+                 datastore: Datastore | None = None, engine: Engine | None = None):
         self.pair = pair
+        self.engine = Engine(pair.device) if engine is None else engine  # single-prompt modes: caches, compiled steps
         self.gate = gate  # the learned verifier, when one was loaded
         self.verifier_info = verifier_info
         self.datastore = datastore  # mode "ngram": the corpus n-gram fallback, when one was loaded
@@ -265,11 +267,17 @@ class Decoder:
     @classmethod
     def from_pretrained(cls, draft: str, target: str, verifier: str | Path | None = None, device: str = "auto",
                         dtype: str = "auto", trust_remote_code: bool = False,
-                        datastore: str | Path | None = None) -> "Decoder":
+                        datastore: str | Path | None = None, static_cache: bool = False,
+                        compile: bool = False) -> "Decoder":
         """Load the pair (Hub names or local folders) and, if given, a verifier trained for this draft and an
         n-gram datastore (scripts/build_datastore.py) for mode "ngram". The verifier is checked against the
         draft (fingerprint, hidden size) and the datastore's files before any model is loaded; the datastore's
-        tokenizer against the pair's once it is loaded."""
+        tokenizer against the pair's once it is loaded.
+
+        The single-prompt modes decode with dynamic KV caches (the reference), or with static ones written by
+        position (`static_cache=True`); `compile=True` also torch.compiles the draft's step and the target's verify
+        forward (sprinter.decode.engine; static caches implied; each generation's `stats.compile_seconds` says
+        what compiling cost it, paid once per Decoder)."""
         dev = resolve_device(device)
         dt = resolve_dtype(dtype, dev)
         gate = info = None
@@ -279,7 +287,7 @@ class Decoder:
         pair = load_pair(draft, target, dev, dt, trust_remote_code)
         if store is not None:
             store.check_tokenizer(pair.tokenizer)
-        return cls(pair, gate, info, store)
+        return cls(pair, gate, info, store, Engine(dev, static=static_cache, compile=compile))
 
     @property
     def tokenizer(self):
@@ -334,8 +342,10 @@ class Decoder:
         stats = DecodeStats(mode=mode)
         # async may run each model on a device of its own (a copy made once); every other mode on the decoder's
         target_dev, draft_dev = (device if d is None else resolve_device(d) for d in (target_device, draft_device))
-        target = CachedLM(self.model_on("target", target_dev), self.pair.vocab_size)
-        draft = CachedLM(self.model_on("draft", draft_dev), self.pair.vocab_size)
+        capacity = len(ids) + max_new_tokens  # neither cache ever holds more than the prompt and the budget
+        eager = mode == "async"  # its draft runs in a thread of its own: no compiled graphs there
+        target = self.engine.lm(self.model_on("target", target_dev), self.pair.vocab_size, capacity, not eager)
+        draft = self.engine.lm(self.model_on("draft", draft_dev), self.pair.vocab_size, capacity, not eager)
 
         start = time.perf_counter()
         if mode in ("ar", "draft"):
@@ -351,6 +361,7 @@ class Decoder:
         if device.type == "cuda":
             torch.cuda.synchronize(device)
         stats.wall_seconds = time.perf_counter() - start
+        stats.compile_seconds = self.engine.report()
 
         stats.new_tokens = len(out.ids)
         stats.target_calls, stats.target_tokens, stats.target_flops = target.calls, target.tokens, target.flops
