@@ -4,6 +4,7 @@ The eager, dynamic-cache path is the reference: every other way of running the m
 tokens at temperature 0 in float32.
 """
 
+import os
 import warnings
 
 import pytest
@@ -12,7 +13,7 @@ import torch
 from sprinter import Decoder
 from sprinter.bench.benchmark import hf_assisted_runner
 from sprinter.decode.cache import CachedLM, static_cache, static_capacity
-from sprinter.decode.engine import Engine
+from sprinter.decode.engine import Engine, compiler_problem
 from sprinter.pairs.load import cache_keyword, run_with_cache
 
 pytestmark = pytest.mark.usefixtures("single_thread")
@@ -97,3 +98,29 @@ def test_a_static_rollback_only_moves_the_length(gpt2_decoder):
     logits, _ = lm.append(ids[:, 4:], logits=2)  # overwrites the forgotten slots
     want, _ = CachedLM(model, gpt2_decoder.pair.vocab_size).append(ids, logits=2)
     torch.testing.assert_close(logits, want)
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(os.environ.get("SPRINTER_TEST_COMPILE") != "1",
+                    reason="compiles graphs (minutes on a busy 2-core CPU): set SPRINTER_TEST_COMPILE=1")
+@pytest.mark.parametrize("arch", ["gpt2_decoder", "llama_decoder"])
+def test_compiled_steps_decode_as_the_eager_reference(request, arch):
+    """Few, short modes: each graph costs seconds to compile on a CPU. They use buckets 1 and 2 only (the draft
+    reads 1-2 tokens a step, the target 2 with k = 1), so each model compiles two graphs."""
+    if compiler_problem(torch.device("cpu")) is not None:
+        pytest.skip(compiler_problem(torch.device("cpu")))
+    decoder = request.getfixturevalue(arch)
+    compiled = Decoder(decoder.pair, engine=Engine(decoder.pair.device, compile=True))
+    prompt = "def foo(x):"
+    ar = decoder.generate(prompt, max_new_tokens=16, mode="ar").token_ids
+    for options in (dict(mode="ar"), dict(mode="sd", k=1), dict(mode="sprinter", gate="always", max_block=1),
+                    dict(mode="draft")):
+        want = decoder.generate(prompt, max_new_tokens=16, **options).token_ids
+        got = compiled.generate(prompt, max_new_tokens=16, **options)
+        assert got.token_ids == want, options
+        if options["mode"] != "draft":
+            assert got.token_ids == ar, options
+    assert 0 < compiled.engine.compile_seconds and set(compiled.engine.steps) == {id(decoder.pair.target),
+                                                                                  id(decoder.pair.draft)}
+    again = compiled.generate(prompt, max_new_tokens=16, mode="sd", k=1)
+    assert again.stats.compile_seconds == 0  # paid once per Decoder

@@ -13,6 +13,7 @@ them. sprinter.bench.report turns the records into results.json, results.md and 
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import sys
@@ -46,6 +47,8 @@ FAMILIES = ("ar", "draft", "sd", "hf-assisted", "ngram", "sd-gated", "sd-gated-c
 DEFAULT_METHODS = FAMILIES[:-2]  # sprinter-strict and async are asked for by name
 LEARNED = ("sprinter-mlp", "sprinter-linear", "sprinter-strict")
 GATED = ("sd-gated", "sd-gated-confidence")  # lossless; the operating point is the stop threshold
+COMPILED_FAMILIES = ("ar", "draft", "sd", "sd-gated", "sd-gated-confidence", "sprinter-mlp", "sprinter-linear",
+                     "sprinter-confidence", "sprinter-strict")  # --compile: single-prompt loops of ours
 DOMAINS = ("code", "prose")
 RECORDS, RUN = "records.jsonl", "run.json"
 # Options that may change on --resume without changing what a record means.
@@ -89,6 +92,8 @@ class BenchConfig:
     device: str = option("auto", "cpu, cuda, cuda:N or auto")
     dtype: str = option("auto", "float32, bfloat16, float16 or auto: bfloat16 on CUDA, float32 on CPU")
     threads: int = option(1, "CPU threads for torch (0: torch's default; 1 is fastest for small models on busy cores)")
+    compile: bool = option(False, "also run the ar, draft, sd, sd-gated and sprinter rows compiled (NAME+compiled: "
+                                  "static caches, torch.compile; every graph is compiled before timing)")
     out: str = option("results/demo", "output folder: records.jsonl, results.json, results.md, pareto.png")
     resume: bool = option(False, "continue from OUT/records.jsonl (same options)")
     overwrite: bool = option(False, "replace the records in OUT")
@@ -356,6 +361,21 @@ def build_methods(cfg: BenchConfig, decoder: Decoder, verifiers: dict[str, str])
     return methods
 
 
+def compiled_methods(cfg: BenchConfig, decoder: Decoder, verifiers: dict[str, str]) -> list[Method]:
+    """The compilable rows again, on a Decoder that shares the models but compiles its steps: NAME+compiled.
+    Every graph is compiled here, so the timed runs pay none of it (the seconds go to stderr)."""
+    from sprinter.decode.engine import Engine
+
+    pair = decoder.pair
+    compiled = Decoder(pair, decoder.gate, decoder.verifier_info, decoder.datastore, Engine(pair.device, compile=True))
+    capacity = cfg.prompt_len + cfg.max_new_tokens
+    seconds = sum(compiled.engine.warm(model, pair.vocab_size, capacity, hidden=model is pair.draft)
+                  for model in (pair.target, pair.draft))
+    print(f"compile: {seconds:.1f} s for {len(compiled.engine.steps)} models' graphs", file=sys.stderr)
+    return [dataclasses.replace(m, name=f"{m.name}+compiled") for m in build_methods(cfg, compiled, verifiers)
+            if m.family in COMPILED_FAMILIES]
+
+
 # ------------------------------------------------------------------------------------------- records
 def run_header(cfg: BenchConfig, prompts: Sequence[Prompt], methods: Sequence[Method]) -> dict:
     """What the records mean: checked equal on --resume."""
@@ -463,6 +483,8 @@ def run_benchmark(cfg: BenchConfig) -> dict:
     decoder = load_decoder(cfg, verifiers)
     check_window(cfg.prompt_len, cfg.max_new_tokens, decoder.pair.max_length)
     methods = build_methods(cfg, decoder, verifiers)
+    if cfg.compile:
+        methods += compiled_methods(cfg, decoder, verifiers)
     prompts = load_prompts(cfg, decoder.tokenizer)
     done = open_records(cfg, run_header(cfg, prompts, methods))
     todo = [p for p in prompts if p.index not in done]

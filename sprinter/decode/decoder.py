@@ -116,6 +116,9 @@ class GenerateConfig:
     device: str = option("auto", "cpu, cuda, cuda:N or auto")
     dtype: str = option("auto", "float32, bfloat16, float16 or auto: bfloat16 on CUDA, float32 on CPU")
     threads: int = option(0, "CPU threads for torch (0: torch's default)")
+    static_cache: bool = option(False, "single-prompt modes: static KV caches written by position (else dynamic ones)")
+    compile: bool = option(False, "single-prompt modes: torch.compile the draft step and the target's verify forward "
+                                  "(static caches implied; compiling takes seconds to minutes, once per run)")
     json: bool = option(False, "print one JSON object (text, token ids, stats) instead of streaming text")
 
     def __post_init__(self) -> None:

@@ -81,10 +81,13 @@ class CompiledForward:
         # Padding goes after the real tokens: causal attention keeps it from them, so any id will do.
         padded = torch.nn.functional.pad(ids, (0, size - ids.shape[1]))
         key = (size, hidden)
-        if key in self.compiled:
-            return self.forward(padded, cache, hidden)
-        start = time.perf_counter()
-        out = self.forward(padded, cache, hidden)  # the first call traces and compiles
+        # dynamo counts graphs per code object, and every model's step shares this one: allow all the buckets
+        # of two models (with and without the hidden state) before it would fall back to eager
+        with torch._dynamo.config.patch(recompile_limit=4 * len(BUCKETS) + 8):
+            if key in self.compiled:
+                return self.forward(padded, cache, hidden)
+            start = time.perf_counter()
+            out = self.forward(padded, cache, hidden)  # the first call traces and compiles
         if padded.device.type == "cuda":
             torch.cuda.synchronize(padded.device)
         self.compile_seconds += time.perf_counter() - start
@@ -135,6 +138,20 @@ class Engine:
         if self.compile and compiled:
             step = self.steps.setdefault(key, CompiledForward(model, self.mode))
         return CachedLM(model, vocab_size, cache, step)
+
+    def warm(self, model: torch.nn.Module, vocab_size: int, capacity: int, hidden: bool = False) -> float:
+        """Compile every bucket's graph of `model` now, for generations of this `capacity` (so none is compiled
+        while a benchmark times them). Returns the seconds it took (0 when not compiling)."""
+        if not self.compile:
+            return 0.0
+        lm = self.lm(model, vocab_size, capacity)
+        ids = torch.zeros(1, 1, dtype=torch.long, device=self.device)
+        lm.append(ids)  # eager: a step needs a cached token before it
+        for size in BUCKETS:
+            for with_hidden in {False, hidden}:
+                lm.append(ids.expand(1, size), hidden=with_hidden)
+                lm.rollback(size)
+        return self.report()
 
     def report(self) -> float:
         """Compile seconds since the last report (0 once every graph in use is compiled)."""
