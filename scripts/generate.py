@@ -101,7 +101,7 @@ def main(argv: Sequence[str] | None = None) -> None:
     resolve_dtype(cfg.dtype, resolve_device(cfg.device))  # fail on a bad device before building a pair
     draft, target = pair_paths(cfg)
     decoder = Decoder.from_pretrained(draft=draft, target=target, verifier=verifier, device=cfg.device, dtype=cfg.dtype,
-                                      datastore=cfg.datastore)
+                                      datastore=cfg.datastore, static_cache=cfg.static_cache, compile=cfg.compile)
     options = cfg.options()
     if prompts is not None:
         print_batch(cfg, prompts, decoder.generate(prompts, options))
@@ -128,6 +128,8 @@ def main(argv: Sequence[str] | None = None) -> None:
           f"({stats['tokens_per_second']:.1f} tokens/s), stop: {out.stop_reason}; target calls {stats['target_calls']}, "
           f"drafted {stats['drafted']}, accepted {stats['accepted']}, flagged {stats['flagged']}, "
           f"mean acceptance length {'-' if mal is None else f'{mal:.2f}'}", file=sys.stderr)
+    if stats["compile_seconds"]:
+        print(f"[compile] {stats['compile_seconds']:.1f} s of that compiling graphs (once per run)", file=sys.stderr)
 
 
 if __name__ == "__main__":

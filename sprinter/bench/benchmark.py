@@ -12,6 +12,7 @@ them. sprinter.bench.report turns the records into results.json, results.md and 
 
 from __future__ import annotations
 
+import dataclasses
 import sys
 import time
 from dataclasses import dataclass
@@ -49,7 +50,7 @@ from sprinter.decode.gates import (
 from sprinter.decode.options import DecodeOptions
 from sprinter.errors import SprinterError
 from sprinter.files import FolderLock
-from sprinter.pairs.load import fingerprint
+from sprinter.pairs.load import cache_argument, fingerprint
 from sprinter.train.calibrate import budget_key
 
 CONFIG_DIR = CONFIGS / "bench"
@@ -58,6 +59,8 @@ FAMILIES = ("ar", "draft", "sd", "hf-assisted", "ngram", "sd-gated", "sd-gated-c
 DEFAULT_METHODS = FAMILIES[:-2]  # sprinter-strict and async are asked for by name
 LEARNED = ("sprinter-mlp", "sprinter-linear", "sprinter-strict")
 GATED = ("sd-gated", "sd-gated-confidence")  # lossless; the operating point is the stop threshold
+COMPILED_FAMILIES = ("ar", "draft", "sd", "sd-gated", "sd-gated-confidence", "sprinter-mlp", "sprinter-linear",
+                     "sprinter-confidence", "sprinter-strict")  # --compile: single-prompt loops of ours
 # Options that may change on --resume without changing what a record means.
 RUNTIME_OPTIONS = ("out", "resume", "overwrite", "progress", "threads", "warmup", "store_stop_threshold")
 
@@ -99,6 +102,8 @@ class BenchConfig:
     device: str = option("auto", "cpu, cuda, cuda:N or auto")
     dtype: str = option("auto", "float32, bfloat16, float16 or auto: bfloat16 on CUDA, float32 on CPU")
     threads: int = option(1, "CPU threads for torch (0: torch's default; 1 is fastest for small models on busy cores)")
+    compile: bool = option(False, "also run the ar, draft, sd, sd-gated and sprinter rows compiled (NAME+compiled: "
+                                  "static caches, torch.compile; every graph is compiled before timing)")
     out: str = option("results/demo", "output folder: records.jsonl, results.json, results.md, pareto.png")
     resume: bool = option(False, "continue from OUT/records.jsonl (same options)")
     overwrite: bool = option(False, "replace the records in OUT")
@@ -163,7 +168,7 @@ class ForwardCounter:
 
     def _count(self, module, args, kwargs) -> None:
         ids = kwargs.get("input_ids", args[0] if args else None)
-        cache = kwargs.get("past_key_values")
+        cache = cache_argument(kwargs)
         past = cache.get_seq_length() if cache is not None else 0
         new = ids.shape[1]
         keep = kwargs.get("logits_to_keep", 0)
@@ -313,6 +318,21 @@ def build_methods(cfg: BenchConfig, decoder: Decoder, verifiers: dict[str, str])
     return methods
 
 
+def compiled_methods(cfg: BenchConfig, decoder: Decoder, verifiers: dict[str, str]) -> list[Method]:
+    """The compilable rows again, on a Decoder that shares the models but compiles its steps: NAME+compiled.
+    Every graph is compiled here, so the timed runs pay none of it (the seconds go to stderr)."""
+    from sprinter.decode.engine import Engine
+
+    pair = decoder.pair
+    compiled = Decoder(pair, decoder.gate, decoder.verifier_info, decoder.datastore, Engine(pair.device, compile=True))
+    capacity = cfg.prompt_len + cfg.max_new_tokens
+    seconds = sum(compiled.engine.warm(model, pair.vocab_size, capacity, hidden=model is pair.draft)
+                  for model in (pair.target, pair.draft))
+    print(f"compile: {seconds:.1f} s for {len(compiled.engine.steps)} models' graphs", file=sys.stderr)
+    return [dataclasses.replace(m, name=f"{m.name}+compiled") for m in build_methods(cfg, compiled, verifiers)
+            if m.family in COMPILED_FAMILIES]
+
+
 # ------------------------------------------------------------------------------------------- records
 def run_header(cfg: BenchConfig, prompts: Sequence[Prompt], methods: Sequence[Method]) -> dict:
     """What the records mean: checked equal on --resume."""
@@ -366,6 +386,8 @@ def _run_benchmark(cfg: BenchConfig) -> dict:
     decoder = load_decoder(cfg, verifiers)
     check_window(cfg.prompt_len, cfg.max_new_tokens, decoder.pair.max_length)
     methods = build_methods(cfg, decoder, verifiers)
+    if cfg.compile:
+        methods += compiled_methods(cfg, decoder, verifiers)
     prompts = load_prompts(decoder.tokenizer, dataset=cfg.dataset, split=cfg.split, domains=cfg.domains,
                            num_prompts=cfg.num_prompts, prompt_len=cfg.prompt_len)
     done = open_records(Path(cfg.out), run_header(cfg, prompts, methods), resume=cfg.resume, overwrite=cfg.overwrite)

@@ -25,6 +25,7 @@ from sprinter.decode.batched import accept
 from sprinter.decode.drafters import Draft
 from sprinter.decode.sampling import Sampler, entropy
 from sprinter.errors import SprinterError
+from sprinter.pairs.load import run_with_cache
 
 
 # ------------------------------------------------------------------------------------- pure functions
@@ -129,8 +130,8 @@ def draft_block(draft, ids: torch.Tensor, mask: torch.Tensor, k: int, vocab_size
     """k tokens drafted one at a time with the draft's cache.  -> block (B, k), q (B, k, V), hidden (B, k, H)"""
     cache = DynamicCache()
     pos = positions(mask)
-    out = draft(input_ids=ids, attention_mask=mask, position_ids=pos, past_key_values=cache,
-                output_hidden_states=True, logits_to_keep=1)
+    out = run_with_cache(draft, cache, input_ids=ids, attention_mask=mask, position_ids=pos,
+                         output_hidden_states=True, logits_to_keep=1)
     tokens, qs, hiddens = [], [], []
     for j in range(k):
         q_j = probabilities(out.logits[:, -1, :vocab_size], temperature)
@@ -141,8 +142,8 @@ def draft_block(draft, ids: torch.Tensor, mask: torch.Tensor, k: int, vocab_size
         if j + 1 < k:
             mask = torch.cat([mask, torch.ones_like(mask[:, :1])], dim=1)
             pos = pos[:, -1:] + 1
-            out = draft(input_ids=x_j[:, None], attention_mask=mask, position_ids=pos, past_key_values=cache,
-                        output_hidden_states=True)
+            out = run_with_cache(draft, cache, input_ids=x_j[:, None], attention_mask=mask, position_ids=pos,
+                                 output_hidden_states=True)
     return torch.stack(tokens, 1), torch.stack(qs, 1), torch.stack(hiddens, 1)
 
 

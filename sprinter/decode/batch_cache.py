@@ -20,6 +20,7 @@ from typing import Sequence
 import torch
 
 from sprinter.decode.cache import FlopModel
+from sprinter.pairs.load import run_with_cache
 
 # Compact once this many slots of the fullest row are masked, and they are at least a quarter of the width:
 # attention reads every slot, the gather copies the whole cache once.
@@ -71,8 +72,8 @@ class BatchCachedLM:
         before = torch.tensor(self.lengths, device=self.device)
         positions = torch.where(new_valid, before[:, None] + columns, 0)  # masked slots: any position in range
         mask = torch.cat([self.valid, new_valid], 1)  # (B, L + W)
-        out = self.model(input_ids=ids, attention_mask=mask.long(), position_ids=positions,
-                         past_key_values=self.cache, use_cache=True, logits_to_keep=logits)
+        out = run_with_cache(self.model, self.cache, input_ids=ids, attention_mask=mask.long(), position_ids=positions,
+                             logits_to_keep=logits)
         self.valid = mask
         self.lengths = [n + len(row) for n, row in zip(self.lengths, rows)]
         return out.logits

@@ -1,17 +1,31 @@
 """A causal LM together with its KV cache: the one place that runs a model while decoding.
 
 `append(ids)` runs the model over tokens its cache does not hold yet (and keeps them);
-`rollback(n)` forgets the last n. transformers 5.x's `DynamicCache.crop` changed the meaning of a
-positive argument across releases, so it is only ever called as `crop(-n)` with n > 0
-(docs/references.md §6). The object also counts what the model did (calls, tokens, analytic FLOPs) for
-the decode statistics; a fresh one is made per generation, so nothing is stashed on the module.
+`rollback(n)` forgets the last n. Two caches sit behind these two verbs:
+- dynamic (transformers' `DynamicCache`): it grows by concatenation, and a rollback crops it. 5.x's
+  `DynamicCache.crop` changed the meaning of a positive argument across releases, so it is only ever
+  called as `crop(-n)` with n > 0 (docs/references.md §6);
+- static (transformers' `StaticCache`): preallocated for the prompt, the budget and the longest block,
+  written by position. A rollback only moves its length (the stale keys are overwritten by the next
+  append, and the causal mask hides them until then): no copy, no crop of memory. Its fixed shapes are
+  what `torch.compile` and CUDA graphs need (sprinter.decode.engine).
+The length is also kept on the host, so reading it never waits for the device. The object counts what
+the model did (calls, tokens, analytic FLOPs) for the decode statistics; a fresh one is made per
+generation, so nothing is stashed on the module.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 import torch
+
+from sprinter.errors import SprinterError
+from sprinter.pairs.load import run_with_cache
+
+if TYPE_CHECKING:
+    from sprinter.decode.engine import CompiledForward
 
 
 @dataclass(frozen=True)
@@ -39,15 +53,52 @@ class FlopModel:
             + 4 * self.layers * self.width * attended
 
 
-class CachedLM:
-    """A causal LM and its DynamicCache, with named operations `append` and `rollback`."""
+def static_cache_supported() -> bool:
+    """Whether this transformers' StaticCache keeps its length as a tensor it moves in place (the releases whose
+    rollback is `crop(-n)` on a length; older ones inferred the length from which slots were non-zero)."""
+    try:
+        from transformers.cache_utils import StaticLayer
+    except ImportError:
+        return False
+    return isinstance(getattr(StaticLayer(max_cache_len=1), "cumulative_length", None), torch.Tensor)
 
-    def __init__(self, model: torch.nn.Module, vocab_size: int):
+
+def static_cache(model: torch.nn.Module, capacity: int):
+    """A StaticCache for `model` holding up to `capacity` tokens (its buffers are allocated on the first append)."""
+    from transformers import StaticCache, __version__
+
+    if not static_cache_supported():
+        raise SprinterError(f"static cache: transformers {__version__} has no StaticCache whose length can be moved "
+                            "back; expected a release that has one (5.2x or later), or static_cache=False")
+    cache = StaticCache(config=model.config, max_cache_len=capacity)
+    if any(getattr(layer, "is_sliding", False) for layer in cache.layers):
+        raise SprinterError(f"static cache: {type(model).__name__} has sliding-window layers, whose static cache "
+                            "cannot move its length back; expected static_cache=False (and compile=False)")
+    return cache
+
+
+def static_capacity(cache) -> int:
+    """How many tokens a StaticCache can hold."""
+    return min(layer.max_cache_len for layer in cache.layers)
+
+
+class CachedLM:
+    """A causal LM and its KV cache, with named operations `append` and `rollback`.
+
+    `cache`: a fresh (or reset) StaticCache (see `static_cache`), or None for a DynamicCache. `step`: the model's
+    compiled forward (sprinter.decode.engine), used for the short appends it has a graph for; static cache only."""
+
+    def __init__(self, model: torch.nn.Module, vocab_size: int, cache=None, step: CompiledForward | None = None):
         from transformers import DynamicCache
 
         self.model = model
         self.vocab_size = vocab_size  # logits are compared over the ids both models share
-        self.cache = DynamicCache()
+        self.static = cache is not None
+        self.cache = DynamicCache() if cache is None else cache
+        if step is not None and not self.static:
+            raise RuntimeError("a compiled step needs a static cache")  # a decoder bug, not bad input
+        self.step = step
+        self._length = 0
         self.flop_model = FlopModel.of(model)
         self.calls = 0
         self.tokens = 0
@@ -56,7 +107,7 @@ class CachedLM:
     @property
     def length(self) -> int:
         """How many tokens the cache holds."""
-        return self.cache.get_seq_length()
+        return self._length
 
     def append(self, ids: torch.Tensor, logits: int = 1, hidden: bool = False
                ) -> tuple[torch.Tensor, torch.Tensor | None]:
@@ -65,24 +116,34 @@ class CachedLM:
         Returns the logits of the last `logits` positions (logits, V) and, when `hidden`, the
         last layer's state there (after the final norm) (logits, H)."""
         past, new = self.length, ids.shape[1]
-        out = self.model(input_ids=ids, past_key_values=self.cache, use_cache=True, logits_to_keep=logits,
-                         output_hidden_states=hidden)
+        if self.step is not None and past > 0 and self.step.fits(past, new, static_capacity(self.cache)):
+            # compiled: a graph per block-length bucket; the padding after the real tokens is forgotten at once
+            all_logits, states = self.step(ids, self.cache, hidden)  # (new, V), (new, H) | None
+            padding = self.step.bucket(new) - new
+            if padding:
+                self.cache.crop(-padding)
+            all_logits, states = all_logits[new - logits:new], None if states is None else states[new - logits:new]
+        else:  # eager: the prefill (and any append too long for a graph)
+            out = run_with_cache(self.model, self.cache, input_ids=ids, logits_to_keep=logits,
+                                 output_hidden_states=hidden)
+            all_logits, states = out.logits[0, -logits:], out.hidden_states[-1][0, -logits:] if hidden else None
+        self._length += new
         self.calls += 1
         self.tokens += new
         self.flops += self.flop_model.forward(past, new, logits)
-        states = out.hidden_states[-1][0, -logits:] if hidden else None
-        return out.logits[0, -logits:, : self.vocab_size], states
+        return all_logits[:, : self.vocab_size], states
 
     def rollback(self, n: int) -> None:
         """Forget the last n cached tokens (n = 0: nothing to do)."""
         if n < 0 or n > self.length:
             raise RuntimeError(f"rollback({n}) on a cache of {self.length} tokens")  # a decoder bug, not bad input
         if n > 0:
-            self.cache.crop(-n)
+            self.cache.crop(-n)  # static: moves the length back (the keys stay, to be overwritten)
+            self._length -= n
 
     def rollback_to(self, length: int) -> None:
         """Keep only the first `length` tokens (no-op when the cache holds no more than that)."""
         self.rollback(max(0, self.length - length))
 
 
-__all__ = ["CachedLM", "FlopModel"]
+__all__ = ["CachedLM", "FlopModel", "static_cache", "static_cache_supported", "static_capacity"]

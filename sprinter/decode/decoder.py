@@ -45,6 +45,7 @@ from sprinter.decode.cache import CachedLM
 from sprinter.decode.datastore import Datastore
 from sprinter.decode.drafters import Drafter, DraftStep, ModelDrafter
 from sprinter.decode.emit import Emitter, GenerateOutput
+from sprinter.decode.engine import Engine
 from sprinter.decode.gates import (
     CONFIDENCE_THRESHOLD,
     AlwaysFlag,
@@ -97,6 +98,9 @@ class GenerateConfig(DecodeOptions):
     device: str = option("auto", "cpu, cuda, cuda:N or auto")
     dtype: str = option("auto", "float32, bfloat16, float16 or auto: bfloat16 on CUDA, float32 on CPU")
     threads: int = option(0, "CPU threads for torch (0: torch's default)")
+    static_cache: bool = option(False, "single-prompt modes: static KV caches written by position (else dynamic ones)")
+    compile: bool = option(False, "single-prompt modes: torch.compile the draft step and the target's verify forward "
+                                  "(static caches implied; compiling takes seconds to minutes, once per run)")
     json: bool = option(False, "print one JSON object (text, token ids, stats) instead of streaming text")
 
     def __post_init__(self) -> None:
@@ -212,8 +216,9 @@ class Decoder:
     """A draft/target pair (and optionally a trained verifier) ready to generate in any mode."""
 
     def __init__(self, pair: Pair, gate: LearnedGate | None = None, verifier_info: object = None,
-                 datastore: Datastore | None = None):
+                 datastore: Datastore | None = None, engine: Engine | None = None):
         self.pair = pair
+        self.engine = Engine(pair.device) if engine is None else engine  # single-prompt modes: caches, compiled steps
         self.gate = gate  # the learned verifier, when one was loaded
         self.verifier_info = verifier_info
         self.datastore = datastore  # mode "ngram": the corpus n-gram fallback, when one was loaded
@@ -222,11 +227,17 @@ class Decoder:
     @classmethod
     def from_pretrained(cls, draft: str, target: str, verifier: str | Path | None = None, device: str = "auto",
                         dtype: str = "auto", trust_remote_code: bool = False,
-                        datastore: str | Path | None = None) -> "Decoder":
+                        datastore: str | Path | None = None, static_cache: bool = False,
+                        compile: bool = False) -> "Decoder":
         """Load the pair (Hub names or local folders) and, if given, a verifier trained for this draft and an
         n-gram datastore (scripts/build_datastore.py) for mode "ngram". The verifier is checked against the
         draft (fingerprint, hidden size) and the datastore's files before any model is loaded; the datastore's
-        tokenizer against the pair's once it is loaded."""
+        tokenizer against the pair's once it is loaded.
+
+        The single-prompt modes decode with dynamic KV caches (the reference), or with static ones written by
+        position (`static_cache=True`); `compile=True` also torch.compiles the draft's step and the target's verify
+        forward (sprinter.decode.engine; static caches implied; each generation's `stats.compile_seconds` says
+        what compiling cost it, paid once per Decoder)."""
         for name, value in (("draft", draft), ("target", target), ("verifier", verifier), ("datastore", datastore)):
             if not (isinstance(value, (str, Path)) or value is None and name in ("verifier", "datastore")):
                 raise SprinterError(f"{name}: got {value!r}; expected a path or Hub name (str or Path)"
@@ -244,7 +255,7 @@ class Decoder:
             check_vocabulary(info, pair.vocab_size, verifier)
         if store is not None:
             store.check_tokenizer(pair.tokenizer)
-        return cls(pair, gate, info, store)
+        return cls(pair, gate, info, store, Engine(dev, static=static_cache, compile=compile))
 
     @property
     def tokenizer(self):
@@ -281,10 +292,11 @@ class Decoder:
         out = Emitter(self.tokenizer, options.max_new_tokens, self.tokenizer.eos_token_id, options.stop, on_text)
         stats = DecodeStats(mode=mode)
         # async may run each model on a device of its own (a copy made once); every other mode on the decoder's
-        target_dev, draft_dev = (device if d is None else resolve_device(d)
-                                 for d in (options.target_device, options.draft_device))
-        target = CachedLM(self.model_on("target", target_dev), self.pair.vocab_size)
-        draft = CachedLM(self.model_on("draft", draft_dev), self.pair.vocab_size)
+        target_dev, draft_dev = (device if d is None else resolve_device(d) for d in (options.target_device, options.draft_device))
+        capacity = len(ids) + options.max_new_tokens  # neither cache ever holds more than the prompt and the budget
+        eager = options.mode == "async"  # its draft runs in a thread of its own: no compiled graphs there
+        target = self.engine.lm(self.model_on("target", target_dev), self.pair.vocab_size, capacity, not eager)
+        draft = self.engine.lm(self.model_on("draft", draft_dev), self.pair.vocab_size, capacity, not eager)
 
         start = time.perf_counter()
         if mode in ("ar", "draft"):
@@ -300,6 +312,7 @@ class Decoder:
         if device.type == "cuda":
             torch.cuda.synchronize(device)
         stats.wall_seconds = time.perf_counter() - start
+        stats.compile_seconds = self.engine.report()
 
         stats.new_tokens = len(out.ids)
         stats.target_calls, stats.target_tokens, stats.target_flops = target.calls, target.tokens, target.flops

@@ -21,6 +21,7 @@ class DecodeStats:
     new_tokens: int = 0
     wall_seconds: float = 0.0  # batched modes: the whole batch's time, the same for each of its prompts
     batch_size: int = 1  # prompts decoded together (batched modes: the number given to generate)
+    compile_seconds: float = 0.0  # compiling graphs (included in wall_seconds): paid once per Decoder and graph
     draft_seconds: float = 0.0  # batched modes: time spent drafting (n-gram lookups or the draft model), batch-wide
     target_calls: int = 0  # target forward passes (the first one also reads the prompt)
     target_tokens: int = 0  # positions the target processed, prompt included

@@ -37,7 +37,7 @@ from tqdm.auto import tqdm
 from sprinter.config import CONFIGS, check_integers, option, parse_config, to_dict
 from sprinter.corpus import Document, load_documents
 from sprinter.errors import SprinterError
-from sprinter.pairs.load import check_same_vocabulary, resolve_device
+from sprinter.pairs.load import check_same_vocabulary, resolve_device, run_with_cache
 
 CONFIG_DIR = CONFIGS
 EOS = "<|endoftext|>"
@@ -316,11 +316,11 @@ def decode_step_ms(model, context: torch.Tensor, steps: int = 40, repeats: int =
     times = []
     for _ in range(repeats):
         cache = DynamicCache()
-        out = model(context[None], past_key_values=cache, use_cache=True)
+        out = run_with_cache(model, cache, input_ids=context[None])
         token = out.logits[:, -1:].argmax(-1)
         start = time.perf_counter()
         for _ in range(steps):
-            token = model(token, past_key_values=cache, use_cache=True).logits[:, -1:].argmax(-1)
+            token = run_with_cache(model, cache, input_ids=token).logits[:, -1:].argmax(-1)
         if token.device.type == "cuda":  # the steps were only queued: wait for them before reading the clock
             torch.cuda.synchronize(token.device)
         times.append((time.perf_counter() - start) / steps * 1e3)

@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import functools
 import hashlib
+import inspect
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -114,6 +116,25 @@ def load_model(name_or_path: str, role: str, device: torch.device, dtype: torch.
     except (OSError, ValueError) as err:
         raise _not_found(role, name_or_path, err) from None
     return model.to(device).eval()
+
+
+@functools.cache
+def cache_keyword(model_class: type) -> str:
+    """The keyword a causal LM's forward takes its KV cache by: `cache` from the transformers releases that
+    renamed it (5.24 warns that `past_key_values` goes in 5.40), `past_key_values` before (the GPU image's 5.17).
+    Read once per model class from the forward's signature (the deprecation shim keeps the new signature)."""
+    return "cache" if "cache" in inspect.signature(model_class.forward).parameters else "past_key_values"
+
+
+def run_with_cache(model: torch.nn.Module, cache, **inputs):
+    """`model(**inputs)` reading and extending `cache`: the one place that names the cache keyword, so every
+    model call with a cache works on every transformers 5.x release."""
+    return model(**inputs, **{cache_keyword(type(model)): cache}, use_cache=True)
+
+
+def cache_argument(kwargs: dict):
+    """The cache among a forward's keyword arguments (for hooks that watch a loop that is not ours), or None."""
+    return kwargs.get("cache", kwargs.get("past_key_values"))
 
 
 def check_same_vocabulary(draft_tok, target_tok, draft_name: str, target_name: str) -> None:
