@@ -26,7 +26,8 @@ def main(argv: Sequence[str] | None = None) -> None:
                       "target_ms": {"n=1": round(t[0], 4), f"n={len(t)}": round(t[-1], 4)},
                       "draft_target_cost_ratio": round(profile.cost_ratio, 4),
                       "gate_ms": {k: round(v, 4) for k, v in profile.gate_ms.items()},
-                      "round_ms": round(profile.round_ms, 4), "seconds": profile.seconds}, indent=1))
+                      "round_ms": round(profile.round_ms, 4), "repeats": profile.repeats, "noise": profile.noise,
+                      "seconds": profile.seconds}, indent=1))
     print(f"profile written to {path}", file=sys.stderr)
 
 

@@ -96,7 +96,7 @@ def test_argparse_errors_are_one_line(mains, capsys, name, bad):
     number = {"make_pair": "--target-steps", "build_datastore": "--max-tokens", "bench_ngram": "--repeats",
               "bench_train_speed": "--rows", "train": "--epochs", "generate": "--k",
               "bench_batch": "--seed"}.get(name, "--num-prompts")
-    argv, named = (["--no-such-flag"], "--no-such-flag") if bad == "flag" else ([number, "many"], "got 'many'")
+    argv, named = (["--no-such-flag"], "--no-such-flag") if bad == "flag" else ([number, "many"], "'many'")
     assert run_cli(mains[name], argv) == 2
     one_error(capsys, named)
 

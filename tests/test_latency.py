@@ -4,6 +4,7 @@
 import json
 
 import pytest
+import torch
 
 from sprinter.bench.costs import CostProfile, find_profile, measure_costs, read_profiles, save_profile
 from sprinter.bench.latency import (
@@ -200,6 +201,26 @@ def test_profiles_are_saved_by_key_and_read_back(tmp_path):
 def test_measure_costs_on_a_tiny_pair(gpt2_decoder):
     pair = gpt2_decoder.pair
     p = measure_costs(pair.draft, pair.target, pair.vocab_size, pair="tiny", max_n=5, context=8, budget_s=0.3)
-    assert len(p.target_ms) == 5 and p.repeats >= 3
+    assert len(p.target_ms) == 5 and p.repeats >= 3 and p.noise >= 0
     assert all(v > 0 for v in (p.draft_step_ms, p.draft_hidden_step_ms, p.round_ms, *p.gate_ms.values()))
     assert p.key == "tiny | cpu | float32 | %d thread(s)" % p.threads
+
+
+def test_profile_pair_script_writes_a_keyed_profile(tiny_pair, tmp_path, capsys):
+    import importlib.util
+    from pathlib import Path
+
+    script = Path(__file__).resolve().parent.parent / "scripts" / "profile_pair.py"
+    spec = importlib.util.spec_from_file_location("profile_pair", script)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    out = tmp_path / "profile.json"
+    threads = torch.get_num_threads()
+    try:
+        module.main(["--pair", str(tiny_pair), "--out", str(out), "--threads", "1", "--max-block", "3",
+                     "--budget-s", "0.2"])
+    finally:
+        torch.set_num_threads(threads)
+    (profile,) = read_profiles(out).values()
+    assert profile.threads == 1 and len(profile.target_ms) == 4 and profile.pair == str(tiny_pair)
+    assert json.loads(capsys.readouterr().out)["key"] == profile.key

@@ -43,6 +43,7 @@ from sprinter.files import write_json
 
 FORMAT = "sprinter-costs/1"
 FILE_NAME = "cost_profile.json"
+NOISY = 0.2  # a profile whose timings spread more than this (relative interquartile range) is flagged
 STAND_IN_FEATURES = ("hidden", "token_id", "draft_prob", "draft_entropy")  # the trained verifier's default inputs
 
 
@@ -61,6 +62,7 @@ class CostProfile:
     gate_ms: dict[str, float]  # "learned", "confidence"
     round_ms: float
     repeats: int = 0  # timed calls behind each median
+    noise: float = 0.0  # the median over figures of (upper - lower quartile) / median: above ~0.2, a busy machine
     seconds: float = 0.0  # how long the measurement took
     created: str = ""
 
@@ -249,12 +251,15 @@ def measure_costs(draft: torch.nn.Module, target: torch.nn.Module, vocab_size: i
         if rounds > min_repeats and spent * (rounds + 1) / rounds > budget_s:
             break
     ms = {name: 1e3 * statistics.median(values) for name, values in times.items()}
+    spread = [(q[2] - q[0]) / q[1] for q in (statistics.quantiles(v, n=4) for v in times.values()) if q[1] > 0]
+    noise = round(statistics.median(spread), 4) if spread else 0.0
     return CostProfile(pair=pair, device=str(device), dtype=str(dtype).removeprefix("torch."),
                        threads=torch.get_num_threads(), context=context, draft_step_ms=ms["draft"],
                        draft_hidden_step_ms=ms["draft_hidden"],
                        target_ms=tuple(ms[f"target_{n}"] for n in range(1, max_n + 1)),
                        gate_ms={"learned": ms["gate_learned"], "confidence": ms["gate_confidence"]},
-                       round_ms=ms["round"], repeats=rounds - 1, seconds=round(time.perf_counter() - started, 3),
+                       round_ms=ms["round"], repeats=rounds - 1, noise=noise,
+                       seconds=round(time.perf_counter() - started, 3),
                        created=datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"))
 
 
@@ -309,6 +314,9 @@ def profile_pair(cfg: ProfileConfig) -> tuple[CostProfile, Path]:
     pair_dir = Path(draft).parent
     profile = measure_costs(pair.draft, pair.target, pair.vocab_size, pair=str(pair_dir), gate=gate,
                             max_n=cfg.max_block + 1, context=cfg.context, budget_s=cfg.budget_s)
+    if profile.noise > NOISY:
+        print(f"note: the timings spread widely (interquartile range {profile.noise:.0%} of the median): a busy "
+              "machine? profile again when it is quiet, or with a larger --budget-s", file=sys.stderr)
     out = Path(cfg.out) if cfg.out else default_out(pair_dir)
     if not cfg.out and out.parent != pair_dir:
         print(f"note: {pair_dir} is not writable; writing {out}", file=sys.stderr)
