@@ -72,6 +72,7 @@ def fake_verifier_module(monkeypatch, logit: float, draft_fingerprint: str, hidd
                                  hidden_size=hidden_size)
     module = types.ModuleType("sprinter.verifier")
     module.load_verifier = lambda path, draft_fingerprint=None, hidden_size=None: (verifier, info)
+    module.check_vocabulary = lambda info, vocab_size, file: None  # the fake info has no embedding to check
     monkeypatch.setitem(sys.modules, "sprinter.verifier", module)
     return verifier
 

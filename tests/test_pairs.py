@@ -1,6 +1,7 @@
 """The offline pair builder and pair loading (the real from_pretrained path)."""
 
 import json
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -69,6 +70,7 @@ def test_mismatched_vocabularies_are_refused(tiny_pair, tmp_path):
     from transformers import AutoTokenizer
 
     other = tmp_path / "other"
+    shutil.copytree(tiny_pair / "draft", other)  # a real model folder, whose tokenizer then gains a token
     tok = AutoTokenizer.from_pretrained(tiny_pair / "target")
     tok.add_tokens(["<extra_token>"])
     tok.save_pretrained(other)

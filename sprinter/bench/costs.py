@@ -35,7 +35,7 @@ import torch
 from sprinter.config import option
 from sprinter.decode.acceptance import correction, flag_then_check
 from sprinter.decode.cache import CachedLM
-from sprinter.decode.drafters import ModelDrafter
+from sprinter.decode.drafters import DraftStep
 from sprinter.decode.gates import ConfidenceGate, LearnedGate
 from sprinter.decode.sampling import Sampler, uniform
 from sprinter.errors import SprinterError
@@ -172,14 +172,21 @@ def measure_costs(draft: torch.nn.Module, target: torch.nn.Module, vocab_size: i
     confidence = ConfidenceGate()
 
     # The caches, each holding `context` tokens; every timed call adds tokens and the next rolls them back.
-    drafters = {hidden: ModelDrafter(CachedLM(draft, vocab_size), sampler, with_hidden=hidden)
-                for hidden in (False, True)}
-    for drafter in drafters.values():
-        drafter.propose(ids[:, :context], gen)
+    draft_lms = {hidden: CachedLM(draft, vocab_size) for hidden in (False, True)}
+    for lm in draft_lms.values():
+        lm.append(ids[:, :context])
     target_lm = CachedLM(target, vocab_size)
     target_lm.append(ids[:, :context])
-    step = drafters[True].propose(ids[:, : context + 1], gen)  # a draft step with a hidden state, for the gates
-    drafters[True].lm.rollback(1)
+
+    def propose(hidden: bool) -> DraftStep:
+        """One draft step as ModelDrafter.propose makes it: a one-token forward, the sampler's probabilities, a draw."""
+        logits, h = draft_lms[hidden].append(ids[:, context: context + 1], hidden=hidden)  # (1, V), (1, H)
+        q = sampler.probs(logits[0])
+        return DraftStep(token=sampler.draw(q, gen), q=q, q_soft=sampler.soft_probs(logits[0]),
+                         hidden=None if h is None else h[0])
+
+    step = propose(True)  # a draft step with a hidden state, for the gates
+    draft_lms[True].rollback(1)
     n_check = 4  # the acceptance check and correction of a four-token block: their cost barely depends on k
     p = sampler.probs(torch.randn(n_check + 1, vocab_size, generator=gen, device=device))  # (n + 1, V)
     q = sampler.probs(torch.randn(n_check, vocab_size, generator=gen, device=device))  # (n, V)
@@ -190,15 +197,13 @@ def measure_costs(draft: torch.nn.Module, target: torch.nn.Module, vocab_size: i
             torch.cuda.synchronize(device)
 
     def draft_step(hidden: bool) -> Callable[[], float]:
-        drafter = drafters[hidden]
-
         def run() -> float:
             sync()
             start = time.perf_counter()
-            out = drafter.propose(ids[:, : context + 1], gen)
+            out = propose(hidden)
             out.token.item()  # the loops read every token on the host
             seconds = time.perf_counter() - start
-            drafter.lm.rollback(1)
+            draft_lms[hidden].rollback(1)
             return seconds
         return run
 
@@ -224,7 +229,7 @@ def measure_costs(draft: torch.nn.Module, target: torch.nn.Module, vocab_size: i
     def round_rest() -> float:
         """A round's acceptance check, correction, host sync and the two rollbacks (of one token each)."""
         target_lm.append(ids[:, context: context + 1])
-        drafters[False].lm.append(ids[:, context: context + 1])
+        draft_lms[False].append(ids[:, context: context + 1])
         sync()
         start = time.perf_counter()
         kept = flag_then_check(p[torch.arange(n_check), x], q[torch.arange(n_check), x], uniform(n_check, gen, device),
@@ -232,7 +237,7 @@ def measure_costs(draft: torch.nn.Module, target: torch.nn.Module, vocab_size: i
         y = sampler.draw(correction(p, q, kept), gen)
         torch.cat([kept.view(1), x, y.view(1)]).tolist()
         target_lm.rollback(1)
-        drafters[False].lm.rollback(1)
+        draft_lms[False].rollback(1)
         return time.perf_counter() - start
 
     tasks: dict[str, Callable[[], float]] = {"draft": draft_step(False), "draft_hidden": draft_step(True),

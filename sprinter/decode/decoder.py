@@ -277,6 +277,8 @@ class Decoder:
         (a single prompt only)."""
         # 0. Every check happens before any model runs.
         options = self._options(options, overrides)
+        if on_text is not None and not callable(on_text):
+            raise SprinterError(f"on_text: got {on_text!r}; expected a function of one str, or None")
         mode = options.mode
         if _is_batch(prompt) and len(prompt) == 1 and mode not in BATCH_MODES:
             prompt = prompt[0]  # a batch of one, in a mode that decodes one prompt at a time
