@@ -87,11 +87,13 @@ def main(argv=None) -> None:
         ids = stream[:length]
         unique = np.random.default_rng(0).permutation(len(tok))[:length].tolist()  # no repeats: the datastore path
         row = {}
+        # B023: per_call_us calls each lambda before returning, so the loop variables it reads are the current ones
         for name, drafter in (("chain", plain), ("chain+datastore", with_ds)):
-            row[name] = per_call_us(lambda: drafter.chain(ids, args.s), args.repeats)
+            row[name] = per_call_us(lambda: drafter.chain(ids, args.s), args.repeats)  # noqa: B023
             index = drafter.index(ids)
-            row[name.replace("chain", "index")] = per_call_us(lambda: index.chain(args.s), args.repeats)
-        row["chain, datastore path forced"] = per_call_us(lambda: with_ds.chain(unique, args.s), args.repeats)
+            row[name.replace("chain", "index")] = per_call_us(lambda: index.chain(args.s), args.repeats)  # noqa: B023
+        row["chain, datastore path forced"] = per_call_us(
+            lambda: with_ds.chain(unique, args.s), args.repeats)  # noqa: B023
         context = stream[: min(length, target.config.n_positions - args.s - 1)]  # what the target's window allows
         row[f"target forward, 1 token after {len(context) - 1}"] = forward_us(target, context, 1, args.repeats // 3)
         row[f"target forward, {args.s + 1} tokens after {len(context) - 1}"] = forward_us(

@@ -125,7 +125,8 @@ def main(argv: Sequence[str] | None = None) -> None:
         print(cfg.prompt, end="")
     mal = stats["mean_acceptance_length"]
     print(f"\n[{cfg.mode}] {stats['new_tokens']} tokens in {stats['wall_seconds']:.2f} s "
-          f"({stats['tokens_per_second']:.1f} tokens/s), stop: {out.stop_reason}; target calls {stats['target_calls']}, "
+          f"({stats['tokens_per_second']:.1f} tokens/s), stop: {out.stop_reason}; "
+          f"target calls {stats['target_calls']}, "
           f"drafted {stats['drafted']}, accepted {stats['accepted']}, flagged {stats['flagged']}, "
           f"mean acceptance length {'-' if mal is None else f'{mal:.2f}'}", file=sys.stderr)
     if stats["compile_seconds"]:

@@ -4,7 +4,8 @@ __version__ = "0.1.0"
 
 # The public names load on first use (PEP 562), so `import sprinter.files` or `sprinter.errors` does not import
 # torch and transformers: scripts/gpu_run.py's driver stays light and its time goes to the stages.
-_EXPORTS = {"Decoder": "sprinter.decode.decoder", "DecodeOptions": "sprinter.decode.options", "GenerateOutput": "sprinter.decode.decoder",
+_EXPORTS = {"Decoder": "sprinter.decode.decoder", "DecodeOptions": "sprinter.decode.options",
+            "GenerateOutput": "sprinter.decode.decoder",
             "SprinterError": "sprinter.errors", "Pair": "sprinter.pairs.load", "load_pair": "sprinter.pairs.load"}
 
 __all__ = ["DecodeOptions", "Decoder", "GenerateOutput", "Pair", "SprinterError", "__version__", "load_pair"]

@@ -107,7 +107,7 @@ def _parser_type(name: str, tp: Any):
             return base(text)
         except ValueError:
             kind = {int: "an integer", float: "a number"}.get(base, f"a {base.__name__}")
-            raise argparse.ArgumentTypeError(f"got {text!r}; expected {kind}")
+            raise argparse.ArgumentTypeError(f"got {text!r}; expected {kind}") from None
 
     return convert
 
@@ -156,7 +156,8 @@ class ArgumentParser(argparse.ArgumentParser):
         raise SprinterError(f"{message}; see {self.prog} --help")
 
 
-def parse_config(cls: type[C], argv: Sequence[str] | None, description: str, default_config: str | Path | None = None) -> C:
+def parse_config(cls: type[C], argv: Sequence[str] | None, description: str,
+                 default_config: str | Path | None = None) -> C:
     """Parse `argv` into `cls`: defaults < YAML (`--config`, else `default_config` if it exists) < flags."""
     parser = ArgumentParser(description=description, formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     parser.add_argument("--config", default=None, help="YAML preset (keys are the option names below)")
@@ -166,7 +167,8 @@ def parse_config(cls: type[C], argv: Sequence[str] | None, description: str, def
         tp = hints[f.name]
         inner, _ = _base_type(tp)
         default = f.default if f.default is not dataclasses.MISSING else f.default_factory()  # type: ignore[misc]
-        kwargs: dict[str, Any] = {"dest": f.name, "default": argparse.SUPPRESS, "help": f"{f.metadata.get('help', '')} (default: {default!r})"}
+        kwargs: dict[str, Any] = {"dest": f.name, "default": argparse.SUPPRESS,
+                                  "help": f"{f.metadata.get('help', '')} (default: {default!r})"}
         if inner is bool:
             parser.add_argument(flag, action=argparse.BooleanOptionalAction, **kwargs)
             continue

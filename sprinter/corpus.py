@@ -151,7 +151,8 @@ def prose_documents(docs: list[Document], min_chars: int = 200) -> list[Document
             tree = ast.parse(doc.text)
         except (SyntaxError, ValueError):
             continue
-        nodes = [tree] + [n for n in ast.walk(tree) if isinstance(n, (ast.FunctionDef, ast.AsyncFunctionDef, ast.ClassDef))]
+        nodes = [tree] + [n for n in ast.walk(tree)
+                          if isinstance(n, (ast.FunctionDef, ast.AsyncFunctionDef, ast.ClassDef))]
         for j, node in enumerate(nodes):
             text = ast.get_docstring(node)
             if text and len(text) >= min_chars:

@@ -198,7 +198,8 @@ def test_early_stops_shut_down_quickly(tiny_pair, no_thread_left):
     full = dec.generate(PROMPTS[1], max_new_tokens=40, mode="ar")
     stop = full.text[len(full.text) // 3:][:3]
     eos = full.token_ids[6]
-    for kwargs, reason in (({"max_new_tokens": 1}, "max_new_tokens"), ({"max_new_tokens": 40, "stop": [stop]}, "stop_string"),
+    for kwargs, reason in (({"max_new_tokens": 1}, "max_new_tokens"),
+                           ({"max_new_tokens": 40, "stop": [stop]}, "stop_string"),
                            ({"max_new_tokens": 40}, "eos")):
         if reason == "eos":  # a token ar emits becomes EOS, so the stop is certain
             dec.tokenizer.eos_token = dec.tokenizer.convert_ids_to_tokens(eos)

@@ -42,7 +42,8 @@ def test_each_row_equals_its_prompt_alone(decoder, mode, options):
         assert s.accepted + s.rejected == s.drafted and s.new_tokens == len(out.token_ids)
         assert s.new_tokens <= s.accepted + s.target_calls and s.batch_size == len(PROMPTS)
         if mode == "sd":
-            assert s.draft_calls == s.drafted + 1 and s.draft_flops > 0  # one forward a drafted token, one for the prompt
+            # one forward a drafted token, one for the prompt
+            assert s.draft_calls == s.drafted + 1 and s.draft_flops > 0
     assert len({o.stats.wall_seconds for o in outs}) == 1  # the batch's time, shared
     if mode != "ar":
         assert sum(o.stats.rejected for o in outs) > 0  # rollbacks were exercised

@@ -29,7 +29,7 @@ def test_tiny_sweep_writes_its_reports(tiny_pair, tmp_path):
     on_disk = json.loads((tmp_path / "results.json").read_text())
     assert on_disk["partial"] is False
     assert on_disk["s_rule"] == {"1": 4, "3": 1} and list(on_disk["methods"]) == ["ar", "sd-k4", "ngram", "ngram-s2"]
-    for size, cell in results["cells"]["code"].items():
+    for _size, cell in results["cells"]["code"].items():
         assert cell["ar"]["speedup_vs_ar"] == 1.0 and cell["ngram"]["tokens"] == cell["ar"]["tokens"]
         assert 0 <= cell["ngram"]["draft_share"] < 1
     assert "| 3 |" in (tmp_path / "results.md").read_text() and (tmp_path / "batch.png").exists()

@@ -102,7 +102,8 @@ def test_decoder_uses_a_learned_verifier(tiny_pair, tmp_path, monkeypatch):
 def test_verifier_for_another_draft_is_refused(tiny_pair, tmp_path, monkeypatch, fingerprint_of, hidden, message):
     fp = fingerprint(str(tiny_pair / "draft")) if fingerprint_of == "draft" else "0123456789abcdef"
     fake_verifier_module(monkeypatch, logit=0.0, draft_fingerprint=fp, hidden_size=hidden)
-    monkeypatch.setattr("sprinter.decode.decoder.load_pair", lambda *a, **k: pytest.fail("models loaded before the check"))
+    monkeypatch.setattr("sprinter.decode.decoder.load_pair",
+                        lambda *a, **k: pytest.fail("models loaded before the check"))
     with pytest.raises(SprinterError, match=message):
         load(tiny_pair, tmp_path)
 

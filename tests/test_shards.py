@@ -34,7 +34,8 @@ def test_writer_streams_shards_and_loader_concatenates(tmp_path):
         writer.add(_rows(start, 2))
     entries = writer.close()
     assert [e["rows"] for e in entries] == [4, 4, 2]
-    assert [e["file"] for e in entries] == ["shard-00000.safetensors", "shard-00001.safetensors", "shard-00002.safetensors"]
+    assert [e["file"] for e in entries] == ["shard-00000.safetensors", "shard-00001.safetensors",
+                                            "shard-00002.safetensors"]
     _finish(tmp_path, entries)
     cols = load_columns(tmp_path, ["prompt_index", "hidden"])
     assert cols["prompt_index"].tolist() == list(range(10))

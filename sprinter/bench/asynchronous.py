@@ -9,7 +9,8 @@ timing only: no fidelity scoring (every row is lossless). An output may leave ar
 two best logits are within NEAR_TIE (fp32 rounding, which depends on the forward's shape, decides; async's
 block shapes vary with timing): such a flip is counted per row; any other difference stops the run. Per
 pair it writes OUT/<pair>/results.json and results.md: medians over prompts of ms/token and of the speedup
-over ar on the same prompt, and for async the median overlap (DecodeStats.overlap) and each side's busy share of the wall time. Every row also gets
+over ar on the same prompt, and for async the median overlap (DecodeStats.overlap) and each side's busy
+share of the wall time. Every row also gets
 cpu_per_wall: the process's CPU time over the wall time, the cores' worth of CPU it really got (busy times
 are wall time, so they also count time a side spent descheduled or waiting for the GIL).
 """
@@ -95,7 +96,8 @@ class AsyncBenchConfig:
 def methods(cfg: AsyncBenchConfig) -> list[tuple[str, int, dict]]:
     """(name, intra-op threads, generate options) per row."""
     rows = [("ar", cfg.ar_threads, {"mode": "ar"})]
-    rows += [(f"sd-k{k}-t{n}", n, {"mode": "sd", "k": k}) for n in sorted(set(cfg.sd_threads)) for k in sorted(set(cfg.ks))]
+    rows += [(f"sd-k{k}-t{n}", n, {"mode": "sd", "k": k})
+             for n in sorted(set(cfg.sd_threads)) for k in sorted(set(cfg.ks))]
     rows += [(f"async-w{w}", cfg.async_threads, {"mode": "async", "window": w}) for w in sorted(set(cfg.windows))]
     return rows
 
@@ -201,12 +203,13 @@ def markdown(results: dict) -> str:
              "| overlap | draft busy | target busy |", "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
     for e in results["methods"]:
         lines.append(f"| {e['name']} | {e['threads']} | {fmt(e['ms_per_token'])} | {fmt(e['speedup_vs_ar'])} | "
-                     f"{fmt(e['target_calls_per_token'], 3)} | {fmt(e['mean_acceptance_length'])} | {fmt(e['cpu_per_wall'])} | "
-                     f"{fmt(e.get('overlap'))} | {fmt(e.get('draft_busy_share'))} | {fmt(e.get('target_busy_share'))} |")
+                     f"{fmt(e['target_calls_per_token'], 3)} | {fmt(e['mean_acceptance_length'])} | "
+                     f"{fmt(e['cpu_per_wall'])} | {fmt(e.get('overlap'))} | {fmt(e.get('draft_busy_share'))} | "
+                     f"{fmt(e.get('target_busy_share'))} |")
     lines += ["", "overlap = (draft busy + target busy - wall) / min(draft busy, target busy): 1 when the less busy "
-              "side ran entirely alongside the other, 0 when they took turns. busy: share of the wall time (time outside "
-              "waits, descheduled or GIL-blocked time included). CPU / wall: process CPU time over wall time, the cores' "
-              "worth of CPU the row really got.", ""]
+              "side ran entirely alongside the other, 0 when they took turns. busy: share of the wall time "
+              "(time outside waits, descheduled or GIL-blocked time included). CPU / wall: process CPU time over "
+              "wall time, the cores' worth of CPU the row really got.", ""]
     return "\n".join(lines)
 
 

@@ -80,7 +80,8 @@ class BenchConfig:
                                             "runs on --threads intra-op threads")
     budgets: tuple[float, ...] = option((), "sprinter: false-accept budgets to run (empty: all the checkpoint has)")
     confidence_thresholds: tuple[float, ...] = option((0.2, CONFIDENCE_THRESHOLD, 0.6),
-                                                      "sprinter-confidence: thresholds on q(x) (0.4: Hugging Face's default)")
+                                                      "sprinter-confidence: thresholds on q(x) "
+                                                      "(0.4: Hugging Face's default)")
     max_block: int = option(20, "sprinter: call the target after this many passed tokens; sd-gated: the longest block")
     stop_thresholds: tuple[float, ...] = option((0.3, 0.5, 0.7), "sd-gated: stop thresholds on 1 - prod P(accept) "
                                                                   "to sweep (the fastest is marked)")
@@ -96,7 +97,8 @@ class BenchConfig:
     max_new_tokens: int = option(128, "most tokens to generate per prompt")
     temperature: float = option(0.0, "0 is greedy (outputs of lossless methods are checked); above 0 samples")
     check_lossless: bool = option(True, "greedy: stop with an error when a lossless method's output differs from ar's "
-                                        "(off for bfloat16/float16, where near-ties can flip; exact_match_vs_ar still shows it)")
+                                        "(off for bfloat16/float16, where near-ties can flip; "
+                                        "exact_match_vs_ar still shows it)")
     seed: int = option(0, "seed of prompt i's generator is seed + i, the same for every method")
     warmup: int = option(1, "warm-up generations per method before timing")
     device: str = option("auto", "cpu, cuda, cuda:N or auto")
@@ -186,7 +188,8 @@ def hf_assisted_runner(decoder: Decoder, temperature: float) -> Runner:
     @torch.inference_mode()
     def run(ids: list[int], seed: int, max_new_tokens: int) -> tuple[list[int], dict]:
         inputs = torch.tensor([ids], device=pair.device)  # (1, T)
-        sampling = {"do_sample": True, "temperature": temperature, "top_k": 0} if temperature > 0 else {"do_sample": False}
+        sampling = ({"do_sample": True, "temperature": temperature, "top_k": 0} if temperature > 0
+                    else {"do_sample": False})
         torch.manual_seed(seed)  # HF samples from the global generator
         with ForwardCounter(pair.target) as target, ForwardCounter(pair.draft) as draft:
             start = time.perf_counter()

@@ -133,8 +133,8 @@ def run_benchmark(cfg: BenchCollectConfig) -> dict:
                             for k in ("accept_greedy", "accept_sprinter", "accept_soft")}
     return {"pair": {"draft": draft_path, "target": target_path}, "results": results,
             "first_row_agreement": first_row_agreement(rows_by_method),
-            "config": to_dict(cfg), "threads": torch.get_num_threads(), "load_average_1min": os.getloadavg()[0], "machine": platform.processor() or
-            platform.machine(), "torch": torch.__version__,
+            "config": to_dict(cfg), "threads": torch.get_num_threads(), "load_average_1min": os.getloadavg()[0],
+            "machine": platform.processor() or platform.machine(), "torch": torch.__version__,
             "created": datetime.now(timezone.utc).isoformat(timespec="seconds")}
 
 

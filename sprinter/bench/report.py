@@ -87,7 +87,8 @@ def method_entries(methods: Sequence[Method], done: dict[int, list[dict]]) -> li
         entry = {"name": method.name, "family": method.family, "operating_point": method.operating_point,
                  "lossless": method.lossless, **summarize(records, reference)}
         domains = sorted({r["domain"] for r in records})
-        entry["by_domain"] = {d: {k: v for k, v in summarize([r for r in records if r["domain"] == d], reference).items()
+        entry["by_domain"] = {d: {k: v
+                                  for k, v in summarize([r for r in records if r["domain"] == d], reference).items()
                                   if k in ("prompts", "speedup_vs_ar", "target_consistency", "target_nll_ratio_vs_ar",
                                            "rouge_l_vs_ar")}
                               for d in domains}
@@ -134,7 +135,8 @@ def markdown(results: dict) -> str:
     lines = [f"# Benchmark: {results['pair']['target']} (target) / {results['pair']['draft']} (draft)", "",
              f"{where}; {hw['dtype']}; torch {results['libraries']['torch']}, transformers "
              f"{results['libraries']['transformers']}. {p['count']} prompts ({domains}; "
-             f"{p['prompt_len']} tokens from {p['dataset']}/{p['split']}), up to {results['max_new_tokens']} new tokens, "
+             f"{p['prompt_len']} tokens from {p['dataset']}/{p['split']}), "
+             f"up to {results['max_new_tokens']} new tokens, "
              f"temperature {results['temperature']}. Speedup: median over prompts of ar's ms/token over the method's, "
              "measured interleaved in the same run.", "",
              "| method | ms/token | predicted | tokens/s | speedup vs ar | target calls/token | target tokens/token "
@@ -142,7 +144,8 @@ def markdown(results: dict) -> str:
              "| mean acc. length | target consistency | target NLL | NLL / ar | ROUGE-L vs ar | exact match vs ar |",
              "|---|" + "---:|" * 13]
     for e in results["methods"]:
-        name = e["name"] + (f" (best {e['family']})" if e.get("best") else "") + (" [lossless]" if e["lossless"] else "")
+        name = (e["name"] + (f" (best {e['family']})" if e.get("best") else "")
+                + (" [lossless]" if e["lossless"] else ""))
         lines.append("| " + " | ".join([name, _fmt(e["ms_per_token"]), _fmt(e.get("predicted_ms_per_token")),
                                          _fmt(e["tokens_per_s"], 1),
                                          _fmt(e["speedup_vs_ar"]), _fmt(e["target_calls_per_token"], 3),
@@ -175,7 +178,8 @@ def plot(results: dict, path: Path) -> None:
         for e in entries:
             if e["family"] not in CURVES and e[key] is not None:
                 ax.scatter(e["speedup_vs_ar"], e[key], marker="*" if e.get("best") else "o", s=60, zorder=3)
-                ax.annotate(e["name"], (e["speedup_vs_ar"], e[key]), textcoords="offset points", xytext=(4, 4), fontsize=8)
+                ax.annotate(e["name"], (e["speedup_vs_ar"], e[key]), textcoords="offset points", xytext=(4, 4),
+                            fontsize=8)
         for family in CURVES:
             curve = sorted((e for e in entries if e["family"] == family and e[key] is not None),
                            key=lambda e: e["operating_point"])
@@ -263,7 +267,8 @@ def write_reports(out: Path, *, options: dict, decoder, verifiers: dict[str, str
         import matplotlib  # noqa: F401  (an extra: sprinter[plot]; the GPU image may lack it)
     except ImportError:
         print(f"note: pareto.png not written: matplotlib is not installed (pip install 'sprinter[plot]'); then "
-              f"`python scripts/benchmark.py --resume --out {out}` (same options) draws it from the records", file=sys.stderr)
+              f"`python scripts/benchmark.py --resume --out {out}` (same options) draws it from the records",
+              file=sys.stderr)
         return results
     try:
         plot(results, out / "pareto.png")

@@ -1,1 +1,2 @@
-"""Stage 1: the data stage: draft states and accept labels collected from a pair (`collect`, `contexts`), on disk as shards (`shards`)."""
+"""Stage 1: the data stage: draft states and accept labels collected from a pair (`collect`, `contexts`),
+on disk as shards (`shards`)."""

@@ -1,1 +1,2 @@
-"""Stage 3: decoding: the `Decoder` API (`decoder`), its loops (single-prompt, `batched`, `asynchronous`), drafters, gates and the acceptance rules."""
+"""Stage 3: decoding: the `Decoder` API (`decoder`), its loops (single-prompt, `batched`, `asynchronous`),
+drafters, gates and the acceptance rules."""

@@ -160,7 +160,8 @@ class Datastore:
         if built != expected:
             where = str(self.path / MANIFEST) if self.path is not None else "(in memory)"
             raise SprinterError(f"datastore {where!r} was built for another tokenizer ({built}); "
-                                f"expected {expected}, the tokenizer in use: rebuild it with scripts/build_datastore.py "
+                                f"expected {expected}, the tokenizer in use: rebuild it with "
+                                "scripts/build_datastore.py "
                                 "--pair (or --tokenizer) of the models you decode with")
 
     def __len__(self) -> int:

@@ -12,7 +12,8 @@ Modes (docs/references.md §1 and §5):
   stops once 1 - prod P(accept) over the block exceeds a stop threshold (or at max_block), then the
   target checks every token as in "sd";
 - "ngram": lossless speculative decoding without a draft model (SSSD, §4): each sequence drafts a chain
-  from n-gram matches in its own text (and a datastore), s tokens long, s from the batch size (sprinter.decode.roofline);
+  from n-gram matches in its own text (and a datastore), s tokens long, s from the batch size
+  (sprinter.decode.roofline);
 - "async": lossless speculative decoding with the draft running ahead in a thread of its own, maybe on
   another device, while the target verifies (AMUSD, docs/references.md §3; sprinter.decode.asynchronous).
 
@@ -246,7 +247,8 @@ class Decoder:
         dt = resolve_dtype(dtype, dev)
         gate = info = None
         if verifier is not None:
-            gate, info = load_learned_gate(verifier, fingerprint(draft), _hidden_size(draft, trust_remote_code), dev, dt)
+            gate, info = load_learned_gate(verifier, fingerprint(draft), _hidden_size(draft, trust_remote_code),
+                                           dev, dt)
         store = Datastore.open(datastore) if datastore is not None else None
         pair = load_pair(draft, target, dev, dt, trust_remote_code)
         if info is not None:
@@ -294,7 +296,8 @@ class Decoder:
         out = Emitter(self.tokenizer, options.max_new_tokens, self.tokenizer.eos_token_id, options.stop, on_text)
         stats = DecodeStats(mode=mode)
         # async may run each model on a device of its own (a copy made once); every other mode on the decoder's
-        target_dev, draft_dev = (device if d is None else resolve_device(d) for d in (options.target_device, options.draft_device))
+        target_dev, draft_dev = (device if d is None else resolve_device(d)
+                                 for d in (options.target_device, options.draft_device))
         capacity = len(ids) + options.max_new_tokens  # neither cache ever holds more than the prompt and the budget
         eager = options.mode == "async"  # its draft runs in a thread of its own: no compiled graphs there
         target = self.engine.lm(self.model_on("target", target_dev), self.pair.vocab_size, capacity, not eager)
@@ -443,7 +446,8 @@ def _hidden_size(draft: str, trust_remote_code: bool) -> int:
     try:
         return AutoConfig.from_pretrained(draft, trust_remote_code=trust_remote_code).hidden_size
     except (OSError, ValueError) as err:
-        raise SprinterError(f"could not read the draft's config {draft!r} ({str(err).strip().splitlines()[0]})") from None
+        raise SprinterError(f"could not read the draft's config {draft!r} "
+                            f"({str(err).strip().splitlines()[0]})") from None
 
 
 __all__ = ["BATCH_MODES", "GATED_MODES", "GATES", "MODES", "STOP_THRESHOLD", "DecodeOptions", "Decoder", "GateRule",

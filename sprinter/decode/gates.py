@@ -105,7 +105,8 @@ def load_learned_gate(path: str | Path, draft_fingerprint: str, hidden_size: int
     """Load a verifier checkpoint for this draft, refusing one trained for another draft."""
     if not Path(path).exists():
         raise SprinterError(f"verifier: got {str(path)!r}, which does not exist; train one with "
-                            "`python scripts/collect.py` then `python scripts/train.py` (which writes checkpoints/verifiers/demo), "
+                            "`python scripts/collect.py` then `python scripts/train.py` "
+                            "(which writes checkpoints/verifiers/demo), "
                             "or decode with the draft's confidence instead (gate='confidence', CLI --gate confidence)")
     from sprinter.verifier import load_verifier  # imported here: the decode path works without it
 

@@ -104,7 +104,8 @@ class DecodeOptions:
         i_knee = self.i_knee
         if i_knee is not None and (isinstance(i_knee, bool) or not isinstance(i_knee, (int, float))
                                    or not 0 < i_knee < math.inf):
-            raise SprinterError(f"i_knee: got {i_knee!r}; expected a finite number > 0, or None (measured on the device)")
+            raise SprinterError(f"i_knee: got {i_knee!r}; expected a finite number > 0, "
+                                "or None (measured on the device)")
         # torch.Generator takes a signed 64-bit seed; anything else is refused before any model runs.
         if isinstance(self.seed, bool) or not isinstance(self.seed, int) or not 0 <= self.seed <= 2**63 - 1:
             raise SprinterError(f"seed: got {self.seed!r}; expected an integer in [0, 2**63 - 1]")

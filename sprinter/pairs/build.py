@@ -131,7 +131,8 @@ def parse_pair_config(argv: Sequence[str] | None) -> PairConfig:
             preset = a.split("=", 1)[1]
     if preset not in presets():
         raise SprinterError(f"preset: got {preset!r}; expected one of {presets()}")
-    return parse_config(PairConfig, args, "Build an offline draft/target pair.", CONFIG_DIR / "pairs" / f"{preset}.yaml")
+    return parse_config(PairConfig, args, "Build an offline draft/target pair.",
+                        CONFIG_DIR / "pairs" / f"{preset}.yaml")
 
 
 # ---------------------------------------------------------------------------------------------- data
@@ -193,7 +194,8 @@ def make_config(arch: str, vocab_size: int, layers: int, width: int, heads: int,
         return GPT2Config(vocab_size=vocab_size, n_positions=context_length, n_embd=width, n_layer=layers, n_head=heads,
                           resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0, bos_token_id=eos_id, eos_token_id=eos_id,
                           tie_word_embeddings=True)
-    return LlamaConfig(vocab_size=vocab_size, hidden_size=width, intermediate_size=width * 8 // 3 // 16 * 16 or width * 2,
+    return LlamaConfig(vocab_size=vocab_size, hidden_size=width,
+                       intermediate_size=width * 8 // 3 // 16 * 16 or width * 2,
                        num_hidden_layers=layers, num_attention_heads=heads, num_key_value_heads=heads,
                        max_position_embeddings=context_length, bos_token_id=eos_id, eos_token_id=eos_id,
                        pad_token_id=eos_id, tie_word_embeddings=True)
@@ -382,7 +384,8 @@ def _build(cfg: PairConfig) -> dict:
     train_stream = token_stream(tokenizer, train_docs)
     val_windows = fixed_windows(token_stream(tokenizer, val_docs), cfg.eval_windows, cfg.seq_len).to(device)
     if len(train_stream) < cfg.seq_len + 2:
-        raise SprinterError(f"corpus {cfg.corpus!r}: {len(train_stream)} training tokens; expected more than {cfg.seq_len + 1}")
+        raise SprinterError(f"corpus {cfg.corpus!r}: {len(train_stream)} training tokens; "
+                            f"expected more than {cfg.seq_len + 1}")
     vocab = len(tokenizer)
 
     def batch() -> torch.Tensor:
@@ -462,7 +465,8 @@ def ensure_pair(preset: str = "demo") -> Path:
     """The folder of a preset pair under checkpoints/pairs/, built first (with a note) if missing."""
     out = Path("checkpoints/pairs") / preset
     if not (out / "pair.json").is_file():
-        print(f"note: {out} not found; building the {preset!r} pair first (python scripts/make_pair.py --preset {preset})")
+        print(f"note: {out} not found; building the {preset!r} pair first "
+              f"(python scripts/make_pair.py --preset {preset})")
         build_pair(parse_pair_config(["--preset", preset]))
     return out
 

@@ -90,7 +90,8 @@ def logistic_regression(verifier: Verifier, table: TokenTable, eval_column: str,
     y = (table.gather(eval_column, train_rows) >= 0.5).long().numpy()
     model = LogisticRegression(max_iter=500, class_weight={0: neg_weight, 1: pos_weight})
     model.fit(x, y)
-    return lambda t, rows: torch.from_numpy(model.predict_proba(numeric_matrix(verifier, t, rows).numpy())[:, 1]).float()
+    return lambda t, rows: torch.from_numpy(
+        model.predict_proba(numeric_matrix(verifier, t, rows).numpy())[:, 1]).float()
 
 
 def verifier_scorer(verifier: Verifier, features, label_rule: str) -> Scorer:

@@ -146,7 +146,8 @@ class BatchSampler(Sampler):
             yield batch.sort().values  # sorted ids read the memory maps in order
 
     def __len__(self) -> int:
-        mine = len(self.rows) // self.world_size if self.shuffle else len(self.rows.tensor_split(self.world_size)[self.rank])
+        mine = (len(self.rows) // self.world_size if self.shuffle
+                else len(self.rows.tensor_split(self.world_size)[self.rank]))
         return math.ceil(mine / self.batch_size)
 
 

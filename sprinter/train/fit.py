@@ -74,7 +74,8 @@ class TrainConfig:
     out: str = option("checkpoints/verifiers/demo", "output folder: verifier.safetensors, metrics.json, TensorBoard")
     features: tuple[str, ...] = option(FEATURES, "verifier inputs: hidden, token_id and scalar columns of the shards")
     label_rule: str = option("auto", "training label: greedy (target argmax = token), sprinter (q <= p), soft "
-                                     "(min(1, p/q)), or auto: greedy for data collected at temperature 0, else sprinter")
+                                     "(min(1, p/q)), or auto: greedy for data collected at temperature 0, "
+                                     "else sprinter")
     width: int = option(256, "MLP hidden width")
     depth: int = option(2, "MLP hidden layers (0: one linear layer, the paper's verifier)")
     norm: str = option("layer", "normalisation after each hidden layer: layer, rms or none")
@@ -93,9 +94,10 @@ class TrainConfig:
     patience: int = option(8, "early stopping: epochs without a better val AUROC (0: off)")
     val_fraction: float = option(0.1, "share of prompts in the validation split (model selection, thresholds)")
     test_fraction: float = option(0.1, "share of prompts in the test split (reported, never used to choose)")
-    budgets: tuple[float, ...] = option((0.05, 0.02, 0.1, 0.2), "false-accept budgets to calibrate; the first is the default")
-    eval_data: tuple[str, ...] = option((), "extra shard folder(s) scored on the test split's prompts, e.g. decode-time "
-                                              "contexts when --data holds corpus contexts")
+    budgets: tuple[float, ...] = option((0.05, 0.02, 0.1, 0.2),
+                                        "false-accept budgets to calibrate; the first is the default")
+    eval_data: tuple[str, ...] = option((), "extra shard folder(s) scored on the test split's prompts, "
+                                            "e.g. decode-time contexts when --data holds corpus contexts")
     baselines: bool = option(True, "also fit and report the baselines (draft_prob, logistic regression, linear)")
     baseline_rows: int = option(200_000, "train rows sampled for the logistic-regression baseline")
     seed: int = option(0, "seed for the split, initialisation and shuffling")
@@ -128,7 +130,8 @@ class TrainConfig:
         if not (self.lr > 0 and self.pos_weight > 0 and (self.neg_weight is None or self.neg_weight > 0)):
             raise SprinterError(f"lr/pos_weight/neg_weight: got {self.lr}/{self.pos_weight}/{self.neg_weight}; "
                                 "expected positive numbers")
-        if not (0 < self.val_fraction < 1 and 0 < self.test_fraction < 1 and self.val_fraction + self.test_fraction < 1):
+        if not (0 < self.val_fraction < 1 and 0 < self.test_fraction < 1
+                and self.val_fraction + self.test_fraction < 1):
             raise SprinterError(f"val_fraction/test_fraction: got {self.val_fraction}/{self.test_fraction}; expected "
                                 "two shares in (0, 1) summing below 1")
         if not self.budgets or not all(0 < b < 1 for b in self.budgets):
@@ -211,7 +214,8 @@ class VerifierModule(L.LightningModule):
             self.best_auroc, self.best_epoch = metrics["auroc"], self.current_epoch
             if self.trainer.is_global_zero:
                 save_verifier(self.best_file, self.verifier, self.info)
-                write_json(Path(self.best_file).with_suffix(".json"), {"epoch": self.best_epoch, "auroc": self.best_auroc})
+                write_json(Path(self.best_file).with_suffix(".json"),
+                           {"epoch": self.best_epoch, "auroc": self.best_auroc})
         if self.trainer.is_global_zero and isinstance(self.logger, L.pytorch.loggers.TensorBoardLogger):
             board, step = self.logger.experiment, self.current_epoch
             board.add_histogram("val/score_accepted", scores[labels >= 0.5], step)
@@ -375,7 +379,8 @@ def _train(cfg: TrainConfig) -> dict:
     out.mkdir(parents=True, exist_ok=True)
     best_file = out / "lightning" / "best-epoch.safetensors"
     L.seed_everything(cfg.seed, verbose=False)
-    module = VerifierModule(dataclasses.asdict(info), dataclasses.asdict(cfg), cfg.pos_weight, neg_weight, str(best_file))
+    module = VerifierModule(dataclasses.asdict(info), dataclasses.asdict(cfg), cfg.pos_weight, neg_weight,
+                            str(best_file))
     stats = feature_statistics(table, info, splits["train"], cfg.seed)
     module.verifier.set_normalisation(*stats)
     if resume is not None:
