@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
-import json
 import math
 import os
 import types
@@ -20,7 +19,7 @@ from typing import Any, Sequence, TypeVar
 import yaml
 
 from sprinter.errors import SprinterError
-from sprinter.files import read_text
+from sprinter.files import read_text, write_json
 
 # The YAML presets of every stage: configs/<stage>/<name>.yaml at the repository root.
 CONFIGS = Path(__file__).resolve().parent.parent / "configs"
@@ -82,8 +81,8 @@ def to_dict(cfg: Any) -> dict[str, Any]:
 
 
 def save_config(cfg: Any, path: str | Path) -> None:
-    """Write the config beside an artifact, as JSON, so the artifact can be audited and remade."""
-    Path(path).write_text(json.dumps({"type": type(cfg).__name__, **to_dict(cfg)}, indent=2) + "\n")
+    """Write the config beside an artifact, as JSON (atomically), so the artifact can be audited and remade."""
+    write_json(path, {"type": type(cfg).__name__, **to_dict(cfg)})
 
 
 def _base_type(tp: Any) -> tuple[Any, bool]:

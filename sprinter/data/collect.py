@@ -194,9 +194,7 @@ def prepare_out(cfg: CollectConfig) -> None:
             raise SprinterError(f"out: {cfg.out!r} is not empty ({what}); pass --resume to continue it, --overwrite "
                                 "to replace it, or choose another --out")
     out.mkdir(parents=True, exist_ok=True)
-    tmp = out / ".config.json.tmp"
-    save_config(cfg, tmp)
-    os.replace(tmp, saved)
+    save_config(cfg, saved)
 
 
 def done_prompts(out: Path, draft_fingerprint: str, target_fingerprint: str) -> set[int]:
