@@ -20,7 +20,6 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import datetime
-import functools
 import json
 import os
 import shutil
@@ -39,8 +38,8 @@ ROOT = Path(__file__).resolve().parent.parent
 CONFIGS = ROOT / "configs"
 FORMAT = "sprinter-gpu-run/1"
 # Stage -> cap in seconds: the time kept for it whatever the stages before it do (the full run; --smoke: SMOKE_CAPS).
-STAGES = {"tests": 45, "pair": 190, "collect": 30, "train": 40, "bench": 110, "bench-compiled": 45, "batch": 60}
-SMOKE_CAPS = {"tests": 25, "pair": 30, "collect": 20, "train": 30, "bench": 30, "bench-compiled": 0, "batch": 20}
+STAGES = {"tests": 40, "pair": 180, "collect": 30, "train": 35, "bench": 80, "engine": 120, "batch": 45}
+SMOKE_CAPS = {"tests": 25, "pair": 30, "collect": 20, "train": 30, "bench": 30, "engine": 0, "batch": 20}
 TIME_LIMIT, SMOKE_TIME_LIMIT = 540, 170
 RESERVE = 10  # seconds kept at the end for the last bundle
 GRACE = 8  # seconds between SIGINT and SIGKILL
@@ -50,7 +49,7 @@ LEARNED = ("sprinter-mlp", "sprinter-linear", "sprinter-strict", "sd-gated")
 OUTPUTS = ("results.json", "results.md", "pareto.png", "batch.png", "pair.json", "metrics.json", "gpu_run.log")
 # What a stage's earlier run left in the work folder, removed before it runs again (the pair is reused).
 STALE = {"tests": ("tests.xml",), "collect": ("data",), "train": ("verifier",), "bench": ("bench",),
-         "bench-compiled": ("bench-compiled",), "batch": ("batch",)}
+         "engine": ("engine",), "batch": ("batch",)}
 
 
 @dataclasses.dataclass
@@ -107,14 +106,18 @@ def stage_argv(name: str, smoke: bool, work: Path) -> list[str]:
                 str(verifier)]
         return argv + ["--accelerator", "cpu", "--no-baselines", "--val-fraction", "0.25", "--test-fraction",
                        "0.25"] if smoke else argv
-    if name in ("bench", "bench-compiled"):
+    if name == "bench":
         gpu_methods = yaml.safe_load((CONFIGS / "bench" / "gpu.yaml").read_text())["methods"]
         methods = gpu_methods if (verifier / "verifier.safetensors").is_file() else \
             [m for m in gpu_methods if m not in LEARNED]  # no verifier: the rows that need none still run
         argv = ["scripts/benchmark.py", "--config", str(CONFIGS / "bench" / f"{preset}.yaml"), "--pair", str(pair),
                 "--verifier", str(verifier), "--out", str(work / name), "--overwrite", "--methods", *methods]
-        argv += ["--compile"] if name == "bench-compiled" else []
         return argv + [*cpu, "--num-prompts", "2"] if smoke else argv
+    if name == "engine":  # eager vs compiled (CUDA graphs) in float32, every compiled row checked against eager
+        gate = ["--verifier", str(verifier)] if (verifier / "verifier.safetensors").is_file() else []
+        return ["scripts/bench_engine.py", "--pair", str(pair), *gate, "--out", str(work / "engine"), "--device",
+                "cuda", "--dtype", "float32", "--num-prompts", "2", "--max-new-tokens", "64", "--repeats", "3",
+                "--modes", "ar", "draft", "sd", "sprinter"]
     if name == "batch":
         argv = ["scripts/bench_batch.py", "--config", str(CONFIGS / "bench_batch" / f"{preset}.yaml"), *models,
                 "--out", str(work / "batch")]
@@ -122,20 +125,12 @@ def stage_argv(name: str, smoke: bool, work: Path) -> list[str]:
     raise ValueError(f"unknown stage {name!r}")  # STAGES names every stage: a bug, not bad input
 
 
-@functools.cache
-def benchmark_compiles() -> bool:
-    """Whether scripts/benchmark.py takes --compile (the compiled engine's option, where the engine has one)."""
-    from sprinter.bench.benchmark import BenchConfig
-
-    return "compile" in {f.name for f in dataclasses.fields(BenchConfig)}
-
-
 def skip_reason(name: str, smoke: bool, work: Path) -> str | None:
     """Why a stage cannot run (None: it can): a missing input from an earlier stage, or no compiled engine."""
-    if name == "bench-compiled" and compile_skip_reason(smoke):
+    if name == "engine" and compile_skip_reason(smoke):
         return compile_skip_reason(smoke)
     pair_ready = (work / "pair" / "pair.json").is_file()
-    if name in ("collect", "bench", "bench-compiled", "batch") and not pair_ready:
+    if name in ("collect", "bench", "engine", "batch") and not pair_ready:
         return "no pair (the pair stage did not finish)"
     if name == "train" and not (work / "data" / "manifest.json").is_file():
         return "no collected data (the collect stage did not finish)"
@@ -145,8 +140,6 @@ def skip_reason(name: str, smoke: bool, work: Path) -> str | None:
 def compile_skip_reason(smoke: bool) -> str | None:
     if smoke:
         return "--smoke: compiling takes minutes of CPU; the compiled rows are a GPU measurement"
-    if not benchmark_compiles():
-        return "scripts/benchmark.py has no --compile option here"
     return None
 
 
@@ -268,8 +261,8 @@ def bundle(out: Path, work: Path, results: dict) -> None:
     results["pair"] = read_json(work / "pair" / "pair.json")
     metrics = read_json(work / "verifier" / "metrics.json")
     results["verifier"] = {k: metrics.get(k) for k in ("label_rule", "verifier", "splits")} if metrics else None
-    for key, folder in (("bench", "bench"), ("bench_compiled", "bench-compiled")):
-        results[key] = read_json(work / folder / "results.json") or partial_bench(work / folder)
+    results["bench"] = read_json(work / "bench" / "results.json") or partial_bench(work / "bench")
+    results["engine"] = read_json(work / "engine" / "results.json")
     results["batch"] = read_json(work / "batch" / "results.json")
     copies = {"pair.json": work / "pair" / "pair.json", "metrics.json": work / "verifier" / "metrics.json",
               "pareto.png": work / "bench" / "pareto.png", "batch.png": work / "batch" / "batch.png"}
@@ -304,10 +297,10 @@ def markdown(results: dict, work: Path) -> str:
     verifier = results.get("verifier")
     if verifier and verifier.get("verifier"):
         lines += ["", f"Verifier ({verifier['label_rule']} label): test AUROC {verifier['verifier'].get('auroc')}."]
-    for key, folder, title in (("bench", "bench", "Benchmark (eager)"),
-                               ("bench_compiled", "bench-compiled", "Benchmark (compiled)")):
-        if results.get(key):
-            lines += ["", f"## {title}", "", bench_markdown(results[key], work / folder)]
+    if results.get("bench"):
+        lines += ["", "## Benchmark (eager)", "", bench_markdown(results["bench"], work / "bench")]
+    if results.get("engine") and (work / "engine" / "results.md").is_file():
+        lines += ["", (work / "engine" / "results.md").read_text().replace("# Engine", "## Engine", 1)]
     if results.get("batch"):
         if results["batch"].get("partial"):
             from sprinter.bench.batch import markdown as batch_markdown  # imports torch: only for a stopped sweep
@@ -356,7 +349,7 @@ def main(argv: list[str] | None = None) -> int:
     deadline = start + limit - RESERVE
     chosen = [name for name in STAGES if name in args.stages]
     # A stage that cannot run whatever the others do keeps no time for itself.
-    never = {name for name in chosen if name == "bench-compiled" and compile_skip_reason(args.smoke)}
+    never = {name for name in chosen if name == "engine" and compile_skip_reason(args.smoke)}
     try:
         for i, name in enumerate(chosen):
             reason = skip_reason(name, args.smoke, work)

@@ -71,3 +71,39 @@ def test_sampling_is_seeded_on_cuda(scrambled_pair):
     a = decoder.generate(PROMPTS[2], max_new_tokens=16, mode="sd", temperature=1.0, seed=3)
     b = decoder.generate(PROMPTS[2], max_new_tokens=16, mode="sd", temperature=1.0, seed=3)
     assert a.token_ids == b.token_ids
+
+
+def _syncs_while_drafting(decoder: Decoder, **options) -> tuple[int, object]:
+    """Host syncs (torch's sync debug mode) inside the drafter's `propose` calls of one generation."""
+    import warnings
+
+    from sprinter.decode.drafters import ModelDrafter
+
+    propose, counted = ModelDrafter.propose, []
+
+    def watched(self, *args, **kwargs):
+        torch.cuda.set_sync_debug_mode("warn")
+        try:
+            with warnings.catch_warnings(record=True) as caught:
+                warnings.simplefilter("always")
+                return propose(self, *args, **kwargs)
+        finally:
+            torch.cuda.set_sync_debug_mode(0)
+            counted.append(sum("synchroniz" in str(w.message) for w in caught))
+
+    ModelDrafter.propose = watched
+    try:
+        out = decoder.generate(PROMPTS[0], max_new_tokens=24, **options)
+    finally:
+        ModelDrafter.propose = propose
+    return sum(counted), out
+
+
+def test_host_syncs_while_drafting_on_cuda(scrambled_pair):
+    """sd drafts without waiting for the device (at most the one copy of the emitted tokens per block); a gated
+    mode waits once per drafted token, for its pass/flag decision."""
+    decoder = on_cuda(scrambled_pair, "float32")
+    syncs, out = _syncs_while_drafting(decoder, mode="sd", k=4)
+    assert syncs <= out.stats.target_calls, (syncs, out.stats)
+    syncs, out = _syncs_while_drafting(decoder, mode="sprinter", gate="confidence")
+    assert syncs <= out.stats.target_calls + out.stats.verifier_calls, (syncs, out.stats)

@@ -14,7 +14,9 @@ from sprinter import Decoder
 from sprinter.bench.benchmark import hf_assisted_runner
 from sprinter.decode.cache import CachedLM, static_cache, static_capacity
 from sprinter.decode.engine import Engine, compiler_problem
+from sprinter.decode.gates import LearnedGate
 from sprinter.pairs.load import cache_keyword, run_with_cache
+from sprinter.verifier import Verifier, VerifierInfo, default_arch
 
 pytestmark = pytest.mark.usefixtures("single_thread")
 
@@ -110,17 +112,27 @@ def test_compiled_steps_decode_as_the_eager_reference(request, arch):
     if compiler_problem(torch.device("cpu")) is not None:
         pytest.skip(compiler_problem(torch.device("cpu")))
     decoder = request.getfixturevalue(arch)
-    compiled = Decoder(decoder.pair, engine=Engine(decoder.pair.device, compile=True))
+    torch.manual_seed(0)
+    info = VerifierInfo(features=("hidden", "token_id", "draft_prob", "draft_entropy", "position"),
+                        hidden_size=decoder.pair.draft.config.hidden_size,
+                        arch=default_arch(width=16, token_dim=4, vocab_size=decoder.pair.vocab_size))
+    learned = LearnedGate(Verifier(info).eval(), info.features, threshold=0.5)
+    eager = Decoder(decoder.pair, gate=learned)
+    compiled = Decoder(decoder.pair, gate=learned, engine=Engine(decoder.pair.device, compile=True))
     prompt = "def foo(x):"
     ar = decoder.generate(prompt, max_new_tokens=16, mode="ar").token_ids
+    # the gated rows run the fused draft step (forward, q, the gate in one graph) and must decide as the eager gate
     for options in (dict(mode="ar"), dict(mode="sd", k=1), dict(mode="sprinter", gate="always", max_block=1),
-                    dict(mode="draft")):
-        want = decoder.generate(prompt, max_new_tokens=16, **options).token_ids
+                    dict(mode="draft"), dict(mode="sprinter", max_block=2),
+                    dict(mode="sd-gated", gate="confidence", stop_threshold=0.5, max_block=2)):
+        want = eager.generate(prompt, max_new_tokens=16, **options)
         got = compiled.generate(prompt, max_new_tokens=16, **options)
-        assert got.token_ids == want, options
-        if options["mode"] != "draft":
+        assert got.token_ids == want.token_ids, options
+        assert (got.stats.flagged, got.stats.verifier_calls) == (want.stats.flagged, want.stats.verifier_calls)
+        if options["mode"] not in ("draft", "sprinter") or options.get("gate") == "always":
             assert got.token_ids == ar, options
     assert 0 < compiled.engine.compile_seconds and set(compiled.engine.steps) == {id(decoder.pair.target),
                                                                                   id(decoder.pair.draft)}
-    again = compiled.generate(prompt, max_new_tokens=16, mode="sd", k=1)
-    assert again.stats.compile_seconds == 0  # paid once per Decoder
+    assert len(compiled.engine.fused_steps) == 3  # the always, learned and confidence gates' draft steps
+    again = compiled.generate(prompt, max_new_tokens=16, mode="sprinter", max_block=2, threshold=0.3)
+    assert again.stats.compile_seconds == 0  # paid once per Decoder; a new threshold reuses the fused graph

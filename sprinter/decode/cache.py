@@ -6,9 +6,10 @@
   `DynamicCache.crop` changed the meaning of a positive argument across releases, so it is only ever
   called as `crop(-n)` with n > 0 (docs/references.md §6);
 - static (transformers' `StaticCache`): preallocated for the prompt, the budget and the longest block,
-  written by position. A rollback only moves its length (the stale keys are overwritten by the next
-  append, and the causal mask hides them until then): no copy, no crop of memory. Its fixed shapes are
-  what `torch.compile` and CUDA graphs need (sprinter.decode.engine).
+  written by position. A rollback only moves its length: each layer's `cumulative_length`, in place (the
+  GPU image's 5.17 gives static layers the dynamic layers' `crop`, which would slice the buffers). The stale
+  keys are overwritten by the next append, and the causal mask hides them until then: no copy, no crop of
+  memory. Its fixed shapes are what `torch.compile` and CUDA graphs need (sprinter.decode.engine).
 The length is also kept on the host, so reading it never waits for the device. The object counts what
 the model did (calls, tokens, analytic FLOPs) for the decode statistics; a fresh one is made per
 generation, so nothing is stashed on the module.
@@ -25,7 +26,7 @@ from sprinter.errors import SprinterError
 from sprinter.pairs.load import run_with_cache
 
 if TYPE_CHECKING:
-    from sprinter.decode.engine import CompiledForward
+    from sprinter.decode.engine import CompiledForward, FusedDraftStep
 
 
 @dataclass(frozen=True)
@@ -54,8 +55,8 @@ class FlopModel:
 
 
 def static_cache_supported() -> bool:
-    """Whether this transformers' StaticCache keeps its length as a tensor it moves in place (the releases whose
-    rollback is `crop(-n)` on a length; older ones inferred the length from which slots were non-zero)."""
+    """Whether this transformers' StaticCache keeps its length as a tensor it moves in place (5.17 and later, where
+    a rollback moves that length; older ones inferred the length from which slots were non-zero)."""
     try:
         from transformers.cache_utils import StaticLayer
     except ImportError:
@@ -75,6 +76,15 @@ def static_cache(model: torch.nn.Module, capacity: int):
         raise SprinterError(f"static cache: {type(model).__name__} has sliding-window layers, whose static cache "
                             "cannot move its length back; expected static_cache=False (and compile=False)")
     return cache
+
+
+def static_rollback(cache, n: int) -> None:
+    """Forget a StaticCache's last n tokens by moving each layer's length back in place (the keys stay, to be
+    overwritten by the next append; the static address CUDA graphs replay on is kept). What 5.24's
+    `StaticLayer.crop(-n)` does, spelled out because 5.17's static layers crop like dynamic ones."""
+    for layer in cache.layers:
+        if getattr(layer, "is_initialized", True):
+            layer.cumulative_length.sub_(n)
 
 
 def static_capacity(cache) -> int:
@@ -105,6 +115,11 @@ class CachedLM:
         self.flops = 0
 
     @property
+    def capacity(self) -> int | None:
+        """How many tokens a static cache holds (None: a dynamic one grows)."""
+        return static_capacity(self.cache) if self.static else None
+
+    @property
     def length(self) -> int:
         """How many tokens the cache holds."""
         return self._length
@@ -121,24 +136,40 @@ class CachedLM:
             all_logits, states = self.step(ids, self.cache, hidden)  # (new, V), (new, H) | None
             padding = self.step.bucket(new) - new
             if padding:
-                self.cache.crop(-padding)
+                static_rollback(self.cache, padding)
             all_logits, states = all_logits[new - logits:new], None if states is None else states[new - logits:new]
         else:  # eager: the prefill (and any append too long for a graph)
             out = run_with_cache(self.model, self.cache, input_ids=ids, logits_to_keep=logits,
                                  output_hidden_states=hidden)
             all_logits, states = out.logits[0, -logits:], out.hidden_states[-1][0, -logits:] if hidden else None
+        self._count(past, new, logits)
+        return all_logits[:, : self.vocab_size], states
+
+    def append_fused(self, ids: torch.Tensor, fused: FusedDraftStep, position: int
+                     ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor | None, torch.Tensor]:
+        """One greedy draft step through `fused` (sprinter.decode.engine: the forward, q and the gate in one
+        graph) over `ids` (1, T <= 2): the drafted token, q, the draft's confidence, its state and P(accept).
+        Only where `fused.fits`; the caller falls back to `append` and the gate otherwise."""
+        past, new = self.length, ids.shape[1]
+        out = fused(ids, self.cache, position)
+        self._count(past, new, 1)
+        return out
+
+    def _count(self, past: int, new: int, logits: int) -> None:
         self._length += new
         self.calls += 1
         self.tokens += new
         self.flops += self.flop_model.forward(past, new, logits)
-        return all_logits[:, : self.vocab_size], states
 
     def rollback(self, n: int) -> None:
         """Forget the last n cached tokens (n = 0: nothing to do)."""
         if n < 0 or n > self.length:
             raise RuntimeError(f"rollback({n}) on a cache of {self.length} tokens")  # a decoder bug, not bad input
         if n > 0:
-            self.cache.crop(-n)  # static: moves the length back (the keys stay, to be overwritten)
+            if self.static:
+                static_rollback(self.cache, n)
+            else:
+                self.cache.crop(-n)
             self._length -= n
 
     def rollback_to(self, length: int) -> None:

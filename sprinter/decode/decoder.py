@@ -147,7 +147,7 @@ class GateRule:
 
     def __call__(self, step: DraftStep, position: int) -> bool:
         self.calls += 1
-        p_accept = self.gate.accept_prob(step, position)
+        p_accept = step.p_accept if step.p_accept is not None else self.gate.accept_prob(step, position)
         if self.stop_threshold is None:  # sprinter: this token is checked iff flagged
             self.flagged = not bool(p_accept >= self.gate.threshold)  # one host sync
         else:  # sd-gated: stop drafting once the block probably holds a rejection
@@ -312,7 +312,9 @@ class Decoder:
             asynchronous(target, ModelDrafter(draft, sampler), tokens, options=options, out=out, stats=stats,
                          draft_device=draft_dev)
         else:
-            drafter = ModelDrafter(draft, sampler, with_hidden=gate is not None and gate.needs_hidden)
+            fused = None if gate is None else self.engine.fused(draft.model, gate, self.pair.vocab_size,
+                                                                sampler.greedy)
+            drafter = ModelDrafter(draft, sampler, with_hidden=gate is not None and gate.needs_hidden, fused=fused)
             speculative(target, drafter, ids, options=options, gate=gate, gen=gen, out=out, stats=stats)
         if device.type == "cuda":
             torch.cuda.synchronize(device)

@@ -13,13 +13,16 @@ the token's `DraftStep` and ends the chain early by returning True.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Callable, Protocol, Sequence
+from typing import TYPE_CHECKING, Callable, Protocol, Sequence
 
 import torch
 
 from sprinter.decode.batch_cache import BatchCachedLM
 from sprinter.decode.cache import CachedLM
 from sprinter.decode.sampling import Sampler
+
+if TYPE_CHECKING:
+    from sprinter.decode.engine import FusedDraftStep
 
 
 @dataclass
@@ -30,6 +33,7 @@ class DraftStep:
     q: torch.Tensor  # (V,) the distribution x was drawn from (one-hot when greedy)
     q_soft: torch.Tensor  # (V,) the draft's confidence: q when sampling, the untempered softmax when greedy
     hidden: torch.Tensor | None  # (H,) the draft's last-layer state at the position that produced x
+    p_accept: torch.Tensor | None = None  # () the gate's P(accept), when a fused step computed it already
 
 
 StopRule = Callable[[DraftStep, int], bool]  # (step, its 0-based position in the chain) -> end the chain here
@@ -65,10 +69,12 @@ class Drafter(Protocol):
 class ModelDrafter:
     """A draft causal LM with its own KV cache, for one sequence, fed only the tokens it has not seen."""
 
-    def __init__(self, lm: CachedLM, sampler: Sampler, *, with_hidden: bool = False):
+    def __init__(self, lm: CachedLM, sampler: Sampler, *, with_hidden: bool = False,
+                 fused: FusedDraftStep | None = None):
         self.lm = lm
         self.sampler = sampler
         self.with_hidden = with_hidden  # the hidden state costs an extra output; only a learned gate reads it
+        self.fused = fused  # compiled greedy step with the gate in it (sprinter.decode.engine), for gated chains
         self.device = next(lm.model.parameters()).device
 
     def propose(self, seqs: Sequence[Sequence[int]], limits: Sequence[int], gen: torch.Generator, *,
@@ -80,16 +86,22 @@ class ModelDrafter:
         ids = torch.tensor([seq[self.lm.length:]], dtype=torch.long, device=self.device)  # (1, unseen)
         xs: list[torch.Tensor] = []
         qs: list[torch.Tensor] = []
+        fused = self.fused if stop is not None else None
         while len(xs) < limit:
             # The draft reads what it has not (the last emitted token(s), then its own previous token).
-            logits, hidden = self.lm.append(ids, hidden=hidden_too)  # (1, V), (1, H)
-            q = self.sampler.probs(logits[0])
-            x = self.sampler.draw(q, gen)
+            if fused is not None and fused.fits(self.lm.length, ids.shape[1], self.lm.capacity):
+                x, q, q_soft, hidden, p_accept = self.lm.append_fused(ids, fused, len(xs))  # one graph, no sync
+                step = DraftStep(token=x, q=q, q_soft=q_soft, hidden=hidden, p_accept=p_accept)
+            else:
+                logits, hidden = self.lm.append(ids, hidden=hidden_too)  # (1, V), (1, H)
+                q = self.sampler.probs(logits[0])
+                x = self.sampler.draw(q, gen)
+                step = None if stop is None else DraftStep(token=x, q=q, q_soft=self.sampler.soft_probs(logits[0]),
+                                                           hidden=None if hidden is None else hidden[0])
             xs.append(x)
             qs.append(q)
             ids = x.view(1, 1)
-            if stop is not None and stop(DraftStep(token=x, q=q, q_soft=self.sampler.soft_probs(logits[0]),
-                                                   hidden=None if hidden is None else hidden[0]), len(xs) - 1):
+            if stop is not None and stop(step, len(xs) - 1):
                 break
         if not xs:
             return Draft(torch.zeros(1, 0, dtype=torch.long, device=self.device), [0], None)

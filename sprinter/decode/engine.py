@@ -22,7 +22,9 @@ import time
 import torch
 
 from sprinter.decode.cache import CachedLM, static_cache, static_capacity
-from sprinter.pairs.load import run_with_cache
+from sprinter.decode.drafters import DraftStep
+from sprinter.decode.gates import AlwaysFlag, ConfidenceGate, LearnedGate, NeverFlag
+from sprinter.pairs.load import cache_keyword
 
 BUCKETS = (1, 2, 4, 8, 16, 32)  # token counts a compiled forward is traced for; longer appends run eagerly
 CAPACITY_STEP = 64  # static caches are allocated in multiples of this (fewer shapes, so fewer recompiles)
@@ -45,7 +47,38 @@ def compiler_problem(device: torch.device) -> str | None:
     return None
 
 
-class CompiledForward:
+class Graphs:
+    """A compiled function and the graphs it has traced (one per key: the shapes and flags it was called with),
+    with the seconds compiling them took. On CUDA the graphs replay as CUDA graphs, whose outputs live in memory the
+    next replay overwrites: `run` hands out copies, since the loops keep a block's q and logits across steps."""
+
+    def __init__(self, fn, mode: str | None):
+        self.fn = torch.compile(fn, mode=mode, dynamic=False)
+        self.cuda_graphs = mode == "reduce-overhead"
+        self.compiled: set = set()
+        self.compile_seconds = 0.0
+
+    def run(self, key, *args):
+        # dynamo counts graphs per code object, and every model's step shares one: allow all the buckets of two
+        # models (with and without the hidden state) before it would fall back to eager
+        with torch._dynamo.config.patch(recompile_limit=4 * len(BUCKETS) + 8):
+            if self.cuda_graphs:
+                torch.compiler.cudagraph_mark_step_begin()
+            if key in self.compiled:
+                out = self.fn(*args)
+            else:
+                start = time.perf_counter()
+                out = self.fn(*args)  # the first call traces and compiles
+                if self.cuda_graphs:
+                    torch.cuda.synchronize()
+                self.compile_seconds += time.perf_counter() - start
+                self.compiled.add(key)
+        if self.cuda_graphs:
+            out = tuple(None if t is None else t.clone() for t in out)
+        return out
+
+
+class CompiledForward(Graphs):
     """One model's forward, compiled, over a static cache: a graph per bucket of appended tokens (and whether the
     hidden state is read). Remembers how long each graph took to compile."""
 
@@ -54,13 +87,13 @@ class CompiledForward:
         self.window = getattr(model.config, "max_position_embeddings", None) or getattr(model.config, "n_positions",
                                                                                         None)
 
+        keyword = cache_keyword(type(model))  # read here: dynamo cannot trace the cached signature lookup
+
         def forward(ids: torch.Tensor, cache, hidden: bool) -> tuple[torch.Tensor, torch.Tensor | None]:
-            out = run_with_cache(model, cache, input_ids=ids, output_hidden_states=hidden)
+            out = model(input_ids=ids, **{keyword: cache}, use_cache=True, output_hidden_states=hidden)
             return out.logits[0], out.hidden_states[-1][0] if hidden else None  # (T, V), (T, H) | None
 
-        self.forward = torch.compile(forward, mode=mode, dynamic=False)
-        self.compiled: set[tuple[int, bool]] = set()
-        self.compile_seconds = 0.0
+        super().__init__(forward, mode)
 
     @staticmethod
     def bucket(new: int) -> int:
@@ -78,21 +111,54 @@ class CompiledForward:
         """Logits (and last-layer states) of every position of `ids` (1, T) padded to its bucket.
         # -> (bucket, V), (bucket, H) | None. The caller moves the cache's length back over the padding."""
         size = self.bucket(ids.shape[1])
-        # Padding goes after the real tokens: causal attention keeps it from them, so any id will do.
-        padded = torch.nn.functional.pad(ids, (0, size - ids.shape[1]))
-        key = (size, hidden)
-        # dynamo counts graphs per code object, and every model's step shares this one: allow all the buckets
-        # of two models (with and without the hidden state) before it would fall back to eager
-        with torch._dynamo.config.patch(recompile_limit=4 * len(BUCKETS) + 8):
-            if key in self.compiled:
-                return self.forward(padded, cache, hidden)
-            start = time.perf_counter()
-            out = self.forward(padded, cache, hidden)  # the first call traces and compiles
-        if padded.device.type == "cuda":
-            torch.cuda.synchronize(padded.device)
-        self.compile_seconds += time.perf_counter() - start
-        self.compiled.add(key)
-        return out
+        # Padding goes after the real tokens: causal attention keeps it from them, so any id will do. A fresh
+        # tensor each time: a slice of a longer one has other strides, and dynamo would recompile for each.
+        padded = ids.new_zeros(1, size)
+        padded[:, : ids.shape[1]] = ids
+        return self.run((size, hidden), padded, cache, hidden)
+
+
+class FusedDraftStep(Graphs):
+    """The draft's greedy step with the gate fused into it: one graph for the forward over 1-2 tokens, q, the gate's
+    features, the verifier and P(accept), so a gated mode pays one graph launch and one host sync (the pass/flag
+    decision, made by the loop) per drafted token. Greedy only: a draw at temperature > 0 takes the loop's
+    generator, which a graph cannot; those steps run the compiled forward and the gate apart.
+
+    Keyed by the gate's scoring (its class and verifier), not its threshold: the threshold is applied outside."""
+
+    def __init__(self, model: torch.nn.Module, gate, vocab_size: int, mode: str | None):
+        keyword = cache_keyword(type(model))
+        needs_hidden = bool(gate.needs_hidden)
+        self.window = getattr(model.config, "max_position_embeddings", None) or getattr(model.config, "n_positions",
+                                                                                        None)
+
+        def step(ids: torch.Tensor, cache, position: torch.Tensor):
+            out = model(input_ids=ids, **{keyword: cache}, use_cache=True, output_hidden_states=needs_hidden,
+                        logits_to_keep=1)
+            logits = out.logits[0, -1, :vocab_size].float()  # (V,)
+            x = logits.argmax(-1)
+            q = torch.nn.functional.one_hot(x, vocab_size).float()  # greedy: what Sampler.probs gives
+            q_soft = logits.softmax(-1)  # what Sampler.soft_probs gives when greedy
+            hidden = out.hidden_states[-1][0, -1] if needs_hidden else None
+            p_accept = gate.accept_prob(DraftStep(token=x, q=q, q_soft=q_soft, hidden=hidden), position)
+            return x, q, q_soft, hidden, p_accept
+
+        super().__init__(step, mode)
+        self.positions: dict[int, torch.Tensor] = {}
+
+    def fits(self, past: int, new: int, capacity: int) -> bool:
+        """Whether a step over `new` tokens after `past` can run here (the draft reads 1, or 2 after a fully kept
+        block; the first read of a prompt runs eagerly)."""
+        end = past + new
+        return (capacity is not None and past > 0 and new <= 2 and end <= capacity
+                and (self.window is None or end <= self.window))
+
+    def __call__(self, ids: torch.Tensor, cache, position: int):
+        fresh = ids.new_empty(ids.shape)  # standard strides (see CompiledForward)
+        fresh.copy_(ids)
+        if position not in self.positions:  # made once per position: no host-to-device copy per step
+            self.positions[position] = torch.tensor(float(position), device=ids.device)
+        return self.run(ids.shape[1], fresh, cache, self.positions[position])
 
 
 class Engine:
@@ -114,12 +180,24 @@ class Engine:
         self.mode = "reduce-overhead" if device.type == "cuda" else None
         self.caches: dict[int, object] = {}  # id(model) -> its StaticCache
         self.steps: dict[int, CompiledForward] = {}  # id(model) -> its compiled forward
+        self.fused_steps: dict[tuple, FusedDraftStep] = {}  # (id(model), the gate's scoring) -> its fused step
         self.reported = 0.0  # compile seconds already reported
 
     @property
     def compile_seconds(self) -> float:
         """Seconds spent compiling so far (each graph is compiled once per Decoder)."""
-        return sum(step.compile_seconds for step in self.steps.values())
+        return sum(step.compile_seconds for step in (*self.steps.values(), *self.fused_steps.values()))
+
+    def fused(self, model: torch.nn.Module, gate, vocab_size: int, greedy: bool) -> FusedDraftStep | None:
+        """The draft step with `gate` fused into it, when compiling and greedy (else None: the loop runs the
+        forward and the gate apart). A learned gate is keyed by its verifier, so a new threshold reuses the graph."""
+        if not self.compile or not greedy or not isinstance(gate, (LearnedGate, ConfidenceGate, AlwaysFlag, NeverFlag)):
+            return None  # a gate of the caller's own may not trace: it runs apart
+        scoring = (type(gate), id(getattr(gate, "verifier", None)), tuple(getattr(gate, "features", ())))
+        key = (id(model), scoring)
+        if key not in self.fused_steps:
+            self.fused_steps[key] = FusedDraftStep(model, gate, vocab_size, self.mode)
+        return self.fused_steps[key]
 
     def lm(self, model: torch.nn.Module, vocab_size: int, capacity: int, compiled: bool = True) -> CachedLM:
         """A CachedLM for one generation that may hold `capacity` tokens (the prompt, the budget and the longest
@@ -160,4 +238,4 @@ class Engine:
         return new
 
 
-__all__ = ["BUCKETS", "CompiledForward", "Engine", "compiler_problem"]
+__all__ = ["BUCKETS", "CompiledForward", "Engine", "FusedDraftStep", "compiler_problem"]

@@ -94,8 +94,8 @@ class LearnedGate:
             return step.q_soft[step.token].to(self.dtype)
         if name == "draft_entropy":
             return entropy(step.q_soft).to(self.dtype)
-        if name == "position":
-            return torch.tensor(float(position), device=device, dtype=self.dtype)
+        if name == "position":  # an int, or a 0-d tensor inside a fused draft step (sprinter.decode.engine)
+            return torch.as_tensor(position, device=device).to(self.dtype)
         raise SprinterError(f"verifier feature: got {name!r}; expected some of "
                             "('hidden', 'token_id', 'draft_prob', 'draft_entropy', 'position')")
 

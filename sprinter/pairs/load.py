@@ -119,7 +119,6 @@ def load_model(name_or_path: str, role: str, device: torch.device, dtype: torch.
 
 
 @functools.cache
-@functools.cache
 def cache_keyword(model_class: type) -> str:
     """The keyword a causal LM's forward takes its KV cache by: `cache` from the transformers releases that
     renamed it (5.24 warns that `past_key_values` goes in 5.40), `past_key_values` before (the GPU image's 5.17).
