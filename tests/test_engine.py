@@ -136,3 +136,19 @@ def test_compiled_steps_decode_as_the_eager_reference(request, arch):
     assert len(compiled.engine.fused_steps) == 3  # the always, learned and confidence gates' draft steps
     again = compiled.generate(prompt, max_new_tokens=16, mode="sprinter", max_block=2, threshold=0.3)
     assert again.stats.compile_seconds == 0  # paid once per Decoder; a new threshold reuses the fused graph
+
+
+def test_engine_bench_sections_split_a_generation(gpt2_decoder):
+    """scripts/bench_engine.py's timers: the draft's, the target's and the gate's calls, restored afterwards."""
+    from sprinter.bench.engine import EngineBenchConfig, Sections
+    from sprinter.errors import SprinterError
+
+    append = CachedLM.append
+    sections = Sections(gpt2_decoder.pair.target, gpt2_decoder.pair.device)
+    with sections.watching():
+        out = gpt2_decoder.generate("def f(x):", max_new_tokens=8, mode="sprinter", gate="confidence")
+    assert CachedLM.append is append
+    assert all(sections.seconds[name] > 0 for name in ("draft", "target", "gate"))
+    assert sum(sections.seconds.values()) <= out.stats.wall_seconds
+    with pytest.raises(SprinterError, match="modes: got"):
+        EngineBenchConfig(modes=["turbo"])
