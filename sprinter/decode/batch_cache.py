@@ -81,6 +81,8 @@ class BatchCachedLM:
         # a recompute re-read ends every row at the last column: one column of logits is enough
         keep = 1 if self.tokens is not None and not self.width else max(map(len, rows))
         logits, states, first = self._forward(rows, keep, hidden=hidden)
+        if keep == 1:  # the one column is every row's last (a draft step: one token or none per row)
+            return logits[:, 0], None if states is None else states[:, 0]
         last = torch.tensor([max(f + len(row) - 1, 0) for f, row in zip(first, rows)], device=self.device)
         index = torch.arange(len(rows), device=self.device)
         return logits[index, last], None if states is None else states[index, last]
@@ -104,8 +106,9 @@ class BatchCachedLM:
         pads = [width - n for n in sizes]
         ids = torch.tensor([[self.pad_id] * pad + list(row) if reread else list(row) + [self.pad_id] * pad
                             for row, pad in zip(rows, pads)], dtype=torch.long, device=self.device)  # (B, W)
-        start = torch.tensor(pads if reread else [0] * len(rows), device=self.device)  # each row's first column
-        index = torch.arange(width, device=self.device) - start[:, None]  # (B, W): 0, 1, ... from a row's first token
+        index = torch.arange(width, device=self.device)[None]  # (1 or B, W): 0, 1, ... from a row's first token
+        if reread:
+            index = index - torch.tensor(pads, device=self.device)[:, None]
         new_valid = (index >= 0) & (index < torch.tensor(sizes, device=self.device)[:, None])  # (B, W)
         before = torch.tensor(self.lengths, device=self.device)
         positions = torch.where(new_valid, before[:, None] + index, 0)  # masked slots: any position in range
