@@ -135,6 +135,31 @@ def test_compaction_keeps_every_rows_logits(tiny_llama_pair):
     assert torch.allclose(a[0], b[0], atol=1e-4) and torch.allclose(a[1, 0], b[1, 0], atol=1e-4)
 
 
+def test_recompute_rereads_like_a_forward_without_a_cache(tiny_llama_pair):
+    """recompute (the data stage's models): after a rollback the next append is, bit for bit, one cache-less
+    forward over every row's whole sequence, left-padded; ragged new tokens come back left-aligned."""
+    dec = scrambled(tiny_llama_pair)
+    lm = BatchCachedLM(dec.pair.target, dec.pair.vocab_size, recompute=True)
+    lm.admit([PROMPTS[1], PROMPTS[0]])
+    with torch.inference_mode():
+        lm.append([[1, 2, 3, 4], [5, 6, 7, 8]])
+        lm.rollback_to([len(PROMPTS[1]) + 1, len(PROMPTS[0]) + 4])
+        logits = lm.append([[9, 9], [8]])  # (2, 2, V); row 1's one token is its column 0
+        seqs = [PROMPTS[1] + [1, 9, 9], PROMPTS[0] + [5, 6, 7, 8, 8]]
+        width = max(map(len, seqs))
+        ids = torch.tensor([[0] * (width - len(s)) + s for s in seqs])
+        mask = (torch.arange(width) >= torch.tensor([width - len(s) for s in seqs])[:, None]).long()
+        out = dec.pair.target(input_ids=ids, attention_mask=mask, position_ids=(mask.cumsum(-1) - 1).clamp_min(0),
+                              logits_to_keep=2, output_hidden_states=True)
+        expected = out.logits[..., : dec.pair.vocab_size]
+        assert lm.lengths == [len(s) for s in seqs] and lm.tokens == seqs
+        assert torch.equal(logits[0], expected[0]) and torch.equal(logits[1, 0], expected[1, -1])
+        lm.rollback_to([len(s) for s in seqs])
+        last, hidden = lm.append_last([[], []], hidden=True)  # the re-read alone: each row's last token
+    assert torch.allclose(last, expected[:, -1], atol=1e-5) and torch.allclose(hidden, out.hidden_states[-1][:, -1],
+                                                                                atol=1e-5)
+
+
 def test_speculation_length_rule():
     assert speculation_length(206, 1) == 8  # clamped to s_max
     assert speculation_length(206, 32) == 6  # round(6.4)

@@ -20,9 +20,11 @@ from sprinter.data.contexts import (
     accept_labels,
     decode_rows,
     probabilities,
-    target_path,
 )
 from sprinter.data.shards import complete_shards, load_columns, read_manifest
+from sprinter.decode.batched import accept
+from sprinter.decode.drafters import Draft
+from sprinter.decode.sampling import Sampler
 from sprinter.errors import run_cli
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -78,20 +80,23 @@ def test_labels_match_their_definitions_on_hand_built_probabilities():
     assert torch.allclose(labels["accept_soft"], torch.tensor([0.5 / 0.7, 0.3 / 0.5, 1.0, 1.0]))
 
 
-def test_target_path_never_always_sometimes():
+def test_the_decode_path_keeps_never_always_sometimes():
+    """decode_rows' path is the batched loop's acceptance step: greedy match at 0, the rule otherwise."""
     gen = torch.Generator().manual_seed(0)
     q = torch.tensor([[[0.9, 0.1], [0.9, 0.1]]])
-    block = torch.tensor([[0, 0]])
     always = torch.tensor([[[0.95, 0.05], [0.95, 0.05], [0.2, 0.8]]])
     never = torch.tensor([[[0.1, 0.9], [0.95, 0.05], [0.2, 0.8]]])
     sometimes = torch.tensor([[[0.95, 0.05], [0.1, 0.9], [0.2, 0.8]]])
     for temperature in (0.0, 1.0):
-        assert [int(v) for v in target_path(always, q, block, temperature, gen)] == [2, 1] or temperature > 0
-        accepted, nxt = target_path(never, q, block, temperature, gen)
+        sampler = Sampler(temperature)
+        p_of = (lambda p: Sampler().probs(p.log())) if temperature == 0 else (lambda p: p)  # greedy: one-hots
+        draft = Draft(torch.tensor([[0, 0]]), [2], p_of(q))
+        accepted, nxt = accept(p_of(never), draft, sampler, gen)
         assert (int(accepted), int(nxt)) == (0, 1)  # the residual max(0, p - q) only has token 1
-        accepted, nxt = target_path(sometimes, q, block, temperature, gen)
+        accepted, nxt = accept(p_of(sometimes), draft, sampler, gen)
         assert (int(accepted), int(nxt)) == (1, 1)
-    assert int(target_path(always, q, block, 1.0, gen)[0]) == 2  # p(x) >= q(x) everywhere: always kept
+        accepted, nxt = accept(p_of(always), draft, sampler, gen)
+        assert int(accepted) == 2 and (int(nxt) == 1 or temperature > 0)  # p(x) >= q(x) everywhere: always kept
 
 
 def test_probabilities_are_untempered_at_zero():
@@ -152,6 +157,40 @@ def test_decode_rows_follow_the_target_path(request, text_file, arch):
     # Padding does not change the rows: the same prompt alone gives the same tokens.
     alone, _ = decode_rows(pair.draft, pair.target, prompts[1:2], *args)
     assert torch.equal(alone["token_id"], rows["token_id"][10:20])
+
+
+@pytest.mark.parametrize("arch", ["gpt2", "llama"])
+@pytest.mark.parametrize("temperature", [0.0, 0.8])
+def test_decode_rows_are_cache_less_forwards_over_the_batch(request, text_file, arch, temperature):
+    """The rows of a round are exactly (torch.equal) what one forward without a KV cache over every prompt's
+    left-padded path gives: the models re-read the paths each round, so no float rounding of earlier rounds'
+    cached forwards reaches a label or a feature (BatchCachedLM's `recompute`)."""
+    folder = request.getfixturevalue("tiny_pair" if arch == "gpt2" else "tiny_llama_pair")
+    pair = load_pair(str(folder / "draft"), str(folder / "target"), device="cpu", dtype="float32")
+    cfg = parse_collect_config(_argv(folder, text_file, "unused"))
+    prompts = torch.stack([w[:10] for w in list(iter_windows(cfg, pair.tokenizer))[:3]])
+    k, rounds = 4, 3  # the paths grow apart after the first round: later rounds are padded
+    rows, paths = decode_rows(pair.draft, pair.target, prompts, k * rounds, k, pair.vocab_size, temperature,
+                              torch.Generator().manual_seed(1), 0, None, pair.max_length)
+    for r in range(rounds):  # no EOS: every prompt is in every round, its rows r*k .. r*k + k-1
+        first = [i * k * rounds + r * k for i in range(len(paths))]
+        contexts = [path[: int(rows["context_length"][j])] for path, j in zip(paths, first)]
+        width = max(map(len, contexts))
+        ids = torch.tensor([[0] * (width - len(c)) + c for c in contexts])
+        mask = (torch.arange(width) >= torch.tensor([width - len(c) for c in contexts])[:, None]).long()
+        with torch.inference_mode():
+            out = pair.draft(input_ids=ids, attention_mask=mask, position_ids=(mask.cumsum(-1) - 1).clamp_min(0),
+                             logits_to_keep=1, output_hidden_states=True)
+            block = torch.stack([rows["token_id"][j: j + k] for j in first])  # (B, k)
+            full = torch.cat([mask, torch.ones_like(block)], 1)
+            p = probabilities(pair.target(input_ids=torch.cat([ids, block], 1), attention_mask=full,
+                                          position_ids=(full.cumsum(-1) - 1).clamp_min(0),
+                                          logits_to_keep=k + 1).logits[:, :k, : pair.vocab_size], temperature)
+        q = probabilities(out.logits[:, -1, : pair.vocab_size], temperature)
+        assert torch.equal(rows["hidden"][first], out.hidden_states[-1][:, -1])
+        assert torch.equal(rows["draft_prob"][first], q.gather(-1, block[:, :1])[:, 0])
+        target_prob = torch.stack([rows["target_prob"][j: j + k] for j in first])
+        assert torch.equal(target_prob, p.gather(-1, block[..., None])[..., 0])
 
 
 def test_decode_source_end_to_end(tiny_pair, text_file, tmp_path):

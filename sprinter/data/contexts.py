@@ -11,21 +11,23 @@ derived from p = target probabilities and q = draft probabilities at the collect
 Two context sources:
 - `corpus_rows`: teacher forcing on dataset text. One draft and one target forward per window label
   every continuation position at once; x is the draft's own greedy (or sampled) choice there.
-- `decode_rows`: contexts that decoding reaches. A batched speculative-decoding loop: the draft
-  drafts k tokens, one target forward scores the block, every drafted token becomes a row, and the
-  context continues along the target's path (accepted prefix, then the target's own token).
+- `decode_rows`: contexts that decoding reaches. The batched decode loop (sprinter.decode.batched) with the
+  draft model: the draft drafts k tokens, one target forward scores the block, every drafted token becomes a
+  row, and the context continues along the target's path (accepted prefix, then the target's own token).
 """
 
 from __future__ import annotations
 
-import torch
-from transformers import DynamicCache
+from typing import Sequence
 
-from sprinter.decode.batched import accept
-from sprinter.decode.drafters import Draft
+import torch
+
+from sprinter.decode.batch_cache import BatchCachedLM
+from sprinter.decode.batched import decode_batch
+from sprinter.decode.drafters import BatchModelDrafter, Draft
 from sprinter.decode.sampling import Sampler, entropy
+from sprinter.decode.stats import DecodeStats
 from sprinter.errors import SprinterError
-from sprinter.pairs.load import run_with_cache
 
 
 # ------------------------------------------------------------------------------------- pure functions
@@ -43,11 +45,6 @@ def choose_tokens(q: torch.Tensor, temperature: float, gen: torch.Generator) -> 
     return torch.multinomial(flat, 1, generator=gen).reshape(q.shape[:-1])
 
 
-def one_hot(x: torch.Tensor, size: int) -> torch.Tensor:
-    """A one-hot distribution on each token of x.  # (...) -> (..., size) float32"""
-    return torch.nn.functional.one_hot(x, size).float()
-
-
 def gather(probs: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
     """probs[..., x].  # (..., V), (...) -> (...)"""
     return probs.gather(-1, x.unsqueeze(-1)).squeeze(-1)
@@ -60,22 +57,6 @@ def accept_labels(p: torch.Tensor, q: torch.Tensor, x: torch.Tensor) -> dict[str
     greedy = p_x >= p.max(-1).values
     soft = torch.where(q_x > 0, (p_x / q_x.clamp_min(1e-30)).clamp(max=1.0), torch.ones_like(p_x))
     return {"accept_greedy": greedy.float(), "accept_sprinter": (q_x <= p_x).float(), "accept_soft": soft.float()}
-
-
-def target_path(p: torch.Tensor, q: torch.Tensor, block: torch.Tensor, temperature: float,
-                gen: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]:
-    """How far speculative decoding keeps a drafted block, and the target's next token: the batched decode
-    loop's own acceptance step (sprinter.decode.batched.accept), so the data stage follows exactly the path
-    decoding would.
-
-    p: (B, k+1, V) target probabilities at each block position and after it; q: (B, k, V); block: (B, k).
-    Returns (accepted (B,) in 0..k, next token (B,)): greedy match at temperature 0, else the
-    speculative-sampling rule (accept x if u < p(x)/q(x); on rejection sample norm(max(0, p - q))).
-    """
-    b, k = block.shape
-    if temperature == 0:  # the rows keep the untempered softmax; the rule reads greedy decoding's one-hots
-        p, q = one_hot(p.argmax(-1), p.shape[-1]), one_hot(block, q.shape[-1])
-    return accept(p, Draft(block, [k] * b, q), Sampler(temperature), gen)
 
 
 def row_columns(hidden: torch.Tensor, q: torch.Tensor, p: torch.Tensor, x: torch.Tensor) -> dict[str, torch.Tensor]:
@@ -109,42 +90,30 @@ def corpus_rows(draft, target, windows: torch.Tensor, prompt_len: int, vocab_siz
             "row_prompt": torch.arange(b, device=windows.device).repeat_interleave(t)}
 
 
-def left_pad(seqs: list[list[int]], pad_id: int, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
-    """Left-padded ids and attention mask, so every sequence ends at the last column.  -> (B, S), (B, S)"""
-    width = max(len(s) for s in seqs)
-    ids = torch.full((len(seqs), width), pad_id, dtype=torch.long)
-    mask = torch.zeros((len(seqs), width), dtype=torch.long)
-    for i, s in enumerate(seqs):
-        ids[i, width - len(s):] = torch.tensor(s, dtype=torch.long)
-        mask[i, width - len(s):] = 1
-    return ids.to(device), mask.to(device)
+class Context:
+    """One prompt's decode context, as the batched loop's `outs` entry: the token path, and when it ends.
 
+    The data stage budgets drafted rows, not emitted tokens: a prompt ends after `max_new_tokens` rows (a
+    rejected token is a row too), at EOS on the target's path, or when another block would pass the context
+    window. Every round drafts a whole block of k; rows past the budget are not recorded."""
 
-def positions(mask: torch.Tensor) -> torch.Tensor:
-    """Position ids that start at 0 on each sequence's first real token.  # (B, S)"""
-    return (mask.cumsum(-1) - 1).clamp_min(0)
+    def __init__(self, prompt: list[int], *, max_new_tokens: int, k: int, eos_id: int | None, max_length: int):
+        self.path, self.drafted, self.done = prompt, 0, False
+        self.max_new_tokens, self.k, self.eos_id, self.max_length = max_new_tokens, k, eos_id, max_length
 
+    @property
+    def remaining(self) -> int:
+        return self.k  # the loop drafts min(k, remaining): always a whole block
 
-def draft_block(draft, ids: torch.Tensor, mask: torch.Tensor, k: int, vocab_size: int, temperature: float,
-                gen: torch.Generator) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """k tokens drafted one at a time with the draft's cache.  -> block (B, k), q (B, k, V), hidden (B, k, H)"""
-    cache = DynamicCache()
-    pos = positions(mask)
-    out = run_with_cache(draft, cache, input_ids=ids, attention_mask=mask, position_ids=pos,
-                         output_hidden_states=True, logits_to_keep=1)
-    tokens, qs, hiddens = [], [], []
-    for j in range(k):
-        q_j = probabilities(out.logits[:, -1, :vocab_size], temperature)
-        x_j = choose_tokens(q_j, temperature, gen)
-        tokens.append(x_j)
-        qs.append(q_j)
-        hiddens.append(out.hidden_states[-1][:, -1])
-        if j + 1 < k:
-            mask = torch.cat([mask, torch.ones_like(mask[:, :1])], dim=1)
-            pos = pos[:, -1:] + 1
-            out = run_with_cache(draft, cache, input_ids=x_j[:, None], attention_mask=mask, position_ids=pos,
-                                 output_hidden_states=True)
-    return torch.stack(tokens, 1), torch.stack(qs, 1), torch.stack(hiddens, 1)
+    def emit(self, ids: list[int]) -> None:
+        """The round's accepted prefix and the target's token."""
+        if self.eos_id is not None and self.eos_id in ids:
+            ids = ids[: ids.index(self.eos_id) + 1]
+            self.done = True
+        self.path += ids
+        self.drafted += min(self.k, self.max_new_tokens - self.drafted)
+        if self.drafted >= self.max_new_tokens or len(self.path) + self.k > self.max_length:
+            self.done = True
 
 
 @torch.inference_mode()
@@ -156,58 +125,43 @@ def decode_rows(draft, target, prompts: torch.Tensor, max_new_tokens: int, k: in
     prompts: (B, P). A prompt also stops at EOS on the target's path or at the context window.
     Returns (rows, prompt-major with `row_prompt`; the token path of each prompt).
 
-    Why this is not the batched decode loop (sprinter.decode.batched), whose acceptance step it does share
-    (`target_path`): reusing that loop would change the collected rows.
-    1. Every row needs the draft's last-layer hidden state at its position; the loops' batched model API
-       (BatchCachedLM.append) returns logits only.
-    2. The rows are defined by forwards over each prompt's whole left-padded path (no KV cache kept between
-       rounds). The cached loop computes the same values only up to float rounding, which flips near-ties
-       of the greedy path and changes samples at temperature > 0, so labels and paths would move.
-    3. The budget differs: a prompt stops after `max_new_tokens` drafted rows (a rejected token is a row
-       too) and every round drafts exactly k tokens; the decode loops budget emitted tokens and shorten
-       the last block.
-    4. At temperature 0 the rows keep the untempered softmax p and q (the labels read them); decoding
-       works on one-hot distributions.
+    The loop is the batched decode loop (sprinter.decode.batched.decode_batch), all prompts in one batch; what
+    the data stage adds:
+    - `observe` turns every round's drafted tokens into rows: the draft's hidden states and q (the drafter's
+      `features`), and p from the target's logits. At temperature 0 p and q are the untempered softmaxes
+      (the labels read them); decoding itself works on one-hots.
+    - `Context` ends a prompt by its drafted rows, and every round drafts exactly k tokens.
+    - Both models `recompute`: every round reads each prompt's whole path again instead of keeping a KV
+      cache. A kept cache computes the same values only up to float rounding, which flips near-ties of the
+      greedy path and changes samples at temperature > 0; re-reading makes a row depend only on its path.
     """
-    device = prompts.device
-    paths = [row.tolist() for row in prompts]
-    drafted = [0] * len(paths)
-    active = [True] * len(paths)
+    sampler = Sampler(temperature)
+    contexts = [Context(row.tolist(), max_new_tokens=max_new_tokens, k=k, eos_id=eos_id, max_length=max_length)
+                for row in prompts]
     parts: list[dict[str, torch.Tensor]] = []
-    while any(active):
-        idx = [i for i, a in enumerate(active) if a]
-        ids, mask = left_pad([paths[i] for i in idx], pad_id, device)
-        # 1. The draft drafts a block of k tokens from the current context.
-        block, q, hidden = draft_block(draft, ids, mask, k, vocab_size, temperature, gen)
-        # 2. One target forward scores the whole block (and gives the distribution after it).
-        full_mask = torch.cat([mask, torch.ones_like(block)], dim=1)
-        logits = target(input_ids=torch.cat([ids, block], dim=1), attention_mask=full_mask,
-                        position_ids=positions(full_mask), logits_to_keep=k + 1).logits[..., :vocab_size]
-        p = probabilities(logits, temperature)  # (b, k+1, V)
-        # 3. Every drafted token (up to each prompt's budget) becomes a labelled row.
-        keep = torch.tensor([[drafted[i] + j < max_new_tokens for j in range(k)] for i in idx], device=device)
-        rows = row_columns(hidden[keep], q[keep], p[:, :k][keep], block[keep])
-        context_start = torch.tensor([len(paths[i]) for i in idx], device=device)
-        position = torch.arange(k, device=device).expand(len(idx), k)
+
+    def record(live: Sequence[int], block: Draft, logits: torch.Tensor) -> None:
+        """Every drafted token (up to each prompt's budget) becomes a labelled row.  # logits: (b, k+1, V)"""
+        device = logits.device
+        keep = torch.tensor([[contexts[i].drafted + j < max_new_tokens for j in range(k)] for i in live],
+                            device=device)  # (b, k)
+        p = probabilities(logits[:, :k], temperature)  # (b, k, V): the distribution each drafted token met
+        rows = row_columns(block.hidden[keep], block.q_soft[keep], p[keep], block.x[keep])
+        context_start = torch.tensor([len(contexts[i].path) for i in live], device=device)
+        position = torch.arange(k, device=device).expand(len(live), k)
         rows["position"] = position[keep]
         rows["context_length"] = (context_start[:, None] + position)[keep]
-        rows["row_prompt"] = torch.tensor(idx, device=device)[:, None].expand(len(idx), k)[keep]
+        rows["row_prompt"] = torch.tensor(list(live), device=device)[:, None].expand(len(live), k)[keep]
         parts.append(rows)
-        # 4. The context continues along the target's path: accepted prefix, then the target's token.
-        accepted, next_token = target_path(p, q, block, temperature, gen)
-        for r, i in enumerate(idx):
-            new = block[r, : accepted[r]].tolist() + [int(next_token[r])]
-            if eos_id is not None and eos_id in new:
-                new = new[: new.index(eos_id) + 1]
-                active[i] = False
-            paths[i].extend(new)
-            drafted[i] += min(k, max_new_tokens - drafted[i])
-            if drafted[i] >= max_new_tokens or len(paths[i]) + k > max_length:
-                active[i] = False
+
+    lm = dict(vocab_size=vocab_size, pad_id=pad_id, recompute=True)
+    decode_batch(BatchCachedLM(target, **lm), BatchModelDrafter(BatchCachedLM(draft, **lm), sampler, features=True),
+                 [c.path for c in contexts], sampler=sampler, gen=gen, outs=contexts,
+                 stats=[DecodeStats(mode="sd") for _ in contexts], chain_length=lambda batch: k,
+                 max_batch=len(contexts), observe=record)
     rows = {name: torch.cat([part[name] for part in parts]) for name in parts[0]}
     order = torch.sort(rows["row_prompt"], stable=True).indices  # prompt-major, drafting order within a prompt
-    return {name: t[order] for name, t in rows.items()}, paths
+    return {name: t[order] for name, t in rows.items()}, [c.path for c in contexts]
 
 
-__all__ = ["accept_labels", "choose_tokens", "corpus_rows", "decode_rows", "entropy", "probabilities",
-           "target_path"]
+__all__ = ["Context", "accept_labels", "choose_tokens", "corpus_rows", "decode_rows", "entropy", "probabilities"]

@@ -14,6 +14,10 @@ Each round serves every row (sequence) still generating, in the steps of the sin
    (EOS, a stop string, their budget) leave the batch, and waiting prompts take their places (continuous
    batching: at most `max_batch` rows decode at once).
 
+The data stage runs this loop too (sprinter.data.contexts.decode_rows): an `observe` callback records every
+round's chains and the target's logits as rows, its own `outs` end a prompt by the rows it recorded, and its
+models keep no cache between rounds (BatchCachedLM's `recompute`).
+
 An n-gram chain is deterministic (a one-hot q), so the rule keeps the target's distribution exactly;
 at temperature 0 every row equals its prompt's `ar` output.
 """
@@ -58,7 +62,7 @@ def accept(p: torch.Tensor, draft: Draft, sampler: Sampler, gen: torch.Generator
     p_x = p[:, :n].gather(2, x[..., None])[..., 0]  # (B, n)
     q_x = torch.ones_like(p_x) if draft.q is None else draft.q.gather(2, x[..., None])[..., 0]
     # greedy: p and q are one-hot, so u = 0 decides exactly as any draw would (keep x iff p(x) = 1), and the
-    # generator is left untouched (the data stage's target_path shares this step and its generator's stream)
+    # generator is left untouched (the data stage's decode_rows shares this loop and its generator's stream)
     u = torch.zeros(B, n, device=p.device) if sampler.greedy else uniform(B * n, gen, p.device).view(B, n)
     in_chain = torch.arange(n, device=p.device) < lengths[:, None]
     n_kept = leading_true(speculative_accept(p_x, q_x, u) & in_chain)  # (B,)
@@ -70,14 +74,19 @@ def accept(p: torch.Tensor, draft: Draft, sampler: Sampler, gen: torch.Generator
     return n_kept, sampler.draw(correction(p, draft.q, n_kept), gen)
 
 
+# observe(prompt index of each row, the round's Draft, the target's logits (B, 1 + n, V)), after the verify step
+Observer = Callable[[Sequence[int], Draft, torch.Tensor], None]
+
+
 def decode_batch(target: BatchCachedLM, drafter: Drafter | None, prompts: Sequence[Sequence[int]], *,
                  sampler: Sampler, gen: torch.Generator, outs: Sequence, stats: Sequence[DecodeStats],
-                 chain_length: Callable[[int], int], max_batch: int) -> None:
+                 chain_length: Callable[[int], int], max_batch: int, observe: Observer | None = None) -> None:
     """Decode every prompt to its Emitter in `outs` (budget, EOS, stop strings), at most `max_batch` at a time.
 
     chain_length(B): tokens to draft per row when B rows decode (0: plain decoding). `target` starts empty;
     its cache always holds every emitted token of a row but the last. Counters go to `stats` per prompt;
-    `draft_seconds` (time in `drafter.propose`) and `wall_seconds` are left to the caller."""
+    `draft_seconds` (time in `drafter.propose`) and `wall_seconds` are left to the caller. `observe`, if
+    given, sees every round before its tokens are emitted."""
     tokens = [list(p) for p in prompts]
     waiting = list(range(len(prompts)))
     live: list[int] = []  # prompt index of each batch row
@@ -106,6 +115,8 @@ def decode_batch(target: BatchCachedLM, drafter: Drafter | None, prompts: Sequen
         # 2. Verify: one target forward over each row's last token and chain.
         before = list(target.lengths)
         logits = target.append([seq[-1:] + chain for seq, chain in zip(seqs, chains, strict=True)])  # (B, 1 + n, V)
+        if observe is not None:
+            observe(live, draft, logits)
         # 3.-4. Accept and correct, every row at once; the one host sync of the round.
         n_kept, y = accept(sampler.probs(logits), draft, sampler, gen)
         kept, ys = n_kept.tolist(), y.tolist()
@@ -178,4 +189,4 @@ def _no_draft(rows: int) -> Draft:
     return Draft(torch.zeros(rows, 0, dtype=torch.long), [0] * rows, None, None, [[] for _ in range(rows)])
 
 
-__all__ = ["accept", "decode_batch", "generate_batch"]
+__all__ = ["Observer", "accept", "decode_batch", "generate_batch"]

@@ -48,6 +48,9 @@ class Draft:
     q: torch.Tensor | None  # (B, n, V) the distribution of each chain slot, zero past a row's chain; None: one-hot
     cost: list[tuple[int, int, int]] | None = None  # per row: draft forwards, tokens read, FLOPs (None: not counted)
     host: list[list[int]] | None = None  # the chains as lists, when the drafter has them (saves a device sync)
+    # What a verifier reads about each slot, from a drafter made with `features=True` (past a row's chain: unused):
+    q_soft: torch.Tensor | None = None  # (B, n, V) q when sampling, the untempered softmax when greedy
+    hidden: torch.Tensor | None = None  # (B, n, H) the draft's last-layer state at the position that produced x
 
     def chains(self) -> list[list[int]]:
         """Each row's drafted tokens."""
@@ -113,10 +116,12 @@ class ModelDrafter:
 
 
 class BatchModelDrafter:
-    """A draft causal LM over many sequences with one batched cache (sprinter.decode.batch_cache)."""
+    """A draft causal LM over many sequences with one batched cache (sprinter.decode.batch_cache).
 
-    def __init__(self, lm: BatchCachedLM, sampler: Sampler):
-        self.lm, self.sampler = lm, sampler
+    features=True also returns each slot's `q_soft` and `hidden` (the data stage records them as rows)."""
+
+    def __init__(self, lm: BatchCachedLM, sampler: Sampler, *, features: bool = False):
+        self.lm, self.sampler, self.features = lm, sampler, features
 
     def propose(self, seqs: Sequence[Sequence[int]], limits: Sequence[int], gen: torch.Generator, *,
                 stop: StopRule | None = None) -> Draft:
@@ -134,27 +139,29 @@ class BatchModelDrafter:
         before = list(self.lm.lengths)
         # 1. Catch up on the tokens the draft has not read (the last emitted one; two after a fully kept chain).
         unseen = [seq[n:] for seq, n in zip(seqs, before, strict=True)]
-        logits = self.lm.append(unseen)  # (B, W, V)
-        rows = torch.arange(len(seqs), device=logits.device)
-        logits = logits[rows, torch.tensor([len(u) - 1 for u in unseen], device=logits.device)]  # (B, V)
+        logits, hidden = self.lm.append_last(unseen, hidden=self.features)  # (B, V), (B, H) | None
         # 2. Draft position j for the rows whose chain is longer than j (the others read a masked slot).
-        xs, qs, host = [], [], []
+        xs, qs, softs, states, host = [], [], [], [], []
         for j in range(max(limits)):
             if j:
                 step = [[x] if limit > j else [] for x, limit in zip(host[-1], limits, strict=True)]
-                logits = self.lm.append(step)[:, 0]
+                logits, hidden = self.lm.append_last(step, hidden=self.features)
             q = self.sampler.probs(logits)  # (B, V)
             qs.append(q)
             xs.append(self.sampler.draw(q, gen))
             host.append(xs[-1].tolist())  # the next forward's input ids are built on the host
+            if self.features:
+                softs.append(self.sampler.soft_probs(logits))
+                states.append(hidden)
         chains = [[x[b] for x in host[:limit]] for b, limit in enumerate(limits)]
-        in_chain = torch.arange(len(xs), device=rows.device) < torch.tensor(limits, device=rows.device)[:, None]
+        in_chain = torch.arange(len(xs), device=q.device) < torch.tensor(limits, device=q.device)[:, None]
         x = torch.stack(xs, 1) * in_chain  # (B, n)
         q = torch.stack(qs, 1) * in_chain[..., None]  # (B, n, V)
         read = [after - n for after, n in zip(self.lm.lengths, before, strict=True)]
         cost = [(c + limit, t + r, f + self.lm.flop_model.forward(n, r, limit))
                 for (c, t, f), limit, r, n in zip(prompt_cost, limits, read, before, strict=True)]
-        return Draft(x, list(limits), q, cost, chains)
+        features = {"q_soft": torch.stack(softs, 1), "hidden": torch.stack(states, 1)} if self.features else {}
+        return Draft(x, list(limits), q, cost, chains, **features)
 
     def keep(self, rows: Sequence[int], lengths: Sequence[int]) -> None:
         self.lm.select(rows)
