@@ -15,7 +15,9 @@ Modes (docs/references.md §1 and §5):
   from n-gram matches in its own text (and a datastore), s tokens long, s from the batch size
   (sprinter.decode.roofline);
 - "async": lossless speculative decoding with the draft running ahead in a thread of its own, maybe on
-  another device, while the target verifies (AMUSD, docs/references.md §3; sprinter.decode.asynchronous).
+  another device, while the target verifies (AMUSD, docs/references.md §3; sprinter.decode.asynchronous);
+- "auto": before every target call, whichever of ar, sd-k, sd-gated, ngram-s (and sprinter at an allowed
+  false-accept budget) the latency model predicts fastest for this request (sprinter.decode.auto).
 
 A list of prompts is decoded as one batch in modes "ar", "sd" and "ngram" (sprinter.decode.batched, which
 also runs "ngram" for a single prompt) and gives a list of results, one per prompt.
