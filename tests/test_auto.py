@@ -10,8 +10,8 @@ import torch
 from test_decode_distribution import CHI2_DF3_P001, VOCAB, chi_square, random_decoder
 
 from sprinter.bench.costs import stand_in_verifier
-from sprinter.bench.latency import synthetic_profile
-from sprinter.decode.auto import AutoController, auto_decode
+from sprinter.bench.latency import ar_ms, sd_ms, synthetic_profile
+from sprinter.decode.auto import DRAFT_KS, AutoController, auto_decode
 from sprinter.decode.cache import CachedLM
 from sprinter.decode.decoder import Decoder
 from sprinter.decode.drafters import ModelDrafter
@@ -130,6 +130,16 @@ def test_auto_equals_ar_at_temperature_0_across_forced_switches(decoder, start):
     assert rejected > 0  # drafts were rejected: rollbacks happened between switches
 
 
+def test_auto_on_static_caches_equals_ar(llama_decoder):
+    from sprinter.decode.engine import Engine
+
+    static = scripted(Decoder(llama_decoder.pair, ConfidenceGate(), engine=Engine(llama_decoder.pair.device,
+                                                                                   static=True)), SWITCHES)
+    prompt = [5, 17, 33, 2, 9]
+    want = llama_decoder.generate(prompt, max_new_tokens=40, mode="ar").token_ids
+    assert static.generate(prompt, max_new_tokens=40, mode="auto").token_ids == want
+
+
 def test_switching_keeps_both_caches_exact(gpt2_decoder):
     pair = gpt2_decoder.pair
     vocab = pair.vocab_size
@@ -184,9 +194,14 @@ def test_auto_with_its_own_controller_equals_ar(decoder):
 
 def test_on_a_pair_where_drafting_never_pays_auto_runs_ar(gpt2_decoder):
     dec = Decoder(target_as_draft(gpt2_decoder.pair))
-    profile = dec.cost_profile(budget_s=0.5)  # measured (random weights work), kept in memory
+    for _ in range(3):  # the draft costs what the target costs: no k pays even if every token is accepted ...
+        dec.profiles.clear()
+        profile = dec.cost_profile(budget_s=0.5)  # measured (random weights work), kept in memory
+        if min(sd_ms(profile, (1.0,), k) for k in DRAFT_KS) > ar_ms(profile):
+            break
+    else:  # ... unless a busy machine timed the draft's steps well below the target's (the same model's) three times
+        pytest.skip(f"timings too noisy to tell a copy of the target from it (cost ratio {profile.cost_ratio:.2f})")
     assert dec.cost_profile() is profile
-    assert profile.cost_ratio > 0.5
     auto = dec.generate([5, 17, 33, 2, 9], max_new_tokens=64, mode="auto")
     drafted = sum(n for mode, n in auto.stats.modes.items() if mode.startswith("sd"))
     assert auto.stats.modes.get("ar", 0) >= auto.stats.new_tokens // 2, auto.stats.modes
