@@ -252,6 +252,7 @@ class Decoder:
         # A caller (or a test) may set `profile` to use that profile whatever the key.
         self.profiles: dict[str, object] = {}
         self.profile = None
+        self.predictions: dict[tuple, dict] = {}  # mode "auto": predicted ms/token by setting, shared by its requests
 
     @classmethod
     def from_pretrained(cls, draft: str, target: str, verifier: str | Path | None = None, device: str = "auto",
@@ -399,8 +400,10 @@ class Decoder:
             path = self.verifier_dir / "metrics.json" if self.verifier_dir else None
             metrics = read_json(path, "metrics.json") if path is not None and path.is_file() else {}
             rates = verifier_rates(metrics).get(budget_key(budget), (SPRINTER_RATES[0], float(budget)))
-        return AutoController(self.cost_profile(), draft_prior=prior, max_block=options.max_block,
-                              gated=self.gate is not None, budget=budget, sprinter_rates=rates)
+        profile = self.cost_profile()
+        setting = (repr(profile), options.max_block, self.gate is not None, budget, rates)  # what predictions read
+        return AutoController(profile, draft_prior=prior, max_block=options.max_block, gated=self.gate is not None,
+                              budget=budget, sprinter_rates=rates, cache=self.predictions.setdefault(setting, {}))
 
     def cost_profile(self, budget_s: float = 2.0):
         """The pair's cost profile (sprinter.bench.costs) on this device, dtype and thread count: `self.profile`
