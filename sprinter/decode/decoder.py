@@ -466,6 +466,8 @@ class Decoder:
         ids = [self._prompt_ids(p) for p in prompt] if batch else [self._prompt_ids(prompt)]
         self._check_request(options, max(map(len, ids)))
         outs = generate_batch(self.pair, ids, options, on_text=on_text, datastore=self.datastore)
+        for out in outs:
+            out.stats.modes = {options.mode: out.stats.new_tokens}
         return outs if batch else outs[0]
 
     def model_on(self, role: str, device: torch.device) -> torch.nn.Module:
