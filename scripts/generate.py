@@ -43,8 +43,11 @@ def pair_paths(cfg: GenerateConfig) -> tuple[str, str]:
 
 
 def verifier_path(cfg: GenerateConfig) -> str | None:
-    """--verifier, else the demo verifier when it exists; none when the mode or gate does not use one (mode auto
-    uses one when there is one: sd-gated, and sprinter with --max-false-accept, become candidates)."""
+    """--verifier, else the demo verifier when it exists; none when the mode or gate does not use one. Mode auto
+    uses one when given (sd-gated, and sprinter with --max-false-accept, become candidates), and the demo
+    verifier only on the demo pair: it needs none, so a verifier trained for another draft must not stop it."""
+    if cfg.mode == "auto" and cfg.verifier is None and (cfg.pair != "demo" or cfg.draft is not None):
+        return None
     if cfg.mode != "auto" and (cfg.mode not in GATED_MODES or cfg.gate not in (None, "learned")):
         return None
     if cfg.verifier is not None:
