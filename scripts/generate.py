@@ -7,6 +7,8 @@
     python scripts/generate.py --mode ngram --prompts-file prompts.txt    # one batch: one prompt per line
     python scripts/generate.py --mode sd --prompts-file prompts.jsonl --max-batch 8 --json  # JSON strings per line
     python scripts/generate.py --mode async --window 4 --threads 1      # the draft runs ahead in its own thread
+    python scripts/generate.py --mode auto                              # the fastest lossless mode, re-chosen per round
+    python scripts/generate.py --mode auto --max-false-accept 0.05      # sprinter at that budget a candidate too
 
 Options and defaults: sprinter.decode.decoder.GenerateConfig, which extends the library's DecodeOptions
 (sprinter.decode.options) with the command line's own (or --help).
@@ -41,8 +43,12 @@ def pair_paths(cfg: GenerateConfig) -> tuple[str, str]:
 
 
 def verifier_path(cfg: GenerateConfig) -> str | None:
-    """--verifier, else the demo verifier when it exists; none when the mode or gate does not use one."""
-    if cfg.mode not in GATED_MODES or cfg.gate not in (None, "learned"):
+    """--verifier, else the demo verifier when it exists; none when the mode or gate does not use one. Mode auto
+    uses one when given (sd-gated, and sprinter with --max-false-accept, become candidates), and the demo
+    verifier only on the demo pair: it needs none, so a verifier trained for another draft must not stop it."""
+    if cfg.mode == "auto" and cfg.verifier is None and (cfg.pair != "demo" or cfg.draft is not None):
+        return None
+    if cfg.mode != "auto" and (cfg.mode not in GATED_MODES or cfg.gate not in (None, "learned")):
         return None
     if cfg.verifier is not None:
         return cfg.verifier
@@ -91,13 +97,16 @@ def print_batch(cfg: GenerateConfig, prompts: list[str], outs: list) -> None:
 
 def main(argv: Sequence[str] | None = None) -> None:
     cfg = parse_config(GenerateConfig, argv, "Generate text with a draft/target pair (modes ar, draft, sd, sprinter, "
-                                             "sd-gated, ngram, async; a batch of prompts with --prompts-file).")
+                                             "sd-gated, ngram, async, auto; a batch of prompts with --prompts-file).")
     prompts = read_prompts(cfg.prompts_file) if cfg.prompts_file is not None else None
     if cfg.threads:
         torch.set_num_threads(cfg.threads)
     verifier = verifier_path(cfg)
     if cfg.mode in GATED_MODES and cfg.gate in (None, "learned") and verifier is None:
         raise SprinterError(NO_VERIFIER)  # before building or loading any model
+    if cfg.max_false_accept is not None and verifier is None:
+        raise SprinterError(f"max_false_accept: got {cfg.max_false_accept!r} and no verifier; expected --verifier DIR "
+                            f"(one calibrated for that budget; {DEMO_VERIFIER} is used when it exists)")
     resolve_dtype(cfg.dtype, resolve_device(cfg.device))  # fail on a bad device before building a pair
     draft, target = pair_paths(cfg)
     decoder = Decoder.from_pretrained(draft=draft, target=target, verifier=verifier, device=cfg.device, dtype=cfg.dtype,
@@ -129,6 +138,8 @@ def main(argv: Sequence[str] | None = None) -> None:
           f"target calls {stats['target_calls']}, "
           f"drafted {stats['drafted']}, accepted {stats['accepted']}, flagged {stats['flagged']}, "
           f"mean acceptance length {'-' if mal is None else f'{mal:.2f}'}", file=sys.stderr)
+    if cfg.mode == "auto":
+        print(f"[auto] tokens per mode: {stats['modes']}", file=sys.stderr)
     if stats["compile_seconds"]:
         print(f"[compile] {stats['compile_seconds']:.1f} s of that compiling graphs (once per run)", file=sys.stderr)
 

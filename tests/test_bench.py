@@ -108,7 +108,8 @@ def test_smoke_run_writes_every_output_with_the_schema(smoke):
     names = [m["name"] for m in on_disk["methods"]]
     assert names == ["ar", "draft", "sd-k2", "sd-k4", "hf-assisted", "ngram", "sd-gated@0.3", "sd-gated@0.7",
                      "sd-gated-confidence@0.3", "sd-gated-confidence@0.7", "sprinter-mlp@0.05", "sprinter-mlp@0.2",
-                     "sprinter-linear@0.05", "sprinter-linear@0.2", "sprinter-confidence@0.4", "sprinter-strict@0.05"]
+                     "sprinter-linear@0.05", "sprinter-linear@0.2", "sprinter-confidence@0.4", "auto", "auto@0.05",
+                     "auto@0.2", "sprinter-strict@0.05"]
     by_name = {m["name"]: m for m in on_disk["methods"]}
     ar = by_name["ar"]
     assert ar["speedup_vs_ar"] == pytest.approx(1.0) and ar["target_calls_per_token"] == 1.0
@@ -124,6 +125,7 @@ def test_smoke_run_writes_every_output_with_the_schema(smoke):
     assert by_name["sd-gated@0.3"]["lossless"] is True
     assert by_name["draft"]["target_calls_per_token"] == 0
     assert by_name["sprinter-mlp@0.05"]["lossless"] is False and by_name["sprinter-strict@0.05"]["lossless"] is True
+    assert by_name["auto"]["lossless"] is True and by_name["auto@0.05"]["lossless"] is False
     assert "| sd-k" in (out / "results.md").read_text()
     # the latency model's prediction beside each measurement (async aside), and the pair's two regime figures
     assert all(m["predicted_ms_per_token"] > 0 for m in on_disk["methods"])

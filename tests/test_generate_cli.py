@@ -51,6 +51,13 @@ def test_streams_text_and_a_stats_line(generate_main, tiny_pair, capsys):
     assert "[sd] " in captured.err and "tokens/s" in captured.err
 
 
+def test_auto_says_which_modes_ran(generate_main, tiny_pair, capsys):
+    argv = ["--pair", str(tiny_pair), "--mode", "auto", "--max-new-tokens", "6", "--threads", "1", "--json"]
+    assert run_cli(generate_main, argv) == 0
+    out = json.loads(capsys.readouterr().out)
+    assert out["stats"]["mode"] == "auto" and sum(out["stats"]["modes"].values()) == out["stats"]["new_tokens"]
+
+
 def test_a_prompts_file_is_one_batch(generate_main, tiny_pair, tmp_path, capsys):
     (tmp_path / "p.jsonl").write_text('"def f(x):\\n    return"\n"import os"\n')
     argv = ["--pair", str(tiny_pair), "--mode", "ngram", "--s", "2", "--prompts-file", str(tmp_path / "p.jsonl"),
@@ -71,6 +78,8 @@ def test_a_prompts_file_is_one_batch(generate_main, tiny_pair, tmp_path, capsys)
     (["--mode", "async", "--window", "0"], "window: got 0"),
     (["--mode", "ar", "--max-new-tokens", "9999"], "context window"),
     (["--mode", "sd", "--k", "0"], "k: got 0"),
+    (["--mode", "auto", "--max-false-accept", "0.05"], "max_false_accept: got 0.05 and no verifier"),
+    (["--mode", "sd", "--max-false-accept", "0.05"], "expected it only with mode='auto'"),
     (["--pair", "nowhere", "--mode", "ar"], "pair"),
     (["--prompts-file", "p.txt"], "mode='sprinter'"),
     (["--mode", "ar", "--prompts-file", "missing.txt"], "existing text file"),

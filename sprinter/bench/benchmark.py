@@ -55,7 +55,7 @@ from sprinter.train.calibrate import budget_key
 
 CONFIG_DIR = CONFIGS / "bench"
 FAMILIES = ("ar", "draft", "sd", "hf-assisted", "ngram", "sd-gated", "sd-gated-confidence", "sprinter-mlp",
-            "sprinter-linear", "sprinter-confidence", "sprinter-strict", "async")
+            "sprinter-linear", "sprinter-confidence", "auto", "sprinter-strict", "async")
 DEFAULT_METHODS = FAMILIES[:-2]  # sprinter-strict and async are asked for by name
 LEARNED = ("sprinter-mlp", "sprinter-linear", "sprinter-strict")
 GATED = ("sd-gated", "sd-gated-confidence")  # lossless; the operating point is the stop threshold
@@ -237,6 +237,8 @@ def check_verifiers(cfg: BenchConfig) -> dict[str, str]:
         if not Path(cfg.verifier).exists():
             raise missing_verifier(cfg.verifier, "verifier")
         paths["mlp"] = cfg.verifier
+    if "auto" in cfg.methods and Path(cfg.verifier).exists():  # optional: without it, the lossless auto row only
+        paths["mlp"] = cfg.verifier
     if "sd-gated" in cfg.methods:
         stop = cfg.stop_verifier or cfg.verifier
         if not Path(stop).exists():
@@ -301,6 +303,14 @@ def build_methods(cfg: BenchConfig, decoder: Decoder, verifiers: dict[str, str])
                         for c in sorted(set(cfg.stop_thresholds))]
         elif family == "ngram":  # batch 1: s from the device's I_knee (sprinter.decode.roofline)
             methods.append(Method(family, family, greedy, decoder_runner(decoder, t, mode="ngram")))
+        elif family == "auto":  # lossless, and with a verifier one row per budget: sprinter at it is a candidate
+            methods.append(Method(family, family, greedy, decoder_runner(decoder, t, mode="auto",
+                                                                         max_block=cfg.max_block)))
+            if "mlp" in gates:
+                methods += [Method(f"auto@{budget:g}", family, False,
+                                   decoder_runner(decoder, t, mode="auto", max_block=cfg.max_block,
+                                                  max_false_accept=budget), budget)
+                            for budget, _ in chosen_budgets(cfg, gates["mlp"][1], verifiers["mlp"])]
         elif family == "sprinter-confidence":
             methods += [Method(f"{family}@{c:g}", family, False,
                                decoder_runner(decoder, t, mode="sprinter", gate="confidence", threshold=c,
@@ -399,6 +409,7 @@ def _run_benchmark(cfg: BenchConfig) -> dict:
     # The pair's cost profile (~2 s, before the timed runs): each row's predicted ms/token (sprinter.bench.latency).
     profile = measure_costs(decoder.pair.draft, decoder.pair.target, decoder.pair.vocab_size, pair=cfg.pair,
                             gate=decoder.gate, max_n=max(cfg.max_block, *cfg.ks) + 1, context=cfg.prompt_len)
+    decoder.profile = profile  # mode auto chooses with the same profile (not measured again)
     # 2. Warm up, then every method on each prompt in turn; each finished prompt is appended to the records.
     if todo:
         first = list(todo[0].ids)

@@ -15,7 +15,9 @@ Modes (docs/references.md §1 and §5):
   from n-gram matches in its own text (and a datastore), s tokens long, s from the batch size
   (sprinter.decode.roofline);
 - "async": lossless speculative decoding with the draft running ahead in a thread of its own, maybe on
-  another device, while the target verifies (AMUSD, docs/references.md §3; sprinter.decode.asynchronous).
+  another device, while the target verifies (AMUSD, docs/references.md §3; sprinter.decode.asynchronous);
+- "auto": before every target call, whichever of ar, sd-k, sd-gated, ngram-s (and sprinter at an allowed
+  false-accept budget) the latency model predicts fastest for this request (sprinter.decode.auto).
 
 A list of prompts is decoded as one batch in modes "ar", "sd" and "ngram" (sprinter.decode.batched, which
 also runs "ngram" for a single prompt) and gives a list of results, one per prompt.
@@ -31,6 +33,7 @@ from __future__ import annotations
 
 import copy
 import dataclasses
+import os
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -156,6 +159,61 @@ class GateRule:
         return self.flagged
 
 
+@dataclass
+class Round:
+    """What one round of `speculative_round` did."""
+
+    decided: list[int]  # what it emits: the kept drafted tokens and (unless it ended the budget) the target's
+    drafted: int
+    kept: int  # drafted tokens kept (sprinter: passed by the gate, or checked and accepted)
+    checked: bool  # the target checked every drafted token (else only a flagged one, or none)
+
+
+def speculative_round(target: CachedLM, drafter: Drafter, ids: list[int], limit: int, *, sampler: Sampler,
+                      rule: GateRule | None, check_all: bool, remaining: int, gen: torch.Generator,
+                      stats: DecodeStats) -> Round:
+    """One round of `speculative` after `ids` (the prompt and every emitted token, not changed here): draft up to
+    `limit` tokens, verify, roll both caches back to `ids` + the decided tokens but the last."""
+    device = next(target.model.parameters()).device
+    # 1. Draft up to `limit` tokens; with a gate, drafting stops where the gate says (see GateRule).
+    if rule is not None:
+        rule.start()
+    draft = drafter.propose([ids], [limit], gen, stop=rule)
+    n = draft.lengths[0]
+    x = draft.x[0].to(device)  # (n,)
+    flagged = rule is not None and rule.flagged
+    stats.verifier_calls += 0 if rule is None else rule.calls
+    stats.drafted += n
+    stats.flagged += int(flagged)
+    # 2. A block that ends the generation with nothing flagged needs no target (unless every token is checked).
+    if not flagged and not check_all and n == remaining:
+        stats.accepted += n
+        return Round(draft.chains()[0], n, n, False)
+    # 3. One target forward over every token it has not seen (the last emitted one(s) and the block);
+    #    this also fills its cache. p[i] is the target's distribution for block position i, p[n] after it.
+    unseen = torch.tensor(ids[target.length:], dtype=torch.long, device=device)
+    logits, _ = target.append(torch.cat([unseen, x])[None], logits=n + 1)
+    p = sampler.probs(logits)  # (n + 1, V)
+    q = draft.q[0].to(device) if draft.q is not None else \
+        torch.nn.functional.one_hot(x, p.shape[-1]).float()  # (n, V); a deterministic chain: one-hot
+    # 4. Check the flagged token (strict / SD: every token) with the speculative-sampling rule.
+    positions = torch.arange(n, device=device)
+    n_kept = flag_then_check(p[positions, x], q[positions, x], uniform(n, gen, device), flagged, check_all)
+    # 5. The target's own token: from the residual after a rejection, else a bonus token from p[n].
+    y = sampler.draw(correction(p, q, n_kept), gen)
+    kept, *decided = torch.cat([n_kept.view(1), x, y.view(1)]).tolist()  # the one host sync of this round
+    decided = decided[:kept] + decided[-1:]
+    stats.accepted += kept
+    stats.rejected += n - kept
+    if check_all:
+        stats.count_block(n, kept)
+    # 6. Roll both caches back to what was emitted (the target has not read its own token y yet).
+    emitted = len(ids) + len(decided)
+    target.rollback_to(emitted - 1)
+    drafter.keep([0], [emitted - 1])
+    return Round(decided, n, kept, check_all)
+
+
 def speculative(target: CachedLM, drafter: Drafter, prompt: list[int], *, options: DecodeOptions,
                 gate: Gate | None, gen: torch.Generator, out: Emitter, stats: DecodeStats) -> None:
     """Draft, (maybe) verify, emit, roll back; until the budget, EOS or a stop string.
@@ -169,48 +227,13 @@ def speculative(target: CachedLM, drafter: Drafter, prompt: list[int], *, option
     max_block = options.k if mode == "sd" else options.max_block
     check_all = mode != "sprinter" or options.strict
     rule = None if gate is None else GateRule(gate, options.stop_threshold if mode == "sd-gated" else None)
-    device = next(target.model.parameters()).device
     ids = list(prompt)  # the prompt and every emitted token
     while not out.done:
         limit = out.remaining if max_block is None else min(max_block, out.remaining)
-        # 1. Draft up to `limit` tokens; with a gate, drafting stops where the gate says (see GateRule).
-        if rule is not None:
-            rule.start()
-        draft = drafter.propose([ids], [limit], gen, stop=rule)
-        n = draft.lengths[0]
-        x = draft.x[0].to(device)  # (n,)
-        flagged = rule is not None and rule.flagged
-        stats.verifier_calls += 0 if rule is None else rule.calls
-        stats.drafted += n
-        stats.flagged += int(flagged)
-        # 2. A block that ends the generation with nothing flagged needs no target (unless every token is checked).
-        if not flagged and not check_all and n == out.remaining:
-            stats.accepted += n
-            out.emit(draft.chains()[0])
-            break
-        # 3. One target forward over every token it has not seen (the last emitted one(s) and the block);
-        #    this also fills its cache. p[i] is the target's distribution for block position i, p[n] after it.
-        unseen = torch.tensor(ids[target.length:], dtype=torch.long, device=device)
-        logits, _ = target.append(torch.cat([unseen, x])[None], logits=n + 1)
-        p = sampler.probs(logits)  # (n + 1, V)
-        q = draft.q[0].to(device) if draft.q is not None else \
-            torch.nn.functional.one_hot(x, p.shape[-1]).float()  # (n, V); a deterministic chain: one-hot
-        # 4. Check the flagged token (strict / SD: every token) with the speculative-sampling rule.
-        positions = torch.arange(n, device=device)
-        n_kept = flag_then_check(p[positions, x], q[positions, x], uniform(n, gen, device), flagged, check_all)
-        # 5. The target's own token: from the residual after a rejection, else a bonus token from p[n].
-        y = sampler.draw(correction(p, q, n_kept), gen)
-        kept, *decided = torch.cat([n_kept.view(1), x, y.view(1)]).tolist()  # the one host sync of this round
-        decided = decided[:kept] + decided[-1:]
-        stats.accepted += kept
-        stats.rejected += n - kept
-        if check_all:
-            stats.count_block(n, kept)
-        # 6. Roll both caches back to what was emitted (the target has not read its own token y yet).
-        ids += decided
-        target.rollback_to(len(ids) - 1)
-        drafter.keep([0], [len(ids) - 1])
-        out.emit(decided)
+        step = speculative_round(target, drafter, ids, limit, sampler=sampler, rule=rule, check_all=check_all,
+                                 remaining=out.remaining, gen=gen, stats=stats)
+        ids += step.decided
+        out.emit(step.decided)
 
 
 class Decoder:
@@ -224,6 +247,12 @@ class Decoder:
         self.verifier_info = verifier_info
         self.datastore = datastore  # mode "ngram": the corpus n-gram fallback, when one was loaded
         self.copies: dict[tuple[str, str], torch.nn.Module] = {}  # async: models copied to another device
+        self.verifier_dir: Path | None = None  # the learned gate's checkpoint folder (its metrics.json), when known
+        # mode "auto": the pair's cost profile by key (pair | device | dtype | threads); `cost_profile` fills it.
+        # A caller (or a test) may set `profile` to use that profile whatever the key.
+        self.profiles: dict[str, object] = {}
+        self.profile = None
+        self.predictions: dict[tuple, dict] = {}  # mode "auto": predicted ms/token by setting, shared by its requests
 
     @classmethod
     def from_pretrained(cls, draft: str, target: str, verifier: str | Path | None = None, device: str = "auto",
@@ -257,7 +286,9 @@ class Decoder:
             check_vocabulary(info, pair.vocab_size, verifier)
         if store is not None:
             store.check_tokenizer(pair.tokenizer)
-        return cls(pair, gate, info, store, Engine(dev, static=static_cache, compile=compile))
+        decoder = cls(pair, gate, info, store, Engine(dev, static=static_cache, compile=compile))
+        decoder.verifier_dir = Path(verifier) if verifier is not None else None
+        return decoder
 
     @property
     def tokenizer(self):
@@ -307,6 +338,8 @@ class Decoder:
         if mode in ("ar", "draft"):
             tokens = torch.tensor([ids], dtype=torch.long, device=device)  # (1, T)
             autoregressive(target if mode == "ar" else draft, tokens, sampler=sampler, gen=gen, out=out)
+        elif mode == "auto":
+            self._auto(target, draft, ids, options=options, gen=gen, out=out, stats=stats)
         elif mode == "async":
             tokens = torch.tensor([ids], dtype=torch.long, device=target_dev)  # (1, T)
             asynchronous(target, ModelDrafter(draft, sampler), tokens, options=options, out=out, stats=stats,
@@ -322,12 +355,86 @@ class Decoder:
         stats.compile_seconds = self.engine.report()
 
         stats.new_tokens = len(out.ids)
+        if mode != "auto":
+            stats.modes = {mode: stats.new_tokens}
         stats.target_calls, stats.target_tokens, stats.target_flops = target.calls, target.tokens, target.flops
         stats.draft_calls, stats.draft_tokens, stats.draft_flops = draft.calls, draft.tokens, draft.flops
         if isinstance(gate, LearnedGate):
             params = sum(w.numel() for w in gate.verifier.parameters())
             stats.verifier_flops = 2 * params * stats.verifier_calls
         return GenerateOutput(text=out.text(), token_ids=out.ids, stats=stats, stop_reason=out.stop_reason)
+
+    def _auto(self, target: CachedLM, draft: CachedLM, ids: list[int], *, options: DecodeOptions,
+              gen: torch.Generator, out: Emitter, stats: DecodeStats) -> None:
+        """Mode "auto" (sprinter.decode.auto): the controller chooses each round's candidate."""
+        from sprinter.decode.auto import auto_decode
+
+        controller = self.make_controller(options)
+        stop_gate = self.gate
+        sprinter_gate = None
+        if options.max_false_accept is not None:
+            threshold = self._budget_threshold(options.max_false_accept)
+            sprinter_gate = LearnedGate(self.gate.verifier, self.gate.features, threshold)
+        needs_hidden = self.gate is not None and self.gate.needs_hidden
+        auto_decode(target, ModelDrafter(draft, options.sampler, with_hidden=needs_hidden), ids,
+                    controller=controller, sampler=options.sampler, max_block=options.max_block,
+                    stop_rule=None if stop_gate is None else GateRule(stop_gate, self._stop_threshold(None, stop_gate)),
+                    sprinter_rule=None if sprinter_gate is None else GateRule(sprinter_gate, None),
+                    ngram_n=options.ngram_n, gen=gen, out=out, stats=stats)
+
+    def make_controller(self, options: DecodeOptions):
+        """Mode "auto"'s controller for one request (sprinter.decode.auto.AutoController; a test may replace this
+        method to drive the rounds itself). Its draft prior is the pair's greedy agreement (pair.json beside the
+        draft) when stated, else auto.DRAFT_PRIOR; with max_false_accept, sprinter's rates come from the
+        verifier's metrics.json (true accept at that budget), else (SPRINTER_RATES' true accept, the budget)."""
+        from sprinter.bench.latency import SPRINTER_RATES, verifier_rates
+        from sprinter.decode.auto import DRAFT_PRIOR, AutoController
+        from sprinter.files import read_json
+        from sprinter.train.calibrate import budget_key
+
+        meta_path = Path(self.pair.draft_name).parent / "pair.json"
+        meta = read_json(meta_path, "pair.json") if meta_path.is_file() else {}
+        agreement = meta.get("greedy_agreement") if isinstance(meta, dict) else None
+        prior = float(agreement) if isinstance(agreement, (int, float)) and 0 <= agreement <= 1 else DRAFT_PRIOR
+        budget = options.max_false_accept
+        rates = None
+        if budget is not None:
+            path = self.verifier_dir / "metrics.json" if self.verifier_dir else None
+            metrics = read_json(path, "metrics.json") if path is not None and path.is_file() else {}
+            rates = verifier_rates(metrics).get(budget_key(budget), (SPRINTER_RATES[0], float(budget)))
+        profile = self.cost_profile()
+        setting = (repr(profile), options.max_block, self.gate is not None, budget, rates)  # what predictions read
+        return AutoController(profile, draft_prior=prior, max_block=options.max_block, gated=self.gate is not None,
+                              budget=budget, sprinter_rates=rates, cache=self.predictions.setdefault(setting, {}))
+
+    def cost_profile(self, budget_s: float = 2.0):
+        """The pair's cost profile (sprinter.bench.costs) on this device, dtype and thread count: `self.profile`
+        when set; else the one kept in memory by this Decoder; else the one in cost_profile.json beside the pair
+        (scripts/profile_pair.py writes it); else measured now in about `budget_s` seconds, kept in memory, and
+        saved beside the pair when its folder is writable (measuring works for any model, random test ones too)."""
+        from sprinter.bench.costs import FILE_NAME, find_profile, measure_costs, profile_key, save_profile
+
+        if self.profile is not None:
+            return self.profile
+        pair, folder = self.pair, Path(self.pair.draft_name).parent
+        name = str(folder) if (folder / "pair.json").is_file() else f"{pair.draft_name} | {pair.target_name}"
+        dtype = str(pair.dtype).removeprefix("torch.")
+        key = profile_key(name, str(pair.device), dtype, torch.get_num_threads())
+        if key not in self.profiles:
+            saved = find_profile(folder / FILE_NAME, name, str(pair.device), dtype, torch.get_num_threads()) \
+                if name == str(folder) else None
+            if saved is None:
+                saved = measure_costs(pair.draft, pair.target, pair.vocab_size, pair=name, gate=self.gate,
+                                      budget_s=budget_s)
+                if name == str(folder) and os.access(folder, os.W_OK):
+                    save_profile(folder / FILE_NAME, saved)
+            self.profiles[key] = saved
+        return self.profiles[key]
+
+    def _budget_threshold(self, budget: float) -> float:
+        from sprinter.train.calibrate import budget_key
+
+        return self.verifier_info.thresholds[budget_key(budget)]
 
     @staticmethod
     def _options(options: DecodeOptions | None, overrides: dict[str, object]) -> DecodeOptions:
@@ -361,6 +468,8 @@ class Decoder:
         ids = [self._prompt_ids(p) for p in prompt] if batch else [self._prompt_ids(prompt)]
         self._check_request(options, max(map(len, ids)))
         outs = generate_batch(self.pair, ids, options, on_text=on_text, datastore=self.datastore)
+        for out in outs:
+            out.stats.modes = {options.mode: out.stats.new_tokens}
         return outs if batch else outs[0]
 
     def model_on(self, role: str, device: torch.device) -> torch.nn.Module:
@@ -410,7 +519,22 @@ class Decoder:
         if prompt_len + budget > window:
             raise SprinterError(f"prompt: {prompt_len} tokens + max_new_tokens={budget} exceed the context "
                                 f"window of {window} tokens; expected a shorter prompt or fewer new tokens")
+        if options.mode == "auto" and options.max_false_accept is not None:
+            self._check_budget(options.max_false_accept)
         return self._gate(options.gate, options.threshold) if options.mode in GATED_MODES else None
+
+    def _check_budget(self, budget: float) -> None:
+        """auto's max_false_accept must be a budget the loaded verifier was calibrated for."""
+        from sprinter.train.calibrate import budget_key
+
+        if self.gate is None:
+            raise SprinterError(f"max_false_accept: got {budget!r}, and this decoder has no verifier; expected a "
+                                "verifier (verifier=DIR, CLI --verifier DIR) calibrated for that budget, or no "
+                                "max_false_accept (lossless modes only)")
+        thresholds = getattr(self.verifier_info, "thresholds", None) or {}
+        if budget_key(budget) not in thresholds:
+            raise SprinterError(f"max_false_accept: got {budget!r}; expected one of the verifier's calibrated budgets "
+                                f"{sorted(float(b) for b in thresholds)} (retrain with --budgets to add one)")
 
     def _gate(self, gate: str | Gate | None, threshold: float | None) -> Gate:
         if gate is None or gate == "learned":

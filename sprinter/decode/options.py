@@ -18,7 +18,7 @@ from sprinter.decode.sampling import Sampler
 from sprinter.errors import SprinterError
 from sprinter.pairs.load import resolve_device
 
-MODES = ("ar", "draft", "sd", "sprinter", "sd-gated", "ngram", "async")
+MODES = ("ar", "draft", "sd", "sprinter", "sd-gated", "ngram", "async", "auto")
 BATCH_MODES = ("ar", "sd", "ngram")  # the modes that decode a list of prompts together
 GATED_MODES = ("sprinter", "sd-gated")  # the modes that consult a gate
 GATES = ("learned", "confidence", "always", "never")
@@ -67,6 +67,8 @@ class DecodeOptions:
     max_batch: int | None = option(None, "batched modes: most prompts decoded at once, the rest queue for the places "
                                          "of finished ones (none: all at once)")
     window: int | None = option(None, f"async: most drafted tokens awaiting verification; none: {ASYNC_WINDOW}")
+    max_false_accept: float | None = option(None, "auto: also run sprinter at this false-accept budget, one the "
+                                                  "verifier was calibrated for (e.g. 0.05); none: lossless modes only")
     draft_device: str | None = option(None, "async: the draft's device (cpu, cuda:N); none: the decoder's")
     target_device: str | None = option(None, "async: the target's device; none: the decoder's")
 
@@ -124,6 +126,14 @@ class DecodeOptions:
         self._only("max_batch", BATCH_MODES)
         for name in ("window", "draft_device", "target_device"):
             self._only(name, ("async",))
+        self._only("max_false_accept", ("auto",))
+        fa = self.max_false_accept
+        if fa is not None and (isinstance(fa, bool) or not isinstance(fa, (int, float)) or not 0 < fa < 1):
+            raise SprinterError(f"max_false_accept: got {fa!r}; expected a false-accept budget in (0, 1) that the "
+                                "verifier was calibrated for (e.g. 0.05), or None (lossless modes only)")
+        if mode == "auto" and self.max_block is None:
+            raise SprinterError("max_block: got None with mode='auto'; expected an integer >= 1 (auto prices its "
+                                "gated candidates with a bounded block)")
         if self.threshold is not None and gate not in (None, "learned", "confidence"):
             raise SprinterError(f"threshold: got {self.threshold!r} with gate={gate!r}; expected it only with the "
                                 "learned or the confidence gate")

@@ -1,0 +1,244 @@
+"""Mode "auto": before every target call, run the candidate the latency model predicts fastest for this request.
+
+The candidates (`candidates`): "ar"; "sd-k" for k in DRAFT_KS; "sd-gated" (when a learned gate is loaded);
+"ngram-s" for s in NGRAM_SS; and, only when the caller allows a fidelity loss (`max_false_accept=F`, one of the
+verifier's calibrated budgets), "sprinter@F". Each is priced in ms/token by sprinter.bench.latency from the
+pair's cost profile (sprinter.bench.costs) and two acceptance estimates, both flat across block positions:
+- the draft model's: P(a drafted token is accepted), starting from the pair's greedy agreement (pair.json) when
+  present, else DRAFT_PRIOR, worth PRIOR_WEIGHT observations; updated from every block the target checks
+  (sd-k, sd-gated), and in sprinter rounds from the gate's decisions (a passed token counts as accepted, a
+  flagged one as what the target said);
+- the n-gram drafter's: P(a lookup finds a chain) and P(a chained token is accepted), from NGRAM_PRIOR. A
+  lookup costs microseconds, so it is made before every round whatever runs, and compared with the tokens the
+  round emits: the n-gram estimate never goes stale.
+Each estimate forgets its past at DECAY per observed round (an exponentially weighted ratio), so a request whose
+text stops being predictable leaves a drafted mode within a few target calls. While "ar" runs the draft model
+is not observed: after `probe_every` ar rounds auto runs one sd-1 round (the draft first catches up on the
+tokens it skipped), and the wait doubles after each probe that does not bring drafting back (up to PROBE_MAX).
+
+`AutoController` is pure (no model): `choose()` names the next round's candidate, `observe_draft` /
+`observe_ngram` feed it what the rounds showed. The loop that runs the rounds is `auto_decode`.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Sequence
+
+import torch
+
+from sprinter.bench.costs import CostProfile
+from sprinter.bench.latency import ar_ms, ngram_ms, sd_gated_ms, sd_ms, sprinter_ms
+from sprinter.decode.cache import CachedLM
+from sprinter.decode.decoder import GateRule, speculative_round
+from sprinter.decode.drafters import Draft, ModelDrafter
+from sprinter.decode.emit import Emitter
+from sprinter.decode.ngram import NgramDrafter, NgramIndex
+from sprinter.decode.sampling import Sampler
+from sprinter.decode.stats import DecodeStats
+from sprinter.errors import SprinterError
+
+DRAFT_KS = (1, 2, 4, 8)  # sd's draft lengths to choose among
+NGRAM_SS = (2, 4, 8)  # n-gram chain lengths to choose among
+DRAFT_PRIOR = 0.6  # P(accept) of a drafted token when the pair states no greedy agreement
+NGRAM_PRIOR = (0.3, 0.3)  # (P(a lookup finds a chain), P(a chained token is accepted)) before any lookup
+PRIOR_WEIGHT = 4.0  # the prior counts as this many observed tokens
+DECAY = 0.7  # per observed round: the weight of everything seen before it
+PROBE_EVERY = 16  # ar rounds before the draft model is probed again with one sd-1 round
+PROBE_MAX = 128  # the longest wait between probes (it doubles after each probe that loses)
+GATED_RATES = (0.75, 0.1)  # sd-gated's stop rule modelled as a gate at (TA, FA): latency.STOP_RATES' second point
+QUANTUM = 0.02  # predictions are cached per estimate rounded to this (the controller runs before every round)
+
+
+class Estimate:
+    """An exponentially weighted rate: hits / trials, both multiplied by `decay` before each update."""
+
+    def __init__(self, prior: float, weight: float = PRIOR_WEIGHT, decay: float = DECAY):
+        if not (0 <= prior <= 1 and weight > 0 and 0 < decay <= 1):
+            raise SprinterError(f"estimate: got prior={prior!r}, weight={weight!r}, decay={decay!r}; expected a "
+                                "prior in [0, 1], a weight > 0 and a decay in (0, 1]")
+        self.hits, self.trials, self.decay = prior * weight, weight, decay
+
+    def update(self, hits: float, trials: float) -> None:
+        if trials <= 0:
+            return
+        self.hits = self.hits * self.decay + hits
+        self.trials = self.trials * self.decay + trials
+
+    @property
+    def rate(self) -> float:
+        return self.hits / self.trials
+
+
+@dataclass(frozen=True)
+class Candidate:
+    """One thing auto can run for a round: kind "ar", "sd" (k tokens), "sd-gated", "ngram" (s tokens), "sprinter"."""
+
+    name: str
+    kind: str
+    k: int = 0
+
+
+def candidates(*, gated: bool, budget: float | None, ks: Sequence[int] = DRAFT_KS,
+               ss: Sequence[int] = NGRAM_SS) -> dict[str, Candidate]:
+    out = {"ar": Candidate("ar", "ar")}
+    out.update({f"sd-{k}": Candidate(f"sd-{k}", "sd", k) for k in ks})
+    if gated:
+        out["sd-gated"] = Candidate("sd-gated", "sd-gated")
+    out.update({f"ngram-{s}": Candidate(f"ngram-{s}", "ngram", s) for s in ss})
+    if budget is not None:
+        out[f"sprinter@{budget:g}"] = Candidate(f"sprinter@{budget:g}", "sprinter")
+    return out
+
+
+@dataclass
+class AutoController:
+    """Chooses each round's candidate from predicted ms/token (see the module docstring).
+
+    `sprinter_rates`: the verifier's (true accept, false accept) at the allowed budget (None: no sprinter
+    candidate); `gated`: offer sd-gated (a learned gate is loaded)."""
+
+    profile: CostProfile
+    draft_prior: float = DRAFT_PRIOR
+    ngram_prior: tuple[float, float] = NGRAM_PRIOR
+    max_block: int = 20
+    gated: bool = False
+    budget: float | None = None
+    sprinter_rates: tuple[float, float] | None = None
+    probe_every: int = PROBE_EVERY
+    cache: dict | None = None  # predictions by rounded estimate; a Decoder shares one across requests of one setting
+    draft: Estimate = field(init=False)
+    ngram_hit: Estimate = field(init=False)
+    ngram_accept: Estimate = field(init=False)
+
+    def __post_init__(self) -> None:
+        if (self.budget is None) != (self.sprinter_rates is None):
+            raise SprinterError(f"sprinter candidate: got budget={self.budget!r} with rates {self.sprinter_rates!r}; "
+                                "expected both or neither")
+        self.options = candidates(gated=self.gated, budget=self.budget)
+        self.draft = Estimate(self.draft_prior)
+        self.ngram_hit, self.ngram_accept = Estimate(self.ngram_prior[0]), Estimate(self.ngram_prior[1])
+        self.since_draft = 0  # rounds since the draft model was last observed
+        self.wait = self.probe_every  # ar rounds before the next probe
+        self.probing = False
+        if self.cache is None:
+            self.cache = {}
+
+    @property
+    def max_chain(self) -> int:
+        """The longest n-gram chain any candidate drafts (what the free lookup before each round asks for)."""
+        return max(c.k for c in self.options.values() if c.kind == "ngram")
+
+    def predict(self) -> dict[str, float]:
+        """Predicted ms/token of every candidate under the current estimates, each rounded to QUANTUM. The draft
+        model's candidates and the n-gram ones are cached apart (the gated ones' Markov chain costs ~0.3 ms)."""
+        a, hit, a_ng = (round(e.rate / QUANTUM) for e in (self.draft, self.ngram_hit, self.ngram_accept))
+        model, ngram = ("model", a), ("ngram", hit, a_ng)
+        for key in (model, ngram):
+            if key not in self.cache:
+                rates = [q * QUANTUM for q in key[1:]]
+                kinds = ("ngram",) if key[0] == "ngram" else ("ar", "sd", "sd-gated", "sprinter")
+                self.cache[key] = {name: self._ms(c, *rates) for name, c in self.options.items() if c.kind in kinds}
+        return {**self.cache[model], **self.cache[ngram]}
+
+    def _ms(self, c: Candidate, *rates: float) -> float:
+        """ms/token of `c` at rates (a) for the draft model's candidates, (hit, a_ng) for the n-gram ones."""
+        p = self.profile
+        if c.kind == "ar":
+            return ar_ms(p)
+        if c.kind == "ngram":  # a lookup finds a chain (of s tokens) with probability `hit`, else the round is ar's
+            hit, a_ng = rates
+            accepted = hit * sum(a_ng ** j for j in range(1, c.k + 1))
+            return ngram_ms(p, hit * c.k, accepted)
+        (a,) = rates
+        if c.kind == "sd":
+            return sd_ms(p, (a,), c.k)
+        if c.kind == "sd-gated":
+            return sd_gated_ms(p, (a,), *GATED_RATES, self.max_block)
+        return sprinter_ms(p, (a,), *self.sprinter_rates, self.max_block)
+
+    def choose(self) -> Candidate:
+        """The next round's candidate: the fastest predicted, or a probe of the draft after a stretch of ar."""
+        times = self.predict()
+        best = min(times, key=times.__getitem__)
+        self.probing = False
+        if self.options[best].kind in ("ar", "ngram"):
+            self.since_draft += 1
+            if self.since_draft > self.wait:
+                self.probing = True
+                return self.options["sd-1"]
+        return self.options[best]
+
+    def observe_draft(self, accepted: int, reached: int) -> None:
+        """A round of the draft model: `reached` drafted tokens were judged (a block's accepted prefix and its
+        first rejection), `accepted` of them kept."""
+        self.draft.update(accepted, reached)
+        self.since_draft = 0
+        if self.probing:  # the probe decides how long until the next one
+            times = self.predict()
+            drafting = self.options[min(times, key=times.__getitem__)].kind not in ("ar", "ngram")
+            self.wait = self.probe_every if drafting else min(2 * self.wait, PROBE_MAX)
+
+    def observe_ngram(self, chain: Sequence[int], emitted: Sequence[int]) -> None:
+        """A lookup's chain (before the round) against the tokens the round emitted after it."""
+        self.ngram_hit.update(float(bool(chain)), 1.0)
+        n = min(len(chain), len(emitted))
+        match = next((i for i in range(n) if chain[i] != emitted[i]), n)
+        self.ngram_accept.update(match, min(match + 1, n))
+
+
+class IndexDrafter:
+    """The drafter interface over an `NgramIndex` of the request's sequence (auto extends it as tokens are emitted)."""
+
+    def __init__(self, index: NgramIndex):
+        self.index = index
+
+    def propose(self, seqs, limits, gen, *, stop=None) -> Draft:
+        (limit,) = limits
+        chain = self.index.chain(limit)
+        return Draft(torch.tensor([chain], dtype=torch.long).view(1, len(chain)), [len(chain)], None, None, [chain])
+
+    def keep(self, rows, lengths) -> None:
+        """Nothing to forget: the index only ever holds emitted tokens."""
+
+
+def auto_decode(target: CachedLM, draft: ModelDrafter, prompt: list[int], *, controller: AutoController,
+                sampler: Sampler, max_block: int, stop_rule: GateRule | None, sprinter_rule: GateRule | None,
+                ngram_n: int, gen: torch.Generator, out: Emitter, stats: DecodeStats) -> None:
+    """Rounds of whichever candidate `controller` chooses, until the budget, EOS or a stop string.
+
+    Both caches stay exact across switches: the target's covers every emitted token but the last after every
+    round of every kind (an ar round reads what it lacks, as `autoregressive` does; a drafted round rolls back
+    to it); the draft's may fall behind during ar and n-gram rounds, and the next draft-model round reads the
+    tokens it skipped first (ModelDrafter feeds `seq[lm.length:]`)."""
+    ids = list(prompt)
+    index = NgramDrafter(ngram_n).index(ids)
+    ngram = IndexDrafter(index)
+    device = next(target.model.parameters()).device
+    rules = {"sd-gated": stop_rule, "sprinter": sprinter_rule}
+    modes = stats.modes
+    while not out.done:
+        choice = controller.choose()
+        chain = index.chain(controller.max_chain)  # the free n-gram probe: compared with what this round emits
+        if choice.kind == "ar":
+            logits, _ = target.append(torch.tensor([ids[target.length:]], dtype=torch.long, device=device))  # (1, V)
+            decided = [sampler.draw(sampler.probs(logits[0]), gen).item()]
+        else:
+            limit = min(max_block if choice.kind in ("sd-gated", "sprinter") else choice.k, out.remaining)
+            drafter = ngram if choice.kind == "ngram" else draft
+            step = speculative_round(target, drafter, ids, limit, sampler=sampler, rule=rules.get(choice.kind),
+                                     check_all=choice.kind != "sprinter", remaining=out.remaining, gen=gen,
+                                     stats=stats)
+            decided = step.decided
+            if drafter is draft:  # the judged tokens: the kept prefix and the first rejection (if any)
+                controller.observe_draft(step.kept, min(step.kept + 1, step.drafted))
+        controller.observe_ngram(chain, decided)
+        ids += decided
+        index.extend(decided)
+        before = len(out.ids)
+        out.emit(decided)
+        modes[choice.name] = modes.get(choice.name, 0) + len(out.ids) - before
+
+
+__all__ = ["DECAY", "DRAFT_KS", "DRAFT_PRIOR", "NGRAM_PRIOR", "NGRAM_SS", "PRIOR_WEIGHT", "PROBE_EVERY",
+           "AutoController", "Candidate", "Estimate", "IndexDrafter", "auto_decode", "candidates"]

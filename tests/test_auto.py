@@ -1,0 +1,248 @@
+"""Mode auto: the controller's choices on hand-made profiles, auto == ar at temperature 0 across forced switches,
+exact caches after switching, the target's distribution at temperature 1, a pair where drafting never pays, and
+bad options refused."""
+
+import dataclasses
+import types
+
+import pytest
+import torch
+from test_decode_distribution import CHI2_DF3_P001, VOCAB, chi_square, random_decoder
+
+from sprinter.bench.costs import stand_in_verifier
+from sprinter.bench.latency import ar_ms, sd_ms, synthetic_profile
+from sprinter.decode.auto import DRAFT_KS, AutoController, auto_decode
+from sprinter.decode.cache import CachedLM
+from sprinter.decode.decoder import Decoder
+from sprinter.decode.drafters import ModelDrafter
+from sprinter.decode.emit import Emitter
+from sprinter.decode.gates import ConfidenceGate, LearnedGate
+from sprinter.decode.options import DecodeOptions
+from sprinter.decode.stats import DecodeStats
+from sprinter.errors import SprinterError
+from sprinter.pairs.load import target_as_draft
+
+pytestmark = pytest.mark.usefixtures("single_thread")
+
+SWITCHES = ["ar", "ar", "sd-4", "ngram-4", "sd-1", "ar", "ar", "ar", "sd-8", "ngram-2", "sd-2", "ar", "sd-gated"]
+
+
+class Scripted(AutoController):
+    """Runs the candidates of `script` in turn (from `start`), whatever the latency model says: forced switches."""
+
+    def __init__(self, script, start=0, **kwargs):
+        super().__init__(synthetic_profile(0.1), gated=True, **kwargs)
+        self.script, self.turn = script, start
+
+    def choose(self):
+        name = self.script[self.turn % len(self.script)]
+        self.turn += 1
+        return self.options[name]
+
+
+def scripted(decoder, script, start=0):
+    """`decoder` with its auto controller replaced by a Scripted one (a fresh one per request)."""
+    starts = iter(range(start, 1 << 30))
+    decoder.make_controller = lambda options: Scripted(script, next(starts))
+    return decoder
+
+
+def costly(profile, round_ms=0.05):
+    return dataclasses.replace(profile, round_ms=round_ms)
+
+
+# ------------------------------------------------------------------------------------------- the controller
+def test_cheap_draft_and_high_acceptance_choose_sd():
+    c = AutoController(synthetic_profile(0.05), draft_prior=0.9)
+    assert c.choose().kind == "sd"
+
+
+def test_an_expensive_draft_chooses_ar():
+    c = AutoController(costly(synthetic_profile(1.0)), draft_prior=0.9, ngram_prior=(0.0, 0.0))
+    assert c.choose().name == "ar"
+
+
+def test_a_predictable_text_chooses_ngram():
+    c = AutoController(costly(synthetic_profile(1.0)), draft_prior=0.9, ngram_prior=(0.1, 0.1))
+    for _ in range(10):  # the free lookups found chains, and the text followed them
+        c.observe_ngram([1, 2, 3, 4, 5, 6, 7, 8], [1, 2, 3, 4, 5, 6, 7, 8, 9])
+    assert c.choose().kind == "ngram"
+
+
+def test_falling_acceptance_falls_back_to_ar_within_a_few_target_calls():
+    c = AutoController(costly(synthetic_profile(0.1)), draft_prior=0.9)
+    assert c.choose().kind == "sd"
+    calls = 0
+    while c.choose().kind != "ar":
+        c.observe_draft(0, 1)  # every block rejected at its first token
+        c.observe_ngram([], [7])  # and the text has no repeats to look up
+        calls += 1
+        assert calls <= 6, c.predict()
+    # After a stretch of ar the draft is probed with one small block, and comes back when it is right again.
+    for _ in range(200):
+        choice = c.choose()
+        if choice.kind == "sd":
+            assert choice.name == "sd-1"  # the probe
+            c.observe_draft(1, 1)
+            break
+        c.observe_ngram([], [7])
+    else:
+        pytest.fail("the draft was never probed again")
+
+
+def test_a_probe_that_loses_waits_longer():
+    c = AutoController(costly(synthetic_profile(1.0)), draft_prior=0.2, ngram_prior=(0.0, 0.0), probe_every=4)
+    waits = []
+    for _ in range(3):
+        rounds = 0
+        while c.choose().name != "sd-1":
+            rounds += 1
+        c.observe_draft(0, 1)
+        waits.append(rounds)
+    assert waits[0] < waits[1] < waits[2]
+
+
+def test_the_sprinter_candidate_needs_its_rates():
+    c = AutoController(synthetic_profile(0.05), draft_prior=0.9, budget=0.05, sprinter_rates=(0.9, 0.05))
+    assert "sprinter@0.05" in c.predict()
+    assert "sprinter@0.05" not in AutoController(synthetic_profile(0.05)).predict()  # lossless: never a candidate
+    with pytest.raises(SprinterError, match="sprinter candidate"):
+        AutoController(synthetic_profile(0.05), budget=0.05)
+
+
+# ------------------------------------------------------------------------------------------- decoding
+def gated(decoder):
+    """The same pair with a gate for sd-gated rounds (the draft's confidence)."""
+    return Decoder(decoder.pair, gate=ConfidenceGate())
+
+
+@pytest.mark.parametrize("start", [0, 5])
+def test_auto_equals_ar_at_temperature_0_across_forced_switches(decoder, start):
+    dec = scripted(gated(decoder), SWITCHES, start)
+    rejected = 0
+    for prompt in ["def foo(x):", [5, 17, 33, 2, 9]]:
+        ar = decoder.generate(prompt, max_new_tokens=40, mode="ar")
+        auto = dec.generate(prompt, max_new_tokens=40, mode="auto")
+        assert auto.token_ids == ar.token_ids, prompt
+        assert sum(auto.stats.modes.values()) == auto.stats.new_tokens == ar.stats.new_tokens
+        assert {"ar", "sd-4"} <= set(auto.stats.modes) or auto.stats.new_tokens < 8
+        rejected += auto.stats.rejected
+    assert rejected > 0  # drafts were rejected: rollbacks happened between switches
+
+
+def test_auto_on_static_caches_equals_ar(llama_decoder):
+    from sprinter.decode.engine import Engine
+
+    static = scripted(Decoder(llama_decoder.pair, ConfidenceGate(), engine=Engine(llama_decoder.pair.device,
+                                                                                   static=True)), SWITCHES)
+    prompt = [5, 17, 33, 2, 9]
+    want = llama_decoder.generate(prompt, max_new_tokens=40, mode="ar").token_ids
+    assert static.generate(prompt, max_new_tokens=40, mode="auto").token_ids == want
+
+
+def test_switching_keeps_both_caches_exact(gpt2_decoder):
+    pair = gpt2_decoder.pair
+    vocab = pair.vocab_size
+    target, draft = CachedLM(pair.target, vocab), CachedLM(pair.draft, vocab)
+    prompt = [5, 17, 33, 2, 9]
+    options = DecodeOptions(mode="auto", max_new_tokens=30)
+    out = Emitter(pair.tokenizer, 30, None, (), None)
+    stats = DecodeStats(mode="auto")
+    auto_decode(target, ModelDrafter(draft, options.sampler), prompt, controller=Scripted(SWITCHES[:-1]),
+                sampler=options.sampler, max_block=20, stop_rule=None, sprinter_rule=None, ngram_n=3,
+                gen=torch.Generator().manual_seed(0), out=out, stats=stats)
+    ids = prompt + out.ids
+    assert target.length == len(ids) - 1  # the target covers every emitted token but the last
+    assert draft.length <= len(ids) - 1  # the draft may lag (skipped tokens) but never holds an unemitted one
+    for lm, model in ((target, pair.target), (draft, pair.draft)):
+        rest = torch.tensor([ids[lm.length:]])
+        got, _ = lm.append(rest, logits=rest.shape[1])
+        want, _ = CachedLM(model, vocab).append(torch.tensor([ids]), logits=rest.shape[1])
+        torch.testing.assert_close(got, want)
+
+
+def test_auto_samples_from_the_target_distribution():
+    decoder, target, _ = random_decoder()
+    scripted(decoder, ["sd-2", "ar", "ngram-2", "sd-1", "ar", "sd-4"])
+    prompt = [1, 2, 1, 2]
+    with torch.inference_mode():
+        p1 = target(torch.tensor([prompt])).logits[0, -1].softmax(-1)  # (V,) first token
+        p2_given = torch.stack([target(torch.tensor([prompt + [x]])).logits[0, -1].softmax(-1) for x in range(VOCAB)])
+    p2 = p1 @ p2_given  # (V,) marginal of the second token
+    n = 1000
+    first, second = torch.zeros(VOCAB), torch.zeros(VOCAB)
+    rejected = 0
+    for seed in range(n):
+        out = decoder.generate(prompt, max_new_tokens=2, mode="auto", temperature=1.0, seed=seed)
+        first[out.token_ids[0]] += 1
+        second[out.token_ids[1]] += 1
+        rejected += out.stats.rejected
+    assert rejected > n // 20  # residual sampling was exercised
+    assert chi_square(first, p1) < CHI2_DF3_P001, (first / n, p1)
+    assert chi_square(second, p2) < CHI2_DF3_P001, (second / n, p2)
+
+
+def test_auto_with_its_own_controller_equals_ar(decoder):
+    dec = Decoder(decoder.pair)
+    dec.profile = synthetic_profile(0.05)  # a cheap draft: drafted modes run, and the text decides how long
+    ar = decoder.generate("def foo(x):", max_new_tokens=40, mode="ar")
+    auto = dec.generate("def foo(x):", max_new_tokens=40, mode="auto")
+    assert auto.token_ids == ar.token_ids
+    assert sum(auto.stats.modes.values()) == auto.stats.new_tokens
+    assert auto.stats.to_dict()["modes"] == auto.stats.modes
+
+
+def test_on_a_pair_where_drafting_never_pays_auto_runs_ar(gpt2_decoder):
+    dec = Decoder(target_as_draft(gpt2_decoder.pair))
+    for _ in range(3):  # the draft costs what the target costs: no k pays even if every token is accepted ...
+        dec.profiles.clear()
+        profile = dec.cost_profile(budget_s=0.5)  # measured (random weights work), kept in memory
+        if min(sd_ms(profile, (1.0,), k) for k in DRAFT_KS) > ar_ms(profile):
+            break
+    else:  # ... unless a busy machine timed the draft's steps well below the target's (the same model's) three times
+        pytest.skip(f"timings too noisy to tell a copy of the target from it (cost ratio {profile.cost_ratio:.2f})")
+    assert dec.cost_profile() is profile
+    auto = dec.generate([5, 17, 33, 2, 9], max_new_tokens=64, mode="auto")
+    drafted = sum(n for mode, n in auto.stats.modes.items() if mode.startswith("sd"))
+    assert auto.stats.modes.get("ar", 0) >= auto.stats.new_tokens // 2, auto.stats.modes
+    assert drafted <= auto.stats.new_tokens // 4, auto.stats.modes  # the draft's probes only
+
+
+def test_the_profile_is_saved_beside_the_pair(tiny_pair, gpt2_decoder):
+    from sprinter.bench.costs import FILE_NAME, read_profiles
+
+    dec = Decoder.from_pretrained(str(tiny_pair / "draft"), str(tiny_pair / "target"), device="cpu", dtype="float32")
+    profile = dec.cost_profile(budget_s=0.3)
+    assert profile.key in read_profiles(tiny_pair / FILE_NAME)
+    again = Decoder(dec.pair)
+    assert again.cost_profile() == profile  # read from the file: not measured again
+
+
+# ------------------------------------------------------------------------------------------- bad options
+@pytest.mark.parametrize("kwargs, message", [
+    (dict(mode="auto", max_false_accept=1.5), "max_false_accept: got 1.5"),
+    (dict(mode="auto", max_false_accept=0), "max_false_accept: got 0"),
+    (dict(mode="auto", max_false_accept=True), "max_false_accept: got True"),
+    (dict(mode="sd", max_false_accept=0.05), "expected it only with mode='auto'"),
+    (dict(mode="auto", max_block=None), "max_block: got None with mode='auto'"),
+    (dict(mode="auto", gate="confidence"), "gate: got 'confidence' with mode='auto'"),
+])
+def test_bad_options_are_refused(kwargs, message):
+    with pytest.raises(SprinterError, match=message):
+        DecodeOptions(**kwargs)
+
+
+def test_auto_requests_are_checked_against_the_decoder(gpt2_decoder):
+    with pytest.raises(SprinterError, match="no verifier"):
+        gpt2_decoder.generate("def f():", mode="auto", max_false_accept=0.05)
+    with pytest.raises(SprinterError, match="batch of 2 prompts with mode='auto'"):
+        gpt2_decoder.generate(["a", "b"], mode="auto")
+    pair = gpt2_decoder.pair
+    gate = LearnedGate(stand_in_verifier(pair.draft.config.hidden_size, pair.vocab_size),
+                       ("hidden", "token_id", "draft_prob", "draft_entropy"), 0.5)
+    dec = Decoder(pair, gate, types.SimpleNamespace(thresholds={"0.05": 0.5, "0.1": 0.4}, stop_threshold=None))
+    with pytest.raises(SprinterError, match=r"expected one of the verifier's calibrated budgets \[0.05, 0.1\]"):
+        dec.generate("def f():", mode="auto", max_false_accept=0.2)
+    dec.profile = synthetic_profile(0.05)
+    out = dec.generate("def f():", mode="auto", max_false_accept=0.05, max_new_tokens=16)  # sprinter may run
+    assert sum(out.stats.modes.values()) == out.stats.new_tokens
