@@ -9,6 +9,7 @@ import warnings
 
 import pytest
 import torch
+from torch._dynamo.utils import counters
 
 from sprinter import Decoder
 from sprinter.bench.benchmark import hf_assisted_runner
@@ -121,6 +122,7 @@ def test_compiled_steps_decode_as_the_eager_reference(request, arch):
     compiled = Decoder(decoder.pair, gate=learned, engine=Engine(decoder.pair.device, compile=True))
     prompt = "def foo(x):"
     ar = decoder.generate(prompt, max_new_tokens=16, mode="ar").token_ids
+    counters.clear()
     # the gated rows run the fused draft step (forward, q, the gate in one graph) and must decide as the eager gate
     for options in (dict(mode="ar"), dict(mode="sd", k=1), dict(mode="sprinter", gate="always", max_block=1),
                     dict(mode="draft"), dict(mode="sprinter", max_block=2),
@@ -134,6 +136,7 @@ def test_compiled_steps_decode_as_the_eager_reference(request, arch):
     assert 0 < compiled.engine.compile_seconds and set(compiled.engine.steps) == {id(decoder.pair.target),
                                                                                   id(decoder.pair.draft)}
     assert len(compiled.engine.fused_steps) == 3  # the always, learned and confidence gates' draft steps
+    assert not counters["graph_break"], dict(counters["graph_break"])  # each step is one graph, the gate inside
     again = compiled.generate(prompt, max_new_tokens=16, mode="sprinter", max_block=2, threshold=0.3)
     assert again.stats.compile_seconds == 0  # paid once per Decoder; a new threshold reuses the fused graph
 

@@ -28,6 +28,12 @@ def check_threshold(threshold: float) -> float:
     return float(threshold)
 
 
+def prob_of(q: torch.Tensor, token: torch.Tensor) -> torch.Tensor:
+    """q(x) as a 0-d tensor. A gather, not `q[token]`: indexing by a tensor reads its value on the host, which
+    would break the fused draft step's graph in two (sprinter.decode.engine).  # (V,), () -> ()"""
+    return q.gather(-1, token.reshape(1)).reshape(())
+
+
 class Gate(Protocol):
     threshold: float
     needs_hidden: bool  # whether the drafter must return its hidden state
@@ -65,7 +71,7 @@ class ConfidenceGate:
         self.threshold = check_threshold(threshold)
 
     def accept_prob(self, step: DraftStep, position: int) -> torch.Tensor:
-        return step.q_soft[step.token]
+        return prob_of(step.q_soft, step.token)
 
 
 class LearnedGate:
@@ -91,7 +97,7 @@ class LearnedGate:
         if name == "token_id":
             return step.token
         if name == "draft_prob":
-            return step.q_soft[step.token].to(self.dtype)
+            return prob_of(step.q_soft, step.token).to(self.dtype)
         if name == "draft_entropy":
             return entropy(step.q_soft).to(self.dtype)
         if name == "position":  # an int, or a 0-d tensor inside a fused draft step (sprinter.decode.engine)
