@@ -23,8 +23,9 @@ from transformers import DynamicCache
 
 from sprinter.decode.batched import accept
 from sprinter.decode.drafters import Draft
-from sprinter.decode.sampling import Sampler, entropy
+from sprinter.decode.sampling import Sampler
 from sprinter.errors import SprinterError
+from sprinter.features import HIDDEN, HIDDEN_PREV, TOKEN, block_features, distribution_features
 from sprinter.pairs.load import run_with_cache
 
 
@@ -78,13 +79,20 @@ def target_path(p: torch.Tensor, q: torch.Tensor, block: torch.Tensor, temperatu
     return accept(p, Draft(block, [k] * b, q), Sampler(temperature), gen)
 
 
-def row_columns(hidden: torch.Tensor, q: torch.Tensor, p: torch.Tensor, x: torch.Tensor) -> dict[str, torch.Tensor]:
-    """The per-row columns that depend on the distributions.  # (N, H), (N, V), (N, V), (N,)"""
+def row_columns(hidden: torch.Tensor, hidden_prev: torch.Tensor, q: torch.Tensor, p: torch.Tensor,
+                x: torch.Tensor) -> dict[str, torch.Tensor]:
+    """The per-row columns that depend on the distributions (sprinter.features defines the draft's).
+    # (N, H), (N, H), (N, V), (N, V), (N,)"""
     if not torch.isfinite(hidden).all() or not torch.isfinite(q).all() or not torch.isfinite(p).all():
         raise SprinterError("non-finite values (NaN or inf) in the draft's hidden states or in p/q; the pair "
                             "overflows in this dtype or its weights are broken: try --dtype float32")
-    return {"hidden": hidden, "token_id": x, "draft_prob": gather(q, x), "draft_entropy": entropy(q),
-            "draft_max_prob": q.max(-1).values, "target_prob": gather(p, x), **accept_labels(p, q, x)}
+    return {HIDDEN: hidden, HIDDEN_PREV: hidden_prev, TOKEN: x, **distribution_features(q, x),
+            "target_prob": gather(p, x), **accept_labels(p, q, x)}
+
+
+def with_block_columns(rows: dict[str, torch.Tensor], shape: tuple[int, int]) -> dict[str, torch.Tensor]:
+    """Add the block features to rows laid out as (B, n) blocks in drafting order (all rows kept)."""
+    return {**rows, **{k: v.reshape(-1) for k, v in block_features(rows["draft_prob"].reshape(shape)).items()}}
 
 
 # ------------------------------------------------------------------------------------- context sources
@@ -100,11 +108,14 @@ def corpus_rows(draft, target, windows: torch.Tensor, prompt_len: int, vocab_siz
     t = length - prompt_len  # labelled positions per window
     out = draft(input_ids=windows, output_hidden_states=True, logits_to_keep=t + 1)
     hidden = out.hidden_states[-1][:, prompt_len - 1: length - 1]  # (B, T, H): the state that predicts each x
+    hidden_prev = out.hidden_states[-2][:, prompt_len - 1: length - 1]  # (B, T, H): the layer before
     q = probabilities(out.logits[:, :-1, :vocab_size], temperature)  # (B, T, V)
     p = probabilities(target(input_ids=windows, logits_to_keep=t + 1).logits[:, :-1, :vocab_size], temperature)
     x = choose_tokens(q, temperature, gen)  # (B, T)
     position = torch.arange(t, device=windows.device).expand(b, t)
-    rows = row_columns(hidden.reshape(b * t, -1), q.reshape(b * t, -1), p.reshape(b * t, -1), x.reshape(-1))
+    rows = row_columns(hidden.reshape(b * t, -1), hidden_prev.reshape(b * t, -1), q.reshape(b * t, -1),
+                       p.reshape(b * t, -1), x.reshape(-1))
+    rows = with_block_columns(rows, (b, t))  # a window's continuation is one block
     return {**rows, "position": position.reshape(-1), "context_length": (position + prompt_len).reshape(-1),
             "row_prompt": torch.arange(b, device=windows.device).repeat_interleave(t)}
 
@@ -127,7 +138,8 @@ def positions(mask: torch.Tensor) -> torch.Tensor:
 
 def draft_block(draft, ids: torch.Tensor, mask: torch.Tensor, k: int, vocab_size: int, temperature: float,
                 gen: torch.Generator) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """k tokens drafted one at a time with the draft's cache.  -> block (B, k), q (B, k, V), hidden (B, k, H)"""
+    """k tokens drafted one at a time with the draft's cache.
+    -> block (B, k), q (B, k, V), hidden (B, k, 2, H): the last layer's state and the one before it"""
     cache = DynamicCache()
     pos = positions(mask)
     out = run_with_cache(draft, cache, input_ids=ids, attention_mask=mask, position_ids=pos,
@@ -138,7 +150,7 @@ def draft_block(draft, ids: torch.Tensor, mask: torch.Tensor, k: int, vocab_size
         x_j = choose_tokens(q_j, temperature, gen)
         tokens.append(x_j)
         qs.append(q_j)
-        hiddens.append(out.hidden_states[-1][:, -1])
+        hiddens.append(torch.stack([out.hidden_states[-1][:, -1], out.hidden_states[-2][:, -1]], 1))
         if j + 1 < k:
             mask = torch.cat([mask, torch.ones_like(mask[:, :1])], dim=1)
             pos = pos[:, -1:] + 1
@@ -186,7 +198,9 @@ def decode_rows(draft, target, prompts: torch.Tensor, max_new_tokens: int, k: in
         p = probabilities(logits, temperature)  # (b, k+1, V)
         # 3. Every drafted token (up to each prompt's budget) becomes a labelled row.
         keep = torch.tensor([[drafted[i] + j < max_new_tokens for j in range(k)] for i in idx], device=device)
-        rows = row_columns(hidden[keep], q[keep], p[:, :k][keep], block[keep])
+        rows = row_columns(hidden[:, :, 0][keep], hidden[:, :, 1][keep], q[keep], p[:, :k][keep], block[keep])
+        # block features over the whole block (the kept rows are a prefix of it, so nothing kept reads a dropped one)
+        rows.update({name: v[keep] for name, v in block_features(gather(q, block)).items()})
         context_start = torch.tensor([len(paths[i]) for i in idx], device=device)
         position = torch.arange(k, device=device).expand(len(idx), k)
         rows["position"] = position[keep]
@@ -209,5 +223,5 @@ def decode_rows(draft, target, prompts: torch.Tensor, max_new_tokens: int, k: in
     return {name: t[order] for name, t in rows.items()}, paths
 
 
-__all__ = ["accept_labels", "choose_tokens", "corpus_rows", "decode_rows", "entropy", "probabilities",
+__all__ = ["accept_labels", "choose_tokens", "corpus_rows", "decode_rows", "probabilities",
            "target_path"]

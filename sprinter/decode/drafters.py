@@ -30,6 +30,7 @@ class DraftStep:
     q: torch.Tensor  # (V,) the distribution x was drawn from (one-hot when greedy)
     q_soft: torch.Tensor  # (V,) the draft's confidence: q when sampling, the untempered softmax when greedy
     hidden: torch.Tensor | None  # (H,) the draft's last-layer state at the position that produced x
+    hidden_prev: torch.Tensor | None = None  # (H,) the state of the layer before the last there (when asked for)
 
 
 StopRule = Callable[[DraftStep, int], bool]  # (step, its 0-based position in the chain) -> end the chain here
@@ -65,10 +66,12 @@ class Drafter(Protocol):
 class ModelDrafter:
     """A draft causal LM with its own KV cache, for one sequence, fed only the tokens it has not seen."""
 
-    def __init__(self, lm: CachedLM, sampler: Sampler, *, with_hidden: bool = False):
+    def __init__(self, lm: CachedLM, sampler: Sampler, *, with_hidden: bool | int = False):
         self.lm = lm
         self.sampler = sampler
-        self.with_hidden = with_hidden  # the hidden state costs an extra output; only a learned gate reads it
+        # How many of the last layers' states each step returns (True: 1; 2 adds the layer before the last):
+        # they cost an extra output, and only a learned gate reads them.
+        self.with_hidden = int(with_hidden)
         self.device = next(lm.model.parameters()).device
 
     def propose(self, seqs: Sequence[Sequence[int]], limits: Sequence[int], gen: torch.Generator, *,
@@ -76,20 +79,22 @@ class ModelDrafter:
         if len(seqs) != 1:
             raise RuntimeError(f"ModelDrafter drafts for one sequence; got {len(seqs)}")  # a decoder bug
         (seq,), (limit,) = seqs, limits
-        hidden_too = self.with_hidden and stop is not None
+        hidden_too = self.with_hidden if stop is not None else 0
         ids = torch.tensor([seq[self.lm.length:]], dtype=torch.long, device=self.device)  # (1, unseen)
         xs: list[torch.Tensor] = []
         qs: list[torch.Tensor] = []
         while len(xs) < limit:
             # The draft reads what it has not (the last emitted token(s), then its own previous token).
-            logits, hidden = self.lm.append(ids, hidden=hidden_too)  # (1, V), (1, H)
+            logits, hidden = self.lm.append(ids, hidden=hidden_too)  # (1, V), (1, layers, H)
             q = self.sampler.probs(logits[0])
             x = self.sampler.draw(q, gen)
             xs.append(x)
             qs.append(q)
             ids = x.view(1, 1)
             if stop is not None and stop(DraftStep(token=x, q=q, q_soft=self.sampler.soft_probs(logits[0]),
-                                                   hidden=None if hidden is None else hidden[0]), len(xs) - 1):
+                                                   hidden=None if hidden is None else hidden[0, 0],
+                                                   hidden_prev=hidden[0, 1] if hidden_too > 1 else None),
+                                         len(xs) - 1):
                 break
         if not xs:
             return Draft(torch.zeros(1, 0, dtype=torch.long, device=self.device), [0], None)

@@ -21,7 +21,7 @@ import time
 
 import torch
 
-from sprinter.decode.cache import CachedLM, static_cache, static_capacity
+from sprinter.decode.cache import CachedLM, last_states, static_cache, static_capacity
 from sprinter.pairs.load import run_with_cache
 
 BUCKETS = (1, 2, 4, 8, 16, 32)  # token counts a compiled forward is traced for; longer appends run eagerly
@@ -54,9 +54,9 @@ class CompiledForward:
         self.window = getattr(model.config, "max_position_embeddings", None) or getattr(model.config, "n_positions",
                                                                                         None)
 
-        def forward(ids: torch.Tensor, cache, hidden: bool) -> tuple[torch.Tensor, torch.Tensor | None]:
-            out = run_with_cache(model, cache, input_ids=ids, output_hidden_states=hidden)
-            return out.logits[0], out.hidden_states[-1][0] if hidden else None  # (T, V), (T, H) | None
+        def forward(ids: torch.Tensor, cache, hidden: int) -> tuple[torch.Tensor, torch.Tensor | None]:
+            out = run_with_cache(model, cache, input_ids=ids, output_hidden_states=bool(hidden))
+            return out.logits[0], last_states(out.hidden_states, hidden, 0)  # (T, V), (T, hidden, H) | None
 
         self.forward = torch.compile(forward, mode=mode, dynamic=False)
         self.compiled: set[tuple[int, bool]] = set()
@@ -74,12 +74,13 @@ class CompiledForward:
         end = past + self.bucket(new)
         return end <= capacity and (self.window is None or end <= self.window)
 
-    def __call__(self, ids: torch.Tensor, cache, hidden: bool) -> tuple[torch.Tensor, torch.Tensor | None]:
-        """Logits (and last-layer states) of every position of `ids` (1, T) padded to its bucket.
-        # -> (bucket, V), (bucket, H) | None. The caller moves the cache's length back over the padding."""
+    def __call__(self, ids: torch.Tensor, cache, hidden: int) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """Logits (and the last `hidden` layers' states) of every position of `ids` (1, T) padded to its bucket.
+        # -> (bucket, V), (bucket, hidden, H) | None. The caller moves the cache's length back over the padding."""
         size = self.bucket(ids.shape[1])
         # Padding goes after the real tokens: causal attention keeps it from them, so any id will do.
         padded = torch.nn.functional.pad(ids, (0, size - ids.shape[1]))
+        hidden = int(hidden)
         key = (size, hidden)
         # dynamo counts graphs per code object, and every model's step shares this one: allow all the buckets
         # of two models (with and without the hidden state) before it would fall back to eager
@@ -139,7 +140,7 @@ class Engine:
             step = self.steps.setdefault(key, CompiledForward(model, self.mode))
         return CachedLM(model, vocab_size, cache, step)
 
-    def warm(self, model: torch.nn.Module, vocab_size: int, capacity: int, hidden: bool = False) -> float:
+    def warm(self, model: torch.nn.Module, vocab_size: int, capacity: int, hidden: int = 0) -> float:
         """Compile every bucket's graph of `model` now, for generations of this `capacity` (so none is compiled
         while a benchmark times them). Returns the seconds it took (0 when not compiling)."""
         if not self.compile:
@@ -148,7 +149,7 @@ class Engine:
         ids = torch.zeros(1, 1, dtype=torch.long, device=self.device)
         lm.append(ids)  # eager: a step needs a cached token before it
         for size in BUCKETS:
-            for with_hidden in {False, hidden}:
+            for with_hidden in {0, int(hidden)}:
                 lm.append(ids.expand(1, size), hidden=with_hidden)
                 lm.rollback(size)
         return self.report()
