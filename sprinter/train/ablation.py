@@ -26,7 +26,7 @@ from sprinter.decode.drafters import DraftStep
 from sprinter.decode.gates import LearnedGate
 from sprinter.errors import SprinterError
 from sprinter.features import HIDDEN_PREV
-from sprinter.files import write_atomic, write_json
+from sprinter.files import read_json, write_atomic, write_json
 from sprinter.train.baselines import score_rows
 from sprinter.train.calibrate import budget_key, evaluate
 from sprinter.train.data import TokenTable, split_prompts
@@ -55,6 +55,8 @@ ROWS: dict[str, tuple[str, dict[str, Any]]] = {
     "neg-weight-6": ("rejections weighted 6:1 (SpecDec++)", {"neg_weight": 6.0}),
     "all-features": ("+ topk, prev-layer, block, position", {"features": (*FEATURES, *TOPK, HIDDEN_PREV, *BLOCK,
                                                                           "position")}),
+    "all-but-position": ("+ topk, prev-layer, block (configs/train/all-features.yaml)",
+                {"features": (*FEATURES, *TOPK, HIDDEN_PREV, *BLOCK)}),
 }
 
 
@@ -66,6 +68,7 @@ class AblationConfig:
     draft: str | None = option("checkpoints/pairs/bench/draft", "draft whose one-token step the gate is timed "
                                                                   "against (none: skip)")
     timing_calls: int = option(2000, "accept_prob calls timed per row (the median is reported)")
+    reuse: bool = option(False, "reuse the finished runs in OUT/runs (score and time them again, no training)")
     seed: int = option(0, "seed of the split and every run")
     threads: int = option(1, "CPU threads (the gate is timed on one)")
 
@@ -143,13 +146,17 @@ def ablate(cfg: AblationConfig) -> dict:
     table = TokenTable(cfg.data, list(dict.fromkeys(columns)))
     prompt_index = table.column("prompt_index")
     splits = split_prompts(prompt_index, base.val_fraction, base.test_fraction, cfg.seed)  # as train() splits
-    draft_seconds = time_draft_step(cfg.draft, cfg.timing_calls) if cfg.draft else None
     results: dict[str, dict] = {}
+    draft_times = []
     for name, (what, overrides) in rows.items():
         run_cfg = dataclasses.replace(base, out=str(out / "runs" / name), **overrides)
-        started = time.perf_counter()
-        metrics = train(run_cfg)
-        seconds = time.perf_counter() - started
+        if cfg.reuse and (out / "runs" / name / "metrics.json").is_file():
+            metrics = read_json(out / "runs" / name / "metrics.json", f"run {name!r}")
+            seconds = metrics["train_seconds"]
+        else:
+            started = time.perf_counter()
+            metrics = train(run_cfg)
+            seconds = time.perf_counter() - started
         row_splits = dict(splits)
         if run_cfg.train_prompts:
             row_splits["train"] = first_prompts(prompt_index, splits["train"], run_cfg.train_prompts)
@@ -160,15 +167,17 @@ def ablate(cfg: AblationConfig) -> dict:
         gate = LearnedGate(verifier, info.features, info.default_threshold)
         row["gate_ms"] = 1e3 * time_gate(gate, info.hidden_size, int(info.arch["vocab_size"]) or 2048,
                                          cfg.timing_calls)
-        if draft_seconds:
-            row["gate_over_draft_step"] = row["gate_ms"] / (1e3 * draft_seconds)
+        if cfg.draft:  # timed right after the gate, so both see the same load on a shared machine
+            draft_times.append(time_draft_step(cfg.draft, cfg.timing_calls))
+            row["draft_step_ms"] = 1e3 * draft_times[-1]
+            row["gate_over_draft_step"] = row["gate_ms"] / row["draft_step_ms"]
         results[name] = row
         print(f"{name:<20} AUROC {row['auroc']:.3f}  true-accept@0.05 {row['true_accept@0.05']:.3f}  "
               f"gate {row['gate_ms']:.3f} ms  ({seconds:.0f} s)", flush=True)
     table_out = {"data": list(cfg.data), "label": "accept_greedy", "budgets": list(BUDGETS), "seed": cfg.seed,
                  "splits": {k: {"samples": len(v), "prompts": int(prompt_index[v].unique().numel())}
                             for k, v in splits.items()},
-                 "draft_step_ms": None if draft_seconds is None else 1e3 * draft_seconds, "rows": results}
+                 "draft_step_ms": 1e3 * statistics.median(draft_times) if draft_times else None, "rows": results}
     write_json(out / "ablation.json", table_out)
     write_atomic(out / "ablation.md", markdown(table_out))
     return table_out
@@ -179,8 +188,8 @@ def markdown(table: dict) -> str:
     draft = table.get("draft_step_ms")
     lines = [f"Test split: {table['splits']['test']['samples']} rows ({table['splits']['test']['prompts']} prompts); "
              f"label {table['label']}; thresholds chosen on val ({table['splits']['val']['samples']} rows). "
-             f"Gate cost: median LearnedGate.accept_prob, one thread"
-             + (f"; the draft's one-token step is {draft:.3f} ms." if draft else "."), "",
+             f"Gate cost: median LearnedGate.accept_prob, one thread, over the draft's one-token step timed after it"
+             + (f" (median over rows {draft:.3f} ms)." if draft else "."), "",
              "| row | change | train rows | AUROC | TA@2% | TA@5% | TA@10% | gate ms | gate / draft step |",
              "|---|---|---:|---:|---:|---:|---:|---:|---:|"]
     for name, r in table["rows"].items():
