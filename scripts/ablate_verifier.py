@@ -1,8 +1,9 @@
-"""The verifier ablation (docs/training.md): python scripts/ablate_verifier.py [--data DIR] [--out DIR] [--rows ...]
+"""The verifier ablation (docs/training.md):
+python scripts/ablate_verifier.py [--data DIR] [--out DIR] [--runs DIR] [--rows ...]
 
 Trains one verifier per row (one change at a time against the default, same splits), scores each on the
 greedy label (thresholds on val, figures on test), times its decode-time gate, and writes
-OUT/ablation.json and OUT/ablation.md (default OUT: results/verifiers/ablation).
+OUT/ablation.json and OUT/ablation.md (default OUT: results/verifiers; the runs go to data/ablation).
 """
 
 import sys

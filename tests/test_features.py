@@ -141,3 +141,12 @@ def test_sprinter_decodes_with_a_new_feature_verifier(tiny_pair, tmp_path):
                                       device="cpu", dtype="float32")
     out = decoder.generate("def f(x):", mode="sprinter", max_new_tokens=12)
     assert out.stats.new_tokens == 12 and out.stats.verifier_calls >= 1
+
+
+def test_every_ablation_row_is_a_valid_train_config():
+    from sprinter.train.ablation import ROWS, AblationConfig
+
+    for _, overrides in ROWS.values():
+        TrainConfig(**overrides)  # a row naming an unknown feature or option would fail here, not after hours
+    with pytest.raises(SprinterError, match="nope"):
+        AblationConfig(rows=("default", "nope"))

@@ -1,7 +1,7 @@
 """The verifier ablation: one change at a time against the default, on the same splits, judged the same way.
 
 Each row is a full `train()` run (sprinter.train.fit: train on `train`, best epoch and thresholds on `val`)
-into OUT/runs/NAME; the row is then re-scored here on the greedy label (`accept_greedy`, what decoding at
+into RUNS/NAME; the row is then re-scored here on the greedy label (`accept_greedy`, what decoding at
 temperature 0 accepts), so rows trained on other labels (sprinter, soft) are judged on the same label as
 the rest. Thresholds are chosen on val, figures reported on test. The cost column is the decode-time gate:
 the median time of one `LearnedGate.accept_prob` call on one thread, beside the draft's own step (a
@@ -63,12 +63,13 @@ ROWS: dict[str, tuple[str, dict[str, Any]]] = {
 @dataclass
 class AblationConfig:
     data: tuple[str, ...] = option(("data/bench-v2",), "decode-context shard folder(s) with the optional columns")
-    out: str = option("results/verifiers/ablation", "output folder: ablation.json, ablation.md, runs/NAME")
+    out: str = option("results/verifiers", "output folder of ablation.json and ablation.md")
+    runs: str = option("data/ablation", "folder of the runs, one verifier per row in RUNS/NAME (git-ignored)")
     rows: tuple[str, ...] = option(tuple(ROWS), "rows to run (names of sprinter.train.ablation.ROWS)")
     draft: str | None = option("checkpoints/pairs/bench/draft", "draft whose one-token step the gate is timed "
                                                                   "against (none: skip)")
     timing_calls: int = option(2000, "accept_prob calls timed per row (the median is reported)")
-    reuse: bool = option(False, "reuse the finished runs in OUT/runs (score and time them again, no training)")
+    reuse: bool = option(False, "reuse the finished runs in RUNS (score and time them again, no training)")
     seed: int = option(0, "seed of the split and every run")
     threads: int = option(1, "CPU threads (the gate is timed on one)")
 
@@ -149,9 +150,9 @@ def ablate(cfg: AblationConfig) -> dict:
     results: dict[str, dict] = {}
     draft_times = []
     for name, (what, overrides) in rows.items():
-        run_cfg = dataclasses.replace(base, out=str(out / "runs" / name), **overrides)
-        if cfg.reuse and (out / "runs" / name / "metrics.json").is_file():
-            metrics = read_json(out / "runs" / name / "metrics.json", f"run {name!r}")
+        run_cfg = dataclasses.replace(base, out=str(Path(cfg.runs) / name), **overrides)
+        if cfg.reuse and (Path(cfg.runs) / name / "metrics.json").is_file():
+            metrics = read_json(Path(cfg.runs) / name / "metrics.json", f"run {name!r}")
             seconds = metrics["train_seconds"]
         else:
             started = time.perf_counter()
@@ -162,8 +163,8 @@ def ablate(cfg: AblationConfig) -> dict:
             row_splits["train"] = first_prompts(prompt_index, splits["train"], run_cfg.train_prompts)
         row = {"what": what, "overrides": {k: list(v) if isinstance(v, tuple) else v for k, v in overrides.items()},
                "train_samples": len(row_splits["train"]), "train_seconds": round(seconds, 1),
-               "best_epoch": metrics["best_epoch"], **row_metrics(out / "runs" / name, table, row_splits)}
-        verifier, info = load_verifier(out / "runs" / name)
+               "best_epoch": metrics["best_epoch"], **row_metrics(Path(cfg.runs) / name, table, row_splits)}
+        verifier, info = load_verifier(Path(cfg.runs) / name)
         gate = LearnedGate(verifier, info.features, info.default_threshold)
         row["gate_ms"] = 1e3 * time_gate(gate, info.hidden_size, int(info.arch["vocab_size"]) or 2048,
                                          cfg.timing_calls)
@@ -178,6 +179,7 @@ def ablate(cfg: AblationConfig) -> dict:
                  "splits": {k: {"samples": len(v), "prompts": int(prompt_index[v].unique().numel())}
                             for k, v in splits.items()},
                  "draft_step_ms": 1e3 * statistics.median(draft_times) if draft_times else None, "rows": results}
+    out.mkdir(parents=True, exist_ok=True)
     write_json(out / "ablation.json", table_out)
     write_atomic(out / "ablation.md", markdown(table_out))
     return table_out
