@@ -6,6 +6,10 @@ A plain `nn.Module` (the decode path imports this file, never Lightning) with tw
   standardised with statistics stored in the module, then `depth` blocks of Linear -> norm -> GELU ->
   dropout and a Linear to one logit;
 - the paper's baseline (docs/references.md §1): `features=("hidden",)`, `depth=0`, i.e. Linear(H, 1).
+Optional inputs (sprinter.features defines each, for collection and decode alike): the hidden state of the
+layer before the last (`hidden_prev_layer`, standardised like `hidden`), the draft's top-k probabilities and
+margin, and the block so far (`prev_draft_prob`, `block_cum_prob`). Every feature is named in the
+checkpoint's metadata, so a checkpoint made before a feature existed loads and gates as it did.
 
 The checkpoint is one `verifier.safetensors`: the state dict (normalisation statistics included as
 buffers) plus string metadata holding everything needed to use it without the training config
@@ -24,11 +28,11 @@ import torch
 from torch import nn
 
 from sprinter.errors import SprinterError
+from sprinter.features import HIDDEN, HIDDEN_PREV, TOKEN, VECTORS
 from sprinter.files import write_atomic
 
 FORMAT = "sprinter-verifier/1"
 FILE_NAME = "verifier.safetensors"
-HIDDEN, TOKEN = "hidden", "token_id"
 NORMS = ("none", "layer", "rms")
 # Columns that carry the target's answer: using one as a feature would leak the label.
 LEAKY = ("target_prob", "accept_greedy", "accept_sprinter", "accept_soft")
@@ -62,7 +66,7 @@ class VerifierInfo:
 
     @property
     def scalar_features(self) -> tuple[str, ...]:
-        return tuple(f for f in self.features if f not in (HIDDEN, TOKEN))
+        return tuple(f for f in self.features if f not in (*VECTORS, TOKEN))
 
 
 def default_arch(**overrides: Any) -> dict[str, Any]:
@@ -91,6 +95,11 @@ class Verifier(nn.Module):
         self.register_buffer("scalar_mean", torch.zeros(len(self.scalar_features)))
         self.register_buffer("scalar_std", torch.ones(len(self.scalar_features)))
         n_in = H + len(self.scalar_features)
+        self.has_prev_layer = HIDDEN_PREV in self.features
+        if self.has_prev_layer:  # registered only when read: checkpoints without the feature keep their state dict
+            self.register_buffer("hidden_prev_mean", torch.zeros(H))
+            self.register_buffer("hidden_prev_std", torch.ones(H))
+            n_in += H
         self.token_embedding = None
         if TOKEN in self.features:
             if int(arch["vocab_size"]) < 1 or int(arch["token_dim"]) < 1:
@@ -109,14 +118,23 @@ class Verifier(nn.Module):
         layers.append(nn.Linear(n_in, 1))
         self.net = nn.Sequential(*layers)
 
-    def set_normalisation(self, hidden_mean, hidden_std, scalar_mean, scalar_std) -> None:
-        """Store standardisation statistics (std clamped away from 0 so constant columns stay finite)."""
-        for name, value in (("hidden_mean", hidden_mean), ("hidden_std", hidden_std.clamp_min(1e-6)),
-                            ("scalar_mean", scalar_mean), ("scalar_std", scalar_std.clamp_min(1e-6))):
+    def set_normalisation(self, hidden_mean, hidden_std, scalar_mean, scalar_std, prev_mean=None,
+                          prev_std=None) -> None:
+        """Store standardisation statistics (std clamped away from 0 so constant columns stay finite);
+        prev_*: those of hidden_prev_layer, when it is a feature."""
+        pairs = [("hidden_mean", hidden_mean), ("hidden_std", hidden_std.clamp_min(1e-6)),
+                 ("scalar_mean", scalar_mean), ("scalar_std", scalar_std.clamp_min(1e-6))]
+        if self.has_prev_layer:
+            if prev_mean is None or prev_std is None:
+                raise SprinterError("set_normalisation: the verifier reads hidden_prev_layer; expected its "
+                                    "statistics (prev_mean, prev_std)")
+            pairs += [("hidden_prev_mean", prev_mean), ("hidden_prev_std", prev_std.clamp_min(1e-6))]
+        for name, value in pairs:
             getattr(self, name).copy_(value)
 
     def forward(self, features: dict[str, torch.Tensor]) -> torch.Tensor:
-        """features: "hidden" (N, H) and each scalar feature (N,); "token_id" (N,) long -> logits (N,) float32.
+        """features: "hidden" (and "hidden_prev_layer") (N, H), each scalar feature (N,), "token_id" (N,) long
+        -> logits (N,) float32.
 
         Inputs are cast to the verifier's own dtype (call `.to(hidden.dtype)` to run it in half precision).
         """
@@ -125,6 +143,8 @@ class Verifier(nn.Module):
             raise SprinterError(f"verifier input: missing feature(s) {missing}; expected {list(self.features)}")
         dtype = self.hidden_mean.dtype
         parts = [(features[HIDDEN].to(dtype) - self.hidden_mean) / self.hidden_std]  # (N, H)
+        if self.has_prev_layer:
+            parts.append((features[HIDDEN_PREV].to(dtype) - self.hidden_prev_mean) / self.hidden_prev_std)  # (N, H)
         if self.token_embedding is not None:
             parts.append(self.token_embedding(features[TOKEN].long()).to(dtype))  # (N, D)
         if self.scalar_features:

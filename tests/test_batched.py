@@ -156,8 +156,10 @@ def test_recompute_rereads_like_a_forward_without_a_cache(tiny_llama_pair):
         assert torch.equal(logits[0], expected[0]) and torch.equal(logits[1, 0], expected[1, -1])
         lm.rollback_to([len(s) for s in seqs])
         last, hidden = lm.append_last([[], []], hidden=True)  # the re-read alone: each row's last token
-    assert torch.allclose(last, expected[:, -1], atol=1e-5) and torch.allclose(hidden, out.hidden_states[-1][:, -1],
-                                                                                atol=1e-5)
+    assert torch.allclose(last, expected[:, -1], atol=1e-5)
+    # the states of the last layer and the one before it (the data stage's hidden and hidden_prev_layer)
+    assert torch.allclose(hidden[:, 0], out.hidden_states[-1][:, -1], atol=1e-5)
+    assert torch.allclose(hidden[:, 1], out.hidden_states[-2][:, -1], atol=1e-5)
 
 
 def test_speculation_length_rule():

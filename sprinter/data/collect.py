@@ -44,13 +44,14 @@ from sprinter.data.shards import (
     write_manifest,
 )
 from sprinter.errors import SprinterError
+from sprinter.features import SCALARS, VECTORS
 from sprinter.files import LOCK_NAME, FolderLock, read_json
 from sprinter.pairs.load import Pair, fingerprint, load_pair
 
 CONFIG_DIR = CONFIGS / "collect"
 SOURCES = ("corpus", "decode")
 HIDDEN_DTYPES = {"float16": torch.float16, "float32": torch.float32}
-FEATURES = ["hidden", "draft_prob", "draft_entropy", "draft_max_prob", "position", "context_length"]
+FEATURES = [*VECTORS, *SCALARS, "context_length"]  # draft-side columns a verifier may read (sprinter.features)
 # Options that may change on --resume without changing a single row.
 RUNTIME_OPTIONS = ("resume", "overwrite", "device", "threads", "progress", "out")  # "out": a moved folder resumes
 
@@ -220,8 +221,9 @@ def batch_rows(cfg: CollectConfig, pair: Pair, windows: torch.Tensor, first: int
                               cfg.draft_length, pair.vocab_size, cfg.temperature, gen, pad, tok.eos_token_id,
                               pair.max_length)
     rows["prompt_index"] = rows.pop("row_prompt") + first
-    rows["hidden"] = rows["hidden"].to(HIDDEN_DTYPES[cfg.hidden_dtype])
-    return {name: (t.float() if t.is_floating_point() and name != "hidden" else t).cpu() for name, t in rows.items()}
+    for name in VECTORS:
+        rows[name] = rows[name].to(HIDDEN_DTYPES[cfg.hidden_dtype])
+    return {name: (t.float() if t.is_floating_point() and name not in VECTORS else t).cpu() for name, t in rows.items()}
 
 
 def check_pair(cfg: CollectConfig, pair: Pair) -> None:

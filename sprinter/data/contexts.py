@@ -25,9 +25,10 @@ import torch
 from sprinter.decode.batch_cache import BatchCachedLM
 from sprinter.decode.batched import decode_batch
 from sprinter.decode.drafters import BatchModelDrafter, Draft
-from sprinter.decode.sampling import Sampler, entropy
+from sprinter.decode.sampling import Sampler
 from sprinter.decode.stats import DecodeStats
 from sprinter.errors import SprinterError
+from sprinter.features import HIDDEN, HIDDEN_PREV, TOKEN, block_features, distribution_features
 
 
 # ------------------------------------------------------------------------------------- pure functions
@@ -59,13 +60,20 @@ def accept_labels(p: torch.Tensor, q: torch.Tensor, x: torch.Tensor) -> dict[str
     return {"accept_greedy": greedy.float(), "accept_sprinter": (q_x <= p_x).float(), "accept_soft": soft.float()}
 
 
-def row_columns(hidden: torch.Tensor, q: torch.Tensor, p: torch.Tensor, x: torch.Tensor) -> dict[str, torch.Tensor]:
-    """The per-row columns that depend on the distributions.  # (N, H), (N, V), (N, V), (N,)"""
+def row_columns(hidden: torch.Tensor, hidden_prev: torch.Tensor, q: torch.Tensor, p: torch.Tensor,
+                x: torch.Tensor) -> dict[str, torch.Tensor]:
+    """The per-row columns that depend on the distributions (sprinter.features defines the draft's).
+    # (N, H), (N, H), (N, V), (N, V), (N,)"""
     if not torch.isfinite(hidden).all() or not torch.isfinite(q).all() or not torch.isfinite(p).all():
         raise SprinterError("non-finite values (NaN or inf) in the draft's hidden states or in p/q; the pair "
                             "overflows in this dtype or its weights are broken: try --dtype float32")
-    return {"hidden": hidden, "token_id": x, "draft_prob": gather(q, x), "draft_entropy": entropy(q),
-            "draft_max_prob": q.max(-1).values, "target_prob": gather(p, x), **accept_labels(p, q, x)}
+    return {HIDDEN: hidden, HIDDEN_PREV: hidden_prev, TOKEN: x, **distribution_features(q, x),
+            "target_prob": gather(p, x), **accept_labels(p, q, x)}
+
+
+def with_block_columns(rows: dict[str, torch.Tensor], shape: tuple[int, int]) -> dict[str, torch.Tensor]:
+    """Add the block features to rows laid out as (B, n) blocks in drafting order (all rows kept)."""
+    return {**rows, **{k: v.reshape(-1) for k, v in block_features(rows["draft_prob"].reshape(shape)).items()}}
 
 
 # ------------------------------------------------------------------------------------- context sources
@@ -81,11 +89,14 @@ def corpus_rows(draft, target, windows: torch.Tensor, prompt_len: int, vocab_siz
     t = length - prompt_len  # labelled positions per window
     out = draft(input_ids=windows, output_hidden_states=True, logits_to_keep=t + 1)
     hidden = out.hidden_states[-1][:, prompt_len - 1: length - 1]  # (B, T, H): the state that predicts each x
+    hidden_prev = out.hidden_states[-2][:, prompt_len - 1: length - 1]  # (B, T, H): the layer before
     q = probabilities(out.logits[:, :-1, :vocab_size], temperature)  # (B, T, V)
     p = probabilities(target(input_ids=windows, logits_to_keep=t + 1).logits[:, :-1, :vocab_size], temperature)
     x = choose_tokens(q, temperature, gen)  # (B, T)
     position = torch.arange(t, device=windows.device).expand(b, t)
-    rows = row_columns(hidden.reshape(b * t, -1), q.reshape(b * t, -1), p.reshape(b * t, -1), x.reshape(-1))
+    rows = row_columns(hidden.reshape(b * t, -1), hidden_prev.reshape(b * t, -1), q.reshape(b * t, -1),
+                       p.reshape(b * t, -1), x.reshape(-1))
+    rows = with_block_columns(rows, (b, t))  # a window's continuation is one block
     return {**rows, "position": position.reshape(-1), "context_length": (position + prompt_len).reshape(-1),
             "row_prompt": torch.arange(b, device=windows.device).repeat_interleave(t)}
 
@@ -146,7 +157,11 @@ def decode_rows(draft, target, prompts: torch.Tensor, max_new_tokens: int, k: in
         keep = torch.tensor([[contexts[i].drafted + j < max_new_tokens for j in range(k)] for i in live],
                             device=device)  # (b, k)
         p = probabilities(logits[:, :k], temperature)  # (b, k, V): the distribution each drafted token met
-        rows = row_columns(block.hidden[keep], block.q_soft[keep], p[keep], block.x[keep])
+        # block.hidden: (b, k, 2, H), the last layer's state and the one before it
+        rows = row_columns(block.hidden[:, :, 0][keep], block.hidden[:, :, 1][keep], block.q_soft[keep], p[keep],
+                           block.x[keep])
+        # block features over the whole block (the kept rows are a prefix of it, so nothing kept reads a dropped one)
+        rows.update({name: v[keep] for name, v in block_features(gather(block.q_soft, block.x)).items()})
         context_start = torch.tensor([len(contexts[i].path) for i in live], device=device)
         position = torch.arange(k, device=device).expand(len(live), k)
         rows["position"] = position[keep]
@@ -164,4 +179,4 @@ def decode_rows(draft, target, prompts: torch.Tensor, max_new_tokens: int, k: in
     return {name: t[order] for name, t in rows.items()}, [c.path for c in contexts]
 
 
-__all__ = ["Context", "accept_labels", "choose_tokens", "corpus_rows", "decode_rows", "entropy", "probabilities"]
+__all__ = ["Context", "accept_labels", "choose_tokens", "corpus_rows", "decode_rows", "probabilities"]

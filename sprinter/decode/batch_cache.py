@@ -76,8 +76,8 @@ class BatchCachedLM:
     def append_last(self, rows: Sequence[Sequence[int]], *, hidden: bool = False
                     ) -> tuple[torch.Tensor, torch.Tensor | None]:
         """`append`, returning only what follows each row's last new token: its logits and, when `hidden`, the
-        last layer's state there (after the final norm). A row with no new token gives any column's.
-        # -> (B, V), (B, H) | None"""
+        states there of the last layer (after the final norm) and the one before it. A row with no new token
+        gives any column's.  # -> (B, V), (B, 2, H) | None"""
         # a recompute re-read ends every row at the last column: one column of logits is enough
         keep = 1 if self.tokens is not None and not self.width else max(map(len, rows))
         logits, states, first = self._forward(rows, keep, hidden=hidden)
@@ -94,8 +94,8 @@ class BatchCachedLM:
     def _forward(self, rows: Sequence[Sequence[int]], keep: int, *, hidden: bool = False
                  ) -> tuple[torch.Tensor, torch.Tensor | None, list[int]]:
         """Run the model over `rows` after each row's cached tokens. Returns the logits (B, keep, V) and, when
-        `hidden`, the last layer's states (B, keep, H) of the block's last `keep` columns, and where each row's
-        first new token is among those columns (negative: before them)."""
+        `hidden`, the states of the last layer and the one before it (B, keep, 2, H) of the block's last `keep`
+        columns, and where each row's first new token is among those columns (negative: before them)."""
         new = [len(row) for row in rows]
         reread = self.tokens is not None and not self.width
         if reread:  # recompute, first forward of a round: every row's whole sequence, ending at the last column
@@ -120,7 +120,9 @@ class BatchCachedLM:
         if self.tokens is not None:
             self.tokens = [held + list(row) for held, row in zip(self.tokens, rows)]
         first = [keep - n for n in new] if reread else [0] * len(rows)  # row b's new tokens: its last new[b]
-        states = out.hidden_states[-1][:, -keep:] if hidden else None
+        # the data stage's rows read the last layer's state and the one before it (sprinter.features)
+        states = torch.stack([out.hidden_states[-1][:, -keep:], out.hidden_states[-2][:, -keep:]], 2) if hidden \
+            else None
         return out.logits[:, -keep:, : self.vocab_size], states, first
 
     def admit(self, rows: Sequence[Sequence[int]]) -> None:

@@ -54,6 +54,14 @@ class FlopModel:
             + 4 * self.layers * self.width * attended
 
 
+def last_states(hidden_states: tuple[torch.Tensor, ...], n: int, start: int) -> torch.Tensor | None:
+    """The states of the last n layers (last first) at positions start.. of sequence 0; None when n is 0.
+    # tuple of (1, T, H) -> (T - start, n, H)"""
+    if n == 0:
+        return None
+    return torch.stack([hidden_states[-1 - i][0, start:] for i in range(n)], dim=1)
+
+
 def static_cache_supported() -> bool:
     """Whether this transformers' StaticCache keeps its length as a tensor it moves in place (5.17 and later, where
     a rollback moves that length; older ones inferred the length from which slots were non-zero)."""
@@ -124,24 +132,24 @@ class CachedLM:
         """How many tokens the cache holds."""
         return self._length
 
-    def append(self, ids: torch.Tensor, logits: int = 1, hidden: bool = False
+    def append(self, ids: torch.Tensor, logits: int = 1, hidden: int = 0
                ) -> tuple[torch.Tensor, torch.Tensor | None]:
         """Run the model over `ids` (1, T), which follow the cached tokens, and cache them.
 
-        Returns the logits of the last `logits` positions (logits, V) and, when `hidden`, the
-        last layer's state there (after the final norm) (logits, H)."""
+        Returns the logits of the last `logits` positions (logits, V) and, when `hidden` >= 1, the states of
+        the last `hidden` layers there, the last layer (after the final norm) first: (logits, hidden, H)."""
         past, new = self.length, ids.shape[1]
         if self.step is not None and past > 0 and self.step.fits(past, new, static_capacity(self.cache)):
             # compiled: a graph per block-length bucket; the padding after the real tokens is forgotten at once
-            all_logits, states = self.step(ids, self.cache, hidden)  # (new, V), (new, H) | None
+            all_logits, states = self.step(ids, self.cache, hidden)  # (bucket, V), (bucket, hidden, H) | None
             padding = self.step.bucket(new) - new
             if padding:
                 static_rollback(self.cache, padding)
             all_logits, states = all_logits[new - logits:new], None if states is None else states[new - logits:new]
         else:  # eager: the prefill (and any append too long for a graph)
             out = run_with_cache(self.model, self.cache, input_ids=ids, logits_to_keep=logits,
-                                 output_hidden_states=hidden)
-            all_logits, states = out.logits[0, -logits:], out.hidden_states[-1][0, -logits:] if hidden else None
+                                 output_hidden_states=bool(hidden))
+            all_logits, states = out.logits[0, -logits:], last_states(out.hidden_states, int(hidden), -logits)
         self._count(past, new, logits)
         return all_logits[:, : self.vocab_size], states
 

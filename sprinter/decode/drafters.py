@@ -33,6 +33,7 @@ class DraftStep:
     q: torch.Tensor  # (V,) the distribution x was drawn from (one-hot when greedy)
     q_soft: torch.Tensor  # (V,) the draft's confidence: q when sampling, the untempered softmax when greedy
     hidden: torch.Tensor | None  # (H,) the draft's last-layer state at the position that produced x
+    hidden_prev: torch.Tensor | None = None  # (H,) the state of the layer before the last there (when asked for)
     p_accept: torch.Tensor | None = None  # () the gate's P(accept), when a fused step computed it already
 
 
@@ -50,7 +51,7 @@ class Draft:
     host: list[list[int]] | None = None  # the chains as lists, when the drafter has them (saves a device sync)
     # What a verifier reads about each slot, from a drafter made with `features=True` (past a row's chain: unused):
     q_soft: torch.Tensor | None = None  # (B, n, V) q when sampling, the untempered softmax when greedy
-    hidden: torch.Tensor | None = None  # (B, n, H) the draft's last-layer state at the position that produced x
+    hidden: torch.Tensor | None = None  # (B, n, 2, H) the draft's states (the last layer, the one before) there
 
     def chains(self) -> list[list[int]]:
         """Each row's drafted tokens."""
@@ -72,11 +73,13 @@ class Drafter(Protocol):
 class ModelDrafter:
     """A draft causal LM with its own KV cache, for one sequence, fed only the tokens it has not seen."""
 
-    def __init__(self, lm: CachedLM, sampler: Sampler, *, with_hidden: bool = False,
+    def __init__(self, lm: CachedLM, sampler: Sampler, *, with_hidden: bool | int = False,
                  fused: FusedDraftStep | None = None):
         self.lm = lm
         self.sampler = sampler
-        self.with_hidden = with_hidden  # the hidden state costs an extra output; only a learned gate reads it
+        # How many of the last layers' states each step returns (True: 1; 2 adds the layer before the last):
+        # they cost an extra output, and only a learned gate reads them.
+        self.with_hidden = int(with_hidden)
         self.fused = fused  # compiled greedy step with the gate in it (sprinter.decode.engine), for gated chains
         self.device = next(lm.model.parameters()).device
 
@@ -85,7 +88,7 @@ class ModelDrafter:
         if len(seqs) != 1:
             raise RuntimeError(f"ModelDrafter drafts for one sequence; got {len(seqs)}")  # a decoder bug
         (seq,), (limit,) = seqs, limits
-        hidden_too = self.with_hidden and stop is not None
+        hidden_too = self.with_hidden if stop is not None else 0
         ids = torch.tensor([seq[self.lm.length:]], dtype=torch.long, device=self.device)  # (1, unseen)
         xs: list[torch.Tensor] = []
         qs: list[torch.Tensor] = []
@@ -96,11 +99,13 @@ class ModelDrafter:
                 x, q, q_soft, hidden, p_accept = self.lm.append_fused(ids, fused, len(xs))  # one graph, no sync
                 step = DraftStep(token=x, q=q, q_soft=q_soft, hidden=hidden, p_accept=p_accept)
             else:
-                logits, hidden = self.lm.append(ids, hidden=hidden_too)  # (1, V), (1, H)
+                logits, hidden = self.lm.append(ids, hidden=hidden_too)  # (1, V), (1, layers, H)
                 q = self.sampler.probs(logits[0])
                 x = self.sampler.draw(q, gen)
-                step = None if stop is None else DraftStep(token=x, q=q, q_soft=self.sampler.soft_probs(logits[0]),
-                                                           hidden=None if hidden is None else hidden[0])
+                step = None if stop is None else DraftStep(
+                    token=x, q=q, q_soft=self.sampler.soft_probs(logits[0]),
+                    hidden=None if hidden is None else hidden[0, 0],
+                    hidden_prev=hidden[0, 1] if hidden_too > 1 else None)
             xs.append(x)
             qs.append(q)
             ids = x.view(1, 1)

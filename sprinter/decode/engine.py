@@ -21,7 +21,7 @@ import time
 
 import torch
 
-from sprinter.decode.cache import CachedLM, static_cache, static_capacity
+from sprinter.decode.cache import CachedLM, last_states, static_cache, static_capacity
 from sprinter.decode.drafters import DraftStep
 from sprinter.decode.gates import AlwaysFlag, ConfidenceGate, LearnedGate, NeverFlag
 from sprinter.pairs.load import cache_keyword
@@ -89,9 +89,9 @@ class CompiledForward(Graphs):
 
         keyword = cache_keyword(type(model))  # read here: dynamo cannot trace the cached signature lookup
 
-        def forward(ids: torch.Tensor, cache, hidden: bool) -> tuple[torch.Tensor, torch.Tensor | None]:
-            out = model(input_ids=ids, **{keyword: cache}, use_cache=True, output_hidden_states=hidden)
-            return out.logits[0], out.hidden_states[-1][0] if hidden else None  # (T, V), (T, H) | None
+        def forward(ids: torch.Tensor, cache, hidden: int) -> tuple[torch.Tensor, torch.Tensor | None]:
+            out = model(input_ids=ids, **{keyword: cache}, use_cache=True, output_hidden_states=bool(hidden))
+            return out.logits[0], last_states(out.hidden_states, hidden, 0)  # (T, V), (T, hidden, H) | None
 
         super().__init__(forward, mode)
 
@@ -107,15 +107,15 @@ class CompiledForward(Graphs):
         end = past + self.bucket(new)
         return end <= capacity and (self.window is None or end <= self.window)
 
-    def __call__(self, ids: torch.Tensor, cache, hidden: bool) -> tuple[torch.Tensor, torch.Tensor | None]:
-        """Logits (and last-layer states) of every position of `ids` (1, T) padded to its bucket.
-        # -> (bucket, V), (bucket, H) | None. The caller moves the cache's length back over the padding."""
+    def __call__(self, ids: torch.Tensor, cache, hidden: int) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """Logits (and the last `hidden` layers' states) of every position of `ids` (1, T) padded to its bucket.
+        # -> (bucket, V), (bucket, hidden, H) | None. The caller moves the cache's length back over the padding."""
         size = self.bucket(ids.shape[1])
         # Padding goes after the real tokens: causal attention keeps it from them, so any id will do. A fresh
         # tensor each time: a slice of a longer one has other strides, and dynamo would recompile for each.
         padded = ids.new_zeros(1, size)
         padded[:, : ids.shape[1]] = ids
-        return self.run((size, hidden), padded, cache, hidden)
+        return self.run((size, int(hidden)), padded, cache, int(hidden))
 
 
 class FusedDraftStep(Graphs):
@@ -128,19 +128,21 @@ class FusedDraftStep(Graphs):
 
     def __init__(self, model: torch.nn.Module, gate, vocab_size: int, mode: str | None):
         keyword = cache_keyword(type(model))
-        needs_hidden = bool(gate.needs_hidden)
+        layers = int(gate.needs_hidden)  # 2: the gate also reads the layer before the last
         self.window = getattr(model.config, "max_position_embeddings", None) or getattr(model.config, "n_positions",
                                                                                         None)
 
         def step(ids: torch.Tensor, cache, position: torch.Tensor):
-            out = model(input_ids=ids, **{keyword: cache}, use_cache=True, output_hidden_states=needs_hidden,
+            out = model(input_ids=ids, **{keyword: cache}, use_cache=True, output_hidden_states=bool(layers),
                         logits_to_keep=1)
             logits = out.logits[0, -1, :vocab_size].float()  # (V,)
             x = logits.argmax(-1)
             q = torch.nn.functional.one_hot(x, vocab_size).float()  # greedy: what Sampler.probs gives
             q_soft = logits.softmax(-1)  # what Sampler.soft_probs gives when greedy
-            hidden = out.hidden_states[-1][0, -1] if needs_hidden else None
-            p_accept = gate.accept_prob(DraftStep(token=x, q=q, q_soft=q_soft, hidden=hidden), position)
+            hidden = out.hidden_states[-1][0, -1] if layers else None
+            hidden_prev = out.hidden_states[-2][0, -1] if layers > 1 else None
+            p_accept = gate.accept_prob(DraftStep(token=x, q=q, q_soft=q_soft, hidden=hidden, hidden_prev=hidden_prev),
+                                        position)
             return x, q, q_soft, hidden, p_accept
 
         super().__init__(step, mode)
@@ -193,6 +195,8 @@ class Engine:
         forward and the gate apart). A learned gate is keyed by its verifier, so a new threshold reuses the graph."""
         if not self.compile or not greedy or not isinstance(gate, (LearnedGate, ConfidenceGate, AlwaysFlag, NeverFlag)):
             return None  # a gate of the caller's own may not trace: it runs apart
+        if isinstance(gate, LearnedGate) and gate.wants["block"]:
+            return None  # its block features keep Python state between tokens: it runs apart
         scoring = (type(gate), id(getattr(gate, "verifier", None)), tuple(getattr(gate, "features", ())))
         key = (id(model), scoring)
         if key not in self.fused_steps:
@@ -217,7 +221,7 @@ class Engine:
             step = self.steps.setdefault(key, CompiledForward(model, self.mode))
         return CachedLM(model, vocab_size, cache, step)
 
-    def warm(self, model: torch.nn.Module, vocab_size: int, capacity: int, hidden: bool = False) -> float:
+    def warm(self, model: torch.nn.Module, vocab_size: int, capacity: int, hidden: int = 0) -> float:
         """Compile every bucket's graph of `model` now, for generations of this `capacity` (so none is compiled
         while a benchmark times them). Returns the seconds it took (0 when not compiling)."""
         if not self.compile:
@@ -226,7 +230,7 @@ class Engine:
         ids = torch.zeros(1, 1, dtype=torch.long, device=self.device)
         lm.append(ids)  # eager: a step needs a cached token before it
         for size in BUCKETS:
-            for with_hidden in {False, hidden}:
+            for with_hidden in {0, int(hidden)}:
                 lm.append(ids.expand(1, size), hidden=with_hidden)
                 lm.rollback(size)
         return self.report()

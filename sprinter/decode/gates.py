@@ -16,8 +16,17 @@ from typing import Protocol
 import torch
 
 from sprinter.decode.drafters import DraftStep
-from sprinter.decode.sampling import entropy
 from sprinter.errors import SprinterError
+from sprinter.features import (
+    BLOCK,
+    DISTRIBUTION,
+    HIDDEN,
+    HIDDEN_PREV,
+    KNOWN,
+    TOKEN,
+    block_features,
+    distribution_features,
+)
 
 CONFIDENCE_THRESHOLD = 0.4  # Hugging Face's default assistant_confidence_threshold
 
@@ -36,7 +45,7 @@ def prob_of(q: torch.Tensor, token: torch.Tensor) -> torch.Tensor:
 
 class Gate(Protocol):
     threshold: float
-    needs_hidden: bool  # whether the drafter must return its hidden state
+    needs_hidden: bool | int  # whether the drafter must return its hidden state (2: also the layer before the last)
 
     def accept_prob(self, step: DraftStep, position: int) -> torch.Tensor:
         """() estimated P(target accepts step.token); `position` is its 0-based index in the block."""
@@ -75,35 +84,62 @@ class ConfidenceGate:
 
 
 class LearnedGate:
-    """A trained verifier: sigmoid(verifier(features)) is P(accept). Features follow the verifier
-    contract: hidden (N, H), token_id (N,) long, draft_prob, draft_entropy, position (N,) float."""
+    """A trained verifier: sigmoid(verifier(features)) is P(accept). Each feature is computed by the function
+    the data stage used for it (sprinter.features), from the DraftStep and the block so far.
+
+    The block features (prev_draft_prob, block_cum_prob) read the draft probabilities of the earlier tokens
+    of the block, which the gate keeps between calls: the decode loops consult it on every drafted token in
+    order, position 0 starting a new block (so one gate serves one decode loop at a time)."""
 
     def __init__(self, verifier: torch.nn.Module, features: tuple[str, ...], threshold: float):
         self.verifier = verifier
         self.features = tuple(features)
+        unknown = [f for f in self.features if f not in KNOWN]
+        if unknown:
+            raise SprinterError(f"verifier feature(s): got {unknown}; expected some of {list(KNOWN)}")
         self.threshold = check_threshold(threshold)
-        self.needs_hidden = "hidden" in self.features
+        # the draft's last layers the gate reads: 2 with the layer before the last, 1 with the last alone
+        self.needs_hidden = 2 if HIDDEN_PREV in self.features else int(HIDDEN in self.features)
+        self.wants = {"distribution": bool(set(self.features) & set(DISTRIBUTION)),
+                      "block": bool(set(self.features) & set(BLOCK))}
         weight = next(verifier.parameters(), None)
         self.dtype = weight.dtype if weight is not None else torch.float32  # features are fed in its dtype
+        self.block_probs: list[torch.Tensor] = []  # q(x) of the block's tokens so far, in drafting order
 
     def accept_prob(self, step: DraftStep, position: int) -> torch.Tensor:
-        inputs = {name: self._feature(name, step, position)[None] for name in self.features}
+        values = self.step_features(step, position)
+        inputs = {name: values[name][None] for name in self.features}
         return torch.sigmoid(self.verifier(inputs).float()).reshape(())
 
-    def _feature(self, name: str, step: DraftStep, position: int) -> torch.Tensor:
-        device = step.q.device
-        if name == "hidden":
-            return step.hidden.to(self.dtype)
-        if name == "token_id":
-            return step.token
-        if name == "draft_prob":
-            return prob_of(step.q_soft, step.token).to(self.dtype)
-        if name == "draft_entropy":
-            return entropy(step.q_soft).to(self.dtype)
-        if name == "position":  # an int, or a 0-d tensor inside a fused draft step (sprinter.decode.engine)
-            return torch.as_tensor(position, device=device).to(self.dtype)
-        raise SprinterError(f"verifier feature: got {name!r}; expected some of "
-                            "('hidden', 'token_id', 'draft_prob', 'draft_entropy', 'position')")
+    def step_features(self, step: DraftStep, position: int) -> dict[str, torch.Tensor]:
+        """Every feature this verifier reads, of one drafted token at 0-based `position` in its block (an int, or
+        a 0-d tensor inside a fused draft step, sprinter.decode.engine, which takes only gates without block
+        features: those keep the block's q(x) here between calls)."""
+        if self.wants["block"]:
+            if position == 0:
+                self.block_probs = []
+            elif position != len(self.block_probs):
+                raise SprinterError(f"LearnedGate: got position {position} after {len(self.block_probs)} token(s) "
+                                    "of this block; expected every drafted token in order, the block's first at "
+                                    "position 0")
+            self.block_probs.append(prob_of(step.q_soft, step.token))
+        out: dict[str, torch.Tensor] = {}
+        if HIDDEN in self.features:
+            out[HIDDEN] = step.hidden.to(self.dtype)
+        if HIDDEN_PREV in self.features:
+            if step.hidden_prev is None:
+                raise SprinterError("LearnedGate: the verifier reads hidden_prev_layer and the drafter gave none; "
+                                    "expected a ModelDrafter made with with_hidden=gate.needs_hidden")
+            out[HIDDEN_PREV] = step.hidden_prev.to(self.dtype)
+        if TOKEN in self.features:
+            out[TOKEN] = step.token
+        if self.wants["distribution"]:
+            out.update({k: v.to(self.dtype) for k, v in distribution_features(step.q_soft, step.token).items()})
+        if self.wants["block"]:
+            out.update({k: v[-1].to(self.dtype) for k, v in block_features(torch.stack(self.block_probs)).items()})
+        if "position" in self.features:
+            out["position"] = torch.as_tensor(position, device=step.q.device).to(self.dtype)
+        return out
 
 
 def load_learned_gate(path: str | Path, draft_fingerprint: str, hidden_size: int, device: torch.device,

@@ -14,6 +14,7 @@ from typing import Callable
 
 import torch
 
+from sprinter.features import HIDDEN_PREV
 from sprinter.train.data import TokenTable, loader
 from sprinter.verifier import HIDDEN, Verifier
 
@@ -69,9 +70,11 @@ def fit_plain(verifier: Verifier, table: TokenTable, features, label_rule: str, 
 
 
 def numeric_matrix(verifier: Verifier, table: TokenTable, rows: torch.Tensor) -> torch.Tensor:
-    """Standardised hidden state and scalar features (N, H + S), with the verifier's statistics."""
+    """Standardised hidden state(s) and scalar features (N, H [+ H] + S), with the verifier's statistics."""
     hidden = (table.gather(HIDDEN, rows).float() - verifier.hidden_mean) / verifier.hidden_std
     parts = [hidden]
+    if verifier.has_prev_layer:
+        parts.append((table.gather(HIDDEN_PREV, rows).float() - verifier.hidden_prev_mean) / verifier.hidden_prev_std)
     if verifier.scalar_features:
         scalars = torch.stack([table.gather(f, rows).float() for f in verifier.scalar_features], dim=-1)
         parts.append((scalars - verifier.scalar_mean) / verifier.scalar_std)

@@ -28,6 +28,7 @@ from sprinter import __version__
 from sprinter.config import CONFIGS, check_integers, option, parse_config, save_config
 from sprinter.data.shards import read_manifest
 from sprinter.errors import SprinterError
+from sprinter.features import HIDDEN_PREV, KNOWN
 from sprinter.files import FolderLock, write_json
 from sprinter.train.baselines import (
     Scorer,
@@ -94,6 +95,8 @@ class TrainConfig:
     patience: int = option(8, "early stopping: epochs without a better val AUROC (0: off)")
     val_fraction: float = option(0.1, "share of prompts in the validation split (model selection, thresholds)")
     test_fraction: float = option(0.1, "share of prompts in the test split (reported, never used to choose)")
+    train_prompts: int = option(0, "train on only this many of the train split's prompts, the lowest prompt "
+                                   "indices first (0: all): a data-size curve over the same val/test splits")
     budgets: tuple[float, ...] = option((0.05, 0.02, 0.1, 0.2),
                                         "false-accept budgets to calibrate; the first is the default")
     eval_data: tuple[str, ...] = option((), "extra shard folder(s) scored on the test split's prompts, "
@@ -117,6 +120,10 @@ class TrainConfig:
             raise SprinterError(f"label_rule: got {self.label_rule!r}; expected one of {(*LABEL_COLUMN, 'auto')}")
         if HIDDEN not in self.features or len(set(self.features)) != len(self.features):
             raise SprinterError(f"features: got {list(self.features)}; expected distinct names including 'hidden'")
+        unknown = [f for f in self.features if f not in KNOWN]
+        if unknown:  # a column the gate cannot compute at decode time would make a verifier it cannot run
+            raise SprinterError(f"features: got {unknown}; expected names the decode-time gate computes: "
+                                f"{list(KNOWN)}")
         if self.norm not in NORMS:
             raise SprinterError(f"norm: got {self.norm!r}; expected one of {NORMS}")
         if self.optimizer not in ("adamw", "adam", "sgd"):
@@ -124,7 +131,7 @@ class TrainConfig:
         if self.schedule not in ("cosine", "constant"):
             raise SprinterError(f"schedule: got {self.schedule!r}; expected cosine or constant")
         check_integers(self, ("width", "batch_size", "epochs", "devices", "num_nodes", "token_dim", "baseline_rows"))
-        check_integers(self, ("depth", "patience", "threads"), minimum=0)
+        check_integers(self, ("depth", "patience", "threads", "train_prompts"), minimum=0)
         if not 0 <= self.dropout < 1:
             raise SprinterError(f"dropout: got {self.dropout!r}; expected 0 <= dropout < 1")
         if not (self.lr > 0 and self.pos_weight > 0 and (self.neg_weight is None or self.neg_weight > 0)):
@@ -258,7 +265,11 @@ def feature_statistics(table: TokenTable, info: VerifierInfo, rows: torch.Tensor
     hidden = table.gather(HIDDEN, rows).float()  # (n, H)
     scalars = torch.stack([table.gather(f, rows).float() for f in info.scalar_features], dim=-1) \
         if info.scalar_features else torch.zeros(len(rows), 0)
-    return hidden.mean(0), hidden.std(0), scalars.mean(0), scalars.std(0)
+    stats = [hidden.mean(0), hidden.std(0), scalars.mean(0), scalars.std(0)]
+    if HIDDEN_PREV in info.features:
+        prev = table.gather(HIDDEN_PREV, rows).float()  # (n, H)
+        stats += [prev.mean(0), prev.std(0)]
+    return stats
 
 
 def auto_label_rule(manifests: Sequence[dict]) -> str:
@@ -283,6 +294,12 @@ def check_splits(table: TokenTable, splits: dict, label_rule: str) -> dict:
         sizes[name] = {"samples": len(rows), "prompts": int(prompts[rows].unique().numel()),
                        "accept_rate": float(accepted.float().mean())}
     return sizes
+
+
+def first_prompts(prompt_index: torch.Tensor, rows: torch.Tensor, n: int) -> torch.Tensor:
+    """The rows of `rows` whose prompt is among its n lowest prompt indices.  # (N,), (R,) -> (R',)"""
+    keep = prompt_index[rows].unique()[:n]  # sorted
+    return rows[torch.isin(prompt_index[rows], keep)]
 
 
 def make_trainer(cfg: TrainConfig, out: Path) -> L.Trainer:
@@ -362,6 +379,8 @@ def _train(cfg: TrainConfig) -> dict:
         read_manifest(path)
     manifest = manifests[0]
     splits = split_prompts(table.column("prompt_index"), cfg.val_fraction, cfg.test_fraction, cfg.seed)
+    if cfg.train_prompts:
+        splits["train"] = first_prompts(table.column("prompt_index"), splits["train"], cfg.train_prompts)
     sizes = check_splits(table, splits, cfg.label_rule)
     out = Path(cfg.out)
     resume = str(out / "lightning" / "last.ckpt") if cfg.resume == "last" else cfg.resume
