@@ -74,6 +74,8 @@ class BenchConfig:
     target: str | None = option(None, "target model: Hub name or folder; none: PAIR/target")
     verifier: str = option(DEMO_VERIFIER, "the project's verifier checkpoint (scripts/train.py --out)")
     linear_verifier: str | None = option(None, "the paper's linear verifier; none: VERIFIER/baselines/linear")
+    compare_verifier: str | None = option(None, "sprinter-mlp: also run this verifier (e.g. the previous default) "
+                                                "at the same budgets, rows sprinter-mlp-compare@B, beside VERIFIER's")
     methods: tuple[str, ...] = option(DEFAULT_METHODS, f"method families to run, some of {FAMILIES}")
     ks: tuple[int, ...] = option((2, 4, 8), "sd: draft lengths k (the best one is marked)")
     windows: tuple[int, ...] = option((4,), "async: windows (most drafted tokens awaiting verification); each side "
@@ -244,6 +246,10 @@ def check_verifiers(cfg: BenchConfig) -> dict[str, str]:
         if not Path(stop).exists():
             raise missing_verifier(stop, "stop verifier" if cfg.stop_verifier else "verifier")
         paths["stop"] = stop
+    if cfg.compare_verifier is not None and "sprinter-mlp" in cfg.methods:
+        if not Path(cfg.compare_verifier).exists():
+            raise missing_verifier(cfg.compare_verifier, "compare verifier")
+        paths["compare"] = cfg.compare_verifier
     if "sprinter-linear" in cfg.methods:
         linear = cfg.linear_verifier or str(Path(cfg.verifier) / "baselines" / "linear")
         if not Path(linear).exists():
@@ -273,7 +279,7 @@ def build_methods(cfg: BenchConfig, decoder: Decoder, verifiers: dict[str, str])
     gates: dict[str, tuple[LearnedGate, dict[str, float]]] = {}
     if "mlp" in verifiers:
         gates["mlp"] = (decoder.gate, decoder.verifier_info.thresholds)
-    for name in ("linear", "stop"):
+    for name in ("linear", "stop", "compare"):
         if name in verifiers and not (name == "stop" and verifiers["stop"] == verifiers.get("mlp")):
             pair = decoder.pair
             gate, info = load_learned_gate(verifiers[name], fingerprint(pair.draft_name), pair.draft.config.hidden_size,
@@ -328,6 +334,16 @@ def build_methods(cfg: BenchConfig, decoder: Decoder, verifiers: dict[str, str])
                                                      strict=family == "sprinter-strict",
                                                      gate=LearnedGate(gate.verifier, gate.features, threshold)),
                                       budget))
+            if family == "sprinter-mlp" and "compare" in gates:  # the other verifier at the same budgets
+                other, other_thresholds = gates["compare"]
+                for budget, _ in budgets:
+                    threshold = other_thresholds.get(budget_key(budget))
+                    if threshold is None:
+                        continue  # not calibrated for this budget
+                    methods.append(Method(f"sprinter-mlp-compare@{budget:g}", family, False,
+                                          decoder_runner(decoder, t, mode="sprinter", max_block=cfg.max_block,
+                                                         gate=LearnedGate(other.verifier, other.features, threshold)),
+                                          budget))
     return methods
 
 
