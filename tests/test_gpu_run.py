@@ -97,7 +97,7 @@ def test_smoke_runs_every_stage_on_the_cpu(tmp_path):
     assert results["format"] == gpu_run.FORMAT and results["tests"]["skipped"] == results["tests"]["tests"] > 0
     assert results["pair"]["preset"] == "tiny" and results["verifier"]["verifier"]["auroc"] is not None
     names = {e["name"] for e in results["bench"]["methods"]}
-    assert {"ar", "draft", "sd-k2", "hf-assisted", "ngram", "async-w4", "sprinter-mlp@0.05", "sd-gated@0.3"} <= names
+    assert {"ar", "sd-k2", "ngram", "sprinter-mlp@0.05", "sd-gated@0.3", "auto"} <= names
     assert not results["batch"]["partial"] and set(results["batch"]["cells"]["code"]) == {"1", "3"}
     report = (out / "results.md").read_text()
     assert "| bench | ok |" in report and "## Batch sweep" in report and "sprinter-mlp@0.05" in report

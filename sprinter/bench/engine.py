@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import json
 import statistics
 import sys
 import time
@@ -63,6 +64,8 @@ class EngineBenchConfig:
     device: str = option("auto", "cpu, cuda, cuda:N or auto")
     dtype: str = option("float32", "float32, bfloat16, float16 or auto (float32: the rows are checked token for token)")
     seed: int = option(0, "sampling seed (the rows are greedy; it seeds the acceptance draws)")
+    gate_cost: bool = option(False, "measure only what the gate costs per drafted token: the draft's step eager, "
+                                    "eager + the gate, compiled, and fused with the gate (results: gate_cost.json)")
 
     def __post_init__(self) -> None:
         check_integers(self, ("num_prompts", "prompt_len", "max_new_tokens", "repeats"))
@@ -132,6 +135,8 @@ def run_engine_bench(cfg: EngineBenchConfig) -> dict:
     if not compiled.engine.compile:
         raise SprinterError("compile: this platform cannot torch.compile (see the note above); expected a C++ "
                             "compiler on CPU or Triton on CUDA")
+    if cfg.gate_cost:
+        return measure_gate_cost(cfg, eager, compiled, out, verifier)
     gate = {} if verifier is not None else {"gate": "confidence"}
     modes = ["ar"] + [m for m in cfg.modes if m != "ar"]
     calls = {m: dict(MODES[m], **(gate if m in ("sprinter", "sd-gated") else {})) for m in modes}
@@ -184,6 +189,69 @@ def run_engine_bench(cfg: EngineBenchConfig) -> dict:
         raise SprinterError(f"outputs: {len(summary['mismatches'])} rows differ ({summary['mismatches'][:3]}); "
                             "expected every lossless row to equal ar and every compiled row its eager row")
     return summary
+
+
+def measure_gate_cost(cfg: EngineBenchConfig, eager: Decoder, compiled: Decoder, out: Path, verifier: str | None
+                      ) -> dict:
+    """Milliseconds per drafted token of the draft's one-token step: eager, eager with the gate after it, compiled,
+    and compiled with the gate fused into it; the four take turns call by call (medians of many)."""
+    from sprinter.decode.drafters import DraftStep
+    from sprinter.decode.gates import ConfidenceGate
+
+    pair = eager.pair
+    gate = eager.gate if eager.gate is not None else ConfidenceGate()
+    layers = int(gate.needs_hidden)
+    capacity = cfg.prompt_len + 64
+    plain = compiled.engine.lm(pair.draft, pair.vocab_size, capacity)  # shares the cache: one runs at a time
+    fused = compiled.engine.fused(pair.draft, gate, pair.vocab_size, greedy=True)
+    reference = CachedLM(pair.draft, pair.vocab_size)
+    ids = torch.arange(cfg.prompt_len, device=pair.device)[None] % pair.vocab_size
+    one = ids[:, -1:].clone()
+    sampler_soft = torch.nn.functional.softmax
+
+    def eager_step(with_gate: bool) -> None:
+        logits, hidden = reference.append(one, hidden=layers if with_gate else 0)
+        if with_gate:
+            q_soft = sampler_soft(logits[0].float(), -1)
+            x = logits[0].argmax(-1)
+            step = DraftStep(token=x, q=q_soft, q_soft=q_soft, hidden=None if hidden is None else hidden[0, 0],
+                             hidden_prev=hidden[0, 1] if layers > 1 else None)
+            bool(gate.accept_prob(step, 0) >= gate.threshold)  # the loop's one host sync per decision
+        reference.rollback(1)
+
+    def compiled_step(with_gate: bool) -> None:
+        if with_gate:
+            *_, p_accept = plain.append_fused(one, fused, 0)
+            bool(p_accept >= gate.threshold)
+        else:
+            plain.append(one)
+        plain.rollback(1)
+
+    with torch.inference_mode():
+        reference.append(ids)
+        plain.append(ids)
+        calls = {"eager": lambda: eager_step(False), "eager+gate": lambda: eager_step(True),
+                 "compiled": lambda: compiled_step(False), "fused": lambda: compiled_step(True)}
+        for fn in calls.values():  # compile, warm up
+            for _ in range(5):
+                fn()
+        times: dict[str, list[float]] = {name: [] for name in calls}
+        for _ in range(400):
+            for name, fn in calls.items():
+                start = time.perf_counter()
+                fn()
+                if pair.device.type == "cuda":
+                    torch.cuda.synchronize(pair.device)
+                times[name].append(1000 * (time.perf_counter() - start))
+    ms = {name: round(statistics.median(t), 4) for name, t in times.items()}
+    result = {"format": "sprinter-gate-cost/1", "verifier": verifier, "gate": type(gate).__name__,
+              "features": list(getattr(gate, "features", ())), "ms_per_drafted_token": ms,
+              "eager_gate_share_of_step": round((ms["eager+gate"] - ms["eager"]) / ms["eager"], 4),
+              "fused_gate_share_of_step": round((ms["fused"] - ms["compiled"]) / ms["compiled"], 4),
+              "hardware": hardware(pair.device, pair.dtype), "libraries": libraries()}
+    write_json(out / "gate_cost.json", result)
+    print(json.dumps(result, indent=1))
+    return result
 
 
 def summarise(cfg: EngineBenchConfig, samples: dict, outputs: dict, modes: list[str], calls: dict,
