@@ -204,6 +204,10 @@ def measure_gate_cost(cfg: EngineBenchConfig, eager: Decoder, compiled: Decoder,
     capacity = cfg.prompt_len + 64
     plain = compiled.engine.lm(pair.draft, pair.vocab_size, capacity)  # shares the cache: one runs at a time
     fused = compiled.engine.fused(pair.draft, gate, pair.vocab_size, greedy=True)
+    if fused is None:
+        raise SprinterError(f"gate_cost: the gate of {cfg.verifier!r} cannot be fused into the draft step (its block "
+                            "features keep state between tokens); expected a verifier without prev_draft_prob and "
+                            "block_cum_prob")
     reference = CachedLM(pair.draft, pair.vocab_size)
     ids = torch.arange(cfg.prompt_len, device=pair.device)[None] % pair.vocab_size
     one = ids[:, -1:].clone()
@@ -257,13 +261,15 @@ def measure_gate_cost(cfg: EngineBenchConfig, eager: Decoder, compiled: Decoder,
 def summarise(cfg: EngineBenchConfig, samples: dict, outputs: dict, modes: list[str], calls: dict,
               compile_seconds: float, prompts_done: int) -> dict:
     """The medians per mode and engine, the sections, the checks and the compile pay-back, so far."""
-    # The checks: lossless rows equal eager ar; each compiled row equals its eager row.
-    mismatches = []
+    # The checks: lossless rows equal eager ar; each compiled row equals its eager row (a lossy row's differences
+    # are reported, not fatal: a P(accept) on its threshold may round the other way in a fused graph).
+    mismatches, differences = [], []
     for (mode, name, p_index), ids in outputs.items():
         if mode in LOSSLESS and ids != outputs[("ar", "eager", p_index)]:
             mismatches.append(f"{mode} ({name}) differs from ar on prompt {p_index}")
         if name == "compiled" and ids != outputs[(mode, "eager", p_index)]:
-            mismatches.append(f"{mode} compiled differs from {mode} eager on prompt {p_index}")
+            (mismatches if mode in LOSSLESS else differences).append(
+                f"{mode} compiled differs from {mode} eager on prompt {p_index}")
     rows = []
     for mode in modes:
         row = {"mode": mode, "call": calls[mode]}
@@ -279,7 +285,7 @@ def summarise(cfg: EngineBenchConfig, samples: dict, outputs: dict, modes: list[
         rows.append(row)
     return {"format": "sprinter-engine-bench/1", "compile_seconds": round(compile_seconds, 2),
             "prompts": prompts_done, "max_new_tokens": cfg.max_new_tokens, "repeats": cfg.repeats, "rows": rows,
-            "mismatches": mismatches, "config": dataclasses.asdict(cfg)}
+            "mismatches": mismatches, "lossy_differences": differences, "config": dataclasses.asdict(cfg)}
 
 
 def report(results: dict) -> str:
@@ -306,7 +312,8 @@ def report(results: dict) -> str:
             lines.append(f"| {row['mode']} | {name} | {r['draft']:.3f} | {r['gate']:.3f} | {r['target']:.3f} | "
                          f"{r['other']:.3f} | {100 * r['outside_forwards_share']:.0f}% |")
     lines += ["", "Checks: " + ("every lossless row equals ar, and every compiled row its eager row."
-                                if not results["mismatches"] else "; ".join(results["mismatches"]))]
+                                if not results["mismatches"] + results.get("lossy_differences", [])
+                                else "; ".join(results["mismatches"] + results.get("lossy_differences", [])))]
     return "\n".join(lines) + "\n"
 
 

@@ -359,8 +359,9 @@ class Decoder:
             stats.modes = {mode: stats.new_tokens}
         stats.target_calls, stats.target_tokens, stats.target_flops = target.calls, target.tokens, target.flops
         stats.draft_calls, stats.draft_tokens, stats.draft_flops = draft.calls, draft.tokens, draft.flops
-        if isinstance(gate, LearnedGate):
-            params = sum(w.numel() for w in gate.verifier.parameters())
+        learned = self.gate if mode == "auto" else gate  # auto's gated rounds use the loaded verifier
+        if isinstance(learned, LearnedGate):
+            params = sum(w.numel() for w in learned.verifier.parameters())
             stats.verifier_flops = 2 * params * stats.verifier_calls
         return GenerateOutput(text=out.text(), token_ids=out.ids, stats=stats, stop_reason=out.stop_reason)
 

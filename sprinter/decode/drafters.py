@@ -144,7 +144,7 @@ class BatchModelDrafter:
         before = list(self.lm.lengths)
         # 1. Catch up on the tokens the draft has not read (the last emitted one; two after a fully kept chain).
         unseen = [seq[n:] for seq, n in zip(seqs, before, strict=True)]
-        logits, hidden = self.lm.append_last(unseen, hidden=self.features)  # (B, V), (B, H) | None
+        logits, hidden = self.lm.append_last(unseen, hidden=self.features)  # (B, V), (B, 2, H) | None
         # 2. Draft position j for the rows whose chain is longer than j (the others read a masked slot).
         xs, qs, softs, states, host = [], [], [], [], []
         for j in range(max(limits)):

@@ -60,8 +60,8 @@ class Graphs:
 
     def run(self, key, *args):
         # dynamo counts graphs per code object, and every model's step shares one: allow all the buckets of two
-        # models (with and without the hidden state) before it would fall back to eager
-        with torch._dynamo.config.patch(recompile_limit=4 * len(BUCKETS) + 8):
+        # models, with 0-2 layers' states, and a second cache size (a longer request) before it falls back to eager
+        with torch._dynamo.config.patch(recompile_limit=12 * len(BUCKETS) + 8):
             if self.cuda_graphs:
                 torch.compiler.cudagraph_mark_step_begin()
             if key in self.compiled:
@@ -115,7 +115,8 @@ class CompiledForward(Graphs):
         # tensor each time: a slice of a longer one has other strides, and dynamo would recompile for each.
         padded = ids.new_zeros(1, size)
         padded[:, : ids.shape[1]] = ids
-        return self.run((size, int(hidden)), padded, cache, int(hidden))
+        # keyed by the cache too: a longer request's new cache compiles its graphs again (counted as such)
+        return self.run((size, int(hidden), id(cache)), padded, cache, int(hidden))
 
 
 class FusedDraftStep(Graphs):
@@ -160,7 +161,7 @@ class FusedDraftStep(Graphs):
         fresh.copy_(ids)
         if position not in self.positions:  # made once per position: no host-to-device copy per step
             self.positions[position] = torch.tensor(float(position), device=ids.device)
-        return self.run(ids.shape[1], fresh, cache, self.positions[position])
+        return self.run((ids.shape[1], id(cache)), fresh, cache, self.positions[position])
 
 
 class Engine:
