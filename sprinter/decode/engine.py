@@ -15,6 +15,7 @@ stays the reference: every way of running must give the same tokens at temperatu
 
 from __future__ import annotations
 
+import contextlib
 import shutil
 import sys
 import time
@@ -47,6 +48,15 @@ def compiler_problem(device: torch.device) -> str | None:
     return None
 
 
+def warm_guards():
+    """Only the differentiating guards for warm graphs, where this torch has `set_stance(...,
+    skip_guard_eval_unsafe=...)` (2.7 and later; the dependency range admits 2.4): else every guard, as before."""
+    try:
+        return torch.compiler.set_stance("default", skip_guard_eval_unsafe=True)
+    except (AttributeError, TypeError):
+        return contextlib.nullcontext()
+
+
 class Graphs:
     """A compiled function and the graphs it has traced (one per key: the shapes and flags it was called with),
     with the seconds compiling them took. On CUDA the graphs replay as CUDA graphs, whose outputs live in memory the
@@ -68,7 +78,7 @@ class Graphs:
                 # a warm graph: dynamo evaluates only the guards that tell this code object's graphs apart (shapes,
                 # which model), not every guard over the model, its config and the cache object (about a third of
                 # a one-block draft's compiled step on CPU: docs/engine.md)
-                with torch.compiler.set_stance("default", skip_guard_eval_unsafe=True):
+                with warm_guards():
                     out = self.fn(*args)
             else:
                 start = time.perf_counter()
