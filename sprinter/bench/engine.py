@@ -30,8 +30,9 @@ import torch
 from sprinter.bench.protocol import hardware, libraries, load_prompts
 from sprinter.config import check_integers, option, save_config
 from sprinter.decode.cache import CachedLM
-from sprinter.decode.decoder import Decoder, GateRule
+from sprinter.decode.decoder import Decoder
 from sprinter.decode.engine import Engine
+from sprinter.decode.loops import GateRule
 from sprinter.errors import SprinterError
 from sprinter.files import write_atomic, write_json
 from sprinter.pairs.build import resolve_pair

@@ -30,9 +30,9 @@ import torch
 from sprinter.bench.costs import CostProfile
 from sprinter.bench.latency import ar_ms, ngram_ms, sd_gated_ms, sd_ms, sprinter_ms
 from sprinter.decode.cache import CachedLM
-from sprinter.decode.decoder import GateRule, speculative_round
 from sprinter.decode.drafters import Draft, ModelDrafter
 from sprinter.decode.emit import Emitter
+from sprinter.decode.loops import GateRule, speculative_round
 from sprinter.decode.ngram import NgramDrafter, NgramIndex
 from sprinter.decode.sampling import Sampler
 from sprinter.decode.stats import DecodeStats

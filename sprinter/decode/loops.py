@@ -1,0 +1,139 @@
+"""The single-prompt decode loops: `autoregressive` (one model: modes "ar" and "draft") and `speculative`
+(a drafter, an optional gate and the target: modes "sd", "sprinter", "sd-gated"), one verification round of
+which is `speculative_round` (mode "auto" runs rounds of its own choosing: sprinter.decode.auto). `GateRule` is
+how a gate ends a drafted block. `Decoder.generate` (sprinter.decode.decoder) sets up the caches, the drafter
+and the gate, and calls these; the batched and two-thread loops live in sprinter.decode.batched and
+sprinter.decode.asynchronous.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from sprinter.decode.acceptance import correction, flag_then_check
+from sprinter.decode.cache import CachedLM
+from sprinter.decode.drafters import Drafter, DraftStep
+from sprinter.decode.emit import Emitter
+from sprinter.decode.gates import Gate
+from sprinter.decode.options import DecodeOptions
+from sprinter.decode.sampling import Sampler, uniform
+from sprinter.decode.stats import DecodeStats
+
+
+def autoregressive(lm: CachedLM, tokens: torch.Tensor, *, sampler: Sampler, gen: torch.Generator,
+                   out: Emitter) -> None:
+    """Plain decoding with one model ("ar": the target; "draft": the draft). tokens: (1, T) the prompt."""
+    while not out.done:
+        # 1. Run the model over what its cache lacks (the prompt first, then the last token).
+        logits, _ = lm.append(tokens[:, lm.length:])  # (1, V)
+        # 2. Draw the next token from its distribution.
+        x = sampler.draw(sampler.probs(logits[0]), gen)
+        # 3. Emit it.
+        tokens = torch.cat([tokens, x.view(1, 1)], 1)
+        out.emit([x.item()])
+
+
+class GateRule:
+    """How a gate ends a drafted block (the drafter's stop rule): it scores each drafted token from the
+    draft's state. "sprinter": the block ends at the first flagged token (P(accept) < the gate's threshold);
+    "sd-gated" (`stop_threshold` given): once 1 - prod P(accept) over the block exceeds it (SpecDec++)."""
+
+    def __init__(self, gate: Gate, stop_threshold: float | None):
+        self.gate, self.stop_threshold = gate, stop_threshold
+        self.start()
+
+    def start(self) -> None:
+        """A new block."""
+        self.flagged, self.survival, self.calls = False, 1.0, 0
+
+    def __call__(self, step: DraftStep, position: int) -> bool:
+        self.calls += 1
+        p_accept = step.p_accept if step.p_accept is not None else self.gate.accept_prob(step, position)
+        if self.stop_threshold is None:  # sprinter: this token is checked iff flagged
+            self.flagged = not bool(p_accept >= self.gate.threshold)  # one host sync
+        else:  # sd-gated: stop drafting once the block probably holds a rejection
+            self.survival = self.survival * p_accept
+            self.flagged = bool(1 - self.survival > self.stop_threshold)  # one host sync
+        return self.flagged
+
+
+@dataclass
+class Round:
+    """What one round of `speculative_round` did."""
+
+    decided: list[int]  # what it emits: the kept drafted tokens and (unless it ended the budget) the target's
+    drafted: int
+    kept: int  # drafted tokens kept (sprinter: passed by the gate, or checked and accepted)
+    checked: bool  # the target checked every drafted token (else only a flagged one, or none)
+
+
+def speculative_round(target: CachedLM, drafter: Drafter, ids: list[int], limit: int, *, sampler: Sampler,
+                      rule: GateRule | None, check_all: bool, remaining: int, gen: torch.Generator,
+                      stats: DecodeStats) -> Round:
+    """One round of `speculative` after `ids` (the prompt and every emitted token, not changed here): draft up to
+    `limit` tokens, verify, roll both caches back to `ids` + the decided tokens but the last."""
+    device = next(target.model.parameters()).device
+    # 1. Draft up to `limit` tokens; with a gate, drafting stops where the gate says (see GateRule).
+    if rule is not None:
+        rule.start()
+    draft = drafter.propose([ids], [limit], gen, stop=rule)
+    n = draft.lengths[0]
+    x = draft.x[0].to(device)  # (n,)
+    flagged = rule is not None and rule.flagged
+    stats.verifier_calls += 0 if rule is None else rule.calls
+    stats.drafted += n
+    stats.flagged += int(flagged)
+    # 2. A block that ends the generation with nothing flagged needs no target (unless every token is checked).
+    if not flagged and not check_all and n == remaining:
+        stats.accepted += n
+        return Round(draft.chains()[0], n, n, False)
+    # 3. One target forward over every token it has not seen (the last emitted one(s) and the block);
+    #    this also fills its cache. p[i] is the target's distribution for block position i, p[n] after it.
+    unseen = torch.tensor(ids[target.length:], dtype=torch.long, device=device)
+    logits, _ = target.append(torch.cat([unseen, x])[None], logits=n + 1)
+    p = sampler.probs(logits)  # (n + 1, V)
+    q = draft.q[0].to(device) if draft.q is not None else \
+        torch.nn.functional.one_hot(x, p.shape[-1]).float()  # (n, V); a deterministic chain: one-hot
+    # 4. Check the flagged token (strict / SD: every token) with the speculative-sampling rule.
+    positions = torch.arange(n, device=device)
+    n_kept = flag_then_check(p[positions, x], q[positions, x], uniform(n, gen, device), flagged, check_all)
+    # 5. The target's own token: from the residual after a rejection, else a bonus token from p[n].
+    y = sampler.draw(correction(p, q, n_kept), gen)
+    kept, *decided = torch.cat([n_kept.view(1), x, y.view(1)]).tolist()  # the one host sync of this round
+    decided = decided[:kept] + decided[-1:]
+    stats.accepted += kept
+    stats.rejected += n - kept
+    if check_all:
+        stats.count_block(n, kept)
+    # 6. Roll both caches back to what was emitted (the target has not read its own token y yet).
+    emitted = len(ids) + len(decided)
+    target.rollback_to(emitted - 1)
+    drafter.keep([0], [emitted - 1])
+    return Round(decided, n, kept, check_all)
+
+
+def speculative(target: CachedLM, drafter: Drafter, prompt: list[int], *, options: DecodeOptions,
+                gate: Gate | None, gen: torch.Generator, out: Emitter, stats: DecodeStats) -> None:
+    """Draft, (maybe) verify, emit, roll back; until the budget, EOS or a stop string.
+
+    From `options`: "sd" drafts k tokens per block and the target checks all of them. "sprinter" drafts
+    until the gate flags a token or max_block (None: unbounded) and checks only the flagged one (`strict`:
+    every one). "sd-gated" drafts until 1 - prod P(accept) exceeds `stop_threshold` (resolved by the
+    caller) or max_block, and checks all. The target's cache always covers every emitted token but the
+    last; its first forward reads the prompt together with the first block."""
+    sampler, mode = options.sampler, options.mode
+    max_block = options.k if mode == "sd" else options.max_block
+    check_all = mode != "sprinter" or options.strict
+    rule = None if gate is None else GateRule(gate, options.stop_threshold if mode == "sd-gated" else None)
+    ids = list(prompt)  # the prompt and every emitted token
+    while not out.done:
+        limit = out.remaining if max_block is None else min(max_block, out.remaining)
+        step = speculative_round(target, drafter, ids, limit, sampler=sampler, rule=rule, check_all=check_all,
+                                 remaining=out.remaining, gen=gen, stats=stats)
+        ids += step.decided
+        out.emit(step.decided)
+
+
+__all__ = ["GateRule", "Round", "autoregressive", "speculative", "speculative_round"]
