@@ -32,13 +32,17 @@ SCALARS = (*DISTRIBUTION, *BLOCK, "position")
 KNOWN = (*VECTORS, TOKEN, *SCALARS)  # every feature the gate can compute at decode time
 
 
-def distribution_features(q: torch.Tensor, x: torch.Tensor) -> dict[str, torch.Tensor]:
-    """The DISTRIBUTION features of drafted tokens x under q.  # (..., V), (...) -> each (...)"""
+def distribution_features(q: torch.Tensor, x: torch.Tensor, names: tuple[str, ...] = DISTRIBUTION
+                          ) -> dict[str, torch.Tensor]:
+    """The DISTRIBUTION features of drafted tokens x under q (those in `names`: the decode-time gate asks only for
+    what its verifier reads, so a default verifier's step makes no top-k).  # (..., V), (...) -> each (...)"""
+    out = {"draft_prob": q.gather(-1, x.unsqueeze(-1)).squeeze(-1), "draft_entropy": entropy(q)}
+    if not set(names) - set(out):
+        return {name: out[name] for name in names}
     top = q.topk(min(TOP_K, q.shape[-1]), dim=-1).values  # (..., K) sorted, largest first
     if top.shape[-1] < TOP_K:  # a vocabulary smaller than K: the missing ranks have probability 0
         top = torch.nn.functional.pad(top, (0, TOP_K - top.shape[-1]))
-    out = {"draft_prob": q.gather(-1, x.unsqueeze(-1)).squeeze(-1), "draft_entropy": entropy(q),
-           "draft_max_prob": top[..., 0]}
+    out["draft_max_prob"] = top[..., 0]
     out.update({f"draft_top{i}_prob": top[..., i - 1] for i in range(2, TOP_K + 1)})
     out["draft_margin"] = top[..., 0] - top[..., 1]
     return out

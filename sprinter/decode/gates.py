@@ -134,7 +134,8 @@ class LearnedGate:
         if TOKEN in self.features:
             out[TOKEN] = step.token
         if self.wants["distribution"]:
-            out.update({k: v.to(self.dtype) for k, v in distribution_features(step.q_soft, step.token).items()})
+            wanted = tuple(f for f in self.features if f in DISTRIBUTION)
+            out.update({k: v.to(self.dtype) for k, v in distribution_features(step.q_soft, step.token, wanted).items()})
         if self.wants["block"]:
             out.update({k: v[-1].to(self.dtype) for k, v in block_features(torch.stack(self.block_probs)).items()})
         if "position" in self.features:
