@@ -57,6 +57,11 @@ def warm_guards():
         return contextlib.nullcontext()
 
 
+def position_window(model: torch.nn.Module) -> int | None:
+    """The most positions `model` takes (None: no limit stated): a graph's padding must stay inside it."""
+    return getattr(model.config, "max_position_embeddings", None) or getattr(model.config, "n_positions", None)
+
+
 class Graphs:
     """A compiled function and the graphs it has traced (one per key: the shapes and flags it was called with),
     with the seconds compiling them took. On CUDA the graphs replay as CUDA graphs, whose outputs live in memory the
@@ -99,8 +104,7 @@ class CompiledForward(Graphs):
 
     def __init__(self, model: torch.nn.Module, mode: str | None):
         self.model = model
-        self.window = getattr(model.config, "max_position_embeddings", None) or getattr(model.config, "n_positions",
-                                                                                        None)
+        self.window = position_window(model)
 
         keyword = cache_keyword(type(model))  # read here: dynamo cannot trace the cached signature lookup
 
@@ -145,8 +149,7 @@ class FusedDraftStep(Graphs):
     def __init__(self, model: torch.nn.Module, gate, vocab_size: int, mode: str | None):
         keyword = cache_keyword(type(model))
         layers = int(gate.needs_hidden)  # 2: the gate also reads the layer before the last
-        self.window = getattr(model.config, "max_position_embeddings", None) or getattr(model.config, "n_positions",
-                                                                                        None)
+        self.window = position_window(model)
 
         def step(ids: torch.Tensor, cache, position: torch.Tensor):
             out = model(input_ids=ids, **{keyword: cache}, use_cache=True, output_hidden_states=bool(layers),
