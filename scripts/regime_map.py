@@ -15,15 +15,9 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Sequence
 
-from sprinter.bench.latency import (
-    SPRINTER_RATES,
-    STOP_RATES,
-    pair_point,
-    plot_regime_map,
-    regime_grid,
-    regime_table,
-)
+from sprinter.bench.regime_map import pair_point, plot_regime_map, regime_grid, regime_table
 from sprinter.config import option, parse_config
+from sprinter.decode.latency import SPRINTER_RATES, STOP_RATES
 from sprinter.errors import SprinterError, run_cli
 from sprinter.files import write_atomic
 

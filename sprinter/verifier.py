@@ -38,6 +38,11 @@ NORMS = ("none", "layer", "rms")
 LEAKY = ("target_prob", "accept_greedy", "accept_sprinter", "accept_soft")
 
 
+
+def budget_key(budget: float) -> str:
+    """The key of a false-accept budget in `VerifierInfo.thresholds` and metrics.json: "0.05"."""
+    return str(float(budget))
+
 @dataclass
 class VerifierInfo:
     """Everything a user of the checkpoint needs besides the weights (stored as safetensors metadata)."""

@@ -9,14 +9,15 @@ import pytest
 import torch
 from test_decode_distribution import CHI2_DF3_P001, VOCAB, chi_square, random_decoder
 
-from sprinter.bench.costs import stand_in_verifier
-from sprinter.bench.latency import ar_ms, sd_ms, synthetic_profile
+from sprinter.bench.regime_map import synthetic_profile
 from sprinter.decode.auto import DRAFT_KS, AutoController, auto_decode
 from sprinter.decode.cache import CachedLM
+from sprinter.decode.costs import stand_in_verifier
 from sprinter.decode.decoder import Decoder
 from sprinter.decode.drafters import ModelDrafter
 from sprinter.decode.emit import Emitter
 from sprinter.decode.gates import ConfidenceGate, LearnedGate
+from sprinter.decode.latency import ar_ms, sd_ms
 from sprinter.decode.options import DecodeOptions
 from sprinter.decode.stats import DecodeStats
 from sprinter.errors import SprinterError
@@ -209,7 +210,7 @@ def test_on_a_pair_where_drafting_never_pays_auto_runs_ar(gpt2_decoder):
 
 
 def test_the_profile_is_saved_beside_the_pair(tiny_pair, gpt2_decoder):
-    from sprinter.bench.costs import FILE_NAME, read_profiles
+    from sprinter.decode.costs import FILE_NAME, read_profiles
 
     dec = Decoder.from_pretrained(str(tiny_pair / "draft"), str(tiny_pair / "target"), device="cpu", dtype="float32")
     profile = dec.cost_profile(budget_s=0.3)

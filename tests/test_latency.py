@@ -6,27 +6,28 @@ import json
 import pytest
 import torch
 
-from sprinter.bench.costs import CostProfile, find_profile, measure_costs, read_profiles, save_profile
-from sprinter.bench.latency import (
+from sprinter.bench.latency import acceptance_by_position, predict_row
+from sprinter.bench.regime_map import (
+    fastest,
+    flat_shape,
+    mode_times,
+    pair_point,
+    regime_grid,
+    regime_table,
+    synthetic_profile,
+)
+from sprinter.decode.costs import CostProfile, find_profile, measure_costs, read_profiles, save_profile
+from sprinter.decode.latency import (
     AcceptanceStats,
-    acceptance_by_position,
     ar_ms,
     clean_prefix,
     counted_ms,
     draft_ms,
-    fastest,
-    flat_shape,
     gated_block,
-    mode_times,
     ngram_ms,
-    pair_point,
-    predict_row,
-    regime_grid,
-    regime_table,
     sd_gated_ms,
     sd_ms,
     sprinter_ms,
-    synthetic_profile,
     verifier_rates,
 )
 from sprinter.decode.stats import DecodeStats

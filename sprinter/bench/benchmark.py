@@ -21,7 +21,6 @@ from typing import Sequence
 
 import torch
 
-from sprinter.bench.costs import measure_costs
 from sprinter.bench.fidelity import exact_match, rouge_l, score_output
 from sprinter.bench.protocol import (
     DOMAINS,
@@ -40,6 +39,7 @@ from sprinter.bench.protocol import (
 from sprinter.bench.report import write_reports
 from sprinter.config import CONFIGS, option, to_dict
 from sprinter.decode.cache import FlopModel
+from sprinter.decode.costs import measure_costs
 from sprinter.decode.decoder import DEMO_VERIFIER, Decoder
 from sprinter.decode.gates import (
     CONFIDENCE_THRESHOLD,
@@ -51,7 +51,7 @@ from sprinter.decode.options import DecodeOptions
 from sprinter.errors import SprinterError
 from sprinter.files import FolderLock
 from sprinter.pairs.load import cache_argument, fingerprint
-from sprinter.train.calibrate import budget_key
+from sprinter.verifier import budget_key
 
 CONFIG_DIR = CONFIGS / "bench"
 FAMILIES = ("ar", "draft", "sd", "hf-assisted", "ngram", "sd-gated", "sd-gated-confidence", "sprinter-mlp",

@@ -37,7 +37,7 @@ from sprinter.data.collect import (
     resolve_pair_paths,
 )
 from sprinter.data.contexts import accept_labels, probabilities
-from sprinter.decode.sampling import entropy
+from sprinter.features import entropy
 from sprinter.pairs.load import Pair, load_pair
 
 

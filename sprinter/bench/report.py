@@ -228,7 +228,7 @@ def write_reports(out: Path, *, options: dict, decoder, verifiers: dict[str, str
                   methods: Sequence[Method], done: dict[int, list[dict]], seconds: float, profile=None) -> dict:
     """Write OUT/results.json, results.md and pareto.png from the finished prompts; returns the results.
     `options`: the benchmark's options as a dict (sprinter.config.to_dict of its BenchConfig).
-    `profile`: the pair's CostProfile (sprinter.bench.costs), for the predicted ms/token (None: not predicted)."""
+    `profile`: the pair's CostProfile (sprinter.decode.costs), for the predicted ms/token (None: not predicted)."""
     pair = decoder.pair
     verifier_info = {}
     for name, path in verifiers.items():

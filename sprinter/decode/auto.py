@@ -2,8 +2,8 @@
 
 The candidates (`candidates`): "ar"; "sd-k" for k in DRAFT_KS; "sd-gated" (when a learned gate is loaded);
 "ngram-s" for s in NGRAM_SS; and, only when the caller allows a fidelity loss (`max_false_accept=F`, one of the
-verifier's calibrated budgets), "sprinter@F". Each is priced in ms/token by sprinter.bench.latency from the
-pair's cost profile (sprinter.bench.costs) and two acceptance estimates, both flat across block positions:
+verifier's calibrated budgets), "sprinter@F". Each is priced in ms/token by sprinter.decode.latency from the
+pair's cost profile (sprinter.decode.costs) and two acceptance estimates, both flat across block positions:
 - the draft model's: P(a drafted token is accepted), starting from the pair's greedy agreement (pair.json) when
   present, else DRAFT_PRIOR, worth PRIOR_WEIGHT observations; updated from every block the target checks
   (sd-k, sd-gated), and in sprinter rounds from the gate's decisions (a passed token counts as accepted, a
@@ -27,11 +27,11 @@ from typing import Sequence
 
 import torch
 
-from sprinter.bench.costs import CostProfile
-from sprinter.bench.latency import ar_ms, ngram_ms, sd_gated_ms, sd_ms, sprinter_ms
 from sprinter.decode.cache import CachedLM
+from sprinter.decode.costs import CostProfile
 from sprinter.decode.drafters import Draft, ModelDrafter
 from sprinter.decode.emit import Emitter
+from sprinter.decode.latency import ar_ms, ngram_ms, sd_gated_ms, sd_ms, sprinter_ms
 from sprinter.decode.loops import GateRule, speculative_round
 from sprinter.decode.ngram import NgramDrafter, NgramIndex
 from sprinter.decode.sampling import Sampler

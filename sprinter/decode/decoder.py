@@ -273,10 +273,10 @@ class Decoder:
         method to drive the rounds itself). Its draft prior is the pair's greedy agreement (pair.json beside the
         draft) when stated, else auto.DRAFT_PRIOR; with max_false_accept, sprinter's rates come from the
         verifier's metrics.json (true accept at that budget), else (SPRINTER_RATES' true accept, the budget)."""
-        from sprinter.bench.latency import SPRINTER_RATES, verifier_rates
         from sprinter.decode.auto import DRAFT_PRIOR, AutoController
+        from sprinter.decode.latency import SPRINTER_RATES, verifier_rates
         from sprinter.files import read_json
-        from sprinter.train.calibrate import budget_key
+        from sprinter.verifier import budget_key
 
         meta_path = Path(self.pair.draft_name).parent / "pair.json"
         meta = read_json(meta_path, "pair.json") if meta_path.is_file() else {}
@@ -294,11 +294,11 @@ class Decoder:
                               budget=budget, sprinter_rates=rates, cache=self.predictions.setdefault(setting, {}))
 
     def cost_profile(self, budget_s: float = 2.0):
-        """The pair's cost profile (sprinter.bench.costs) on this device, dtype and thread count: `self.profile`
+        """The pair's cost profile (sprinter.decode.costs) on this device, dtype and thread count: `self.profile`
         when set; else the one kept in memory by this Decoder; else the one in cost_profile.json beside the pair
         (scripts/profile_pair.py writes it); else measured now in about `budget_s` seconds, kept in memory, and
         saved beside the pair when its folder is writable (measuring works for any model, random test ones too)."""
-        from sprinter.bench.costs import FILE_NAME, find_profile, measure_costs, profile_key, save_profile
+        from sprinter.decode.costs import FILE_NAME, find_profile, measure_costs, profile_key, save_profile
 
         if self.profile is not None:
             return self.profile
@@ -318,7 +318,7 @@ class Decoder:
         return self.profiles[key]
 
     def _budget_threshold(self, budget: float) -> float:
-        from sprinter.train.calibrate import budget_key
+        from sprinter.verifier import budget_key
 
         return self.verifier_info.thresholds[budget_key(budget)]
 
@@ -411,7 +411,7 @@ class Decoder:
 
     def _check_budget(self, budget: float) -> None:
         """auto's max_false_accept must be a budget the loaded verifier was calibrated for."""
-        from sprinter.train.calibrate import budget_key
+        from sprinter.verifier import budget_key
 
         if self.gate is None:
             raise SprinterError(f"max_false_accept: got {budget!r}, and this decoder has no verifier; expected a "

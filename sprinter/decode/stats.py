@@ -43,7 +43,7 @@ class DecodeStats:
     # Modes whose target checks every drafted token (sd, sd-gated, strict sprinter, ngram): per block position i,
     # the blocks that drafted an i-th token after accepting the i before it (reached), and those that accepted it
     # too. accepted_by_position[i] / reached_by_position[i] is the acceptance at position i given the earlier
-    # ones were accepted: the shape the latency model (sprinter.bench.latency) reads.
+    # ones were accepted: the shape the latency model (sprinter.decode.latency) reads.
     reached_by_position: list[int] = field(default_factory=list)
     accepted_by_position: list[int] = field(default_factory=list)
     # The tokens each mode emitted: one entry ({"sd": 128}) except in mode "auto", whose rounds name their
