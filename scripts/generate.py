@@ -110,7 +110,7 @@ def main(argv: Sequence[str] | None = None) -> None:
     resolve_dtype(cfg.dtype, resolve_device(cfg.device))  # fail on a bad device before building a pair
     draft, target = pair_paths(cfg)
     decoder = Decoder.from_pretrained(draft=draft, target=target, verifier=verifier, device=cfg.device, dtype=cfg.dtype,
-                                      datastore=cfg.datastore, static_cache=cfg.static_cache, compile=cfg.compile)
+                                      datastore=cfg.datastore, engine=cfg.engine)
     options = cfg.options()
     if prompts is not None:
         print_batch(cfg, prompts, decoder.generate(prompts, options))

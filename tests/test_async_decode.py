@@ -20,6 +20,7 @@ from sprinter.decode.asynchronous import asynchronous
 from sprinter.decode.cache import CachedLM
 from sprinter.decode.decoder import Decoder, Emitter, GenerateConfig
 from sprinter.decode.drafters import ModelDrafter
+from sprinter.decode.loops import LoopState
 from sprinter.decode.options import DecodeOptions
 from sprinter.decode.sampling import Sampler
 from sprinter.decode.stats import DecodeStats
@@ -96,8 +97,10 @@ def run_loop(decoder: Decoder, prompt, drafter_of, window: int, max_new_tokens: 
     out = Emitter(decoder.tokenizer, max_new_tokens, decoder.tokenizer.eos_token_id, stop, None)
     stats = DecodeStats(mode="async")
     with torch.inference_mode():
-        asynchronous(target, drafter, torch.tensor([ids]), options=DecodeOptions(mode="async", window=window), out=out,
-                     stats=stats, draft_device=torch.device("cpu"))
+        options = DecodeOptions(mode="async", window=window)
+        state = LoopState(options.sampler, torch.Generator().manual_seed(0), out, stats)
+        asynchronous(target, drafter, torch.tensor([ids]), options=options, state=state,
+                     draft_device=torch.device("cpu"))
     return out, stats, drafter
 
 

@@ -18,6 +18,7 @@ from sprinter.decode.drafters import ModelDrafter
 from sprinter.decode.emit import Emitter
 from sprinter.decode.gates import ConfidenceGate, LearnedGate
 from sprinter.decode.latency import ar_ms, sd_ms
+from sprinter.decode.loops import LoopState
 from sprinter.decode.options import DecodeOptions
 from sprinter.decode.stats import DecodeStats
 from sprinter.errors import SprinterError
@@ -150,8 +151,8 @@ def test_switching_keeps_both_caches_exact(gpt2_decoder):
     out = Emitter(pair.tokenizer, 30, None, (), None)
     stats = DecodeStats(mode="auto")
     auto_decode(target, ModelDrafter(draft, options.sampler), prompt, controller=Scripted(SWITCHES[:-1]),
-                sampler=options.sampler, max_block=20, stop_rule=None, sprinter_rule=None, ngram_n=3,
-                gen=torch.Generator().manual_seed(0), out=out, stats=stats)
+                options=options, stop_rule=None, sprinter_rule=None,
+                state=LoopState(options.sampler, torch.Generator().manual_seed(0), out, stats))
     ids = prompt + out.ids
     assert target.length == len(ids) - 1  # the target covers every emitted token but the last
     assert draft.length <= len(ids) - 1  # the draft may lag (skipped tokens) but never holds an unemitted one

@@ -155,7 +155,7 @@ class RandomGate:
     """A gate whose P(accept) is noise: sd-gated's output must not depend on it."""
 
     threshold = 0.5
-    needs_hidden = False
+    hidden_layers = 0
 
     def __init__(self, seed: int):
         self.gen = torch.Generator().manual_seed(seed)

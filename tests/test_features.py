@@ -46,11 +46,11 @@ def test_decode_time_features_equal_the_collected_ones(request, arch):
                               None, pair.max_length)
     recorder = Recorder()
     gate = LearnedGate(recorder, KNOWN, threshold=0.5)
-    assert gate.needs_hidden == 2
+    assert gate.hidden_layers == 2
     for start in range(0, len(rows["token_id"]), k):
         # the block's context, as the decode loop holds it: the path up to where this block was drafted
         context = paths[0][: int(rows["context_length"][start])]
-        drafter = ModelDrafter(CachedLM(pair.draft, pair.vocab_size), Sampler(), with_hidden=gate.needs_hidden)
+        drafter = ModelDrafter(CachedLM(pair.draft, pair.vocab_size), Sampler(), hidden_layers=gate.hidden_layers)
         recorder.seen.clear()
         with torch.inference_mode():
             draft = drafter.propose([context], [k], torch.Generator(),
@@ -91,7 +91,7 @@ def test_old_feature_checkpoints_load_and_gate(tmp_path):
     verifier, info = load_verifier(tmp_path / "old")
     assert info.features == OLD and not any("prev" in k for k in verifier.state_dict())
     gate = LearnedGate(verifier, info.features, 0.5)
-    assert gate.needs_hidden == 1
+    assert gate.hidden_layers == 1
     p = gate.accept_prob(_step(with_prev=False), 0)  # a drafter asked for one layer gives no hidden_prev
     assert 0 < float(p) < 1
 

@@ -11,7 +11,9 @@ from sprinter import DecodeOptions
 from sprinter.decode.cache import CachedLM
 from sprinter.decode.decoder import GenerateConfig, speculative
 from sprinter.decode.emit import Emitter
+from sprinter.decode.loops import LoopState
 from sprinter.decode.ngram import NgramDrafter
+from sprinter.decode.sampling import Sampler
 from sprinter.decode.stats import DecodeStats
 from sprinter.errors import SprinterError
 
@@ -74,7 +76,7 @@ def test_ngram_chains_drive_the_single_prompt_loop_losslessly(decoder):
         stats = DecodeStats(mode="sd")
         with torch.inference_mode():
             speculative(CachedLM(decoder.pair.target, decoder.pair.vocab_size), NgramDrafter(2), ids,
-                        options=DecodeOptions(mode="sd", k=3), gate=None, gen=torch.Generator(), out=out,
-                        stats=stats)
+                        options=DecodeOptions(mode="sd", k=3), gate=None,
+                        state=LoopState(Sampler(), torch.Generator(), out, stats))
         assert out.ids == ar.token_ids
         assert stats.accepted + stats.rejected == stats.drafted

@@ -355,7 +355,7 @@ def compiled_methods(cfg: BenchConfig, decoder: Decoder, verifiers: dict[str, st
     pair = decoder.pair
     compiled = Decoder(pair, decoder.gate, decoder.verifier_info, decoder.datastore, Engine(pair.device, compile=True))
     capacity = cfg.prompt_len + cfg.max_new_tokens
-    layers = int(decoder.gate.needs_hidden) if decoder.gate is not None else 1  # the draft's states a gate reads
+    layers = decoder.gate.hidden_layers if decoder.gate is not None else 1  # the draft's states a gate reads
     seconds = sum(compiled.engine.warm(model, pair.vocab_size, capacity, hidden=layers if model is pair.draft else 0)
                   for model in (pair.target, pair.draft))
     print(f"compile: {seconds:.1f} s for {len(compiled.engine.steps)} models' graphs", file=sys.stderr)

@@ -22,21 +22,27 @@ tokens it skipped), and the wait doubles after each probe that does not bring dr
 
 from __future__ import annotations
 
+import os
 from dataclasses import dataclass, field
-from typing import Sequence
+from pathlib import Path
+from typing import TYPE_CHECKING, Sequence
 
 import torch
 
 from sprinter.decode.cache import CachedLM
-from sprinter.decode.costs import CostProfile
+from sprinter.decode.costs import FILE_NAME, CostProfile, find_profile, measure_costs, profile_key, save_profile
 from sprinter.decode.drafters import Draft, ModelDrafter
-from sprinter.decode.emit import Emitter
-from sprinter.decode.latency import ar_ms, ngram_ms, sd_gated_ms, sd_ms, sprinter_ms
-from sprinter.decode.loops import GateRule, speculative_round
+from sprinter.decode.gates import LearnedGate
+from sprinter.decode.latency import SPRINTER_RATES, ar_ms, ngram_ms, sd_gated_ms, sd_ms, sprinter_ms, verifier_rates
+from sprinter.decode.loops import GateRule, LoopState, speculative_round
 from sprinter.decode.ngram import NgramDrafter, NgramIndex
-from sprinter.decode.sampling import Sampler
-from sprinter.decode.stats import DecodeStats
+from sprinter.decode.options import DecodeOptions
 from sprinter.errors import SprinterError
+from sprinter.files import read_json
+from sprinter.verifier import budget_key
+
+if TYPE_CHECKING:
+    from sprinter.decode.decoder import Decoder
 
 DRAFT_KS = (1, 2, 4, 8)  # sd's draft lengths to choose among
 NGRAM_SS = (2, 4, 8)  # n-gram chain lengths to choose among
@@ -203,20 +209,22 @@ class IndexDrafter:
 
 
 def auto_decode(target: CachedLM, draft: ModelDrafter, prompt: list[int], *, controller: AutoController,
-                sampler: Sampler, max_block: int, stop_rule: GateRule | None, sprinter_rule: GateRule | None,
-                ngram_n: int, gen: torch.Generator, out: Emitter, stats: DecodeStats) -> None:
-    """Rounds of whichever candidate `controller` chooses, until the budget, EOS or a stop string.
+                options: DecodeOptions, stop_rule: GateRule | None, sprinter_rule: GateRule | None,
+                state: LoopState) -> None:
+    """Rounds of whichever candidate `controller` chooses, until the budget, EOS or a stop string. From `options`:
+    the gated candidates' longest block (`max_block`) and the n-gram lookup's longest suffix (`ngram_n`).
 
     Both caches stay exact across switches: the target's covers every emitted token but the last after every
     round of every kind (an ar round reads what it lacks, as `autoregressive` does; a drafted round rolls back
     to it); the draft's may fall behind during ar and n-gram rounds, and the next draft-model round reads the
     tokens it skipped first (ModelDrafter feeds `seq[lm.length:]`)."""
+    sampler, gen, out, max_block = state.sampler, state.gen, state.out, options.max_block
     ids = list(prompt)
-    index = NgramDrafter(ngram_n).index(ids)
+    index = NgramDrafter(options.ngram_n).index(ids)
     ngram = IndexDrafter(index)
     device = next(target.model.parameters()).device
     rules = {"sd-gated": stop_rule, "sprinter": sprinter_rule}
-    modes = stats.modes
+    modes = state.stats.modes
     while not out.done:
         choice = controller.choose()
         chain = index.chain(controller.max_chain)  # the free n-gram probe: compared with what this round emits
@@ -224,11 +232,10 @@ def auto_decode(target: CachedLM, draft: ModelDrafter, prompt: list[int], *, con
             logits, _ = target.append(torch.tensor([ids[target.length:]], dtype=torch.long, device=device))  # (1, V)
             decided = [sampler.draw(sampler.probs(logits[0]), gen).item()]
         else:
-            limit = min(max_block if choice.kind in ("sd-gated", "sprinter") else choice.k, out.remaining)
+            k = min(max_block if choice.kind in ("sd-gated", "sprinter") else choice.k, out.remaining)
             drafter = ngram if choice.kind == "ngram" else draft
-            step = speculative_round(target, drafter, ids, limit, sampler=sampler, rule=rules.get(choice.kind),
-                                     check_all=choice.kind != "sprinter", remaining=out.remaining, gen=gen,
-                                     stats=stats)
+            step = speculative_round(target, drafter, ids, k, rule=rules.get(choice.kind),
+                                     check_all=choice.kind != "sprinter", state=state)
             decided = step.decided
             if drafter is draft:  # the judged tokens: the kept prefix and the first rejection (if any)
                 controller.observe_draft(step.kept, min(step.kept + 1, step.drafted))
@@ -240,5 +247,65 @@ def auto_decode(target: CachedLM, draft: ModelDrafter, prompt: list[int], *, con
         modes[choice.name] = modes.get(choice.name, 0) + len(out.ids) - before
 
 
+# ------------------------------------------------------------------------------------- a Decoder's request
+def run_auto(decoder: Decoder, target: CachedLM, draft: ModelDrafter, ids: list[int], options: DecodeOptions,
+             state: LoopState) -> None:
+    """Mode "auto" for one request of `decoder`: its controller, sd-gated's stop rule (the loaded verifier at its
+    stop threshold) and, with max_false_accept, sprinter's rule (the verifier at that budget's threshold)."""
+    controller = decoder.make_controller(options)
+    gate, sprinter_rule = decoder.gate, None
+    if options.max_false_accept is not None:
+        threshold = decoder.verifier_info.thresholds[budget_key(options.max_false_accept)]
+        sprinter_rule = GateRule(LearnedGate(gate.verifier, gate.features, threshold), None)
+    stop_rule = None if gate is None else GateRule(gate, decoder.stop_threshold(None, gate))
+    auto_decode(target, draft, ids, controller=controller, options=options, stop_rule=stop_rule,
+                sprinter_rule=sprinter_rule, state=state)
+
+
+def make_controller(decoder: Decoder, options: DecodeOptions) -> AutoController:
+    """The controller of one request. Its draft prior is the pair's greedy agreement (pair.json beside the draft)
+    when stated, else DRAFT_PRIOR; with max_false_accept, sprinter's rates come from the verifier's metrics.json
+    (true accept at that budget), else (SPRINTER_RATES' true accept, the budget)."""
+    meta_path = Path(decoder.pair.draft_name).parent / "pair.json"
+    meta = read_json(meta_path, "pair.json") if meta_path.is_file() else {}
+    agreement = meta.get("greedy_agreement") if isinstance(meta, dict) else None
+    prior = float(agreement) if isinstance(agreement, (int, float)) and 0 <= agreement <= 1 else DRAFT_PRIOR
+    budget = options.max_false_accept
+    rates = None
+    if budget is not None:
+        path = decoder.verifier_dir / "metrics.json" if decoder.verifier_dir else None
+        metrics = read_json(path, "metrics.json") if path is not None and path.is_file() else {}
+        rates = verifier_rates(metrics).get(budget_key(budget), (SPRINTER_RATES[0], float(budget)))
+    profile = decoder.cost_profile()
+    gated = decoder.gate is not None
+    setting = (repr(profile), options.max_block, gated, budget, rates)  # what predictions read
+    return AutoController(profile, draft_prior=prior, max_block=options.max_block, gated=gated, budget=budget,
+                          sprinter_rates=rates, cache=decoder.predictions.setdefault(setting, {}))
+
+
+def cost_profile(decoder: Decoder, budget_s: float = 2.0) -> CostProfile:
+    """The pair's cost profile (sprinter.decode.costs) on this device, dtype and thread count: `decoder.profile`
+    when set; else the one kept in memory by the decoder; else the one in cost_profile.json beside the pair
+    (scripts/profile_pair.py writes it); else measured now in about `budget_s` seconds, kept in memory, and saved
+    beside the pair when its folder is writable (measuring works for any model, random test ones too)."""
+    if decoder.profile is not None:
+        return decoder.profile
+    pair, folder = decoder.pair, Path(decoder.pair.draft_name).parent
+    name = str(folder) if (folder / "pair.json").is_file() else f"{pair.draft_name} | {pair.target_name}"
+    dtype = str(pair.dtype).removeprefix("torch.")
+    key = profile_key(name, str(pair.device), dtype, torch.get_num_threads())
+    if key not in decoder.profiles:
+        saved = find_profile(folder / FILE_NAME, name, str(pair.device), dtype, torch.get_num_threads()) \
+            if name == str(folder) else None
+        if saved is None:
+            saved = measure_costs(pair.draft, pair.target, pair.vocab_size, pair=name, gate=decoder.gate,
+                                  budget_s=budget_s)
+            if name == str(folder) and os.access(folder, os.W_OK):
+                save_profile(folder / FILE_NAME, saved)
+        decoder.profiles[key] = saved
+    return decoder.profiles[key]
+
+
 __all__ = ["DECAY", "DRAFT_KS", "DRAFT_PRIOR", "NGRAM_PRIOR", "NGRAM_SS", "PRIOR_WEIGHT", "PROBE_EVERY",
-           "AutoController", "Candidate", "Estimate", "IndexDrafter", "auto_decode", "candidates"]
+           "AutoController", "Candidate", "Estimate", "IndexDrafter", "auto_decode", "candidates", "cost_profile",
+           "make_controller", "run_auto"]

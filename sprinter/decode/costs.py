@@ -167,7 +167,7 @@ def measure_costs(draft: torch.nn.Module, target: torch.nn.Module, vocab_size: i
     if gate is None:
         gate = LearnedGate(stand_in_verifier(draft.config.hidden_size, vocab_size).to(device), STAND_IN_FEATURES, 0.5)
     confidence = ConfidenceGate()
-    gate_layers = max(1, int(gate.needs_hidden))  # a gate that reads the layer before the last: 2
+    hidden_layers = max(1, gate.hidden_layers)  # a gate that reads the layer before the last: 2
 
     # The caches, each holding `context` tokens; every timed call adds tokens and the next rolls them back.
     draft_lms = {hidden: CachedLM(draft, vocab_size) for hidden in (False, True)}
@@ -178,7 +178,7 @@ def measure_costs(draft: torch.nn.Module, target: torch.nn.Module, vocab_size: i
 
     def propose(hidden: bool) -> DraftStep:
         """One draft step as ModelDrafter.propose makes it: a one-token forward, the sampler's probabilities, a draw."""
-        layers = gate_layers if hidden else 0
+        layers = hidden_layers if hidden else 0
         logits, h = draft_lms[hidden].append(ids[:, context: context + 1], hidden=layers)  # (1, V), (1, layers, H)
         q = sampler.probs(logits[0])
         return DraftStep(token=sampler.draw(q, gen), q=q, q_soft=sampler.soft_probs(logits[0]),

@@ -33,7 +33,6 @@ from __future__ import annotations
 
 import copy
 import dataclasses
-import os
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -43,8 +42,10 @@ import torch
 
 from sprinter.config import check_integers, option
 from sprinter.decode.asynchronous import asynchronous
+from sprinter.decode.auto import AutoController, cost_profile, make_controller, run_auto
 from sprinter.decode.batched import generate_batch
 from sprinter.decode.cache import CachedLM
+from sprinter.decode.costs import CostProfile
 from sprinter.decode.datastore import Datastore
 from sprinter.decode.drafters import ModelDrafter
 from sprinter.decode.emit import Emitter, GenerateOutput
@@ -58,7 +59,7 @@ from sprinter.decode.gates import (
     NeverFlag,
     load_learned_gate,
 )
-from sprinter.decode.loops import GateRule, autoregressive, speculative
+from sprinter.decode.loops import GateRule, LoopState, autoregressive, speculative
 from sprinter.decode.options import (
     BATCH_MODES,
     GATED_MODES,
@@ -67,6 +68,7 @@ from sprinter.decode.options import (
     STOP_THRESHOLD,
     DecodeOptions,
 )
+from sprinter.decode.prompts import is_batch, prompt_ids
 from sprinter.decode.stats import DecodeStats
 from sprinter.errors import SprinterError
 from sprinter.pairs.load import (
@@ -78,6 +80,7 @@ from sprinter.pairs.load import (
 )
 
 DEMO_VERIFIER = "checkpoints/verifiers/demo"
+ENGINES = ("eager", "static", "compiled")  # Decoder.from_pretrained(engine=...): how the single-prompt loops run
 NO_VERIFIER = ("modes 'sprinter' and 'sd-gated' need a gate, and this decoder has no verifier: train one with "
                "`python scripts/collect.py` then `python scripts/train.py` (writes checkpoints/verifiers/demo) and "
                "pass verifier=DIR (CLI --verifier DIR), or use the draft's confidence: gate='confidence' "
@@ -116,6 +119,11 @@ class GenerateConfig(DecodeOptions):
                                 "mode='ngram'")
         check_integers(self, ("threads",), minimum=0)
 
+    @property
+    def engine(self) -> str:
+        """`Decoder.from_pretrained`'s engine: "compiled" (--compile), "static" (--static-cache) or "eager"."""
+        return "compiled" if self.compile else "static" if self.static_cache else "eager"
+
     def options(self) -> DecodeOptions:
         """The generation's options alone."""
         return DecodeOptions(**{f.name: getattr(self, f.name) for f in dataclasses.fields(DecodeOptions)})
@@ -142,17 +150,18 @@ class Decoder:
     @classmethod
     def from_pretrained(cls, draft: str, target: str, verifier: str | Path | None = None, device: str = "auto",
                         dtype: str = "auto", trust_remote_code: bool = False,
-                        datastore: str | Path | None = None, static_cache: bool = False,
-                        compile: bool = False) -> "Decoder":
+                        datastore: str | Path | None = None, engine: str = "eager") -> "Decoder":
         """Load the pair (Hub names or local folders) and, if given, a verifier trained for this draft and an
         n-gram datastore (scripts/build_datastore.py) for mode "ngram". The verifier is checked against the
         draft (fingerprint, hidden size) and the datastore's files before any model is loaded; the datastore's
         tokenizer against the pair's once it is loaded.
 
-        The single-prompt modes decode with dynamic KV caches (the reference), or with static ones written by
-        position (`static_cache=True`); `compile=True` also torch.compiles the draft's step and the target's verify
-        forward (sprinter.decode.engine; static caches implied; each generation's `stats.compile_seconds` says
-        what compiling cost it, paid once per Decoder)."""
+        `engine`, one of ENGINES: the single-prompt modes decode with dynamic KV caches ("eager", the reference),
+        with static ones written by position ("static"), or also torch.compile the draft's step and the target's
+        verify forward ("compiled", static caches implied; sprinter.decode.engine; each generation's
+        `stats.compile_seconds` says what compiling cost it, paid once per Decoder)."""
+        if engine not in ENGINES:
+            raise SprinterError(f"engine: got {engine!r}; expected one of {ENGINES}")
         for name, value in (("draft", draft), ("target", target), ("verifier", verifier), ("datastore", datastore)):
             if not (isinstance(value, (str, Path)) or value is None and name in ("verifier", "datastore")):
                 raise SprinterError(f"{name}: got {value!r}; expected a path or Hub name (str or Path)"
@@ -171,7 +180,8 @@ class Decoder:
             check_vocabulary(info, pair.vocab_size, verifier)
         if store is not None:
             store.check_tokenizer(pair.tokenizer)
-        decoder = cls(pair, gate, info, store, Engine(dev, static=static_cache, compile=compile))
+        decoder = cls(pair, gate, info, store, Engine(dev, static=engine == "static",
+                                                        compile=engine == "compiled"))
         decoder.verifier_dir = Path(verifier) if verifier is not None else None
         return decoder
 
@@ -198,22 +208,21 @@ class Decoder:
         if on_text is not None and not callable(on_text):
             raise SprinterError(f"on_text: got {on_text!r}; expected a function of one str, or None")
         mode = options.mode
-        if _is_batch(prompt) and len(prompt) == 1 and mode not in BATCH_MODES:
+        if is_batch(prompt) and len(prompt) == 1 and mode not in BATCH_MODES:
             prompt = prompt[0]  # a batch of one, in a mode that decodes one prompt at a time
-        if _is_batch(prompt) or mode == "ngram":
+        if is_batch(prompt) or mode == "ngram":
             return self._generate_batch(prompt, options, on_text)
         ids = self._prompt_ids(prompt)
         gate = self._check_request(options, len(ids))
         if mode == "sd-gated":
-            options = options.replace(stop_threshold=self._stop_threshold(options.stop_threshold, gate))
+            options = options.replace(stop_threshold=self.stop_threshold(options.stop_threshold, gate))
         device = self.pair.device
-        sampler = options.sampler
-        gen = torch.Generator(device=device).manual_seed(int(options.seed))
-        out = Emitter(self.tokenizer, options.max_new_tokens, self.tokenizer.eos_token_id, options.stop, on_text)
-        stats = DecodeStats(mode=mode)
         # async may run each model on a device of its own (a copy made once); every other mode on the decoder's
         target_dev, draft_dev = (device if d is None else resolve_device(d)
                                  for d in (options.target_device, options.draft_device))
+        out = Emitter(self.tokenizer, options.max_new_tokens, self.tokenizer.eos_token_id, options.stop, on_text)
+        state = LoopState(options.sampler, torch.Generator(device=target_dev).manual_seed(int(options.seed)), out,
+                          DecodeStats(mode=mode))
         capacity = len(ids) + options.max_new_tokens  # neither cache ever holds more than the prompt and the budget
         eager = options.mode == "async"  # its draft runs in a thread of its own: no compiled graphs there
         target = self.engine.lm(self.model_on("target", target_dev), self.pair.vocab_size, capacity, not eager)
@@ -222,20 +231,18 @@ class Decoder:
         start = time.perf_counter()
         if mode in ("ar", "draft"):
             tokens = torch.tensor([ids], dtype=torch.long, device=device)  # (1, T)
-            autoregressive(target if mode == "ar" else draft, tokens, sampler=sampler, gen=gen, out=out)
-        elif mode == "auto":
-            self._auto(target, draft, ids, options=options, gen=gen, out=out, stats=stats)
+            autoregressive(target if mode == "ar" else draft, tokens, state)
+        elif mode == "auto":  # its gated rounds use the loaded verifier; never fused (the gate changes by round)
+            run_auto(self, target, self._drafter(draft, options, self.gate, fuse=False), ids, options, state)
         elif mode == "async":
             tokens = torch.tensor([ids], dtype=torch.long, device=target_dev)  # (1, T)
-            asynchronous(target, ModelDrafter(draft, sampler), tokens, options=options, out=out, stats=stats,
+            asynchronous(target, self._drafter(draft, options, None), tokens, options=options, state=state,
                          draft_device=draft_dev)
         else:
-            fused = None if gate is None else self.engine.fused(draft.model, gate, self.pair.vocab_size,
-                                                                sampler.greedy)
-            drafter = ModelDrafter(draft, sampler, with_hidden=gate is not None and gate.needs_hidden, fused=fused)
-            speculative(target, drafter, ids, options=options, gate=gate, gen=gen, out=out, stats=stats)
+            speculative(target, self._drafter(draft, options, gate), ids, options=options, gate=gate, state=state)
         if device.type == "cuda":
             torch.cuda.synchronize(device)
+        stats = state.stats
         stats.wall_seconds = time.perf_counter() - start
         stats.compile_seconds = self.engine.report()
 
@@ -250,77 +257,14 @@ class Decoder:
             stats.verifier_flops = 2 * params * stats.verifier_calls
         return GenerateOutput(text=out.text(), token_ids=out.ids, stats=stats, stop_reason=out.stop_reason)
 
-    def _auto(self, target: CachedLM, draft: CachedLM, ids: list[int], *, options: DecodeOptions,
-              gen: torch.Generator, out: Emitter, stats: DecodeStats) -> None:
-        """Mode "auto" (sprinter.decode.auto): the controller chooses each round's candidate."""
-        from sprinter.decode.auto import auto_decode
+    def make_controller(self, options: DecodeOptions) -> AutoController:
+        """Mode "auto"'s controller for one request (sprinter.decode.auto.make_controller; a test may replace this
+        method to drive the rounds itself)."""
+        return make_controller(self, options)
 
-        controller = self.make_controller(options)
-        stop_gate = self.gate
-        sprinter_gate = None
-        if options.max_false_accept is not None:
-            threshold = self._budget_threshold(options.max_false_accept)
-            sprinter_gate = LearnedGate(self.gate.verifier, self.gate.features, threshold)
-        needs_hidden = self.gate is not None and self.gate.needs_hidden
-        auto_decode(target, ModelDrafter(draft, options.sampler, with_hidden=needs_hidden), ids,
-                    controller=controller, sampler=options.sampler, max_block=options.max_block,
-                    stop_rule=None if stop_gate is None else GateRule(stop_gate, self._stop_threshold(None, stop_gate)),
-                    sprinter_rule=None if sprinter_gate is None else GateRule(sprinter_gate, None),
-                    ngram_n=options.ngram_n, gen=gen, out=out, stats=stats)
-
-    def make_controller(self, options: DecodeOptions):
-        """Mode "auto"'s controller for one request (sprinter.decode.auto.AutoController; a test may replace this
-        method to drive the rounds itself). Its draft prior is the pair's greedy agreement (pair.json beside the
-        draft) when stated, else auto.DRAFT_PRIOR; with max_false_accept, sprinter's rates come from the
-        verifier's metrics.json (true accept at that budget), else (SPRINTER_RATES' true accept, the budget)."""
-        from sprinter.decode.auto import DRAFT_PRIOR, AutoController
-        from sprinter.decode.latency import SPRINTER_RATES, verifier_rates
-        from sprinter.files import read_json
-        from sprinter.verifier import budget_key
-
-        meta_path = Path(self.pair.draft_name).parent / "pair.json"
-        meta = read_json(meta_path, "pair.json") if meta_path.is_file() else {}
-        agreement = meta.get("greedy_agreement") if isinstance(meta, dict) else None
-        prior = float(agreement) if isinstance(agreement, (int, float)) and 0 <= agreement <= 1 else DRAFT_PRIOR
-        budget = options.max_false_accept
-        rates = None
-        if budget is not None:
-            path = self.verifier_dir / "metrics.json" if self.verifier_dir else None
-            metrics = read_json(path, "metrics.json") if path is not None and path.is_file() else {}
-            rates = verifier_rates(metrics).get(budget_key(budget), (SPRINTER_RATES[0], float(budget)))
-        profile = self.cost_profile()
-        setting = (repr(profile), options.max_block, self.gate is not None, budget, rates)  # what predictions read
-        return AutoController(profile, draft_prior=prior, max_block=options.max_block, gated=self.gate is not None,
-                              budget=budget, sprinter_rates=rates, cache=self.predictions.setdefault(setting, {}))
-
-    def cost_profile(self, budget_s: float = 2.0):
-        """The pair's cost profile (sprinter.decode.costs) on this device, dtype and thread count: `self.profile`
-        when set; else the one kept in memory by this Decoder; else the one in cost_profile.json beside the pair
-        (scripts/profile_pair.py writes it); else measured now in about `budget_s` seconds, kept in memory, and
-        saved beside the pair when its folder is writable (measuring works for any model, random test ones too)."""
-        from sprinter.decode.costs import FILE_NAME, find_profile, measure_costs, profile_key, save_profile
-
-        if self.profile is not None:
-            return self.profile
-        pair, folder = self.pair, Path(self.pair.draft_name).parent
-        name = str(folder) if (folder / "pair.json").is_file() else f"{pair.draft_name} | {pair.target_name}"
-        dtype = str(pair.dtype).removeprefix("torch.")
-        key = profile_key(name, str(pair.device), dtype, torch.get_num_threads())
-        if key not in self.profiles:
-            saved = find_profile(folder / FILE_NAME, name, str(pair.device), dtype, torch.get_num_threads()) \
-                if name == str(folder) else None
-            if saved is None:
-                saved = measure_costs(pair.draft, pair.target, pair.vocab_size, pair=name, gate=self.gate,
-                                      budget_s=budget_s)
-                if name == str(folder) and os.access(folder, os.W_OK):
-                    save_profile(folder / FILE_NAME, saved)
-            self.profiles[key] = saved
-        return self.profiles[key]
-
-    def _budget_threshold(self, budget: float) -> float:
-        from sprinter.verifier import budget_key
-
-        return self.verifier_info.thresholds[budget_key(budget)]
+    def cost_profile(self, budget_s: float = 2.0) -> CostProfile:
+        """The pair's cost profile on this device, dtype and thread count (sprinter.decode.auto.cost_profile)."""
+        return cost_profile(self, budget_s)
 
     @staticmethod
     def _options(options: DecodeOptions | None, overrides: dict[str, object]) -> DecodeOptions:
@@ -332,7 +276,16 @@ class Decoder:
                                 "e.g. max_new_tokens=64)")
         return options.replace(**overrides) if overrides else options
 
-    def _stop_threshold(self, threshold: float | None, gate: Gate | None) -> float:
+    def _drafter(self, draft: CachedLM, options: DecodeOptions, gate: Gate | None, *, fuse: bool = True
+                 ) -> ModelDrafter:
+        """The draft model as a drafter: its steps return the hidden states `gate` reads (none without a gate),
+        and with `fuse` (and a compiling engine) the gate runs inside the draft's compiled step."""
+        sampler = options.sampler
+        fused = self.engine.fused(draft.model, gate, self.pair.vocab_size, sampler.greedy) \
+            if fuse and gate is not None else None
+        return ModelDrafter(draft, sampler, hidden_layers=0 if gate is None else gate.hidden_layers, fused=fused)
+
+    def stop_threshold(self, threshold: float | None, gate: Gate | None) -> float:
         """sd-gated's stop threshold: the one asked for, else the loaded verifier's recommended one (stored by
         `scripts/benchmark.py --store-stop-threshold`) when it is the gate, else STOP_THRESHOLD."""
         if threshold is not None:
@@ -344,7 +297,7 @@ class Decoder:
                         ) -> GenerateOutput | list[GenerateOutput]:
         """A list of prompts (a list of results), or one prompt in mode "ngram" (one result):
         sprinter.decode.batched."""
-        batch = _is_batch(prompt)
+        batch = is_batch(prompt)
         if batch and options.mode not in BATCH_MODES:
             raise SprinterError(f"prompt: got a batch of {len(prompt)} prompts with mode={options.mode!r}; expected a "
                                 f"single prompt, or a mode of {BATCH_MODES}")
@@ -370,33 +323,7 @@ class Decoder:
         return self.copies[key]
 
     def _prompt_ids(self, prompt: str | Sequence[int] | torch.Tensor) -> list[int]:
-        if isinstance(prompt, str):
-            if not prompt:
-                raise SprinterError("prompt: got ''; expected a non-empty text or a list of token ids")
-            try:
-                prompt.encode("utf-8")
-            except UnicodeEncodeError as err:  # lone surrogates: bytes that were not UTF-8 (e.g. from argv)
-                raise SprinterError(f"prompt: got {prompt[max(0, err.start - 10): err.end + 10]!r}, with a character "
-                                    f"at {err.start} that is not text (a byte that was not UTF-8?); expected "
-                                    "UTF-8 text") from None
-            return self.tokenizer(prompt, add_special_tokens=False)["input_ids"]
-        if not isinstance(prompt, (list, tuple, torch.Tensor)):
-            raise SprinterError(f"prompt: got {type(prompt).__name__} {prompt!r:.40}; expected a text, a list of token "
-                                "ids or a list of prompts")
-        ids = prompt.tolist() if isinstance(prompt, torch.Tensor) else \
-            [t.item() if isinstance(t, torch.Tensor) and t.dim() == 0 else t for t in prompt]
-        if ids and isinstance(ids[0], list):  # a batch dimension
-            if len(ids) != 1:
-                raise SprinterError(f"prompt: got a batch of {len(ids)} sequences in one tensor; expected a batch "
-                                    "of 1 (for a batch: a list of prompts)")
-            ids = ids[0]
-        if not ids:
-            raise SprinterError("prompt: got no token ids; expected a non-empty text or a list of token ids")
-        vocab = self.pair.vocab_size
-        bad = [t for t in ids if not isinstance(t, int) or not 0 <= t < vocab]
-        if bad:
-            raise SprinterError(f"prompt: got token id(s) {bad[:4]}; expected integers in [0, {vocab})")
-        return ids
+        return prompt_ids(prompt, self.tokenizer, self.pair.vocab_size)
 
     def _check_request(self, options: DecodeOptions, prompt_len: int) -> Gate | None:
         """The checks that need the pair or the verifier (`options` checked itself); returns the gate a gated
@@ -434,12 +361,6 @@ class Decoder:
         if gate == "never":
             return NeverFlag()
         return gate
-
-
-def _is_batch(prompt: object) -> bool:
-    """A list of prompts (texts or token-id lists), not one prompt's token ids."""
-    first = prompt[0] if isinstance(prompt, (list, tuple)) and len(prompt) > 0 else None
-    return isinstance(first, (str, list, tuple)) or (isinstance(first, torch.Tensor) and first.dim() >= 1)
 
 
 def _same_device(a: torch.device, b: torch.device) -> bool:

@@ -73,13 +73,13 @@ class Drafter(Protocol):
 class ModelDrafter:
     """A draft causal LM with its own KV cache, for one sequence, fed only the tokens it has not seen."""
 
-    def __init__(self, lm: CachedLM, sampler: Sampler, *, with_hidden: bool | int = False,
+    def __init__(self, lm: CachedLM, sampler: Sampler, *, hidden_layers: int = 0,
                  fused: FusedDraftStep | None = None):
         self.lm = lm
         self.sampler = sampler
-        # How many of the last layers' states each step returns (True: 1; 2 adds the layer before the last):
+        # How many of the last layers' states each gated step returns (1: the last; 2 adds the layer before it):
         # they cost an extra output, and only a learned gate reads them.
-        self.with_hidden = int(with_hidden)
+        self.hidden_layers = hidden_layers
         self.fused = fused  # compiled greedy step with the gate in it (sprinter.decode.engine), for gated chains
         self.device = next(lm.model.parameters()).device
 
@@ -88,7 +88,7 @@ class ModelDrafter:
         if len(seqs) != 1:
             raise RuntimeError(f"ModelDrafter drafts for one sequence; got {len(seqs)}")  # a decoder bug
         (seq,), (limit,) = seqs, limits
-        hidden_too = self.with_hidden if stop is not None else 0
+        hidden_layers = self.hidden_layers if stop is not None else 0
         ids = torch.tensor([seq[self.lm.length:]], dtype=torch.long, device=self.device)  # (1, unseen)
         xs: list[torch.Tensor] = []
         qs: list[torch.Tensor] = []
@@ -99,13 +99,13 @@ class ModelDrafter:
                 x, q, q_soft, hidden, p_accept = self.lm.append_fused(ids, fused, len(xs))  # one graph, no sync
                 step = DraftStep(token=x, q=q, q_soft=q_soft, hidden=hidden, p_accept=p_accept)
             else:
-                logits, hidden = self.lm.append(ids, hidden=hidden_too)  # (1, V), (1, layers, H)
+                logits, hidden = self.lm.append(ids, hidden=hidden_layers)  # (1, V), (1, layers, H)
                 q = self.sampler.probs(logits[0])
                 x = self.sampler.draw(q, gen)
                 step = None if stop is None else DraftStep(
                     token=x, q=q, q_soft=self.sampler.soft_probs(logits[0]),
                     hidden=None if hidden is None else hidden[0, 0],
-                    hidden_prev=hidden[0, 1] if hidden_too > 1 else None)
+                    hidden_prev=hidden[0, 1] if hidden_layers > 1 else None)
             xs.append(x)
             qs.append(q)
             ids = x.view(1, 1)
