@@ -52,8 +52,13 @@ def worker(pair: str, repeats: int, max_new_tokens: int) -> dict:
     prompts = torch.tensor([ids, ids[::-1]])
     for temperature in (0.0, 0.8):
         with torch.inference_mode():
-            rows, paths = decode_rows(dec.pair.draft, dec.pair.target, prompts, 24, 4, dec.pair.vocab_size,
-                                      temperature, torch.Generator().manual_seed(0), 0, None, dec.pair.max_length)
+            gen = torch.Generator().manual_seed(0)
+            try:  # the signature since the pair is passed whole
+                rows, paths = decode_rows(dec.pair, prompts, max_new_tokens=24, k=4, temperature=temperature,
+                                          gen=gen, pad_id=0, eos_id=None)
+            except TypeError:  # an older checkout: the models and the sizes one by one
+                rows, paths = decode_rows(dec.pair.draft, dec.pair.target, prompts, 24, 4, dec.pair.vocab_size,
+                                          temperature, gen, 0, None, dec.pair.max_length)
         h = hashlib.sha256(json.dumps(paths).encode())
         for key in sorted(rows):
             h.update(rows[key].cpu().contiguous().numpy().tobytes())

@@ -42,8 +42,8 @@ def test_decode_time_features_equal_the_collected_ones(request, arch):
     pair = load_pair(str(folder / "draft"), str(folder / "target"), device="cpu", dtype="float32")
     prompt = torch.randint(3, pair.vocab_size, (1, 10), generator=torch.Generator().manual_seed(1))
     k = 4
-    rows, paths = decode_rows(pair.draft, pair.target, prompt, 12, k, pair.vocab_size, 0.0, torch.Generator(), 0,
-                              None, pair.max_length)
+    rows, paths = decode_rows(pair, prompt, max_new_tokens=12, k=k, temperature=0.0, gen=torch.Generator(), pad_id=0,
+                              eos_id=None)
     recorder = Recorder()
     gate = LearnedGate(recorder, KNOWN, threshold=0.5)
     assert gate.hidden_layers == 2

@@ -424,8 +424,8 @@ def _run_benchmark(cfg: BenchConfig) -> dict:
     todo = [p for p in prompts if p.index not in done]
     start = time.perf_counter()
     # The pair's cost profile (~2 s, before the timed runs): each row's predicted ms/token (sprinter.bench.latency).
-    profile = measure_costs(decoder.pair.draft, decoder.pair.target, decoder.pair.vocab_size, pair=cfg.pair,
-                            gate=decoder.gate, max_n=max(cfg.max_block, *cfg.ks) + 1, context=cfg.prompt_len)
+    profile = measure_costs(decoder.pair, name=cfg.pair, gate=decoder.gate, max_n=max(cfg.max_block, *cfg.ks) + 1,
+                            context=cfg.prompt_len)
     decoder.profile = profile  # mode auto chooses with the same profile (not measured again)
     # 2. Warm up, then every method on each prompt in turn; each finished prompt is appended to the records.
     if todo:

@@ -62,7 +62,7 @@ def profile_pair(cfg: ProfileConfig) -> tuple[CostProfile, Path]:
     if cfg.verifier is not None:
         gate, _ = load_learned_gate(cfg.verifier, fingerprint(draft), pair.draft.config.hidden_size, device, dtype)
     pair_dir = Path(draft).parent
-    profile = measure_costs(pair.draft, pair.target, pair.vocab_size, pair=str(pair_dir), gate=gate,
+    profile = measure_costs(pair, name=str(pair_dir), gate=gate,
                             max_n=cfg.max_block + 1, context=cfg.context, budget_s=cfg.budget_s)
     if profile.noise > NOISY:
         print(f"note: the timings spread widely (interquartile range {profile.noise:.0%} of the median): a busy "

@@ -6,6 +6,7 @@ is sprinter.bench.regime_map.
 
 from __future__ import annotations
 
+from pathlib import Path
 from typing import Sequence
 
 from sprinter.decode.costs import CostProfile
@@ -20,6 +21,8 @@ from sprinter.decode.latency import (
     sprinter_ms,
     verifier_rates,
 )
+from sprinter.files import read_json
+from sprinter.verifier import budget_key
 
 MIN_REACHED = 10  # blocks that must reach a position before its acceptance rate is estimated from them
 
@@ -48,16 +51,13 @@ def acceptance_by_position(stats: Sequence[dict]) -> tuple[float, ...]:
 def load_verifier_rates(verifiers: dict[str, str]) -> dict[str, dict[str, tuple[float, float]]]:
     """Per gate name of the benchmark ("mlp", "linear"), its rates from the metrics.json written beside it by
     scripts/train.py; the linear baseline's come from its MLP's metrics.json when it sits in VERIFIER/baselines/."""
-    import json
-    from pathlib import Path
-
     out: dict[str, dict[str, tuple[float, float]]] = {}
     for name, path in verifiers.items():
         own, parent = Path(path) / "metrics.json", Path(path).parent.parent / "metrics.json"
         if own.is_file():
-            out[name] = verifier_rates(json.loads(own.read_text()))
+            out[name] = verifier_rates(read_json(own, "metrics.json"))
         elif name == "linear" and Path(path).parent.name == "baselines" and parent.is_file():
-            out[name] = verifier_rates(json.loads(parent.read_text()), "linear")
+            out[name] = verifier_rates(read_json(parent, "metrics.json"), "linear")
     return out
 
 
@@ -67,18 +67,17 @@ def totals(stats: Sequence[dict]) -> dict[str, float]:
     return {k: float(sum(s.get(k, 0) or 0 for s in stats)) for k in keys}
 
 
-def predict_row(profile: CostProfile, stats: AcceptanceStats | None, *, family: str, operating_point: float | None,
+def predict_row(profile: CostProfile, stats: AcceptanceStats | None, row: tuple[str, float | None], *,
                 counts: dict[str, float], prompts: int, prompt_len: int, max_block: int,
                 rates: dict[str, dict[str, tuple[float, float]]]) -> float | None:
-    """Predicted ms/token of one benchmark row (sprinter.bench.benchmark.FAMILIES); None for async (the
-    overlap of two threads is not modelled) and for rows without tokens.
+    """Predicted ms/token of one benchmark row, (family, operating point) (sprinter.bench.benchmark.FAMILIES);
+    None for async (the overlap of two threads is not modelled) and for rows without tokens.
 
     ar, draft, sd, ngram and the learned sprinter rows follow from the profile and `stats` (acceptance by
     position from the sd rows, the verifier's rates from metrics.json, the n-gram row's drafted and accepted
     tokens per call). sd-gated's stop rule, the confidence gates and hf-assisted have no derived block length:
     their costs are weighed by the row's own counts (`counted_ms`), as are the learned rows without metrics.json."""
-    from sprinter.verifier import budget_key
-
+    family, operating_point = row
     if family == "async" or not counts["new_tokens"]:
         return None
     if family == "ar":
@@ -117,10 +116,8 @@ def predictions(profile: CostProfile, records: dict[str, list[dict]], families: 
     stats = AcceptanceStats(a) if a else None
     out = {}
     for name, recs in records.items():
-        family, point = families[name]
-        out[name] = predict_row(profile, stats, family=family, operating_point=point,
-                                counts=totals([r["stats"] for r in recs]), prompts=len(recs), prompt_len=prompt_len,
-                                max_block=max_block, rates=rates)
+        out[name] = predict_row(profile, stats, families[name], counts=totals([r["stats"] for r in recs]),
+                                prompts=len(recs), prompt_len=prompt_len, max_block=max_block, rates=rates)
     return out, stats
 
 

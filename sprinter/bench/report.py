@@ -21,6 +21,7 @@ from typing import Sequence
 
 from sprinter.bench.protocol import Method, Prompt, disk_error, hardware, libraries, save
 from sprinter.errors import SprinterError
+from sprinter.files import read_json
 
 FORMAT = "sprinter-bench/1"
 METHOD_KEYS = ("name", "family", "operating_point", "lossless", "prompts", "new_tokens", "ms_per_token",
@@ -256,7 +257,7 @@ def write_reports(out: Path, *, options: dict, decoder, verifiers: dict[str, str
     if profile is not None:
         meta = Path(pair.draft_name).parent / "pair.json"
         add_predictions(results, profile, options, verifiers, methods, done,
-                        json.loads(meta.read_text()) if meta.is_file() else {})
+                        read_json(meta, "pair.json") if meta.is_file() else {})
     else:
         for entry in results["methods"]:
             entry["predicted_ms_per_token"] = None

@@ -217,9 +217,9 @@ def batch_rows(cfg: CollectConfig, pair: Pair, windows: torch.Tensor, first: int
     else:
         tok = pair.tokenizer
         pad = tok.pad_token_id if tok.pad_token_id is not None else (tok.eos_token_id or 0)
-        rows, _ = decode_rows(pair.draft, pair.target, windows[:, : cfg.prompt_len], cfg.max_new_tokens,
-                              cfg.draft_length, pair.vocab_size, cfg.temperature, gen, pad, tok.eos_token_id,
-                              pair.max_length)
+        rows, _ = decode_rows(pair, windows[:, : cfg.prompt_len], max_new_tokens=cfg.max_new_tokens,
+                              k=cfg.draft_length, temperature=cfg.temperature, gen=gen, pad_id=pad,
+                              eos_id=tok.eos_token_id)
     rows["prompt_index"] = rows.pop("row_prompt") + first
     for name in VECTORS:
         rows[name] = rows[name].to(HIDDEN_DTYPES[cfg.hidden_dtype])

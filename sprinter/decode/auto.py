@@ -298,8 +298,7 @@ def cost_profile(decoder: Decoder, budget_s: float = 2.0) -> CostProfile:
         saved = find_profile(folder / FILE_NAME, name, str(pair.device), dtype, torch.get_num_threads()) \
             if name == str(folder) else None
         if saved is None:
-            saved = measure_costs(pair.draft, pair.target, pair.vocab_size, pair=name, gate=decoder.gate,
-                                  budget_s=budget_s)
+            saved = measure_costs(pair, name=name, gate=decoder.gate, budget_s=budget_s)
             if name == str(folder) and os.access(folder, os.W_OK):
                 save_profile(folder / FILE_NAME, saved)
         decoder.profiles[key] = saved

@@ -21,7 +21,6 @@ from __future__ import annotations
 
 import dataclasses
 import datetime
-import json
 import statistics
 import time
 from dataclasses import dataclass
@@ -36,7 +35,8 @@ from sprinter.decode.drafters import DraftStep
 from sprinter.decode.gates import ConfidenceGate, LearnedGate
 from sprinter.decode.sampling import Sampler, uniform
 from sprinter.errors import SprinterError
-from sprinter.files import write_json
+from sprinter.files import read_json, write_json
+from sprinter.pairs.load import Pair
 
 FORMAT = "sprinter-costs/1"
 FILE_NAME = "cost_profile.json"
@@ -122,7 +122,7 @@ def read_profiles(path: str | Path) -> dict[str, CostProfile]:
     path = Path(path)
     if not path.is_file():
         return {}
-    data = json.loads(path.read_text())
+    data = read_json(path, "cost profile")
     if data.get("format") != FORMAT:
         raise SprinterError(f"cost profile file {str(path)!r}: format {data.get('format')!r}; expected {FORMAT!r}")
     return {key: CostProfile.from_dict(p) for key, p in data["profiles"].items()}
@@ -149,16 +149,17 @@ def stand_in_verifier(hidden_size: int, vocab_size: int) -> torch.nn.Module:
 
 
 @torch.inference_mode()
-def measure_costs(draft: torch.nn.Module, target: torch.nn.Module, vocab_size: int, *, pair: str,
-                  gate: LearnedGate | None = None, max_n: int = 21, context: int = 64, budget_s: float = 2.0,
-                  min_repeats: int = 3, seed: int = 0) -> CostProfile:
-    """Time every step of the decode loops (see the module docstring) in about `budget_s` seconds.
+def measure_costs(pair: Pair, *, name: str, gate: LearnedGate | None = None, max_n: int = 21, context: int = 64,
+                  budget_s: float = 2.0, min_repeats: int = 3, seed: int = 0) -> CostProfile:
+    """Time every step of the decode loops (see the module docstring) with `pair`'s models in about `budget_s`
+    seconds; the profile is keyed by `name` (the pair's folder, or its models' names) and this device.
 
     `max_n`: the longest target forward timed (sprinter's blocks: max_block drafted tokens and the last emitted
     one, 21 by default). `gate`: the learned gate to time; None: an untrained verifier of the default shape."""
     if not (isinstance(max_n, int) and max_n >= 1) or not (isinstance(context, int) and context >= 1):
         raise SprinterError(f"max_n / context: got {max_n!r} / {context!r}; expected integers >= 1")
     started = time.perf_counter()
+    draft, target, vocab_size = pair.draft, pair.target, pair.vocab_size
     weight = next(target.parameters())
     device, dtype = weight.device, weight.dtype
     gen = torch.Generator(device=device).manual_seed(seed)
@@ -257,7 +258,7 @@ def measure_costs(draft: torch.nn.Module, target: torch.nn.Module, vocab_size: i
     ms = {name: 1e3 * statistics.median(values) for name, values in times.items()}
     spread = [(q[2] - q[0]) / q[1] for q in (statistics.quantiles(v, n=4) for v in times.values()) if q[1] > 0]
     noise = round(statistics.median(spread), 4) if spread else 0.0
-    return CostProfile(pair=pair, device=str(device), dtype=str(dtype).removeprefix("torch."),
+    return CostProfile(pair=name, device=str(device), dtype=str(dtype).removeprefix("torch."),
                        threads=torch.get_num_threads(), context=context, draft_step_ms=ms["draft"],
                        draft_hidden_step_ms=ms["draft_hidden"],
                        target_ms=tuple(ms[f"target_{n}"] for n in range(1, max_n + 1)),

@@ -49,7 +49,7 @@ class Draft:
     q: torch.Tensor | None  # (B, n, V) the distribution of each chain slot, zero past a row's chain; None: one-hot
     cost: list[tuple[int, int, int]] | None = None  # per row: draft forwards, tokens read, FLOPs (None: not counted)
     host: list[list[int]] | None = None  # the chains as lists, when the drafter has them (saves a device sync)
-    # What a verifier reads about each slot, from a drafter made with `features=True` (past a row's chain: unused):
+    # What a verifier reads about each slot, from a drafter made with `record=True` (past a row's chain: unused):
     q_soft: torch.Tensor | None = None  # (B, n, V) q when sampling, the untempered softmax when greedy
     hidden: torch.Tensor | None = None  # (B, n, 2, H) the draft's states (the last layer, the one before) there
 
@@ -123,10 +123,10 @@ class ModelDrafter:
 class BatchModelDrafter:
     """A draft causal LM over many sequences with one batched cache (sprinter.decode.batch_cache).
 
-    features=True also returns each slot's `q_soft` and `hidden` (the data stage records them as rows)."""
+    record=True also returns each slot's `q_soft` and `hidden` (the data stage records them as rows)."""
 
-    def __init__(self, lm: BatchCachedLM, sampler: Sampler, *, features: bool = False):
-        self.lm, self.sampler, self.features = lm, sampler, features
+    def __init__(self, lm: BatchCachedLM, sampler: Sampler, *, record: bool = False):
+        self.lm, self.sampler, self.record = lm, sampler, record
 
     def propose(self, seqs: Sequence[Sequence[int]], limits: Sequence[int], gen: torch.Generator, *,
                 stop: StopRule | None = None) -> Draft:
@@ -144,18 +144,18 @@ class BatchModelDrafter:
         before = list(self.lm.lengths)
         # 1. Catch up on the tokens the draft has not read (the last emitted one; two after a fully kept chain).
         unseen = [seq[n:] for seq, n in zip(seqs, before, strict=True)]
-        logits, hidden = self.lm.append_last(unseen, hidden=self.features)  # (B, V), (B, 2, H) | None
+        logits, hidden = self.lm.append_last(unseen, hidden=self.record)  # (B, V), (B, 2, H) | None
         # 2. Draft position j for the rows whose chain is longer than j (the others read a masked slot).
         xs, qs, softs, states, host = [], [], [], [], []
         for j in range(max(limits)):
             if j:
                 step = [[x] if limit > j else [] for x, limit in zip(host[-1], limits, strict=True)]
-                logits, hidden = self.lm.append_last(step, hidden=self.features)
+                logits, hidden = self.lm.append_last(step, hidden=self.record)
             q = self.sampler.probs(logits)  # (B, V)
             qs.append(q)
             xs.append(self.sampler.draw(q, gen))
             host.append(xs[-1].tolist())  # the next forward's input ids are built on the host
-            if self.features:
+            if self.record:
                 softs.append(self.sampler.soft_probs(logits))
                 states.append(hidden)
         chains = [[x[b] for x in host[:limit]] for b, limit in enumerate(limits)]
@@ -165,8 +165,8 @@ class BatchModelDrafter:
         read = [after - n for after, n in zip(self.lm.lengths, before, strict=True)]
         cost = [(c + limit, t + r, f + self.lm.flop_model.forward(n, r, limit))
                 for (c, t, f), limit, r, n in zip(prompt_cost, limits, read, before, strict=True)]
-        features = {"q_soft": torch.stack(softs, 1), "hidden": torch.stack(states, 1)} if self.features else {}
-        return Draft(x, list(limits), q, cost, chains, **features)
+        recorded = {"q_soft": torch.stack(softs, 1), "hidden": torch.stack(states, 1)} if self.record else {}
+        return Draft(x, list(limits), q, cost, chains, **recorded)
 
     def keep(self, rows: Sequence[int], lengths: Sequence[int]) -> None:
         self.lm.select(rows)

@@ -21,7 +21,6 @@ from __future__ import annotations
 import errno
 import hashlib
 import json
-import math
 import os
 import shutil
 import sys
@@ -37,7 +36,9 @@ from tqdm.auto import tqdm
 from sprinter.config import CONFIGS, check_integers, option, parse_config, to_dict
 from sprinter.corpus import Document, load_documents
 from sprinter.errors import SprinterError
+from sprinter.files import read_json
 from sprinter.pairs.load import check_same_vocabulary, resolve_device, run_with_cache
+from sprinter.schedule import warmup_cosine
 
 CONFIG_DIR = CONFIGS
 EOS = "<|endoftext|>"
@@ -208,7 +209,7 @@ def reused_tokenizer(cfg: PairConfig):
     meta_file = Path(cfg.target_from) / "pair.json"
     if not meta_file.is_file():
         raise SprinterError(f"target_from: got {cfg.target_from!r}; expected a pair folder with pair.json")
-    old = json.loads(meta_file.read_text()).get("config", {})
+    old = read_json(meta_file, "pair.json").get("config", {})
     differ = [k for k in TARGET_OPTIONS if old.get(k) != getattr(cfg, k)]
     if differ:
         raise SprinterError(f"target_from {cfg.target_from!r} was built with other target options "
@@ -239,17 +240,6 @@ def truncated_draft(target, layers: int, seed: int):
     return draft
 
 
-def lr_at(step: int, steps: int, peak: float, warmup_fraction: float, clock: float = 0.0) -> float:
-    """Linear warmup, then cosine decay to a tenth of the peak. `clock` (the share of a time budget spent, 0
-    without one) moves the decay on when it is further along than the step count, so a run cut by its time
-    budget still ends at the low learning rate."""
-    warmup = max(1, int(steps * warmup_fraction))
-    if step < warmup and clock < warmup_fraction:
-        return peak * (step + 1) / warmup
-    progress = max((step - warmup) / max(1, steps - warmup), clock)
-    return peak * (0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * min(1.0, progress))))
-
-
 def train_loop(model, steps: int, peak_lr: float, warmup_fraction: float, batch_fn, loss_fn, desc: str, *,
                max_seconds: float = 0.0, autocast: bool = False) -> tuple[float, int]:
     """A plain AdamW loop with a progress bar; returns (seconds spent, steps run). It stops after `steps`,
@@ -267,7 +257,9 @@ def train_loop(model, steps: int, peak_lr: float, warmup_fraction: float, batch_
             print(f"{desc}: time budget of {max_seconds:g} s reached after {step} of {steps} steps")
             break
         for group in opt.param_groups:
-            group["lr"] = lr_at(step, steps, peak_lr, warmup_fraction, elapsed / max_seconds if max_seconds else 0.0)
+            # warmup (at least one step), then cosine decay to a tenth of the peak, on the clock when it runs ahead
+            group["lr"] = warmup_cosine(step, steps, warmup_fraction, peak=peak_lr, floor=0.1, min_warmup=1,
+                                        clock=elapsed / max_seconds if max_seconds else 0.0)
         with torch.autocast("cuda", dtype=torch.bfloat16, enabled=autocast):
             loss = loss_fn(model, batch_fn())
         opt.zero_grad(set_to_none=True)
@@ -345,7 +337,7 @@ def _check_out_dir(cfg: PairConfig) -> bool:
                             "or a pair folder to --overwrite")
     if cfg.overwrite:
         return False
-    old = json.loads(meta.read_text()).get("config", {})
+    old = read_json(meta, "pair.json").get("config", {})
     new = {k: v for k, v in to_dict(cfg).items() if k not in RUNTIME_OPTIONS}
     # An option missing from an older pair.json did not exist then: that pair was built with its default.
     defaults = to_dict(PairConfig())
@@ -359,7 +351,7 @@ def build_pair(cfg: PairConfig) -> dict:
     """Build and save the pair described by `cfg`; returns the contents of pair.json."""
     if _check_out_dir(cfg):
         print(f"{cfg.out_dir} already holds this pair; nothing to do")
-        return json.loads((cfg.out_dir / "pair.json").read_text())
+        return read_json(cfg.out_dir / "pair.json", "pair.json")
     # A build's floats depend on the thread count (reduction order): fix it, so a seed fixes the pair.
     threads_before = torch.get_num_threads()
     torch.set_num_threads(cfg.threads or os.cpu_count() or 1)
@@ -397,7 +389,7 @@ def _build(cfg: PairConfig) -> dict:
         from transformers import AutoModelForCausalLM
 
         target = AutoModelForCausalLM.from_pretrained(Path(cfg.target_from) / "target", dtype=torch.float32).to(device)
-        old_meta = json.loads((Path(cfg.target_from) / "pair.json").read_text())
+        old_meta = read_json(Path(cfg.target_from) / "pair.json", "pair.json")
         target_run = old_meta.get("steps_run", {}).get("target", cfg.target_steps)
         for _ in range(target_run):  # draw the target's batches, so the draft sees what a full build shows it
             batch()

@@ -168,8 +168,9 @@ class Batches(Dataset):
 
 
 def loader(table: TokenTable, features: Sequence[str], label_rule: str, rows: torch.Tensor, batch_size: int,
-           shuffle: bool, seed: int = 0, rank: int = 0, world_size: int = 1) -> DataLoader:
-    sampler = BatchSampler(rows, batch_size, shuffle, seed, rank, world_size)
+           shuffle: bool, seed: int = 0, shard: tuple[int, int] = (0, 1)) -> DataLoader:
+    """Batches of `rows`; `shard` = (rank, world size): this process's share of them under DDP."""
+    sampler = BatchSampler(rows, batch_size, shuffle, seed, *shard)
     return DataLoader(Batches(table, features, label_rule), sampler=sampler, batch_size=None)
 
 
@@ -189,9 +190,9 @@ class ShardDataModule(L.LightningDataModule):
         self.table = TokenTable(self.paths, columns)
 
     def _loader(self, split: str, shuffle: bool) -> DataLoader:
-        rank, world = (self.trainer.global_rank, self.trainer.world_size) if self.trainer else (0, 1)
+        shard = (self.trainer.global_rank, self.trainer.world_size) if self.trainer else (0, 1)
         return loader(self.table, self.features, self.label_rule, self.splits[split], self.batch_size, shuffle,
-                      self.seed, rank, world)
+                      self.seed, shard)
 
     def train_dataloader(self) -> DataLoader:
         return self._loader("train", shuffle=True)

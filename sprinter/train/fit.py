@@ -12,7 +12,6 @@ The test split is read only in step 3, after every choice has been made on val.
 from __future__ import annotations
 
 import dataclasses
-import json
 import math
 import time
 import warnings
@@ -29,7 +28,8 @@ from sprinter.config import CONFIGS, check_integers, option, parse_config, save_
 from sprinter.data.shards import read_manifest
 from sprinter.errors import SprinterError
 from sprinter.features import HIDDEN_PREV, KNOWN
-from sprinter.files import FolderLock, write_json
+from sprinter.files import FolderLock, read_json, write_json
+from sprinter.schedule import warmup_cosine
 from sprinter.train.baselines import (
     Scorer,
     draft_prob_scorer,
@@ -246,12 +246,9 @@ class VerifierModule(L.LightningModule):
         if cfg["schedule"] == "constant":
             return optimizer
         total = max(1, int(self.trainer.estimated_stepping_batches))
-        warmup = int(cfg["warmup_fraction"] * total)
 
         def factor(step: int) -> float:  # linear warmup, then cosine decay to 0
-            if step < warmup:
-                return (step + 1) / warmup
-            return 0.5 * (1 + math.cos(math.pi * min(1.0, (step - warmup) / max(1, total - warmup))))
+            return warmup_cosine(step, total, cfg["warmup_fraction"])
 
         scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, factor)
         return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}
@@ -438,7 +435,7 @@ def _train(cfg: TrainConfig) -> dict:
                "default_budget": cfg.budgets[0], "data": [str(p) for p in cfg.data], "draft": info.draft,
                "context_source": info.context_source, "splits": sizes, "pos_weight": cfg.pos_weight,
                "neg_weight": neg_weight, "epochs_run": trainer.current_epoch,
-               "best_epoch": json.loads(best_file.with_suffix(".json").read_text())["epoch"],
+               "best_epoch": read_json(best_file.with_suffix(".json"), "best epoch")["epoch"],
                "train_seconds": round(seconds, 2), "verifier": reports.pop("verifier"), "baselines": reports,
                "eval_data": {}}
     test_prompts = table.column("prompt_index")[splits["test"]].unique()
@@ -468,8 +465,7 @@ def fit_linear(cfg: TrainConfig, table: TokenTable, splits: dict, info: Verifier
     linear_info = dataclasses.replace(info, features=(HIDDEN,), arch=default_arch(depth=0), thresholds={})
     linear = Verifier(linear_info)
     linear.set_normalisation(verifier.hidden_mean, verifier.hidden_std, torch.zeros(0), torch.ones(0))
-    fit_plain(linear, table, (HIDDEN,), cfg.label_rule, splits, epochs=cfg.epochs, batch_size=cfg.batch_size,
-              lr=cfg.lr, pos_weight=cfg.pos_weight, neg_weight=neg_weight, patience=cfg.patience, seed=cfg.seed,
+    fit_plain(linear, table, (HIDDEN,), splits, cfg, neg_weight=neg_weight,
               auroc=lambda scores, labels: summarize(scores, labels)["auroc"])
     return linear, linear_info
 
