@@ -20,14 +20,28 @@ import sys
 import time
 from pathlib import Path
 
-MODES = {  # name -> generate() keywords (spelled so that every checkout since the options object accepts them)
-    "ar": {"mode": "ar"},
-    "sd-k4": {"mode": "sd", "k": 4},
-    "sprinter-confidence": {"mode": "sprinter", "gate": "confidence", "threshold": 0.4},
-    "sd-gated-confidence": {"mode": "sd-gated", "gate": "confidence", "threshold": 0.5},
-    "ngram-s4": {"mode": "ngram", "s": 4},
+MODES = {  # name -> generate() keywords, each spelling a checkout may know, the newest first
+    "ar": [{"mode": "ar"}],
+    "sd-k4": [{"mode": "sd", "k": 4}],
+    "sprinter-confidence": [{"mode": "sprinter", "gate": "confidence", "threshold": 0.4}],
+    "sd-gated-confidence": [{"mode": "sd-gated", "gate": "confidence", "stop_threshold": 0.5},
+                            {"mode": "sd-gated", "gate": "confidence", "threshold": 0.5}],
+    "ngram-k4": [{"mode": "ngram", "ngram_k": 4}, {"mode": "ngram", "s": 4}],
 }
 PROMPT = "def fibonacci(n):\n    "
+
+
+def spelled(spellings: list[dict]) -> dict:
+    """The first spelling of a mode's keywords that this checkout's DecodeOptions accepts."""
+    from sprinter.decode.options import DecodeOptions
+
+    for kwargs in spellings:
+        try:
+            DecodeOptions(**kwargs)
+        except (TypeError, ValueError):  # an unknown name (TypeError), or refused (SprinterError)
+            continue
+        return kwargs
+    raise SystemExit(f"this checkout accepts none of {spellings}")
 
 
 def worker(pair: str, repeats: int, max_new_tokens: int) -> dict:
@@ -40,7 +54,8 @@ def worker(pair: str, repeats: int, max_new_tokens: int) -> dict:
 
     dec = Decoder.from_pretrained(draft=f"{pair}/draft", target=f"{pair}/target", device="cpu", dtype="float32")
     seconds, digests = {}, {}
-    for name, kwargs in MODES.items():
+    for name, spellings in MODES.items():
+        kwargs = spelled(spellings)
         dec.generate(PROMPT, max_new_tokens=max_new_tokens, **kwargs)  # warm-up
         times = []
         for _ in range(repeats):

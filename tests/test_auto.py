@@ -26,7 +26,7 @@ from sprinter.pairs.load import target_as_draft
 
 pytestmark = pytest.mark.usefixtures("single_thread")
 
-SWITCHES = ["ar", "ar", "sd-4", "ngram-4", "sd-1", "ar", "ar", "ar", "sd-8", "ngram-2", "sd-2", "ar", "sd-gated"]
+SWITCHES = ["ar", "ar", "sd-k4", "ngram-k4", "sd-k1", "ar", "ar", "ar", "sd-k8", "ngram-k2", "sd-k2", "ar", "sd-gated"]
 
 
 class Scripted(AutoController):
@@ -39,7 +39,7 @@ class Scripted(AutoController):
     def choose(self):
         name = self.script[self.turn % len(self.script)]
         self.turn += 1
-        return self.options[name]
+        return self.candidates[name]
 
 
 def scripted(decoder, script, start=0):
@@ -84,7 +84,7 @@ def test_falling_acceptance_falls_back_to_ar_within_a_few_target_calls():
     for _ in range(200):
         choice = c.choose()
         if choice.kind == "sd":
-            assert choice.name == "sd-1"  # the probe
+            assert choice.name == "sd-k1"  # the probe
             c.observe_draft(1, 1)
             break
         c.observe_ngram([], [7])
@@ -97,7 +97,7 @@ def test_a_probe_that_loses_waits_longer():
     waits = []
     for _ in range(3):
         rounds = 0
-        while c.choose().name != "sd-1":
+        while c.choose().name != "sd-k1":
             rounds += 1
         c.observe_draft(0, 1)
         waits.append(rounds)
@@ -127,7 +127,7 @@ def test_auto_equals_ar_at_temperature_0_across_forced_switches(decoder, start):
         auto = dec.generate(prompt, max_new_tokens=40, mode="auto")
         assert auto.token_ids == ar.token_ids, prompt
         assert sum(auto.stats.modes.values()) == auto.stats.new_tokens == ar.stats.new_tokens
-        assert {"ar", "sd-4"} <= set(auto.stats.modes) or auto.stats.new_tokens < 8
+        assert {"ar", "sd-k4"} <= set(auto.stats.modes) or auto.stats.new_tokens < 8
         rejected += auto.stats.rejected
     assert rejected > 0  # drafts were rejected: rollbacks happened between switches
 
@@ -165,7 +165,7 @@ def test_switching_keeps_both_caches_exact(gpt2_decoder):
 
 def test_auto_samples_from_the_target_distribution():
     decoder, target, _ = random_decoder()
-    scripted(decoder, ["sd-2", "ar", "ngram-2", "sd-1", "ar", "sd-4"])
+    scripted(decoder, ["sd-k2", "ar", "ngram-k2", "sd-k1", "ar", "sd-k4"])
     prompt = [1, 2, 1, 2]
     with torch.inference_mode():
         p1 = target(torch.tensor([prompt])).logits[0, -1].softmax(-1)  # (V,) first token

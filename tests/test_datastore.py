@@ -268,7 +268,7 @@ def test_ngram_decoding_with_a_datastore_equals_ar(built, gpt2_decoder):
     for store in (Datastore.open(out, tokenizer=dec.tokenizer),
                   datastore_of([p + a for p, a in zip(prompts, ar)], eos)):
         dec.datastore = store
-        outs = dec.generate(prompts, mode="ngram", max_new_tokens=24, s=4)
+        outs = dec.generate(prompts, mode="ngram", max_new_tokens=24, ngram_k=4)
         assert [o.token_ids for o in outs] == ar
     dec.datastore = None
     assert sum(o.stats.accepted for o in outs) > 0  # the second store's chains were used

@@ -29,11 +29,8 @@ def test_the_cli_config_inherits_every_default():
 
 def test_stop_threshold_is_its_own_option():
     assert DecodeOptions(mode="sd-gated", stop_threshold=0.3).stop_threshold == 0.3
-    old = DecodeOptions(mode="sd-gated", threshold=0.3)  # the spelling before stop_threshold: still accepted
-    assert (old.threshold, old.stop_threshold) == (None, 0.3)
-    assert old == DecodeOptions(mode="sd-gated", stop_threshold=0.3)
-    with pytest.raises(SprinterError, match="expected only stop_threshold"):
-        DecodeOptions(mode="sd-gated", threshold=0.3, stop_threshold=0.5)
+    with pytest.raises(SprinterError, match="threshold: got 0.3 with mode='sd-gated'"):  # the gate's, not the stop's
+        DecodeOptions(mode="sd-gated", threshold=0.3)
     with pytest.raises(SprinterError, match="stop_threshold: got 0.5 with mode='sprinter'"):
         DecodeOptions(mode="sprinter", stop_threshold=0.5)
     with pytest.raises(SprinterError, match="stop_threshold: got 1.5"):

@@ -304,7 +304,7 @@ def build_methods(cfg: BenchConfig, decoder: Decoder, verifiers: dict[str, str])
         elif family in GATED:
             gate = gates["stop"][0] if family == "sd-gated" else "confidence"
             methods += [Method(f"{family}@{c:g}", family, greedy,
-                               decoder_runner(decoder, t, mode="sd-gated", gate=gate, threshold=c,
+                               decoder_runner(decoder, t, mode="sd-gated", gate=gate, stop_threshold=c,
                                               max_block=cfg.max_block), c)
                         for c in sorted(set(cfg.stop_thresholds))]
         elif family == "ngram":  # batch 1: s from the device's I_knee (sprinter.decode.roofline)

@@ -1,7 +1,7 @@
 """Mode "auto": before every target call, run the candidate the latency model predicts fastest for this request.
 
-The candidates (`candidates`): "ar"; "sd-k" for k in DRAFT_KS; "sd-gated" (when a learned gate is loaded);
-"ngram-s" for s in NGRAM_SS; and, only when the caller allows a fidelity loss (`max_false_accept=F`, one of the
+The candidates (`candidates`): "ar"; "sd-k{k}" for k in DRAFT_KS; "sd-gated" (when a learned gate is loaded);
+"ngram-k{k}" for k in NGRAM_KS; and, only when the caller allows a fidelity loss (`max_false_accept=F`, one of the
 verifier's calibrated budgets), "sprinter@F". Each is priced in ms/token by sprinter.decode.latency from the
 pair's cost profile (sprinter.decode.costs) and two acceptance estimates, both flat across block positions:
 - the draft model's: P(a drafted token is accepted), starting from the pair's greedy agreement (pair.json) when
@@ -45,7 +45,7 @@ if TYPE_CHECKING:
     from sprinter.decode.decoder import Decoder
 
 DRAFT_KS = (1, 2, 4, 8)  # sd's draft lengths to choose among
-NGRAM_SS = (2, 4, 8)  # n-gram chain lengths to choose among
+NGRAM_KS = (2, 4, 8)  # n-gram chain lengths to choose among
 DRAFT_PRIOR = 0.6  # P(accept) of a drafted token when the pair states no greedy agreement
 NGRAM_PRIOR = (0.3, 0.3)  # (P(a lookup finds a chain), P(a chained token is accepted)) before any lookup
 PRIOR_WEIGHT = 4.0  # the prior counts as this many observed tokens
@@ -78,7 +78,7 @@ class Estimate:
 
 @dataclass(frozen=True)
 class Candidate:
-    """One thing auto can run for a round: kind "ar", "sd" (k tokens), "sd-gated", "ngram" (s tokens), "sprinter"."""
+    """One thing auto can run for a round: kind "ar", "sd" (k tokens), "sd-gated", "ngram" (k tokens), "sprinter"."""
 
     name: str
     kind: str
@@ -86,12 +86,12 @@ class Candidate:
 
 
 def candidates(*, gated: bool, budget: float | None, ks: Sequence[int] = DRAFT_KS,
-               ss: Sequence[int] = NGRAM_SS) -> dict[str, Candidate]:
+               ngram_ks: Sequence[int] = NGRAM_KS) -> dict[str, Candidate]:
     out = {"ar": Candidate("ar", "ar")}
-    out.update({f"sd-{k}": Candidate(f"sd-{k}", "sd", k) for k in ks})
+    out.update({f"sd-k{k}": Candidate(f"sd-k{k}", "sd", k) for k in ks})
     if gated:
         out["sd-gated"] = Candidate("sd-gated", "sd-gated")
-    out.update({f"ngram-{s}": Candidate(f"ngram-{s}", "ngram", s) for s in ss})
+    out.update({f"ngram-k{k}": Candidate(f"ngram-k{k}", "ngram", k) for k in ngram_ks})
     if budget is not None:
         out[f"sprinter@{budget:g}"] = Candidate(f"sprinter@{budget:g}", "sprinter")
     return out
@@ -121,7 +121,7 @@ class AutoController:
         if (self.budget is None) != (self.sprinter_rates is None):
             raise SprinterError(f"sprinter candidate: got budget={self.budget!r} with rates {self.sprinter_rates!r}; "
                                 "expected both or neither")
-        self.options = candidates(gated=self.gated, budget=self.budget)
+        self.candidates = candidates(gated=self.gated, budget=self.budget)
         self.draft = Estimate(self.draft_prior)
         self.ngram_hit, self.ngram_accept = Estimate(self.ngram_prior[0]), Estimate(self.ngram_prior[1])
         self.since_draft = 0  # rounds since the draft model was last observed
@@ -133,7 +133,7 @@ class AutoController:
     @property
     def max_chain(self) -> int:
         """The longest n-gram chain any candidate drafts (what the free lookup before each round asks for)."""
-        return max(c.k for c in self.options.values() if c.kind == "ngram")
+        return max(c.k for c in self.candidates.values() if c.kind == "ngram")
 
     def predict(self) -> dict[str, float]:
         """Predicted ms/token of every candidate under the current estimates, each rounded to QUANTUM. The draft
@@ -144,7 +144,7 @@ class AutoController:
             if key not in self.cache:
                 rates = [q * QUANTUM for q in key[1:]]
                 kinds = ("ngram",) if key[0] == "ngram" else ("ar", "sd", "sd-gated", "sprinter")
-                self.cache[key] = {name: self._ms(c, *rates) for name, c in self.options.items() if c.kind in kinds}
+                self.cache[key] = {name: self._ms(c, *rates) for name, c in self.candidates.items() if c.kind in kinds}
         return {**self.cache[model], **self.cache[ngram]}
 
     def _ms(self, c: Candidate, *rates: float) -> float:
@@ -152,7 +152,7 @@ class AutoController:
         p = self.profile
         if c.kind == "ar":
             return ar_ms(p)
-        if c.kind == "ngram":  # a lookup finds a chain (of s tokens) with probability `hit`, else the round is ar's
+        if c.kind == "ngram":  # a lookup finds a chain (of k tokens) with probability `hit`, else the round is ar's
             hit, a_ng = rates
             accepted = hit * sum(a_ng ** j for j in range(1, c.k + 1))
             return ngram_ms(p, hit * c.k, accepted)
@@ -168,12 +168,12 @@ class AutoController:
         times = self.predict()
         best = min(times, key=times.__getitem__)
         self.probing = False
-        if self.options[best].kind in ("ar", "ngram"):
+        if self.candidates[best].kind in ("ar", "ngram"):
             self.since_draft += 1
             if self.since_draft > self.wait:
                 self.probing = True
-                return self.options["sd-1"]
-        return self.options[best]
+                return self.candidates["sd-k1"]
+        return self.candidates[best]
 
     def observe_draft(self, accepted: int, reached: int) -> None:
         """A round of the draft model: `reached` drafted tokens were judged (a block's accepted prefix and its
@@ -182,7 +182,7 @@ class AutoController:
         self.since_draft = 0
         if self.probing:  # the probe decides how long until the next one
             times = self.predict()
-            drafting = self.options[min(times, key=times.__getitem__)].kind not in ("ar", "ngram")
+            drafting = self.candidates[min(times, key=times.__getitem__)].kind not in ("ar", "ngram")
             self.wait = self.probe_every if drafting else min(2 * self.wait, PROBE_MAX)
 
     def observe_ngram(self, chain: Sequence[int], emitted: Sequence[int]) -> None:
@@ -305,6 +305,6 @@ def cost_profile(decoder: Decoder, budget_s: float = 2.0) -> CostProfile:
     return decoder.profiles[key]
 
 
-__all__ = ["DECAY", "DRAFT_KS", "DRAFT_PRIOR", "NGRAM_PRIOR", "NGRAM_SS", "PRIOR_WEIGHT", "PROBE_EVERY",
+__all__ = ["DECAY", "DRAFT_KS", "DRAFT_PRIOR", "NGRAM_PRIOR", "NGRAM_KS", "PRIOR_WEIGHT", "PROBE_EVERY",
            "AutoController", "Candidate", "Estimate", "IndexDrafter", "auto_decode", "candidates", "cost_profile",
            "make_controller", "run_auto"]

@@ -4,7 +4,7 @@ Each round serves every row (sequence) still generating, in the steps of the sin
 `speculative` loop (decode.py):
 1. Draft: the drafter (sprinter.decode.drafters) proposes each row's own chain x_b of n_b tokens: "ar" none;
    "sd" the draft model, k per row (batched, one draft forward per drafted position); "ngram" a lookup in
-   the row's own text, 0..s tokens.
+   the row's own text, 0..k tokens.
 2. Verify: one target forward over every row's last emitted token and its chain, left-aligned in a block
    1 + max n_b wide; the slots after a row's chain are masked (sprinter.decode.batch_cache).
 3. Accept: the speculative-sampling rule, batched over rows (acceptance.py); a slot past a row's chain never
@@ -177,8 +177,8 @@ def generate_batch(pair: Pair, prompts: Sequence[Sequence[int]], options: Decode
         k_for = lambda batch: options.k  # noqa: E731
     elif mode == "ngram":
         drafter = NgramDrafter(options.ngram_n, datastore=datastore)
-        if options.s is not None:
-            k_for = lambda batch: options.s  # noqa: E731
+        if options.ngram_k is not None:
+            k_for = lambda batch: options.ngram_k  # noqa: E731
         else:
             knee = options.i_knee if options.i_knee is not None else measure_i_knee(device, pair.dtype)
             k_for = lambda batch: speculation_length(knee, batch)  # noqa: E731

@@ -24,7 +24,7 @@ of a context are one contiguous range of the suffix array, sorted by what follow
 continuation is chosen by frequency and greedily: the most frequent next token of the range (counted
 exactly on ranges up to 256 occurrences, else on 256 evenly spaced ones, which is unbiased because
 the range is sorted by that token; ties go to the smaller id), then the sub-range that continues
-with it, and so on, up to s tokens. Nothing is read past an EOS: the chain stops at a document end,
+with it, and so on, up to k tokens. Nothing is read past an EOS: the chain stops at a document end,
 and the context is cut after its last EOS, so matches never cross documents.
 """
 
@@ -51,7 +51,7 @@ MAX_TOKENS = 2**31 - 1  # int32 positions
 
 # -------------------------------------------------------------------------------------------- lookups
 class Datastore:
-    """A corpus and its suffix array; `chain(context, s)` proposes what followed the context in the corpus."""
+    """A corpus and its suffix array; `chain(context, k)` proposes what followed the context in the corpus."""
 
     def __init__(self, tokens: np.ndarray, suffixes: np.ndarray, eos_id: int, manifest: dict | None = None,
                  path: Path | None = None):
@@ -82,10 +82,10 @@ class Datastore:
     def __len__(self) -> int:
         return int(self.tokens.size)
 
-    def chain(self, context: Sequence[int], s: int, n: int = 3, min_n: int = 1) -> list[int]:
-        """Up to `s` tokens that followed the longest suffix of `context` (n down to min_n tokens) in the
+    def chain(self, context: Sequence[int], k: int, n: int = 3, min_n: int = 1) -> list[int]:
+        """Up to `k` tokens that followed the longest suffix of `context` (n down to min_n tokens) in the
         corpus, the most frequent continuation first; [] when no suffix of min_n tokens occurs."""
-        if s < 1:
+        if k < 1:
             return []
         context = [int(t) for t in context[-n:]]
         if self.eos_id in context:  # a match must not reach back into the previous document
@@ -100,7 +100,7 @@ class Datastore:
                     break
                 lo, hi = self._narrow(lo, hi, depth, context[depth - m])
             if lo < hi:
-                out = self._continue(lo, hi, m, s)
+                out = self._continue(lo, hi, m, k)
                 if out:
                     return out
         return []
@@ -125,10 +125,10 @@ class Datastore:
                 b = mid
         return start, a
 
-    def _continue(self, lo: int, hi: int, depth: int, s: int) -> list[int]:
-        """Greedy most-frequent continuation of the suffixes[lo:hi] (which share `depth` tokens), up to s tokens."""
+    def _continue(self, lo: int, hi: int, depth: int, k: int) -> list[int]:
+        """Greedy most-frequent continuation of the suffixes[lo:hi] (which share `depth` tokens), up to k tokens."""
         out: list[int] = []
-        while len(out) < s and hi - lo > SAMPLE:  # a large range: count a sample, then search the sub-range
+        while len(out) < k and hi - lo > SAMPLE:  # a large range: count a sample, then search the sub-range
             following = self.tokens[self.suffixes[lo + np.arange(SAMPLE) * (hi - lo) // SAMPLE] + depth]
             bounds = [0, *((following[1:] != following[:-1]).nonzero()[0] + 1).tolist(), SAMPLE]
             run = max(range(len(bounds) - 1), key=lambda r: bounds[r + 1] - bounds[r])  # first on ties: smallest id
@@ -138,7 +138,7 @@ class Datastore:
             out.append(token)
             lo, hi = self._narrow(lo, hi, depth, token)
             depth += 1
-        return out + self._greedy_block(lo, hi, depth, s - len(out)) if len(out) < s else out
+        return out + self._greedy_block(lo, hi, depth, k - len(out)) if len(out) < k else out
 
     def _greedy_block(self, lo: int, hi: int, depth: int, k: int) -> list[int]:
         """`_continue` for a range of at most SAMPLE suffixes: one read of the next k tokens of each."""

@@ -16,7 +16,7 @@ Modes (docs/references.md §1 and §5):
   (sprinter.decode.roofline);
 - "async": lossless speculative decoding with the draft running ahead in a thread of its own, maybe on
   another device, while the target verifies (AMUSD, docs/references.md §3; sprinter.decode.asynchronous);
-- "auto": before every target call, whichever of ar, sd-k, sd-gated, ngram-s (and sprinter at an allowed
+- "auto": before every target call, whichever of ar, sd-k{k}, sd-gated, ngram-k{k} (and sprinter at an allowed
   false-accept budget) the latency model predicts fastest for this request (sprinter.decode.auto).
 
 A list of prompts is decoded as one batch in modes "ar", "sd" and "ngram" (sprinter.decode.batched, which

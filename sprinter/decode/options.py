@@ -35,8 +35,7 @@ class DecodeOptions:
       "sprinter"; None: the verifier's calibrated one, or CONFIDENCE_THRESHOLD for the confidence gate);
     - `stop_threshold` is sd-gated's: drafting stops once 1 - prod P(accept) over the block exceeds it
       (None: the loaded verifier's recommended one when it is the gate, else STOP_THRESHOLD).
-    Mode "sd-gated" never reads the gate's threshold, and before `stop_threshold` existed it took its stop
-    threshold as `threshold`: such a call still works, its `threshold` is moved to `stop_threshold`.
+    Mode "sd-gated" never reads the gate's threshold: `threshold` with it is refused.
     """
 
     mode: str = option("sprinter", f"one of {MODES}")
@@ -60,7 +59,7 @@ class DecodeOptions:
     strict: bool = option(False, "sprinter: the target also checks the passed tokens of each block (greedy: "
                                  "lossless)")
     ngram_n: int = option(3, "ngram: longest suffix (in tokens) looked up in the sequence's own text")
-    s: int | None = option(None, "ngram: tokens drafted per sequence and target call; none: from the batch size and "
+    ngram_k: int | None = option(None, "ngram: tokens drafted per sequence and target call; none: from the batch size "
                                  "I_knee (sprinter.decode.roofline); 0: plain decoding")
     i_knee: float | None = option(None, "ngram: tokens per target forward at the roofline knee; none: measured on the "
                                         "device at start")
@@ -75,13 +74,6 @@ class DecodeOptions:
     def __post_init__(self) -> None:
         if not isinstance(self.stop, (str, tuple)) and _is_sequence(self.stop):
             object.__setattr__(self, "stop", tuple(self.stop))  # a list is fine; the frozen object keeps a tuple
-        if self.mode == "sd-gated" and self.threshold is not None:  # the old spelling of the stop threshold
-            if self.stop_threshold is not None:
-                raise SprinterError(f"threshold: got {self.threshold!r} with stop_threshold={self.stop_threshold!r} "
-                                    "in mode 'sd-gated'; expected only stop_threshold (sd-gated reads no gate "
-                                    "threshold)")
-            object.__setattr__(self, "stop_threshold", self.threshold)
-            object.__setattr__(self, "threshold", None)
         self._check()
 
     def _check(self) -> None:
@@ -93,8 +85,8 @@ class DecodeOptions:
             _check_int(name, getattr(self, name), "an integer >= 1")
         _check_int("max_block", self.max_block, "an integer >= 1, or None (unbounded)", optional=True)
         _check_int("max_batch", self.max_batch, "an integer >= 1, or None (all prompts at once)", optional=True)
-        _check_int("s", self.s, "an integer >= 0 (0: plain decoding), or None (from the batch size)", minimum=0,
-                   optional=True)
+        _check_int("ngram_k", self.ngram_k, "an integer >= 0 (0: plain decoding), or None (from the batch size)",
+                   minimum=0, optional=True)
         _check_int("window", self.window, "an integer >= 1 (drafted tokens awaiting verification)", optional=True)
         if isinstance(self.stop, str) or not all(isinstance(s, str) and s for s in self.stop):
             raise SprinterError(f"stop: got {self.stop!r}; expected a list of non-empty strings")
@@ -121,7 +113,7 @@ class DecodeOptions:
         self._only("threshold", ("sprinter",))
         self._only("stop_threshold", ("sd-gated",))
         self._only("strict", ("sprinter",))
-        self._only("s", ("ngram",))
+        self._only("ngram_k", ("ngram",))
         self._only("i_knee", ("ngram",))
         self._only("max_batch", BATCH_MODES)
         for name in ("window", "draft_device", "target_device"):
@@ -137,9 +129,9 @@ class DecodeOptions:
         if self.threshold is not None and gate not in (None, "learned", "confidence"):
             raise SprinterError(f"threshold: got {self.threshold!r} with gate={gate!r}; expected it only with the "
                                 "learned or the confidence gate")
-        if self.s is not None and i_knee is not None:
-            raise SprinterError(f"i_knee: got {i_knee!r} with s={self.s!r}; expected at most one (s fixes the "
-                                "speculation length, i_knee derives it from the batch size)")
+        if self.ngram_k is not None and i_knee is not None:
+            raise SprinterError(f"i_knee: got {i_knee!r} with ngram_k={self.ngram_k!r}; expected at most one (ngram_k "
+                                "fixes the draft length, i_knee derives it from the batch size)")
         for device in (self.draft_device, self.target_device):
             if device is not None:
                 resolve_device(device)  # the device must exist on this machine

@@ -47,7 +47,7 @@ class DecodeStats:
     reached_by_position: list[int] = field(default_factory=list)
     accepted_by_position: list[int] = field(default_factory=list)
     # The tokens each mode emitted: one entry ({"sd": 128}) except in mode "auto", whose rounds name their
-    # candidate: {"ar": 12, "sd-4": 40, "ngram-8": 76}.
+    # candidate: {"ar": 12, "sd-k4": 40, "ngram-k8": 76}.
     modes: dict[str, int] = field(default_factory=dict)
 
     def count_block(self, drafted: int, kept: int) -> None:

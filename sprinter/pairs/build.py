@@ -43,7 +43,7 @@ from sprinter.schedule import warmup_cosine
 CONFIG_DIR = CONFIGS
 EOS = "<|endoftext|>"
 ARCHS = ("gpt2", "llama")
-PRECISIONS = ("auto", "float32", "bfloat16")
+PAIR_PRECISIONS = ("auto", "float32", "bfloat16")
 # Options that do not change the pair a build makes.
 RUNTIME_OPTIONS = ("overwrite", "device", "threads", "out", "target_from")
 # Options that fix the tokenizer and the target (what `target_from` must share).
@@ -107,8 +107,8 @@ class PairConfig:
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, (int, float)) or not value >= 0:
                 raise SprinterError(f"{name}: got {value!r}; expected a number of seconds >= 0 (0: no limit)")
-        if self.precision not in PRECISIONS:
-            raise SprinterError(f"precision: got {self.precision!r}; expected one of {PRECISIONS}")
+        if self.precision not in PAIR_PRECISIONS:
+            raise SprinterError(f"precision: got {self.precision!r}; expected one of {PAIR_PRECISIONS}")
         if self.vocab_size < 260:
             raise SprinterError(f"vocab_size: got {self.vocab_size}; expected at least 260 (256 bytes + specials)")
 

@@ -154,7 +154,7 @@ class TrainConfig:
         check_trainer_options(self.accelerator, self.strategy, self.precision, self.devices)
 
 
-PRECISIONS = ("32-true", "64-true", "16-mixed", "bf16-mixed", "16-true", "bf16-true")
+TRAINER_PRECISIONS = ("32-true", "64-true", "16-mixed", "bf16-mixed", "16-true", "bf16-true")
 
 
 def check_trainer_options(accelerator: str, strategy: str, precision: str, devices: int) -> None:
@@ -172,8 +172,8 @@ def check_trainer_options(accelerator: str, strategy: str, precision: str, devic
     if strategy not in strategies:
         raise SprinterError(f"strategy: got {strategy!r}; expected auto or one of Lightning's: "
                             f"{', '.join(strategies[1:8])}, ...")
-    if precision not in PRECISIONS:
-        raise SprinterError(f"precision: got {precision!r}; expected one of {PRECISIONS}")
+    if precision not in TRAINER_PRECISIONS:
+        raise SprinterError(f"precision: got {precision!r}; expected one of {TRAINER_PRECISIONS}")
 
 
 def parse_train_config(argv: Sequence[str] | None) -> TrainConfig:
