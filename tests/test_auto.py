@@ -2,6 +2,7 @@
 exact caches after switching, the target's distribution at temperature 1, a pair where drafting never pays, and
 bad options refused."""
 
+import copy
 import dataclasses
 import types
 
@@ -22,7 +23,7 @@ from sprinter.decode.loops import LoopState
 from sprinter.decode.options import DecodeOptions
 from sprinter.decode.stats import DecodeStats
 from sprinter.errors import SprinterError
-from sprinter.pairs.load import target_as_draft
+from sprinter.pairs.load import Pair
 
 pytestmark = pytest.mark.usefixtures("single_thread")
 
@@ -41,6 +42,14 @@ class Scripted(AutoController):
         self.turn += 1
         return self.candidates[name]
 
+
+
+def target_as_draft(pair: Pair) -> Pair:
+    """A pair whose draft is a copy of `pair`'s target: as deep as the target (cost ratio ~1) and always right, so
+    drafting cannot pay whatever the acceptance (mode auto's reference case: it must run plain decoding)."""
+    return Pair(draft=copy.deepcopy(pair.target), target=pair.target, tokenizer=pair.tokenizer,
+                draft_name=f"copy of {pair.target_name}", target_name=pair.target_name, device=pair.device,
+                dtype=pair.dtype)
 
 def scripted(decoder, script, start=0):
     """`decoder` with its auto controller replaced by a Scripted one (a fresh one per request)."""

@@ -20,11 +20,11 @@ from sprinter.decode.costs import CostProfile, find_profile, measure_costs, read
 from sprinter.decode.latency import (
     AcceptanceStats,
     ar_ms,
-    clean_prefix,
     counted_ms,
     draft_ms,
     gated_block,
     ngram_ms,
+    prefix_accept,
     sd_gated_ms,
     sd_ms,
     sprinter_ms,
@@ -32,6 +32,11 @@ from sprinter.decode.latency import (
 )
 from sprinter.decode.stats import DecodeStats
 from sprinter.errors import SprinterError
+
+
+def clean_prefix(a, true_accept: float, max_block: int) -> float:
+    """E[accepted prefix] of a gated block in closed form: sum_{j=1..M} P_j TA^(j-1) (what `gated_block` must give)."""
+    return sum(prefix_accept(a, j) * true_accept ** (j - 1) for j in range(1, max_block + 1))
 
 
 def profile(d=0.1, slope=0.1, gate=0.02, round_ms=0.0, max_n=21, d_hidden=None) -> CostProfile:

@@ -40,7 +40,7 @@ from sprinter.bench.protocol import (
     save,
     warm_up,
 )
-from sprinter.config import CONFIGS, check_integers, option, to_dict
+from sprinter.config import CONFIGS, check_integers, check_runs, option, to_dict
 from sprinter.decode.decoder import Decoder
 from sprinter.decode.options import DecodeOptions
 from sprinter.decode.roofline import measure_i_knee, speculation_length
@@ -87,8 +87,6 @@ class BatchBenchConfig:
     def __post_init__(self) -> None:
         check_integers(self, ("k", "ngram_n", "prompt_len", "max_new_tokens", "repeats"))
         check_integers(self, ("threads", "warmup"), minimum=0)
-        if self.resume and self.overwrite:
-            raise SprinterError("resume and overwrite: got both; expected at most one")
         sizes = self.batch_sizes
         if not sizes or any(isinstance(b, bool) or not isinstance(b, int) or b < 1 for b in sizes):
             raise SprinterError(f"batch_sizes: got {list(self.batch_sizes)}; expected integers >= 1")
@@ -101,9 +99,7 @@ class BatchBenchConfig:
                       i_knee=self.i_knee)
         if not isinstance(self.temperature, (int, float)) or not 0 <= self.temperature < float("inf"):
             raise SprinterError(f"temperature: got {self.temperature!r}; expected a finite number >= 0")
-        if (self.draft is None) != (self.target is None):
-            raise SprinterError(f"draft/target: got draft={self.draft!r}, target={self.target!r}; expected both or "
-                                "neither (neither: PAIR/draft and PAIR/target)")
+        check_runs(self, neither="PAIR/draft and PAIR/target")
 
 
 def default_config_path() -> Path:

@@ -37,7 +37,7 @@ from sprinter.bench.protocol import (
     warm_up,
 )
 from sprinter.bench.report import write_reports
-from sprinter.config import CONFIGS, option, to_dict
+from sprinter.config import CONFIGS, check_integers, check_runs, option, to_dict
 from sprinter.decode.cache import FlopModel
 from sprinter.decode.costs import measure_costs
 from sprinter.decode.decoder import DEMO_VERIFIER, Decoder
@@ -123,17 +123,12 @@ class BenchConfig:
         bad_domains = [d for d in self.domains if d not in DOMAINS]
         if bad_domains or not self.domains:
             raise SprinterError(f"domains: got {list(self.domains)}; expected some of {DOMAINS}")
-        for name in ("num_prompts", "prompt_len", "max_new_tokens", "max_block"):
-            value = getattr(self, name)
-            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-                raise SprinterError(f"{name}: got {value!r}; expected an integer >= 1")
+        check_integers(self, ("num_prompts", "prompt_len", "max_new_tokens", "max_block"))
         for k in self.ks:
             DecodeOptions(mode="sd", max_new_tokens=self.max_new_tokens, k=k)
         for window in self.windows:
             DecodeOptions(mode="async", window=window)
-        for name in ("warmup", "threads"):
-            if not isinstance(getattr(self, name), int) or getattr(self, name) < 0:
-                raise SprinterError(f"{name}: got {getattr(self, name)!r}; expected an integer >= 0")
+        check_integers(self, ("warmup", "threads"), minimum=0)
         for value in (*self.budgets, *self.confidence_thresholds, *self.stop_thresholds):
             check_threshold(value)
         if "sd-gated" in self.methods and not self.stop_thresholds:
@@ -143,11 +138,7 @@ class BenchConfig:
                                 "'sd-gated' among them (its sweep chooses the threshold)")
         if not isinstance(self.temperature, (int, float)) or not 0 <= self.temperature < float("inf"):
             raise SprinterError(f"temperature: got {self.temperature!r}; expected a finite number >= 0")
-        if self.resume and self.overwrite:
-            raise SprinterError("resume and overwrite: got both; expected at most one")
-        if (self.draft is None) != (self.target is None):
-            raise SprinterError(f"draft/target: got draft={self.draft!r}, target={self.target!r}; expected both or "
-                                "neither (neither: PAIR/draft and PAIR/target)")
+        check_runs(self, neither="PAIR/draft and PAIR/target")
 
 
 def default_config_path() -> Path:

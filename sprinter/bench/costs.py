@@ -9,7 +9,7 @@ from pathlib import Path
 
 import torch
 
-from sprinter.config import option
+from sprinter.config import check_integers, option
 from sprinter.decode.costs import FILE_NAME, NOISY, CostProfile, measure_costs, save_profile
 from sprinter.errors import SprinterError
 
@@ -31,12 +31,8 @@ class ProfileConfig:
     budget_s: float = option(2.0, "seconds to spend measuring (at least three timed calls per figure)")
 
     def __post_init__(self) -> None:
-        for name in ("max_block", "context"):
-            value = getattr(self, name)
-            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-                raise SprinterError(f"{name}: got {value!r}; expected an integer >= 1")
-        if isinstance(self.threads, bool) or not isinstance(self.threads, int) or self.threads < 0:
-            raise SprinterError(f"threads: got {self.threads!r}; expected an integer >= 0")
+        check_integers(self, ("max_block", "context"))
+        check_integers(self, ("threads",), minimum=0)
         if not (isinstance(self.budget_s, (int, float)) and self.budget_s > 0):
             raise SprinterError(f"budget_s: got {self.budget_s!r}; expected a number of seconds > 0")
 

@@ -24,6 +24,7 @@ import sprinter
 from sprinter.config import (
     CONFIGS,
     check_integers,
+    check_runs,
     option,
     parse_config,
     save_config,
@@ -95,11 +96,7 @@ class CollectConfig:
             raise SprinterError(f"temperature: got {self.temperature!r}; expected a finite number >= 0")
         if self.hidden_dtype not in HIDDEN_DTYPES:
             raise SprinterError(f"hidden_dtype: got {self.hidden_dtype!r}; expected one of {sorted(HIDDEN_DTYPES)}")
-        if self.resume and self.overwrite:
-            raise SprinterError("resume and overwrite: got both; expected at most one")
-        if (self.draft is None) != (self.target is None):
-            raise SprinterError(f"draft/target: got draft={self.draft!r}, target={self.target!r}; expected both "
-                                "or neither (neither: the demo pair)")
+        check_runs(self, neither="the demo pair")
 
 
 def parse_collect_config(argv: Sequence[str] | None) -> CollectConfig:

@@ -151,11 +151,6 @@ def gated_block(profile: CostProfile, a: Sequence[float], true_accept: float, fa
     return Block(length, target, flagged, flagged1, accepted)
 
 
-def clean_prefix(a: Sequence[float], true_accept: float, max_block: int) -> float:
-    """E[accepted prefix] of a gated block in closed form: sum_{j=1..M} P_j TA^(j-1) (checks `gated_block`)."""
-    return sum(prefix_accept(a, j) * true_accept ** (j - 1) for j in range(1, max_block + 1))
-
-
 def gated_round_ms(profile: CostProfile, block: Block, gate: str) -> float:
     """A gated round's cost: E[L] draft steps and gate calls, the verification forward, the rest of the round."""
     step = profile.draft_hidden_step_ms if gate == "learned" else profile.draft_step_ms
@@ -210,6 +205,6 @@ def verifier_rates(metrics: dict, scorer: str = "verifier") -> dict[str, tuple[f
     return {key: (p["true_accept"], p["false_accept"]) for key, p in report["operating_points"].items()}
 
 
-__all__ = ["SPRINTER_RATES", "STOP_RATES", "AcceptanceStats", "Block", "ar_ms", "check_rates", "clean_prefix",
+__all__ = ["SPRINTER_RATES", "STOP_RATES", "AcceptanceStats", "Block", "ar_ms", "check_rates",
            "counted_ms", "draft_ms", "gated_block", "gated_round_ms", "ngram_ms", "prefix_accept", "rate_at",
            "sd_gated_ms", "sd_ms", "sd_tokens_per_call", "sprinter_ms", "verifier_rates"]

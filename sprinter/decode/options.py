@@ -12,7 +12,7 @@ import dataclasses
 import math
 from dataclasses import dataclass
 
-from sprinter.config import option
+from sprinter.config import check_integers, option
 from sprinter.decode.gates import CONFIDENCE_THRESHOLD, Gate, check_threshold
 from sprinter.decode.sampling import Sampler
 from sprinter.errors import SprinterError
@@ -81,13 +81,13 @@ class DecodeOptions:
         if mode not in MODES:
             raise SprinterError(f"mode: got {mode!r}; expected one of {MODES}")
         Sampler(self.temperature, self.top_k, self.top_p)  # checks temperature, top_k, top_p
-        for name in ("max_new_tokens", "k", "ngram_n"):
-            _check_int(name, getattr(self, name), "an integer >= 1")
-        _check_int("max_block", self.max_block, "an integer >= 1, or None (unbounded)", optional=True)
-        _check_int("max_batch", self.max_batch, "an integer >= 1, or None (all prompts at once)", optional=True)
-        _check_int("ngram_k", self.ngram_k, "an integer >= 0 (0: plain decoding), or None (from the batch size)",
-                   minimum=0, optional=True)
-        _check_int("window", self.window, "an integer >= 1 (drafted tokens awaiting verification)", optional=True)
+        check_integers(self, ("max_new_tokens", "k", "ngram_n"))
+        check_integers(self, ("max_block",), optional=True, expected="an integer >= 1, or None (unbounded)")
+        check_integers(self, ("max_batch",), optional=True, expected="an integer >= 1, or None (all prompts at once)")
+        check_integers(self, ("ngram_k",), 0, optional=True,
+                       expected="an integer >= 0 (0: plain decoding), or None (from the batch size)")
+        check_integers(self, ("window",), optional=True,
+                       expected="an integer >= 1 (drafted tokens awaiting verification)")
         if isinstance(self.stop, str) or not all(isinstance(s, str) and s for s in self.stop):
             raise SprinterError(f"stop: got {self.stop!r}; expected a list of non-empty strings")
         if self.threshold is not None:
@@ -158,13 +158,6 @@ class DecodeOptions:
         if unknown:
             raise SprinterError(f"options: got unknown option(s) {unknown}; expected some of {sorted(names)}")
         return dataclasses.replace(self, **changes)
-
-
-def _check_int(name: str, value: object, expected: str, *, minimum: int = 1, optional: bool = False) -> None:
-    if value is None and optional:
-        return
-    if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
-        raise SprinterError(f"{name}: got {value!r}; expected {expected}")
 
 
 def _is_sequence(value: object) -> bool:
