@@ -243,7 +243,8 @@ def test_the_draft_stays_in_place_on_the_decoders_device(gpt2_decoder):
 
 
 def test_benchmark_rows(gpt2_decoder):
-    from sprinter.bench.benchmark import BenchConfig, build_methods
+    from sprinter.bench.benchmark import BenchConfig
+    from sprinter.bench.methods import build_methods
 
     rows = build_methods(BenchConfig(methods=("ar", "async"), windows=(4, 1)), gpt2_decoder, {})
     assert [m.name for m in rows] == ["ar", "async-w1", "async-w4"] and all(m.lossless for m in rows)

@@ -35,7 +35,7 @@ def test_stop_threshold_is_its_own_option():
         DecodeOptions(mode="sprinter", stop_threshold=0.5)
     with pytest.raises(SprinterError, match="stop_threshold: got 1.5"):
         DecodeOptions(mode="sd-gated", stop_threshold=1.5)
-    assert GenerateConfig(mode="sd-gated", gate="confidence", threshold=0.7).options().stop_threshold == 0.7
+    assert GenerateConfig(mode="sd-gated", gate="confidence", stop_threshold=0.7).options().stop_threshold == 0.7
 
 
 def test_options_are_frozen_and_replace_checks_again():
