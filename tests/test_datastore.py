@@ -212,7 +212,7 @@ def test_a_manifest_that_was_edited_or_from_another_version_is_refused(built, tm
 
 def test_a_datastore_for_another_tokenizer_is_refused(built, corpus):
     from sprinter.corpus import load_documents
-    from sprinter.pairs.build import train_tokenizer
+    from sprinter.pairs.train import train_tokenizer
 
     other = train_tokenizer(load_documents(str(corpus), "all"), 300)
     with pytest.raises(SprinterError, match=r"manifest\.json.*another tokenizer.*'vocab_size': 300"):

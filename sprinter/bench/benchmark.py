@@ -219,7 +219,7 @@ def _run_benchmark(cfg: BenchConfig) -> dict:
                 raise
     # 3. Aggregate and write the reports; store the chosen stop threshold with its verifier if asked.
     results = write_reports(Path(cfg.out), options=to_dict(cfg), decoder=decoder, verifiers=verifiers, prompts=prompts,
-                            methods=methods, done=done, seconds=time.perf_counter() - start, profile=profile)
+                            methods=methods, done=done, seconds=time.perf_counter() - start)
     stop = results["recommended_stop_threshold"]
     if cfg.store_stop_threshold and stop is not None:
         from sprinter.verifier import update_info

@@ -226,11 +226,11 @@ def add_predictions(results: dict, profile, options: dict, verifiers: dict[str, 
 
 
 def write_reports(out: Path, *, options: dict, decoder, verifiers: dict[str, str], prompts: Sequence[Prompt],
-                  methods: Sequence[Method], done: dict[int, list[dict]], seconds: float, profile=None) -> dict:
+                  methods: Sequence[Method], done: dict[int, list[dict]], seconds: float) -> dict:
     """Write OUT/results.json, results.md and pareto.png from the finished prompts; returns the results.
-    `options`: the benchmark's options as a dict (sprinter.config.to_dict of its BenchConfig).
-    `profile`: the pair's CostProfile (sprinter.decode.costs), for the predicted ms/token (None: not predicted)."""
-    pair = decoder.pair
+    `options`: the benchmark's options as a dict (sprinter.config.to_dict of its BenchConfig). The decoder's
+    `profile` (the pair's CostProfile, sprinter.decode.costs) gives the predicted ms/token (None: not predicted)."""
+    pair, profile = decoder.pair, decoder.profile
     verifier_info = {}
     for name, path in verifiers.items():
         from sprinter.verifier import read_info
