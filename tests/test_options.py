@@ -54,7 +54,7 @@ def test_generate_takes_an_options_object_and_keyword_overrides(gpt2_decoder):
     opts = DecodeOptions(mode="sd-gated", gate="confidence", max_new_tokens=12)
     by_object = gpt2_decoder.generate(PROMPTS[0], opts, stop_threshold=0.7)
     by_keywords = gpt2_decoder.generate(PROMPTS[0], mode="sd-gated", gate="confidence", max_new_tokens=12,
-                                        threshold=0.7)
+                                        stop_threshold=0.7)
     assert by_object.token_ids == by_keywords.token_ids
     assert dataclasses.asdict(by_object.stats) | {"wall_seconds": 0} == \
         dataclasses.asdict(by_keywords.stats) | {"wall_seconds": 0}

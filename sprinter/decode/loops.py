@@ -49,8 +49,9 @@ def autoregressive(lm: CachedLM, tokens: torch.Tensor, state: LoopState) -> None
 
 class GateRule:
     """How a gate ends a drafted block (the drafter's stop rule): it scores each drafted token from the
-    draft's state. "sprinter": the block ends at the first flagged token (P(accept) < the gate's threshold);
-    "sd-gated" (`stop_threshold` given): once 1 - prod P(accept) over the block exceeds it (SpecDec++)."""
+    draft's state, and `stopped` says whether the block ended at the rule. "sprinter": at the first flagged token
+    (P(accept) < the gate's threshold: the token the target checks); "sd-gated" (`stop_threshold` given): once
+    1 - prod P(accept) over the block exceeds it (SpecDec++; it flags nothing, the target checks every token)."""
 
     def __init__(self, gate: Gate, stop_threshold: float | None):
         self.gate, self.stop_threshold = gate, stop_threshold
@@ -58,17 +59,17 @@ class GateRule:
 
     def start(self) -> None:
         """A new block."""
-        self.flagged, self.survival, self.calls = False, 1.0, 0
+        self.stopped, self.survival, self.calls = False, 1.0, 0
 
     def __call__(self, step: DraftStep, position: int) -> bool:
         self.calls += 1
         p_accept = step.p_accept if step.p_accept is not None else self.gate.accept_prob(step, position)
         if self.stop_threshold is None:  # sprinter: this token is checked iff flagged
-            self.flagged = not bool(p_accept >= self.gate.threshold)  # one host sync
+            self.stopped = not bool(p_accept >= self.gate.threshold)  # flagged; one host sync
         else:  # sd-gated: stop drafting once the block probably holds a rejection
             self.survival = self.survival * p_accept
-            self.flagged = bool(1 - self.survival > self.stop_threshold)  # one host sync
-        return self.flagged
+            self.stopped = bool(1 - self.survival > self.stop_threshold)  # one host sync
+        return self.stopped
 
 
 @dataclass
@@ -93,7 +94,7 @@ def speculative_round(target: CachedLM, drafter: Drafter, ids: list[int], k: int
     draft = drafter.propose([ids], [k], gen, stop=rule)
     n = draft.lengths[0]
     x = draft.x[0].to(device)  # (n,)
-    flagged = rule is not None and rule.flagged
+    flagged = rule is not None and rule.stopped  # sprinter: the last token is flagged (sd-gated checks all)
     stats.verifier_calls += 0 if rule is None else rule.calls
     stats.drafted += n
     stats.flagged += int(flagged)

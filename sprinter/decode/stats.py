@@ -28,7 +28,7 @@ class DecodeStats:
     draft_calls: int = 0
     draft_tokens: int = 0
     verifier_calls: int = 0  # gate decisions
-    flagged: int = 0  # drafted tokens the gate sent to the target
+    flagged: int = 0  # blocks that ended at the gate: sprinter's flagged tokens (sent to the target), sd-gated's stops
     drafted: int = 0
     accepted: int = 0
     rejected: int = 0
