@@ -1,7 +1,7 @@
 """Batched decoding with ragged acceptance: modes "ar", "sd" and "ngram" over many prompts at once.
 
 Each round serves every row (sequence) still generating, in the steps of the single-sequence
-`speculative` loop (decode.py):
+`speculative` loop (sprinter.decode.loops):
 1. Draft: the drafter (sprinter.decode.drafters) proposes each row's own chain x_b of n_b tokens: "ar" none;
    "sd" the draft model, k per row (batched, one draft forward per drafted position); "ngram" a lookup in
    the row's own text, 0..k tokens.
