@@ -1,8 +1,8 @@
 """The latency model: predicted ms/token for every mode, from a cost profile and acceptance statistics.
 
 Pure functions (no model runs here): what mode "auto" prices its candidates with (sprinter.decode.auto), and
-what the benchmark's predictions (sprinter.bench.latency) and the regime map (sprinter.bench.regime_map) are
-made of. The derivations are in docs/latency.md; docs/references.md §1 and §8 give the start. Every mode
+what the benchmark's predictions (bench/latency.py) and the regime map (bench/regime_map.py) are made
+of. The derivations are in docs/latency.md; docs/references.md §1 and §8 give the start. Every mode
 runs in rounds: the draft proposes a block, one target forward reads it, the round emits the accepted tokens
 and one token of the target's own. Time per token is a round's expected cost over its expected emitted
 tokens (a ratio of expectations: the long-run rate of a renewal process).
@@ -197,7 +197,7 @@ def counted_ms(profile: CostProfile, *, draft_calls: float, target_calls: float,
 
 
 def verifier_rates(metrics: dict, scorer: str = "verifier") -> dict[str, tuple[float, float]]:
-    """{budget key: (true_accept, false_accept)} on the test split from a metrics.json (sprinter.train.fit):
+    """{budget key: (true_accept, false_accept)} on the test split from a metrics.json (written by scripts/train.py):
     the trained verifier's ("verifier") or a baseline's ("linear", ...)."""
     report = metrics.get(scorer) if scorer == "verifier" else metrics.get("baselines", {}).get(scorer)
     if not report or "operating_points" not in report:
