@@ -244,18 +244,18 @@ def measure_costs(pair: Pair, *, name: str, gate: LearnedGate | None = None, max
                                              "gate_learned": gate_call(gate), "gate_confidence": gate_call(confidence),
                                              "round": round_rest}
     tasks = {**tasks, **{f"target_{n}": target_forward(n) for n in range(1, max_n + 1)}}
-    times: dict[str, list[float]] = {name: [] for name in tasks}
+    times: dict[str, list[float]] = {task: [] for task in tasks}
     rounds = 0
     while True:
-        for name, run in tasks.items():
+        for task, run in tasks.items():
             seconds = run()
             if rounds:  # round 0 warms up
-                times[name].append(seconds)
+                times[task].append(seconds)
         rounds += 1
         spent = time.perf_counter() - started
         if rounds > min_repeats and spent * (rounds + 1) / rounds > budget_s:
             break
-    ms = {name: 1e3 * statistics.median(values) for name, values in times.items()}
+    ms = {task: 1e3 * statistics.median(values) for task, values in times.items()}
     spread = [(q[2] - q[0]) / q[1] for q in (statistics.quantiles(v, n=4) for v in times.values()) if q[1] > 0]
     noise = round(statistics.median(spread), 4) if spread else 0.0
     return CostProfile(pair=name, device=str(device), dtype=str(dtype).removeprefix("torch."),

@@ -194,7 +194,7 @@ class Engine:
         if compile:
             problem = compiler_problem(device)
             if problem is not None:
-                print(f"note: compile=True skipped: {problem}; decoding eagerly", file=sys.stderr)
+                print(f"note: compiling skipped: {problem}; decoding eagerly", file=sys.stderr)
                 self.compile = False
         self.static = static or self.compile
         # CUDA graphs replay a step without launching its kernels one by one; on CPU there is nothing to replay
