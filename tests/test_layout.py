@@ -33,6 +33,14 @@ def test_decoding_imports_nothing_from_the_floors_above_it(path):
     assert not upward, f"{path.name} imports {upward}: the decode path must stand without data, train and bench"
 
 
+@pytest.mark.parametrize("name", ["errors", "files", "config", "corpus", "schedule", "features", "verifier"])
+def test_the_ground_floor_imports_no_stage(name):
+    stages = ("pairs", "data", "train", "decode", "bench", "integrations")
+    upward = sorted(m for m in imported(PACKAGE / f"{name}.py")
+                    if m.split(".")[:2] in [["sprinter", stage] for stage in stages])
+    assert not upward, f"{name}.py imports {upward}: the modules every stage shares import none of them"
+
+
 def test_no_function_takes_more_than_eight_parameters():
     wide = []
     for path in sources():
