@@ -145,4 +145,4 @@ def main(argv: Sequence[str] | None = None) -> None:
 
 
 if __name__ == "__main__":
-    sys.exit(run_cli(main))
+    sys.exit(run_cli(main, interrupted="stopped; generate writes no files, so there is nothing to resume"))

@@ -1,0 +1,146 @@
+"""A verifier that cannot be trusted is refused, and training never leaves a broken file under a good name (issue 27).
+
+Each class of fault is tried as a user would meet it: a damaged or hand-edited verifier checkpoint, a full disk
+or a diverging run during training, a training folder reused, data folders with foreign files, conflicting
+command-line options. Each must end in one `error:` line (exit 2) or a documented warning, never a traceback
+and never a silent decode. Tests of the scripts run their `main` under `run_cli`, as tests/test_bad_inputs.py does.
+"""
+
+import importlib.util
+import json
+import re
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors import safe_open
+from safetensors.torch import load_file, save_file
+
+from sprinter.errors import SprinterError, SprinterWarning, run_cli
+from sprinter.verifier import Verifier, VerifierInfo, default_arch, load_verifier, save_verifier
+
+ROOT = Path(__file__).resolve().parent.parent
+H, V = 12, 50
+FEATURES = ("hidden", "token_id", "draft_prob", "draft_entropy")
+
+
+@pytest.fixture(scope="module", autouse=True)
+def one_thread():
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
+def script(name: str):
+    spec = importlib.util.spec_from_file_location(f"script_{name}", ROOT / "scripts" / f"{name}.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module.main
+
+
+def one_error(capsys, *names) -> str:
+    err = capsys.readouterr().err
+    assert "Traceback" not in err
+    errors = [line for line in err.splitlines() if line.startswith("error:")]
+    assert len(errors) == 1, err
+    for name in names:
+        assert name in errors[0], errors[0]
+    return errors[0]
+
+
+# ------------------------------------------------------------------------------------ 1. the verifier at load
+def probe_rows(n=64, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    return {"hidden": torch.randn(n, H, generator=g), "token_id": torch.randint(0, V, (n,), generator=g),
+            "draft_prob": torch.rand(n, generator=g), "draft_entropy": torch.rand(n, generator=g) * 3}
+
+
+def trained_like(tmp_path, bias: float = 0.0) -> Path:
+    """A verifier written as scripts/train.py writes one: calibrated thresholds and a probe."""
+    torch.manual_seed(0)
+    info = VerifierInfo(features=FEATURES, hidden_size=H, arch=default_arch(width=16, depth=2, vocab_size=V,
+                                                                             token_dim=4),
+                        thresholds={"0.05": 0.5838, "0.1": 0.4}, default_budget=0.05, default_threshold=0.5838)
+    verifier = Verifier(info)
+    verifier.set_normalisation(torch.zeros(H), torch.ones(H) * 0.9, torch.tensor([0.5, 1.0]), torch.tensor([0.3, 1.0]))
+    with torch.no_grad():
+        verifier.net[-1].bias.fill_(bias)
+    return save_verifier(tmp_path, verifier, info, probe_rows())
+
+
+def tamper(file: Path, case: str) -> None:
+    with safe_open(str(file), "pt") as handle:
+        meta = handle.metadata()
+    state = load_file(str(file))
+    last = [k for k in state if k.startswith("net.") and k.endswith(".bias")][-1]
+    if case == "one_nan":
+        state["net.0.weight"][3, 5] = float("nan")
+    elif case == "all_nan":
+        state = {k: (torch.full_like(v, float("nan")) if k.startswith("net.") else v) for k, v in state.items()}
+    elif case == "all_inf":
+        state = {k: (torch.full_like(v, float("inf")) if k.startswith("net.") else v) for k, v in state.items()}
+    elif case == "inf_bias":
+        state[last].fill_(float("inf"))
+    elif case == "huge_bias":
+        state[last].fill_(1e30)
+    elif case == "zero_std":
+        state["hidden_std"][2] = 0.0
+    elif case == "nan_scalar_std":
+        state["scalar_std"][0] = float("nan")
+    elif case == "edited_weights":
+        state["net.0.weight"] *= 3
+    elif case == "reordered":
+        meta["features"] = json.dumps(["hidden", "token_id", "draft_entropy", "draft_prob"])
+    elif case == "renamed":
+        meta["features"] = json.dumps(["hidden", "token_id", "draft_prob", "position"])
+    elif case in ("default_threshold", "thresholds"):
+        meta.pop(case)
+    elif case == "zero_threshold":
+        meta["default_threshold"] = "0"
+    save_file(state, str(file), metadata=meta)
+
+
+@pytest.mark.parametrize("case, named", [
+    ("one_nan", "net.0.weight holds 1 NaN or infinite"),
+    ("all_nan", "NaN or infinite"),
+    ("all_inf", "NaN or infinite"),
+    ("inf_bias", "holds 1 NaN or infinite"),
+    ("huge_bias", "holds a value of 1e+30"),
+    ("zero_std", "hidden_std holds 1 value(s) <= 0"),
+    ("nan_scalar_std", "scalar_std holds 1 NaN"),
+    ("edited_weights", "probe rows stored at save time differ"),
+    ("reordered", "do not match the feature spec"),
+    ("renamed", "do not match the feature spec"),
+    ("default_threshold", "lacks ['default_threshold']"),
+    ("thresholds", "lacks ['thresholds']"),
+    ("zero_threshold", "default_threshold is 0"),
+])
+def test_a_verifier_that_cannot_be_trusted_is_refused_at_load(tmp_path, case, named):
+    file = trained_like(tmp_path)
+    load_verifier(file)  # whole, it loads
+    tamper(file, case)
+    with pytest.raises(SprinterError, match=re.escape(named)) as err:
+        load_verifier(file)
+    assert str(file) in str(err.value)
+
+
+@pytest.mark.parametrize("bias, named", [(40.0, "passes every one"), (-40.0, "flags every one")])
+def test_a_degenerate_verifier_loads_with_a_warning(tmp_path, bias, named):
+    file = trained_like(tmp_path, bias=bias)
+    with pytest.warns(SprinterWarning, match=named):
+        load_verifier(file)
+
+
+def test_a_nan_verifier_is_one_line_at_the_cli(capsys, tmp_path, tiny_pair):
+    from sprinter.pairs.load import fingerprint
+
+    config = json.loads((tiny_pair / "draft" / "config.json").read_text())
+    hidden = config.get("n_embd") or config["hidden_size"]
+    info = VerifierInfo(features=("hidden",), hidden_size=hidden, arch=default_arch(width=8, depth=1),
+                        draft={"name": "tiny", "fingerprint": fingerprint(str(tiny_pair / "draft"))})
+    file = save_verifier(tmp_path, Verifier(info), info)
+    tamper(file, "inf_bias")
+    assert run_cli(script("generate"), ["--pair", str(tiny_pair), "--verifier", str(file), "--device", "cpu",
+                                        "--max-new-tokens", "4"]) == 2
+    one_error(capsys, str(file), "NaN or infinite")
