@@ -68,8 +68,8 @@ def run_cli(main: Callable[[Sequence[str] | None], object], argv: Sequence[str] 
     except OSError as err:  # a path that cannot be read or written: the user's to fix, not a bug to trace
         print(f"error: {os_error_line(err)}", file=sys.stderr)
         return 2
-    except KeyboardInterrupt:
-        print(f"interrupted: {interrupted}", file=sys.stderr)
+    except KeyboardInterrupt as err:  # a stage may raise it with its own advice
+        print(f"interrupted: {str(err) or interrupted}", file=sys.stderr)
         return 130
     finally:
         warnings.showwarning = shown

@@ -30,6 +30,7 @@ import errno
 import hashlib
 import json
 import os
+import re
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -206,10 +207,9 @@ def save_verifier(path: str | Path, verifier: Verifier, info: VerifierInfo,
         try:
             save_file(state, tmp, metadata=metadata)
         except SafetensorError as err:  # safetensors' own type, not an OSError: said as the OSError it is
-            code = errno.ENOSPC if "os error 28" in str(err) else errno.EIO
+            found = re.search(r"os error (\d+)", str(err))
+            code = int(found.group(1)) if found else errno.EIO
             raise OSError(code, os.strerror(code), str(file)) from None
-        with open(tmp, "rb") as fh:  # on disk before the rename, so the final name never holds half a file
-            os.fsync(fh.fileno())
 
     return write_atomic(file, write)
 
@@ -319,7 +319,7 @@ def check_info(values: dict[str, Any], file: str | Path) -> None:
         if not check(value):
             raise SprinterError(f"verifier {str(file)!r}: metadata {key} is {value!r}; expected {what}")
     budget = values.get("default_budget")
-    if budget is not None and str(float(budget)) not in values["thresholds"]:
+    if budget is not None and values["thresholds"] and str(float(budget)) not in values["thresholds"]:
         raise SprinterError(f"verifier {str(file)!r}: metadata default_budget {budget} has no threshold in "
                             f"thresholds {values['thresholds']}; expected the calibrated thresholds scripts/train.py "
                             "wrote")

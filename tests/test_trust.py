@@ -8,7 +8,9 @@ and never a silent decode. Tests of the scripts run their `main` under `run_cli`
 
 import importlib.util
 import json
+import os
 import re
+import shutil
 from pathlib import Path
 
 import pytest
@@ -16,6 +18,7 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 
+from sprinter.data.synthetic import write_shards
 from sprinter.errors import SprinterError, SprinterWarning, run_cli
 from sprinter.verifier import Verifier, VerifierInfo, default_arch, load_verifier, save_verifier
 
@@ -32,16 +35,24 @@ def one_thread():
     torch.set_num_threads(before)
 
 
-def script(name: str):
+def _script(name: str):
     spec = importlib.util.spec_from_file_location(f"script_{name}", ROOT / "scripts" / f"{name}.py")
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
     return module.main
 
 
+# Loaded at import, outside any test's captured stderr: Lightning binds its log handler to the stderr of the moment.
+MAINS = {name: _script(name) for name in ("train", "generate", "benchmark")}
+
+
+def script(name: str):
+    return MAINS[name]
+
+
 def one_error(capsys, *names) -> str:
     err = capsys.readouterr().err
-    assert "Traceback" not in err
+    assert "Traceback" not in err, err
     errors = [line for line in err.splitlines() if line.startswith("error:")]
     assert len(errors) == 1, err
     for name in names:
@@ -144,3 +155,149 @@ def test_a_nan_verifier_is_one_line_at_the_cli(capsys, tmp_path, tiny_pair):
     assert run_cli(script("generate"), ["--pair", str(tiny_pair), "--verifier", str(file), "--device", "cpu",
                                         "--max-new-tokens", "4"]) == 2
     one_error(capsys, str(file), "NaN or infinite")
+
+
+# ------------------------------------------------------------------------------------ 3-5. training's files
+@pytest.fixture(scope="module")
+def shards(tmp_path_factory):
+    return write_shards(tmp_path_factory.mktemp("syn") / "data")
+
+
+def train_argv(data, out, *extra):
+    return ["--config", str(ROOT / "configs/train/tiny.yaml"), "--data", str(data), "--out", str(out), "--epochs", "1",
+            "--no-baselines", *extra]
+
+
+def cut_short(path: Path) -> list[Path]:
+    """Files under a final name that do not read whole (a torch zip archive or a safetensors file)."""
+    import zipfile
+
+    bad = []
+    for file in path.rglob("*"):
+        if file.suffix == ".ckpt" and not zipfile.is_zipfile(file):
+            bad.append(file)
+        elif file.suffix == ".safetensors":
+            try:
+                load_file(str(file))
+            except Exception:  # noqa: BLE001 - any failure to read is what this looks for
+                bad.append(file)
+    return bad
+
+
+def test_a_diverging_run_is_one_line(capsys, tmp_path, shards):
+    out = tmp_path / "t"
+    assert run_cli(script("train"), train_argv(shards, out, "--lr", "1000")) == 2
+    one_error(capsys, "diverged in epoch 0", "smaller --lr")
+    assert not (out / "verifier.safetensors").exists()
+
+
+@pytest.fixture(scope="module")
+def finished(tmp_path_factory, shards):
+    out = tmp_path_factory.mktemp("finished") / "t"
+    assert run_cli(script("train"), train_argv(shards, out)) == 0
+    return out
+
+
+@pytest.mark.parametrize("case, argv, named", [
+    ("finished", [], "already holds a finished verifier"),
+    ("interrupted", [], "holds an interrupted training"),
+    ("both", ["--resume", "last", "--overwrite"], "expected at most one"),
+    ("foreign", ["--resume", "FOREIGN", "--seed", "3"], "seed=0 there, 3 here"),
+])
+def test_training_folder_rules_match_collect(capsys, tmp_path, shards, finished, case, argv, named):
+    out = tmp_path / "t"
+    shutil.copytree(finished, out)
+    if case == "interrupted":  # as a kill -9 after an epoch leaves it
+        for name in ("verifier.safetensors", "metrics.json"):
+            (out / name).unlink()
+    before = (out / "verifier.safetensors").read_bytes() if case == "finished" else None
+    argv = [str(finished / "lightning" / "last.ckpt") if a == "FOREIGN" else a for a in argv]
+    capsys.readouterr()
+    assert run_cli(script("train"), train_argv(shards, out, *argv)) == 2
+    one_error(capsys, named)
+    if before is not None:
+        assert (out / "verifier.safetensors").read_bytes() == before
+
+
+def test_overwrite_replaces_a_finished_training(capsys, tmp_path, shards, finished):
+    out = tmp_path / "t"
+    shutil.copytree(finished, out)
+    assert run_cli(script("train"), train_argv(shards, out, "--overwrite")) == 0
+    load_verifier(out)
+
+
+def failing_save_file(real):
+    """safetensors' save_file on a disk that fills up: half the file, then safetensors' own error type."""
+    from safetensors import SafetensorError
+
+    def save_file(state, path, metadata=None):
+        real(state, path, metadata=metadata)
+        data = Path(path).read_bytes()
+        Path(path).write_bytes(data[:len(data) // 2])
+        raise SafetensorError("Error while serializing: IoError(Os { code: 28, kind: StorageFull, message: \"No "
+                              "space left on device\" }) os error 28")
+    return save_file
+
+
+def test_a_full_disk_at_the_verifier_write_is_one_line_and_the_advice_works(capsys, tmp_path, shards, monkeypatch):
+    import safetensors.torch
+
+    out = tmp_path / "t"
+    real = safetensors.torch.save_file
+    calls = []
+
+    def fill_at_the_final_write(state, path, metadata=None):  # the best epoch's file is written; the final one not
+        calls.append(path)
+        target = failing_save_file(real) if Path(path).name.startswith(".verifier.safetensors") else real
+        return target(state, path, metadata=metadata)
+
+    monkeypatch.setattr(safetensors.torch, "save_file", fill_at_the_final_write)
+    assert run_cli(script("train"), train_argv(shards, out)) == 2
+    line = one_error(capsys, "verifier.safetensors", "No space left", "--resume last")
+    assert not (out / "verifier.safetensors").exists() and not cut_short(out)
+    assert not list(out.glob(".*.tmp"))
+    monkeypatch.setattr(safetensors.torch, "save_file", real)
+    assert "--resume last" in line
+    assert run_cli(script("train"), train_argv(shards, out, "--resume", "last")) == 0  # the advice works
+    load_verifier(out)
+
+
+@pytest.mark.parametrize("limit", [6_000, 20_000])
+def test_a_full_disk_during_training_leaves_no_cut_short_file(tmp_path, shards, limit):
+    """A real short write: the process may write no file larger than `limit` bytes (RLIMIT_FSIZE), so every larger
+    file is cut short by the kernel mid-write, as on a full disk."""
+    import resource
+    import signal
+    import subprocess
+    import sys
+
+    def small_files():
+        signal.signal(signal.SIGXFSZ, signal.SIG_IGN)  # the write then fails with EFBIG instead of killing us
+        resource.setrlimit(resource.RLIMIT_FSIZE, (limit, limit))
+
+    out = tmp_path / "t"
+    proc = subprocess.run([sys.executable, str(ROOT / "scripts" / "train.py"), *train_argv(shards, out)],
+                          capture_output=True, text=True, preexec_fn=small_files, timeout=600,
+                          env={**os.environ, "PYTHONPATH": str(ROOT)})
+    assert proc.returncode == 2, proc.stderr[-2000:]
+    assert "Traceback" not in proc.stderr
+    errors = [line for line in proc.stderr.splitlines() if line.startswith("error:")]
+    assert len(errors) == 1 and "rerun the same command" in errors[0], proc.stderr[-2000:]
+    assert not cut_short(out)
+
+
+def test_ctrl_c_in_training_is_one_line_and_exit_130(capsys, tmp_path, shards, monkeypatch):
+    import signal
+
+    from sprinter.train.fit import VerifierModule
+
+    def interrupt(self, batch, batch_idx):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(VerifierModule, "training_step", interrupt)
+    handler = signal.getsignal(signal.SIGINT)
+    assert run_cli(script("train"), train_argv(shards, tmp_path / "t")) == 130
+    err = capsys.readouterr().err
+    assert "Traceback" not in err and "Detected KeyboardInterrupt" not in err
+    assert [line for line in err.splitlines() if line.strip()][-1].startswith("interrupted: training stopped")
+    assert signal.getsignal(signal.SIGINT) == handler
