@@ -301,3 +301,46 @@ def test_ctrl_c_in_training_is_one_line_and_exit_130(capsys, tmp_path, shards, m
     assert "Traceback" not in err and "Detected KeyboardInterrupt" not in err
     assert [line for line in err.splitlines() if line.strip()][-1].startswith("interrupted: training stopped")
     assert signal.getsignal(signal.SIGINT) == handler
+
+
+# ------------------------------------------------------------------------------------ 6. data and CLI gaps
+def test_a_shard_of_another_source_is_refused(capsys, tmp_path, shards):
+    data = tmp_path / "data"
+    shutil.copytree(shards, data)
+    shard = data / "shard-00001.safetensors"
+    save_file(load_file(str(shard)), str(shard), metadata={"source": "decode", "draft": "synthetic"})
+    assert run_cli(script("train"), train_argv(data, tmp_path / "t")) == 2
+    one_error(capsys, shard.name, "'decode' contexts", "'corpus'")
+
+
+def test_an_unlisted_shard_is_reported(tmp_path, shards):
+    from sprinter.train.data import open_folders
+
+    data = tmp_path / "data"
+    shutil.copytree(shards, data)
+    shutil.copy(data / "shard-00001.safetensors", data / "shard-00007.safetensors")
+    with pytest.warns(SprinterWarning, match=r"shard-00007.safetensors.*does not list"):
+        open_folders([data], ("hidden",), "sprinter")
+
+
+@pytest.mark.parametrize("mode", ["sd", "sprinter", "ar"])
+def test_prompt_and_prompts_file_conflict_in_every_mode(capsys, tmp_path, tiny_pair, mode):
+    prompts = tmp_path / "prompts.txt"
+    prompts.write_text("def f():\n")
+    gate = ["--gate", "confidence"] if mode == "sprinter" else []
+    assert run_cli(script("generate"), ["--pair", str(tiny_pair), "--mode", mode, *gate, "--prompt", "def g():",
+                                        "--prompts-file", str(prompts), "--device", "cpu"]) == 2
+    one_error(capsys, "'def g():'", str(prompts), "conflict")
+
+
+@pytest.mark.parametrize("prompt, named", [([True, False], "token id(s) [True, False]"), ([1, True], "[True]")])
+def test_bools_are_not_token_ids(gpt2_decoder, prompt, named):
+    with pytest.raises(SprinterError, match=re.escape(named)):
+        gpt2_decoder.generate(prompt, mode="ar", max_new_tokens=2)
+
+
+def test_an_empty_verifier_path_is_named_as_given(tiny_pair):
+    from sprinter.decode.decoder import Decoder
+
+    with pytest.raises(SprinterError, match="verifier: got ''"):
+        Decoder.from_pretrained(str(tiny_pair / "draft"), str(tiny_pair / "target"), verifier="")

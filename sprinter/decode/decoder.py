@@ -154,8 +154,9 @@ class Decoder:
         forward (sprinter.decode.engine; static caches implied; each generation's `stats.compile_seconds` says
         what compiling cost it, paid once per Decoder)."""
         for name, value in (("draft", draft), ("target", target), ("verifier", verifier), ("datastore", datastore)):
-            if not (isinstance(value, (str, Path)) or value is None and name in ("verifier", "datastore")):
-                raise SprinterError(f"{name}: got {value!r}; expected a path or Hub name (str or Path)"
+            if not (isinstance(value, (str, Path)) and str(value) != "" or value is None and name in ("verifier",
+                                                                                                  "datastore")):
+                raise SprinterError(f"{name}: got {value!r}; expected a path or Hub name (a non-empty str or Path)"
                                     f"{', or None' if name in ('verifier', 'datastore') else ''}")
         dev = resolve_device(device)
         dt = resolve_dtype(dtype, dev)
@@ -393,7 +394,7 @@ class Decoder:
         if not ids:
             raise SprinterError("prompt: got no token ids; expected a non-empty text or a list of token ids")
         vocab = self.pair.vocab_size
-        bad = [t for t in ids if not isinstance(t, int) or not 0 <= t < vocab]
+        bad = [t for t in ids if not isinstance(t, int) or isinstance(t, bool) or not 0 <= t < vocab]
         if bad:
             raise SprinterError(f"prompt: got token id(s) {bad[:4]}; expected integers in [0, {vocab})")
         return ids
