@@ -65,6 +65,10 @@ class VerifierInfo:
     thresholds: dict[str, float] = field(default_factory=dict)  # false-accept budget (as str) -> threshold
     default_budget: float | None = None
     default_threshold: float = 0.5  # a token passes iff sigmoid(logit) >= threshold
+    # budget (as str) -> {"pass_rate", "false_accept_share"} on the test split at that budget's threshold: the
+    # share of gate decisions that pass, and the share of passed tokens the target would reject. What the
+    # decode-time guard compares with (sprinter.decode.stats.check_promise).
+    rates: dict[str, dict[str, float]] = field(default_factory=dict)
     context_source: str | None = None  # "corpus" | "decode": how the training contexts were made
     stop_threshold: float | None = None  # sd-gated: the recommended stop threshold (scripts/benchmark.py
     #                                      --store-stop-threshold writes the fastest one of its sweep here)
@@ -81,6 +85,13 @@ class VerifierInfo:
     @property
     def scalar_features(self) -> tuple[str, ...]:
         return tuple(f for f in self.features if f not in (*VECTORS, TOKEN))
+
+    def rates_at(self, threshold: float) -> dict[str, float] | None:
+        """The calibrated rates at `threshold` (one of `thresholds`), or None for a threshold never calibrated."""
+        for budget, value in self.thresholds.items():
+            if abs(value - threshold) < 1e-9 and budget in self.rates:
+                return self.rates[budget]
+        return None
 
 
 def default_arch(**overrides: Any) -> dict[str, Any]:
@@ -301,6 +312,9 @@ SCHEMA = {
                    "a mapping of budget -> threshold in (0, 1)"),
     "default_budget": (lambda v: v is None or _is_share(v), "a number in [0, 1] or null"),
     "default_threshold": (_is_threshold, "a number in (0, 1)"),
+    "rates": (lambda v: isinstance(v, dict) and all(isinstance(r, dict) and _is_share(r.get("pass_rate"))
+                                                    and _is_share(r.get("false_accept_share")) for r in v.values()),
+              "a mapping of budget -> {pass_rate, false_accept_share} in [0, 1]"),
     "context_source": (lambda v: v is None or isinstance(v, str), "a string or null"),
     "stop_threshold": (lambda v: v is None or _is_share(v), "a number in [0, 1] or null"),
     "sprinter_version": (lambda v: isinstance(v, str), "a string"),

@@ -344,3 +344,60 @@ def test_an_empty_verifier_path_is_named_as_given(tiny_pair):
 
     with pytest.raises(SprinterError, match="verifier: got ''"):
         Decoder.from_pretrained(str(tiny_pair / "draft"), str(tiny_pair / "target"), verifier="")
+
+
+# ------------------------------------------------------------------------------------ 2. the decode-time guard
+def test_the_false_accept_meter_uses_the_speculative_sampling_rejection():
+    from sprinter.decode.stats import DecodeStats, FalseAcceptMeter
+
+    meter, stats = FalseAcceptMeter(), DecodeStats(mode="sprinter")
+    meter.add(torch.tensor([0.5, 0.2, 0.0]), torch.tensor([0.25, 0.4, 0.3]))  # never, sometimes (0.5), always
+    meter.add(torch.tensor([1.0, 0.0]), torch.tensor([1.0, 1.0]))  # greedy: one-hot p and q
+    meter.write(stats)
+    assert stats.passed_unchecked == 5 and stats.false_accept_rate == pytest.approx((0 + 0.5 + 1 + 0 + 1) / 5)
+
+
+@pytest.mark.parametrize("false_accepts, passed, flagged, calls, warned", [
+    (2.0, 100, 30, 130, False),  # 0.02 passed-rejected, flag rate 0.23: as promised
+    (60.0, 100, 0, 100, True),  # the draft's output under a sprinter label: passes nearly everything
+    (0.0, 0, 100, 100, True),  # flags every token
+    (10.0, 20, 0, 20, False),  # too few tokens to tell
+])
+def test_the_guard_rule(false_accepts, passed, flagged, calls, warned):
+    from sprinter.decode.stats import promise_warning
+
+    message = promise_warning(false_accepts, passed, flagged, calls, promised_false_accept=0.05,
+                              promised_flag_rate=0.25)
+    assert (message is not None) == warned
+
+
+def test_a_verifier_that_passes_everything_is_flagged_at_decode_time(gpt2_decoder):
+    from sprinter.decode.decoder import Decoder
+    from sprinter.decode.gates import LearnedGate
+
+    pair = gpt2_decoder.pair
+    info = VerifierInfo(features=("hidden",), hidden_size=pair.draft.config.hidden_size,
+                        arch=default_arch(depth=0), thresholds={"0.05": 0.6}, default_budget=0.05,
+                        default_threshold=0.6, rates={"0.05": {"pass_rate": 0.7, "false_accept_share": 0.03}})
+    verifier = Verifier(info).eval()
+    with torch.no_grad():
+        verifier.net[-1].bias.fill_(30.0)  # finite, but accepts every drafted token
+    dec = Decoder(pair, LearnedGate(verifier, info.features, 0.6), info)
+    with pytest.warns(SprinterWarning, match="false-accept rate .* promised 0.030"):
+        out = dec.generate("def f():", mode="sprinter", max_new_tokens=64, max_block=8)
+    stats = out.stats
+    assert stats.passed_unchecked > 30 and stats.flagged == 0 and stats.promised_false_accept == 0.03
+    assert stats.false_accept_rate > 0.2 and stats.verifier_warning is not None
+    # the measurement agrees with the target itself: greedy, so a false accept is a token that is not its argmax
+    strict = dec.generate("def f():", mode="sd", k=8, max_new_tokens=64)
+    assert stats.to_dict()["false_accept_rate"] == stats.false_accept_rate
+    assert strict.token_ids != out.token_ids
+
+
+def test_the_benchmark_marks_a_row_off_its_promise():
+    from sprinter.bench.report import guard
+
+    row = {"passed_unchecked": 100, "false_accepts": 60.0, "flagged": 0, "verifier_calls": 100,
+           "promised_false_accept": 0.05, "promised_flag_rate": 0.25}
+    assert "false-accept rate 0.600" in guard([row])["verifier_warning"]
+    assert guard([{**row, "false_accepts": 3.0, "flagged": 25}])["verifier_warning"] is None

@@ -67,7 +67,7 @@ from sprinter.decode.options import (
     STOP_THRESHOLD,
     DecodeOptions,
 )
-from sprinter.decode.stats import DecodeStats
+from sprinter.decode.stats import DecodeStats, check_promise
 from sprinter.errors import SprinterError
 from sprinter.pairs.load import (
     Pair,
@@ -249,6 +249,9 @@ class Decoder:
         if isinstance(learned, LearnedGate):
             params = sum(w.numel() for w in learned.verifier.parameters())
             stats.verifier_flops = 2 * params * stats.verifier_calls
+        if mode == "sprinter" and not options.strict and isinstance(gate, LearnedGate) and self.gate is not None \
+                and gate.verifier is getattr(self.gate, "verifier", None) and hasattr(self.verifier_info, "rates_at"):
+            check_promise(stats, self.verifier_info.rates_at(gate.threshold), f"verifier {str(self.verifier_dir)!r}")
         return GenerateOutput(text=out.text(), token_ids=out.ids, stats=stats, stop_reason=out.stop_reason)
 
     def _auto(self, target: CachedLM, draft: CachedLM, ids: list[int], *, options: DecodeOptions,
