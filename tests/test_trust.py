@@ -401,3 +401,22 @@ def test_the_benchmark_marks_a_row_off_its_promise():
            "promised_false_accept": 0.05, "promised_flag_rate": 0.25}
     assert "false-accept rate 0.600" in guard([row])["verifier_warning"]
     assert guard([{**row, "false_accepts": 3.0, "flagged": 25}])["verifier_warning"] is None
+
+
+def test_the_guard_is_one_warning_line_at_the_cli(capsys, tmp_path, tiny_pair):
+    from sprinter.pairs.load import fingerprint
+
+    config = json.loads((tiny_pair / "draft" / "config.json").read_text())
+    info = VerifierInfo(features=("hidden",), hidden_size=config.get("n_embd") or config["hidden_size"],
+                        arch=default_arch(depth=0), thresholds={"0.05": 0.6}, default_budget=0.05,
+                        default_threshold=0.6, rates={"0.05": {"pass_rate": 0.7, "false_accept_share": 0.03}},
+                        draft={"name": "tiny", "fingerprint": fingerprint(str(tiny_pair / "draft"))})
+    verifier = Verifier(info)
+    with torch.no_grad():
+        verifier.net[-1].bias.fill_(-30.0)  # flags every token: promised a flag rate of 0.3
+    file = save_verifier(tmp_path, verifier, info)
+    assert run_cli(script("generate"), ["--pair", str(tiny_pair), "--verifier", str(file), "--device", "cpu",
+                                        "--mode", "sprinter", "--max-new-tokens", "80"]) == 0
+    err = capsys.readouterr().err
+    warned = [line for line in err.splitlines() if line.startswith("warning:")]
+    assert len(warned) == 1 and "flag rate 1.000" in warned[0] and "promised 0.300" in warned[0], err
