@@ -94,6 +94,16 @@ class VerifierInfo:
         return None
 
 
+def calibrated_rates(report: dict) -> dict[str, dict[str, float]]:
+    """budget -> {"pass_rate", "false_accept_share"} from a scorer's test report in metrics.json
+    ({"accept_rate", "operating_points": {budget: {"false_accept", "pass_rate", ...}}}): the share of gate
+    decisions that pass, and the share of passed tokens that were label 0 (what a decode-time pass costs)."""
+    accept = report["accept_rate"]
+    return {k: {"pass_rate": p["pass_rate"],
+                "false_accept_share": p["false_accept"] * (1 - accept) / p["pass_rate"] if p["pass_rate"] else 0.0}
+            for k, p in report["operating_points"].items()}
+
+
 def default_arch(**overrides: Any) -> dict[str, Any]:
     arch = {"width": 256, "depth": 2, "norm": "layer", "dropout": 0.0, "token_dim": 16, "vocab_size": 0}
     arch.update(overrides)

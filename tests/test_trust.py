@@ -420,3 +420,19 @@ def test_the_guard_is_one_warning_line_at_the_cli(capsys, tmp_path, tiny_pair):
     err = capsys.readouterr().err
     warned = [line for line in err.splitlines() if line.startswith("warning:")]
     assert len(warned) == 1 and "flag rate 1.000" in warned[0] and "promised 0.300" in warned[0], err
+
+
+def test_an_older_checkpoint_takes_its_promise_from_metrics_json(tmp_path, tiny_pair):
+    from sprinter.decode.decoder import Decoder
+    from sprinter.pairs.load import fingerprint
+
+    config = json.loads((tiny_pair / "draft" / "config.json").read_text())
+    info = VerifierInfo(features=("hidden",), hidden_size=config.get("n_embd") or config["hidden_size"],
+                        arch=default_arch(depth=0), thresholds={"0.05": 0.6}, default_budget=0.05,
+                        default_threshold=0.6,
+                        draft={"name": "tiny", "fingerprint": fingerprint(str(tiny_pair / "draft"))})
+    save_verifier(tmp_path, Verifier(info), info)
+    (tmp_path / "metrics.json").write_text(json.dumps({"verifier": {"accept_rate": 0.8, "operating_points": {
+        "0.05": {"threshold": 0.6, "false_accept": 0.05, "true_accept": 0.5, "pass_rate": 0.41}}}}))
+    dec = Decoder.from_pretrained(str(tiny_pair / "draft"), str(tiny_pair / "target"), verifier=str(tmp_path))
+    assert dec.verifier_info.rates_at(0.6) == {"pass_rate": 0.41, "false_accept_share": pytest.approx(0.01 / 0.41)}

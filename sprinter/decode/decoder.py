@@ -33,6 +33,7 @@ from __future__ import annotations
 
 import copy
 import dataclasses
+import json
 import os
 import time
 from dataclasses import dataclass
@@ -170,6 +171,8 @@ class Decoder:
             from sprinter.verifier import check_vocabulary
 
             check_vocabulary(info, pair.vocab_size, verifier)
+            if not info.rates:  # a checkpoint from before the rates were stored: its metrics.json holds them
+                info.rates = _rates_beside(verifier)
         if store is not None:
             store.check_tokenizer(pair.tokenizer)
         decoder = cls(pair, gate, info, store, Engine(dev, static=static_cache, compile=compile))
@@ -438,6 +441,18 @@ class Decoder:
         if gate == "never":
             return NeverFlag()
         return gate
+
+
+def _rates_beside(verifier: str | Path) -> dict:
+    """The calibrated rates in the metrics.json written beside a verifier checkpoint by scripts/train.py ({} when
+    there is none, or it has another shape: the decode-time guard then has nothing to compare with)."""
+    from sprinter.verifier import calibrated_rates, checkpoint_file
+
+    metrics = checkpoint_file(verifier).parent / "metrics.json"
+    try:
+        return calibrated_rates(json.loads(metrics.read_text())["verifier"])
+    except (OSError, ValueError, KeyError, TypeError):
+        return {}
 
 
 def _is_batch(prompt: object) -> bool:

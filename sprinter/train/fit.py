@@ -61,6 +61,7 @@ from sprinter.verifier import (
     PROBE_ROWS,
     Verifier,
     VerifierInfo,
+    calibrated_rates,
     default_arch,
     load_verifier,
     save_verifier,
@@ -500,12 +501,8 @@ def quiet_interrupt():
 def calibrated(info: VerifierInfo, report: dict, budgets: Sequence[float]) -> VerifierInfo:
     """info with the thresholds chosen on val (the first budget's is the default)."""
     thresholds = {k: p["threshold"] for k, p in report["operating_points"].items()}
-    accept = report["accept_rate"]  # label-1 share of the test split
-    rates = {k: {"pass_rate": p["pass_rate"],
-                 "false_accept_share": p["false_accept"] * (1 - accept) / p["pass_rate"] if p["pass_rate"] else 0.0}
-             for k, p in report["operating_points"].items()}
     return dataclasses.replace(info, thresholds=thresholds, default_threshold=thresholds[budget_key(budgets[0])],
-                               rates=rates)
+                               rates=calibrated_rates(report))
 
 
 def fit_linear(cfg: TrainConfig, table: TokenTable, splits: dict, info: VerifierInfo, verifier: Verifier,
