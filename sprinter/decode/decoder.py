@@ -171,7 +171,7 @@ class Decoder:
             from sprinter.verifier import check_vocabulary
 
             check_vocabulary(info, pair.vocab_size, verifier)
-            if not info.rates:  # a checkpoint from before the rates were stored: its metrics.json holds them
+            if getattr(info, "rates", None) == {}:  # a checkpoint from before the rates: its metrics.json has them
                 info.rates = _rates_beside(verifier)
         if store is not None:
             store.check_tokenizer(pair.tokenizer)
