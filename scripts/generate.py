@@ -95,7 +95,22 @@ def print_batch(cfg: GenerateConfig, prompts: list[str], outs: list) -> None:
           f"{1 + accepted / calls:.2f}", file=sys.stderr)
 
 
+def check_one_prompt_source(argv: Sequence[str]) -> None:
+    """--prompt and --prompts-file conflict in every mode: refused first, before any mode's own rule speaks."""
+    given = {}
+    for i, arg in enumerate(argv):
+        for flag in ("--prompt", "--prompts-file"):
+            if arg == flag:
+                given[flag] = argv[i + 1] if i + 1 < len(argv) else ""
+            elif arg.startswith(flag + "="):
+                given[flag] = arg[len(flag) + 1:]
+    if len(given) == 2:
+        raise SprinterError(f"prompt and prompts_file: got --prompt {given['--prompt']!r} and --prompts-file "
+                            f"{given['--prompts-file']!r}; expected one of them (they conflict in every mode)")
+
+
 def main(argv: Sequence[str] | None = None) -> None:
+    check_one_prompt_source(sys.argv[1:] if argv is None else list(argv))
     cfg = parse_config(GenerateConfig, argv, "Generate text with a draft/target pair (modes ar, draft, sd, sprinter, "
                                              "sd-gated, ngram, async, auto; a batch of prompts with --prompts-file).")
     prompts = read_prompts(cfg.prompts_file) if cfg.prompts_file is not None else None
@@ -145,4 +160,4 @@ def main(argv: Sequence[str] | None = None) -> None:
 
 
 if __name__ == "__main__":
-    sys.exit(run_cli(main))
+    sys.exit(run_cli(main, interrupted="stopped; generate writes no files, so there is nothing to resume"))

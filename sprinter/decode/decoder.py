@@ -33,6 +33,7 @@ from __future__ import annotations
 
 import copy
 import dataclasses
+import json
 import os
 import time
 from dataclasses import dataclass
@@ -67,7 +68,7 @@ from sprinter.decode.options import (
     STOP_THRESHOLD,
     DecodeOptions,
 )
-from sprinter.decode.stats import DecodeStats
+from sprinter.decode.stats import DecodeStats, check_promise
 from sprinter.errors import SprinterError
 from sprinter.pairs.load import (
     Pair,
@@ -154,8 +155,9 @@ class Decoder:
         forward (sprinter.decode.engine; static caches implied; each generation's `stats.compile_seconds` says
         what compiling cost it, paid once per Decoder)."""
         for name, value in (("draft", draft), ("target", target), ("verifier", verifier), ("datastore", datastore)):
-            if not (isinstance(value, (str, Path)) or value is None and name in ("verifier", "datastore")):
-                raise SprinterError(f"{name}: got {value!r}; expected a path or Hub name (str or Path)"
+            if not (isinstance(value, (str, Path)) and str(value) != "" or value is None and name in ("verifier",
+                                                                                                  "datastore")):
+                raise SprinterError(f"{name}: got {value!r}; expected a path or Hub name (a non-empty str or Path)"
                                     f"{', or None' if name in ('verifier', 'datastore') else ''}")
         dev = resolve_device(device)
         dt = resolve_dtype(dtype, dev)
@@ -169,6 +171,8 @@ class Decoder:
             from sprinter.verifier import check_vocabulary
 
             check_vocabulary(info, pair.vocab_size, verifier)
+            if getattr(info, "rates", None) == {}:  # a checkpoint from before the rates: its metrics.json has them
+                info.rates = _rates_beside(verifier)
         if store is not None:
             store.check_tokenizer(pair.tokenizer)
         decoder = cls(pair, gate, info, store, Engine(dev, static=static_cache, compile=compile))
@@ -248,6 +252,9 @@ class Decoder:
         if isinstance(learned, LearnedGate):
             params = sum(w.numel() for w in learned.verifier.parameters())
             stats.verifier_flops = 2 * params * stats.verifier_calls
+        if mode == "sprinter" and not options.strict and isinstance(gate, LearnedGate) and self.gate is not None \
+                and gate.verifier is getattr(self.gate, "verifier", None) and hasattr(self.verifier_info, "rates_at"):
+            check_promise(stats, self.verifier_info.rates_at(gate.threshold), f"verifier {str(self.verifier_dir)!r}")
         return GenerateOutput(text=out.text(), token_ids=out.ids, stats=stats, stop_reason=out.stop_reason)
 
     def _auto(self, target: CachedLM, draft: CachedLM, ids: list[int], *, options: DecodeOptions,
@@ -393,7 +400,7 @@ class Decoder:
         if not ids:
             raise SprinterError("prompt: got no token ids; expected a non-empty text or a list of token ids")
         vocab = self.pair.vocab_size
-        bad = [t for t in ids if not isinstance(t, int) or not 0 <= t < vocab]
+        bad = [t for t in ids if not isinstance(t, int) or isinstance(t, bool) or not 0 <= t < vocab]
         if bad:
             raise SprinterError(f"prompt: got token id(s) {bad[:4]}; expected integers in [0, {vocab})")
         return ids
@@ -434,6 +441,18 @@ class Decoder:
         if gate == "never":
             return NeverFlag()
         return gate
+
+
+def _rates_beside(verifier: str | Path) -> dict:
+    """The calibrated rates in the metrics.json written beside a verifier checkpoint by scripts/train.py ({} when
+    there is none, or it has another shape: the decode-time guard then has nothing to compare with)."""
+    from sprinter.verifier import calibrated_rates, checkpoint_file
+
+    metrics = checkpoint_file(verifier).parent / "metrics.json"
+    try:
+        return calibrated_rates(json.loads(metrics.read_text())["verifier"])
+    except (OSError, ValueError, KeyError, TypeError):
+        return {}
 
 
 def _is_batch(prompt: object) -> bool:

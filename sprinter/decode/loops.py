@@ -19,7 +19,7 @@ from sprinter.decode.emit import Emitter
 from sprinter.decode.gates import Gate
 from sprinter.decode.options import DecodeOptions
 from sprinter.decode.sampling import Sampler, uniform
-from sprinter.decode.stats import DecodeStats
+from sprinter.decode.stats import DecodeStats, FalseAcceptMeter
 
 
 def autoregressive(lm: CachedLM, tokens: torch.Tensor, *, sampler: Sampler, gen: torch.Generator,
@@ -71,9 +71,10 @@ class Round:
 
 def speculative_round(target: CachedLM, drafter: Drafter, ids: list[int], limit: int, *, sampler: Sampler,
                       rule: GateRule | None, check_all: bool, remaining: int, gen: torch.Generator,
-                      stats: DecodeStats) -> Round:
+                      stats: DecodeStats, meter: FalseAcceptMeter | None = None) -> Round:
     """One round of `speculative` after `ids` (the prompt and every emitted token, not changed here): draft up to
-    `limit` tokens, verify, roll both caches back to `ids` + the decided tokens but the last."""
+    `limit` tokens, verify, roll both caches back to `ids` + the decided tokens but the last. `meter`: where the
+    tokens passed unchecked add their rejection probability (the target scored them anyway in step 3)."""
     device = next(target.model.parameters()).device
     # 1. Draft up to `limit` tokens; with a gate, drafting stops where the gate says (see GateRule).
     if rule is not None:
@@ -98,7 +99,11 @@ def speculative_round(target: CachedLM, drafter: Drafter, ids: list[int], limit:
         torch.nn.functional.one_hot(x, p.shape[-1]).float()  # (n, V); a deterministic chain: one-hot
     # 4. Check the flagged token (strict / SD: every token) with the speculative-sampling rule.
     positions = torch.arange(n, device=device)
-    n_kept = flag_then_check(p[positions, x], q[positions, x], uniform(n, gen, device), flagged, check_all)
+    p_x, q_x = p[positions, x], q[positions, x]  # (n,), (n,)
+    n_kept = flag_then_check(p_x, q_x, uniform(n, gen, device), flagged, check_all)
+    passed = n - int(flagged)  # sprinter: the tokens before the flagged one (all, if none was) went unchecked
+    if meter is not None and not check_all and passed:
+        meter.add(p_x[:passed], q_x[:passed])
     # 5. The target's own token: from the residual after a rejection, else a bonus token from p[n].
     y = sampler.draw(correction(p, q, n_kept), gen)
     kept, *decided = torch.cat([n_kept.view(1), x, y.view(1)]).tolist()  # the one host sync of this round
@@ -128,12 +133,15 @@ def speculative(target: CachedLM, drafter: Drafter, prompt: list[int], *, option
     check_all = mode != "sprinter" or options.strict
     rule = None if gate is None else GateRule(gate, options.stop_threshold if mode == "sd-gated" else None)
     ids = list(prompt)  # the prompt and every emitted token
+    meter = None if check_all or gate is None else FalseAcceptMeter()
     while not out.done:
         limit = out.remaining if max_block is None else min(max_block, out.remaining)
         step = speculative_round(target, drafter, ids, limit, sampler=sampler, rule=rule, check_all=check_all,
-                                 remaining=out.remaining, gen=gen, stats=stats)
+                                 remaining=out.remaining, gen=gen, stats=stats, meter=meter)
         ids += step.decided
         out.emit(step.decided)
+    if meter is not None:
+        meter.write(stats)  # the measurement's one host sync, once per generation
 
 
 __all__ = ["GateRule", "Round", "autoregressive", "speculative", "speculative_round"]
