@@ -85,18 +85,17 @@ def print_comparison(result: Comparison) -> None:
               f"loop share {result.loop_share[key]:.2f}")
     print(f"speedup: {result.speedup:.2f}x over ar")
     nll = f"target NLL {result.target_nll['accelerated']:.3f} vs ar's {result.target_nll['ar']:.3f} nats/token" + (
-        "" if result.nll_ratio is None else f" (ratio {result.nll_ratio:.3f})")
+        "" if result.nll_ratio is None else f", ratio {result.nll_ratio:.3f}")
     where = "" if result.first_difference is None else f", the first at new token {result.first_difference}"
+    differ = f"{result.tokens_differing} of {len(fast.token_ids)} tokens differ{where}"
     if result.lossless and result.temperature == 0:
-        print(f"identical to ar's: {'yes' if result.identical else 'NO'} ({mode} is lossless: at temperature 0 it "
-              f"must emit ar's very tokens" + ("" if result.identical else
-                                              f"; {result.tokens_differing} tokens differ{where}: please report") + ")")
+        why = f"{mode} is lossless: at temperature 0 it must emit ar's very tokens" + (
+            "" if result.identical else f"; {differ}: please report")
     elif result.lossless:
-        print(f"{result.tokens_differing} of {len(fast.token_ids)} tokens differ from ar's{where}: sampled, {mode} "
-              f"matches ar in distribution, not token for token; {nll}")
+        why = f"sampled: {mode} matches ar in distribution, not token for token; {differ}; {nll}"
     else:
-        print(f"{mode} is lossy here: {result.tokens_differing} of {len(fast.token_ids)} tokens differ from "
-              f"ar's{where}; {nll}")
+        why = f"{mode} is lossy here; {differ}; {nll}"
+    print(f"identical to ar's: {'yes' if result.identical else 'no'} ({why})")
     print("(loop share: the share of tokens that complete a 4-gram seen earlier in the same output)")
 
 

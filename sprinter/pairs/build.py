@@ -466,7 +466,8 @@ def ensure_pair(preset: str = "demo") -> Path:
     out = Path("checkpoints/pairs") / preset
     if not (out / "pair.json").is_file():
         print(f"note: {out} not found; building the {preset!r} pair first "
-              f"(python scripts/make_pair.py --preset {preset})")
+              f"(python scripts/make_pair.py --preset {preset}; minutes on a CPU, a bar per model shows the time "
+              "left)")
         build_pair(parse_pair_config(["--preset", preset]))
     return out
 
