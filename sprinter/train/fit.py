@@ -495,7 +495,7 @@ def fit_linear(cfg: TrainConfig, table: TokenTable, splits: dict, info: Verifier
     linear.set_normalisation(verifier.hidden_mean, verifier.hidden_std, torch.zeros(0), torch.ones(0))
     fit_plain(linear, table, (HIDDEN,), cfg.label_rule, splits, epochs=cfg.epochs, batch_size=cfg.batch_size,
               lr=cfg.lr, pos_weight=cfg.pos_weight, neg_weight=neg_weight, patience=cfg.patience, seed=cfg.seed,
-              auroc=lambda scores, labels: summarize(scores, labels)["auroc"])
+              auroc=lambda scores, labels: summarize(scores, labels)["auroc"], progress=cfg.progress)
     return linear, linear_info
 
 
