@@ -106,6 +106,9 @@ class GenerateConfig(DecodeOptions):
     compile: bool = option(False, "single-prompt modes: torch.compile the draft step and the target's verify forward "
                                   "(static caches implied; compiling takes seconds to minutes, once per run)")
     json: bool = option(False, "print one JSON object (text, token ids, stats) instead of streaming text")
+    compare: bool = option(False, "also decode the prompt with ar (the target alone) and print both texts, both "
+                                  "speeds, the speedup and whether the texts are identical (lossless modes) or how "
+                                  "far they differ (tokens that differ, the target's NLL ratio)")
 
     def __post_init__(self) -> None:
         super().__post_init__()
@@ -115,6 +118,10 @@ class GenerateConfig(DecodeOptions):
         if self.datastore is not None and self.mode != "ngram":
             raise SprinterError(f"datastore: got {self.datastore!r} with mode={self.mode!r}; expected it only with "
                                 "mode='ngram'")
+        if self.compare and (self.prompts_file is not None or self.mode == "ar"):
+            raise SprinterError(f"compare: got it with mode={self.mode!r}" + (
+                f" and prompts_file={self.prompts_file!r}; expected one --prompt" if self.prompts_file is not None
+                else "; expected a mode to compare with ar (sd, sprinter, ngram, ...)"))
         check_integers(self, ("threads",), minimum=0)
 
     def options(self) -> DecodeOptions:

@@ -275,7 +275,7 @@ def train_loop(model, steps: int, peak_lr: float, warmup_fraction: float, batch_
         torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
         opt.step()
         ema = loss.item() if ema is None else 0.95 * ema + 0.05 * loss.item()
-        bar.set_postfix(loss=f"{ema:.3f}")
+        bar.set_postfix(loss=f"{ema:.3f}", refresh=False)  # drawn at the bar's own pace (mininterval)
         run = step + 1
     model.eval()
     return time.perf_counter() - start, run
@@ -466,7 +466,8 @@ def ensure_pair(preset: str = "demo") -> Path:
     out = Path("checkpoints/pairs") / preset
     if not (out / "pair.json").is_file():
         print(f"note: {out} not found; building the {preset!r} pair first "
-              f"(python scripts/make_pair.py --preset {preset})")
+              f"(python scripts/make_pair.py --preset {preset}; minutes on a CPU, a bar per model shows the time "
+              "left)")
         build_pair(parse_pair_config(["--preset", preset]))
     return out
 

@@ -43,13 +43,16 @@ def weighted_bce(logits: torch.Tensor, labels: torch.Tensor, pos_weight: float, 
 
 def fit_plain(verifier: Verifier, table: TokenTable, features, label_rule: str, splits: dict, *, epochs: int,
               batch_size: int, lr: float, pos_weight: float, neg_weight: float, patience: int, seed: int,
-              auroc: Callable[[torch.Tensor, torch.Tensor], float]) -> Verifier:
-    """A plain Adam loop (the linear baseline needs no Lightning): keeps the epoch with the best val AUROC."""
+              auroc: Callable[[torch.Tensor, torch.Tensor], float], progress: bool = False) -> Verifier:
+    """A plain Adam loop (the linear baseline needs no Lightning): keeps the epoch with the best val AUROC.
+    `progress`: a bar over the epochs with the time left (at most: `patience` may stop it sooner)."""
+    from tqdm.auto import tqdm
+
     torch.manual_seed(seed)
     optimizer = torch.optim.Adam(verifier.parameters(), lr=lr)
     train = loader(table, features, label_rule, splits["train"], batch_size, shuffle=True, seed=seed)
     best, best_state, waited = -1.0, None, 0
-    for epoch in range(epochs):
+    for epoch in tqdm(range(epochs), desc="baseline: linear", unit="epoch", disable=not progress):
         verifier.train()
         train.sampler.set_epoch(epoch)
         for batch in train:

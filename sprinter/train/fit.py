@@ -333,11 +333,36 @@ def first_prompts(prompt_index: torch.Tensor, rows: torch.Tensor, n: int) -> tor
     return rows[torch.isin(prompt_index[rows], keep)]
 
 
+def epochs_left_bar():
+    """Lightning's progress bar, whose description also says how long the remaining epochs take at most: each
+    epoch so far (training and validation) took its mean time, and early stopping may end the run sooner.
+    Lightning's own bar times only the epoch it is in."""
+    from lightning.pytorch.callbacks import TQDMProgressBar
+    from tqdm import tqdm
+
+    class EpochsLeftBar(TQDMProgressBar):
+        def on_train_start(self, trainer, pl_module) -> None:
+            super().on_train_start(trainer, pl_module)
+            self.started, self.first_epoch = time.perf_counter(), trainer.current_epoch  # a resumed run: from there
+
+        def on_train_epoch_start(self, trainer, *args) -> None:
+            super().on_train_epoch_start(trainer, *args)
+            epoch, done = trainer.current_epoch, trainer.current_epoch - self.first_epoch
+            text = f"Epoch {epoch + 1}/{trainer.max_epochs}"
+            if done:
+                left = (time.perf_counter() - self.started) / done * (trainer.max_epochs - epoch)
+                text += f" (at most {tqdm.format_interval(left)} left)"
+            self.train_progress_bar.set_description(text)
+
+    return EpochsLeftBar()
+
+
 def make_trainer(cfg: TrainConfig, out: Path) -> L.Trainer:
     from lightning.pytorch.callbacks import EarlyStopping, ModelCheckpoint
     from lightning.pytorch.loggers import TensorBoardLogger
 
-    callbacks = [ModelCheckpoint(dirpath=out / "lightning", filename="best", monitor="val/auroc", mode="max",
+    callbacks = [epochs_left_bar()] if cfg.progress else []
+    callbacks += [ModelCheckpoint(dirpath=out / "lightning", filename="best", monitor="val/auroc", mode="max",
                                  save_last=True, enable_version_counter=False)]
     if cfg.patience:
         callbacks.append(EarlyStopping(monitor="val/auroc", mode="max", patience=cfg.patience))
@@ -513,7 +538,7 @@ def fit_linear(cfg: TrainConfig, table: TokenTable, splits: dict, info: Verifier
     linear.set_normalisation(verifier.hidden_mean, verifier.hidden_std, torch.zeros(0), torch.ones(0))
     fit_plain(linear, table, (HIDDEN,), cfg.label_rule, splits, epochs=cfg.epochs, batch_size=cfg.batch_size,
               lr=cfg.lr, pos_weight=cfg.pos_weight, neg_weight=neg_weight, patience=cfg.patience, seed=cfg.seed,
-              auroc=lambda scores, labels: summarize(scores, labels)["auroc"])
+              auroc=lambda scores, labels: summarize(scores, labels)["auroc"], progress=cfg.progress)
     return linear, linear_info
 
 
