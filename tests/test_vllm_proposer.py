@@ -1,0 +1,110 @@
+"""The sprinter vLLM proposer without vLLM: its per-request caches, its chains and its configuration, driven the way
+vLLM's model runner drives it (one `propose` per step with each row's tokens). tests/test_vllm.py runs it in vLLM."""
+
+from types import SimpleNamespace
+
+import numpy as np
+import pytest
+import torch
+import yaml
+
+from sprinter.errors import SprinterError
+from sprinter.integrations.vllm import CONFIG_ENV, SprinterProposer, load_config, match_rows
+from sprinter.pairs.load import load_model
+
+pytestmark = pytest.mark.usefixtures("single_thread")
+K = 4
+
+
+def make_proposer(tmp_path, monkeypatch, pair, *, verifier=True, **extra):
+    cfg = {"draft": str(pair / "draft"), "verifier": str(pair / "verifier") if verifier else None, **extra}
+    (tmp_path / "proposer.yaml").write_text(yaml.safe_dump(cfg))
+    monkeypatch.setenv(CONFIG_ENV, str(tmp_path / "proposer.yaml"))
+    spec = SimpleNamespace(num_speculative_tokens=K)
+    model = SimpleNamespace(max_model_len=256, get_vocab_size=lambda: 10**6)
+    proposer = SprinterProposer(SimpleNamespace(speculative_config=spec, model_config=model))
+    proposer.load_model(torch.nn.Linear(1, 1))  # vLLM's target: only its device is read
+    return proposer
+
+
+def greedy(draft, seq, n):
+    """The draft's greedy continuation of seq, without a cache (the reference)."""
+    ids = torch.tensor([list(seq)])
+    with torch.no_grad():
+        for _ in range(n):
+            ids = torch.cat([ids, draft(ids).logits[:, -1:].argmax(-1)], 1)
+    return ids[0, len(seq):].tolist()
+
+
+def step(proposer, seqs):
+    """One vLLM step: the batch's rows, as token_ids_cpu / num_tokens_no_spec hold them."""
+    table = np.zeros((len(seqs), 256), dtype=np.int32)
+    for i, s in enumerate(seqs):
+        table[i, : len(s)] = s
+    return proposer.propose([[s[-1]] for s in seqs], np.array([len(s) for s in seqs]), table)
+
+
+def test_match_rows_pairs_each_request_with_the_cache_it_continues():
+    a, b, c = np.array([1, 2, 3]), np.array([4, 5]), np.array([7, 8])
+    assert match_rows([a, b], [np.array([4, 5, 6]), c, np.array([1, 2, 9, 9])]) == [1, None, 0]
+    # two requests with the same prompt take one cache each
+    assert match_rows([a, a], [np.array([1, 2, 3, 4]), np.array([1, 2, 3, 5])]) == [1, 0] or \
+        match_rows([a, a], [np.array([1, 2, 3, 4]), np.array([1, 2, 3, 5])]) == [0, 1]
+
+
+def test_chains_follow_the_draft_across_steps_rejections_and_finished_requests(vllm_pair, tmp_path, monkeypatch):
+    """Without a verifier every chain is the draft's greedy K tokens after the request's tokens, step after step,
+    after the target kept only part of a chain, with requests leaving, joining and reordered."""
+    proposer = make_proposer(tmp_path, monkeypatch, vllm_pair, verifier=False)
+    draft = load_model(str(vllm_pair / "draft"), "draft", torch.device("cpu"), torch.float32)
+    seqs = [[5, 17, 33, 2], [9, 9, 40], [100, 3, 3, 3, 8]]
+    chains = step(proposer, seqs)
+    assert chains == [greedy(draft, s, K) for s in seqs]
+    # the target keeps 2 of row 0's tokens then corrects, all of row 1's (+ a bonus token); row 2 finished
+    seqs = [seqs[1] + chains[1] + [11], seqs[0] + chains[0][:2] + [77], [60, 61]]  # reordered, one new
+    chains = step(proposer, seqs)
+    assert chains == [greedy(draft, s, K) for s in seqs]
+    assert len(proposer.held) == 3 and proposer.lm.batch_size == 3  # row 2's cache freed, the new one admitted
+    seqs = [seqs[2] + [chains[2][0] + 1]]
+    assert step(proposer, seqs) == [greedy(draft, seqs[0], K)]
+    assert proposer.lm.batch_size == 1
+
+
+def test_the_verifier_ends_each_chain_at_its_first_flagged_token(vllm_pair, tmp_path, monkeypatch):
+    trace = tmp_path / "trace.jsonl"
+    seqs = [[5, 17, 33, 2], [9, 9, 40], [100, 3, 3, 3, 8], [1, 2], [300, 301, 302]]
+    always = make_proposer(tmp_path, monkeypatch, vllm_pair, threshold=1.0)  # every token flagged
+    assert [len(c) for c in step(always, seqs)] == [1] * len(seqs)
+    never = make_proposer(tmp_path, monkeypatch, vllm_pair, threshold=0.0)  # none flagged
+    assert [len(c) for c in step(never, seqs)] == [K] * len(seqs)
+    gated = make_proposer(tmp_path, monkeypatch, vllm_pair, trace=str(trace))
+    lengths = []
+    for _ in range(4):
+        chains = step(gated, seqs)
+        lengths += [len(c) for c in chains]
+        for chain, full in zip(chains, step(never, seqs)):
+            assert chain == full[: len(chain)]  # a prefix of the ungated chain: the verifier only stops it
+        seqs = [s + c + [c[0]] for s, c in zip(seqs, chains)]
+    assert len(set(lengths)) > 1 and min(lengths) >= 1
+    assert [len(line) for line in trace.read_text().splitlines()] and \
+        [n for line in trace.read_text().splitlines() for n in yaml.safe_load(line)] == lengths
+
+
+def test_rows_that_sampled_nothing_get_no_chain(vllm_pair, tmp_path, monkeypatch):
+    proposer = make_proposer(tmp_path, monkeypatch, vllm_pair)
+    table = np.zeros((2, 256), dtype=np.int32)
+    table[0, :3] = [5, 6, 7]
+    chains = proposer.propose([[7], []], np.array([3, 10]), table)
+    assert chains[1] == [] and 1 <= len(chains[0]) <= K
+
+
+def test_bad_configurations_are_refused_with_one_line(tmp_path, monkeypatch):
+    monkeypatch.delenv(CONFIG_ENV, raising=False)
+    with pytest.raises(SprinterError, match=CONFIG_ENV):
+        load_config()
+    file = tmp_path / "p.yaml"
+    for text, expected in (("draft: d\nthreshhold: 0.5\n", "unknown option"), ("draft: d\nthreshold: 2\n", "threshold"),
+                           ("verifier: v\n", "draft")):
+        file.write_text(text)
+        with pytest.raises(SprinterError, match=expected):
+            load_config(file)
