@@ -108,3 +108,22 @@ def test_bad_configurations_are_refused_with_one_line(tmp_path, monkeypatch):
         file.write_text(text)
         with pytest.raises(SprinterError, match=expected):
             load_config(file)
+
+
+def test_the_vllm_benchmark_rows_spreads_and_table():
+    from sprinter.bench.vllm import BenchVllmConfig, report, spread, vllm_methods
+
+    assert spread([3.0]) == {"median": 3.0, "q1": 3.0, "q3": 3.0, "n": 1}
+    assert spread([1.0, 2.0, 3.0, 4.0, 5.0]) == {"median": 3.0, "q1": 2.0, "q3": 4.0, "n": 5}
+    cfg = BenchVllmConfig(ks=(2, 4), concurrency=(4,))
+    names = [name for name, _ in vllm_methods(cfg)]
+    assert names == ["vllm-plain", "vllm-draft-k2", "vllm-draft-k4", "vllm-ngram-k4", "vllm-sprinter-k8"]
+    assert dict(vllm_methods(cfg))["vllm-sprinter-k8"]["model"] == "sprinter.integrations.vllm.SprinterProposer"
+    row = {"name": "vllm-plain", "engine": "vllm", "batch1_ms_per_token": spread([1.0, 2.0]),
+           "tokens_per_s": {"4": spread([100.0])}}
+    results = {"config": {"pair": "p", "num_prompts": 2, "max_new_tokens": 8, "threads": 1, "repeats": 1,
+                          "concurrency": [4]}, "hardware": {"cpu": "x"},
+               "libraries": {"vllm": "0", "torch": "0", "transformers": "0"}, "rows": [row]}
+    assert "| vllm-plain | vllm | 1.50 [1.25, 1.75] | 100.0 [100.0, 100.0] | - | - |" in report(results)
+    with pytest.raises(SprinterError, match="concurrency"):
+        BenchVllmConfig(concurrency=())
