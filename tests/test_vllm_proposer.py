@@ -117,7 +117,7 @@ def test_the_vllm_benchmark_rows_spreads_and_table():
     assert spread([1.0, 2.0, 3.0, 4.0, 5.0]) == {"median": 3.0, "q1": 2.0, "q3": 4.0, "n": 5}
     cfg = BenchVllmConfig(ks=(2, 4), concurrency=(4,))
     names = [name for name, _ in vllm_methods(cfg)]
-    assert names == ["vllm-plain", "vllm-draft-k2", "vllm-draft-k4", "vllm-ngram-k4", "vllm-sprinter-k8"]
+    assert names == ["vllm-plain", "vllm-draft-k2", "vllm-draft-k4", "vllm-sprinter-k8", "vllm-ngram-k4"]
     assert dict(vllm_methods(cfg))["vllm-sprinter-k8"]["model"] == "sprinter.integrations.vllm.SprinterProposer"
     row = {"name": "vllm-plain", "engine": "vllm", "batch1_ms_per_token": spread([1.0, 2.0]),
            "tokens_per_s": {"4": spread([100.0])}}
@@ -127,3 +127,31 @@ def test_the_vllm_benchmark_rows_spreads_and_table():
     assert "| vllm-plain | vllm | 1.50 [1.25, 1.75] | 100.0 [100.0, 100.0] | - | - |" in report(results)
     with pytest.raises(SprinterError, match="concurrency"):
         BenchVllmConfig(concurrency=())
+
+
+def test_the_batched_gate_equals_the_decoders_gate_token_by_token():
+    """accept_probs (every request at once) gives what LearnedGate gives one token at a time, for every feature."""
+    from sprinter.decode.drafters import DraftStep
+    from sprinter.decode.gates import LearnedGate
+    from sprinter.features import KNOWN
+    from sprinter.integrations.vllm import accept_probs
+    from sprinter.verifier import Verifier, VerifierInfo, default_arch
+
+    B, V, H, n = 3, 20, 8, 4
+    torch.manual_seed(0)
+    info = VerifierInfo(features=KNOWN, hidden_size=H, arch=default_arch(width=16, depth=1, vocab_size=V, token_dim=4))
+    verifier = Verifier(info).eval()
+    logits, hidden = torch.randn(n, B, V) * 3, torch.randn(n, B, 2, H)
+    x = logits.argmax(-1)  # (n, B)
+    with torch.no_grad():
+        batched_gate, block_probs, batched = LearnedGate(verifier, KNOWN, 0.5), [], []
+        for pos in range(n):
+            block_probs.append(torch.softmax(logits[pos], -1).gather(-1, x[pos][:, None])[:, 0])
+            batched.append(accept_probs(batched_gate, logits[pos], x[pos], hidden[pos], block_probs, pos))
+        for b in range(B):
+            gate = LearnedGate(verifier, KNOWN, 0.5)
+            for pos in range(n):
+                q = torch.softmax(logits[pos, b], -1)
+                step = DraftStep(token=x[pos, b], q=q, q_soft=q, hidden=hidden[pos, b, 0],
+                                 hidden_prev=hidden[pos, b, 1])
+                assert torch.allclose(gate.accept_prob(step, pos), batched[pos][b], atol=1e-6)

@@ -76,10 +76,13 @@ def vllm_methods(cfg: BenchVllmConfig) -> list[tuple[str, dict | None]]:
     rows: list[tuple[str, dict | None]] = [("vllm-plain", None)]
     rows += [(f"vllm-draft-k{k}", {"method": "draft_model", "model": draft, "num_speculative_tokens": k})
              for k in cfg.ks]
-    rows.append((f"vllm-ngram-k{cfg.ngram_k}", {"method": "ngram", "num_speculative_tokens": cfg.ngram_k,
-                                                "prompt_lookup_min": 1, "prompt_lookup_max": 3}))
     rows.append((f"vllm-sprinter-k{cfg.sprinter_k}", {"method": "custom_class", "model": CLASS_PATH,
                                                        "num_speculative_tokens": cfg.sprinter_k}))
+    # ngram last: its proposer imports numba, and vLLM 0.32's CPU worker then fails to start any later engine in the
+    # same process (its kernel-override scan of sys.modules trips over an llvmlite object: AttributeError
+    # '_lib_fn_wrapper' object has no attribute 'get')
+    rows.append((f"vllm-ngram-k{cfg.ngram_k}", {"method": "ngram", "num_speculative_tokens": cfg.ngram_k,
+                                                "prompt_lookup_min": 1, "prompt_lookup_max": 3}))
     return rows
 
 

@@ -164,8 +164,7 @@ class SprinterProposer:
         rows = [i for i, sampled in enumerate(sampled_token_ids)
                 if sampled and num_tokens_no_spec[i] < self.max_model_len]
         chains: list[list[int]] = [[] for _ in sampled_token_ids]
-        if not rows:
-            self._keep([], [])
+        if not rows:  # every request mid-prefill (or at its length limit): the caches wait for the next step
             return chains
         seqs = [np.asarray(token_ids_cpu[i, : int(num_tokens_no_spec[i])]) for i in rows]
         limits = [min(self.k, self.max_model_len - len(s)) for s in seqs]
