@@ -188,7 +188,7 @@ def run(cfg: BenchVllmConfig) -> dict:
     out = Path(cfg.out)
     out.mkdir(parents=True, exist_ok=True)
     proposer = out / "proposer.yaml"
-    lines = [f"draft: {Path(cfg.pair).resolve() / 'draft'}", f"verifier: {Path(cfg.verifier).resolve()}"]
+    lines = [f"draft: {Path(cfg.pair) / 'draft'}", f"verifier: {cfg.verifier}"]  # relative: to this process's folder
     write_atomic(proposer, "\n".join(lines + ([f"threshold: {cfg.threshold}"] if cfg.threshold is not None else []))
                  + "\n")
     os.environ[CONFIG_ENV] = str(proposer.resolve())
