@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import errno
 import sys
+import warnings
 from typing import Callable, Sequence
 
 # What a path should have been, by what the operating system said went wrong with it.
@@ -24,6 +25,26 @@ class SprinterError(ValueError):
     """Bad input or an unusable artifact. The message names the value and what was expected."""
 
 
+class SprinterWarning(UserWarning):
+    """Something that works but should not be trusted blindly (a degenerate verifier, a decode-time false-accept
+    rate far from the promised one). Shown once per message; at the CLI as one `warning:` line."""
+
+
+def warn(message: str) -> None:
+    warnings.warn(message, SprinterWarning, stacklevel=3)
+
+
+def _one_line(message, category, filename, lineno, file=None, line=None) -> None:
+    """warnings.showwarning for the CLI: a SprinterWarning as one `warning:` line, others as Python shows them."""
+    if issubclass(category, SprinterWarning):
+        print(f"warning: {message}", file=file or sys.stderr)
+    else:
+        _show(message, category, filename, lineno, file, line)
+
+
+_show = warnings.showwarning
+
+
 def os_error_line(err: OSError) -> str:
     """An operating-system error about a path in one line: the path, what went wrong, what was expected."""
     if err.filename is None:  # a library's own OSError (e.g. a model folder it cannot use): its first line
@@ -34,9 +55,11 @@ def os_error_line(err: OSError) -> str:
            f"{EXPECTED.get(err.errno, 'a usable path')}"
 
 
-def run_cli(main: Callable[[Sequence[str] | None], object], argv: Sequence[str] | None = None) -> int:
+def run_cli(main: Callable[[Sequence[str] | None], object], argv: Sequence[str] | None = None,
+            interrupted: str = "finished work is kept; rerun with --resume where the stage offers it") -> int:
     """Run a script's `main`, printing a SprinterError, or an operating system's error about a path the user
-    gave, as one line (no traceback) with exit code 2."""
+    gave, as one line (no traceback) with exit code 2; Ctrl-C is one `interrupted:` line and exit 130."""
+    shown, warnings.showwarning = warnings.showwarning, _one_line
     try:
         main(argv)
     except SprinterError as err:
@@ -45,7 +68,9 @@ def run_cli(main: Callable[[Sequence[str] | None], object], argv: Sequence[str] 
     except OSError as err:  # a path that cannot be read or written: the user's to fix, not a bug to trace
         print(f"error: {os_error_line(err)}", file=sys.stderr)
         return 2
-    except KeyboardInterrupt:
-        print("interrupted: finished work is kept; rerun with --resume where the stage offers it", file=sys.stderr)
+    except KeyboardInterrupt as err:  # a stage may raise it with its own advice
+        print(f"interrupted: {str(err) or interrupted}", file=sys.stderr)
         return 130
+    finally:
+        warnings.showwarning = shown
     return 0

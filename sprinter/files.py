@@ -28,12 +28,20 @@ def write_atomic(path: str | Path, data: bytes | str | Callable[[str], object]) 
         if callable(data):
             os.close(fd)
             data(tmp)
+            with open(tmp, "rb") as fh:  # on disk before the rename, as below
+                os.fsync(fh.fileno())
         else:
             with os.fdopen(fd, "wb") as fh:
                 fh.write(data.encode("utf-8") if isinstance(data, str) else data)
                 fh.flush()
                 os.fsync(fh.fileno())
         os.replace(tmp, path)
+    except OSError as err:
+        if os.path.exists(tmp):
+            os.remove(tmp)
+        if err.filename is None:  # a failed write names no file: name the one that was being written
+            raise OSError(err.errno, err.strerror, str(path)) from None
+        raise
     except BaseException:
         if os.path.exists(tmp):
             os.remove(tmp)

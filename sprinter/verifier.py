@@ -14,12 +14,23 @@ checkpoint's metadata, so a checkpoint made before a feature existed loads and g
 The checkpoint is one `verifier.safetensors`: the state dict (normalisation statistics included as
 buffers) plus string metadata holding everything needed to use it without the training config
 (`VerifierInfo`). Loading never unpickles and uses `strict=True`.
+
+A checkpoint is checked before it is trusted (`load_verifier`): every tensor finite and of plausible size,
+every standardisation scale positive, the metadata's feature list equal to the one the weights were saved
+with (`feature_spec`, a fingerprint stored beside it), thresholds present and in (0, 1). A checkpoint written
+by scripts/train.py also holds a probe: a few of its validation rows (`probe.<feature>`) and the logits the
+verifier gave them at save time (`probe.logits`); a verifier that no longer gives those logits is refused, and
+one that passes or flags every probe row loads with a `SprinterWarning` (docs/decoding.md).
 """
 
 from __future__ import annotations
 
 import dataclasses
+import errno
+import hashlib
 import json
+import os
+import re
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -27,7 +38,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from sprinter.errors import SprinterError
+from sprinter.errors import SprinterError, warn
 from sprinter.features import HIDDEN, HIDDEN_PREV, TOKEN, VECTORS
 from sprinter.files import write_atomic
 
@@ -36,6 +47,9 @@ FILE_NAME = "verifier.safetensors"
 NORMS = ("none", "layer", "rms")
 # Columns that carry the target's answer: using one as a feature would leak the label.
 LEAKY = ("target_prob", "accept_greedy", "accept_sprinter", "accept_soft")
+PROBE = "probe."  # the prefix of the probe's tensors (not part of the module's state dict)
+PROBE_ROWS = 256  # validation rows kept as the probe: enough to tell "passes everything" from a weak verifier
+LARGEST_WEIGHT = 1e6  # no trained (weight-decayed, standardised) verifier comes near: larger is a damaged file
 
 
 
@@ -56,6 +70,10 @@ class VerifierInfo:
     thresholds: dict[str, float] = field(default_factory=dict)  # false-accept budget (as str) -> threshold
     default_budget: float | None = None
     default_threshold: float = 0.5  # a token passes iff sigmoid(logit) >= threshold
+    # budget (as str) -> {"pass_rate", "false_accept_share"} on the test split at that budget's threshold: the
+    # share of gate decisions that pass, and the share of passed tokens the target would reject. What the
+    # decode-time guard compares with (sprinter.decode.stats.check_promise).
+    rates: dict[str, dict[str, float]] = field(default_factory=dict)
     context_source: str | None = None  # "corpus" | "decode": how the training contexts were made
     stop_threshold: float | None = None  # sd-gated: the recommended stop threshold (scripts/benchmark.py
     #                                      --store-stop-threshold writes the fastest one of its sweep here)
@@ -72,6 +90,23 @@ class VerifierInfo:
     @property
     def scalar_features(self) -> tuple[str, ...]:
         return tuple(f for f in self.features if f not in (*VECTORS, TOKEN))
+
+    def rates_at(self, threshold: float) -> dict[str, float] | None:
+        """The calibrated rates at `threshold` (one of `thresholds`), or None for a threshold never calibrated."""
+        for budget, value in self.thresholds.items():
+            if abs(value - threshold) < 1e-9 and budget in self.rates:
+                return self.rates[budget]
+        return None
+
+
+def calibrated_rates(report: dict) -> dict[str, dict[str, float]]:
+    """budget -> {"pass_rate", "false_accept_share"} from a scorer's test report in metrics.json
+    ({"accept_rate", "operating_points": {budget: {"false_accept", "pass_rate", ...}}}): the share of gate
+    decisions that pass, and the share of passed tokens that were label 0 (what a decode-time pass costs)."""
+    accept = report["accept_rate"]
+    return {k: {"pass_rate": p["pass_rate"],
+                "false_accept_share": p["false_accept"] * (1 - accept) / p["pass_rate"] if p["pass_rate"] else 0.0}
+            for k, p in report["operating_points"].items()}
 
 
 def default_arch(**overrides: Any) -> dict[str, Any]:
@@ -165,20 +200,55 @@ def checkpoint_file(path: str | Path) -> Path:
     return path / FILE_NAME if path.is_dir() or (path.suffix != ".safetensors" and not path.is_file()) else path
 
 
-def save_verifier(path: str | Path, verifier: Verifier, info: VerifierInfo) -> Path:
-    """Write weights + metadata atomically (temp file + rename); returns the file written."""
+def feature_spec(info: VerifierInfo) -> str:
+    """A fingerprint of what the weights read, slot by slot: the feature list in order and the hidden size.
+    Stored at save time; a metadata list edited afterwards (reordered, renamed) no longer matches it."""
+    spec = {"features": list(info.features), "scalars": list(info.scalar_features), "hidden_size": info.hidden_size}
+    return hashlib.sha256(json.dumps(spec, sort_keys=True).encode()).hexdigest()[:16]
+
+
+def save_verifier(path: str | Path, verifier: Verifier, info: VerifierInfo,
+                  probe: dict[str, torch.Tensor] | None = None) -> Path:
+    """Write weights + metadata atomically (temp file, fsync, rename); returns the file written.
+
+    probe: a few validation rows (feature -> (N, ...) tensor); stored with the logits the verifier gives them
+    now, so a load can tell whether the weights are still the ones saved (see `check_probe`)."""
+    from safetensors import SafetensorError
     from safetensors.torch import save_file
 
     file = checkpoint_file(path)
     file.parent.mkdir(parents=True, exist_ok=True)
-    metadata = {"format": FORMAT, **{k: json.dumps(v) for k, v in dataclasses.asdict(info).items()}}
+    metadata = {"format": FORMAT, "feature_spec": feature_spec(info),
+                **{k: json.dumps(v) for k, v in dataclasses.asdict(info).items()}}
     # For readers of the header only: the statistics the module applies are its buffers (the weights).
     metadata["normalisation"] = json.dumps({
         "scalars": {f: [float(m), float(s)] for f, m, s in zip(info.scalar_features, verifier.scalar_mean,
                                                                   verifier.scalar_std)},
         "hidden": "standardised per dimension with the buffers hidden_mean, hidden_std"})
     state = {k: v.detach().cpu().contiguous() for k, v in verifier.state_dict().items()}
-    return write_atomic(file, lambda tmp: save_file(state, tmp, metadata=metadata))
+    if probe is not None:
+        state.update(probe_tensors(verifier, probe))
+
+    def write(tmp: str) -> None:
+        try:
+            save_file(state, tmp, metadata=metadata)
+        except SafetensorError as err:  # safetensors' own type, not an OSError: said as the OSError it is
+            found = re.search(r"os error (\d+)", str(err))
+            code = int(found.group(1)) if found else errno.EIO
+            raise OSError(code, os.strerror(code), str(file)) from None
+
+    return write_atomic(file, write)
+
+
+def probe_tensors(verifier: Verifier, probe: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """The probe rows the verifier reads and the logits it gives them now, as `probe.*` tensors."""
+    rows = {f: probe[f].detach().cpu().contiguous() for f in verifier.features}
+    was_training = verifier.training
+    verifier.eval()
+    with torch.no_grad():
+        logits = verifier({f: v.to(verifier.hidden_mean.device) for f, v in rows.items()}).cpu()  # (N,)
+    verifier.train(was_training)
+    return {**{PROBE + f: v for f, v in rows.items()}, PROBE + "logits": logits.contiguous()}
 
 
 def update_info(path: str | Path, **changes: Any) -> VerifierInfo:
@@ -192,8 +262,10 @@ def update_info(path: str | Path, **changes: Any) -> VerifierInfo:
     file = checkpoint_file(path)
     info = dataclasses.replace(read_info(file), **changes)
     verifier = Verifier(info)
-    verifier.load_state_dict(load_file(str(file)), strict=True)
-    save_verifier(file, verifier, info)
+    state = load_file(str(file))
+    probe = {k[len(PROBE):]: state.pop(k) for k in list(state) if k.startswith(PROBE)}
+    verifier.load_state_dict(state, strict=True)
+    save_verifier(file, verifier, info, probe or None)
     return info
 
 
@@ -219,6 +291,12 @@ def read_info(path: str | Path) -> VerifierInfo:
     check_info(values, file)
     info = VerifierInfo(**values)
     info.thresholds = {str(k): float(v) for k, v in info.thresholds.items()}
+    stored = metadata.get("feature_spec")  # absent in checkpoints written before it existed
+    if stored is not None and stored != feature_spec(info):
+        raise SprinterError(f"verifier {str(file)!r}: metadata features {list(info.features)} (hidden size "
+                            f"{info.hidden_size}) do not match the feature spec its weights were saved with "
+                            f"(fingerprint {stored}, this list gives {feature_spec(info)}); expected the feature list "
+                            "as scripts/train.py wrote it (reordered or renamed by hand?)")
     return info
 
 
@@ -228,6 +306,10 @@ def _is_int(value: object, minimum: int) -> bool:
 
 def _is_share(value: object) -> bool:
     return isinstance(value, (int, float)) and not isinstance(value, bool) and 0 <= value <= 1
+
+
+def _is_threshold(value: object) -> bool:  # 0 would pass every token, 1 (or more) flag every one
+    return isinstance(value, (int, float)) and not isinstance(value, bool) and 0 < value < 1
 
 
 # The metadata schema: field -> (check, what it should be). Checked before any module is built from it.
@@ -241,15 +323,18 @@ SCHEMA = {
     "label_rule": (lambda v: v in ("greedy", "sprinter", "soft"), "greedy, sprinter or soft"),
     "draft": (lambda v: isinstance(v, dict), "a mapping"),
     "target": (lambda v: isinstance(v, dict), "a mapping"),
-    "thresholds": (lambda v: isinstance(v, dict) and all(_is_share(t) for t in v.values()),
-                   "a mapping of budget -> threshold in [0, 1]"),
+    "thresholds": (lambda v: isinstance(v, dict) and all(_is_threshold(t) for t in v.values()),
+                   "a mapping of budget -> threshold in (0, 1)"),
     "default_budget": (lambda v: v is None or _is_share(v), "a number in [0, 1] or null"),
-    "default_threshold": (_is_share, "a number in [0, 1]"),
+    "default_threshold": (_is_threshold, "a number in (0, 1)"),
+    "rates": (lambda v: isinstance(v, dict) and all(isinstance(r, dict) and _is_share(r.get("pass_rate"))
+                                                    and _is_share(r.get("false_accept_share")) for r in v.values()),
+              "a mapping of budget -> {pass_rate, false_accept_share} in [0, 1]"),
     "context_source": (lambda v: v is None or isinstance(v, str), "a string or null"),
     "stop_threshold": (lambda v: v is None or _is_share(v), "a number in [0, 1] or null"),
     "sprinter_version": (lambda v: isinstance(v, str), "a string"),
 }
-REQUIRED = ("features", "hidden_size", "arch")
+REQUIRED = ("features", "hidden_size", "arch", "thresholds", "default_threshold")
 
 
 def check_info(values: dict[str, Any], file: str | Path) -> None:
@@ -262,6 +347,11 @@ def check_info(values: dict[str, Any], file: str | Path) -> None:
         check, what = SCHEMA[key]
         if not check(value):
             raise SprinterError(f"verifier {str(file)!r}: metadata {key} is {value!r}; expected {what}")
+    budget = values.get("default_budget")
+    if budget is not None and values["thresholds"] and str(float(budget)) not in values["thresholds"]:
+        raise SprinterError(f"verifier {str(file)!r}: metadata default_budget {budget} has no threshold in "
+                            f"thresholds {values['thresholds']}; expected the calibrated thresholds scripts/train.py "
+                            "wrote")
 
 
 def check_vocabulary(info: VerifierInfo, vocab_size: int, file: str | Path) -> None:
@@ -290,6 +380,8 @@ def load_verifier(path: str | Path, draft_fingerprint: str | None = None,
         state = load_file(str(file))
     except (SafetensorError, OSError) as err:
         raise SprinterError(f"verifier {str(file)!r} is not a readable safetensors file: {err}") from None
+    probe = {k[len(PROBE):]: state.pop(k) for k in list(state) if k.startswith(PROBE)}
+    check_weights(state, file)
     ours = {k: tuple(v.shape) for k, v in verifier.state_dict().items()}
     theirs = {k: tuple(v.shape) for k, v in state.items()}
     differ = sorted(k for k in ours.keys() | theirs.keys() if ours.get(k) != theirs.get(k))
@@ -300,4 +392,50 @@ def load_verifier(path: str | Path, draft_fingerprint: str | None = None,
                             f"(hidden_size={info.hidden_size}, arch={info.arch}) expects "
                             f"{list(ours[k]) if k in ours else 'none'} ({len(differ)} tensor(s) differ)")
     verifier.load_state_dict(state, strict=True)
-    return verifier.eval(), info
+    verifier.eval()
+    if probe:
+        check_probe(verifier, info, probe, file)
+    return verifier, info
+
+
+def check_weights(state: dict[str, torch.Tensor], file: str | Path) -> None:
+    """Every tensor finite and of plausible size, every standardisation scale positive: a NaN or an inf anywhere
+    would make the gate flag (or pass) every token without a word."""
+    for name, value in state.items():
+        value = value.float()
+        bad = int((~torch.isfinite(value)).sum())
+        if bad:
+            raise SprinterError(f"verifier {str(file)!r}: tensor {name} holds {bad} NaN or infinite value(s); "
+                                "expected finite weights (a damaged file, or a training that diverged)")
+        if name.endswith("_std") and not bool((value > 0).all()):
+            raise SprinterError(f"verifier {str(file)!r}: standardisation scale {name} holds "
+                                f"{int((value <= 0).sum())} value(s) <= 0 (smallest {float(value.min()):g}); "
+                                "expected positive scales")
+        if value.numel() and float(value.abs().max()) > LARGEST_WEIGHT:
+            raise SprinterError(f"verifier {str(file)!r}: tensor {name} holds a value of {float(value.abs().max()):g}; "
+                                f"expected weights below {LARGEST_WEIGHT:g} in size (a damaged file, or a training "
+                                "that diverged)")
+
+
+def check_probe(verifier: Verifier, info: VerifierInfo, probe: dict[str, torch.Tensor], file: str | Path) -> None:
+    """The verifier gives its probe rows the logits it gave them at save time (else its weights changed), and it
+    neither passes nor flags all of them at its default threshold (else warn: it would gate nothing)."""
+    missing = [f for f in (*info.features, "logits") if f not in probe]
+    if missing:
+        raise SprinterError(f"verifier {str(file)!r}: its probe lacks {missing}; expected the probe scripts/train.py "
+                            "writes (or none)")
+    with torch.no_grad():
+        logits = verifier({f: probe[f] for f in info.features})  # (N,)
+    saved = probe["logits"].float()
+    if logits.shape != saved.shape or not torch.allclose(logits, saved, rtol=1e-3, atol=1e-3):
+        gap = float((logits - saved).abs().max()) if logits.shape == saved.shape else float("nan")
+        raise SprinterError(f"verifier {str(file)!r}: its scores on the {len(saved)} probe rows stored at save time "
+                            f"differ from the ones it gave then (largest difference {gap:g}); expected the weights "
+                            "it was saved with (a damaged or edited file)")
+    passed = torch.sigmoid(logits) >= info.default_threshold
+    if bool(passed.all()) or not bool(passed.any()):
+        what = ("passes every one: it accepts every drafted token unchecked (the draft's output under a "
+                "sprinter label)") if bool(passed.all()) else \
+            "flags every one: every token is checked (slower than mode 'ar')"
+        warn(f"verifier {str(file)!r}: of its {len(passed)} probe rows (validation rows stored at save time), it "
+             f"{what} at threshold {info.default_threshold:g}; see docs/decoding.md (degenerate verifiers)")

@@ -85,3 +85,32 @@ def datastore_of(documents, eos_id: int) -> Datastore:
     """An in-memory datastore over token-id documents (hand-made corpora)."""
     tokens = np.fromiter((t for doc in documents for t in (*doc, eos_id)), dtype=np.int32)
     return Datastore(tokens, suffix_array(tokens, eos_id), eos_id)
+
+
+@pytest.fixture(scope="session")
+def vllm_pair(tmp_path_factory):
+    """A scrambled tiny Llama pair whose head size vLLM's CPU attention takes (64 wide / 2 heads = 32), saved as
+    model folders DIR/target and DIR/draft, and DIR/verifier: a linear verifier reading the draft's hidden state,
+    random, so about half the drafted tokens are flagged and chains end at varying lengths."""
+    from sprinter.pairs.load import fingerprint
+    from sprinter.verifier import Verifier, VerifierInfo, default_arch, save_verifier
+
+    built = tmp_path_factory.mktemp("pair-vllm-built")
+    build_pair(parse_pair_config(["--preset", "tiny", "--arch", "llama", "--target-width", "64", "--target-heads", "2",
+                                  "--out", str(built), "--overwrite"]))
+    dec = scrambled(built)
+    out = tmp_path_factory.mktemp("pair-vllm")
+    for role, model in (("target", dec.pair.target), ("draft", dec.pair.draft)):
+        model.save_pretrained(out / role)
+        dec.tokenizer.save_pretrained(out / role)
+    width = dec.pair.draft.config.hidden_size
+    info = VerifierInfo(features=("hidden",), hidden_size=width, arch=default_arch(depth=0),
+                        draft={"name": "vllm-tiny-draft", "fingerprint": fingerprint(str(out / "draft"))},
+                        default_threshold=0.5)
+    verifier = Verifier(info)
+    with torch.no_grad():
+        gen = torch.Generator().manual_seed(0)
+        verifier.net[0].weight.copy_(torch.randn(verifier.net[0].weight.shape, generator=gen) / width**0.5)
+        verifier.net[0].bias.zero_()
+    save_verifier(out / "verifier", verifier, info)
+    return out

@@ -5,6 +5,7 @@ one runs it as a program to cover the `__main__` path."""
 
 import importlib.util
 import json
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -70,6 +71,41 @@ def test_a_prompts_file_is_one_batch(generate_main, tiny_pair, tmp_path, capsys)
     assert "[ngram, batch of 2]" in captured.err
 
 
+def test_compare_shows_ar_beside_the_mode(generate_main, tiny_pair, capsys):
+    """The README's main command: both texts, both speeds, the speedup and the identity check."""
+    argv = ["--pair", str(tiny_pair), "--mode", "sd", "--compare", "--prompt", "x = ", "--max-new-tokens", "8",
+            "--threads", "1"]
+    assert run_cli(generate_main, argv) == 0
+    out = capsys.readouterr().out
+    assert "=== ar, the target alone" in out and "=== sd " in out and out.count("x = ") >= 2
+    assert out.count("tokens/s") == 2 and "speedup: " in out
+    assert "identical to ar's: yes" in out
+
+
+def test_compare_json_says_how_far_a_lossy_mode_is(generate_main, tiny_pair, capsys):
+    argv = ["--pair", str(tiny_pair), "--mode", "sprinter", "--gate", "never", "--compare", "--max-new-tokens", "8",
+            "--threads", "1", "--json"]
+    assert run_cli(generate_main, argv) == 0
+    out = json.loads(capsys.readouterr().out)
+    assert out["mode"] == "sprinter" and out["lossless"] is False and out["speedup"] > 0
+    assert out["ar"]["stats"]["mode"] == "ar" and out["accelerated"]["stats"]["target_calls"] == 0  # the draft alone
+    differ = sum(a != b for a, b in zip(out["ar"]["token_ids"], out["accelerated"]["token_ids"]))
+    assert out["tokens_differing"] == differ + abs(len(out["ar"]["token_ids"]) - len(out["accelerated"]["token_ids"]))
+    assert out["identical"] == (out["tokens_differing"] == 0) and out["nll_ratio"] > 0
+
+
+def test_the_demo_pair_says_what_it_is_once(generate_main, tiny_pair, tmp_path, capsys):
+    demo = tmp_path / "demo"
+    shutil.copytree(tiny_pair, demo)
+    meta = json.loads((demo / "pair.json").read_text())
+    (demo / "pair.json").write_text(json.dumps({**meta, "preset": "demo"}))
+    argv = ["--mode", "sd", "--max-new-tokens", "4", "--threads", "1"]
+    assert run_cli(generate_main, ["--pair", str(demo), *argv]) == 0
+    assert capsys.readouterr().err.count("[demo pair] a toy") == 1
+    assert run_cli(generate_main, ["--pair", str(tiny_pair), *argv]) == 0
+    assert "[demo pair]" not in capsys.readouterr().err
+
+
 @pytest.mark.parametrize("argv,message", [
     (["--mode", "fast"], "mode"),
     (["--mode", "sprinter"], "scripts/train.py"),  # no verifier here, and no gate: before any pair is built
@@ -83,6 +119,8 @@ def test_a_prompts_file_is_one_batch(generate_main, tiny_pair, tmp_path, capsys)
     (["--pair", "nowhere", "--mode", "ar"], "pair"),
     (["--prompts-file", "p.txt"], "mode='sprinter'"),
     (["--mode", "ar", "--prompts-file", "missing.txt"], "existing text file"),
+    (["--mode", "ar", "--compare"], "compare: got it with mode='ar'"),
+    (["--mode", "sd", "--compare", "--prompts-file", "p.txt"], "expected one --prompt"),
 ])
 def test_errors_are_one_line(generate_main, tiny_pair, tmp_path, monkeypatch, capsys, argv, message):
     monkeypatch.chdir(tmp_path)  # a fresh folder: no demo verifier

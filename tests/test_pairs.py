@@ -179,3 +179,16 @@ def test_pair_json_without_newer_options_is_still_recognised(tmp_path, tiny_pair
 def test_bad_time_budget_or_precision_is_refused(args, message, tmp_path):
     with pytest.raises(SprinterError, match=message):
         build_pair(parse_pair_config(["--preset", "tiny", "--out", str(tmp_path / "p"), *args]))
+
+
+def test_a_build_says_when_vllm_on_a_cpu_would_refuse_its_head_size():
+    from sprinter.pairs.build import vllm_cpu_note
+
+    tiny = vllm_cpu_note(parse_pair_config(["--preset", "tiny"]))  # 48 wide / 2 heads = 24
+    assert "head size is 24" in tiny and "--target-width 64 --target-heads 2" in tiny
+    demo = vllm_cpu_note(parse_pair_config(["--preset", "demo"]))  # 96 / 4 = 24
+    assert "--target-width 96 --target-heads 3" in demo
+    assert vllm_cpu_note(parse_pair_config(["--preset", "demo", "--target-heads", "3"])) is None
+    assert vllm_cpu_note(parse_pair_config(["--preset", "bench"])) is None  # 128 / 4 = 32
+    scratch = ["--preset", "bench", "--draft-init", "scratch", "--draft-width", "48", "--draft-heads", "2"]
+    assert "the draft's head size is 24" in vllm_cpu_note(parse_pair_config(scratch))

@@ -15,8 +15,16 @@ OLD_REFERENCES = "REFERENCES" + ".md"  # the file outside the repository that co
 
 
 def test_ci_runs_the_readme_test_command():
-    ci_command = (ROOT / ".ci" / "run").read_text().strip().splitlines()[-1]
+    lines = (ROOT / ".ci" / "run").read_text().splitlines()
+    ci_command = lines[next(i for i, line in enumerate(lines) if "the README's test command, verbatim" in line) + 1]
     assert ci_command in README.read_text()
+
+
+def test_ci_installs_vllm_by_the_documented_command():
+    """The vLLM step runs tests/test_vllm.py after the install docs/vllm.md tells users to run."""
+    ci = (ROOT / ".ci" / "run").read_text()
+    assert "bash scripts/install_vllm.sh" in (ROOT / "docs" / "vllm.md").read_text()
+    assert "bash scripts/install_vllm.sh pytest && python -m pytest tests/test_vllm.py" in ci
 
 
 def test_the_readme_is_short_and_has_its_parts():

@@ -103,6 +103,13 @@ def test_train_exports_a_calibrated_verifier_that_reproduces_its_metrics(shards,
     assert resumed["epochs_run"] == 4
 
 
+def test_the_progress_bar_says_how_long_the_remaining_epochs_take(shards, tmp_path, capsys):
+    train(parse_train_config(["--config", TINY, "--data", str(shards), "--out", str(tmp_path / "out"), "--epochs", "2",
+                              "--progress", "--no-baselines"]))
+    bars = capsys.readouterr().out  # Lightning draws its bars on stdout
+    assert "Epoch 1/2" in bars and "Epoch 2/2 (at most " in bars and " left)" in bars
+
+
 @pytest.mark.slow
 def test_two_process_gloo_ddp_with_soft_labels(shards, tmp_path):
     cfg = parse_train_config(["--config", TINY, "--data", str(shards), "--out", str(tmp_path), "--devices", "2",

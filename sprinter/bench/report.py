@@ -20,6 +20,7 @@ from pathlib import Path
 from typing import Sequence
 
 from sprinter.bench.protocol import Method, Prompt, disk_error, hardware, libraries, save
+from sprinter.decode.stats import promise_warning
 from sprinter.errors import SprinterError
 from sprinter.files import read_json
 
@@ -70,7 +71,24 @@ def summarize(records: Sequence[dict], reference: dict[int, dict]) -> dict:
         "target_nll_ratio_vs_ar": _ratio(nll, ar_nll) if nll is not None and ar_nll is not None else None,
         "rouge_l_vs_ar": statistics.fmean(r["rouge_l_vs_ar"] for r in records),
         "exact_match_vs_ar": statistics.fmean(float(r["exact_match_vs_ar"]) for r in records),
+        **guard(stats),
     }
+
+
+def guard(stats: Sequence[dict]) -> dict:
+    """The decode-time guard over a method's records, pooled: its false-accept and flag rates, the promised ones,
+    and a warning when a measured rate is far from its promise (sprinter.decode.stats.check_promise's rule)."""
+    total = lambda key: sum(s.get(key, 0) or 0 for s in stats)  # noqa: E731
+    passed, calls = total("passed_unchecked"), total("verifier_calls")
+    promised = next((s for s in stats if s.get("promised_false_accept") is not None), None)
+    out = {"passed_unchecked": passed, "false_accept_rate": _ratio(total("false_accepts"), passed),
+           "flag_rate": _ratio(total("flagged"), calls),
+           "promised_false_accept": promised and promised["promised_false_accept"],
+           "promised_flag_rate": promised and promised["promised_flag_rate"], "verifier_warning": None}
+    if promised is not None:
+        out["verifier_warning"] = promise_warning(total("false_accepts"), passed, total("flagged"), calls,
+                                                  promised["promised_false_accept"], promised["promised_flag_rate"])
+    return out
 
 
 def method_entries(methods: Sequence[Method], done: dict[int, list[dict]]) -> list[dict]:
@@ -146,7 +164,8 @@ def markdown(results: dict) -> str:
              "|---|" + "---:|" * 13]
     for e in results["methods"]:
         name = (e["name"] + (f" (best {e['family']})" if e.get("best") else "")
-                + (" [lossless]" if e["lossless"] else ""))
+                + (" [lossless]" if e["lossless"] else "") + (" [verifier off its promise]"
+                                                              if e.get("verifier_warning") else ""))
         lines.append("| " + " | ".join([name, _fmt(e["ms_per_token"]), _fmt(e.get("predicted_ms_per_token")),
                                          _fmt(e["tokens_per_s"], 1),
                                          _fmt(e["speedup_vs_ar"]), _fmt(e["target_calls_per_token"], 3),
@@ -154,6 +173,10 @@ def markdown(results: dict) -> str:
                                          _fmt(e["mean_acceptance_length"]), _fmt(e["target_consistency"], 3),
                                          _fmt(e["target_nll"], 3), _fmt(e["target_nll_ratio_vs_ar"], 3),
                                          _fmt(e["rouge_l_vs_ar"], 3), _fmt(e["exact_match_vs_ar"], 2)]) + " |")
+    for e in results["methods"]:
+        if e.get("verifier_warning"):
+            lines += ["", f"{e['name']} [verifier off its promise]: {e['verifier_warning']}; its speed and fidelity "
+                          "figures do not reflect a trustworthy verifier (docs/decoding.md, the decode-time guard)."]
     stop = results.get("recommended_stop_threshold")
     if stop is not None:
         lines += ["", f"sd-gated: the fastest stop threshold was {stop:g} (`--store-stop-threshold` writes it into the "

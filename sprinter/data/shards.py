@@ -163,11 +163,17 @@ def shard_entry(path: Path) -> dict:
     return {"file": path.name, "rows": rows.pop(), "rank": int(meta.get("rank", 0))}
 
 
-def check_shard_pair(path: str | Path, draft_fingerprint: str | None, target_fingerprint: str | None) -> None:
-    """Refuse a shard whose metadata names another draft or target than the collection's (a shard copied in
-    from another folder). A shard without that metadata (hand-made, synthetic) is taken as it is."""
+def check_shard_pair(path: str | Path, draft_fingerprint: str | None, target_fingerprint: str | None,
+                     source: str | None = None) -> None:
+    """Refuse a shard whose metadata names another draft, target or context source than the collection's (a shard
+    copied in from another folder). A shard without that metadata (hand-made, synthetic) is taken as it is."""
     header, _ = read_header(path)
     meta = header.get("__metadata__") or {}
+    got = meta.get("source")
+    if got is not None and source is not None and got != source:
+        raise SprinterError(f"data: shard {str(path)!r} holds {got!r} contexts; the collection's context_source is "
+                            f"{source!r}: expected the shards of one collection (move the foreign shard out, or "
+                            "recollect with --overwrite)")
     for role, expected in (("draft", draft_fingerprint), ("target", target_fingerprint)):
         got = meta.get(role)
         if got is not None and expected is not None and got != expected:
@@ -208,7 +214,7 @@ def read_manifest(folder: str | Path) -> dict:
         shard = folder / entry["file"]
         if not shard.is_file():
             raise SprinterError(f"data: shard {entry['file']!r} listed in {str(path)!r} is missing")
-        check_shard_pair(shard, pair["draft"], pair["target"])
+        check_shard_pair(shard, pair["draft"], pair["target"], manifest.get("context_source"))
         rows = shard_entry(shard)["rows"]
         if rows != entry["rows"]:
             raise SprinterError(f"data: shard {entry['file']!r} has {rows} rows; the manifest says {entry['rows']}")
@@ -217,6 +223,13 @@ def read_manifest(folder: str | Path) -> dict:
         raise SprinterError(f"data: shards of {str(folder)!r} hold {total} rows; the manifest says "
                             f"num_samples={manifest.get('num_samples')}")
     return manifest
+
+
+def unlisted_shards(folder: str | Path, manifest: dict) -> list[str]:
+    """Shard files in a finished collection's folder that its manifest does not list (copied in by hand: never
+    read, so worth a word)."""
+    listed = {entry["file"] for entry in manifest.get("shards", [])}
+    return sorted(p.name for p in complete_shards(folder) if p.name not in listed)
 
 
 def iter_shards(folder: str | Path, names: list[str] | tuple[str, ...] | None = None
@@ -245,6 +258,6 @@ def load_columns(folder: str | Path, names: list[str] | tuple[str, ...]) -> dict
 
 
 __all__ = ["FORMAT", "LABELS", "MANIFEST", "REQUIRED_COLUMNS", "ShardWriter", "check_shard_pair",
-           "complete_shards", "iter_shards",
+           "complete_shards", "iter_shards", "unlisted_shards",
            "load_columns", "map_safetensors", "read_header", "read_manifest", "shard_entry", "shard_name",
            "write_manifest"]

@@ -69,8 +69,9 @@ from sprinter.decode.options import (
     DecodeOptions,
 )
 from sprinter.decode.prompts import is_batch, prompt_ids
-from sprinter.decode.stats import DecodeStats
+from sprinter.decode.stats import DecodeStats, check_promise
 from sprinter.errors import SprinterError
+from sprinter.files import read_json
 from sprinter.pairs.load import (
     Pair,
     fingerprint,
@@ -108,6 +109,9 @@ class GenerateConfig(DecodeOptions):
     compile: bool = option(False, "single-prompt modes: torch.compile the draft step and the target's verify forward "
                                   "(static caches implied; compiling takes seconds to minutes, once per run)")
     json: bool = option(False, "print one JSON object (text, token ids, stats) instead of streaming text")
+    compare: bool = option(False, "also decode the prompt with ar (the target alone) and print both texts, both "
+                                  "speeds, the speedup and whether the texts are identical (lossless modes) or how "
+                                  "far they differ (tokens that differ, the target's NLL ratio)")
 
     def __post_init__(self) -> None:
         super().__post_init__()
@@ -117,6 +121,10 @@ class GenerateConfig(DecodeOptions):
         if self.datastore is not None and self.mode != "ngram":
             raise SprinterError(f"datastore: got {self.datastore!r} with mode={self.mode!r}; expected it only with "
                                 "mode='ngram'")
+        if self.compare and (self.prompts_file is not None or self.mode == "ar"):
+            raise SprinterError(f"compare: got it with mode={self.mode!r}" + (
+                f" and prompts_file={self.prompts_file!r}; expected one --prompt" if self.prompts_file is not None
+                else "; expected a mode to compare with ar (sd, sprinter, ngram, ...)"))
         check_integers(self, ("threads",), minimum=0)
 
     @property
@@ -163,8 +171,9 @@ class Decoder:
         if engine not in ENGINES:
             raise SprinterError(f"engine: got {engine!r}; expected one of {ENGINES}")
         for name, value in (("draft", draft), ("target", target), ("verifier", verifier), ("datastore", datastore)):
-            if not (isinstance(value, (str, Path)) or value is None and name in ("verifier", "datastore")):
-                raise SprinterError(f"{name}: got {value!r}; expected a path or Hub name (str or Path)"
+            if not (isinstance(value, (str, Path)) and str(value) != "" or value is None and name in ("verifier",
+                                                                                                  "datastore")):
+                raise SprinterError(f"{name}: got {value!r}; expected a path or Hub name (a non-empty str or Path)"
                                     f"{', or None' if name in ('verifier', 'datastore') else ''}")
         dev = resolve_device(device)
         dt = resolve_dtype(dtype, dev)
@@ -178,6 +187,8 @@ class Decoder:
             from sprinter.verifier import check_vocabulary
 
             check_vocabulary(info, pair.vocab_size, verifier)
+            if getattr(info, "rates", None) == {}:  # a checkpoint from before the rates: its metrics.json has them
+                info.rates = _rates_beside(verifier)
         if store is not None:
             store.check_tokenizer(pair.tokenizer)
         decoder = cls(pair, gate, info, store, Engine(dev, static=engine == "static",
@@ -255,6 +266,9 @@ class Decoder:
         if isinstance(learned, LearnedGate):
             params = sum(w.numel() for w in learned.verifier.parameters())
             stats.verifier_flops = 2 * params * stats.verifier_calls
+        if mode == "sprinter" and not options.strict and isinstance(gate, LearnedGate) and self.gate is not None \
+                and gate.verifier is getattr(self.gate, "verifier", None) and hasattr(self.verifier_info, "rates_at"):
+            check_promise(stats, self.verifier_info.rates_at(gate.threshold), f"verifier {str(self.verifier_dir)!r}")
         return GenerateOutput(text=out.text(), token_ids=out.ids, stats=stats, stop_reason=out.stop_reason)
 
     def make_controller(self, options: DecodeOptions) -> AutoController:
@@ -361,6 +375,18 @@ class Decoder:
         if gate == "never":
             return NeverFlag()
         return gate
+
+
+def _rates_beside(verifier: str | Path) -> dict:
+    """The calibrated rates in the metrics.json written beside a verifier checkpoint by scripts/train.py ({} when
+    there is none, or it has another shape: the decode-time guard then has nothing to compare with)."""
+    from sprinter.verifier import calibrated_rates, checkpoint_file
+
+    metrics = checkpoint_file(verifier).parent / "metrics.json"
+    try:
+        return calibrated_rates(read_json(metrics, "metrics.json")["verifier"])
+    except (OSError, ValueError, KeyError, TypeError):  # ValueError: a SprinterError (not UTF-8, not JSON)
+        return {}
 
 
 def _same_device(a: torch.device, b: torch.device) -> bool:

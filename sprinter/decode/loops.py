@@ -19,7 +19,7 @@ from sprinter.decode.emit import Emitter
 from sprinter.decode.gates import Gate
 from sprinter.decode.options import DecodeOptions
 from sprinter.decode.sampling import Sampler, uniform
-from sprinter.decode.stats import DecodeStats
+from sprinter.decode.stats import DecodeStats, FalseAcceptMeter
 
 
 @dataclass
@@ -83,9 +83,10 @@ class Round:
 
 
 def speculative_round(target: CachedLM, drafter: Drafter, ids: list[int], k: int, *, rule: GateRule | None,
-                      check_all: bool, state: LoopState) -> Round:
+                      check_all: bool, state: LoopState, meter: FalseAcceptMeter | None = None) -> Round:
     """One round of `speculative` after `ids` (the prompt and every emitted token, not changed here): draft up to
-    `k` tokens, verify, roll both caches back to `ids` + the decided tokens but the last."""
+    `k` tokens, verify, roll both caches back to `ids` + the decided tokens but the last. `meter`: where the
+    tokens passed unchecked add their rejection probability (the target scored them anyway in step 3)."""
     sampler, gen, stats, remaining = state.sampler, state.gen, state.stats, state.out.remaining
     device = next(target.model.parameters()).device
     # 1. Draft up to `k` tokens; with a gate, drafting stops where the gate says (see GateRule).
@@ -111,7 +112,11 @@ def speculative_round(target: CachedLM, drafter: Drafter, ids: list[int], k: int
         torch.nn.functional.one_hot(x, p.shape[-1]).float()  # (n, V); a deterministic chain: one-hot
     # 4. Check the flagged token (strict / SD: every token) with the speculative-sampling rule.
     positions = torch.arange(n, device=device)
-    n_kept = flag_then_check(p[positions, x], q[positions, x], uniform(n, gen, device), flagged, check_all)
+    p_x, q_x = p[positions, x], q[positions, x]  # (n,), (n,)
+    n_kept = flag_then_check(p_x, q_x, uniform(n, gen, device), flagged, check_all)
+    passed = n - int(flagged)  # sprinter: the tokens before the flagged one (all, if none was) went unchecked
+    if meter is not None and not check_all and passed:
+        meter.add(p_x[:passed], q_x[:passed])
     # 5. The target's own token: from the residual after a rejection, else a bonus token from p[n].
     y = sampler.draw(correction(p, q, n_kept), gen)
     kept, *decided = torch.cat([n_kept.view(1), x, y.view(1)]).tolist()  # the one host sync of this round
@@ -141,11 +146,14 @@ def speculative(target: CachedLM, drafter: Drafter, prompt: list[int], *, option
     check_all = mode != "sprinter" or options.strict
     rule = None if gate is None else GateRule(gate, options.stop_threshold if mode == "sd-gated" else None)
     ids = list(prompt)  # the prompt and every emitted token
+    meter = None if check_all or gate is None else FalseAcceptMeter()
     while not out.done:
         k = out.remaining if max_block is None else min(max_block, out.remaining)
-        step = speculative_round(target, drafter, ids, k, rule=rule, check_all=check_all, state=state)
+        step = speculative_round(target, drafter, ids, k, rule=rule, check_all=check_all, state=state, meter=meter)
         ids += step.decided
         out.emit(step.decided)
+    if meter is not None:
+        meter.write(state.stats)  # the measurement's one host sync, once per generation
 
 
 __all__ = ["GateRule", "LoopState", "Round", "autoregressive", "speculative", "speculative_round"]

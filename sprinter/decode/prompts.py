@@ -34,7 +34,7 @@ def prompt_ids(prompt: str | Sequence[int] | torch.Tensor, tokenizer, vocab: int
         ids = ids[0]
     if not ids:
         raise SprinterError("prompt: got no token ids; expected a non-empty text or a list of token ids")
-    bad = [t for t in ids if not isinstance(t, int) or not 0 <= t < vocab]
+    bad = [t for t in ids if not isinstance(t, int) or isinstance(t, bool) or not 0 <= t < vocab]
     if bad:
         raise SprinterError(f"prompt: got token id(s) {bad[:4]}; expected integers in [0, {vocab})")
     return ids

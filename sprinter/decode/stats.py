@@ -4,7 +4,18 @@ docs/references.md §5)."""
 from __future__ import annotations
 
 import dataclasses
+import math
 from dataclasses import dataclass, field
+
+import torch
+
+from sprinter.errors import warn
+
+# The decode-time guard (`check_promise`): a measured rate is "far" from the promised rate r when it lies
+# outside r +- (SLACK + SIGMAS * sqrt(r (1 - r) / n)) over n >= MIN_TOKENS tokens: a 4-sigma binomial bound,
+# widened by an absolute slack because decode-time contexts differ from the training contexts (and the
+# tokens of one generation are not independent).
+MIN_TOKENS, SIGMAS, SLACK = 30, 4.0, 0.1
 
 
 @dataclass
@@ -49,6 +60,17 @@ class DecodeStats:
     # The tokens each mode emitted: one entry ({"sd": 128}) except in mode "auto", whose rounds name their
     # candidate: {"ar": 12, "sd-k4": 40, "ngram-k8": 76}.
     modes: dict[str, int] = field(default_factory=dict)
+    # Mode "sprinter" (not strict): the decode-time false-accept measurement. The tokens the gate passed unchecked
+    # that the target scored anyway in its next forward over the block (`passed_unchecked`), and the sum over them
+    # of the speculative-sampling rejection probability 1 - min(1, p(x) / q(x)) (greedy: 1 where x is not the
+    # target's argmax, else 0): `false_accept_rate` is their mean. `promised_*`: what the verifier's calibration
+    # promised at the threshold used (None for an uncalibrated threshold or a checkpoint without the rates);
+    # `verifier_warning`: set when a measured rate is far from its promise (see check_promise).
+    passed_unchecked: int = 0
+    false_accepts: float = 0.0
+    promised_false_accept: float | None = None
+    promised_flag_rate: float | None = None
+    verifier_warning: str | None = None
 
     def count_block(self, drafted: int, kept: int) -> None:
         """Add one checked block of `drafted` tokens whose first `kept` were accepted to the by-position counts."""
@@ -61,6 +83,16 @@ class DecodeStats:
             self.reached_by_position[i] += 1
         for i in range(kept):
             self.accepted_by_position[i] += 1
+
+    @property
+    def false_accept_rate(self) -> float | None:
+        """Decode-time false-accept rate: the mean rejection probability of the tokens passed unchecked."""
+        return self.false_accepts / self.passed_unchecked if self.passed_unchecked else None
+
+    @property
+    def flag_rate(self) -> float | None:
+        """Gate decisions that flagged the token (sent it to the target)."""
+        return self.flagged / self.verifier_calls if self.verifier_calls else None
 
     @property
     def tokens_per_second(self) -> float:
@@ -93,8 +125,65 @@ class DecodeStats:
         out["mean_acceptance_length"] = self.mean_acceptance_length
         out["acceptance_rate"] = self.acceptance_rate
         out["overlap"] = self.overlap
+        out["false_accept_rate"] = self.false_accept_rate
+        out["flag_rate"] = self.flag_rate
         out["wall_seconds"] = round(self.wall_seconds, 6)
         return out
 
 
-__all__ = ["DecodeStats"]
+class FalseAcceptMeter:
+    """Sums the rejection probability of the tokens a gate passed unchecked, on the device: read once a generation
+    (`write`), so the hot path gains no host sync."""
+
+    def __init__(self) -> None:
+        self.total: torch.Tensor | None = None
+        self.count = 0
+
+    def add(self, p_x: torch.Tensor, q_x: torch.Tensor) -> None:
+        """p_x, q_x (m,): the target's and the draft's probability of each passed token."""
+        rejected = (1 - (p_x / q_x.clamp_min(1e-30)).clamp(max=1)).sum()  # ()
+        self.total = rejected if self.total is None else self.total + rejected
+        self.count += len(p_x)
+
+    def write(self, stats: DecodeStats) -> None:
+        stats.passed_unchecked += self.count
+        stats.false_accepts += float(self.total) if self.total is not None else 0.0
+
+
+def far(measured: float, promised: float, n: int, both_sides: bool) -> bool:
+    """Whether `measured` over n tokens lies far outside `promised` (the rule above MIN_TOKENS)."""
+    if n < MIN_TOKENS:
+        return False
+    bound = SLACK + SIGMAS * math.sqrt(promised * (1 - promised) / n)
+    return measured > promised + bound or (both_sides and measured < promised - bound)
+
+
+def promise_warning(false_accepts: float, passed: int, flagged: int, calls: int, promised_false_accept: float,
+                    promised_flag_rate: float | None) -> str | None:
+    """The guard's message for these counts, or None when both rates are within the rule."""
+    faults = []
+    if passed and far(false_accepts / passed, promised_false_accept, passed, both_sides=False):
+        faults.append(f"false-accept rate {false_accepts / passed:.3f} over {passed} tokens passed unchecked, "
+                      f"promised {promised_false_accept:.3f}")
+    if promised_flag_rate is not None and calls and far(flagged / calls, promised_flag_rate, calls, both_sides=True):
+        faults.append(f"flag rate {flagged / calls:.3f} over {calls} gate decisions, promised {promised_flag_rate:.3f}")
+    return "; ".join(faults) or None
+
+
+def check_promise(stats: DecodeStats, rates: dict | None, verifier: str = "verifier") -> None:
+    """Compare the decode-time rates with the verifier's promise at the threshold used ({"false_accept_share",
+    "pass_rate"} from its calibration, or None): sets the promised_* fields, and on a far miss
+    `verifier_warning` and a SprinterWarning (docs/decoding.md, "the decode-time guard")."""
+    if not rates:
+        return
+    stats.promised_false_accept = rates["false_accept_share"]
+    stats.promised_flag_rate = 1 - rates["pass_rate"]
+    message = promise_warning(stats.false_accepts, stats.passed_unchecked, stats.flagged, stats.verifier_calls,
+                              stats.promised_false_accept, stats.promised_flag_rate)
+    if message is not None:
+        stats.verifier_warning = (f"{verifier}: {message}: far outside its calibration; do not trust this "
+                                  "output's speed or fidelity figures (docs/decoding.md, the decode-time guard)")
+        warn(stats.verifier_warning)
+
+
+__all__ = ["DecodeStats", "FalseAcceptMeter", "check_promise", "promise_warning"]

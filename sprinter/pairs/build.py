@@ -53,6 +53,9 @@ from sprinter.pairs.train import (
 CONFIG_DIR = CONFIGS
 ARCHS = ("gpt2", "llama")
 PAIR_PRECISIONS = ("auto", "float32", "bfloat16")
+# The head sizes vLLM's CPU attention takes (vllm/v1/attention/backends/cpu_attn.py, vLLM 0.32): vLLM on a CPU refuses
+# a model with any other (docs/vllm.md). A build says so, and how to choose one, before it trains.
+VLLM_CPU_HEAD_SIZES = (32, 64, 80, 96, 112, 128, 160, 192, 224, 256, 512)
 # Options that do not change the pair a build makes.
 RUNTIME_OPTIONS = ("overwrite", "device", "threads", "out", "target_from")
 # Options that fix the tokenizer and the target (what `target_from` must share).
@@ -124,6 +127,25 @@ class PairConfig:
     @property
     def out_dir(self) -> Path:
         return Path(self.out) if self.out else Path("checkpoints/pairs") / self.preset
+
+
+def vllm_cpu_note(cfg: PairConfig) -> str | None:
+    """A one-paragraph note when a model of this pair has a head size vLLM's CPU attention refuses; None when both
+    are served there (with the sprinter proposer only the target runs in vLLM; vLLM's own draft_model method runs
+    the draft there too)."""
+    shapes = {"target": (cfg.target_width, cfg.target_heads)}
+    if cfg.draft_init == "scratch":
+        shapes["draft"] = (cfg.draft_width, cfg.draft_heads)
+    bad = {role: (w, h) for role, (w, h) in shapes.items() if w // h not in VLLM_CPU_HEAD_SIZES}
+    if not bad:
+        return None
+    width, heads = bad.get("target", shapes["target"])
+    fit = -(-width // 32) * 32  # the nearest width >= this one with a head size of 32
+    return ("note: " + ", ".join(f"the {role}'s head size is {w // h} ({w} wide / {h} heads)" for role, (w, h)
+                                 in bad.items())
+            + f"; vLLM's CPU attention takes only {list(VLLM_CPU_HEAD_SIZES)}, so vLLM on a CPU will refuse this pair "
+            f"(sprinter's own decoding is unaffected). For one it takes: --target-width {fit} --target-heads "
+            f"{fit // 32} (head size 32; docs/vllm.md)")
 
 
 def presets() -> list[str]:
@@ -239,6 +261,9 @@ def build_pair(cfg: PairConfig) -> dict:
 
 
 def _build(cfg: PairConfig) -> dict:
+    note = vllm_cpu_note(cfg)
+    if note:
+        print(note)
     device = resolve_device(cfg.device)
     if cfg.precision == "bfloat16" and device.type != "cuda":
         raise SprinterError(f"precision: got 'bfloat16' on {device}; expected CUDA (or precision float32 / auto)")
@@ -296,6 +321,9 @@ def _build(cfg: PairConfig) -> dict:
         "target_params": sum(p.numel() for p in target.parameters()),
         "draft_params": sum(p.numel() for p in draft.parameters()),
         "vocab_size": vocab,
+        "head_size": {"target": cfg.target_width // cfg.target_heads, "draft": draft.config.hidden_size
+                      // draft.config.num_attention_heads},
+        "vllm_cpu": note is None,  # whether vLLM's CPU attention takes the head sizes (VLLM_CPU_HEAD_SIZES)
         "steps_run": {"target": target_run, "draft": draft_run},  # fewer than configured when a time budget cut in
         "precision": "bfloat16-autocast" if autocast else "float32",
         "training_tokens": {"target": target_run * cfg.batch_size * cfg.seq_len,
@@ -335,7 +363,8 @@ def ensure_pair(preset: str = "demo") -> Path:
     out = Path("checkpoints/pairs") / preset
     if not (out / "pair.json").is_file():
         print(f"note: {out} not found; building the {preset!r} pair first "
-              f"(python scripts/make_pair.py --preset {preset})")
+              f"(python scripts/make_pair.py --preset {preset}; minutes on a CPU, a bar per model shows the time "
+              "left)")
         build_pair(parse_pair_config(["--preset", preset]))
     return out
 

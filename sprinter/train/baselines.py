@@ -47,13 +47,16 @@ def weighted_bce(logits: torch.Tensor, labels: torch.Tensor, pos_weight: float, 
 def fit_plain(verifier: Verifier, table: TokenTable, features, splits: dict, cfg: TrainConfig, *, neg_weight: float,
               auroc: Callable[[torch.Tensor, torch.Tensor], float]) -> Verifier:
     """A plain Adam loop (the linear baseline needs no Lightning): keeps the epoch with the best val AUROC. From
-    `cfg` (the MLP's training options): the label rule, epochs, batch size, lr, pos_weight, patience and seed."""
+    `cfg` (the MLP's training options): the label rule, epochs, batch size, lr, pos_weight, patience and seed, and
+    `progress`: a bar over the epochs with the time left (at most: `patience` may stop it sooner)."""
+    from tqdm.auto import tqdm
+
     label_rule, patience, pos_weight = cfg.label_rule, cfg.patience, cfg.pos_weight
     torch.manual_seed(cfg.seed)
     optimizer = torch.optim.Adam(verifier.parameters(), lr=cfg.lr)
     train = loader(table, features, label_rule, splits["train"], cfg.batch_size, shuffle=True, seed=cfg.seed)
     best, best_state, waited = -1.0, None, 0
-    for epoch in range(cfg.epochs):
+    for epoch in tqdm(range(cfg.epochs), desc="baseline: linear", unit="epoch", disable=not cfg.progress):
         verifier.train()
         train.sampler.set_epoch(epoch)
         for batch in train:

@@ -16,8 +16,8 @@ import lightning as L
 import torch
 from torch.utils.data import DataLoader, Dataset, Sampler
 
-from sprinter.data.shards import iter_shards, read_manifest
-from sprinter.errors import SprinterError
+from sprinter.data.shards import iter_shards, read_manifest, unlisted_shards
+from sprinter.errors import SprinterError, warn
 from sprinter.verifier import HIDDEN, LEAKY, TOKEN
 
 LABEL_COLUMN = {"greedy": "accept_greedy", "sprinter": "accept_sprinter", "soft": "accept_soft"}
@@ -63,6 +63,11 @@ def open_folders(paths: Sequence[str | Path], features: Sequence[str], label_rul
     if not paths:
         raise SprinterError("data: got no folder; expected one or more shard folders")
     manifests = [read_manifest(p) for p in paths]
+    for path, manifest in zip(paths, manifests):
+        extra = unlisted_shards(path, manifest)
+        if extra:
+            warn(f"data: {str(path)!r} holds shard file(s) {extra[:4]}{' ...' if len(extra) > 4 else ''} that its "
+                 "manifest does not list; they are not read (copied in from another collection? move them out)")
     reference = str(like if like is not None else paths[0])
     first = read_manifest(like) if like is not None else manifests[0]
     for path, m in zip(paths, manifests):

@@ -11,6 +11,7 @@ The test split is read only in step 3, after every choice has been made on val.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import math
 import time
@@ -53,11 +54,14 @@ from sprinter.train.data import (
     open_folders,
     split_prompts,
 )
+from sprinter.train.folder import FULL, AtomicCheckpointIO, check_out_folder, check_resume, full_disk
 from sprinter.verifier import (
     HIDDEN,
     NORMS,
+    PROBE_ROWS,
     Verifier,
     VerifierInfo,
+    calibrated_rates,
     default_arch,
     load_verifier,
     save_verifier,
@@ -67,6 +71,9 @@ CONFIG_DIR = CONFIGS / "train"
 # `position` is left out by default: it counts within a continuation (corpus data), within a k-block
 # (decode data) and within a SPRINTER block at decode time: three meanings a verifier cannot reconcile.
 FEATURES = ("hidden", "token_id", "draft_prob", "draft_entropy")
+# A weighted BCE this large means logits in the thousands on the wrong side: the run has diverged (a poor but
+# sane verifier stays near ln 2 times the class weights).
+LOSS_LIMIT = 1e4
 
 
 @dataclass
@@ -110,12 +117,16 @@ class TrainConfig:
     strategy: str = option("auto", "Lightning strategy; auto: ddp when devices * num_nodes > 1")
     precision: str = option("32-true", "Lightning precision: 32-true, bf16-mixed, 16-mixed")
     resume: str | None = option(None, "a Lightning .ckpt to resume from, or 'last' for OUT/lightning/last.ckpt")
+    overwrite: bool = option(False, "replace a finished (or interrupted) training in --out")
     threads: int = option(0, "CPU threads for torch (0: leave the default)")
     progress: bool = option(True, "show progress bars")
 
     def __post_init__(self) -> None:
         self.data, self.features, self.budgets = tuple(self.data), tuple(self.features), tuple(self.budgets)
         self.eval_data = tuple(self.eval_data)
+        if self.resume is not None and self.overwrite:
+            raise SprinterError(f"resume and overwrite: got --resume {self.resume!r} and --overwrite; expected at "
+                                "most one")
         if self.label_rule not in (*LABEL_COLUMN, "auto"):
             raise SprinterError(f"label_rule: got {self.label_rule!r}; expected one of {(*LABEL_COLUMN, 'auto')}")
         if HIDDEN not in self.features or len(set(self.features)) != len(self.features):
@@ -190,11 +201,14 @@ class VerifierModule(L.LightningModule):
         self.info = VerifierInfo(**info)
         self.verifier = Verifier(self.info)
         self.cfg, self.pos_weight, self.neg_weight, self.best_file = cfg, pos_weight, neg_weight, best_file
-        self.val_scores, self.val_labels = CatMetric(), CatMetric()  # gathered over DDP ranks at compute()
+        # gathered over DDP ranks at compute(); NaN kept, for check_finite to see
+        self.val_scores, self.val_labels = CatMetric(nan_strategy="disable"), CatMetric(nan_strategy="disable")
         self.best_auroc, self.best_epoch = -1.0, -1
+        self.worst = torch.tensor(0.0)  # the epoch's largest train loss (NaN if any was): read once an epoch
 
     def training_step(self, batch: dict, batch_idx: int) -> torch.Tensor:
         loss = weighted_bce(self.verifier(batch), batch["label"], self.pos_weight, self.neg_weight)
+        self.worst = torch.maximum(self.worst.to(loss.device), loss.detach())  # no host sync per step
         self.log("train/loss", loss, on_step=True, on_epoch=True, prog_bar=True, batch_size=len(batch["label"]))
         return loss
 
@@ -211,6 +225,7 @@ class VerifierModule(L.LightningModule):
         self.val_labels.reset()
         if self.trainer.sanity_checking:
             return
+        self.check_finite(scores)
         budget = self.cfg["budgets"][0]
         point = operating_point(scores, labels, threshold_for_budget(scores, labels, budget))
         metrics = summarize(scores, labels)
@@ -228,6 +243,22 @@ class VerifierModule(L.LightningModule):
             board.add_histogram("val/score_accepted", scores[labels >= 0.5], step)
             board.add_histogram("val/score_rejected", scores[labels < 0.5], step)
             board.add_pr_curve("val/pr_curve", labels.int(), scores, step)
+
+    def check_finite(self, scores: torch.Tensor) -> None:
+        """Stop a diverging run with one line, before anything of this epoch is saved: the best epoch so far and
+        the last checkpoint stay as they were."""
+        worst = float(self.worst)
+        self.worst = torch.tensor(0.0)
+        if worst <= LOSS_LIMIT and bool(torch.isfinite(scores).all()) \
+                and all(bool(torch.isfinite(p).all()) for p in self.verifier.parameters()):
+            return
+        lr = self.cfg["lr"]
+        kept = (f"the best epoch so far ({self.best_epoch}) is kept in {self.best_file!r}" if self.best_epoch >= 0
+                else "no epoch had finished")
+        raise SprinterError(f"training diverged in epoch {self.current_epoch}: the train loss reached {worst:g} "
+                            f"(or the verifier's scores became NaN) at lr {lr:g}; expected a finite loss below "
+                            f"{LOSS_LIMIT:g}: rerun with a smaller "
+                            f"--lr (e.g. {lr / 100:g}) and --overwrite; {kept}")
 
     def on_save_checkpoint(self, checkpoint: dict) -> None:
         checkpoint["best"] = {"auroc": self.best_auroc, "epoch": self.best_epoch}
@@ -299,11 +330,36 @@ def first_prompts(prompt_index: torch.Tensor, rows: torch.Tensor, n: int) -> tor
     return rows[torch.isin(prompt_index[rows], keep)]
 
 
+def epochs_left_bar():
+    """Lightning's progress bar, whose description also says how long the remaining epochs take at most: each
+    epoch so far (training and validation) took its mean time, and early stopping may end the run sooner.
+    Lightning's own bar times only the epoch it is in."""
+    from lightning.pytorch.callbacks import TQDMProgressBar
+    from tqdm import tqdm
+
+    class EpochsLeftBar(TQDMProgressBar):
+        def on_train_start(self, trainer, pl_module) -> None:
+            super().on_train_start(trainer, pl_module)
+            self.started, self.first_epoch = time.perf_counter(), trainer.current_epoch  # a resumed run: from there
+
+        def on_train_epoch_start(self, trainer, *args) -> None:
+            super().on_train_epoch_start(trainer, *args)
+            epoch, done = trainer.current_epoch, trainer.current_epoch - self.first_epoch
+            text = f"Epoch {epoch + 1}/{trainer.max_epochs}"
+            if done:
+                left = (time.perf_counter() - self.started) / done * (trainer.max_epochs - epoch)
+                text += f" (at most {tqdm.format_interval(left)} left)"
+            self.train_progress_bar.set_description(text)
+
+    return EpochsLeftBar()
+
+
 def make_trainer(cfg: TrainConfig, out: Path) -> L.Trainer:
     from lightning.pytorch.callbacks import EarlyStopping, ModelCheckpoint
     from lightning.pytorch.loggers import TensorBoardLogger
 
-    callbacks = [ModelCheckpoint(dirpath=out / "lightning", filename="best", monitor="val/auroc", mode="max",
+    callbacks = [epochs_left_bar()] if cfg.progress else []
+    callbacks += [ModelCheckpoint(dirpath=out / "lightning", filename="best", monitor="val/auroc", mode="max",
                                  save_last=True, enable_version_counter=False)]
     if cfg.patience:
         callbacks.append(EarlyStopping(monitor="val/auroc", mode="max", patience=cfg.patience))
@@ -318,56 +374,30 @@ def make_trainer(cfg: TrainConfig, out: Path) -> L.Trainer:
                          logger=TensorBoardLogger(save_dir=str(out), name="tensorboard"),
                          use_distributed_sampler=False,  # the BatchSampler shards rows over ranks itself
                          num_sanity_val_steps=0, log_every_n_steps=50, enable_progress_bar=cfg.progress,
-                         enable_model_summary=cfg.progress)
+                         enable_model_summary=cfg.progress, plugins=[AtomicCheckpointIO()])
     except (MisconfigurationException, ValueError, RuntimeError) as err:  # a combination Lightning refuses
         raise SprinterError(f"trainer options (accelerator={cfg.accelerator!r}, devices={cfg.devices}, "
                             f"strategy={strategy!r}, precision={cfg.precision!r}): "
                             f"{str(err).strip().splitlines()[0]}") from None
 
 
-def check_resume(path: Path, module: VerifierModule) -> None:
-    """A --resume file must be a Lightning checkpoint that this run wrote, for this very model, before Lightning
-    reads it. It is never unpickled: a torch zip archive is read with `weights_only=True` (tensors and plain data
-    only, no code), and its model is compared with this run's, so a wrong file is one line, not a traceback."""
-    import pickle
-    import zipfile
-
-    expected = "expected OUT/lightning/last.ckpt (or best.ckpt) of an interrupted run of scripts/train.py with " \
-               "the same data and model options"
-    if not zipfile.is_zipfile(path):
-        raise SprinterError(f"resume: {str(path)!r} is not a Lightning checkpoint (not a torch zip archive: another "
-                            f"kind of file, or cut short); {expected}")
-    try:
-        ckpt = torch.load(path, map_location="cpu", weights_only=True)
-    except (pickle.UnpicklingError, RuntimeError, OSError, EOFError, ValueError, KeyError, zipfile.BadZipFile):
-        # torch's own message would advise weights_only=False, i.e. running the file's code: never say that
-        raise SprinterError(f"resume: {str(path)!r} is damaged or holds more than tensors and plain data; "
-                            f"{expected}") from None
-    hparams = ckpt.get("hyper_parameters") if isinstance(ckpt, dict) else None
-    if not (isinstance(hparams, dict) and isinstance(ckpt.get("state_dict"), dict) and "best" in ckpt
-            and "pytorch-lightning_version" in ckpt):
-        raise SprinterError(f"resume: {str(path)!r} is not a checkpoint of scripts/train.py (no Lightning state "
-                            f"with this stage's fields); {expected}")
-    ours = {k: v.shape for k, v in module.state_dict().items()}
-    theirs = {k: tuple(v.shape) for k, v in ckpt["state_dict"].items() if isinstance(v, torch.Tensor)}
-    differ = sorted(k for k in ours.keys() | theirs.keys() if tuple(ours.get(k, ())) != theirs.get(k, ()))
-    if differ:
-        k = differ[0]
-        raise SprinterError(f"resume: {str(path)!r} holds another model: {k} has shape {list(theirs.get(k, []))} "
-                            f"there and {list(ours.get(k, []))} in this run ({len(differ)} tensor(s) differ; were "
-                            f"--width, --depth, --features or the data changed?); {expected}")
-
-
 def train(cfg: TrainConfig) -> dict:
     """Run the stage; returns the metrics written to OUT/metrics.json ({} on DDP ranks other than 0). OUT is
-    locked for the run: a second train into it is refused."""
+    locked for the run: a second train into it is refused. A write that finds no space is one line with advice
+    that works (folder.full_disk); Ctrl-C is a KeyboardInterrupt (the CLI: one line, exit 130)."""
     with FolderLock(cfg.out, "train"):
-        return _train(cfg)
+        try:
+            return _train(cfg)
+        except OSError as err:
+            if err.errno in FULL:
+                raise full_disk(err, Path(cfg.out)) from None
+            raise
 
 
 def _train(cfg: TrainConfig) -> dict:
     if cfg.threads:
         torch.set_num_threads(cfg.threads)
+    check_out_folder(Path(cfg.out), cfg.resume, cfg.overwrite)
     # 1. Check the data and split it by prompt: every refusal happens here, before training.
     if cfg.label_rule == "auto":
         cfg = dataclasses.replace(cfg, label_rule=auto_label_rule([read_manifest(p) for p in cfg.data]))
@@ -405,9 +435,16 @@ def _train(cfg: TrainConfig) -> dict:
     # 2. Train; the best epoch by val AUROC is written to best_file as it happens.
     trainer = make_trainer(cfg, out)
     start = time.perf_counter()
-    with warnings.catch_warnings():
+    with warnings.catch_warnings(), quiet_interrupt():
         warnings.filterwarnings("ignore", message=".*does not have many workers.*")  # batches are gathered whole
-        trainer.fit(module, datamodule=datamodule, ckpt_path=resume)
+        try:
+            trainer.fit(module, datamodule=datamodule, ckpt_path=resume)
+        except SystemExit:  # Lightning turns Ctrl-C into exit(1): say it as the interruption it is
+            if trainer.interrupted:
+                raise KeyboardInterrupt(
+                    "training stopped; rerun the same command with --resume last to continue from the last finished "
+                    f"epoch ({str(out / 'lightning' / 'last.ckpt')!r}; with none yet, rerun it as it was)") from None
+            raise
     seconds = time.perf_counter() - start
     if trainer.global_rank != 0:
         return {}
@@ -427,9 +464,11 @@ def _train(cfg: TrainConfig) -> dict:
     val = {name: (score(table, splits["val"]), label(table, splits["val"])) for name, score in scorers.items()}
     reports = {name: evaluate(val[name], (score(table, splits["test"]), label(table, splits["test"])), cfg.budgets)
                for name, score in scorers.items()}
-    save_verifier(out, verifier, calibrated(info, reports["verifier"], cfg.budgets))
+    probe = probe_rows(table, splits["val"], cfg.features, cfg.seed)
+    save_verifier(out, verifier, calibrated(info, reports["verifier"], cfg.budgets), probe)
     if cfg.baselines:
-        save_verifier(out / "baselines" / "linear", linear, calibrated(linear_info, reports["linear"], cfg.budgets))
+        save_verifier(out / "baselines" / "linear", linear, calibrated(linear_info, reports["linear"], cfg.budgets),
+                      probe)
     save_config(cfg, out / "train_config.json")
     metrics = {"label_rule": cfg.label_rule, "eval_label": EVAL_COLUMN[cfg.label_rule],
                "default_budget": cfg.budgets[0], "data": [str(p) for p in cfg.data], "draft": info.draft,
@@ -453,10 +492,39 @@ def _train(cfg: TrainConfig) -> dict:
     return metrics
 
 
+def probe_rows(table: TokenTable, rows: torch.Tensor, features: Sequence[str], seed: int) -> dict[str, torch.Tensor]:
+    """A few validation rows, stored in the checkpoint: a load checks that the verifier still scores them as it
+    did (sprinter.verifier.check_probe)."""
+    generator = torch.Generator().manual_seed(seed)
+    rows = rows[torch.randperm(len(rows), generator=generator)[:PROBE_ROWS]].sort().values
+    return {f: table.gather(f, rows) for f in features}
+
+
+@contextlib.contextmanager
+def quiet_interrupt():
+    """Ctrl-C during fit: no "Detected KeyboardInterrupt" line from Lightning (the CLI prints its own one line),
+    and SIGINT handled again afterwards (Lightning leaves it ignored)."""
+    import logging
+    import signal
+
+    handler = signal.getsignal(signal.SIGINT)
+    logger = logging.getLogger("lightning.pytorch.utilities.rank_zero")
+    drop = logging.Filter()
+    drop.filter = lambda record: "KeyboardInterrupt" not in record.getMessage()  # type: ignore[method-assign]
+    logger.addFilter(drop)
+    try:
+        yield
+    finally:
+        logger.removeFilter(drop)
+        if signal.getsignal(signal.SIGINT) != handler:
+            signal.signal(signal.SIGINT, handler)
+
+
 def calibrated(info: VerifierInfo, report: dict, budgets: Sequence[float]) -> VerifierInfo:
     """info with the thresholds chosen on val (the first budget's is the default)."""
     thresholds = {k: p["threshold"] for k, p in report["operating_points"].items()}
-    return dataclasses.replace(info, thresholds=thresholds, default_threshold=thresholds[budget_key(budgets[0])])
+    return dataclasses.replace(info, thresholds=thresholds, default_threshold=thresholds[budget_key(budgets[0])],
+                               rates=calibrated_rates(report))
 
 
 def fit_linear(cfg: TrainConfig, table: TokenTable, splits: dict, info: VerifierInfo, verifier: Verifier,

@@ -1,0 +1,1 @@
+"""Bridges to serving engines (imported only where used: the core never imports an engine)."""
