@@ -26,13 +26,8 @@ import torch
 
 from sprinter.bench.compare import Comparison, compare
 from sprinter.config import parse_config, to_dict
-from sprinter.decode.decoder import (
-    DEMO_VERIFIER,
-    GATED_MODES,
-    NO_VERIFIER,
-    Decoder,
-    GenerateConfig,
-)
+from sprinter.decode.decoder import NO_VERIFIER, Decoder
+from sprinter.decode.options import DEMO_VERIFIER, GATED_MODES, GenerateConfig
 from sprinter.errors import SprinterError, run_cli
 from sprinter.files import read_json, read_text
 from sprinter.pairs.build import resolve_pair

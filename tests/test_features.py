@@ -14,7 +14,8 @@ from sprinter.decode.sampling import Sampler
 from sprinter.errors import SprinterError
 from sprinter.features import KNOWN, VECTORS, block_features, distribution_features
 from sprinter.pairs.load import fingerprint, load_pair
-from sprinter.train.fit import TrainConfig, first_prompts
+from sprinter.train.data import first_prompts
+from sprinter.train.fit import TrainConfig
 from sprinter.verifier import Verifier, VerifierInfo, default_arch, load_verifier, save_verifier
 
 pytestmark = pytest.mark.usefixtures("single_thread")

@@ -1,5 +1,5 @@
 """The shape of the tree (docs: README's file tree): the decode path stands on its own floor, functions take the
-objects they need whole. Static checks, no model runs."""
+objects they need whole, and every room is small enough to read in one sitting. Static checks, no model runs."""
 
 import ast
 from pathlib import Path
@@ -8,6 +8,8 @@ import pytest
 
 PACKAGE = Path(__file__).resolve().parent.parent / "sprinter"
 MAX_PARAMETERS = 8  # self and cls not counted
+MAX_LINES = 400
+MAX_DECODER_LINES = 250
 
 
 def sources() -> list[Path]:
@@ -33,7 +35,8 @@ def test_decoding_imports_nothing_from_the_floors_above_it(path):
     assert not upward, f"{path.name} imports {upward}: the decode path must stand without data, train and bench"
 
 
-@pytest.mark.parametrize("name", ["errors", "files", "config", "corpus", "schedule", "features", "verifier"])
+@pytest.mark.parametrize("name", ["errors", "files", "config", "corpus", "schedule", "features", "verifier",
+                                  "verifier_checks"])
 def test_the_ground_floor_imports_no_stage(name):
     stages = ("pairs", "data", "train", "decode", "bench", "integrations")
     upward = sorted(m for m in imported(PACKAGE / f"{name}.py")
@@ -53,3 +56,10 @@ def test_no_function_takes_more_than_eight_parameters():
                     wide.append(f"{path.relative_to(PACKAGE)}:{node.lineno} {node.name} ({count})")
     assert not wide, f"functions over {MAX_PARAMETERS} parameters (pass an options or state object): {wide}"
 
+
+def test_every_room_is_small():
+    long = [f"{p.relative_to(PACKAGE)} ({n})" for p in sources() if (n := len(p.read_text().splitlines())) > MAX_LINES]
+    assert not long, f"files over {MAX_LINES} lines (one job per room): {long}"
+    tree = ast.parse((PACKAGE / "decode" / "decoder.py").read_text())
+    (decoder,) = [n for n in tree.body if isinstance(n, ast.ClassDef) and n.name == "Decoder"]
+    assert decoder.end_lineno - decoder.lineno + 1 <= MAX_DECODER_LINES

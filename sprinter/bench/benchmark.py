@@ -44,12 +44,12 @@ from sprinter.bench.protocol import (
 from sprinter.bench.report import write_reports
 from sprinter.config import CONFIGS, check_integers, check_runs, option, to_dict
 from sprinter.decode.costs import measure_costs
-from sprinter.decode.decoder import DEMO_VERIFIER, Decoder
+from sprinter.decode.decoder import Decoder
 from sprinter.decode.gates import (
     CONFIDENCE_THRESHOLD,
     check_threshold,
 )
-from sprinter.decode.options import DecodeOptions
+from sprinter.decode.options import DEMO_VERIFIER, DecodeOptions
 from sprinter.errors import SprinterError
 from sprinter.files import FolderLock
 

@@ -1,7 +1,7 @@
 """One generation's options: `DecodeOptions`, the single home of their defaults and of their validation.
 
 `Decoder.generate(prompt, options=None, **overrides)` takes one (keywords override its fields), the CLI's
-`GenerateConfig` (sprinter.decode.decoder) extends it with the fields of a command line, and the decode
+`GenerateConfig` (below) extends it with the fields of a command line, and the decode
 loops read the fields they need from it. Everything here is checked on construction, before any model
 runs; what needs the models (the context window, a loaded verifier) is checked by the `Decoder`.
 """
@@ -24,6 +24,7 @@ GATED_MODES = ("sprinter", "sd-gated")  # the modes that consult a gate
 GATES = ("learned", "confidence", "always", "never")
 STOP_THRESHOLD = 0.5  # sd-gated: stop drafting once P(the block holds a rejection) exceeds this
 ASYNC_WINDOW = 4  # async: most drafted tokens awaiting verification
+DEMO_VERIFIER = "checkpoints/verifiers/demo"  # the verifier scripts/generate.py loads when it exists
 
 
 @dataclass(frozen=True)
@@ -164,4 +165,54 @@ def _is_sequence(value: object) -> bool:
     return isinstance(value, (list, tuple))
 
 
-__all__ = ["ASYNC_WINDOW", "BATCH_MODES", "GATED_MODES", "GATES", "MODES", "STOP_THRESHOLD", "DecodeOptions"]
+
+@dataclass(frozen=True)
+class GenerateConfig(DecodeOptions):
+    """scripts/generate.py's options: a generation's (`DecodeOptions`, whose defaults and checks it inherits)
+    and the command line's own (what to decode, which models, where). Validated on construction, before any
+    model runs; `options()` is the `DecodeOptions` part, as `Decoder.generate` takes it."""
+
+    prompt: str = option("def fibonacci(n):", "text to continue")
+    prompts_file: str | None = option(None, "decode every prompt of this file as one batch (replaces --prompt): one "
+                                            "prompt per line, or one JSON string per line in a .jsonl file")
+    pair: str = option("demo", "a preset pair under checkpoints/pairs/ (built if missing) or a pair folder")
+    draft: str | None = option(None, "draft model: Hub name or folder; none: PAIR/draft")
+    target: str | None = option(None, "target model: Hub name or folder; none: PAIR/target")
+    verifier: str | None = option(None, f"verifier checkpoint; none: {DEMO_VERIFIER} when it exists")
+    datastore: str | None = option(None, "ngram: also look up this n-gram datastore (scripts/build_datastore.py)")
+    device: str = option("auto", "cpu, cuda, cuda:N or auto")
+    dtype: str = option("auto", "float32, bfloat16, float16 or auto: bfloat16 on CUDA, float32 on CPU")
+    threads: int = option(0, "CPU threads for torch (0: torch's default)")
+    static_cache: bool = option(False, "single-prompt modes: static KV caches written by position (else dynamic ones)")
+    compile: bool = option(False, "single-prompt modes: torch.compile the draft step and the target's verify forward "
+                                  "(static caches implied; compiling takes seconds to minutes, once per run)")
+    json: bool = option(False, "print one JSON object (text, token ids, stats) instead of streaming text")
+    compare: bool = option(False, "also decode the prompt with ar (the target alone) and print both texts, both "
+                                  "speeds, the speedup and whether the texts are identical (lossless modes) or how "
+                                  "far they differ (tokens that differ, the target's NLL ratio)")
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        if self.prompts_file is not None and self.mode not in BATCH_MODES:
+            raise SprinterError(f"prompts_file: got {self.prompts_file!r} with mode={self.mode!r}; expected a mode of "
+                                f"{BATCH_MODES} (the modes that decode a batch)")
+        if self.datastore is not None and self.mode != "ngram":
+            raise SprinterError(f"datastore: got {self.datastore!r} with mode={self.mode!r}; expected it only with "
+                                "mode='ngram'")
+        if self.compare and (self.prompts_file is not None or self.mode == "ar"):
+            raise SprinterError(f"compare: got it with mode={self.mode!r}" + (
+                f" and prompts_file={self.prompts_file!r}; expected one --prompt" if self.prompts_file is not None
+                else "; expected a mode to compare with ar (sd, sprinter, ngram, ...)"))
+        check_integers(self, ("threads",), minimum=0)
+
+    @property
+    def engine(self) -> str:
+        """`Decoder.from_pretrained`'s engine: "compiled" (--compile), "static" (--static-cache) or "eager"."""
+        return "compiled" if self.compile else "static" if self.static_cache else "eager"
+
+    def options(self) -> DecodeOptions:
+        """The generation's options alone."""
+        return DecodeOptions(**{f.name: getattr(self, f.name) for f in dataclasses.fields(DecodeOptions)})
+
+__all__ = ["ASYNC_WINDOW", "BATCH_MODES", "DEMO_VERIFIER", "GATED_MODES", "GATES", "MODES", "STOP_THRESHOLD",
+           "DecodeOptions", "GenerateConfig"]
