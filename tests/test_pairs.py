@@ -186,9 +186,9 @@ def test_a_build_says_when_vllm_on_a_cpu_would_refuse_its_head_size():
 
     tiny = vllm_cpu_note(parse_pair_config(["--preset", "tiny"]))  # 48 wide / 2 heads = 24
     assert "head size is 24" in tiny and "--target-width 64 --target-heads 2" in tiny
-    demo = vllm_cpu_note(parse_pair_config(["--preset", "demo"]))  # 96 / 4 = 24
+    demo = vllm_cpu_note(parse_pair_config(["--preset", "demo", "--target-heads", "4"]))  # 96 / 4 = 24
     assert "--target-width 96 --target-heads 3" in demo
-    assert vllm_cpu_note(parse_pair_config(["--preset", "demo", "--target-heads", "3"])) is None
+    assert vllm_cpu_note(parse_pair_config(["--preset", "demo"])) is None  # the preset: 96 / 3 = 32
     assert vllm_cpu_note(parse_pair_config(["--preset", "bench"])) is None  # 128 / 4 = 32
     scratch = ["--preset", "bench", "--draft-init", "scratch", "--draft-width", "48", "--draft-heads", "2"]
     assert "the draft's head size is 24" in vllm_cpu_note(parse_pair_config(scratch))
