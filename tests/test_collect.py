@@ -223,6 +223,48 @@ def test_interrupted_run_resumes_to_the_same_rows(tiny_pair, text_file, tmp_path
     assert _run(_argv(tiny_pair, text_file, tmp_path / "cut", "--resume", "--seed", "3")) == 2  # options differ
 
 
+KILLED_MID_WRITE = """
+import os, signal, sys, tempfile
+from pathlib import Path
+import sprinter.data.shards as shards
+from sprinter.data.collect import collect, parse_collect_config
+
+real, calls = shards.write_atomic, []
+
+def dying(path, data):
+    calls.append(path)
+    if len(calls) == 2:  # the second shard: half its bytes reach the temporary file, then the process dies
+        path = Path(path)
+        fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}-", suffix=".tmp")
+        os.write(fd, data[: len(data) // 2])
+        os.fsync(fd)
+        os.kill(os.getpid(), signal.SIGKILL)
+    return real(path, data)
+
+shards.write_atomic = dying
+collect(parse_collect_config(sys.argv[1:]))
+"""
+
+
+def test_a_run_killed_mid_write_resumes_to_the_same_rows(tiny_pair, text_file, tmp_path):
+    """A real SIGKILL (no exception handler, no finally, the lock file left behind) in the middle of writing the
+    second shard: --resume keeps the whole first shard, ignores the torn temporary file and ends with exactly the
+    rows of an uninterrupted run."""
+    import signal
+    import subprocess
+
+    assert _run(_argv(tiny_pair, text_file, tmp_path / "whole")) == 0
+    cut = tmp_path / "cut"
+    killed = subprocess.run([sys.executable, "-c", KILLED_MID_WRITE, *_argv(tiny_pair, text_file, cut)],
+                            capture_output=True, text=True, timeout=600)
+    assert killed.returncode == -signal.SIGKILL, killed.stderr[-2000:]
+    assert [p.name for p in complete_shards(cut)] == ["shard-00000.safetensors"]
+    assert not (cut / "manifest.json").exists() and [p for p in cut.iterdir() if p.name.endswith(".tmp")]
+    assert _run(_argv(tiny_pair, text_file, cut, "--resume")) == 0
+    _assert_same_rows(_rows(tmp_path / "whole"), _rows(cut))
+    assert read_manifest(cut)["num_samples"] == read_manifest(tmp_path / "whole")["num_samples"]
+
+
 def test_full_disk_is_one_clear_error_and_keeps_written_shards(tiny_pair, text_file, tmp_path, monkeypatch, capsys):
     real_fsync = os.fsync
     calls = []
