@@ -306,3 +306,29 @@ def test_eos_inside_an_accepted_block_ends_the_output_there():
             assert out.stats.new_tokens == len(want) and out.stats.rejected == 0, options
     finally:
         del decoder.pair.tokenizer.eos_token_id
+
+
+# ------------------------------------------------------------------------------- small contracts mutants probed
+def test_the_limit_gates_answer_on_the_draft_device():
+    """AlwaysFlag / NeverFlag put P(accept) where the draft's q lives (a fused CUDA step reads it there); a "meta"
+    tensor stands in for a device other than the CPU default."""
+    from sprinter.decode.gates import AlwaysFlag, NeverFlag
+
+    step = SimpleNamespace(q=torch.zeros(4, device="meta"))
+    for gate, value in ((AlwaysFlag(), 0.0), (NeverFlag(), 1.0)):
+        assert gate.accept_prob(step, 0).device.type == "meta"
+        assert float(gate.accept_prob(SimpleNamespace(q=torch.zeros(4)), 0)) == value
+
+
+def test_a_static_rollback_skips_layers_not_yet_allocated():
+    """static_rollback moves only the layers that hold keys: a layer the first append has not allocated keeps
+    length 0 (moving it would make it negative)."""
+    from sprinter.decode.cache import static_cache, static_cache_supported, static_rollback
+
+    if not static_cache_supported():
+        pytest.skip("this transformers has no StaticCache whose length moves back")
+    model = random_lm(0, 0.6)
+    cache = static_cache(model, 8)
+    assert not any(layer.is_initialized for layer in cache.layers)
+    static_rollback(cache, 2)
+    assert all(int(layer.cumulative_length) == 0 for layer in cache.layers)
