@@ -332,3 +332,14 @@ def test_a_static_rollback_skips_layers_not_yet_allocated():
     assert not any(layer.is_initialized for layer in cache.layers)
     static_rollback(cache, 2)
     assert all(int(layer.cumulative_length) == 0 for layer in cache.layers)
+
+
+def test_a_threshold_is_a_number_in_the_closed_unit_interval():
+    """Both ends are thresholds (0 passes every token, 1 only a certain one); a bool or a string is refused in one
+    line, never compared."""
+    from sprinter.decode.gates import check_threshold
+
+    assert [check_threshold(t) for t in (0, 1, 0.5, 1.0)] == [0.0, 1.0, 0.5, 1.0]
+    for bad in (True, False, "0.5", None, -0.01, 1.01):
+        with pytest.raises(SprinterError, match="threshold: got"):
+            check_threshold(bad)
