@@ -343,3 +343,19 @@ def test_a_threshold_is_a_number_in_the_closed_unit_interval():
     for bad in (True, False, "0.5", None, -0.01, 1.01):
         with pytest.raises(SprinterError, match="threshold: got"):
             check_threshold(bad)
+
+
+def test_a_rollback_forgets_at_most_what_the_cache_holds():
+    """rollback(n) accepts 0 <= n <= length (all of it included) and names a decoder bug otherwise."""
+    from sprinter.decode.cache import CachedLM
+
+    lm = CachedLM(random_lm(0, 0.6), VOCAB)
+    lm.append(torch.tensor([[1, 2, 3, 0]]))
+    with pytest.raises(RuntimeError, match=r"rollback\(5\) on a cache of 4 tokens"):
+        lm.rollback(5)
+    with pytest.raises(RuntimeError, match=r"rollback\(-1\) on a cache of 4 tokens"):
+        lm.rollback(-1)
+    lm.rollback(0)
+    assert lm.length == 4
+    lm.rollback(4)
+    assert lm.length == 0 and lm.cache.get_seq_length() == 0
