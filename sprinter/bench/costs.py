@@ -28,7 +28,7 @@ import sys
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable
+from typing import Callable, Iterable, Sequence
 
 import torch
 
@@ -152,6 +152,14 @@ def stand_in_verifier(hidden_size: int, vocab_size: int) -> torch.nn.Module:
 
 
 @torch.inference_mode()
+def timing_noise(samples: Iterable[Sequence[float]]) -> float:
+    """The median over figures of (upper - lower quartile) / median, rounded to 4 places (0.0 with none): how
+    much a busy machine spreads the timings (CostProfile.noise)."""
+    quartiles = (statistics.quantiles(values, n=4) for values in samples)
+    spread = [(q[2] - q[0]) / q[1] for q in quartiles if q[1] > 0]
+    return round(statistics.median(spread), 4) if spread else 0.0
+
+
 def measure_costs(draft: torch.nn.Module, target: torch.nn.Module, vocab_size: int, *, pair: str,
                   gate: LearnedGate | None = None, max_n: int = 21, context: int = 64, budget_s: float = 2.0,
                   min_repeats: int = 3, seed: int = 0) -> CostProfile:
@@ -258,8 +266,7 @@ def measure_costs(draft: torch.nn.Module, target: torch.nn.Module, vocab_size: i
         if rounds > min_repeats and spent * (rounds + 1) / rounds > budget_s:
             break
     ms = {name: 1e3 * statistics.median(values) for name, values in times.items()}
-    spread = [(q[2] - q[0]) / q[1] for q in (statistics.quantiles(v, n=4) for v in times.values()) if q[1] > 0]
-    noise = round(statistics.median(spread), 4) if spread else 0.0
+    noise = timing_noise(times.values())
     return CostProfile(pair=pair, device=str(device), dtype=str(dtype).removeprefix("torch."),
                        threads=torch.get_num_threads(), context=context, draft_step_ms=ms["draft"],
                        draft_hidden_step_ms=ms["draft_hidden"],
@@ -331,4 +338,4 @@ def profile_pair(cfg: ProfileConfig) -> tuple[CostProfile, Path]:
 
 
 __all__ = ["FILE_NAME", "FORMAT", "CostProfile", "ProfileConfig", "find_profile", "measure_costs", "profile_key",
-           "profile_pair", "read_profiles", "save_profile", "stand_in_verifier"]
+           "profile_pair", "read_profiles", "save_profile", "stand_in_verifier", "timing_noise"]
