@@ -21,8 +21,12 @@ from sprinter.pairs.build import build_pair, parse_pair_config  # noqa: E402
 
 
 def _build(tmp_path_factory, arch: str):
-    out = tmp_path_factory.mktemp(f"pair-{arch}")
-    build_pair(parse_pair_config(["--preset", "tiny", "--arch", arch, "--out", str(out), "--overwrite"]))
+    """A fresh tiny pair per session; with SPRINTER_TEST_PAIRS=DIR, the one built in DIR by an earlier session (the
+    mutation run, docs/testing.md, starts a test session per mutant: it builds the pairs once)."""
+    keep = os.environ.get("SPRINTER_TEST_PAIRS")
+    out = Path(keep) / arch if keep else tmp_path_factory.mktemp(f"pair-{arch}")
+    build_pair(parse_pair_config(["--preset", "tiny", "--arch", arch, "--out", str(out),
+                                  *([] if keep else ["--overwrite"])]))
     return out
 
 

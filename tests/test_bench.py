@@ -244,8 +244,17 @@ def test_budgets_the_checkpoint_lacks_are_refused(tiny_pair, verifier, tmp_path)
 
 
 def test_every_bench_preset_parses():
-    for path in sorted((ROOT / "configs" / "bench").glob("*.yaml")):
-        parse_config(BenchConfig, ["--config", str(path)], "test")
+    import yaml
+
+    paths = sorted((ROOT / "configs" / "bench").glob("*.yaml"))
+    assert paths
+    for path in paths:
+        cfg = parse_config(BenchConfig, ["--config", str(path)], "test")
+        for key, value in yaml.safe_load(path.read_text()).items():  # each value the preset states is the one used
+            got = getattr(cfg, key.replace("-", "_"))
+            if isinstance(got, (list, tuple)):
+                got, value = tuple(got), tuple(value)
+            assert got == value or str(got) == str(value), (path.name, key, got, value)
 
 
 def test_a_sampling_run_reports_without_checking_outputs(tiny_pair, verifier, tmp_path):

@@ -48,4 +48,27 @@ def test_evaluate_calibrates_on_val_and_reports_on_test():
     point = report["operating_points"]["0.05"]
     assert point["val_false_accept"] <= 0.05 and abs(point["false_accept"] - 0.05) < 0.02
     assert point["threshold"] == threshold_for_budget(*val, 0.05)
-    assert report["auroc"] > 0.85 and 0 <= report["calibration_error"] <= 1
+    assert report["auroc"] > 0.85
+    assert report["calibration_error"] == pytest.approx(expected_calibration_error(*test), abs=1e-5)
+
+
+def expected_calibration_error(scores: torch.Tensor, labels: torch.Tensor, bins: int = 15) -> float:
+    """By its definition: over 15 equal-width bins of the score, the share of scores in the bin times
+    |mean score - fraction of positives| there."""
+    total = 0.0
+    for i in range(bins):
+        inside = (scores > i / bins) & (scores <= (i + 1) / bins)
+        if inside.any():
+            total += float(inside.float().mean()) * abs(float(scores[inside].mean()) - float(labels[inside].mean()))
+    return total
+
+
+def test_calibration_error_by_hand():
+    from sprinter.train.calibrate import summarize
+
+    # every score 0.9, one label in four positive: |0.9 - 0.25| = 0.65
+    assert summarize(torch.full((4,), 0.9), torch.tensor([1.0, 0, 0, 0]))["calibration_error"] == pytest.approx(0.65)
+    # two bins, each as often right as it says (0.25: one in four; 0.75: three in four): 0
+    scores = torch.tensor([0.25] * 4 + [0.75] * 4)
+    labels = torch.tensor([1.0, 0, 0, 0, 1, 1, 1, 0])
+    assert summarize(scores, labels)["calibration_error"] == pytest.approx(0.0, abs=1e-6)

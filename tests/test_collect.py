@@ -223,6 +223,69 @@ def test_interrupted_run_resumes_to_the_same_rows(tiny_pair, text_file, tmp_path
     assert _run(_argv(tiny_pair, text_file, tmp_path / "cut", "--resume", "--seed", "3")) == 2  # options differ
 
 
+KILLED_MID_WRITE = """
+import os, signal, sys
+from sprinter.data.collect import collect, parse_collect_config
+
+real_fdopen, shards = os.fdopen, []
+
+
+class Dying:
+    # a file whose write puts half the bytes on disk, then the process is killed: no handler, no finally runs
+    def __init__(self, fh):
+        self.fh = fh
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        return self.fh.__exit__(*exc)
+
+    def write(self, data):
+        self.fh.write(data[: len(data) // 2])
+        self.fh.flush()
+        os.fsync(self.fh.fileno())
+        os.kill(os.getpid(), signal.SIGKILL)
+
+    def __getattr__(self, name):
+        return getattr(self.fh, name)
+
+
+def fdopen(fd, *args, **kwargs):
+    fh = real_fdopen(fd, *args, **kwargs)
+    if "shard-" in os.readlink(f"/proc/self/fd/{fd}"):  # sprinter.files.write_atomic writing a shard
+        shards.append(fd)
+        if len(shards) == 2:
+            return Dying(fh)
+    return fh
+
+
+os.fdopen = fdopen
+collect(parse_collect_config(sys.argv[1:]))
+"""
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="finds the file being written through /proc")
+def test_a_run_killed_mid_write_resumes_to_the_same_rows(tiny_pair, text_file, tmp_path):
+    """A real SIGKILL (no exception handler, no finally, the lock file left behind) in the middle of writing the
+    second shard (half its bytes on disk, through sprinter.files.write_atomic as it is): no torn file carries a
+    shard's name, and --resume keeps the first shard, ignores the torn temporary file and ends with exactly the rows
+    of an uninterrupted run. Linux only (/proc names the file being written)."""
+    import signal
+    import subprocess
+
+    assert _run(_argv(tiny_pair, text_file, tmp_path / "whole")) == 0
+    cut = tmp_path / "cut"
+    killed = subprocess.run([sys.executable, "-c", KILLED_MID_WRITE, *_argv(tiny_pair, text_file, cut)],
+                            capture_output=True, text=True, timeout=600)
+    assert killed.returncode == -signal.SIGKILL, killed.stderr[-2000:]
+    assert [p.name for p in complete_shards(cut)] == ["shard-00000.safetensors"]
+    assert not (cut / "manifest.json").exists() and [p for p in cut.iterdir() if p.name.endswith(".tmp")]
+    assert _run(_argv(tiny_pair, text_file, cut, "--resume")) == 0
+    _assert_same_rows(_rows(tmp_path / "whole"), _rows(cut))
+    assert read_manifest(cut)["num_samples"] == read_manifest(tmp_path / "whole")["num_samples"]
+
+
 def test_full_disk_is_one_clear_error_and_keeps_written_shards(tiny_pair, text_file, tmp_path, monkeypatch, capsys):
     real_fsync = os.fsync
     calls = []

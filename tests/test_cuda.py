@@ -66,6 +66,24 @@ def test_every_mode_runs_in_bfloat16(scrambled_pair, mode):
     assert out.stats.new_tokens == len(out.token_ids) and 0 < len(out.token_ids) <= 16
 
 
+def test_compiled_steps_decode_as_the_eager_reference_on_cuda(scrambled_pair):
+    """The deployed fast path (static caches, torch.compile with CUDA graphs) against the eager dynamic-cache
+    reference on the same GPU: greedy, float32, token for token; sd with k = 2 pads its verify forward to bucket 4."""
+    from sprinter.decode.engine import compiler_problem
+
+    if compiler_problem(torch.device("cuda")) is not None:
+        pytest.skip(compiler_problem(torch.device("cuda")))
+    eager = on_cuda(scrambled_pair, "float32")
+    compiled = Decoder.from_pretrained(str(scrambled_pair / "draft"), str(scrambled_pair / "target"), device="cuda",
+                                       dtype="float32", compile=True)
+    for options in (dict(mode="ar"), dict(mode="sd", k=2), dict(mode="sprinter", gate="confidence", max_block=2)):
+        for prompt in PROMPTS[:2]:
+            want = eager.generate(prompt, max_new_tokens=16, **options)
+            got = compiled.generate(prompt, max_new_tokens=16, **options)
+            assert got.token_ids == want.token_ids, (options, prompt)
+    assert compiled.engine.compile_seconds > 0
+
+
 def test_sampling_is_seeded_on_cuda(scrambled_pair):
     decoder = on_cuda(scrambled_pair, "float32")
     a = decoder.generate(PROMPTS[2], max_new_tokens=16, mode="sd", temperature=1.0, seed=3)

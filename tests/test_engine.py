@@ -104,6 +104,30 @@ def test_a_static_rollback_only_moves_the_length(gpt2_decoder):
 
 
 @pytest.mark.slow
+def test_compiled_steps_decode_as_the_eager_reference_in_ci():
+    """The compiled fast path on every CI run: the 4-token one-layer pair of test_decode_distribution (the smallest
+    graphs there are), greedy ar and sd with k = 2, whose 3-token verify forward is padded to bucket 4 (the padding
+    must be forgotten and its logits never read). About four graphs, dynamic=False, compiled once per session
+    (inductor keeps compiled artifacts in its cache folder, so a rerun on the same machine is faster)."""
+    from test_invariants import far_decoder
+
+    if compiler_problem(torch.device("cpu")) is not None:
+        pytest.skip(compiler_problem(torch.device("cpu")))
+    eager = far_decoder()
+    compiled = Decoder(eager.pair, engine=Engine(eager.pair.device, compile=True))
+    prompt = [1, 2, 3, 0, 1]
+    rejected = 0
+    for options in (dict(mode="ar"), dict(mode="sd", k=2)):
+        want = eager.generate(prompt, max_new_tokens=10, **options)
+        got = compiled.generate(prompt, max_new_tokens=10, **options)
+        assert got.token_ids == want.token_ids, options
+        rejected += got.stats.rejected
+    assert rejected > 0  # the draft disagreed: rollbacks of the static caches ran between compiled steps
+    assert compiled.engine.compile_seconds > 0 and set(compiled.engine.steps) == {id(eager.pair.target),
+                                                                                 id(eager.pair.draft)}
+
+
+@pytest.mark.slow
 @pytest.mark.skipif(os.environ.get("SPRINTER_TEST_COMPILE") != "1",
                     reason="compiles graphs (minutes on a busy 2-core CPU): set SPRINTER_TEST_COMPILE=1")
 @pytest.mark.parametrize("arch", ["gpt2_decoder", "llama_decoder"])

@@ -147,7 +147,12 @@ def test_sprinter_decodes_with_a_new_feature_verifier(tiny_pair, tmp_path):
 def test_every_ablation_row_is_a_valid_train_config():
     from sprinter.train.ablation import ROWS, AblationConfig
 
-    for _, overrides in ROWS.values():
-        TrainConfig(**overrides)  # a row naming an unknown feature or option would fail here, not after hours
+    assert "default" in ROWS and len(ROWS) > 1
+    for name, (_, overrides) in ROWS.items():
+        cfg = TrainConfig(**overrides)  # a row naming an unknown feature or option would fail here, not after hours
+        for key, value in overrides.items():  # ... and each override is what the row trains with
+            got = getattr(cfg, key)
+            assert (tuple(got) if isinstance(got, (list, tuple)) else got) == \
+                (tuple(value) if isinstance(value, (list, tuple)) else value), (name, key)
     with pytest.raises(SprinterError, match="nope"):
         AblationConfig(rows=("default", "nope"))

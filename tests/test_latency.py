@@ -207,9 +207,18 @@ def test_profiles_are_saved_by_key_and_read_back(tmp_path):
 def test_measure_costs_on_a_tiny_pair(gpt2_decoder):
     pair = gpt2_decoder.pair
     p = measure_costs(pair, name="tiny", max_n=5, context=8, budget_s=0.3)
-    assert len(p.target_ms) == 5 and p.repeats >= 3 and p.noise >= 0
+    assert len(p.target_ms) == 5 and p.repeats >= 3 and p.noise == round(p.noise, 4) and 0 <= p.noise < 10
     assert all(v > 0 for v in (p.draft_step_ms, p.draft_hidden_step_ms, p.round_ms, *p.gate_ms.values()))
     assert p.key == "tiny | cpu | float32 | %d thread(s)" % p.threads
+
+
+def test_timing_noise_by_hand():
+    from sprinter.decode.costs import timing_noise
+
+    # [1, 2, 3, 4, 5]: quartiles 1.5 and 4.5 about a median of 3, spread 1.0; [2, 2, 2, 2]: spread 0; median 0.5
+    assert timing_noise([[1, 2, 3, 4, 5], [2, 2, 2, 2]]) == 0.5
+    assert timing_noise([[1, 2, 3, 4, 5]]) == 1.0 and timing_noise([[0, 0, 0]]) == 0.0 and timing_noise([]) == 0.0
+    assert timing_noise([[10, 11, 12, 13, 14], [3, 3, 3, 3], [1, 1, 2, 3, 3]]) == 0.25  # 0.25, 0, 1.0
 
 
 def test_profile_pair_script_writes_a_keyed_profile(tiny_pair, tmp_path, capsys):

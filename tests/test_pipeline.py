@@ -53,7 +53,21 @@ def test_collected_data_trains_a_verifier(trained):
     assert metrics["draft"]["fingerprint"] == manifest["draft"]["fingerprint"]
     assert sum(split["samples"] for split in metrics["splits"].values()) == manifest["num_samples"]
     assert str(root / "decode") in metrics["eval_data"]
-    assert 0 <= metrics["verifier"]["auroc"] <= 1
+    # the reported AUROC is the exported verifier's on the corpus rows of the test prompts, recomputed here
+    from torchmetrics.functional.classification import binary_auroc
+
+    from sprinter.train.baselines import score_rows
+    from sprinter.train.data import open_folders, split_prompts
+    from sprinter.verifier import load_verifier
+
+    cfg = parse_train_config(["--config", TRAIN_TINY, "--data", str(root / "corpus"), "--out", str(root / "verifier"),
+                              *SPLITS])
+    verifier, info = load_verifier(root / "verifier")
+    _, table = open_folders([root / "corpus"], info.features, "sprinter")
+    rows = split_prompts(table.column("prompt_index"), cfg.val_fraction, cfg.test_fraction, cfg.seed)["test"]
+    scores, labels = score_rows(verifier, table, info.features, "sprinter", rows)
+    auroc = float(binary_auroc(scores, (labels >= 0.5).long()))
+    assert metrics["verifier"]["auroc"] == pytest.approx(auroc, abs=1e-6) and 0 < auroc < 1
     assert (root / "verifier" / "verifier.safetensors").is_file()
 
 

@@ -110,6 +110,44 @@ def test_the_progress_bar_says_how_long_the_remaining_epochs_take(shards, tmp_pa
     assert "Epoch 1/2" in bars and "Epoch 2/2 (at most " in bars and " left)" in bars
 
 
+def test_a_resumed_training_ends_where_an_uninterrupted_one_does(shards, tmp_path, monkeypatch):
+    """A 4-epoch run stopped after its 2nd epoch and resumed from last.ckpt ends with the weights of the same run
+    left alone: within 1e-6 (float summation order; a lost optimizer or schedule state, or a data order that
+    restarts, moves them by ~1e-3), with the same best epoch and the same test AUROC. Without dropout: its masks
+    come from the global RNG, whose state last.ckpt does not hold (with dropout 0.1 the two runs differ by ~1e-3)."""
+    import lightning as L
+
+    import sprinter.train.fit as fit_module
+
+    argv = ["--config", TINY, "--data", str(shards), "--epochs", "4", "--dropout", "0", "--no-baselines"]
+    whole = train(parse_train_config([*argv, "--out", str(tmp_path / "whole")]))
+
+    class StopAfterSecondEpoch(L.Callback):
+        def on_train_epoch_end(self, trainer, module):
+            if trainer.current_epoch >= 1:
+                trainer.should_stop = True
+
+    make_trainer = fit_module.make_trainer
+
+    def stopping(cfg, out):
+        trainer = make_trainer(cfg, out)
+        trainer.callbacks.append(StopAfterSecondEpoch())
+        return trainer
+
+    monkeypatch.setattr(fit_module, "make_trainer", stopping)
+    cut = train(parse_train_config([*argv, "--out", str(tmp_path / "cut")]))
+    assert cut["epochs_run"] == 2
+    monkeypatch.setattr(fit_module, "make_trainer", make_trainer)
+    resumed = train(parse_train_config([*argv, "--out", str(tmp_path / "cut"), "--resume", "last"]))
+    assert (resumed["epochs_run"], whole["epochs_run"]) == (4, 4) and resumed["best_epoch"] == whole["best_epoch"]
+    last = {run: torch.load(tmp_path / run / "lightning" / "last.ckpt", map_location="cpu",
+                            weights_only=True)["state_dict"] for run in ("cut", "whole")}
+    assert last["cut"].keys() == last["whole"].keys()
+    for name, weight in last["whole"].items():
+        torch.testing.assert_close(last["cut"][name], weight, rtol=0, atol=1e-6,
+                                   msg=lambda m, name=name: f"{name}: {m}")
+    assert resumed["verifier"]["auroc"] == pytest.approx(whole["verifier"]["auroc"], abs=1e-6)
+
 @pytest.mark.slow
 def test_two_process_gloo_ddp_with_soft_labels(shards, tmp_path):
     cfg = parse_train_config(["--config", TINY, "--data", str(shards), "--out", str(tmp_path), "--devices", "2",

@@ -25,7 +25,7 @@ import statistics
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable
+from typing import Callable, Iterable, Sequence
 
 import torch
 
@@ -148,6 +148,15 @@ def stand_in_verifier(hidden_size: int, vocab_size: int) -> torch.nn.Module:
     return Verifier(info).eval()
 
 
+
+def timing_noise(samples: Iterable[Sequence[float]]) -> float:
+    """The median over figures of (upper - lower quartile) / median, rounded to 4 places (0.0 with none): how
+    much a busy machine spreads the timings (CostProfile.noise)."""
+    quartiles = (statistics.quantiles(values, n=4) for values in samples)
+    spread = [(q[2] - q[0]) / q[1] for q in quartiles if q[1] > 0]
+    return round(statistics.median(spread), 4) if spread else 0.0
+
+
 @torch.inference_mode()
 def measure_costs(pair: Pair, *, name: str, gate: LearnedGate | None = None, max_n: int = 21, context: int = 64,
                   budget_s: float = 2.0, min_repeats: int = 3, seed: int = 0) -> CostProfile:
@@ -256,8 +265,7 @@ def measure_costs(pair: Pair, *, name: str, gate: LearnedGate | None = None, max
         if rounds > min_repeats and spent * (rounds + 1) / rounds > budget_s:
             break
     ms = {task: 1e3 * statistics.median(values) for task, values in times.items()}
-    spread = [(q[2] - q[0]) / q[1] for q in (statistics.quantiles(v, n=4) for v in times.values()) if q[1] > 0]
-    noise = round(statistics.median(spread), 4) if spread else 0.0
+    noise = timing_noise(times.values())
     return CostProfile(pair=name, device=str(device), dtype=str(dtype).removeprefix("torch."),
                        threads=torch.get_num_threads(), context=context, draft_step_ms=ms["draft"],
                        draft_hidden_step_ms=ms["draft_hidden"],
@@ -269,4 +277,5 @@ def measure_costs(pair: Pair, *, name: str, gate: LearnedGate | None = None, max
 
 
 __all__ = ["FILE_NAME", "FORMAT", "NOISY", "CostProfile", "find_profile", "measure_costs", "profile_key",
-           "read_profiles", "save_profile", "stand_in_verifier"]
+           "read_profiles", "save_profile", "stand_in_verifier",
+           "timing_noise"]
