@@ -33,3 +33,22 @@ def test_loop_share():
     assert loop_share([5] * 10) == pytest.approx(6 / 10)  # the 4-gram (5, 5, 5, 5) ends at 7 positions, new once
     assert loop_share([1, 2, 1, 2, 1, 2, 1, 2]) == pytest.approx(3 / 8)  # (1,2,1,2) and (2,1,2,1), then repeats
     assert loop_share([1, 2, 3]) == 0.0  # too short to repeat a 4-gram
+
+
+def test_loop_share_script_on_the_tiny_pair(tiny_pair, capsys):
+    """scripts/loop_share.py: greedy and sampled shares of ar's output and the held-out text's, each in [0, 1], and
+    one line with exit 2 for a bad value."""
+    import json
+
+    from sprinter.errors import run_cli
+    from tests.test_bad_inputs import script
+
+    main = script("loop_share").main
+    assert run_cli(main, ["--pair", str(tiny_pair), "--num-prompts", "2", "--max-new-tokens", "12"]) == 0
+    result = json.loads(capsys.readouterr().out)
+    assert result["prompts"] == 2 and result["held_out_text"]["windows"] > 0
+    for name in ("greedy", "sampled", "held_out_text"):
+        assert 0.0 <= result[name]["mean"] <= 1.0
+    assert result["greedy"]["temperature"] == 0.0 and result["sampled"]["top_p"] == 0.95
+    assert run_cli(main, ["--pair", str(tiny_pair), "--max-new-tokens", "0"]) == 2
+    assert "max_new_tokens: got 0" in capsys.readouterr().err
