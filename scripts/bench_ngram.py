@@ -1,10 +1,10 @@
 """How fast and how good n-gram drafting is: python scripts/bench_ngram.py [--datastore DIR] [--pair demo] [--n 3]
 
 (1) Per-call time of a chain lookup on sequences of 512 and 2048 tokens from held-out (`test`) documents:
-    the stateless `NgramDrafter.chain(ids, s)` (a list in, as a decode loop holds it) and the
-    incremental `NgramIndex.chain(s)`, each without and with the datastore, and the datastore path
+    the stateless `NgramDrafter.chain(ids, k)` (a list in, as a decode loop holds it) and the
+    incremental `NgramIndex.chain(k)`, each without and with the datastore, and the datastore path
     forced (a sequence with no repeated token); beside it, one target forward of the pair at that
-    context (1 token, and s + 1 tokens as a verification does), on one thread.
+    context (1 token, and k + 1 tokens as a verification does), on one thread.
 (2) Teacher-forced quality: at every 4th position of held-out documents, how many leading tokens of
     the chain equal the real continuation, for the sequence alone, the datastore alone, "sequence,
     else datastore", and the drafter's rule (the longer match wins, the sequence on ties).
@@ -63,12 +63,12 @@ def main(argv=None) -> None:
     parser.add_argument("--datastore", default="checkpoints/datastores/demo", help="from scripts/build_datastore.py")
     parser.add_argument("--pair", default="demo", help="pair preset or folder (its tokenizer and target)")
     parser.add_argument("--n", type=int, default=3, help="longest n-gram")
-    parser.add_argument("--s", type=int, default=8, help="chain length")
+    parser.add_argument("--k", type=int, default=8, help="chain length (tokens drafted per call)")
     parser.add_argument("--lengths", type=int, nargs="+", default=[512, 2048], help="sequence lengths to time")
     parser.add_argument("--repeats", type=int, default=300, help="timed calls per figure (median)")
     parser.add_argument("--docs", type=int, default=40, help="held-out documents for the quality figures")
     args = parser.parse_args(argv)
-    for name in ("n", "s", "repeats", "docs"):
+    for name in ("n", "k", "repeats", "docs"):
         if getattr(args, name) < 1:
             raise SprinterError(f"--{name}: got {getattr(args, name)}; expected an integer >= 1")
     if min(args.lengths) < 2:
@@ -89,31 +89,31 @@ def main(argv=None) -> None:
         row = {}
         # B023: per_call_us calls each lambda before returning, so the loop variables it reads are the current ones
         for name, drafter in (("chain", plain), ("chain+datastore", with_ds)):
-            row[name] = per_call_us(lambda: drafter.chain(ids, args.s), args.repeats)  # noqa: B023
+            row[name] = per_call_us(lambda: drafter.chain(ids, args.k), args.repeats)  # noqa: B023
             index = drafter.index(ids)
-            row[name.replace("chain", "index")] = per_call_us(lambda: index.chain(args.s), args.repeats)  # noqa: B023
+            row[name.replace("chain", "index")] = per_call_us(lambda: index.chain(args.k), args.repeats)  # noqa: B023
         row["chain, datastore path forced"] = per_call_us(
-            lambda: with_ds.chain(unique, args.s), args.repeats)  # noqa: B023
-        context = stream[: min(length, target.config.n_positions - args.s - 1)]  # what the target's window allows
+            lambda: with_ds.chain(unique, args.k), args.repeats)  # noqa: B023
+        context = stream[: min(length, target.config.n_positions - args.k - 1)]  # what the target's window allows
         row[f"target forward, 1 token after {len(context) - 1}"] = forward_us(target, context, 1, args.repeats // 3)
-        row[f"target forward, {args.s + 1} tokens after {len(context) - 1}"] = forward_us(
-            target, stream[: len(context) + args.s], args.s + 1, args.repeats // 3)
+        row[f"target forward, {args.k + 1} tokens after {len(context) - 1}"] = forward_us(
+            target, stream[: len(context) + args.k], args.k + 1, args.repeats // 3)
         timings[length] = {k: round(v, 1) for k, v in row.items()}
     print(json.dumps({"per_call_us": timings}, indent=1))
 
     rules = {"sequence": [], "datastore": [], "sequence, else datastore": [], "longest (the drafter)": []}
     for doc in docs:
         index, both = plain.index(doc[:32]), with_ds.index(doc[:32])
-        for p in range(32, min(len(doc), 2048) - args.s, 4):
+        for p in range(32, min(len(doc), 2048) - args.k, 4):
             index.extend(doc[len(index) : p])
             both.extend(doc[len(both) : p])
-            truth, own = doc[p : p + args.s], index.chain(args.s)
-            from_store = ds.chain(doc[p - args.n : p], args.s, args.n)
-            for rule, chain in zip(rules, (own, from_store, own or from_store, both.chain(args.s))):
+            truth, own = doc[p : p + args.k], index.chain(args.k)
+            from_store = ds.chain(doc[p - args.n : p], args.k, args.n)
+            for rule, chain in zip(rules, (own, from_store, own or from_store, both.chain(args.k))):
                 rules[rule].append(agree(chain, truth))
     quality = {rule: round(float(np.mean(v)), 3) for rule, v in rules.items()}
     print(json.dumps({"mean_matching_tokens_per_chain": quality, "positions": len(rules["sequence"]),
-                      "n": args.n, "s": args.s}, indent=1))
+                      "n": args.n, "k": args.k}, indent=1))
 
 
 if __name__ == "__main__":

@@ -23,7 +23,8 @@ from sprinter.config import ArgumentParser
 from sprinter.data.synthetic import write_shards
 from sprinter.errors import SprinterError, run_cli
 from sprinter.train.data import ShardDataModule, loader, open_folders
-from sprinter.train.fit import FEATURES, TrainConfig, VerifierModule, feature_statistics
+from sprinter.train.fit import FEATURES, TrainConfig
+from sprinter.train.module import VerifierModule, feature_statistics
 from sprinter.verifier import VerifierInfo, default_arch
 
 

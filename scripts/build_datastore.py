@@ -9,7 +9,7 @@ import sys
 from pathlib import Path
 
 from sprinter.config import parse_config
-from sprinter.decode.datastore import DatastoreConfig, build_datastore
+from sprinter.data.datastore import DatastoreConfig, build_datastore
 from sprinter.errors import run_cli
 
 DEFAULT = Path(__file__).resolve().parent.parent / "configs" / "datastore" / "demo.yaml"

@@ -26,13 +26,8 @@ import torch
 
 from sprinter.bench.compare import Comparison, compare
 from sprinter.config import parse_config, to_dict
-from sprinter.decode.decoder import (
-    DEMO_VERIFIER,
-    GATED_MODES,
-    NO_VERIFIER,
-    Decoder,
-    GenerateConfig,
-)
+from sprinter.decode.decoder import NO_VERIFIER, Decoder
+from sprinter.decode.options import DEMO_VERIFIER, GATED_MODES, GenerateConfig
 from sprinter.errors import SprinterError, run_cli
 from sprinter.files import read_json, read_text
 from sprinter.pairs.build import resolve_pair
@@ -172,7 +167,7 @@ def main(argv: Sequence[str] | None = None) -> None:
     if note is not None:
         print(note, file=sys.stderr)
     decoder = Decoder.from_pretrained(draft=draft, target=target, verifier=verifier, device=cfg.device, dtype=cfg.dtype,
-                                      datastore=cfg.datastore, static_cache=cfg.static_cache, compile=cfg.compile)
+                                      datastore=cfg.datastore, engine=cfg.engine)
     options = cfg.options()
     if cfg.compare:
         result = compare(decoder, cfg.prompt, options)

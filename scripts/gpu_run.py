@@ -180,8 +180,11 @@ def run_stage(name: str, argv: list[str], limit: float, env: dict, log: Log) -> 
 
 
 # ------------------------------------------------------------------------------------------- what comes back
-def read_json(path: Path) -> dict | None:
-    return json.loads(path.read_text()) if path.is_file() else None
+def read_results(path: Path) -> dict | None:
+    """A JSON file a stage wrote; None when the stage did not write it."""
+    from sprinter.files import read_json
+
+    return read_json(path, path.name) if path.is_file() else None
 
 
 def test_summary(path: Path) -> dict | None:
@@ -259,12 +262,12 @@ def bundle(out: Path, work: Path, results: dict) -> None:
     from sprinter.files import write_atomic
 
     results["tests"] = test_summary(work / "tests.xml")
-    results["pair"] = read_json(work / "pair" / "pair.json")
-    metrics = read_json(work / "verifier" / "metrics.json")
+    results["pair"] = read_results(work / "pair" / "pair.json")
+    metrics = read_results(work / "verifier" / "metrics.json")
     results["verifier"] = {k: metrics.get(k) for k in ("label_rule", "verifier", "splits")} if metrics else None
-    results["bench"] = read_json(work / "bench" / "results.json") or partial_bench(work / "bench")
-    results["engine"] = read_json(work / "engine" / "results.json")
-    results["batch"] = read_json(work / "batch" / "results.json")
+    results["bench"] = read_results(work / "bench" / "results.json") or partial_bench(work / "bench")
+    results["engine"] = read_results(work / "engine" / "results.json")
+    results["batch"] = read_results(work / "batch" / "results.json")
     copies = {"pair.json": work / "pair" / "pair.json", "metrics.json": work / "verifier" / "metrics.json",
               "pareto.png": work / "bench" / "pareto.png", "batch.png": work / "batch" / "batch.png"}
     for name, source in copies.items():

@@ -4,7 +4,7 @@
     python scripts/profile_pair.py --pair DIR --out FILE --threads 1 --verifier checkpoints/verifiers/demo
 
 Options and defaults: sprinter.bench.costs.ProfileConfig (or --help). The profile feeds the latency model
-(sprinter.bench.latency, docs/latency.md).
+(sprinter.decode.latency, docs/latency.md).
 """
 
 from __future__ import annotations

@@ -15,17 +15,11 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Sequence
 
-from sprinter.bench.latency import (
-    SPRINTER_RATES,
-    STOP_RATES,
-    pair_point,
-    plot_regime_map,
-    regime_grid,
-    regime_table,
-)
+from sprinter.bench.regime_map import pair_point, plot_regime_map, regime_grid, regime_table
 from sprinter.config import option, parse_config
+from sprinter.decode.latency import SPRINTER_RATES, STOP_RATES
 from sprinter.errors import SprinterError, run_cli
-from sprinter.files import write_atomic
+from sprinter.files import read_json, write_atomic
 
 TABLE_AGREEMENTS = (0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9, 0.95)
 TABLE_RATIOS = (0.02, 0.05, 0.1, 0.15, 0.25, 0.4, 0.6)
@@ -52,13 +46,12 @@ def main(argv: Sequence[str] | None = None) -> None:
     args = list(sys.argv[1:] if argv is None else argv)
     files = [a for a in args if a.endswith(".json")]  # pair.json files may also be given without --pairs
     cfg = parse_config(RegimeConfig, [a for a in args if a not in files], "Draw the latency model's regime map.")
-    import json
 
     pairs = {}
     for file in (*cfg.pairs, *files):
         if not Path(file).is_file():
             raise SprinterError(f"pair: got {file!r}, which does not exist; expected a pair.json")
-        pairs[Path(file).parent.name] = pair_point(json.loads(Path(file).read_text()))
+        pairs[Path(file).parent.name] = pair_point(read_json(file, "pair.json"))
     rates = dict(sprinter_rates=(cfg.true_accept, SPRINTER_RATES[1]), stop_rates=STOP_RATES, slope=cfg.slope,
                  gate_ratio=cfg.gate_ratio, max_block=cfg.max_block)
     agreements = [0.3 + 0.02 * i for i in range(33)]

@@ -20,14 +20,28 @@ import sys
 import time
 from pathlib import Path
 
-MODES = {  # name -> generate() keywords (spelled so that every checkout since the options object accepts them)
-    "ar": {"mode": "ar"},
-    "sd-k4": {"mode": "sd", "k": 4},
-    "sprinter-confidence": {"mode": "sprinter", "gate": "confidence", "threshold": 0.4},
-    "sd-gated-confidence": {"mode": "sd-gated", "gate": "confidence", "threshold": 0.5},
-    "ngram-s4": {"mode": "ngram", "s": 4},
+MODES = {  # name -> generate() keywords, each spelling a checkout may know, the newest first
+    "ar": [{"mode": "ar"}],
+    "sd-k4": [{"mode": "sd", "k": 4}],
+    "sprinter-confidence": [{"mode": "sprinter", "gate": "confidence", "threshold": 0.4}],
+    "sd-gated-confidence": [{"mode": "sd-gated", "gate": "confidence", "stop_threshold": 0.5},
+                            {"mode": "sd-gated", "gate": "confidence", "threshold": 0.5}],
+    "ngram-k4": [{"mode": "ngram", "ngram_k": 4}, {"mode": "ngram", "s": 4}],
 }
 PROMPT = "def fibonacci(n):\n    "
+
+
+def spelled(spellings: list[dict]) -> dict:
+    """The first spelling of a mode's keywords that this checkout's DecodeOptions accepts."""
+    from sprinter.decode.options import DecodeOptions
+
+    for kwargs in spellings:
+        try:
+            DecodeOptions(**kwargs)
+        except (TypeError, ValueError):  # an unknown name (TypeError), or refused (SprinterError)
+            continue
+        return kwargs
+    raise SystemExit(f"this checkout accepts none of {spellings}")
 
 
 def worker(pair: str, repeats: int, max_new_tokens: int) -> dict:
@@ -40,7 +54,8 @@ def worker(pair: str, repeats: int, max_new_tokens: int) -> dict:
 
     dec = Decoder.from_pretrained(draft=f"{pair}/draft", target=f"{pair}/target", device="cpu", dtype="float32")
     seconds, digests = {}, {}
-    for name, kwargs in MODES.items():
+    for name, spellings in MODES.items():
+        kwargs = spelled(spellings)
         dec.generate(PROMPT, max_new_tokens=max_new_tokens, **kwargs)  # warm-up
         times = []
         for _ in range(repeats):
@@ -52,8 +67,13 @@ def worker(pair: str, repeats: int, max_new_tokens: int) -> dict:
     prompts = torch.tensor([ids, ids[::-1]])
     for temperature in (0.0, 0.8):
         with torch.inference_mode():
-            rows, paths = decode_rows(dec.pair.draft, dec.pair.target, prompts, 24, 4, dec.pair.vocab_size,
-                                      temperature, torch.Generator().manual_seed(0), 0, None, dec.pair.max_length)
+            gen = torch.Generator().manual_seed(0)
+            try:  # the signature since the pair is passed whole
+                rows, paths = decode_rows(dec.pair, prompts, max_new_tokens=24, k=4, temperature=temperature,
+                                          gen=gen, pad_id=0, eos_id=None)
+            except TypeError:  # an older checkout: the models and the sizes one by one
+                rows, paths = decode_rows(dec.pair.draft, dec.pair.target, prompts, 24, 4, dec.pair.vocab_size,
+                                          temperature, gen, 0, None, dec.pair.max_length)
         h = hashlib.sha256(json.dumps(paths).encode())
         for key in sorted(rows):
             h.update(rows[key].cpu().contiguous().numpy().tobytes())

@@ -35,12 +35,26 @@ def option(default: Any, help: str, **kwargs: Any) -> Any:
     return dataclasses.field(default=default, metadata={"help": help}, **kwargs)
 
 
-def check_integers(cfg: Any, names: Sequence[str], minimum: int = 1) -> None:
-    """For `__post_init__`: each named field of `cfg` must be an integer >= minimum (bools are not integers)."""
+def check_integers(cfg: Any, names: Sequence[str], minimum: int = 1, *, optional: bool = False,
+                   expected: str | None = None) -> None:
+    """For `__post_init__`: each named field of `cfg` must be an integer >= minimum (bools are not integers), or
+    None when `optional`; `expected` words what is expected in the message (default: "an integer >= minimum")."""
     for name in names:
         value = getattr(cfg, name)
+        if value is None and optional:
+            continue
         if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
-            raise SprinterError(f"{name}: got {value!r}; expected an integer >= {minimum}")
+            raise SprinterError(f"{name}: got {value!r}; expected {expected or f'an integer >= {minimum}'}")
+
+
+def check_runs(cfg: Any, neither: str | None = None) -> None:
+    """For `__post_init__` of a stage that resumes or loads a pair: not both `resume` and `overwrite`; `draft` and
+    `target` both or neither (`neither` says what neither means; None: the config has no draft/target)."""
+    if getattr(cfg, "resume", False) and getattr(cfg, "overwrite", False):
+        raise SprinterError("resume and overwrite: got both; expected at most one")
+    if neither is not None and (cfg.draft is None) != (cfg.target is None):
+        raise SprinterError(f"draft/target: got draft={cfg.draft!r}, target={cfg.target!r}; expected both or "
+                            f"neither (neither: {neither})")
 
 
 def check_fields(cfg: Any) -> None:

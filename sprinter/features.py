@@ -20,8 +20,6 @@ from __future__ import annotations
 
 import torch
 
-from sprinter.decode.sampling import entropy  # the one definition of draft_entropy
-
 HIDDEN, HIDDEN_PREV, TOKEN = "hidden", "hidden_prev_layer", "token_id"
 VECTORS = (HIDDEN, HIDDEN_PREV)
 TOP_K = 4  # draft_max_prob is top-1; draft_top2_prob .. draft_top4_prob the next
@@ -30,6 +28,12 @@ DISTRIBUTION = ("draft_prob", "draft_entropy", "draft_max_prob", *(f"draft_top{i
 BLOCK = ("prev_draft_prob", "block_cum_prob")
 SCALARS = (*DISTRIBUTION, *BLOCK, "position")
 KNOWN = (*VECTORS, TOKEN, *SCALARS)  # every feature the gate can compute at decode time
+
+
+def entropy(q: torch.Tensor) -> torch.Tensor:
+    """Entropy in nats of each distribution on the last axis (0 log 0 = 0): the verifier's
+    `draft_entropy` feature (its one definition), computed alike when collecting and decoding.  # (..., V) -> (...)"""
+    return torch.special.entr(q).sum(-1)
 
 
 def distribution_features(q: torch.Tensor, x: torch.Tensor, names: tuple[str, ...] = DISTRIBUTION

@@ -84,7 +84,8 @@ def read_json(path: str | Path, what: str = "file") -> object:
     """A JSON file, refused in one line (file, line, reason) when it is not UTF-8 or not JSON."""
     path = Path(path)
     try:
-        return json.loads(read_text(path, what))
+        text = read_text(path, what)
+        return json.loads(text)
     except json.JSONDecodeError as err:
         raise SprinterError(f"{what} {str(path)!r} line {err.lineno}: not valid JSON ({err.msg}); expected the JSON "
                             "file this tool writes (a damaged or hand-edited file?)") from None

@@ -10,9 +10,12 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")  # tests never touch the network
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
+import numpy as np  # noqa: E402
 import pytest  # noqa: E402
 import torch  # noqa: E402
 
+from sprinter.data.datastore import suffix_array  # noqa: E402
+from sprinter.decode.datastore import Datastore  # noqa: E402
 from sprinter.decode.decoder import Decoder  # noqa: E402
 from sprinter.pairs.build import build_pair, parse_pair_config  # noqa: E402
 
@@ -81,6 +84,11 @@ def decoder(request):
     """Each test runs on both architectures' scrambled decoders."""
     return request.getfixturevalue(request.param)
 
+
+def datastore_of(documents, eos_id: int) -> Datastore:
+    """An in-memory datastore over token-id documents (hand-made corpora)."""
+    tokens = np.fromiter((t for doc in documents for t in (*doc, eos_id)), dtype=np.int32)
+    return Datastore(tokens, suffix_array(tokens, eos_id), eos_id)
 
 
 @pytest.fixture(scope="session")

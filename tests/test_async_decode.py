@@ -20,6 +20,7 @@ from sprinter.decode.asynchronous import asynchronous
 from sprinter.decode.cache import CachedLM
 from sprinter.decode.decoder import Decoder, Emitter, GenerateConfig
 from sprinter.decode.drafters import ModelDrafter
+from sprinter.decode.loops import LoopState
 from sprinter.decode.options import DecodeOptions
 from sprinter.decode.sampling import Sampler
 from sprinter.decode.stats import DecodeStats
@@ -96,8 +97,10 @@ def run_loop(decoder: Decoder, prompt, drafter_of, window: int, max_new_tokens: 
     out = Emitter(decoder.tokenizer, max_new_tokens, decoder.tokenizer.eos_token_id, stop, None)
     stats = DecodeStats(mode="async")
     with torch.inference_mode():
-        asynchronous(target, drafter, torch.tensor([ids]), options=DecodeOptions(mode="async", window=window), out=out,
-                     stats=stats, draft_device=torch.device("cpu"))
+        options = DecodeOptions(mode="async", window=window)
+        state = LoopState(options.sampler, torch.Generator().manual_seed(0), out, stats)
+        asynchronous(target, drafter, torch.tensor([ids]), options=options, state=state,
+                     draft_device=torch.device("cpu"))
     return out, stats, drafter
 
 
@@ -240,7 +243,8 @@ def test_the_draft_stays_in_place_on_the_decoders_device(gpt2_decoder):
 
 
 def test_benchmark_rows(gpt2_decoder):
-    from sprinter.bench.benchmark import BenchConfig, build_methods
+    from sprinter.bench.benchmark import BenchConfig
+    from sprinter.bench.methods import build_methods
 
     rows = build_methods(BenchConfig(methods=("ar", "async"), windows=(4, 1)), gpt2_decoder, {})
     assert [m.name for m in rows] == ["ar", "async-w1", "async-w4"] and all(m.lossless for m in rows)

@@ -2,6 +2,7 @@
 exact caches after switching, the target's distribution at temperature 1, a pair where drafting never pays, and
 bad options refused."""
 
+import copy
 import dataclasses
 import types
 
@@ -9,22 +10,24 @@ import pytest
 import torch
 from test_decode_distribution import CHI2_DF3_P001, VOCAB, chi_square, random_decoder
 
-from sprinter.bench.costs import stand_in_verifier
-from sprinter.bench.latency import ar_ms, sd_ms, synthetic_profile
+from sprinter.bench.regime_map import synthetic_profile
 from sprinter.decode.auto import DRAFT_KS, AutoController, auto_decode
 from sprinter.decode.cache import CachedLM
+from sprinter.decode.costs import stand_in_verifier
 from sprinter.decode.decoder import Decoder
 from sprinter.decode.drafters import ModelDrafter
 from sprinter.decode.emit import Emitter
 from sprinter.decode.gates import ConfidenceGate, LearnedGate
+from sprinter.decode.latency import ar_ms, sd_ms
+from sprinter.decode.loops import LoopState
 from sprinter.decode.options import DecodeOptions
 from sprinter.decode.stats import DecodeStats
 from sprinter.errors import SprinterError
-from sprinter.pairs.load import target_as_draft
+from sprinter.pairs.load import Pair
 
 pytestmark = pytest.mark.usefixtures("single_thread")
 
-SWITCHES = ["ar", "ar", "sd-4", "ngram-4", "sd-1", "ar", "ar", "ar", "sd-8", "ngram-2", "sd-2", "ar", "sd-gated"]
+SWITCHES = ["ar", "ar", "sd-k4", "ngram-k4", "sd-k1", "ar", "ar", "ar", "sd-k8", "ngram-k2", "sd-k2", "ar", "sd-gated"]
 
 
 class Scripted(AutoController):
@@ -39,8 +42,16 @@ class Scripted(AutoController):
         name = self.script[self.turn % len(self.script)]
         self.turn += 1
         self.chosen.append(name)
-        return self.options[name]
+        return self.candidates[name]
 
+
+
+def target_as_draft(pair: Pair) -> Pair:
+    """A pair whose draft is a copy of `pair`'s target: as deep as the target (cost ratio ~1) and always right, so
+    drafting cannot pay whatever the acceptance (mode auto's reference case: it must run plain decoding)."""
+    return Pair(draft=copy.deepcopy(pair.target), target=pair.target, tokenizer=pair.tokenizer,
+                draft_name=f"copy of {pair.target_name}", target_name=pair.target_name, device=pair.device,
+                dtype=pair.dtype)
 
 def scripted(decoder, script, start=0):
     """`decoder` with its auto controller replaced by a Scripted one (a fresh one per request, the last one kept
@@ -90,7 +101,7 @@ def test_falling_acceptance_falls_back_to_ar_within_a_few_target_calls():
     for _ in range(200):
         choice = c.choose()
         if choice.kind == "sd":
-            assert choice.name == "sd-1"  # the probe
+            assert choice.name == "sd-k1"  # the probe
             c.observe_draft(1, 1)
             break
         c.observe_ngram([], [7])
@@ -103,7 +114,7 @@ def test_a_probe_that_loses_waits_longer():
     waits = []
     for _ in range(3):
         rounds = 0
-        while c.choose().name != "sd-1":
+        while c.choose().name != "sd-k1":
             rounds += 1
         c.observe_draft(0, 1)
         waits.append(rounds)
@@ -159,8 +170,8 @@ def test_switching_keeps_both_caches_exact(gpt2_decoder):
     out = Emitter(pair.tokenizer, 30, None, (), None)
     stats = DecodeStats(mode="auto")
     auto_decode(target, ModelDrafter(draft, options.sampler), prompt, controller=Scripted(SWITCHES[:-1]),
-                sampler=options.sampler, max_block=20, stop_rule=None, sprinter_rule=None, ngram_n=3,
-                gen=torch.Generator().manual_seed(0), out=out, stats=stats)
+                options=options, stop_rule=None, sprinter_rule=None,
+                state=LoopState(options.sampler, torch.Generator().manual_seed(0), out, stats))
     ids = prompt + out.ids
     assert target.length == len(ids) - 1  # the target covers every emitted token but the last
     assert draft.length <= len(ids) - 1  # the draft may lag (skipped tokens) but never holds an unemitted one
@@ -181,7 +192,7 @@ def test_auto_samples_from_the_target_distribution(pair):
 
     decoder, target, _ = random_decoder() if pair == "far" else (close_decoder(), None, None)
     target = decoder.pair.target
-    scripted(decoder, ["sd-2", "sd-1", "ar", "ngram-2", "ar", "sd-4"])
+    scripted(decoder, ["sd-k2", "sd-k1", "ar", "ngram-k2", "ar", "sd-k4"])
     prompt = [1, 2, 1, 2]
     with torch.inference_mode():
         p1 = target(torch.tensor([prompt])).logits[0, -1].softmax(-1)  # (V,) first token
@@ -227,7 +238,7 @@ def test_on_a_pair_where_drafting_never_pays_auto_runs_ar(gpt2_decoder):
 
 
 def test_the_profile_is_saved_beside_the_pair(tiny_pair, gpt2_decoder):
-    from sprinter.bench.costs import FILE_NAME, read_profiles
+    from sprinter.decode.costs import FILE_NAME, read_profiles
 
     dec = Decoder.from_pretrained(str(tiny_pair / "draft"), str(tiny_pair / "target"), device="cpu", dtype="float32")
     profile = dec.cost_profile(budget_s=0.3)

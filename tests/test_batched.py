@@ -30,8 +30,9 @@ def alone(decoder, prompts, **options):
     return [decoder.generate(p, max_new_tokens=NEW, mode="ar", **options) for p in prompts]
 
 
-@pytest.mark.parametrize("mode,options", [("ar", {}), ("sd", {"k": 3}), ("ngram", {"s": 4}), ("ngram", {"i_knee": 6.0}),
-                                          ("sd", {"k": 2, "max_batch": 2}), ("ngram", {"s": 2, "max_batch": 1})])
+@pytest.mark.parametrize("mode,options", [("ar", {}), ("sd", {"k": 3}), ("ngram", {"ngram_k": 4}),
+                                          ("ngram", {"i_knee": 6.0}), ("sd", {"k": 2, "max_batch": 2}),
+                                          ("ngram", {"ngram_k": 2, "max_batch": 1})])
 def test_each_row_equals_its_prompt_alone(decoder, mode, options):
     reference = alone(decoder, PROMPTS)
     outs = decoder.generate(PROMPTS, max_new_tokens=NEW, mode=mode, **options)
@@ -53,10 +54,10 @@ def test_each_row_equals_its_prompt_alone(decoder, mode, options):
 def test_single_prompt_ngram_keeps_the_single_result_type(decoder):
     ref = alone(decoder, PROMPTS[2:])[0]
     pieces: list[str] = []
-    out = decoder.generate(PROMPTS[2], max_new_tokens=NEW, mode="ngram", s=3, on_text=pieces.append)
+    out = decoder.generate(PROMPTS[2], max_new_tokens=NEW, mode="ngram", ngram_k=3, on_text=pieces.append)
     assert out.token_ids == ref.token_ids and out.stats.batch_size == 1
     assert "".join(pieces) == out.text
-    assert decoder.generate([PROMPTS[2]], max_new_tokens=NEW, mode="ngram", s=3)[0].token_ids == ref.token_ids
+    assert decoder.generate([PROMPTS[2]], max_new_tokens=NEW, mode="ngram", ngram_k=3)[0].token_ids == ref.token_ids
 
 
 def test_rows_stop_at_eos_at_different_steps(tiny_llama_pair):
@@ -70,7 +71,8 @@ def test_rows_stop_at_eos_at_different_steps(tiny_llama_pair):
     assert dec.tokenizer.eos_token_id == eos
     reference = alone(dec, PROMPTS)
     assert sum(r.stop_reason == "eos" for r in reference) >= 2
-    for mode, options in (("ar", {}), ("sd", {"k": 4}), ("ngram", {"s": 4}), ("ngram", {"s": 3, "max_batch": 2})):
+    for mode, options in (("ar", {}), ("sd", {"k": 4}), ("ngram", {"ngram_k": 4}),
+                          ("ngram", {"ngram_k": 3, "max_batch": 2})):
         outs = dec.generate(PROMPTS, max_new_tokens=NEW, mode=mode, **options)
         assert [o.token_ids for o in outs] == [r.token_ids for r in reference], (mode, options)
         assert [o.stop_reason for o in outs] == [r.stop_reason for r in reference]
@@ -82,7 +84,7 @@ def test_stop_strings_per_row(decoder):
     reference = alone(decoder, PROMPTS)
     text = reference[1].text
     stop = text[len(text) // 2:][:2]
-    outs = decoder.generate(PROMPTS, max_new_tokens=NEW, mode="ngram", s=3, stop=[stop])
+    outs = decoder.generate(PROMPTS, max_new_tokens=NEW, mode="ngram", ngram_k=3, stop=[stop])
     for out, ref in zip(outs, alone(decoder, PROMPTS, stop=[stop])):
         assert out.token_ids == ref.token_ids and out.stop_reason == ref.stop_reason
     assert outs[1].stop_reason == "stop_string"
@@ -105,7 +107,7 @@ def test_batched_sampling_follows_the_target_distribution():
             p1 = target(torch.tensor([prompt])).logits[0, -1].softmax(-1)
             p2 = torch.stack([target(torch.tensor([prompt + [x]])).logits[0, -1].softmax(-1) for x in range(VOCAB)])
             exact.append((p1, p1 @ p2))
-    for mode, options in (("sd", {"k": 2}), ("ngram", {"s": 2})):
+    for mode, options in (("sd", {"k": 2}), ("ngram", {"ngram_k": 2})):
         counts = torch.zeros(len(prompts), 2, VOCAB)
         rejected = 0
         for seed in range(100):
@@ -163,13 +165,13 @@ def test_recompute_rereads_like_a_forward_without_a_cache(tiny_llama_pair):
 
 
 def test_speculation_length_rule():
-    assert speculation_length(206, 1) == 8  # clamped to s_max
+    assert speculation_length(206, 1) == 8  # clamped to k_max
     assert speculation_length(206, 32) == 6  # round(6.4)
     assert speculation_length(206, 128) == 2  # round(1.6)
     assert speculation_length(206, 150) == 1  # round(1.37)
     assert speculation_length(206, 207) == 0  # compute-bound already: plain decoding
     assert speculation_length(4.2, 4) == 1 and speculation_length(4.2, 8) == 0
-    assert speculation_length(50, 2, s_max=4) == 4
+    assert speculation_length(50, 2, k_max=4) == 4
     with pytest.raises(SprinterError, match="i_knee"):
         speculation_length(0, 1)
 
@@ -189,10 +191,10 @@ def test_measured_knee_is_plausible_and_memoised():
 @pytest.mark.parametrize("kwargs,message", [
     ({"mode": "sprinter", "gate": "confidence"}, "mode='sprinter'"),
     ({"mode": "draft"}, "mode='draft'"),
-    ({"mode": "sd", "s": 2}, "only with mode='ngram'"),
+    ({"mode": "sd", "ngram_k": 2}, "only with mode='ngram'"),
     ({"mode": "ar", "i_knee": 10.0}, "only with mode='ngram'"),
-    ({"mode": "ngram", "s": 2, "i_knee": 10.0}, "at most one"),
-    ({"mode": "ngram", "s": -1}, "s: got -1"),
+    ({"mode": "ngram", "ngram_k": 2, "i_knee": 10.0}, "at most one"),
+    ({"mode": "ngram", "ngram_k": -1}, "ngram_k: got -1"),
     ({"mode": "ngram", "ngram_n": 0}, "ngram_n"),
     ({"mode": "ngram", "max_batch": 0}, "max_batch"),
     ({"mode": "ngram", "on_text": print}, "on_text"),

@@ -288,5 +288,5 @@ def test_the_fastest_stop_threshold_is_stored_with_its_verifier(tiny_pair, verif
     assert chosen in (0.2, 0.6) and read_info(stop).stop_threshold == chosen
     assert read_info(verifier).stop_threshold is None  # the other checkpoint is untouched
     decoder = Decoder.from_pretrained(str(tiny_pair / "draft"), str(tiny_pair / "target"), verifier=stop, device="cpu")
-    assert decoder._stop_threshold(None, decoder.gate) == chosen and decoder._stop_threshold(0.9, decoder.gate) == 0.9
-    assert decoder._stop_threshold(None, None) == STOP_THRESHOLD  # another gate: the library default
+    assert decoder.stop_threshold(None, decoder.gate) == chosen and decoder.stop_threshold(0.9, decoder.gate) == 0.9
+    assert decoder.stop_threshold(None, None) == STOP_THRESHOLD  # another gate: the library default

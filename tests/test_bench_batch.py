@@ -28,7 +28,7 @@ def test_tiny_sweep_writes_its_reports(tiny_pair, tmp_path):
     results = sweep(tiny_pair, tmp_path)
     on_disk = json.loads((tmp_path / "results.json").read_text())
     assert on_disk["partial"] is False
-    assert on_disk["s_rule"] == {"1": 4, "3": 1} and list(on_disk["methods"]) == ["ar", "sd-k4", "ngram", "ngram-s2"]
+    assert on_disk["k_rule"] == {"1": 4, "3": 1} and list(on_disk["methods"]) == ["ar", "sd-k4", "ngram", "ngram-k2"]
     for _size, cell in results["cells"]["code"].items():
         assert cell["ar"]["speedup_vs_ar"] == 1.0 and cell["ngram"]["tokens"] == cell["ar"]["tokens"]
         assert 0 <= cell["ngram"]["draft_share"] < 1
@@ -46,7 +46,7 @@ def test_tiny_sweep_writes_its_reports(tiny_pair, tmp_path):
     assert len((tmp_path / "records.jsonl").read_text().splitlines()) == len(lines)
 
 
-@pytest.mark.parametrize("argv,message", [(["--batch-sizes", "0"], "batch_sizes"), (["--fixed-s", "0"], "fixed_s"),
+@pytest.mark.parametrize("argv,message", [(["--batch-sizes", "0"], "batch_sizes"), (["--fixed-k", "0"], "fixed_k"),
                                           (["--i-knee", "-1"], "i_knee"), (["--domains", "poetry"], "domains"),
                                           (["--resume", "--overwrite"], "at most one")])
 def test_bad_options_are_refused(argv, message):

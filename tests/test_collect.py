@@ -137,8 +137,8 @@ def test_decode_rows_follow_the_target_path(request, text_file, arch):
     pair = load_pair(str(folder / "draft"), str(folder / "target"), device="cpu", dtype="float32")
     cfg = parse_collect_config(_argv(folder, text_file, "unused"))
     prompts = torch.stack([w[:12] for w in list(iter_windows(cfg, pair.tokenizer))[:3]])
-    args = (10, 4, pair.vocab_size, 0.0, torch.Generator(), 0, None, pair.max_length)
-    rows, paths = decode_rows(pair.draft, pair.target, prompts, *args)
+    args = dict(max_new_tokens=10, k=4, temperature=0.0, gen=torch.Generator(), pad_id=0, eos_id=None)
+    rows, paths = decode_rows(pair, prompts, **args)
     assert rows["row_prompt"].bincount().tolist() == [10, 10, 10]
     # Greedy path = target greedy: every path token after the prompt is the target's argmax.
     with torch.no_grad():
@@ -155,7 +155,7 @@ def test_decode_rows_follow_the_target_path(request, text_file, arch):
         q = torch.softmax(head(hidden)[: pair.vocab_size], -1)
         assert torch.isclose(q[rows["token_id"][r]], rows["draft_prob"][r], atol=1e-5)
     # Padding does not change the rows: the same prompt alone gives the same tokens.
-    alone, _ = decode_rows(pair.draft, pair.target, prompts[1:2], *args)
+    alone, _ = decode_rows(pair, prompts[1:2], **args)
     assert torch.equal(alone["token_id"], rows["token_id"][10:20])
 
 
@@ -170,8 +170,8 @@ def test_decode_rows_are_cache_less_forwards_over_the_batch(request, text_file, 
     cfg = parse_collect_config(_argv(folder, text_file, "unused"))
     prompts = torch.stack([w[:10] for w in list(iter_windows(cfg, pair.tokenizer))[:3]])
     k, rounds = 4, 3  # the paths grow apart after the first round: later rounds are padded
-    rows, paths = decode_rows(pair.draft, pair.target, prompts, k * rounds, k, pair.vocab_size, temperature,
-                              torch.Generator().manual_seed(1), 0, None, pair.max_length)
+    rows, paths = decode_rows(pair, prompts, max_new_tokens=k * rounds, k=k, temperature=temperature,
+                              gen=torch.Generator().manual_seed(1), pad_id=0, eos_id=None)
     for r in range(rounds):  # no EOS: every prompt is in every round, its rows r*k .. r*k + k-1
         first = [i * k * rounds + r * k for i in range(len(paths))]
         contexts = [path[: int(rows["context_length"][j])] for path, j in zip(paths, first)]

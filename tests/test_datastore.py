@@ -8,17 +8,11 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from conftest import datastore_of
 
 from sprinter.config import parse_config
-from sprinter.decode.datastore import (
-    SAMPLE,
-    Datastore,
-    DatastoreConfig,
-    build_datastore,
-    suffix_array,
-    tokenizer_fingerprint,
-    write_datastore,
-)
+from sprinter.data.datastore import DatastoreConfig, build_datastore, suffix_array, write_datastore
+from sprinter.decode.datastore import SAMPLE, Datastore, tokenizer_fingerprint
 from sprinter.errors import SprinterError, run_cli
 
 pytestmark = pytest.mark.usefixtures("single_thread")  # the decoding tests at the end: tiny models, one thread
@@ -51,7 +45,7 @@ def test_suffix_array_equals_a_naive_sort(seed):
 
 
 def test_longest_match_and_the_most_frequent_continuation():
-    ds = Datastore.from_documents([[7, 1, 2, 3, 9], [1, 2, 3, 9], [1, 2, 4], [8, 2, 5]], eos_id=EOS)
+    ds = datastore_of([[7, 1, 2, 3, 9], [1, 2, 3, 9], [1, 2, 4], [8, 2, 5]], eos_id=EOS)
     assert ds.chain([1, 2], 5) == [3, 9]  # 3 follows (1, 2) twice, 4 once; then 9; then the documents end
     assert ds.chain([1, 2], 1) == [3]  # stops at s
     assert ds.chain([6, 8, 2], 4) == [5]  # the longest suffix that occurs: (8, 2)
@@ -62,7 +56,7 @@ def test_longest_match_and_the_most_frequent_continuation():
 
 
 def test_ties_go_to_the_smaller_id_and_matches_never_cross_documents():
-    ds = Datastore.from_documents([[1, 6], [1, 5], [2]], eos_id=EOS)
+    ds = datastore_of([[1, 6], [1, 5], [2]], eos_id=EOS)
     assert ds.chain([1], 3) == [5]
     assert ds.chain([6], 3) == []  # not [1, 5]: the next document is not a continuation
     assert ds.chain([6, EOS, 1], 3) == [5]  # the context is cut after its EOS: only (1,) is looked up
@@ -92,7 +86,7 @@ def naive_chain(tokens: list[int], context: list[int], s: int, n: int, min_n: in
 def test_lookups_equal_the_rule_by_brute_force(seed):
     rng = np.random.default_rng(seed)
     docs = [rng.integers(1, 5, rng.integers(1, 60)).tolist() for _ in range(8)]
-    ds = Datastore.from_documents(docs, eos_id=EOS)
+    ds = datastore_of(docs, eos_id=EOS)
     tokens = ds.tokens.tolist()
     for _ in range(50):
         context = rng.integers(1, 6, rng.integers(0, 5)).tolist()
@@ -103,7 +97,7 @@ def test_lookups_equal_the_rule_by_brute_force(seed):
 
 def test_large_ranges_are_counted_on_a_sample():
     docs = [[1, 2]] * (SAMPLE + 40) + [[1, 3, 4]] * (SAMPLE + 60)
-    ds = Datastore.from_documents(docs, eos_id=EOS)
+    ds = datastore_of(docs, eos_id=EOS)
     assert ds.chain([1], 4) == [3, 4]
 
 
@@ -218,7 +212,7 @@ def test_a_manifest_that_was_edited_or_from_another_version_is_refused(built, tm
 
 def test_a_datastore_for_another_tokenizer_is_refused(built, corpus):
     from sprinter.corpus import load_documents
-    from sprinter.pairs.build import train_tokenizer
+    from sprinter.pairs.train import train_tokenizer
 
     other = train_tokenizer(load_documents(str(corpus), "all"), 300)
     with pytest.raises(SprinterError, match=r"manifest\.json.*another tokenizer.*'vocab_size': 300"):
@@ -272,9 +266,9 @@ def test_ngram_decoding_with_a_datastore_equals_ar(built, gpt2_decoder):
     ar = [dec.generate(p, mode="ar", max_new_tokens=24).token_ids for p in prompts]
     eos = dec.tokenizer.eos_token_id
     for store in (Datastore.open(out, tokenizer=dec.tokenizer),
-                  Datastore.from_documents([p + a for p, a in zip(prompts, ar)], eos)):
+                  datastore_of([p + a for p, a in zip(prompts, ar)], eos)):
         dec.datastore = store
-        outs = dec.generate(prompts, mode="ngram", max_new_tokens=24, s=4)
+        outs = dec.generate(prompts, mode="ngram", max_new_tokens=24, ngram_k=4)
         assert [o.token_ids for o in outs] == ar
     dec.datastore = None
     assert sum(o.stats.accepted for o in outs) > 0  # the second store's chains were used

@@ -155,7 +155,7 @@ class RandomGate:
     """A gate whose P(accept) is noise: sd-gated's output must not depend on it."""
 
     threshold = 0.5
-    needs_hidden = False
+    hidden_layers = 0
 
     def __init__(self, seed: int):
         self.gen = torch.Generator().manual_seed(seed)
@@ -168,7 +168,8 @@ def test_sd_gated_equals_ar_for_any_gate(decoder):
     for prompt in PROMPTS:
         ar = decoder.generate(prompt, max_new_tokens=24, mode="ar").token_ids
         for seed, stop in ((0, 0.3), (1, 0.7), (2, 0.95)):
-            out = decoder.generate(prompt, max_new_tokens=24, mode="sd-gated", gate=RandomGate(seed), threshold=stop)
+            out = decoder.generate(prompt, max_new_tokens=24, mode="sd-gated", gate=RandomGate(seed),
+                                   stop_threshold=stop)
             assert out.token_ids == ar
             s = out.stats
             assert s.accepted + s.rejected == s.drafted and s.verifier_calls == s.drafted

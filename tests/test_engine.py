@@ -12,7 +12,7 @@ import torch
 from torch._dynamo.utils import counters
 
 from sprinter import Decoder
-from sprinter.bench.benchmark import hf_assisted_runner
+from sprinter.bench.methods import hf_assisted_runner
 from sprinter.decode.cache import CachedLM, static_cache, static_capacity
 from sprinter.decode.engine import Engine, compiler_problem
 from sprinter.decode.gates import LearnedGate

@@ -14,7 +14,8 @@ from sprinter.decode.sampling import Sampler
 from sprinter.errors import SprinterError
 from sprinter.features import KNOWN, VECTORS, block_features, distribution_features
 from sprinter.pairs.load import fingerprint, load_pair
-from sprinter.train.fit import TrainConfig, first_prompts
+from sprinter.train.data import first_prompts
+from sprinter.train.fit import TrainConfig
 from sprinter.verifier import Verifier, VerifierInfo, default_arch, load_verifier, save_verifier
 
 pytestmark = pytest.mark.usefixtures("single_thread")
@@ -42,15 +43,15 @@ def test_decode_time_features_equal_the_collected_ones(request, arch):
     pair = load_pair(str(folder / "draft"), str(folder / "target"), device="cpu", dtype="float32")
     prompt = torch.randint(3, pair.vocab_size, (1, 10), generator=torch.Generator().manual_seed(1))
     k = 4
-    rows, paths = decode_rows(pair.draft, pair.target, prompt, 12, k, pair.vocab_size, 0.0, torch.Generator(), 0,
-                              None, pair.max_length)
+    rows, paths = decode_rows(pair, prompt, max_new_tokens=12, k=k, temperature=0.0, gen=torch.Generator(), pad_id=0,
+                              eos_id=None)
     recorder = Recorder()
     gate = LearnedGate(recorder, KNOWN, threshold=0.5)
-    assert gate.needs_hidden == 2
+    assert gate.hidden_layers == 2
     for start in range(0, len(rows["token_id"]), k):
         # the block's context, as the decode loop holds it: the path up to where this block was drafted
         context = paths[0][: int(rows["context_length"][start])]
-        drafter = ModelDrafter(CachedLM(pair.draft, pair.vocab_size), Sampler(), with_hidden=gate.needs_hidden)
+        drafter = ModelDrafter(CachedLM(pair.draft, pair.vocab_size), Sampler(), hidden_layers=gate.hidden_layers)
         recorder.seen.clear()
         with torch.inference_mode():
             draft = drafter.propose([context], [k], torch.Generator(),
@@ -91,7 +92,7 @@ def test_old_feature_checkpoints_load_and_gate(tmp_path):
     verifier, info = load_verifier(tmp_path / "old")
     assert info.features == OLD and not any("prev" in k for k in verifier.state_dict())
     gate = LearnedGate(verifier, info.features, 0.5)
-    assert gate.needs_hidden == 1
+    assert gate.hidden_layers == 1
     p = gate.accept_prob(_step(with_prev=False), 0)  # a drafter asked for one layer gives no hidden_prev
     assert 0 < float(p) < 1
 

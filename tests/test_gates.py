@@ -44,7 +44,7 @@ def step(hidden_size: int = 8) -> DraftStep:
 def test_learned_gate_feeds_the_contract_features():
     verifier = FixedLogit(0.0)
     gate = LearnedGate(verifier, FEATURES, threshold=0.5)
-    assert gate.needs_hidden
+    assert gate.hidden_layers == 1
     assert float(gate.accept_prob(step(), position=3)) == pytest.approx(0.5)
     seen = verifier.seen[0]
     assert set(seen) == set(FEATURES)
@@ -53,7 +53,7 @@ def test_learned_gate_feeds_the_contract_features():
     assert seen["draft_prob"].tolist() == pytest.approx([0.6])
     assert seen["draft_entropy"].tolist() == pytest.approx([float(-(step().q * step().q.log()).sum())])
     assert seen["position"].tolist() == [3.0]
-    assert not LearnedGate(FixedLogit(0.0), ("draft_prob",), 0.5).needs_hidden
+    assert not LearnedGate(FixedLogit(0.0), ("draft_prob",), 0.5).hidden_layers
 
 
 def test_simple_gates():

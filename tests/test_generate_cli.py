@@ -61,7 +61,7 @@ def test_auto_says_which_modes_ran(generate_main, tiny_pair, capsys):
 
 def test_a_prompts_file_is_one_batch(generate_main, tiny_pair, tmp_path, capsys):
     (tmp_path / "p.jsonl").write_text('"def f(x):\\n    return"\n"import os"\n')
-    argv = ["--pair", str(tiny_pair), "--mode", "ngram", "--s", "2", "--prompts-file", str(tmp_path / "p.jsonl"),
+    argv = ["--pair", str(tiny_pair), "--mode", "ngram", "--ngram-k", "2", "--prompts-file", str(tmp_path / "p.jsonl"),
             "--max-new-tokens", "5", "--threads", "1", "--json"]
     assert run_cli(generate_main, argv) == 0
     captured = capsys.readouterr()

@@ -108,7 +108,7 @@ def counts_of(tokens: list[int]) -> torch.Tensor:
 class FixedGate:
     """P(accept) is the same number for every token."""
 
-    needs_hidden = False
+    hidden_layers = 0
 
     def __init__(self, p_accept: float, threshold: float):
         self.p, self.threshold = p_accept, threshold
@@ -123,7 +123,7 @@ def test_a_token_at_exactly_the_threshold_passes():
     for p, threshold, flagged in ((0.5, 0.5, False), (0.25, 0.25, False), (0.0, 0.0, False), (1.0, 1.0, False),
                                   (0.4999, 0.5, True), (0.5, 0.5001, True)):
         rule = GateRule(FixedGate(p, threshold), None)
-        assert rule(step, 0) is flagged and rule.flagged is flagged, (p, threshold)
+        assert rule(step, 0) is flagged and rule.stopped is flagged, (p, threshold)
         assert rule.calls == 1
     # the fused draft step hands P(accept) in: the same rule applies to it
     assert GateRule(FixedGate(0.0, 0.5), None)(SimpleNamespace(p_accept=torch.tensor(0.5)), 0) is False
@@ -137,7 +137,7 @@ def test_sd_gated_stops_once_the_rejection_chance_exceeds_the_stop_threshold():
     assert rule(step, 0) is False and rule.survival == 0.5
     assert rule(step, 1) is True and rule.survival == 0.25 and rule.calls == 2
     rule.start()
-    assert (rule.flagged, rule.survival, rule.calls) == (False, 1.0, 0)
+    assert (rule.stopped, rule.survival, rule.calls) == (False, 1.0, 0)
 
 
 # ------------------------------------------------------------------- sprinter's distribution at temperature > 0
@@ -145,7 +145,7 @@ class TokenGate:
     """Passes exactly the tokens in `passes` (P(accept) 1 for them, 0 for the rest): a gate whose every decision
     is known, so sprinter's output distribution can be written down."""
 
-    needs_hidden = False
+    hidden_layers = 0
     threshold = 0.5
 
     def __init__(self, passes: set[int]):

@@ -6,31 +6,37 @@ import json
 import pytest
 import torch
 
-from sprinter.bench.costs import CostProfile, find_profile, measure_costs, read_profiles, save_profile
-from sprinter.bench.latency import (
-    AcceptanceStats,
-    acceptance_by_position,
-    ar_ms,
-    clean_prefix,
-    counted_ms,
-    draft_ms,
+from sprinter.bench.latency import acceptance_by_position, predict_row
+from sprinter.bench.regime_map import (
     fastest,
     flat_shape,
-    gated_block,
     mode_times,
-    ngram_ms,
     pair_point,
-    predict_row,
     regime_grid,
     regime_table,
+    synthetic_profile,
+)
+from sprinter.decode.costs import CostProfile, find_profile, measure_costs, read_profiles, save_profile
+from sprinter.decode.latency import (
+    AcceptanceStats,
+    ar_ms,
+    counted_ms,
+    draft_ms,
+    gated_block,
+    ngram_ms,
+    prefix_accept,
     sd_gated_ms,
     sd_ms,
     sprinter_ms,
-    synthetic_profile,
     verifier_rates,
 )
 from sprinter.decode.stats import DecodeStats
 from sprinter.errors import SprinterError
+
+
+def clean_prefix(a, true_accept: float, max_block: int) -> float:
+    """E[accepted prefix] of a gated block in closed form: sum_{j=1..M} P_j TA^(j-1) (what `gated_block` must give)."""
+    return sum(prefix_accept(a, j) * true_accept ** (j - 1) for j in range(1, max_block + 1))
 
 
 def profile(d=0.1, slope=0.1, gate=0.02, round_ms=0.0, max_n=21, d_hidden=None) -> CostProfile:
@@ -154,15 +160,15 @@ def test_benchmark_rows_are_predicted_from_the_statistics():
               "verifier_calls": 0, "drafted": 80, "accepted": 20, "draft_seconds": 0.004}
     common = {"counts": counts, "prompts": 1, "prompt_len": 8, "max_block": 2,
               "rates": {"mlp": {"0.05": (1.0, 0.0)}}}
-    assert predict_row(p, stats, family="ar", operating_point=None, **common) == 1.0
-    assert predict_row(p, stats, family="sd", operating_point=2, **common) == pytest.approx(sd_ms(p, (0.5,), 2))
-    assert predict_row(p, stats, family="sprinter-mlp", operating_point=0.05, **common) == pytest.approx(1.33 / 1.75)
-    assert predict_row(p, stats, family="async", operating_point=4, **common) is None
+    assert predict_row(p, stats, ("ar", None), **common) == 1.0
+    assert predict_row(p, stats, ("sd", 2), **common) == pytest.approx(sd_ms(p, (0.5,), 2))
+    assert predict_row(p, stats, ("sprinter-mlp", 0.05), **common) == pytest.approx(1.33 / 1.75)
+    assert predict_row(p, stats, ("async", 4), **common) is None
     # ngram: the prompt's own call left out: 39 calls, 80 / 39 drafted, 20 / 39 accepted, 4 ms of lookups
-    assert predict_row(p, stats, family="ngram", operating_point=None, **common) == \
+    assert predict_row(p, stats, ("ngram", None), **common) == \
         pytest.approx(ngram_ms(p, 80 / 39, 20 / 39, 4 / 39))
     # no metrics.json for the linear gate: the row's own counts (target reads less the prompt's 7 extra tokens)
-    assert predict_row(p, stats, family="sprinter-linear", operating_point=0.05, **common) == \
+    assert predict_row(p, stats, ("sprinter-linear", 0.05), **common) == \
         pytest.approx(counted_ms(p, draft_calls=80, target_calls=40, target_tokens=120, gate_calls=0, new_tokens=100))
 
 
@@ -200,14 +206,14 @@ def test_profiles_are_saved_by_key_and_read_back(tmp_path):
 
 def test_measure_costs_on_a_tiny_pair(gpt2_decoder):
     pair = gpt2_decoder.pair
-    p = measure_costs(pair.draft, pair.target, pair.vocab_size, pair="tiny", max_n=5, context=8, budget_s=0.3)
+    p = measure_costs(pair, name="tiny", max_n=5, context=8, budget_s=0.3)
     assert len(p.target_ms) == 5 and p.repeats >= 3 and p.noise == round(p.noise, 4) and 0 <= p.noise < 10
     assert all(v > 0 for v in (p.draft_step_ms, p.draft_hidden_step_ms, p.round_ms, *p.gate_ms.values()))
     assert p.key == "tiny | cpu | float32 | %d thread(s)" % p.threads
 
 
 def test_timing_noise_by_hand():
-    from sprinter.bench.costs import timing_noise
+    from sprinter.decode.costs import timing_noise
 
     # [1, 2, 3, 4, 5]: quartiles 1.5 and 4.5 about a median of 3, spread 1.0; [2, 2, 2, 2]: spread 0; median 0.5
     assert timing_noise([[1, 2, 3, 4, 5], [2, 2, 2, 2]]) == 0.5

@@ -1,7 +1,7 @@
 import numpy as np
 import pytest
+from conftest import datastore_of
 
-from sprinter.decode.datastore import Datastore
 from sprinter.decode.ngram import NgramDrafter
 from sprinter.errors import SprinterError
 
@@ -26,7 +26,7 @@ def test_bad_sizes_are_refused():
 
 
 def test_the_datastore_answers_when_the_sequence_has_no_match():
-    ds = Datastore.from_documents([[10, 11, 12, 13, 14], [20, 21]], eos_id=0)
+    ds = datastore_of([[10, 11, 12, 13, 14], [20, 21]], eos_id=0)
     d = NgramDrafter(n=3, datastore=ds)
     assert d.chain([5, 11, 12], 2) == [13, 14]
     assert d.chain([5, 11, 12], 9) == [13, 14]  # stops at the document's end
@@ -36,7 +36,7 @@ def test_the_datastore_answers_when_the_sequence_has_no_match():
 
 
 def test_a_longer_datastore_match_beats_a_shorter_own_match_and_ties_go_to_the_sequence():
-    ds = Datastore.from_documents([[1, 2, 3, 40], [2, 3, 50]], eos_id=0)
+    ds = datastore_of([[1, 2, 3, 40], [2, 3, 50]], eos_id=0)
     d = NgramDrafter(n=3, datastore=ds)
     assert d.chain([2, 3, 7, 1, 2, 3], 1) == [40]  # corpus: (1, 2, 3); sequence: only (2, 3)
     assert d.chain([9, 2, 3, 7, 9, 2, 3], 1) == [7]  # the sequence matches all n tokens: no lookup
@@ -47,7 +47,7 @@ def test_a_longer_datastore_match_beats_a_shorter_own_match_and_ties_go_to_the_s
 @pytest.mark.parametrize("n,min_n", [(3, 1), (4, 2), (2, 2)])
 def test_the_incremental_index_equals_the_stateless_chain(n, min_n):
     rng = np.random.default_rng(n * 10 + min_n)
-    ds = Datastore.from_documents([rng.integers(1, 6, 40).tolist() for _ in range(4)], eos_id=0)
+    ds = datastore_of([rng.integers(1, 6, 40).tolist() for _ in range(4)], eos_id=0)
     for drafter in (NgramDrafter(n, min_n), NgramDrafter(n, min_n, datastore=ds)):
         for _ in range(100):
             seq = rng.integers(1, 8, rng.integers(0, 30)).tolist()

@@ -11,7 +11,9 @@ from sprinter import DecodeOptions
 from sprinter.decode.cache import CachedLM
 from sprinter.decode.decoder import GenerateConfig, speculative
 from sprinter.decode.emit import Emitter
+from sprinter.decode.loops import LoopState
 from sprinter.decode.ngram import NgramDrafter
+from sprinter.decode.sampling import Sampler
 from sprinter.decode.stats import DecodeStats
 from sprinter.errors import SprinterError
 
@@ -27,16 +29,13 @@ def test_the_cli_config_inherits_every_default():
 
 def test_stop_threshold_is_its_own_option():
     assert DecodeOptions(mode="sd-gated", stop_threshold=0.3).stop_threshold == 0.3
-    old = DecodeOptions(mode="sd-gated", threshold=0.3)  # the spelling before stop_threshold: still accepted
-    assert (old.threshold, old.stop_threshold) == (None, 0.3)
-    assert old == DecodeOptions(mode="sd-gated", stop_threshold=0.3)
-    with pytest.raises(SprinterError, match="expected only stop_threshold"):
-        DecodeOptions(mode="sd-gated", threshold=0.3, stop_threshold=0.5)
+    with pytest.raises(SprinterError, match="threshold: got 0.3 with mode='sd-gated'"):  # the gate's, not the stop's
+        DecodeOptions(mode="sd-gated", threshold=0.3)
     with pytest.raises(SprinterError, match="stop_threshold: got 0.5 with mode='sprinter'"):
         DecodeOptions(mode="sprinter", stop_threshold=0.5)
     with pytest.raises(SprinterError, match="stop_threshold: got 1.5"):
         DecodeOptions(mode="sd-gated", stop_threshold=1.5)
-    assert GenerateConfig(mode="sd-gated", gate="confidence", threshold=0.7).options().stop_threshold == 0.7
+    assert GenerateConfig(mode="sd-gated", gate="confidence", stop_threshold=0.7).options().stop_threshold == 0.7
 
 
 def test_options_are_frozen_and_replace_checks_again():
@@ -55,7 +54,7 @@ def test_generate_takes_an_options_object_and_keyword_overrides(gpt2_decoder):
     opts = DecodeOptions(mode="sd-gated", gate="confidence", max_new_tokens=12)
     by_object = gpt2_decoder.generate(PROMPTS[0], opts, stop_threshold=0.7)
     by_keywords = gpt2_decoder.generate(PROMPTS[0], mode="sd-gated", gate="confidence", max_new_tokens=12,
-                                        threshold=0.7)
+                                        stop_threshold=0.7)
     assert by_object.token_ids == by_keywords.token_ids
     assert dataclasses.asdict(by_object.stats) | {"wall_seconds": 0} == \
         dataclasses.asdict(by_keywords.stats) | {"wall_seconds": 0}
@@ -74,7 +73,7 @@ def test_ngram_chains_drive_the_single_prompt_loop_losslessly(decoder):
         stats = DecodeStats(mode="sd")
         with torch.inference_mode():
             speculative(CachedLM(decoder.pair.target, decoder.pair.vocab_size), NgramDrafter(2), ids,
-                        options=DecodeOptions(mode="sd", k=3), gate=None, gen=torch.Generator(), out=out,
-                        stats=stats)
+                        options=DecodeOptions(mode="sd", k=3), gate=None,
+                        state=LoopState(Sampler(), torch.Generator(), out, stats))
         assert out.ids == ar.token_ids
         assert stats.accepted + stats.rejected == stats.drafted

@@ -149,7 +149,10 @@ def test_time_budget_stops_training_and_is_recorded(tmp_path):
 
 
 def test_lr_clock_ends_the_decay_by_the_time_budget():
-    from sprinter.pairs.build import lr_at
+    from sprinter.schedule import warmup_cosine
+
+    def lr_at(step, steps, peak, warmup_fraction, clock=0.0):  # the pairs' schedule (sprinter.pairs.build)
+        return warmup_cosine(step, steps, warmup_fraction, peak=peak, floor=0.1, clock=clock, min_warmup=1)
 
     assert lr_at(10, 1000, 1.0, 0.05) == lr_at(10, 1000, 1.0, 0.05, clock=0.0)
     assert lr_at(500, 100000, 1.0, 0.05, clock=1.0) == pytest.approx(0.1)  # the clock ran out: the floor

@@ -187,7 +187,7 @@ def test_script_refuses_a_folder_without_manifest(tmp_path):
 
 def test_auto_label_rule_follows_the_collection_temperature(tmp_path):
     from sprinter.data.shards import read_manifest
-    from sprinter.train.fit import auto_label_rule
+    from sprinter.train.data import auto_label_rule
 
     folders = []
     for name, temperature in (("greedy", 0.0), ("sampled", 1.0)):

@@ -289,7 +289,7 @@ def test_a_full_disk_during_training_leaves_no_cut_short_file(tmp_path, shards, 
 def test_ctrl_c_in_training_is_one_line_and_exit_130(capsys, tmp_path, shards, monkeypatch):
     import signal
 
-    from sprinter.train.fit import VerifierModule
+    from sprinter.train.module import VerifierModule
 
     def interrupt(self, batch, batch_idx):
         raise KeyboardInterrupt

@@ -38,7 +38,7 @@ from sprinter.bench.protocol import (
     save,
     warm_up,
 )
-from sprinter.config import check_integers, option, to_dict
+from sprinter.config import check_integers, check_runs, option, to_dict
 from sprinter.decode.decoder import Decoder
 from sprinter.decode.options import DecodeOptions
 from sprinter.errors import SprinterError
@@ -83,8 +83,7 @@ class AsyncBenchConfig:
         if not self.sd_threads or any(isinstance(n, bool) or not isinstance(n, int) or n < 1 for n in self.sd_threads):
             raise SprinterError(f"sd_threads: got {list(self.sd_threads)}; expected integers >= 1")
         check_integers(self, ("warmup",), minimum=0)
-        if self.resume and self.overwrite:
-            raise SprinterError("resume and overwrite: got both; expected at most one")
+        check_runs(self)
         if not self.pairs:
             raise SprinterError("pairs: got none; expected at least one pair name or folder")
         for k in self.ks:

@@ -6,8 +6,8 @@ windows, prose docstrings: the benchmark's held-out prompts) and each batch size
 is decoded by every method (after a warm-up of each), `repeats` times with the methods' order rotated each
 repeat; a method's figure is the median over repeats of (new tokens of the batch / its wall time).
 Greedy by default: every method's outputs are checked equal, token for token, to batched "ar"'s (all of
-them are lossless). Rows: "ar"; "sd-k{k}" (the draft model); "ngram" (s from the batch size and
-I_knee, sprinter.decode.roofline) and "ngram-s{s}" for each fixed s.
+them are lossless). Rows: "ar"; "sd-k{k}" (the draft model); "ngram" (k from the batch size and
+I_knee, sprinter.decode.roofline) and "ngram-k{k}" for each fixed k.
 
 Each finished (domain, B) cell is appended to OUT/records.jsonl, so --resume continues a killed sweep.
 Writes OUT/results.json, OUT/results.md and OUT/batch.png (matplotlib optional, as sprinter.bench.report);
@@ -40,7 +40,7 @@ from sprinter.bench.protocol import (
     save,
     warm_up,
 )
-from sprinter.config import CONFIGS, check_integers, option, to_dict
+from sprinter.config import CONFIGS, check_integers, check_runs, option, to_dict
 from sprinter.decode.decoder import Decoder
 from sprinter.decode.options import DecodeOptions
 from sprinter.decode.roofline import measure_i_knee, speculation_length
@@ -62,8 +62,8 @@ class BatchBenchConfig:
     batch_sizes: tuple[int, ...] = option((1, 4, 8, 16, 32), "batch sizes B of the sweep")
     k: int = option(4, "sd: tokens drafted per sequence and target call")
     ngram_n: int = option(3, "ngram: longest suffix looked up")
-    fixed_s: tuple[int, ...] = option((4,), "ngram: fixed speculation lengths, a row each (beside the s rule's row)")
-    i_knee: float | None = option(None, "the s rule's I_knee; none: measured on the device at start")
+    fixed_k: tuple[int, ...] = option((4,), "ngram: fixed draft lengths, a row each (beside the k rule's row)")
+    i_knee: float | None = option(None, "the k rule's I_knee; none: measured on the device at start")
     datastore: str | None = option(None, "ngram rows also look up this datastore (scripts/build_datastore.py); "
                                          "none: each sequence's own text only")
     sd: bool = option(True, "include the sd row (needs the draft model)")
@@ -87,13 +87,11 @@ class BatchBenchConfig:
     def __post_init__(self) -> None:
         check_integers(self, ("k", "ngram_n", "prompt_len", "max_new_tokens", "repeats"))
         check_integers(self, ("threads", "warmup"), minimum=0)
-        if self.resume and self.overwrite:
-            raise SprinterError("resume and overwrite: got both; expected at most one")
         sizes = self.batch_sizes
         if not sizes or any(isinstance(b, bool) or not isinstance(b, int) or b < 1 for b in sizes):
             raise SprinterError(f"batch_sizes: got {list(self.batch_sizes)}; expected integers >= 1")
-        if any(isinstance(s, bool) or not isinstance(s, int) or s < 1 for s in self.fixed_s):
-            raise SprinterError(f"fixed_s: got {list(self.fixed_s)}; expected integers >= 1 (or none)")
+        if any(isinstance(k, bool) or not isinstance(k, int) or k < 1 for k in self.fixed_k):
+            raise SprinterError(f"fixed_k: got {list(self.fixed_k)}; expected integers >= 1 (or none)")
         bad = [d for d in self.domains if d not in DOMAINS]
         if bad or not self.domains:
             raise SprinterError(f"domains: got {list(self.domains)}; expected some of {DOMAINS}")
@@ -101,9 +99,7 @@ class BatchBenchConfig:
                       i_knee=self.i_knee)
         if not isinstance(self.temperature, (int, float)) or not 0 <= self.temperature < float("inf"):
             raise SprinterError(f"temperature: got {self.temperature!r}; expected a finite number >= 0")
-        if (self.draft is None) != (self.target is None):
-            raise SprinterError(f"draft/target: got draft={self.draft!r}, target={self.target!r}; expected both or "
-                                "neither (neither: PAIR/draft and PAIR/target)")
+        check_runs(self, neither="PAIR/draft and PAIR/target")
 
 
 def default_config_path() -> Path:
@@ -116,7 +112,7 @@ def methods(cfg: BatchBenchConfig) -> dict[str, dict]:
     if cfg.sd:
         rows[f"sd-k{cfg.k}"] = {"mode": "sd", "k": cfg.k}
     rows["ngram"] = {"mode": "ngram", "ngram_n": cfg.ngram_n, "i_knee": cfg.i_knee}
-    rows.update({f"ngram-s{s}": {"mode": "ngram", "ngram_n": cfg.ngram_n, "s": s} for s in cfg.fixed_s})
+    rows.update({f"ngram-k{k}": {"mode": "ngram", "ngram_n": cfg.ngram_n, "ngram_k": k} for k in cfg.fixed_k})
     return rows
 
 
@@ -198,7 +194,7 @@ def run_sweep(cfg: BatchBenchConfig) -> dict:
         return {"format": FORMAT, "created": time.strftime("%Y-%m-%dT%H:%M:%S"),
                 "hardware": hardware(decoder.pair.device, decoder.pair.dtype), "libraries": libraries(),
                 "pair": {"draft": draft, "target": target}, "options": to_dict(cfg), "i_knee": i_knee,
-                "s_rule": {str(b): speculation_length(i_knee, b) for b in sizes}, "methods": rows,
+                "k_rule": {str(b): speculation_length(i_knee, b) for b in sizes}, "methods": rows,
                 "elapsed_seconds": time.perf_counter() - start, "partial": partial, "cells": cells}
 
     if todo:
@@ -224,8 +220,8 @@ def markdown(results: dict) -> str:
     where = hw.get("gpu") or f"{hw['cpu']}, {hw['torch_threads']} thread(s)"
     lines = [f"Batch sweep on {where}; {hw['dtype']}; {opts['prompt_len']}-token prompts, {opts['max_new_tokens']} new "
              f"tokens, temperature {opts['temperature']}, median of {opts['repeats']}. I_knee = "
-             f"{results['i_knee']:.1f} tokens; the s rule gives "
-             + ", ".join(f"s={s} at B={b}" for b, s in results["s_rule"].items()) + ".", ""]
+             f"{results['i_knee']:.1f} tokens; the k rule gives "
+             + ", ".join(f"k={k} at B={b}" for b, k in results["k_rule"].items()) + ".", ""]
     for domain, by_size in results["cells"].items():
         names = list(results["methods"])
         lines += [f"### {domain}: tokens/s (speedup vs batched ar; mean acceptance length)", "",

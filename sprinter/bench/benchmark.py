@@ -12,7 +12,6 @@ them. sprinter.bench.report turns the records into results.json, results.md and 
 
 from __future__ import annotations
 
-import dataclasses
 import sys
 import time
 from dataclasses import dataclass
@@ -21,14 +20,19 @@ from typing import Sequence
 
 import torch
 
-from sprinter.bench.costs import measure_costs
 from sprinter.bench.fidelity import exact_match, rouge_l, score_output
+from sprinter.bench.methods import (
+    DEFAULT_METHODS,
+    FAMILIES,
+    build_methods,
+    check_verifiers,
+    compiled_methods,
+)
 from sprinter.bench.protocol import (
     DOMAINS,
     RECORDS,
     Method,
     Prompt,
-    Runner,
     append_records,
     check_lossless,
     check_window,
@@ -38,29 +42,18 @@ from sprinter.bench.protocol import (
     warm_up,
 )
 from sprinter.bench.report import write_reports
-from sprinter.config import CONFIGS, option, to_dict
-from sprinter.decode.cache import FlopModel
-from sprinter.decode.decoder import DEMO_VERIFIER, Decoder
+from sprinter.config import CONFIGS, check_integers, check_runs, option, to_dict
+from sprinter.decode.costs import measure_costs
+from sprinter.decode.decoder import Decoder
 from sprinter.decode.gates import (
     CONFIDENCE_THRESHOLD,
-    LearnedGate,
     check_threshold,
-    load_learned_gate,
 )
-from sprinter.decode.options import DecodeOptions
+from sprinter.decode.options import DEMO_VERIFIER, DecodeOptions
 from sprinter.errors import SprinterError
 from sprinter.files import FolderLock
-from sprinter.pairs.load import cache_argument, fingerprint
-from sprinter.train.calibrate import budget_key
 
 CONFIG_DIR = CONFIGS / "bench"
-FAMILIES = ("ar", "draft", "sd", "hf-assisted", "ngram", "sd-gated", "sd-gated-confidence", "sprinter-mlp",
-            "sprinter-linear", "sprinter-confidence", "auto", "sprinter-strict", "async")
-DEFAULT_METHODS = FAMILIES[:-2]  # sprinter-strict and async are asked for by name
-LEARNED = ("sprinter-mlp", "sprinter-linear", "sprinter-strict")
-GATED = ("sd-gated", "sd-gated-confidence")  # lossless; the operating point is the stop threshold
-COMPILED_FAMILIES = ("ar", "draft", "sd", "sd-gated", "sd-gated-confidence", "sprinter-mlp", "sprinter-linear",
-                     "sprinter-confidence", "sprinter-strict")  # --compile: single-prompt loops of ours
 # Options that may change on --resume without changing what a record means.
 RUNTIME_OPTIONS = ("out", "resume", "overwrite", "progress", "threads", "warmup", "store_stop_threshold")
 
@@ -123,17 +116,12 @@ class BenchConfig:
         bad_domains = [d for d in self.domains if d not in DOMAINS]
         if bad_domains or not self.domains:
             raise SprinterError(f"domains: got {list(self.domains)}; expected some of {DOMAINS}")
-        for name in ("num_prompts", "prompt_len", "max_new_tokens", "max_block"):
-            value = getattr(self, name)
-            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-                raise SprinterError(f"{name}: got {value!r}; expected an integer >= 1")
+        check_integers(self, ("num_prompts", "prompt_len", "max_new_tokens", "max_block"))
         for k in self.ks:
             DecodeOptions(mode="sd", max_new_tokens=self.max_new_tokens, k=k)
         for window in self.windows:
             DecodeOptions(mode="async", window=window)
-        for name in ("warmup", "threads"):
-            if not isinstance(getattr(self, name), int) or getattr(self, name) < 0:
-                raise SprinterError(f"{name}: got {getattr(self, name)!r}; expected an integer >= 0")
+        check_integers(self, ("warmup", "threads"), minimum=0)
         for value in (*self.budgets, *self.confidence_thresholds, *self.stop_thresholds):
             check_threshold(value)
         if "sd-gated" in self.methods and not self.stop_thresholds:
@@ -143,224 +131,11 @@ class BenchConfig:
                                 "'sd-gated' among them (its sweep chooses the threshold)")
         if not isinstance(self.temperature, (int, float)) or not 0 <= self.temperature < float("inf"):
             raise SprinterError(f"temperature: got {self.temperature!r}; expected a finite number >= 0")
-        if self.resume and self.overwrite:
-            raise SprinterError("resume and overwrite: got both; expected at most one")
-        if (self.draft is None) != (self.target is None):
-            raise SprinterError(f"draft/target: got draft={self.draft!r}, target={self.target!r}; expected both or "
-                                "neither (neither: PAIR/draft and PAIR/target)")
+        check_runs(self, neither="PAIR/draft and PAIR/target")
 
 
 def default_config_path() -> Path:
     return CONFIG_DIR / "demo.yaml"
-
-
-# ------------------------------------------------------------------------------------------- methods
-class ForwardCounter:
-    """Counts a model's forward passes, tokens and analytic FLOPs while active (for hf-assisted, whose
-    loop is not ours): a forward pre-hook reads input_ids and the cache length."""
-
-    def __init__(self, model: torch.nn.Module):
-        self.model, self.flop_model = model, FlopModel.of(model)
-        self.calls = self.tokens = self.flops = 0
-
-    def __enter__(self) -> "ForwardCounter":
-        self.handle = self.model.register_forward_pre_hook(self._count, with_kwargs=True)
-        return self
-
-    def __exit__(self, *exc) -> None:
-        self.handle.remove()
-
-    def _count(self, module, args, kwargs) -> None:
-        ids = kwargs.get("input_ids", args[0] if args else None)
-        cache = cache_argument(kwargs)
-        past = cache.get_seq_length() if cache is not None else 0
-        new = ids.shape[1]
-        keep = kwargs.get("logits_to_keep", 0)
-        logits = min(keep, new) if isinstance(keep, int) and keep > 0 else new
-        self.calls += 1
-        self.tokens += new
-        self.flops += self.flop_model.forward(past, new, logits)
-
-
-def hf_assisted_runner(decoder: Decoder, temperature: float) -> Runner:
-    """Hugging Face assisted generation on the same pair: target.generate(assistant_model=draft)."""
-    pair = decoder.pair
-    pad = pair.tokenizer.pad_token_id if pair.tokenizer.pad_token_id is not None else pair.tokenizer.eos_token_id
-
-    @torch.inference_mode()
-    def run(ids: list[int], seed: int, max_new_tokens: int) -> tuple[list[int], dict]:
-        inputs = torch.tensor([ids], device=pair.device)  # (1, T)
-        sampling = ({"do_sample": True, "temperature": temperature, "top_k": 0} if temperature > 0
-                    else {"do_sample": False})
-        torch.manual_seed(seed)  # HF samples from the global generator
-        with ForwardCounter(pair.target) as target, ForwardCounter(pair.draft) as draft:
-            start = time.perf_counter()
-            out = pair.target.generate(inputs, attention_mask=torch.ones_like(inputs), assistant_model=pair.draft,
-                                       max_new_tokens=max_new_tokens, pad_token_id=pad,
-                                       eos_token_id=pair.tokenizer.eos_token_id, **sampling)  # EOS stops ar too
-            if pair.device.type == "cuda":
-                torch.cuda.synchronize(pair.device)
-            seconds = time.perf_counter() - start
-        new = out[0, len(ids):].tolist()
-        # HF exposes no acceptance counts: each target call emits its accepted tokens plus one of its own.
-        return new, {"new_tokens": len(new), "wall_seconds": seconds, "target_calls": target.calls,
-                     "target_tokens": target.tokens, "target_flops": target.flops, "draft_calls": draft.calls,
-                     "draft_tokens": draft.tokens, "draft_flops": draft.flops, "verifier_flops": 0,
-                     "accepted": max(0, len(new) - target.calls)}
-
-    return run
-
-
-def decoder_runner(decoder: Decoder, temperature: float, **options) -> Runner:
-    """A sprinter mode, timed around the whole call as hf-assisted is (the loop's own time kept as loop_seconds)."""
-    def run(ids: list[int], seed: int, max_new_tokens: int) -> tuple[list[int], dict]:
-        start = time.perf_counter()
-        out = decoder.generate(ids, max_new_tokens=max_new_tokens, temperature=temperature, seed=seed, **options)
-        seconds = time.perf_counter() - start  # generate synchronises CUDA before it returns
-        stats = out.stats.to_dict()
-        stats["loop_seconds"], stats["wall_seconds"] = stats["wall_seconds"], seconds
-        return out.token_ids, stats
-
-    return run
-
-
-def missing_verifier(path: str, role: str) -> SprinterError:
-    return SprinterError(
-        f"{role}: got {path!r}, which does not exist; make one with `python scripts/collect.py` then "
-        "`python scripts/train.py --budgets 0.05 0.02 0.1 0.2` (writes checkpoints/verifiers/demo and its "
-        "baselines/linear/), pass --verifier DIR, or leave the learned rows out: "
-        "--methods ar draft sd hf-assisted sprinter-confidence")
-
-
-def check_verifiers(cfg: BenchConfig) -> dict[str, str]:
-    """{"mlp": path, "linear": path, "stop": path} for the learned families asked for; refuses a missing checkpoint."""
-    paths = {}
-    if {"sprinter-mlp", "sprinter-strict"} & set(cfg.methods):
-        if not Path(cfg.verifier).exists():
-            raise missing_verifier(cfg.verifier, "verifier")
-        paths["mlp"] = cfg.verifier
-    if "auto" in cfg.methods and Path(cfg.verifier).exists():  # optional: without it, the lossless auto row only
-        paths["mlp"] = cfg.verifier
-    if "sd-gated" in cfg.methods:
-        stop = cfg.stop_verifier or cfg.verifier
-        if not Path(stop).exists():
-            raise missing_verifier(stop, "stop verifier" if cfg.stop_verifier else "verifier")
-        paths["stop"] = stop
-    if cfg.compare_verifier is not None and "sprinter-mlp" in cfg.methods:
-        if not Path(cfg.compare_verifier).exists():
-            raise missing_verifier(cfg.compare_verifier, "compare verifier")
-        paths["compare"] = cfg.compare_verifier
-    if "sprinter-linear" in cfg.methods:
-        linear = cfg.linear_verifier or str(Path(cfg.verifier) / "baselines" / "linear")
-        if not Path(linear).exists():
-            raise missing_verifier(linear, "linear verifier")
-        paths["linear"] = linear
-    return paths
-
-
-def chosen_budgets(cfg: BenchConfig, thresholds: dict[str, float], path: str) -> list[tuple[float, float]]:
-    """[(budget, threshold)] sorted by budget: cfg.budgets, or every budget the checkpoint was calibrated for."""
-    if not thresholds:
-        raise SprinterError(f"verifier {path!r} has no calibrated thresholds; expected a checkpoint written by "
-                            "scripts/train.py (--budgets 0.05 0.02 0.1 0.2)")
-    if not cfg.budgets:
-        return sorted((float(b), t) for b, t in thresholds.items())
-    missing = [b for b in cfg.budgets if budget_key(b) not in thresholds]
-    if missing:
-        raise SprinterError(f"budgets: got {missing} for verifier {path!r}; expected some of {sorted(thresholds)} "
-                            "(retrain with --budgets to add more)")
-    return sorted((float(b), thresholds[budget_key(b)]) for b in cfg.budgets)
-
-
-def build_methods(cfg: BenchConfig, decoder: Decoder, verifiers: dict[str, str]) -> list[Method]:
-    """The rows of the table, in the order of FAMILIES."""
-    t = cfg.temperature
-    greedy = t == 0
-    gates: dict[str, tuple[LearnedGate, dict[str, float]]] = {}
-    if "mlp" in verifiers:
-        gates["mlp"] = (decoder.gate, decoder.verifier_info.thresholds)
-    for name in ("linear", "stop", "compare"):
-        if name in verifiers and not (name == "stop" and verifiers["stop"] == verifiers.get("mlp")):
-            pair = decoder.pair
-            gate, info = load_learned_gate(verifiers[name], fingerprint(pair.draft_name), pair.draft.config.hidden_size,
-                                           pair.device, pair.dtype)
-            gates[name] = (gate, info.thresholds)
-    if "stop" in verifiers and "stop" not in gates:
-        gates["stop"] = gates["mlp"]
-    methods: list[Method] = []
-    for family in FAMILIES:
-        if family not in cfg.methods:
-            continue
-        if family in ("ar", "draft"):
-            methods.append(Method(family, family, family == "ar", decoder_runner(decoder, t, mode=family)))
-        elif family == "sd":
-            methods += [Method(f"sd-k{k}", family, greedy, decoder_runner(decoder, t, mode="sd", k=k), k)
-                        for k in sorted(set(cfg.ks))]
-        elif family == "async":
-            methods += [Method(f"async-w{w}", family, greedy, decoder_runner(decoder, t, mode="async", window=w), w)
-                        for w in sorted(set(cfg.windows))]
-        elif family == "hf-assisted":
-            methods.append(Method(family, family, greedy, hf_assisted_runner(decoder, t)))
-        elif family in GATED:
-            gate = gates["stop"][0] if family == "sd-gated" else "confidence"
-            methods += [Method(f"{family}@{c:g}", family, greedy,
-                               decoder_runner(decoder, t, mode="sd-gated", gate=gate, threshold=c,
-                                              max_block=cfg.max_block), c)
-                        for c in sorted(set(cfg.stop_thresholds))]
-        elif family == "ngram":  # batch 1: s from the device's I_knee (sprinter.decode.roofline)
-            methods.append(Method(family, family, greedy, decoder_runner(decoder, t, mode="ngram")))
-        elif family == "auto":  # lossless, and with a verifier one row per budget: sprinter at it is a candidate
-            methods.append(Method(family, family, greedy, decoder_runner(decoder, t, mode="auto",
-                                                                         max_block=cfg.max_block)))
-            if "mlp" in gates:
-                methods += [Method(f"auto@{budget:g}", family, False,
-                                   decoder_runner(decoder, t, mode="auto", max_block=cfg.max_block,
-                                                  max_false_accept=budget), budget)
-                            for budget, _ in chosen_budgets(cfg, gates["mlp"][1], verifiers["mlp"])]
-        elif family == "sprinter-confidence":
-            methods += [Method(f"{family}@{c:g}", family, False,
-                               decoder_runner(decoder, t, mode="sprinter", gate="confidence", threshold=c,
-                                              max_block=cfg.max_block), c)
-                        for c in sorted(set(cfg.confidence_thresholds))]
-        else:
-            name = "linear" if family == "sprinter-linear" else "mlp"
-            gate, thresholds = gates[name]
-            budgets = chosen_budgets(cfg, thresholds, verifiers[name])
-            if family == "sprinter-strict":  # lossless: the default budget is enough to show its cost
-                budgets = budgets[:1]
-            for budget, threshold in budgets:
-                methods.append(Method(f"{family}@{budget:g}", family, family == "sprinter-strict" and greedy,
-                                      decoder_runner(decoder, t, mode="sprinter", max_block=cfg.max_block,
-                                                     strict=family == "sprinter-strict",
-                                                     gate=LearnedGate(gate.verifier, gate.features, threshold)),
-                                      budget))
-            if family == "sprinter-mlp" and "compare" in gates:  # the other verifier at the same budgets
-                other, other_thresholds = gates["compare"]
-                for budget, _ in budgets:
-                    threshold = other_thresholds.get(budget_key(budget))
-                    if threshold is None:
-                        continue  # not calibrated for this budget
-                    methods.append(Method(f"sprinter-mlp-compare@{budget:g}", family, False,
-                                          decoder_runner(decoder, t, mode="sprinter", max_block=cfg.max_block,
-                                                         gate=LearnedGate(other.verifier, other.features, threshold)),
-                                          budget))
-    return methods
-
-
-def compiled_methods(cfg: BenchConfig, decoder: Decoder, verifiers: dict[str, str]) -> list[Method]:
-    """The compilable rows again, on a Decoder that shares the models but compiles its steps: NAME+compiled.
-    Every graph is compiled here, so the timed runs pay none of it (the seconds go to stderr)."""
-    from sprinter.decode.engine import Engine
-
-    pair = decoder.pair
-    compiled = Decoder(pair, decoder.gate, decoder.verifier_info, decoder.datastore, Engine(pair.device, compile=True))
-    capacity = cfg.prompt_len + cfg.max_new_tokens
-    layers = int(decoder.gate.needs_hidden) if decoder.gate is not None else 1  # the draft's states a gate reads
-    seconds = sum(compiled.engine.warm(model, pair.vocab_size, capacity, hidden=layers if model is pair.draft else 0)
-                  for model in (pair.target, pair.draft))
-    print(f"compile: {seconds:.1f} s for {len(compiled.engine.steps)} models' graphs", file=sys.stderr)
-    return [dataclasses.replace(m, name=f"{m.name}+compiled") for m in build_methods(cfg, compiled, verifiers)
-            if m.family in COMPILED_FAMILIES]
 
 
 # ------------------------------------------------------------------------------------------- records
@@ -424,8 +199,8 @@ def _run_benchmark(cfg: BenchConfig) -> dict:
     todo = [p for p in prompts if p.index not in done]
     start = time.perf_counter()
     # The pair's cost profile (~2 s, before the timed runs): each row's predicted ms/token (sprinter.bench.latency).
-    profile = measure_costs(decoder.pair.draft, decoder.pair.target, decoder.pair.vocab_size, pair=cfg.pair,
-                            gate=decoder.gate, max_n=max(cfg.max_block, *cfg.ks) + 1, context=cfg.prompt_len)
+    profile = measure_costs(decoder.pair, name=cfg.pair, gate=decoder.gate, max_n=max(cfg.max_block, *cfg.ks) + 1,
+                            context=cfg.prompt_len)
     decoder.profile = profile  # mode auto chooses with the same profile (not measured again)
     # 2. Warm up, then every method on each prompt in turn; each finished prompt is appended to the records.
     if todo:
@@ -444,7 +219,7 @@ def _run_benchmark(cfg: BenchConfig) -> dict:
                 raise
     # 3. Aggregate and write the reports; store the chosen stop threshold with its verifier if asked.
     results = write_reports(Path(cfg.out), options=to_dict(cfg), decoder=decoder, verifiers=verifiers, prompts=prompts,
-                            methods=methods, done=done, seconds=time.perf_counter() - start, profile=profile)
+                            methods=methods, done=done, seconds=time.perf_counter() - start)
     stop = results["recommended_stop_threshold"]
     if cfg.store_stop_threshold and stop is not None:
         from sprinter.verifier import update_info

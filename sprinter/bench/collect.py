@@ -37,7 +37,7 @@ from sprinter.data.collect import (
     resolve_pair_paths,
 )
 from sprinter.data.contexts import accept_labels, probabilities
-from sprinter.decode.sampling import entropy
+from sprinter.features import entropy
 from sprinter.pairs.load import Pair, load_pair
 
 
@@ -50,7 +50,7 @@ class BenchCollectConfig:
     num_prompts: int = option(16, "prompts, the same for every method")
     prompt_len: int = option(64, "prompt tokens")
     max_new_tokens: int = option(32, "labelled tokens per prompt")
-    draft_length: int = option(4, "k of the decode source")
+    k: int = option(4, "tokens drafted per target call (decode source)")
     batch_size: int = option(16, "prompts per forward (corpus and decode)")
     repeats: int = option(3, "timed repeats of the batched sources (the best is kept; the baseline runs once)")
     device: str = option("cpu", "device")
@@ -59,7 +59,7 @@ class BenchCollectConfig:
     out: str = option("results/collect", "folder for the results JSON")
 
     def __post_init__(self) -> None:
-        check_integers(self, ("num_prompts", "prompt_len", "max_new_tokens", "draft_length", "batch_size", "repeats",
+        check_integers(self, ("num_prompts", "prompt_len", "max_new_tokens", "k", "batch_size", "repeats",
                               "threads"))
 
 
@@ -102,7 +102,7 @@ def run_benchmark(cfg: BenchCollectConfig) -> dict:
     torch.set_num_threads(cfg.threads)
     collect_cfg = CollectConfig(draft=cfg.draft, target=cfg.target, dataset=cfg.dataset, split=cfg.split,
                                 num_prompts=cfg.num_prompts, prompt_len=cfg.prompt_len,
-                                max_new_tokens=cfg.max_new_tokens, draft_length=cfg.draft_length,
+                                max_new_tokens=cfg.max_new_tokens, k=cfg.k,
                                 batch_size=cfg.batch_size, device=cfg.device, dtype=cfg.dtype, progress=False)
     draft_path, target_path = resolve_pair_paths(collect_cfg)
     pair = load_pair(draft_path, target_path, cfg.device, cfg.dtype)

@@ -1,283 +1,19 @@
-"""A pair's cost profile: what each step of the decode loops costs on the device at hand.
-
-Measured in about two seconds (`measure_costs`), the way the loops run the models (sprinter.decode.cache.CachedLM,
-`append` then `rollback`, after a prefill of `context` tokens):
-- `draft_step_ms`: one draft step as `ModelDrafter.propose` makes it (a one-token forward, the sampler's
-  distribution and draw); `draft_hidden_step_ms` the same with the last hidden state (what a learned gate reads);
-- `target_ms[n - 1]`: one target forward over n new tokens with the logits of all n, and their distribution:
-  a verification call over a block of n - 1 drafted tokens and the last emitted one (n = 1: a plain decode step);
-- `gate_ms`: one gate decision: "learned" (the verifier's MLP on one hidden state, sigmoid, the host sync of
-  the threshold test), "confidence" (the draft's q(x) and the same test);
-- `round_ms`: what a verification round costs besides the forwards: the acceptance check, the correction,
-  the host sync and both caches' rollbacks.
-
-Each figure is the median of repeated calls (the first round of calls warms up and is dropped); the calls
-of every figure take turns, so machine drift hits them alike. A profile is keyed by (pair, device, dtype,
-threads): a cost profile file (`cost_profile.json`, written atomically) holds one profile per key.
-sprinter.bench.latency turns a profile and a run's acceptance statistics into predicted ms/token.
-"""
+"""scripts/profile_pair.py's stage: load a pair, measure its cost profile (sprinter.decode.costs), save it."""
 
 from __future__ import annotations
 
-import dataclasses
-import datetime
-import json
 import os
-import statistics
 import sys
-import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable, Iterable, Sequence
 
 import torch
 
-from sprinter.config import option
-from sprinter.decode.acceptance import correction, flag_then_check
-from sprinter.decode.cache import CachedLM
-from sprinter.decode.drafters import DraftStep
-from sprinter.decode.gates import ConfidenceGate, LearnedGate
-from sprinter.decode.sampling import Sampler, uniform
+from sprinter.config import check_integers, option
+from sprinter.decode.costs import FILE_NAME, NOISY, CostProfile, measure_costs, save_profile
 from sprinter.errors import SprinterError
-from sprinter.files import write_json
-
-FORMAT = "sprinter-costs/1"
-FILE_NAME = "cost_profile.json"
-NOISY = 0.2  # a profile whose timings spread more than this (relative interquartile range) is flagged
-STAND_IN_FEATURES = ("hidden", "token_id", "draft_prob", "draft_entropy")  # the trained verifier's default inputs
 
 
-@dataclass(frozen=True)
-class CostProfile:
-    """Milliseconds per call of each step of the decode loops, for one pair on one device."""
-
-    pair: str  # the pair folder (or "DRAFT | TARGET" names)
-    device: str  # "cpu", "cuda:0", ...
-    dtype: str  # "float32", "bfloat16", ...
-    threads: int  # torch intra-op threads while measuring
-    context: int  # tokens in the caches before each timed call
-    draft_step_ms: float
-    draft_hidden_step_ms: float
-    target_ms: tuple[float, ...]  # [n - 1]: a target forward over n new tokens (n = 1 .. len)
-    gate_ms: dict[str, float]  # "learned", "confidence"
-    round_ms: float
-    repeats: int = 0  # timed calls behind each median
-    noise: float = 0.0  # the median over figures of (upper - lower quartile) / median: above ~0.2, a busy machine
-    seconds: float = 0.0  # how long the measurement took
-    created: str = ""
-
-    def __post_init__(self) -> None:
-        if not self.target_ms or any(not (isinstance(t, (int, float)) and t > 0) for t in self.target_ms):
-            raise SprinterError(f"cost profile target_ms: got {self.target_ms!r}; expected one or more times > 0")
-        for name in ("draft_step_ms", "draft_hidden_step_ms", "round_ms"):
-            value = getattr(self, name)
-            if not (isinstance(value, (int, float)) and value >= 0):
-                raise SprinterError(f"cost profile {name}: got {value!r}; expected a time >= 0 (ms)")
-        object.__setattr__(self, "target_ms", tuple(float(t) for t in self.target_ms))
-
-    @property
-    def key(self) -> str:
-        """The profile's key in a cost profile file: pair | device | dtype | threads."""
-        return profile_key(self.pair, self.device, self.dtype, self.threads)
-
-    @property
-    def target_step_ms(self) -> float:
-        """One plain decode step of the target (n = 1)."""
-        return self.target_ms[0]
-
-    @property
-    def cost_ratio(self) -> float:
-        """Draft step over target step: c in docs/references.md §1."""
-        return self.draft_step_ms / self.target_step_ms
-
-    def target(self, n: float) -> float:
-        """ms of a target forward over n new tokens: the measured figure, linear between integers, and beyond the
-        last measured n the line through the last two points (one point: flat)."""
-        if n < 1:
-            raise SprinterError(f"target forward: got n={n!r} new tokens; expected n >= 1")
-        t = self.target_ms
-        if n >= len(t):
-            slope = t[-1] - t[-2] if len(t) > 1 else 0.0
-            return t[-1] + slope * (n - len(t))
-        i = int(n)  # 1 <= i < len(t): between t[i - 1] (n = i) and t[i] (n = i + 1)
-        return t[i - 1] + (t[i] - t[i - 1]) * (n - i)
-
-    def to_dict(self) -> dict:
-        return dataclasses.asdict(self)
-
-    @classmethod
-    def from_dict(cls, data: dict) -> "CostProfile":
-        names = {f.name for f in dataclasses.fields(cls)}
-        missing = [f.name for f in dataclasses.fields(cls) if f.default is dataclasses.MISSING and f.name not in data]
-        if missing:
-            raise SprinterError(f"cost profile: missing {missing}; expected a profile written by "
-                                "scripts/profile_pair.py")
-        return cls(**{k: v for k, v in data.items() if k in names})
-
-
-def profile_key(pair: str, device: str, dtype: str, threads: int) -> str:
-    return f"{pair} | {device} | {dtype} | {threads} thread(s)"
-
-
-# ------------------------------------------------------------------------------------------- the file
-def read_profiles(path: str | Path) -> dict[str, CostProfile]:
-    """Every profile in a cost profile file, by key ({} when the file does not exist)."""
-    path = Path(path)
-    if not path.is_file():
-        return {}
-    data = json.loads(path.read_text())
-    if data.get("format") != FORMAT:
-        raise SprinterError(f"cost profile file {str(path)!r}: format {data.get('format')!r}; expected {FORMAT!r}")
-    return {key: CostProfile.from_dict(p) for key, p in data["profiles"].items()}
-
-
-def save_profile(path: str | Path, profile: CostProfile) -> Path:
-    """Add (or replace) `profile` under its key in the file at `path`, written atomically."""
-    profiles = read_profiles(path)
-    profiles[profile.key] = profile
-    return write_json(path, {"format": FORMAT, "profiles": {k: p.to_dict() for k, p in sorted(profiles.items())}})
-
-
-def find_profile(path: str | Path, pair: str, device: str, dtype: str, threads: int) -> CostProfile | None:
-    return read_profiles(path).get(profile_key(pair, device, dtype, threads))
-
-
-# ------------------------------------------------------------------------------------------- measuring
-def stand_in_verifier(hidden_size: int, vocab_size: int) -> torch.nn.Module:
-    """An untrained verifier of the default shape: it costs what a trained one costs."""
-    from sprinter.verifier import Verifier, VerifierInfo, default_arch
-
-    info = VerifierInfo(features=STAND_IN_FEATURES, hidden_size=hidden_size, arch=default_arch(vocab_size=vocab_size))
-    return Verifier(info).eval()
-
-
-@torch.inference_mode()
-def timing_noise(samples: Iterable[Sequence[float]]) -> float:
-    """The median over figures of (upper - lower quartile) / median, rounded to 4 places (0.0 with none): how
-    much a busy machine spreads the timings (CostProfile.noise)."""
-    quartiles = (statistics.quantiles(values, n=4) for values in samples)
-    spread = [(q[2] - q[0]) / q[1] for q in quartiles if q[1] > 0]
-    return round(statistics.median(spread), 4) if spread else 0.0
-
-
-def measure_costs(draft: torch.nn.Module, target: torch.nn.Module, vocab_size: int, *, pair: str,
-                  gate: LearnedGate | None = None, max_n: int = 21, context: int = 64, budget_s: float = 2.0,
-                  min_repeats: int = 3, seed: int = 0) -> CostProfile:
-    """Time every step of the decode loops (see the module docstring) in about `budget_s` seconds.
-
-    `max_n`: the longest target forward timed (sprinter's blocks: max_block drafted tokens and the last emitted
-    one, 21 by default). `gate`: the learned gate to time; None: an untrained verifier of the default shape."""
-    if not (isinstance(max_n, int) and max_n >= 1) or not (isinstance(context, int) and context >= 1):
-        raise SprinterError(f"max_n / context: got {max_n!r} / {context!r}; expected integers >= 1")
-    started = time.perf_counter()
-    weight = next(target.parameters())
-    device, dtype = weight.device, weight.dtype
-    gen = torch.Generator(device=device).manual_seed(seed)
-    ids = torch.randint(0, vocab_size, (1, context + max_n + 1), generator=gen, device=device)  # timing needs no text
-    sampler = Sampler()
-    if gate is None:
-        gate = LearnedGate(stand_in_verifier(draft.config.hidden_size, vocab_size).to(device), STAND_IN_FEATURES, 0.5)
-    confidence = ConfidenceGate()
-    gate_layers = max(1, int(gate.needs_hidden))  # a gate that reads the layer before the last: 2
-
-    # The caches, each holding `context` tokens; every timed call adds tokens and the next rolls them back.
-    draft_lms = {hidden: CachedLM(draft, vocab_size) for hidden in (False, True)}
-    for lm in draft_lms.values():
-        lm.append(ids[:, :context])
-    target_lm = CachedLM(target, vocab_size)
-    target_lm.append(ids[:, :context])
-
-    def propose(hidden: bool) -> DraftStep:
-        """One draft step as ModelDrafter.propose makes it: a one-token forward, the sampler's probabilities, a draw."""
-        layers = gate_layers if hidden else 0
-        logits, h = draft_lms[hidden].append(ids[:, context: context + 1], hidden=layers)  # (1, V), (1, layers, H)
-        q = sampler.probs(logits[0])
-        return DraftStep(token=sampler.draw(q, gen), q=q, q_soft=sampler.soft_probs(logits[0]),
-                         hidden=None if h is None else h[0, 0], hidden_prev=h[0, 1] if layers > 1 else None)
-
-    step = propose(True)  # a draft step with a hidden state, for the gates
-    draft_lms[True].rollback(1)
-    n_check = 4  # the acceptance check and correction of a four-token block: their cost barely depends on k
-    p = sampler.probs(torch.randn(n_check + 1, vocab_size, generator=gen, device=device))  # (n + 1, V)
-    q = sampler.probs(torch.randn(n_check, vocab_size, generator=gen, device=device))  # (n, V)
-    x = q.argmax(-1)  # (n,)
-
-    def sync() -> None:
-        if device.type == "cuda":
-            torch.cuda.synchronize(device)
-
-    def draft_step(hidden: bool) -> Callable[[], float]:
-        def run() -> float:
-            sync()
-            start = time.perf_counter()
-            out = propose(hidden)
-            out.token.item()  # the loops read every token on the host
-            seconds = time.perf_counter() - start
-            draft_lms[hidden].rollback(1)
-            return seconds
-        return run
-
-    def target_forward(n: int) -> Callable[[], float]:
-        def run() -> float:
-            sync()
-            start = time.perf_counter()
-            logits, _ = target_lm.append(ids[:, context: context + n], logits=n)
-            sampler.probs(logits)[-1, 0].item()
-            seconds = time.perf_counter() - start
-            target_lm.rollback(n)
-            return seconds
-        return run
-
-    def gate_call(g) -> Callable[[], float]:
-        def run() -> float:
-            sync()
-            start = time.perf_counter()
-            bool(g.accept_prob(step, 0) >= g.threshold)  # the loop's one host sync per decision
-            return time.perf_counter() - start
-        return run
-
-    def round_rest() -> float:
-        """A round's acceptance check, correction, host sync and the two rollbacks (of one token each)."""
-        target_lm.append(ids[:, context: context + 1])
-        draft_lms[False].append(ids[:, context: context + 1])
-        sync()
-        start = time.perf_counter()
-        kept = flag_then_check(p[torch.arange(n_check), x], q[torch.arange(n_check), x], uniform(n_check, gen, device),
-                               True, True)
-        y = sampler.draw(correction(p, q, kept), gen)
-        torch.cat([kept.view(1), x, y.view(1)]).tolist()
-        target_lm.rollback(1)
-        draft_lms[False].rollback(1)
-        return time.perf_counter() - start
-
-    tasks: dict[str, Callable[[], float]] = {"draft": draft_step(False), "draft_hidden": draft_step(True),
-                                             "gate_learned": gate_call(gate), "gate_confidence": gate_call(confidence),
-                                             "round": round_rest}
-    tasks = {**tasks, **{f"target_{n}": target_forward(n) for n in range(1, max_n + 1)}}
-    times: dict[str, list[float]] = {name: [] for name in tasks}
-    rounds = 0
-    while True:
-        for name, run in tasks.items():
-            seconds = run()
-            if rounds:  # round 0 warms up
-                times[name].append(seconds)
-        rounds += 1
-        spent = time.perf_counter() - started
-        if rounds > min_repeats and spent * (rounds + 1) / rounds > budget_s:
-            break
-    ms = {name: 1e3 * statistics.median(values) for name, values in times.items()}
-    noise = timing_noise(times.values())
-    return CostProfile(pair=pair, device=str(device), dtype=str(dtype).removeprefix("torch."),
-                       threads=torch.get_num_threads(), context=context, draft_step_ms=ms["draft"],
-                       draft_hidden_step_ms=ms["draft_hidden"],
-                       target_ms=tuple(ms[f"target_{n}"] for n in range(1, max_n + 1)),
-                       gate_ms={"learned": ms["gate_learned"], "confidence": ms["gate_confidence"]},
-                       round_ms=ms["round"], repeats=rounds - 1, noise=noise,
-                       seconds=round(time.perf_counter() - started, 3),
-                       created=datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"))
-
-
-# ------------------------------------------------------------------------------------------- the stage
 @dataclass
 class ProfileConfig:
     """scripts/profile_pair.py's options: the single home of their defaults."""
@@ -295,12 +31,8 @@ class ProfileConfig:
     budget_s: float = option(2.0, "seconds to spend measuring (at least three timed calls per figure)")
 
     def __post_init__(self) -> None:
-        for name in ("max_block", "context"):
-            value = getattr(self, name)
-            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-                raise SprinterError(f"{name}: got {value!r}; expected an integer >= 1")
-        if isinstance(self.threads, bool) or not isinstance(self.threads, int) or self.threads < 0:
-            raise SprinterError(f"threads: got {self.threads!r}; expected an integer >= 0")
+        check_integers(self, ("max_block", "context"))
+        check_integers(self, ("threads",), minimum=0)
         if not (isinstance(self.budget_s, (int, float)) and self.budget_s > 0):
             raise SprinterError(f"budget_s: got {self.budget_s!r}; expected a number of seconds > 0")
 
@@ -326,7 +58,7 @@ def profile_pair(cfg: ProfileConfig) -> tuple[CostProfile, Path]:
     if cfg.verifier is not None:
         gate, _ = load_learned_gate(cfg.verifier, fingerprint(draft), pair.draft.config.hidden_size, device, dtype)
     pair_dir = Path(draft).parent
-    profile = measure_costs(pair.draft, pair.target, pair.vocab_size, pair=str(pair_dir), gate=gate,
+    profile = measure_costs(pair, name=str(pair_dir), gate=gate,
                             max_n=cfg.max_block + 1, context=cfg.context, budget_s=cfg.budget_s)
     if profile.noise > NOISY:
         print(f"note: the timings spread widely (interquartile range {profile.noise:.0%} of the median): a busy "
@@ -337,5 +69,4 @@ def profile_pair(cfg: ProfileConfig) -> tuple[CostProfile, Path]:
     return profile, save_profile(out, profile)
 
 
-__all__ = ["FILE_NAME", "FORMAT", "CostProfile", "ProfileConfig", "find_profile", "measure_costs", "profile_key",
-           "profile_pair", "read_profiles", "save_profile", "stand_in_verifier", "timing_noise"]
+__all__ = ["ProfileConfig", "default_out", "profile_pair"]

@@ -201,7 +201,7 @@ def measure_gate_cost(cfg: EngineBenchConfig, eager: Decoder, compiled: Decoder,
 
     pair = eager.pair
     gate = eager.gate if eager.gate is not None else ConfidenceGate()
-    layers = int(gate.needs_hidden)
+    layers = gate.hidden_layers
     capacity = cfg.prompt_len + 64
     plain = compiled.engine.lm(pair.draft, pair.vocab_size, capacity)  # shares the cache: one runs at a time
     fused = compiled.engine.fused(pair.draft, gate, pair.vocab_size, greedy=True)

@@ -25,7 +25,7 @@ import torch
 from sprinter.bench.fidelity import first_difference
 from sprinter.corpus import load_documents, prose_documents
 from sprinter.errors import SprinterError
-from sprinter.files import write_atomic
+from sprinter.files import read_json, write_atomic
 
 DOMAINS = ("code", "prose")
 RECORDS, RUN = "records.jsonl", "run.json"
@@ -211,8 +211,8 @@ def open_records(out: Path, header: dict, *, resume: bool, overwrite: bool, key:
         save(records_file, "")
         return {}
     try:
-        previous = json.loads(run_file.read_text(encoding="utf-8")) if run_file.exists() else None
-    except (json.JSONDecodeError, UnicodeDecodeError):
+        previous = read_json(run_file, "run.json") if run_file.exists() else None
+    except SprinterError:  # not UTF-8, or not JSON
         previous = None  # a damaged run.json cannot vouch for the records: refused as a different run below
     if previous != header:
         options = header.get("options", {})

@@ -22,6 +22,7 @@ from typing import Sequence
 from sprinter.bench.protocol import Method, Prompt, disk_error, hardware, libraries, save
 from sprinter.decode.stats import promise_warning
 from sprinter.errors import SprinterError
+from sprinter.files import read_json
 
 FORMAT = "sprinter-bench/1"
 METHOD_KEYS = ("name", "family", "operating_point", "lossless", "prompts", "new_tokens", "ms_per_token",
@@ -248,11 +249,11 @@ def add_predictions(results: dict, profile, options: dict, verifiers: dict[str, 
 
 
 def write_reports(out: Path, *, options: dict, decoder, verifiers: dict[str, str], prompts: Sequence[Prompt],
-                  methods: Sequence[Method], done: dict[int, list[dict]], seconds: float, profile=None) -> dict:
+                  methods: Sequence[Method], done: dict[int, list[dict]], seconds: float) -> dict:
     """Write OUT/results.json, results.md and pareto.png from the finished prompts; returns the results.
-    `options`: the benchmark's options as a dict (sprinter.config.to_dict of its BenchConfig).
-    `profile`: the pair's CostProfile (sprinter.bench.costs), for the predicted ms/token (None: not predicted)."""
-    pair = decoder.pair
+    `options`: the benchmark's options as a dict (sprinter.config.to_dict of its BenchConfig). The decoder's
+    `profile` (the pair's CostProfile, sprinter.decode.costs) gives the predicted ms/token (None: not predicted)."""
+    pair, profile = decoder.pair, decoder.profile
     verifier_info = {}
     for name, path in verifiers.items():
         from sprinter.verifier import read_info
@@ -279,7 +280,7 @@ def write_reports(out: Path, *, options: dict, decoder, verifiers: dict[str, str
     if profile is not None:
         meta = Path(pair.draft_name).parent / "pair.json"
         add_predictions(results, profile, options, verifiers, methods, done,
-                        json.loads(meta.read_text()) if meta.is_file() else {})
+                        read_json(meta, "pair.json") if meta.is_file() else {})
     else:
         for entry in results["methods"]:
             entry["predicted_ms_per_token"] = None

@@ -24,6 +24,7 @@ import sprinter
 from sprinter.config import (
     CONFIGS,
     check_integers,
+    check_runs,
     option,
     parse_config,
     save_config,
@@ -51,7 +52,7 @@ from sprinter.pairs.load import Pair, fingerprint, load_pair
 CONFIG_DIR = CONFIGS / "collect"
 SOURCES = ("corpus", "decode")
 HIDDEN_DTYPES = {"float16": torch.float16, "float32": torch.float32}
-FEATURES = [*VECTORS, *SCALARS, "context_length"]  # draft-side columns a verifier may read (sprinter.features)
+COLUMNS = [*VECTORS, *SCALARS, "context_length"]  # draft-side columns a verifier may read (sprinter.features)
 # Options that may change on --resume without changing a single row.
 RUNTIME_OPTIONS = ("resume", "overwrite", "device", "threads", "progress", "out")  # "out": a moved folder resumes
 
@@ -69,7 +70,7 @@ class CollectConfig:
     num_prompts: int = option(512, "prompts to collect (fewer if the dataset runs out)")
     prompt_len: int = option(64, "prompt tokens before the first labelled token")
     max_new_tokens: int = option(32, "labelled (drafted) tokens per prompt")
-    draft_length: int = option(4, "k: tokens the draft drafts per target call (decode source)")
+    k: int = option(4, "tokens the draft drafts per target call (decode source)")
     windows_per_document: int = option(32, "most prompts cut from one document (spreads prompts over documents)")
     temperature: float = option(0.0, "collection temperature: 0 drafts greedily, > 0 samples from q")
     batch_size: int = option(16, "prompts per forward pass")
@@ -89,17 +90,13 @@ class CollectConfig:
             raise SprinterError(f"source: got {self.source!r}; expected one of {SOURCES}")
         if self.split not in (*SPLITS, "all"):
             raise SprinterError(f"split: got {self.split!r}; expected one of {(*SPLITS, 'all')}")
-        check_integers(self, ("num_prompts", "prompt_len", "max_new_tokens", "draft_length", "windows_per_document",
+        check_integers(self, ("num_prompts", "prompt_len", "max_new_tokens", "k", "windows_per_document",
                               "batch_size", "rows_per_shard"))
         if not 0 <= self.temperature < float("inf"):  # at inf q is uniform and every label would read 1
             raise SprinterError(f"temperature: got {self.temperature!r}; expected a finite number >= 0")
         if self.hidden_dtype not in HIDDEN_DTYPES:
             raise SprinterError(f"hidden_dtype: got {self.hidden_dtype!r}; expected one of {sorted(HIDDEN_DTYPES)}")
-        if self.resume and self.overwrite:
-            raise SprinterError("resume and overwrite: got both; expected at most one")
-        if (self.draft is None) != (self.target is None):
-            raise SprinterError(f"draft/target: got draft={self.draft!r}, target={self.target!r}; expected both "
-                                "or neither (neither: the demo pair)")
+        check_runs(self, neither="the demo pair")
 
 
 def parse_collect_config(argv: Sequence[str] | None) -> CollectConfig:
@@ -217,9 +214,9 @@ def batch_rows(cfg: CollectConfig, pair: Pair, windows: torch.Tensor, first: int
     else:
         tok = pair.tokenizer
         pad = tok.pad_token_id if tok.pad_token_id is not None else (tok.eos_token_id or 0)
-        rows, _ = decode_rows(pair.draft, pair.target, windows[:, : cfg.prompt_len], cfg.max_new_tokens,
-                              cfg.draft_length, pair.vocab_size, cfg.temperature, gen, pad, tok.eos_token_id,
-                              pair.max_length)
+        rows, _ = decode_rows(pair, windows[:, : cfg.prompt_len], max_new_tokens=cfg.max_new_tokens,
+                              k=cfg.k, temperature=cfg.temperature, gen=gen, pad_id=pad,
+                              eos_id=tok.eos_token_id)
     rows["prompt_index"] = rows.pop("row_prompt") + first
     for name in VECTORS:
         rows[name] = rows[name].to(HIDDEN_DTYPES[cfg.hidden_dtype])
@@ -227,9 +224,9 @@ def batch_rows(cfg: CollectConfig, pair: Pair, windows: torch.Tensor, first: int
 
 
 def check_pair(cfg: CollectConfig, pair: Pair) -> None:
-    need = cfg.prompt_len + cfg.max_new_tokens + (cfg.draft_length if cfg.source == "decode" else 0)
+    need = cfg.prompt_len + cfg.max_new_tokens + (cfg.k if cfg.source == "decode" else 0)
     if need > pair.max_length:
-        raise SprinterError(f"prompt_len + max_new_tokens{' + draft_length' if cfg.source == 'decode' else ''} = "
+        raise SprinterError(f"prompt_len + max_new_tokens{' + k' if cfg.source == 'decode' else ''} = "
                             f"{need} tokens; the models' context window is {pair.max_length}: expected at most that")
 
 
@@ -349,7 +346,7 @@ def build_manifest(cfg: CollectConfig, pair: Pair, draft_path: str, target_path:
         "vocab_size": pair.vocab_size,
         "context_source": cfg.source,
         "temperature": cfg.temperature,
-        "features": FEATURES,
+        "features": COLUMNS,
         "labels": list(LABELS),
         "dtype": cfg.hidden_dtype,
         "columns": columns,

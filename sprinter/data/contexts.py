@@ -23,12 +23,13 @@ from typing import Sequence
 import torch
 
 from sprinter.decode.batch_cache import BatchCachedLM
-from sprinter.decode.batched import decode_batch
+from sprinter.decode.batched import BatchState, decode_batch
 from sprinter.decode.drafters import BatchModelDrafter, Draft
 from sprinter.decode.sampling import Sampler
 from sprinter.decode.stats import DecodeStats
 from sprinter.errors import SprinterError
 from sprinter.features import HIDDEN, HIDDEN_PREV, TOKEN, block_features, distribution_features
+from sprinter.pairs.load import Pair
 
 
 # ------------------------------------------------------------------------------------- pure functions
@@ -128,26 +129,29 @@ class Context:
 
 
 @torch.inference_mode()
-def decode_rows(draft, target, prompts: torch.Tensor, max_new_tokens: int, k: int, vocab_size: int,
-                temperature: float, gen: torch.Generator, pad_id: int, eos_id: int | None, max_length: int
+def decode_rows(pair: Pair, prompts: torch.Tensor, *, max_new_tokens: int, k: int, temperature: float,
+                gen: torch.Generator, pad_id: int, eos_id: int | None
                 ) -> tuple[dict[str, torch.Tensor], list[list[int]]]:
-    """Batched speculative decoding from each prompt until it has `max_new_tokens` drafted rows.
+    """Batched speculative decoding with `pair`'s draft and target from each prompt until it has `max_new_tokens`
+    drafted rows.
 
-    prompts: (B, P). A prompt also stops at EOS on the target's path or at the context window.
+    prompts: (B, P). A prompt also stops at EOS (`eos_id`; None: never) on the target's path or at the pair's
+    context window.
     Returns (rows, prompt-major with `row_prompt`; the token path of each prompt).
 
     The loop is the batched decode loop (sprinter.decode.batched.decode_batch), all prompts in one batch; what
     the data stage adds:
     - `observe` turns every round's drafted tokens into rows: the draft's hidden states and q (the drafter's
-      `features`), and p from the target's logits. At temperature 0 p and q are the untempered softmaxes
+      `record`), and p from the target's logits. At temperature 0 p and q are the untempered softmaxes
       (the labels read them); decoding itself works on one-hots.
     - `Context` ends a prompt by its drafted rows, and every round drafts exactly k tokens.
     - Both models `recompute`: every round reads each prompt's whole path again instead of keeping a KV
       cache. A kept cache computes the same values only up to float rounding, which flips near-ties of the
       greedy path and changes samples at temperature > 0; re-reading makes a row depend only on its path.
     """
+    draft, target, vocab_size = pair.draft, pair.target, pair.vocab_size
     sampler = Sampler(temperature)
-    contexts = [Context(row.tolist(), max_new_tokens=max_new_tokens, k=k, eos_id=eos_id, max_length=max_length)
+    contexts = [Context(row.tolist(), max_new_tokens=max_new_tokens, k=k, eos_id=eos_id, max_length=pair.max_length)
                 for row in prompts]
     parts: list[dict[str, torch.Tensor]] = []
 
@@ -170,10 +174,10 @@ def decode_rows(draft, target, prompts: torch.Tensor, max_new_tokens: int, k: in
         parts.append(rows)
 
     lm = dict(vocab_size=vocab_size, pad_id=pad_id, recompute=True)
-    decode_batch(BatchCachedLM(target, **lm), BatchModelDrafter(BatchCachedLM(draft, **lm), sampler, features=True),
-                 [c.path for c in contexts], sampler=sampler, gen=gen, outs=contexts,
-                 stats=[DecodeStats(mode="sd") for _ in contexts], chain_length=lambda batch: k,
-                 max_batch=len(contexts), observe=record)
+    decode_batch(BatchCachedLM(target, **lm), BatchModelDrafter(BatchCachedLM(draft, **lm), sampler, record=True),
+                 [c.path for c in contexts], state=BatchState(sampler, gen, contexts, [DecodeStats(mode="sd")
+                                                                                     for _ in contexts]),
+                 k_for=lambda batch: k, max_batch=len(contexts), observe=record)
     rows = {name: torch.cat([part[name] for part in parts]) for name in parts[0]}
     order = torch.sort(rows["row_prompt"], stable=True).indices  # prompt-major, drafting order within a prompt
     return {name: t[order] for name, t in rows.items()}, [c.path for c in contexts]

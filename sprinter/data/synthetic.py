@@ -16,7 +16,7 @@ import torch
 
 from sprinter.data.shards import FORMAT, LABELS
 
-FEATURES = ["hidden", "token_id", "draft_prob", "draft_entropy", "position"]
+COLUMNS = ["hidden", "token_id", "draft_prob", "draft_entropy", "position"]
 
 
 def make_rows(prompts: torch.Tensor, tokens_per_prompt: int, direction: torch.Tensor, token_bias: torch.Tensor,
@@ -63,7 +63,7 @@ def write_shards(folder: str | Path, num_prompts: int = 60, tokens_per_prompt: i
                 "draft": draft or {"name": "synthetic-draft", "fingerprint": "synthetic"},
                 "target": {"name": "synthetic-target", "fingerprint": "synthetic"}, "tokenizer": None,
                 "hidden_size": hidden_size, "vocab_size": vocab_size, "context_source": "corpus", "temperature": 1.0,
-                "features": FEATURES, "labels": list(LABELS),
+                "features": COLUMNS, "labels": list(LABELS),
                 "dtype": "float16", "num_samples": n, "num_prompts": num_prompts, "shards": shards,
                 "config": {"synthetic": True, "seed": seed}, "created": "synthetic"}
     (folder / "manifest.json").write_text(json.dumps(manifest, indent=2) + "\n")

@@ -49,10 +49,10 @@ from sprinter.decode.cache import CachedLM
 from sprinter.decode.drafters import Drafter
 from sprinter.decode.options import DecodeOptions
 from sprinter.decode.sampling import Sampler, uniform
-from sprinter.decode.stats import DecodeStats
 
 if TYPE_CHECKING:
     from sprinter.decode.emit import Emitter
+    from sprinter.decode.loops import LoopState
 
 WAIT_SECONDS = 0.05  # the longest either side sleeps before it looks at the stop flag again
 JOIN_SECONDS = 60.0  # the longest the caller waits for the draft thread to finish its current forward
@@ -204,20 +204,19 @@ class DraftSide:
             self.drafter.keep([0], [next_position - 1])  # the next forward reads the last kept token
 
 
-def asynchronous(target: CachedLM, drafter: Drafter, tokens: torch.Tensor, *, options: DecodeOptions, out: Emitter,
-                 stats: DecodeStats, draft_device: torch.device) -> None:
+def asynchronous(target: CachedLM, drafter: Drafter, tokens: torch.Tensor, *, options: DecodeOptions,
+                 state: LoopState, draft_device: torch.device) -> None:
     """Decode with the draft in a thread of its own until the budget, EOS or a stop string; the target
     verifies in the caller's thread. tokens: (1, T) the prompt, on the target's device. `options` gives the
-    sampler, the seed and the window.
+    seed (the draft thread's generator is seeded from it) and the window; `state.gen` is on the target's device.
 
     Shutdown: whatever ends the generation (done, an error on either side, KeyboardInterrupt) sets the
     stop flag and joins the draft thread before returning; an error raised in the draft thread is
     re-raised here, as itself (type and traceback kept)."""
-    prompt, seed, sampler = tokens[0].tolist(), int(options.seed), options.sampler
+    prompt, seed, sampler, gen, out = tokens[0].tolist(), int(options.seed), state.sampler, state.gen, state.out
     channel = Channel(len(prompt), options.async_window)
     draft = DraftSide(drafter, channel, prompt, len(prompt) + out.remaining, out.eos_id, draft_device, seed,
                       torch.get_num_threads())
-    gen = torch.Generator(device=tokens.device).manual_seed(seed)
     for device in {tokens.device, draft_device}:  # weights and prompt are ready before other streams read them
         if device.type == "cuda":
             torch.cuda.synchronize(device)
@@ -234,6 +233,7 @@ def asynchronous(target: CachedLM, drafter: Drafter, tokens: torch.Tensor, *, op
             raise RuntimeError(f"the draft thread did not stop within {JOIN_SECONDS} s")
     if channel.error is not None:  # the draft failed after the target had finished
         raise channel.error
+    stats = state.stats
     stats.drafted, stats.accepted, stats.rejected = draft.drafted, accepted, draft.drafted - accepted
     stats.discarded = draft.drafted - checked
     stats.draft_busy_seconds, stats.target_busy_seconds = draft.busy_seconds, busy

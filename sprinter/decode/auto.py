@@ -1,9 +1,9 @@
 """Mode "auto": before every target call, run the candidate the latency model predicts fastest for this request.
 
-The candidates (`candidates`): "ar"; "sd-k" for k in DRAFT_KS; "sd-gated" (when a learned gate is loaded);
-"ngram-s" for s in NGRAM_SS; and, only when the caller allows a fidelity loss (`max_false_accept=F`, one of the
-verifier's calibrated budgets), "sprinter@F". Each is priced in ms/token by sprinter.bench.latency from the
-pair's cost profile (sprinter.bench.costs) and two acceptance estimates, both flat across block positions:
+The candidates (`candidates`): "ar"; "sd-k{k}" for k in DRAFT_KS; "sd-gated" (when a learned gate is loaded);
+"ngram-k{k}" for k in NGRAM_KS; and, only when the caller allows a fidelity loss (`max_false_accept=F`, one of the
+verifier's calibrated budgets), "sprinter@F". Each is priced in ms/token by sprinter.decode.latency from the
+pair's cost profile (sprinter.decode.costs) and two acceptance estimates, both flat across block positions:
 - the draft model's: P(a drafted token is accepted), starting from the pair's greedy agreement (pair.json) when
   present, else DRAFT_PRIOR, worth PRIOR_WEIGHT observations; updated from every block the target checks
   (sd-k, sd-gated), and in sprinter rounds from the gate's decisions (a passed token counts as accepted, a
@@ -22,24 +22,30 @@ tokens it skipped), and the wait doubles after each probe that does not bring dr
 
 from __future__ import annotations
 
+import os
 from dataclasses import dataclass, field
-from typing import Sequence
+from pathlib import Path
+from typing import TYPE_CHECKING, Sequence
 
 import torch
 
-from sprinter.bench.costs import CostProfile
-from sprinter.bench.latency import ar_ms, ngram_ms, sd_gated_ms, sd_ms, sprinter_ms
 from sprinter.decode.cache import CachedLM
+from sprinter.decode.costs import FILE_NAME, CostProfile, find_profile, measure_costs, profile_key, save_profile
 from sprinter.decode.drafters import Draft, ModelDrafter
-from sprinter.decode.emit import Emitter
-from sprinter.decode.loops import GateRule, speculative_round
+from sprinter.decode.gates import LearnedGate
+from sprinter.decode.latency import SPRINTER_RATES, ar_ms, ngram_ms, sd_gated_ms, sd_ms, sprinter_ms, verifier_rates
+from sprinter.decode.loops import GateRule, LoopState, speculative_round
 from sprinter.decode.ngram import NgramDrafter, NgramIndex
-from sprinter.decode.sampling import Sampler
-from sprinter.decode.stats import DecodeStats
+from sprinter.decode.options import DecodeOptions
 from sprinter.errors import SprinterError
+from sprinter.files import read_json
+from sprinter.verifier import budget_key
+
+if TYPE_CHECKING:
+    from sprinter.decode.decoder import Decoder
 
 DRAFT_KS = (1, 2, 4, 8)  # sd's draft lengths to choose among
-NGRAM_SS = (2, 4, 8)  # n-gram chain lengths to choose among
+NGRAM_KS = (2, 4, 8)  # n-gram chain lengths to choose among
 DRAFT_PRIOR = 0.6  # P(accept) of a drafted token when the pair states no greedy agreement
 NGRAM_PRIOR = (0.3, 0.3)  # (P(a lookup finds a chain), P(a chained token is accepted)) before any lookup
 PRIOR_WEIGHT = 4.0  # the prior counts as this many observed tokens
@@ -72,7 +78,7 @@ class Estimate:
 
 @dataclass(frozen=True)
 class Candidate:
-    """One thing auto can run for a round: kind "ar", "sd" (k tokens), "sd-gated", "ngram" (s tokens), "sprinter"."""
+    """One thing auto can run for a round: kind "ar", "sd" (k tokens), "sd-gated", "ngram" (k tokens), "sprinter"."""
 
     name: str
     kind: str
@@ -80,12 +86,12 @@ class Candidate:
 
 
 def candidates(*, gated: bool, budget: float | None, ks: Sequence[int] = DRAFT_KS,
-               ss: Sequence[int] = NGRAM_SS) -> dict[str, Candidate]:
+               ngram_ks: Sequence[int] = NGRAM_KS) -> dict[str, Candidate]:
     out = {"ar": Candidate("ar", "ar")}
-    out.update({f"sd-{k}": Candidate(f"sd-{k}", "sd", k) for k in ks})
+    out.update({f"sd-k{k}": Candidate(f"sd-k{k}", "sd", k) for k in ks})
     if gated:
         out["sd-gated"] = Candidate("sd-gated", "sd-gated")
-    out.update({f"ngram-{s}": Candidate(f"ngram-{s}", "ngram", s) for s in ss})
+    out.update({f"ngram-k{k}": Candidate(f"ngram-k{k}", "ngram", k) for k in ngram_ks})
     if budget is not None:
         out[f"sprinter@{budget:g}"] = Candidate(f"sprinter@{budget:g}", "sprinter")
     return out
@@ -115,7 +121,7 @@ class AutoController:
         if (self.budget is None) != (self.sprinter_rates is None):
             raise SprinterError(f"sprinter candidate: got budget={self.budget!r} with rates {self.sprinter_rates!r}; "
                                 "expected both or neither")
-        self.options = candidates(gated=self.gated, budget=self.budget)
+        self.candidates = candidates(gated=self.gated, budget=self.budget)
         self.draft = Estimate(self.draft_prior)
         self.ngram_hit, self.ngram_accept = Estimate(self.ngram_prior[0]), Estimate(self.ngram_prior[1])
         self.since_draft = 0  # rounds since the draft model was last observed
@@ -127,7 +133,7 @@ class AutoController:
     @property
     def max_chain(self) -> int:
         """The longest n-gram chain any candidate drafts (what the free lookup before each round asks for)."""
-        return max(c.k for c in self.options.values() if c.kind == "ngram")
+        return max(c.k for c in self.candidates.values() if c.kind == "ngram")
 
     def predict(self) -> dict[str, float]:
         """Predicted ms/token of every candidate under the current estimates, each rounded to QUANTUM. The draft
@@ -138,7 +144,7 @@ class AutoController:
             if key not in self.cache:
                 rates = [q * QUANTUM for q in key[1:]]
                 kinds = ("ngram",) if key[0] == "ngram" else ("ar", "sd", "sd-gated", "sprinter")
-                self.cache[key] = {name: self._ms(c, *rates) for name, c in self.options.items() if c.kind in kinds}
+                self.cache[key] = {name: self._ms(c, *rates) for name, c in self.candidates.items() if c.kind in kinds}
         return {**self.cache[model], **self.cache[ngram]}
 
     def _ms(self, c: Candidate, *rates: float) -> float:
@@ -146,7 +152,7 @@ class AutoController:
         p = self.profile
         if c.kind == "ar":
             return ar_ms(p)
-        if c.kind == "ngram":  # a lookup finds a chain (of s tokens) with probability `hit`, else the round is ar's
+        if c.kind == "ngram":  # a lookup finds a chain (of k tokens) with probability `hit`, else the round is ar's
             hit, a_ng = rates
             accepted = hit * sum(a_ng ** j for j in range(1, c.k + 1))
             return ngram_ms(p, hit * c.k, accepted)
@@ -162,12 +168,12 @@ class AutoController:
         times = self.predict()
         best = min(times, key=times.__getitem__)
         self.probing = False
-        if self.options[best].kind in ("ar", "ngram"):
+        if self.candidates[best].kind in ("ar", "ngram"):
             self.since_draft += 1
             if self.since_draft > self.wait:
                 self.probing = True
-                return self.options["sd-1"]
-        return self.options[best]
+                return self.candidates["sd-k1"]
+        return self.candidates[best]
 
     def observe_draft(self, accepted: int, reached: int) -> None:
         """A round of the draft model: `reached` drafted tokens were judged (a block's accepted prefix and its
@@ -176,7 +182,7 @@ class AutoController:
         self.since_draft = 0
         if self.probing:  # the probe decides how long until the next one
             times = self.predict()
-            drafting = self.options[min(times, key=times.__getitem__)].kind not in ("ar", "ngram")
+            drafting = self.candidates[min(times, key=times.__getitem__)].kind not in ("ar", "ngram")
             self.wait = self.probe_every if drafting else min(2 * self.wait, PROBE_MAX)
 
     def observe_ngram(self, chain: Sequence[int], emitted: Sequence[int]) -> None:
@@ -203,20 +209,22 @@ class IndexDrafter:
 
 
 def auto_decode(target: CachedLM, draft: ModelDrafter, prompt: list[int], *, controller: AutoController,
-                sampler: Sampler, max_block: int, stop_rule: GateRule | None, sprinter_rule: GateRule | None,
-                ngram_n: int, gen: torch.Generator, out: Emitter, stats: DecodeStats) -> None:
-    """Rounds of whichever candidate `controller` chooses, until the budget, EOS or a stop string.
+                options: DecodeOptions, stop_rule: GateRule | None, sprinter_rule: GateRule | None,
+                state: LoopState) -> None:
+    """Rounds of whichever candidate `controller` chooses, until the budget, EOS or a stop string. From `options`:
+    the gated candidates' longest block (`max_block`) and the n-gram lookup's longest suffix (`ngram_n`).
 
     Both caches stay exact across switches: the target's covers every emitted token but the last after every
     round of every kind (an ar round reads what it lacks, as `autoregressive` does; a drafted round rolls back
     to it); the draft's may fall behind during ar and n-gram rounds, and the next draft-model round reads the
     tokens it skipped first (ModelDrafter feeds `seq[lm.length:]`)."""
+    sampler, gen, out, max_block = state.sampler, state.gen, state.out, options.max_block
     ids = list(prompt)
-    index = NgramDrafter(ngram_n).index(ids)
+    index = NgramDrafter(options.ngram_n).index(ids)
     ngram = IndexDrafter(index)
     device = next(target.model.parameters()).device
     rules = {"sd-gated": stop_rule, "sprinter": sprinter_rule}
-    modes = stats.modes
+    modes = state.stats.modes
     while not out.done:
         choice = controller.choose()
         chain = index.chain(controller.max_chain)  # the free n-gram probe: compared with what this round emits
@@ -224,11 +232,10 @@ def auto_decode(target: CachedLM, draft: ModelDrafter, prompt: list[int], *, con
             logits, _ = target.append(torch.tensor([ids[target.length:]], dtype=torch.long, device=device))  # (1, V)
             decided = [sampler.draw(sampler.probs(logits[0]), gen).item()]
         else:
-            limit = min(max_block if choice.kind in ("sd-gated", "sprinter") else choice.k, out.remaining)
+            k = min(max_block if choice.kind in ("sd-gated", "sprinter") else choice.k, out.remaining)
             drafter = ngram if choice.kind == "ngram" else draft
-            step = speculative_round(target, drafter, ids, limit, sampler=sampler, rule=rules.get(choice.kind),
-                                     check_all=choice.kind != "sprinter", remaining=out.remaining, gen=gen,
-                                     stats=stats)
+            step = speculative_round(target, drafter, ids, k, rule=rules.get(choice.kind),
+                                     check_all=choice.kind != "sprinter", state=state)
             decided = step.decided
             if drafter is draft:  # the judged tokens: the kept prefix and the first rejection (if any)
                 controller.observe_draft(step.kept, min(step.kept + 1, step.drafted))
@@ -240,5 +247,64 @@ def auto_decode(target: CachedLM, draft: ModelDrafter, prompt: list[int], *, con
         modes[choice.name] = modes.get(choice.name, 0) + len(out.ids) - before
 
 
-__all__ = ["DECAY", "DRAFT_KS", "DRAFT_PRIOR", "NGRAM_PRIOR", "NGRAM_SS", "PRIOR_WEIGHT", "PROBE_EVERY",
-           "AutoController", "Candidate", "Estimate", "IndexDrafter", "auto_decode", "candidates"]
+# ------------------------------------------------------------------------------------- a Decoder's request
+def run_auto(decoder: Decoder, target: CachedLM, draft: ModelDrafter, ids: list[int], options: DecodeOptions,
+             state: LoopState) -> None:
+    """Mode "auto" for one request of `decoder`: its controller, sd-gated's stop rule (the loaded verifier at its
+    stop threshold) and, with max_false_accept, sprinter's rule (the verifier at that budget's threshold)."""
+    controller = decoder.make_controller(options)
+    gate, sprinter_rule = decoder.gate, None
+    if options.max_false_accept is not None:
+        threshold = decoder.verifier_info.thresholds[budget_key(options.max_false_accept)]
+        sprinter_rule = GateRule(LearnedGate(gate.verifier, gate.features, threshold), None)
+    stop_rule = None if gate is None else GateRule(gate, decoder.stop_threshold(None, gate))
+    auto_decode(target, draft, ids, controller=controller, options=options, stop_rule=stop_rule,
+                sprinter_rule=sprinter_rule, state=state)
+
+
+def make_controller(decoder: Decoder, options: DecodeOptions) -> AutoController:
+    """The controller of one request. Its draft prior is the pair's greedy agreement (pair.json beside the draft)
+    when stated, else DRAFT_PRIOR; with max_false_accept, sprinter's rates come from the verifier's metrics.json
+    (true accept at that budget), else (SPRINTER_RATES' true accept, the budget)."""
+    meta_path = Path(decoder.pair.draft_name).parent / "pair.json"
+    meta = read_json(meta_path, "pair.json") if meta_path.is_file() else {}
+    agreement = meta.get("greedy_agreement") if isinstance(meta, dict) else None
+    prior = float(agreement) if isinstance(agreement, (int, float)) and 0 <= agreement <= 1 else DRAFT_PRIOR
+    budget = options.max_false_accept
+    rates = None
+    if budget is not None:
+        path = decoder.verifier_dir / "metrics.json" if decoder.verifier_dir else None
+        metrics = read_json(path, "metrics.json") if path is not None and path.is_file() else {}
+        rates = verifier_rates(metrics).get(budget_key(budget), (SPRINTER_RATES[0], float(budget)))
+    profile = decoder.cost_profile()
+    gated = decoder.gate is not None
+    setting = (repr(profile), options.max_block, gated, budget, rates)  # what predictions read
+    return AutoController(profile, draft_prior=prior, max_block=options.max_block, gated=gated, budget=budget,
+                          sprinter_rates=rates, cache=decoder.predictions.setdefault(setting, {}))
+
+
+def cost_profile(decoder: Decoder, budget_s: float = 2.0) -> CostProfile:
+    """The pair's cost profile (sprinter.decode.costs) on this device, dtype and thread count: `decoder.profile`
+    when set; else the one kept in memory by the decoder; else the one in cost_profile.json beside the pair
+    (scripts/profile_pair.py writes it); else measured now in about `budget_s` seconds, kept in memory, and saved
+    beside the pair when its folder is writable (measuring works for any model, random test ones too)."""
+    if decoder.profile is not None:
+        return decoder.profile
+    pair, folder = decoder.pair, Path(decoder.pair.draft_name).parent
+    name = str(folder) if (folder / "pair.json").is_file() else f"{pair.draft_name} | {pair.target_name}"
+    dtype = str(pair.dtype).removeprefix("torch.")
+    key = profile_key(name, str(pair.device), dtype, torch.get_num_threads())
+    if key not in decoder.profiles:
+        saved = find_profile(folder / FILE_NAME, name, str(pair.device), dtype, torch.get_num_threads()) \
+            if name == str(folder) else None
+        if saved is None:
+            saved = measure_costs(pair, name=name, gate=decoder.gate, budget_s=budget_s)
+            if name == str(folder) and os.access(folder, os.W_OK):
+                save_profile(folder / FILE_NAME, saved)
+        decoder.profiles[key] = saved
+    return decoder.profiles[key]
+
+
+__all__ = ["DECAY", "DRAFT_KS", "DRAFT_PRIOR", "NGRAM_PRIOR", "NGRAM_KS", "PRIOR_WEIGHT", "PROBE_EVERY",
+           "AutoController", "Candidate", "Estimate", "IndexDrafter", "auto_decode", "candidates", "cost_profile",
+           "make_controller", "run_auto"]

@@ -1,10 +1,10 @@
 """Batched decoding with ragged acceptance: modes "ar", "sd" and "ngram" over many prompts at once.
 
 Each round serves every row (sequence) still generating, in the steps of the single-sequence
-`speculative` loop (decode.py):
+`speculative` loop (sprinter.decode.loops):
 1. Draft: the drafter (sprinter.decode.drafters) proposes each row's own chain x_b of n_b tokens: "ar" none;
    "sd" the draft model, k per row (batched, one draft forward per drafted position); "ngram" a lookup in
-   the row's own text, 0..s tokens.
+   the row's own text, 0..k tokens.
 2. Verify: one target forward over every row's last emitted token and its chain, left-aligned in a block
    1 + max n_b wide; the slots after a row's chain are masked (sprinter.decode.batch_cache).
 3. Accept: the speculative-sampling rule, batched over rows (acceptance.py); a slot past a row's chain never
@@ -25,6 +25,7 @@ at temperature 0 every row equals its prompt's `ar` output.
 from __future__ import annotations
 
 import time
+from dataclasses import dataclass
 from typing import Callable, Sequence
 
 import torch
@@ -78,15 +79,27 @@ def accept(p: torch.Tensor, draft: Draft, sampler: Sampler, gen: torch.Generator
 Observer = Callable[[Sequence[int], Draft, torch.Tensor], None]
 
 
-def decode_batch(target: BatchCachedLM, drafter: Drafter | None, prompts: Sequence[Sequence[int]], *,
-                 sampler: Sampler, gen: torch.Generator, outs: Sequence, stats: Sequence[DecodeStats],
-                 chain_length: Callable[[int], int], max_batch: int, observe: Observer | None = None) -> None:
-    """Decode every prompt to its Emitter in `outs` (budget, EOS, stop strings), at most `max_batch` at a time.
+@dataclass
+class BatchState:
+    """What the batched loop carries besides the models (the batched `LoopState`): the sampler, the generator,
+    and per prompt where its tokens go (`outs`: Emitters, or the data stage's contexts) and its `stats`."""
 
-    chain_length(B): tokens to draft per row when B rows decode (0: plain decoding). `target` starts empty;
+    sampler: Sampler
+    gen: torch.Generator
+    outs: Sequence
+    stats: Sequence[DecodeStats]
+
+
+def decode_batch(target: BatchCachedLM, drafter: Drafter | None, prompts: Sequence[Sequence[int]], *,
+                 state: BatchState, k_for: Callable[[int], int], max_batch: int,
+                 observe: Observer | None = None) -> None:
+    """Decode every prompt to its Emitter in `state.outs` (budget, EOS, stop strings), at most `max_batch` at a time.
+
+    k_for(B): the draft length per row when B rows decode (0: plain decoding). `target` starts empty;
     its cache always holds every emitted token of a row but the last. Counters go to `stats` per prompt;
     `draft_seconds` (time in `drafter.propose`) and `wall_seconds` are left to the caller. `observe`, if
     given, sees every round before its tokens are emitted."""
+    sampler, gen, outs, stats = state.sampler, state.gen, state.outs, state.stats
     tokens = [list(p) for p in prompts]
     waiting = list(range(len(prompts)))
     live: list[int] = []  # prompt index of each batch row
@@ -105,8 +118,8 @@ def decode_batch(target: BatchCachedLM, drafter: Drafter | None, prompts: Sequen
                     stats[i].target_flops += target.flop_model.forward(0, n, 1)
             live += joining
         seqs = [tokens[i] for i in live]
-        s = chain_length(len(live))
-        limits = [min(s, outs[i].remaining) for i in live]
+        k = k_for(len(live))
+        limits = [min(k, outs[i].remaining) for i in live]
         # 1. Draft.
         start = time.perf_counter()
         draft = drafter.propose(seqs, limits, gen) if drafter is not None else _no_draft(len(live))
@@ -161,20 +174,20 @@ def generate_batch(pair: Pair, prompts: Sequence[Sequence[int]], options: Decode
     drafter: Drafter | None = None
     if mode == "sd":
         drafter = BatchModelDrafter(BatchCachedLM(pair.draft, pair.vocab_size, pad_id=pad), sampler)
-        chain_length = lambda batch: options.k  # noqa: E731
+        k_for = lambda batch: options.k  # noqa: E731
     elif mode == "ngram":
         drafter = NgramDrafter(options.ngram_n, datastore=datastore)
-        if options.s is not None:
-            chain_length = lambda batch: options.s  # noqa: E731
+        if options.ngram_k is not None:
+            k_for = lambda batch: options.ngram_k  # noqa: E731
         else:
             knee = options.i_knee if options.i_knee is not None else measure_i_knee(device, pair.dtype)
-            chain_length = lambda batch: speculation_length(knee, batch)  # noqa: E731
+            k_for = lambda batch: speculation_length(knee, batch)  # noqa: E731
     else:
-        chain_length = lambda batch: 0  # noqa: E731
+        k_for = lambda batch: 0  # noqa: E731
 
     start = time.perf_counter()
-    decode_batch(target, drafter, prompts, sampler=sampler, gen=gen, outs=outs, stats=stats,
-                 chain_length=chain_length, max_batch=options.max_batch or len(prompts))
+    decode_batch(target, drafter, prompts, state=BatchState(sampler, gen, outs, stats), k_for=k_for,
+                 max_batch=options.max_batch or len(prompts))
     if device.type == "cuda":
         torch.cuda.synchronize(device)
     seconds = time.perf_counter() - start
@@ -189,4 +202,4 @@ def _no_draft(rows: int) -> Draft:
     return Draft(torch.zeros(rows, 0, dtype=torch.long), [0] * rows, None, None, [[] for _ in range(rows)])
 
 
-__all__ = ["Observer", "accept", "decode_batch", "generate_batch"]
+__all__ = ["BatchState", "Observer", "accept", "decode_batch", "generate_batch"]

@@ -78,11 +78,11 @@ def static_cache(model: torch.nn.Module, capacity: int):
 
     if not static_cache_supported():
         raise SprinterError(f"static cache: transformers {__version__} has no StaticCache whose length can be moved "
-                            "back; expected a release that has one (5.17 or later), or static_cache=False")
+                            "back; expected a release that has one (5.17 or later), or engine=\"eager\"")
     cache = StaticCache(config=model.config, max_cache_len=capacity)
     if any(getattr(layer, "is_sliding", False) for layer in cache.layers):
         raise SprinterError(f"static cache: {type(model).__name__} has sliding-window layers, whose static cache "
-                            "cannot move its length back; expected static_cache=False (and compile=False)")
+                            "cannot move its length back; expected engine=\"eager\"")
     return cache
 
 

@@ -16,7 +16,7 @@ Modes (docs/references.md §1 and §5):
   (sprinter.decode.roofline);
 - "async": lossless speculative decoding with the draft running ahead in a thread of its own, maybe on
   another device, while the target verifies (AMUSD, docs/references.md §3; sprinter.decode.asynchronous);
-- "auto": before every target call, whichever of ar, sd-k, sd-gated, ngram-s (and sprinter at an allowed
+- "auto": before every target call, whichever of ar, sd-k{k}, sd-gated, ngram-k{k} (and sprinter at an allowed
   false-accept budget) the latency model predicts fastest for this request (sprinter.decode.auto).
 
 A list of prompts is decoded as one batch in modes "ar", "sd" and "ngram" (sprinter.decode.batched, which
@@ -32,20 +32,17 @@ Two loops (sprinter.decode.loops) serve a single prompt in the first five modes:
 from __future__ import annotations
 
 import copy
-import dataclasses
-import json
-import os
 import time
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, Sequence
 
 import torch
 
-from sprinter.config import check_integers, option
 from sprinter.decode.asynchronous import asynchronous
+from sprinter.decode.auto import AutoController, cost_profile, make_controller, run_auto
 from sprinter.decode.batched import generate_batch
 from sprinter.decode.cache import CachedLM
+from sprinter.decode.costs import CostProfile
 from sprinter.decode.datastore import Datastore
 from sprinter.decode.drafters import ModelDrafter
 from sprinter.decode.emit import Emitter, GenerateOutput
@@ -59,7 +56,7 @@ from sprinter.decode.gates import (
     NeverFlag,
     load_learned_gate,
 )
-from sprinter.decode.loops import GateRule, autoregressive, speculative
+from sprinter.decode.loops import GateRule, LoopState, autoregressive, speculative
 from sprinter.decode.options import (
     BATCH_MODES,
     GATED_MODES,
@@ -67,9 +64,12 @@ from sprinter.decode.options import (
     MODES,
     STOP_THRESHOLD,
     DecodeOptions,
+    GenerateConfig,
 )
+from sprinter.decode.prompts import is_batch, prompt_ids
 from sprinter.decode.stats import DecodeStats, check_promise
 from sprinter.errors import SprinterError
+from sprinter.files import read_json
 from sprinter.pairs.load import (
     Pair,
     fingerprint,
@@ -78,55 +78,11 @@ from sprinter.pairs.load import (
     resolve_dtype,
 )
 
-DEMO_VERIFIER = "checkpoints/verifiers/demo"
+ENGINES = ("eager", "static", "compiled")  # Decoder.from_pretrained(engine=...): how the single-prompt loops run
 NO_VERIFIER = ("modes 'sprinter' and 'sd-gated' need a gate, and this decoder has no verifier: train one with "
                "`python scripts/collect.py` then `python scripts/train.py` (writes checkpoints/verifiers/demo) and "
                "pass verifier=DIR (CLI --verifier DIR), or use the draft's confidence: gate='confidence' "
                "(CLI --gate confidence)")
-
-
-@dataclass(frozen=True)
-class GenerateConfig(DecodeOptions):
-    """scripts/generate.py's options: a generation's (`DecodeOptions`, whose defaults and checks it inherits)
-    and the command line's own (what to decode, which models, where). Validated on construction, before any
-    model runs; `options()` is the `DecodeOptions` part, as `Decoder.generate` takes it."""
-
-    prompt: str = option("def fibonacci(n):", "text to continue")
-    prompts_file: str | None = option(None, "decode every prompt of this file as one batch (replaces --prompt): one "
-                                            "prompt per line, or one JSON string per line in a .jsonl file")
-    pair: str = option("demo", "a preset pair under checkpoints/pairs/ (built if missing) or a pair folder")
-    draft: str | None = option(None, "draft model: Hub name or folder; none: PAIR/draft")
-    target: str | None = option(None, "target model: Hub name or folder; none: PAIR/target")
-    verifier: str | None = option(None, f"verifier checkpoint; none: {DEMO_VERIFIER} when it exists")
-    datastore: str | None = option(None, "ngram: also look up this n-gram datastore (scripts/build_datastore.py)")
-    device: str = option("auto", "cpu, cuda, cuda:N or auto")
-    dtype: str = option("auto", "float32, bfloat16, float16 or auto: bfloat16 on CUDA, float32 on CPU")
-    threads: int = option(0, "CPU threads for torch (0: torch's default)")
-    static_cache: bool = option(False, "single-prompt modes: static KV caches written by position (else dynamic ones)")
-    compile: bool = option(False, "single-prompt modes: torch.compile the draft step and the target's verify forward "
-                                  "(static caches implied; compiling takes seconds to minutes, once per run)")
-    json: bool = option(False, "print one JSON object (text, token ids, stats) instead of streaming text")
-    compare: bool = option(False, "also decode the prompt with ar (the target alone) and print both texts, both "
-                                  "speeds, the speedup and whether the texts are identical (lossless modes) or how "
-                                  "far they differ (tokens that differ, the target's NLL ratio)")
-
-    def __post_init__(self) -> None:
-        super().__post_init__()
-        if self.prompts_file is not None and self.mode not in BATCH_MODES:
-            raise SprinterError(f"prompts_file: got {self.prompts_file!r} with mode={self.mode!r}; expected a mode of "
-                                f"{BATCH_MODES} (the modes that decode a batch)")
-        if self.datastore is not None and self.mode != "ngram":
-            raise SprinterError(f"datastore: got {self.datastore!r} with mode={self.mode!r}; expected it only with "
-                                "mode='ngram'")
-        if self.compare and (self.prompts_file is not None or self.mode == "ar"):
-            raise SprinterError(f"compare: got it with mode={self.mode!r}" + (
-                f" and prompts_file={self.prompts_file!r}; expected one --prompt" if self.prompts_file is not None
-                else "; expected a mode to compare with ar (sd, sprinter, ngram, ...)"))
-        check_integers(self, ("threads",), minimum=0)
-
-    def options(self) -> DecodeOptions:
-        """The generation's options alone."""
-        return DecodeOptions(**{f.name: getattr(self, f.name) for f in dataclasses.fields(DecodeOptions)})
 
 
 class Decoder:
@@ -150,17 +106,18 @@ class Decoder:
     @classmethod
     def from_pretrained(cls, draft: str, target: str, verifier: str | Path | None = None, device: str = "auto",
                         dtype: str = "auto", trust_remote_code: bool = False,
-                        datastore: str | Path | None = None, static_cache: bool = False,
-                        compile: bool = False) -> "Decoder":
+                        datastore: str | Path | None = None, engine: str = "eager") -> "Decoder":
         """Load the pair (Hub names or local folders) and, if given, a verifier trained for this draft and an
         n-gram datastore (scripts/build_datastore.py) for mode "ngram". The verifier is checked against the
         draft (fingerprint, hidden size) and the datastore's files before any model is loaded; the datastore's
         tokenizer against the pair's once it is loaded.
 
-        The single-prompt modes decode with dynamic KV caches (the reference), or with static ones written by
-        position (`static_cache=True`); `compile=True` also torch.compiles the draft's step and the target's verify
-        forward (sprinter.decode.engine; static caches implied; each generation's `stats.compile_seconds` says
-        what compiling cost it, paid once per Decoder)."""
+        `engine`, one of ENGINES: the single-prompt modes decode with dynamic KV caches ("eager", the reference),
+        with static ones written by position ("static"), or also torch.compile the draft's step and the target's
+        verify forward ("compiled", static caches implied; sprinter.decode.engine; each generation's
+        `stats.compile_seconds` says what compiling cost it, paid once per Decoder)."""
+        if engine not in ENGINES:
+            raise SprinterError(f"engine: got {engine!r}; expected one of {ENGINES}")
         for name, value in (("draft", draft), ("target", target), ("verifier", verifier), ("datastore", datastore)):
             if not (isinstance(value, (str, Path)) and str(value) != "" or value is None and name in ("verifier",
                                                                                                   "datastore")):
@@ -182,7 +139,8 @@ class Decoder:
                 info.rates = _rates_beside(verifier)
         if store is not None:
             store.check_tokenizer(pair.tokenizer)
-        decoder = cls(pair, gate, info, store, Engine(dev, static=static_cache, compile=compile))
+        decoder = cls(pair, gate, info, store, Engine(dev, static=engine == "static",
+                                                        compile=engine == "compiled"))
         decoder.verifier_dir = Path(verifier) if verifier is not None else None
         return decoder
 
@@ -209,22 +167,21 @@ class Decoder:
         if on_text is not None and not callable(on_text):
             raise SprinterError(f"on_text: got {on_text!r}; expected a function of one str, or None")
         mode = options.mode
-        if _is_batch(prompt) and len(prompt) == 1 and mode not in BATCH_MODES:
+        if is_batch(prompt) and len(prompt) == 1 and mode not in BATCH_MODES:
             prompt = prompt[0]  # a batch of one, in a mode that decodes one prompt at a time
-        if _is_batch(prompt) or mode == "ngram":
+        if is_batch(prompt) or mode == "ngram":
             return self._generate_batch(prompt, options, on_text)
         ids = self._prompt_ids(prompt)
         gate = self._check_request(options, len(ids))
         if mode == "sd-gated":
-            options = options.replace(stop_threshold=self._stop_threshold(options.stop_threshold, gate))
+            options = options.replace(stop_threshold=self.stop_threshold(options.stop_threshold, gate))
         device = self.pair.device
-        sampler = options.sampler
-        gen = torch.Generator(device=device).manual_seed(int(options.seed))
-        out = Emitter(self.tokenizer, options.max_new_tokens, self.tokenizer.eos_token_id, options.stop, on_text)
-        stats = DecodeStats(mode=mode)
         # async may run each model on a device of its own (a copy made once); every other mode on the decoder's
         target_dev, draft_dev = (device if d is None else resolve_device(d)
                                  for d in (options.target_device, options.draft_device))
+        out = Emitter(self.tokenizer, options.max_new_tokens, self.tokenizer.eos_token_id, options.stop, on_text)
+        state = LoopState(options.sampler, torch.Generator(device=target_dev).manual_seed(int(options.seed)), out,
+                          DecodeStats(mode=mode))
         capacity = len(ids) + options.max_new_tokens  # neither cache ever holds more than the prompt and the budget
         eager = options.mode == "async"  # its draft runs in a thread of its own: no compiled graphs there
         target = self.engine.lm(self.model_on("target", target_dev), self.pair.vocab_size, capacity, not eager)
@@ -233,20 +190,18 @@ class Decoder:
         start = time.perf_counter()
         if mode in ("ar", "draft"):
             tokens = torch.tensor([ids], dtype=torch.long, device=device)  # (1, T)
-            autoregressive(target if mode == "ar" else draft, tokens, sampler=sampler, gen=gen, out=out)
-        elif mode == "auto":
-            self._auto(target, draft, ids, options=options, gen=gen, out=out, stats=stats)
+            autoregressive(target if mode == "ar" else draft, tokens, state)
+        elif mode == "auto":  # its gated rounds use the loaded verifier; never fused (the gate changes by round)
+            run_auto(self, target, self._drafter(draft, options, self.gate, fuse=False), ids, options, state)
         elif mode == "async":
             tokens = torch.tensor([ids], dtype=torch.long, device=target_dev)  # (1, T)
-            asynchronous(target, ModelDrafter(draft, sampler), tokens, options=options, out=out, stats=stats,
+            asynchronous(target, self._drafter(draft, options, None), tokens, options=options, state=state,
                          draft_device=draft_dev)
         else:
-            fused = None if gate is None else self.engine.fused(draft.model, gate, self.pair.vocab_size,
-                                                                sampler.greedy)
-            drafter = ModelDrafter(draft, sampler, with_hidden=gate is not None and gate.needs_hidden, fused=fused)
-            speculative(target, drafter, ids, options=options, gate=gate, gen=gen, out=out, stats=stats)
+            speculative(target, self._drafter(draft, options, gate), ids, options=options, gate=gate, state=state)
         if device.type == "cuda":
             torch.cuda.synchronize(device)
+        stats = state.stats
         stats.wall_seconds = time.perf_counter() - start
         stats.compile_seconds = self.engine.report()
 
@@ -264,77 +219,14 @@ class Decoder:
             check_promise(stats, self.verifier_info.rates_at(gate.threshold), f"verifier {str(self.verifier_dir)!r}")
         return GenerateOutput(text=out.text(), token_ids=out.ids, stats=stats, stop_reason=out.stop_reason)
 
-    def _auto(self, target: CachedLM, draft: CachedLM, ids: list[int], *, options: DecodeOptions,
-              gen: torch.Generator, out: Emitter, stats: DecodeStats) -> None:
-        """Mode "auto" (sprinter.decode.auto): the controller chooses each round's candidate."""
-        from sprinter.decode.auto import auto_decode
+    def make_controller(self, options: DecodeOptions) -> AutoController:
+        """Mode "auto"'s controller for one request (sprinter.decode.auto.make_controller; a test may replace this
+        method to drive the rounds itself)."""
+        return make_controller(self, options)
 
-        controller = self.make_controller(options)
-        stop_gate = self.gate
-        sprinter_gate = None
-        if options.max_false_accept is not None:
-            threshold = self._budget_threshold(options.max_false_accept)
-            sprinter_gate = LearnedGate(self.gate.verifier, self.gate.features, threshold)
-        needs_hidden = self.gate is not None and self.gate.needs_hidden
-        auto_decode(target, ModelDrafter(draft, options.sampler, with_hidden=needs_hidden), ids,
-                    controller=controller, sampler=options.sampler, max_block=options.max_block,
-                    stop_rule=None if stop_gate is None else GateRule(stop_gate, self._stop_threshold(None, stop_gate)),
-                    sprinter_rule=None if sprinter_gate is None else GateRule(sprinter_gate, None),
-                    ngram_n=options.ngram_n, gen=gen, out=out, stats=stats)
-
-    def make_controller(self, options: DecodeOptions):
-        """Mode "auto"'s controller for one request (sprinter.decode.auto.AutoController; a test may replace this
-        method to drive the rounds itself). Its draft prior is the pair's greedy agreement (pair.json beside the
-        draft) when stated, else auto.DRAFT_PRIOR; with max_false_accept, sprinter's rates come from the
-        verifier's metrics.json (true accept at that budget), else (SPRINTER_RATES' true accept, the budget)."""
-        from sprinter.bench.latency import SPRINTER_RATES, verifier_rates
-        from sprinter.decode.auto import DRAFT_PRIOR, AutoController
-        from sprinter.files import read_json
-        from sprinter.train.calibrate import budget_key
-
-        meta_path = Path(self.pair.draft_name).parent / "pair.json"
-        meta = read_json(meta_path, "pair.json") if meta_path.is_file() else {}
-        agreement = meta.get("greedy_agreement") if isinstance(meta, dict) else None
-        prior = float(agreement) if isinstance(agreement, (int, float)) and 0 <= agreement <= 1 else DRAFT_PRIOR
-        budget = options.max_false_accept
-        rates = None
-        if budget is not None:
-            path = self.verifier_dir / "metrics.json" if self.verifier_dir else None
-            metrics = read_json(path, "metrics.json") if path is not None and path.is_file() else {}
-            rates = verifier_rates(metrics).get(budget_key(budget), (SPRINTER_RATES[0], float(budget)))
-        profile = self.cost_profile()
-        setting = (repr(profile), options.max_block, self.gate is not None, budget, rates)  # what predictions read
-        return AutoController(profile, draft_prior=prior, max_block=options.max_block, gated=self.gate is not None,
-                              budget=budget, sprinter_rates=rates, cache=self.predictions.setdefault(setting, {}))
-
-    def cost_profile(self, budget_s: float = 2.0):
-        """The pair's cost profile (sprinter.bench.costs) on this device, dtype and thread count: `self.profile`
-        when set; else the one kept in memory by this Decoder; else the one in cost_profile.json beside the pair
-        (scripts/profile_pair.py writes it); else measured now in about `budget_s` seconds, kept in memory, and
-        saved beside the pair when its folder is writable (measuring works for any model, random test ones too)."""
-        from sprinter.bench.costs import FILE_NAME, find_profile, measure_costs, profile_key, save_profile
-
-        if self.profile is not None:
-            return self.profile
-        pair, folder = self.pair, Path(self.pair.draft_name).parent
-        name = str(folder) if (folder / "pair.json").is_file() else f"{pair.draft_name} | {pair.target_name}"
-        dtype = str(pair.dtype).removeprefix("torch.")
-        key = profile_key(name, str(pair.device), dtype, torch.get_num_threads())
-        if key not in self.profiles:
-            saved = find_profile(folder / FILE_NAME, name, str(pair.device), dtype, torch.get_num_threads()) \
-                if name == str(folder) else None
-            if saved is None:
-                saved = measure_costs(pair.draft, pair.target, pair.vocab_size, pair=name, gate=self.gate,
-                                      budget_s=budget_s)
-                if name == str(folder) and os.access(folder, os.W_OK):
-                    save_profile(folder / FILE_NAME, saved)
-            self.profiles[key] = saved
-        return self.profiles[key]
-
-    def _budget_threshold(self, budget: float) -> float:
-        from sprinter.train.calibrate import budget_key
-
-        return self.verifier_info.thresholds[budget_key(budget)]
+    def cost_profile(self, budget_s: float = 2.0) -> CostProfile:
+        """The pair's cost profile on this device, dtype and thread count (sprinter.decode.auto.cost_profile)."""
+        return cost_profile(self, budget_s)
 
     @staticmethod
     def _options(options: DecodeOptions | None, overrides: dict[str, object]) -> DecodeOptions:
@@ -346,7 +238,16 @@ class Decoder:
                                 "e.g. max_new_tokens=64)")
         return options.replace(**overrides) if overrides else options
 
-    def _stop_threshold(self, threshold: float | None, gate: Gate | None) -> float:
+    def _drafter(self, draft: CachedLM, options: DecodeOptions, gate: Gate | None, *, fuse: bool = True
+                 ) -> ModelDrafter:
+        """The draft model as a drafter: its steps return the hidden states `gate` reads (none without a gate),
+        and with `fuse` (and a compiling engine) the gate runs inside the draft's compiled step."""
+        sampler = options.sampler
+        fused = self.engine.fused(draft.model, gate, self.pair.vocab_size, sampler.greedy) \
+            if fuse and gate is not None else None
+        return ModelDrafter(draft, sampler, hidden_layers=0 if gate is None else gate.hidden_layers, fused=fused)
+
+    def stop_threshold(self, threshold: float | None, gate: Gate | None) -> float:
         """sd-gated's stop threshold: the one asked for, else the loaded verifier's recommended one (stored by
         `scripts/benchmark.py --store-stop-threshold`) when it is the gate, else STOP_THRESHOLD."""
         if threshold is not None:
@@ -358,7 +259,7 @@ class Decoder:
                         ) -> GenerateOutput | list[GenerateOutput]:
         """A list of prompts (a list of results), or one prompt in mode "ngram" (one result):
         sprinter.decode.batched."""
-        batch = _is_batch(prompt)
+        batch = is_batch(prompt)
         if batch and options.mode not in BATCH_MODES:
             raise SprinterError(f"prompt: got a batch of {len(prompt)} prompts with mode={options.mode!r}; expected a "
                                 f"single prompt, or a mode of {BATCH_MODES}")
@@ -384,33 +285,7 @@ class Decoder:
         return self.copies[key]
 
     def _prompt_ids(self, prompt: str | Sequence[int] | torch.Tensor) -> list[int]:
-        if isinstance(prompt, str):
-            if not prompt:
-                raise SprinterError("prompt: got ''; expected a non-empty text or a list of token ids")
-            try:
-                prompt.encode("utf-8")
-            except UnicodeEncodeError as err:  # lone surrogates: bytes that were not UTF-8 (e.g. from argv)
-                raise SprinterError(f"prompt: got {prompt[max(0, err.start - 10): err.end + 10]!r}, with a character "
-                                    f"at {err.start} that is not text (a byte that was not UTF-8?); expected "
-                                    "UTF-8 text") from None
-            return self.tokenizer(prompt, add_special_tokens=False)["input_ids"]
-        if not isinstance(prompt, (list, tuple, torch.Tensor)):
-            raise SprinterError(f"prompt: got {type(prompt).__name__} {prompt!r:.40}; expected a text, a list of token "
-                                "ids or a list of prompts")
-        ids = prompt.tolist() if isinstance(prompt, torch.Tensor) else \
-            [t.item() if isinstance(t, torch.Tensor) and t.dim() == 0 else t for t in prompt]
-        if ids and isinstance(ids[0], list):  # a batch dimension
-            if len(ids) != 1:
-                raise SprinterError(f"prompt: got a batch of {len(ids)} sequences in one tensor; expected a batch "
-                                    "of 1 (for a batch: a list of prompts)")
-            ids = ids[0]
-        if not ids:
-            raise SprinterError("prompt: got no token ids; expected a non-empty text or a list of token ids")
-        vocab = self.pair.vocab_size
-        bad = [t for t in ids if not isinstance(t, int) or isinstance(t, bool) or not 0 <= t < vocab]
-        if bad:
-            raise SprinterError(f"prompt: got token id(s) {bad[:4]}; expected integers in [0, {vocab})")
-        return ids
+        return prompt_ids(prompt, self.tokenizer, self.pair.vocab_size)
 
     def _check_request(self, options: DecodeOptions, prompt_len: int) -> Gate | None:
         """The checks that need the pair or the verifier (`options` checked itself); returns the gate a gated
@@ -425,7 +300,7 @@ class Decoder:
 
     def _check_budget(self, budget: float) -> None:
         """auto's max_false_accept must be a budget the loaded verifier was calibrated for."""
-        from sprinter.train.calibrate import budget_key
+        from sprinter.verifier import budget_key
 
         if self.gate is None:
             raise SprinterError(f"max_false_accept: got {budget!r}, and this decoder has no verifier; expected a "
@@ -457,15 +332,9 @@ def _rates_beside(verifier: str | Path) -> dict:
 
     metrics = checkpoint_file(verifier).parent / "metrics.json"
     try:
-        return calibrated_rates(json.loads(metrics.read_text())["verifier"])
-    except (OSError, ValueError, KeyError, TypeError):
+        return calibrated_rates(read_json(metrics, "metrics.json")["verifier"])
+    except (OSError, ValueError, KeyError, TypeError):  # ValueError: a SprinterError (not UTF-8, not JSON)
         return {}
-
-
-def _is_batch(prompt: object) -> bool:
-    """A list of prompts (texts or token-id lists), not one prompt's token ids."""
-    first = prompt[0] if isinstance(prompt, (list, tuple)) and len(prompt) > 0 else None
-    return isinstance(first, (str, list, tuple)) or (isinstance(first, torch.Tensor) and first.dim() >= 1)
 
 
 def _same_device(a: torch.device, b: torch.device) -> bool:
@@ -488,5 +357,5 @@ def _hidden_size(draft: str, trust_remote_code: bool) -> int:
                             f"({str(err).strip().splitlines()[0]})") from None
 
 
-__all__ = ["BATCH_MODES", "GATED_MODES", "GATES", "MODES", "STOP_THRESHOLD", "DecodeOptions", "Decoder", "GateRule",
-           "GenerateConfig", "GenerateOutput", "autoregressive", "speculative"]
+__all__ = ["BATCH_MODES", "GATED_MODES", "GATES", "MODES", "NO_VERIFIER", "STOP_THRESHOLD", "DecodeOptions", "Decoder",
+           "GateRule", "GenerateConfig", "GenerateOutput", "autoregressive", "speculative"]

@@ -49,7 +49,7 @@ class Draft:
     q: torch.Tensor | None  # (B, n, V) the distribution of each chain slot, zero past a row's chain; None: one-hot
     cost: list[tuple[int, int, int]] | None = None  # per row: draft forwards, tokens read, FLOPs (None: not counted)
     host: list[list[int]] | None = None  # the chains as lists, when the drafter has them (saves a device sync)
-    # What a verifier reads about each slot, from a drafter made with `features=True` (past a row's chain: unused):
+    # What a verifier reads about each slot, from a drafter made with `record=True` (past a row's chain: unused):
     q_soft: torch.Tensor | None = None  # (B, n, V) q when sampling, the untempered softmax when greedy
     hidden: torch.Tensor | None = None  # (B, n, 2, H) the draft's states (the last layer, the one before) there
 
@@ -73,13 +73,13 @@ class Drafter(Protocol):
 class ModelDrafter:
     """A draft causal LM with its own KV cache, for one sequence, fed only the tokens it has not seen."""
 
-    def __init__(self, lm: CachedLM, sampler: Sampler, *, with_hidden: bool | int = False,
+    def __init__(self, lm: CachedLM, sampler: Sampler, *, hidden_layers: int = 0,
                  fused: FusedDraftStep | None = None):
         self.lm = lm
         self.sampler = sampler
-        # How many of the last layers' states each step returns (True: 1; 2 adds the layer before the last):
+        # How many of the last layers' states each gated step returns (1: the last; 2 adds the layer before it):
         # they cost an extra output, and only a learned gate reads them.
-        self.with_hidden = int(with_hidden)
+        self.hidden_layers = hidden_layers
         self.fused = fused  # compiled greedy step with the gate in it (sprinter.decode.engine), for gated chains
         self.device = next(lm.model.parameters()).device
 
@@ -88,7 +88,7 @@ class ModelDrafter:
         if len(seqs) != 1:
             raise RuntimeError(f"ModelDrafter drafts for one sequence; got {len(seqs)}")  # a decoder bug
         (seq,), (limit,) = seqs, limits
-        hidden_too = self.with_hidden if stop is not None else 0
+        hidden_layers = self.hidden_layers if stop is not None else 0
         ids = torch.tensor([seq[self.lm.length:]], dtype=torch.long, device=self.device)  # (1, unseen)
         xs: list[torch.Tensor] = []
         qs: list[torch.Tensor] = []
@@ -99,13 +99,13 @@ class ModelDrafter:
                 x, q, q_soft, hidden, p_accept = self.lm.append_fused(ids, fused, len(xs))  # one graph, no sync
                 step = DraftStep(token=x, q=q, q_soft=q_soft, hidden=hidden, p_accept=p_accept)
             else:
-                logits, hidden = self.lm.append(ids, hidden=hidden_too)  # (1, V), (1, layers, H)
+                logits, hidden = self.lm.append(ids, hidden=hidden_layers)  # (1, V), (1, layers, H)
                 q = self.sampler.probs(logits[0])
                 x = self.sampler.draw(q, gen)
                 step = None if stop is None else DraftStep(
                     token=x, q=q, q_soft=self.sampler.soft_probs(logits[0]),
                     hidden=None if hidden is None else hidden[0, 0],
-                    hidden_prev=hidden[0, 1] if hidden_too > 1 else None)
+                    hidden_prev=hidden[0, 1] if hidden_layers > 1 else None)
             xs.append(x)
             qs.append(q)
             ids = x.view(1, 1)
@@ -123,10 +123,10 @@ class ModelDrafter:
 class BatchModelDrafter:
     """A draft causal LM over many sequences with one batched cache (sprinter.decode.batch_cache).
 
-    features=True also returns each slot's `q_soft` and `hidden` (the data stage records them as rows)."""
+    record=True also returns each slot's `q_soft` and `hidden` (the data stage records them as rows)."""
 
-    def __init__(self, lm: BatchCachedLM, sampler: Sampler, *, features: bool = False):
-        self.lm, self.sampler, self.features = lm, sampler, features
+    def __init__(self, lm: BatchCachedLM, sampler: Sampler, *, record: bool = False):
+        self.lm, self.sampler, self.record = lm, sampler, record
 
     def propose(self, seqs: Sequence[Sequence[int]], limits: Sequence[int], gen: torch.Generator, *,
                 stop: StopRule | None = None) -> Draft:
@@ -144,18 +144,18 @@ class BatchModelDrafter:
         before = list(self.lm.lengths)
         # 1. Catch up on the tokens the draft has not read (the last emitted one; two after a fully kept chain).
         unseen = [seq[n:] for seq, n in zip(seqs, before, strict=True)]
-        logits, hidden = self.lm.append_last(unseen, hidden=self.features)  # (B, V), (B, 2, H) | None
+        logits, hidden = self.lm.append_last(unseen, hidden=self.record)  # (B, V), (B, 2, H) | None
         # 2. Draft position j for the rows whose chain is longer than j (the others read a masked slot).
         xs, qs, softs, states, host = [], [], [], [], []
         for j in range(max(limits)):
             if j:
                 step = [[x] if limit > j else [] for x, limit in zip(host[-1], limits, strict=True)]
-                logits, hidden = self.lm.append_last(step, hidden=self.features)
+                logits, hidden = self.lm.append_last(step, hidden=self.record)
             q = self.sampler.probs(logits)  # (B, V)
             qs.append(q)
             xs.append(self.sampler.draw(q, gen))
             host.append(xs[-1].tolist())  # the next forward's input ids are built on the host
-            if self.features:
+            if self.record:
                 softs.append(self.sampler.soft_probs(logits))
                 states.append(hidden)
         chains = [[x[b] for x in host[:limit]] for b, limit in enumerate(limits)]
@@ -165,8 +165,8 @@ class BatchModelDrafter:
         read = [after - n for after, n in zip(self.lm.lengths, before, strict=True)]
         cost = [(c + limit, t + r, f + self.lm.flop_model.forward(n, r, limit))
                 for (c, t, f), limit, r, n in zip(prompt_cost, limits, read, before, strict=True)]
-        features = {"q_soft": torch.stack(softs, 1), "hidden": torch.stack(states, 1)} if self.features else {}
-        return Draft(x, list(limits), q, cost, chains, **features)
+        recorded = {"q_soft": torch.stack(softs, 1), "hidden": torch.stack(states, 1)} if self.record else {}
+        return Draft(x, list(limits), q, cost, chains, **recorded)
 
     def keep(self, rows: Sequence[int], lengths: Sequence[int]) -> None:
         self.lm.select(rows)

@@ -148,7 +148,7 @@ class FusedDraftStep(Graphs):
 
     def __init__(self, model: torch.nn.Module, gate, vocab_size: int, mode: str | None):
         keyword = cache_keyword(type(model))
-        layers = int(gate.needs_hidden)  # 2: the gate also reads the layer before the last
+        layers = gate.hidden_layers  # 2: the gate also reads the layer before the last
         self.window = position_window(model)
 
         def step(ids: torch.Tensor, cache, position: torch.Tensor):
@@ -194,7 +194,7 @@ class Engine:
         if compile:
             problem = compiler_problem(device)
             if problem is not None:
-                print(f"note: compile=True skipped: {problem}; decoding eagerly", file=sys.stderr)
+                print(f"note: compiling skipped: {problem}; decoding eagerly", file=sys.stderr)
                 self.compile = False
         self.static = static or self.compile
         # CUDA graphs replay a step without launching its kernels one by one; on CPU there is nothing to replay
@@ -249,8 +249,8 @@ class Engine:
         ids = torch.zeros(1, 1, dtype=torch.long, device=self.device)
         lm.append(ids)  # eager: a step needs a cached token before it
         for size in BUCKETS:
-            for with_hidden in {0, int(hidden)}:
-                lm.append(ids.expand(1, size), hidden=with_hidden)
+            for layers in {0, hidden}:
+                lm.append(ids.expand(1, size), hidden=layers)
                 lm.rollback(size)
         return self.report()
 

@@ -45,7 +45,7 @@ def prob_of(q: torch.Tensor, token: torch.Tensor) -> torch.Tensor:
 
 class Gate(Protocol):
     threshold: float
-    needs_hidden: bool | int  # whether the drafter must return its hidden state (2: also the layer before the last)
+    hidden_layers: int  # how many of the draft's last layers' states the gate reads: 0, 1 (the last) or 2
 
     def accept_prob(self, step: DraftStep, position: int) -> torch.Tensor:
         """() estimated P(target accepts step.token); `position` is its 0-based index in the block."""
@@ -55,7 +55,7 @@ class AlwaysFlag:
     """Flags every token: the target checks each one (SPRINTER reduces to a lossless scheme)."""
 
     threshold = 1.0
-    needs_hidden = False
+    hidden_layers = 0
 
     def accept_prob(self, step: DraftStep, position: int) -> torch.Tensor:
         return torch.zeros((), device=step.q.device)
@@ -65,7 +65,7 @@ class NeverFlag:
     """Passes every token: the target is called only at max_block (SPRINTER reduces to the draft)."""
 
     threshold = 0.0
-    needs_hidden = False
+    hidden_layers = 0
 
     def accept_prob(self, step: DraftStep, position: int) -> torch.Tensor:
         return torch.ones((), device=step.q.device)
@@ -74,7 +74,7 @@ class NeverFlag:
 class ConfidenceGate:
     """Passes x while the draft's own probability q(x) >= threshold."""
 
-    needs_hidden = False
+    hidden_layers = 0
 
     def __init__(self, threshold: float = CONFIDENCE_THRESHOLD):
         self.threshold = check_threshold(threshold)
@@ -99,7 +99,7 @@ class LearnedGate:
             raise SprinterError(f"verifier feature(s): got {unknown}; expected some of {list(KNOWN)}")
         self.threshold = check_threshold(threshold)
         # the draft's last layers the gate reads: 2 with the layer before the last, 1 with the last alone
-        self.needs_hidden = 2 if HIDDEN_PREV in self.features else int(HIDDEN in self.features)
+        self.hidden_layers = 2 if HIDDEN_PREV in self.features else int(HIDDEN in self.features)
         self.wants = {"distribution": bool(set(self.features) & set(DISTRIBUTION)),
                       "block": bool(set(self.features) & set(BLOCK))}
         weight = next(verifier.parameters(), None)
@@ -129,7 +129,7 @@ class LearnedGate:
         if HIDDEN_PREV in self.features:
             if step.hidden_prev is None:
                 raise SprinterError("LearnedGate: the verifier reads hidden_prev_layer and the drafter gave none; "
-                                    "expected a ModelDrafter made with with_hidden=gate.needs_hidden")
+                                    "expected a ModelDrafter made with hidden_layers=gate.hidden_layers")
             out[HIDDEN_PREV] = step.hidden_prev.to(self.dtype)
         if TOKEN in self.features:
             out[TOKEN] = step.token

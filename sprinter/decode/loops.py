@@ -22,9 +22,21 @@ from sprinter.decode.sampling import Sampler, uniform
 from sprinter.decode.stats import DecodeStats, FalseAcceptMeter
 
 
-def autoregressive(lm: CachedLM, tokens: torch.Tensor, *, sampler: Sampler, gen: torch.Generator,
-                   out: Emitter) -> None:
+@dataclass
+class LoopState:
+    """What every decode loop carries besides the models and the options: how logits become a distribution
+    (`sampler`), where every random draw comes from (`gen`), where decided tokens go (`out`) and what the loop
+    counts (`stats`). Made once per generation by `Decoder.generate`."""
+
+    sampler: Sampler
+    gen: torch.Generator
+    out: Emitter
+    stats: DecodeStats
+
+
+def autoregressive(lm: CachedLM, tokens: torch.Tensor, state: LoopState) -> None:
     """Plain decoding with one model ("ar": the target; "draft": the draft). tokens: (1, T) the prompt."""
+    sampler, gen, out = state.sampler, state.gen, state.out
     while not out.done:
         # 1. Run the model over what its cache lacks (the prompt first, then the last token).
         logits, _ = lm.append(tokens[:, lm.length:])  # (1, V)
@@ -37,8 +49,9 @@ def autoregressive(lm: CachedLM, tokens: torch.Tensor, *, sampler: Sampler, gen:
 
 class GateRule:
     """How a gate ends a drafted block (the drafter's stop rule): it scores each drafted token from the
-    draft's state. "sprinter": the block ends at the first flagged token (P(accept) < the gate's threshold);
-    "sd-gated" (`stop_threshold` given): once 1 - prod P(accept) over the block exceeds it (SpecDec++)."""
+    draft's state, and `stopped` says whether the block ended at the rule. "sprinter": at the first flagged token
+    (P(accept) < the gate's threshold: the token the target checks); "sd-gated" (`stop_threshold` given): once
+    1 - prod P(accept) over the block exceeds it (SpecDec++; it flags nothing, the target checks every token)."""
 
     def __init__(self, gate: Gate, stop_threshold: float | None):
         self.gate, self.stop_threshold = gate, stop_threshold
@@ -46,17 +59,17 @@ class GateRule:
 
     def start(self) -> None:
         """A new block."""
-        self.flagged, self.survival, self.calls = False, 1.0, 0
+        self.stopped, self.survival, self.calls = False, 1.0, 0
 
     def __call__(self, step: DraftStep, position: int) -> bool:
         self.calls += 1
         p_accept = step.p_accept if step.p_accept is not None else self.gate.accept_prob(step, position)
         if self.stop_threshold is None:  # sprinter: this token is checked iff flagged
-            self.flagged = not bool(p_accept >= self.gate.threshold)  # one host sync
+            self.stopped = not bool(p_accept >= self.gate.threshold)  # flagged; one host sync
         else:  # sd-gated: stop drafting once the block probably holds a rejection
             self.survival = self.survival * p_accept
-            self.flagged = bool(1 - self.survival > self.stop_threshold)  # one host sync
-        return self.flagged
+            self.stopped = bool(1 - self.survival > self.stop_threshold)  # one host sync
+        return self.stopped
 
 
 @dataclass
@@ -69,20 +82,20 @@ class Round:
     checked: bool  # the target checked every drafted token (else only a flagged one, or none)
 
 
-def speculative_round(target: CachedLM, drafter: Drafter, ids: list[int], limit: int, *, sampler: Sampler,
-                      rule: GateRule | None, check_all: bool, remaining: int, gen: torch.Generator,
-                      stats: DecodeStats, meter: FalseAcceptMeter | None = None) -> Round:
+def speculative_round(target: CachedLM, drafter: Drafter, ids: list[int], k: int, *, rule: GateRule | None,
+                      check_all: bool, state: LoopState, meter: FalseAcceptMeter | None = None) -> Round:
     """One round of `speculative` after `ids` (the prompt and every emitted token, not changed here): draft up to
-    `limit` tokens, verify, roll both caches back to `ids` + the decided tokens but the last. `meter`: where the
+    `k` tokens, verify, roll both caches back to `ids` + the decided tokens but the last. `meter`: where the
     tokens passed unchecked add their rejection probability (the target scored them anyway in step 3)."""
+    sampler, gen, stats, remaining = state.sampler, state.gen, state.stats, state.out.remaining
     device = next(target.model.parameters()).device
-    # 1. Draft up to `limit` tokens; with a gate, drafting stops where the gate says (see GateRule).
+    # 1. Draft up to `k` tokens; with a gate, drafting stops where the gate says (see GateRule).
     if rule is not None:
         rule.start()
-    draft = drafter.propose([ids], [limit], gen, stop=rule)
+    draft = drafter.propose([ids], [k], gen, stop=rule)
     n = draft.lengths[0]
     x = draft.x[0].to(device)  # (n,)
-    flagged = rule is not None and rule.flagged
+    flagged = rule is not None and rule.stopped  # sprinter: the last token is flagged (sd-gated checks all)
     stats.verifier_calls += 0 if rule is None else rule.calls
     stats.drafted += n
     stats.flagged += int(flagged)
@@ -120,7 +133,7 @@ def speculative_round(target: CachedLM, drafter: Drafter, ids: list[int], limit:
 
 
 def speculative(target: CachedLM, drafter: Drafter, prompt: list[int], *, options: DecodeOptions,
-                gate: Gate | None, gen: torch.Generator, out: Emitter, stats: DecodeStats) -> None:
+                gate: Gate | None, state: LoopState) -> None:
     """Draft, (maybe) verify, emit, roll back; until the budget, EOS or a stop string.
 
     From `options`: "sd" drafts k tokens per block and the target checks all of them. "sprinter" drafts
@@ -128,20 +141,19 @@ def speculative(target: CachedLM, drafter: Drafter, prompt: list[int], *, option
     every one). "sd-gated" drafts until 1 - prod P(accept) exceeds `stop_threshold` (resolved by the
     caller) or max_block, and checks all. The target's cache always covers every emitted token but the
     last; its first forward reads the prompt together with the first block."""
-    sampler, mode = options.sampler, options.mode
+    mode, out = options.mode, state.out
     max_block = options.k if mode == "sd" else options.max_block
     check_all = mode != "sprinter" or options.strict
     rule = None if gate is None else GateRule(gate, options.stop_threshold if mode == "sd-gated" else None)
     ids = list(prompt)  # the prompt and every emitted token
     meter = None if check_all or gate is None else FalseAcceptMeter()
     while not out.done:
-        limit = out.remaining if max_block is None else min(max_block, out.remaining)
-        step = speculative_round(target, drafter, ids, limit, sampler=sampler, rule=rule, check_all=check_all,
-                                 remaining=out.remaining, gen=gen, stats=stats, meter=meter)
+        k = out.remaining if max_block is None else min(max_block, out.remaining)
+        step = speculative_round(target, drafter, ids, k, rule=rule, check_all=check_all, state=state, meter=meter)
         ids += step.decided
         out.emit(step.decided)
     if meter is not None:
-        meter.write(stats)  # the measurement's one host sync, once per generation
+        meter.write(state.stats)  # the measurement's one host sync, once per generation
 
 
-__all__ = ["GateRule", "Round", "autoregressive", "speculative", "speculative_round"]
+__all__ = ["GateRule", "LoopState", "Round", "autoregressive", "speculative", "speculative_round"]

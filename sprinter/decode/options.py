@@ -1,7 +1,7 @@
 """One generation's options: `DecodeOptions`, the single home of their defaults and of their validation.
 
 `Decoder.generate(prompt, options=None, **overrides)` takes one (keywords override its fields), the CLI's
-`GenerateConfig` (sprinter.decode.decoder) extends it with the fields of a command line, and the decode
+`GenerateConfig` (below) extends it with the fields of a command line, and the decode
 loops read the fields they need from it. Everything here is checked on construction, before any model
 runs; what needs the models (the context window, a loaded verifier) is checked by the `Decoder`.
 """
@@ -12,7 +12,7 @@ import dataclasses
 import math
 from dataclasses import dataclass
 
-from sprinter.config import option
+from sprinter.config import check_integers, option
 from sprinter.decode.gates import CONFIDENCE_THRESHOLD, Gate, check_threshold
 from sprinter.decode.sampling import Sampler
 from sprinter.errors import SprinterError
@@ -24,6 +24,7 @@ GATED_MODES = ("sprinter", "sd-gated")  # the modes that consult a gate
 GATES = ("learned", "confidence", "always", "never")
 STOP_THRESHOLD = 0.5  # sd-gated: stop drafting once P(the block holds a rejection) exceeds this
 ASYNC_WINDOW = 4  # async: most drafted tokens awaiting verification
+DEMO_VERIFIER = "checkpoints/verifiers/demo"  # the verifier scripts/generate.py loads when it exists
 
 
 @dataclass(frozen=True)
@@ -35,8 +36,7 @@ class DecodeOptions:
       "sprinter"; None: the verifier's calibrated one, or CONFIDENCE_THRESHOLD for the confidence gate);
     - `stop_threshold` is sd-gated's: drafting stops once 1 - prod P(accept) over the block exceeds it
       (None: the loaded verifier's recommended one when it is the gate, else STOP_THRESHOLD).
-    Mode "sd-gated" never reads the gate's threshold, and before `stop_threshold` existed it took its stop
-    threshold as `threshold`: such a call still works, its `threshold` is moved to `stop_threshold`.
+    Mode "sd-gated" never reads the gate's threshold: `threshold` with it is refused.
     """
 
     mode: str = option("sprinter", f"one of {MODES}")
@@ -60,7 +60,7 @@ class DecodeOptions:
     strict: bool = option(False, "sprinter: the target also checks the passed tokens of each block (greedy: "
                                  "lossless)")
     ngram_n: int = option(3, "ngram: longest suffix (in tokens) looked up in the sequence's own text")
-    s: int | None = option(None, "ngram: tokens drafted per sequence and target call; none: from the batch size and "
+    ngram_k: int | None = option(None, "ngram: tokens drafted per sequence and target call; none: from the batch size "
                                  "I_knee (sprinter.decode.roofline); 0: plain decoding")
     i_knee: float | None = option(None, "ngram: tokens per target forward at the roofline knee; none: measured on the "
                                         "device at start")
@@ -75,13 +75,6 @@ class DecodeOptions:
     def __post_init__(self) -> None:
         if not isinstance(self.stop, (str, tuple)) and _is_sequence(self.stop):
             object.__setattr__(self, "stop", tuple(self.stop))  # a list is fine; the frozen object keeps a tuple
-        if self.mode == "sd-gated" and self.threshold is not None:  # the old spelling of the stop threshold
-            if self.stop_threshold is not None:
-                raise SprinterError(f"threshold: got {self.threshold!r} with stop_threshold={self.stop_threshold!r} "
-                                    "in mode 'sd-gated'; expected only stop_threshold (sd-gated reads no gate "
-                                    "threshold)")
-            object.__setattr__(self, "stop_threshold", self.threshold)
-            object.__setattr__(self, "threshold", None)
         self._check()
 
     def _check(self) -> None:
@@ -89,13 +82,13 @@ class DecodeOptions:
         if mode not in MODES:
             raise SprinterError(f"mode: got {mode!r}; expected one of {MODES}")
         Sampler(self.temperature, self.top_k, self.top_p)  # checks temperature, top_k, top_p
-        for name in ("max_new_tokens", "k", "ngram_n"):
-            _check_int(name, getattr(self, name), "an integer >= 1")
-        _check_int("max_block", self.max_block, "an integer >= 1, or None (unbounded)", optional=True)
-        _check_int("max_batch", self.max_batch, "an integer >= 1, or None (all prompts at once)", optional=True)
-        _check_int("s", self.s, "an integer >= 0 (0: plain decoding), or None (from the batch size)", minimum=0,
-                   optional=True)
-        _check_int("window", self.window, "an integer >= 1 (drafted tokens awaiting verification)", optional=True)
+        check_integers(self, ("max_new_tokens", "k", "ngram_n"))
+        check_integers(self, ("max_block",), optional=True, expected="an integer >= 1, or None (unbounded)")
+        check_integers(self, ("max_batch",), optional=True, expected="an integer >= 1, or None (all prompts at once)")
+        check_integers(self, ("ngram_k",), 0, optional=True,
+                       expected="an integer >= 0 (0: plain decoding), or None (from the batch size)")
+        check_integers(self, ("window",), optional=True,
+                       expected="an integer >= 1 (drafted tokens awaiting verification)")
         if isinstance(self.stop, str) or not all(isinstance(s, str) and s for s in self.stop):
             raise SprinterError(f"stop: got {self.stop!r}; expected a list of non-empty strings")
         if self.threshold is not None:
@@ -121,7 +114,7 @@ class DecodeOptions:
         self._only("threshold", ("sprinter",))
         self._only("stop_threshold", ("sd-gated",))
         self._only("strict", ("sprinter",))
-        self._only("s", ("ngram",))
+        self._only("ngram_k", ("ngram",))
         self._only("i_knee", ("ngram",))
         self._only("max_batch", BATCH_MODES)
         for name in ("window", "draft_device", "target_device"):
@@ -137,9 +130,9 @@ class DecodeOptions:
         if self.threshold is not None and gate not in (None, "learned", "confidence"):
             raise SprinterError(f"threshold: got {self.threshold!r} with gate={gate!r}; expected it only with the "
                                 "learned or the confidence gate")
-        if self.s is not None and i_knee is not None:
-            raise SprinterError(f"i_knee: got {i_knee!r} with s={self.s!r}; expected at most one (s fixes the "
-                                "speculation length, i_knee derives it from the batch size)")
+        if self.ngram_k is not None and i_knee is not None:
+            raise SprinterError(f"i_knee: got {i_knee!r} with ngram_k={self.ngram_k!r}; expected at most one (ngram_k "
+                                "fixes the draft length, i_knee derives it from the batch size)")
         for device in (self.draft_device, self.target_device):
             if device is not None:
                 resolve_device(device)  # the device must exist on this machine
@@ -168,15 +161,58 @@ class DecodeOptions:
         return dataclasses.replace(self, **changes)
 
 
-def _check_int(name: str, value: object, expected: str, *, minimum: int = 1, optional: bool = False) -> None:
-    if value is None and optional:
-        return
-    if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
-        raise SprinterError(f"{name}: got {value!r}; expected {expected}")
-
-
 def _is_sequence(value: object) -> bool:
     return isinstance(value, (list, tuple))
 
 
-__all__ = ["ASYNC_WINDOW", "BATCH_MODES", "GATED_MODES", "GATES", "MODES", "STOP_THRESHOLD", "DecodeOptions"]
+
+@dataclass(frozen=True)
+class GenerateConfig(DecodeOptions):
+    """scripts/generate.py's options: a generation's (`DecodeOptions`, whose defaults and checks it inherits)
+    and the command line's own (what to decode, which models, where). Validated on construction, before any
+    model runs; `options()` is the `DecodeOptions` part, as `Decoder.generate` takes it."""
+
+    prompt: str = option("def fibonacci(n):", "text to continue")
+    prompts_file: str | None = option(None, "decode every prompt of this file as one batch (replaces --prompt): one "
+                                            "prompt per line, or one JSON string per line in a .jsonl file")
+    pair: str = option("demo", "a preset pair under checkpoints/pairs/ (built if missing) or a pair folder")
+    draft: str | None = option(None, "draft model: Hub name or folder; none: PAIR/draft")
+    target: str | None = option(None, "target model: Hub name or folder; none: PAIR/target")
+    verifier: str | None = option(None, f"verifier checkpoint; none: {DEMO_VERIFIER} when it exists")
+    datastore: str | None = option(None, "ngram: also look up this n-gram datastore (scripts/build_datastore.py)")
+    device: str = option("auto", "cpu, cuda, cuda:N or auto")
+    dtype: str = option("auto", "float32, bfloat16, float16 or auto: bfloat16 on CUDA, float32 on CPU")
+    threads: int = option(0, "CPU threads for torch (0: torch's default)")
+    static_cache: bool = option(False, "single-prompt modes: static KV caches written by position (else dynamic ones)")
+    compile: bool = option(False, "single-prompt modes: torch.compile the draft step and the target's verify forward "
+                                  "(static caches implied; compiling takes seconds to minutes, once per run)")
+    json: bool = option(False, "print one JSON object (text, token ids, stats) instead of streaming text")
+    compare: bool = option(False, "also decode the prompt with ar (the target alone) and print both texts, both "
+                                  "speeds, the speedup and whether the texts are identical (lossless modes) or how "
+                                  "far they differ (tokens that differ, the target's NLL ratio)")
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        if self.prompts_file is not None and self.mode not in BATCH_MODES:
+            raise SprinterError(f"prompts_file: got {self.prompts_file!r} with mode={self.mode!r}; expected a mode of "
+                                f"{BATCH_MODES} (the modes that decode a batch)")
+        if self.datastore is not None and self.mode != "ngram":
+            raise SprinterError(f"datastore: got {self.datastore!r} with mode={self.mode!r}; expected it only with "
+                                "mode='ngram'")
+        if self.compare and (self.prompts_file is not None or self.mode == "ar"):
+            raise SprinterError(f"compare: got it with mode={self.mode!r}" + (
+                f" and prompts_file={self.prompts_file!r}; expected one --prompt" if self.prompts_file is not None
+                else "; expected a mode to compare with ar (sd, sprinter, ngram, ...)"))
+        check_integers(self, ("threads",), minimum=0)
+
+    @property
+    def engine(self) -> str:
+        """`Decoder.from_pretrained`'s engine: "compiled" (--compile), "static" (--static-cache) or "eager"."""
+        return "compiled" if self.compile else "static" if self.static_cache else "eager"
+
+    def options(self) -> DecodeOptions:
+        """The generation's options alone."""
+        return DecodeOptions(**{f.name: getattr(self, f.name) for f in dataclasses.fields(DecodeOptions)})
+
+__all__ = ["ASYNC_WINDOW", "BATCH_MODES", "DEMO_VERIFIER", "GATED_MODES", "GATES", "MODES", "STOP_THRESHOLD",
+           "DecodeOptions", "GenerateConfig"]

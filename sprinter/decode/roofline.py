@@ -6,11 +6,11 @@ token. It costs about as much as a forward over one token while it is memory-bou
 
     I_knee = (F / BW) x bytes / 2        (bfloat16: I_knee = F / BW, SSSD's figure: ~206 on an H200)
 
-A batch of B sequences that each add s drafted tokens to their one token puts about B (1 + s) tokens
-through the target, so SSSD speculates s = I_knee / B per sequence: many at batch 1, few at large
-batch. The rule here: s = 0 (plain batched decoding) when I_knee < B, since a forward is then
+A batch of B sequences that each add k drafted tokens to their one token puts about B (1 + k) tokens
+through the target, so SSSD speculates k = I_knee / B per sequence: many at batch 1, few at large
+batch. The rule here: k = 0 (plain batched decoding) when I_knee < B, since a forward is then
 compute-bound already and a drafted token costs as much as a decoded one; otherwise
-s = clamp(round(I_knee / B), 1, s_max).
+k = clamp(round(I_knee / B), 1, k_max).
 
 `measure_i_knee` times a matmul and a copy on the device (~0.2 s) and is memoised per (device, dtype)
 for the process: the figure belongs to the hardware, not to a decoder.
@@ -25,16 +25,16 @@ import torch
 
 from sprinter.errors import SprinterError
 
-S_MAX = 8  # longest chain the rule proposes (n-gram chains rarely stay right longer)
+K_MAX = 8  # longest chain the rule proposes (n-gram chains rarely stay right longer)
 
 
-def speculation_length(i_knee: float, batch_size: int, s_max: int = S_MAX) -> int:
-    """Tokens to draft per sequence at this batch size: 0 when I_knee < B, else clamp(round(I_knee / B), 1, s_max)."""
+def speculation_length(i_knee: float, batch_size: int, k_max: int = K_MAX) -> int:
+    """Tokens to draft per sequence at this batch size: 0 when I_knee < B, else clamp(round(I_knee / B), 1, k_max)."""
     if not (isinstance(i_knee, (int, float)) and i_knee > 0):
         raise SprinterError(f"i_knee: got {i_knee!r}; expected a number > 0 (tokens per forward at the roofline knee)")
     if i_knee < batch_size:
         return 0
-    return min(s_max, max(1, round(i_knee / batch_size)))
+    return min(k_max, max(1, round(i_knee / batch_size)))
 
 
 def knee(flops_per_second: float, bytes_per_second: float, bytes_per_weight: int) -> float:
@@ -71,4 +71,4 @@ def measure_i_knee(device: torch.device, dtype: torch.dtype) -> float:
     return knee(flops, bandwidth, src.element_size())
 
 
-__all__ = ["S_MAX", "knee", "measure_i_knee", "speculation_length"]
+__all__ = ["K_MAX", "knee", "measure_i_knee", "speculation_length"]

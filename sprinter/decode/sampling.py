@@ -65,12 +65,6 @@ class Sampler:
         return logits.float().softmax(-1) if self.greedy else self.probs(logits)
 
 
-def entropy(q: torch.Tensor) -> torch.Tensor:
-    """Entropy in nats of each distribution on the last axis (0 log 0 = 0): the verifier's
-    `draft_entropy` feature, computed the same way when collecting and when decoding.  # (..., V) -> (...)"""
-    return torch.special.entr(q).sum(-1)
-
-
 def sample(probs: torch.Tensor, gen: torch.Generator) -> torch.Tensor:
     """One token id from `probs`, drawn with `gen`.  # (V,) -> () long"""
     return torch.multinomial(probs, 1, generator=gen).squeeze(-1)
@@ -81,4 +75,4 @@ def uniform(n: int, gen: torch.Generator, device: torch.device) -> torch.Tensor:
     return torch.rand(n, generator=gen, device=device)
 
 
-__all__ = ["Sampler", "entropy", "sample", "uniform"]
+__all__ = ["Sampler", "sample", "uniform"]

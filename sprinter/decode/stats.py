@@ -39,7 +39,7 @@ class DecodeStats:
     draft_calls: int = 0
     draft_tokens: int = 0
     verifier_calls: int = 0  # gate decisions
-    flagged: int = 0  # drafted tokens the gate sent to the target
+    flagged: int = 0  # blocks that ended at the gate: sprinter's flagged tokens (sent to the target), sd-gated's stops
     drafted: int = 0
     accepted: int = 0
     rejected: int = 0
@@ -54,11 +54,11 @@ class DecodeStats:
     # Modes whose target checks every drafted token (sd, sd-gated, strict sprinter, ngram): per block position i,
     # the blocks that drafted an i-th token after accepting the i before it (reached), and those that accepted it
     # too. accepted_by_position[i] / reached_by_position[i] is the acceptance at position i given the earlier
-    # ones were accepted: the shape the latency model (sprinter.bench.latency) reads.
+    # ones were accepted: the shape the latency model (sprinter.decode.latency) reads.
     reached_by_position: list[int] = field(default_factory=list)
     accepted_by_position: list[int] = field(default_factory=list)
     # The tokens each mode emitted: one entry ({"sd": 128}) except in mode "auto", whose rounds name their
-    # candidate: {"ar": 12, "sd-4": 40, "ngram-8": 76}.
+    # candidate: {"ar": 12, "sd-k4": 40, "ngram-k8": 76}.
     modes: dict[str, int] = field(default_factory=dict)
     # Mode "sprinter" (not strict): the decode-time false-accept measurement. The tokens the gate passed unchecked
     # that the target scored anyway in its next forward over the block (`passed_unchecked`), and the sum over them

@@ -199,7 +199,7 @@ class SprinterProposer:
     def _draft(self, unseen: list[list[int]], limits: list[int]) -> list[list[int]]:
         """3. Greedy chains for every row at once, each ending at its first flagged token or at its limit."""
         gate = self.gate
-        hidden = bool(gate is not None and gate.needs_hidden)
+        hidden = bool(gate is not None and gate.hidden_layers)
         chains: list[list[int]] = [[] for _ in unseen]
         going = [limit > 0 for limit in limits]
         block_probs: list[torch.Tensor] = []

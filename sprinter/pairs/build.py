@@ -11,6 +11,7 @@ itself. The recipe, and why (measured on 2 CPU cores; see docs/pairs.md):
    that agrees with the target often, for the price of a minute (training both from scratch in this
    budget gave a target no better than its draft). `scratch` builds a narrower model (cheaper per
    step: the `bench` pair needs a >= 6x decode-step gap) and distils it from the target.
+   (The training loop, the losses and the figures: sprinter.pairs.train.)
 4. Held-out figures in `pair.json`: validation losses, greedy agreement, decode-step latencies.
 The pair is written to a temporary folder and renamed into place, so an interrupted build never
 leaves a folder that looks complete.
@@ -19,9 +20,7 @@ leaves a folder that looks complete.
 from __future__ import annotations
 
 import errno
-import hashlib
 import json
-import math
 import os
 import shutil
 import sys
@@ -31,18 +30,29 @@ from pathlib import Path
 from typing import Sequence
 
 import torch
-import torch.nn.functional as F
-from tqdm.auto import tqdm
 
 from sprinter.config import CONFIGS, check_integers, option, parse_config, to_dict
-from sprinter.corpus import Document, load_documents
+from sprinter.corpus import load_documents
 from sprinter.errors import SprinterError
-from sprinter.pairs.load import check_same_vocabulary, resolve_device, run_with_cache
+from sprinter.files import read_json
+from sprinter.pairs.load import check_same_vocabulary, resolve_device
+from sprinter.pairs.train import (
+    Schedule,
+    decode_step_ms,
+    distill_loss,
+    evaluate,
+    fixed_windows,
+    lm_loss,
+    random_windows,
+    take_chars,
+    token_stream,
+    train_loop,
+    train_tokenizer,
+)
 
 CONFIG_DIR = CONFIGS
-EOS = "<|endoftext|>"
 ARCHS = ("gpt2", "llama")
-PRECISIONS = ("auto", "float32", "bfloat16")
+PAIR_PRECISIONS = ("auto", "float32", "bfloat16")
 # The head sizes vLLM's CPU attention takes (vllm/v1/attention/backends/cpu_attn.py, vLLM 0.32): vLLM on a CPU refuses
 # a model with any other (docs/vllm.md). A build says so, and how to choose one, before it trains.
 VLLM_CPU_HEAD_SIZES = (32, 64, 80, 96, 112, 128, 160, 192, 224, 256, 512)
@@ -109,8 +119,8 @@ class PairConfig:
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, (int, float)) or not value >= 0:
                 raise SprinterError(f"{name}: got {value!r}; expected a number of seconds >= 0 (0: no limit)")
-        if self.precision not in PRECISIONS:
-            raise SprinterError(f"precision: got {self.precision!r}; expected one of {PRECISIONS}")
+        if self.precision not in PAIR_PRECISIONS:
+            raise SprinterError(f"precision: got {self.precision!r}; expected one of {PAIR_PRECISIONS}")
         if self.vocab_size < 260:
             raise SprinterError(f"vocab_size: got {self.vocab_size}; expected at least 260 (256 bytes + specials)")
 
@@ -157,57 +167,6 @@ def parse_pair_config(argv: Sequence[str] | None) -> PairConfig:
                         CONFIG_DIR / "pairs" / f"{preset}.yaml")
 
 
-# ---------------------------------------------------------------------------------------------- data
-def train_tokenizer(docs: list[Document], vocab_size: int):
-    """A byte-level BPE tokenizer as a transformers fast tokenizer (EOS doubles as BOS and padding)."""
-    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
-    from transformers import PreTrainedTokenizerFast
-
-    tok = Tokenizer(models.BPE())
-    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
-    tok.decoder = decoders.ByteLevel()
-    trainer = trainers.BpeTrainer(vocab_size=vocab_size, special_tokens=[EOS], show_progress=False,
-                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
-    tok.train_from_iterator((d.text for d in docs), trainer=trainer)
-    return PreTrainedTokenizerFast(tokenizer_object=tok, eos_token=EOS, bos_token=EOS, pad_token=EOS,
-                                   unk_token=None, clean_up_tokenization_spaces=False)
-
-
-def take_chars(docs: list[Document], max_chars: int) -> list[Document]:
-    """Documents up to `max_chars`, in an order fixed by a hash of their ids (not alphabetical, so
-    one package does not fill the budget)."""
-    out, total = [], 0
-    for doc in sorted(docs, key=lambda d: hashlib.sha256(d.id.encode()).hexdigest()):
-        out.append(doc)
-        total += len(doc.text)
-        if total >= max_chars:
-            break
-    return out
-
-
-def token_stream(tokenizer, docs: list[Document]) -> torch.Tensor:
-    """All documents as one stream of ids, EOS between documents."""
-    ids: list[int] = []
-    for enc in tokenizer([d.text for d in docs], add_special_tokens=False)["input_ids"]:
-        ids.extend(enc)
-        ids.append(tokenizer.eos_token_id)
-    return torch.tensor(ids, dtype=torch.long)
-
-
-def random_windows(stream: torch.Tensor, batch: int, length: int, gen: torch.Generator) -> torch.Tensor:
-    starts = torch.randint(0, len(stream) - length - 1, (batch,), generator=gen)
-    return torch.stack([stream[s : s + length + 1] for s in starts.tolist()])  # (B, length + 1)
-
-
-def fixed_windows(stream: torch.Tensor, count: int, length: int) -> torch.Tensor:
-    """`count` windows spread evenly over the stream (not just its first documents)."""
-    n = (len(stream) - 1) // (length + 1)
-    if n < 1:
-        raise SprinterError(f"the held-out split has {len(stream)} tokens; expected at least {length + 2}")
-    rows = torch.linspace(0, n - 1, min(count, n)).long()
-    return stream[: n * (length + 1)].view(n, length + 1)[rows]  # (count, length + 1)
-
-
 # --------------------------------------------------------------------------------------------- models
 def make_config(arch: str, vocab_size: int, layers: int, width: int, heads: int, context_length: int, eos_id: int):
     from transformers import GPT2Config, LlamaConfig
@@ -230,7 +189,7 @@ def reused_tokenizer(cfg: PairConfig):
     meta_file = Path(cfg.target_from) / "pair.json"
     if not meta_file.is_file():
         raise SprinterError(f"target_from: got {cfg.target_from!r}; expected a pair folder with pair.json")
-    old = json.loads(meta_file.read_text()).get("config", {})
+    old = read_json(meta_file, "pair.json").get("config", {})
     differ = [k for k in TARGET_OPTIONS if old.get(k) != getattr(cfg, k)]
     if differ:
         raise SprinterError(f"target_from {cfg.target_from!r} was built with other target options "
@@ -261,96 +220,6 @@ def truncated_draft(target, layers: int, seed: int):
     return draft
 
 
-def lr_at(step: int, steps: int, peak: float, warmup_fraction: float, clock: float = 0.0) -> float:
-    """Linear warmup, then cosine decay to a tenth of the peak. `clock` (the share of a time budget spent, 0
-    without one) moves the decay on when it is further along than the step count, so a run cut by its time
-    budget still ends at the low learning rate."""
-    warmup = max(1, int(steps * warmup_fraction))
-    if step < warmup and clock < warmup_fraction:
-        return peak * (step + 1) / warmup
-    progress = max((step - warmup) / max(1, steps - warmup), clock)
-    return peak * (0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * min(1.0, progress))))
-
-
-def train_loop(model, steps: int, peak_lr: float, warmup_fraction: float, batch_fn, loss_fn, desc: str, *,
-               max_seconds: float = 0.0, autocast: bool = False) -> tuple[float, int]:
-    """A plain AdamW loop with a progress bar; returns (seconds spent, steps run). It stops after `steps`,
-    or once `max_seconds` (> 0) have passed; `autocast`: bfloat16 autocast on CUDA (weights stay float32)."""
-    opt = torch.optim.AdamW(model.parameters(), lr=peak_lr, betas=(0.9, 0.95), weight_decay=0.1)
-    model.train()
-    start = time.perf_counter()
-    # In a log file (not a terminal), a line every 15 s instead of one per step.
-    bar = tqdm(range(steps), desc=desc, unit="step", dynamic_ncols=True,
-               mininterval=0.5 if sys.stderr.isatty() else 15)
-    ema, run = None, 0
-    for step in bar:
-        elapsed = time.perf_counter() - start
-        if max_seconds and elapsed >= max_seconds:
-            print(f"{desc}: time budget of {max_seconds:g} s reached after {step} of {steps} steps")
-            break
-        for group in opt.param_groups:
-            group["lr"] = lr_at(step, steps, peak_lr, warmup_fraction, elapsed / max_seconds if max_seconds else 0.0)
-        with torch.autocast("cuda", dtype=torch.bfloat16, enabled=autocast):
-            loss = loss_fn(model, batch_fn())
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
-        opt.step()
-        ema = loss.item() if ema is None else 0.95 * ema + 0.05 * loss.item()
-        bar.set_postfix(loss=f"{ema:.3f}", refresh=False)  # drawn at the bar's own pace (mininterval)
-        run = step + 1
-    model.eval()
-    return time.perf_counter() - start, run
-
-
-def lm_loss(model, batch: torch.Tensor) -> torch.Tensor:
-    logits = model(batch[:, :-1]).logits
-    return F.cross_entropy(logits.flatten(0, 1), batch[:, 1:].flatten())
-
-
-def distill_loss(target):
-    def loss(draft, batch: torch.Tensor) -> torch.Tensor:
-        with torch.no_grad():
-            p_log = F.log_softmax(target(batch[:, :-1]).logits, -1)
-        q_log = F.log_softmax(draft(batch[:, :-1]).logits, -1)
-        return F.kl_div(q_log.flatten(0, 1), p_log.flatten(0, 1), log_target=True, reduction="batchmean")
-
-    return loss
-
-
-@torch.no_grad()
-def evaluate(target, draft, windows: torch.Tensor) -> dict[str, float]:
-    """Held-out loss of both, and how often the draft's argmax is the target's."""
-    t_loss = d_loss = agree = count = 0.0
-    for chunk in windows.split(8):
-        t_logits, d_logits = target(chunk[:, :-1]).logits, draft(chunk[:, :-1]).logits
-        labels = chunk[:, 1:].flatten()
-        t_loss += F.cross_entropy(t_logits.flatten(0, 1), labels, reduction="sum").item()
-        d_loss += F.cross_entropy(d_logits.flatten(0, 1), labels, reduction="sum").item()
-        agree += (t_logits.argmax(-1) == d_logits.argmax(-1)).sum().item()
-        count += labels.numel()
-    return {"target_val_loss": t_loss / count, "draft_val_loss": d_loss / count, "greedy_agreement": agree / count}
-
-
-@torch.no_grad()
-def decode_step_ms(model, context: torch.Tensor, steps: int = 40, repeats: int = 3) -> float:
-    """Median milliseconds of one cached one-token decode step at batch 1 (after a prefill)."""
-    from transformers import DynamicCache
-
-    times = []
-    for _ in range(repeats):
-        cache = DynamicCache()
-        out = run_with_cache(model, cache, input_ids=context[None])
-        token = out.logits[:, -1:].argmax(-1)
-        start = time.perf_counter()
-        for _ in range(steps):
-            token = run_with_cache(model, cache, input_ids=token).logits[:, -1:].argmax(-1)
-        if token.device.type == "cuda":  # the steps were only queued: wait for them before reading the clock
-            torch.cuda.synchronize(token.device)
-        times.append((time.perf_counter() - start) / steps * 1e3)
-    return sorted(times)[len(times) // 2]
-
-
 # ---------------------------------------------------------------------------------------------- build
 def _check_out_dir(cfg: PairConfig) -> bool:
     """True when `out` already holds this very pair (nothing to do); refuses a different one."""
@@ -367,7 +236,7 @@ def _check_out_dir(cfg: PairConfig) -> bool:
                             "or a pair folder to --overwrite")
     if cfg.overwrite:
         return False
-    old = json.loads(meta.read_text()).get("config", {})
+    old = read_json(meta, "pair.json").get("config", {})
     new = {k: v for k, v in to_dict(cfg).items() if k not in RUNTIME_OPTIONS}
     # An option missing from an older pair.json did not exist then: that pair was built with its default.
     defaults = to_dict(PairConfig())
@@ -381,7 +250,7 @@ def build_pair(cfg: PairConfig) -> dict:
     """Build and save the pair described by `cfg`; returns the contents of pair.json."""
     if _check_out_dir(cfg):
         print(f"{cfg.out_dir} already holds this pair; nothing to do")
-        return json.loads((cfg.out_dir / "pair.json").read_text())
+        return read_json(cfg.out_dir / "pair.json", "pair.json")
     # A build's floats depend on the thread count (reduction order): fix it, so a seed fixes the pair.
     threads_before = torch.get_num_threads()
     torch.set_num_threads(cfg.threads or os.cpu_count() or 1)
@@ -422,15 +291,15 @@ def _build(cfg: PairConfig) -> dict:
         from transformers import AutoModelForCausalLM
 
         target = AutoModelForCausalLM.from_pretrained(Path(cfg.target_from) / "target", dtype=torch.float32).to(device)
-        old_meta = json.loads((Path(cfg.target_from) / "pair.json").read_text())
+        old_meta = read_json(Path(cfg.target_from) / "pair.json", "pair.json")
         target_run = old_meta.get("steps_run", {}).get("target", cfg.target_steps)
         for _ in range(target_run):  # draw the target's batches, so the draft sees what a full build shows it
             batch()
         target_seconds = old_meta["training_seconds"]["target"]
     else:
         target = build_model(target_cfg, cfg.seed).to(device)
-        target_seconds, target_run = train_loop(target, cfg.target_steps, cfg.lr, cfg.warmup_fraction, batch, lm_loss,
-                                                "target", max_seconds=cfg.target_max_seconds, autocast=autocast)
+        schedule = Schedule(cfg.target_steps, cfg.lr, cfg.warmup_fraction, cfg.target_max_seconds)
+        target_seconds, target_run = train_loop(target, schedule, batch, lm_loss, "target", autocast=autocast)
 
     if cfg.draft_init == "truncate":
         draft = truncated_draft(target, cfg.draft_layers, cfg.seed + 1).to(device)
@@ -439,8 +308,8 @@ def _build(cfg: PairConfig) -> dict:
                                 cfg.context_length, tokenizer.eos_token_id)
         draft = build_model(draft_cfg, cfg.seed + 1).to(device)
     target.requires_grad_(False)
-    draft_seconds, draft_run = train_loop(draft, cfg.distill_steps, cfg.distill_lr, cfg.warmup_fraction, batch,
-                                          distill_loss(target), "draft (distil)", max_seconds=cfg.distill_max_seconds,
+    schedule = Schedule(cfg.distill_steps, cfg.distill_lr, cfg.warmup_fraction, cfg.distill_max_seconds)
+    draft_seconds, draft_run = train_loop(draft, schedule, batch, distill_loss(target), "draft (distil)",
                                           autocast=autocast)
     target.requires_grad_(True)
 

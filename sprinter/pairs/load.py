@@ -175,17 +175,6 @@ class Pair:
         return min(window(self.draft), window(self.target))
 
 
-def target_as_draft(pair: Pair) -> Pair:
-    """A pair whose draft is a copy of `pair`'s target: as deep as the target (cost ratio ~1) and always right, so
-    drafting cannot pay whatever the acceptance (mode auto's reference case: it must run plain decoding). Made in
-    memory in the time of one copy of the target; its draft_name is "copy of TARGET" (no pair folder)."""
-    import copy
-
-    return Pair(draft=copy.deepcopy(pair.target), target=pair.target, tokenizer=pair.tokenizer,
-                draft_name=f"copy of {pair.target_name}", target_name=pair.target_name, device=pair.device,
-                dtype=pair.dtype)
-
-
 def load_pair(draft: str, target: str, device: str | torch.device = "auto", dtype: str | torch.dtype = "auto",
               trust_remote_code: bool = False) -> Pair:
     """Load a draft/target pair by Hub name or local path; fails clearly if they do not share a vocabulary."""

@@ -28,10 +28,10 @@ from sprinter.errors import SprinterError
 from sprinter.features import HIDDEN_PREV
 from sprinter.files import read_json, write_atomic, write_json
 from sprinter.train.baselines import score_rows
-from sprinter.train.calibrate import budget_key, evaluate
-from sprinter.train.data import TokenTable, split_prompts
-from sprinter.train.fit import FEATURES, TrainConfig, first_prompts, train
-from sprinter.verifier import load_verifier
+from sprinter.train.calibrate import evaluate
+from sprinter.train.data import TokenTable, first_prompts, split_prompts
+from sprinter.train.fit import FEATURES, TrainConfig, train
+from sprinter.verifier import budget_key, load_verifier
 
 TOPK = ("draft_max_prob", "draft_top2_prob", "draft_top3_prob", "draft_top4_prob", "draft_margin")
 BLOCK = ("prev_draft_prob", "block_cum_prob")

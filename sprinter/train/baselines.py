@@ -10,13 +10,16 @@
 
 from __future__ import annotations
 
-from typing import Callable
+from typing import TYPE_CHECKING, Callable
 
 import torch
 
 from sprinter.features import HIDDEN_PREV
 from sprinter.train.data import TokenTable, loader
 from sprinter.verifier import HIDDEN, Verifier
+
+if TYPE_CHECKING:
+    from sprinter.train.fit import TrainConfig
 
 Scorer = Callable[[TokenTable, torch.Tensor], torch.Tensor]  # (table, rows (N,)) -> P(accept)-like scores (N,)
 
@@ -41,18 +44,19 @@ def weighted_bce(logits: torch.Tensor, labels: torch.Tensor, pos_weight: float, 
     return loss.mean()
 
 
-def fit_plain(verifier: Verifier, table: TokenTable, features, label_rule: str, splits: dict, *, epochs: int,
-              batch_size: int, lr: float, pos_weight: float, neg_weight: float, patience: int, seed: int,
-              auroc: Callable[[torch.Tensor, torch.Tensor], float], progress: bool = False) -> Verifier:
-    """A plain Adam loop (the linear baseline needs no Lightning): keeps the epoch with the best val AUROC.
+def fit_plain(verifier: Verifier, table: TokenTable, features, splits: dict, cfg: TrainConfig, *, neg_weight: float,
+              auroc: Callable[[torch.Tensor, torch.Tensor], float]) -> Verifier:
+    """A plain Adam loop (the linear baseline needs no Lightning): keeps the epoch with the best val AUROC. From
+    `cfg` (the MLP's training options): the label rule, epochs, batch size, lr, pos_weight, patience and seed, and
     `progress`: a bar over the epochs with the time left (at most: `patience` may stop it sooner)."""
     from tqdm.auto import tqdm
 
-    torch.manual_seed(seed)
-    optimizer = torch.optim.Adam(verifier.parameters(), lr=lr)
-    train = loader(table, features, label_rule, splits["train"], batch_size, shuffle=True, seed=seed)
+    label_rule, patience, pos_weight = cfg.label_rule, cfg.patience, cfg.pos_weight
+    torch.manual_seed(cfg.seed)
+    optimizer = torch.optim.Adam(verifier.parameters(), lr=cfg.lr)
+    train = loader(table, features, label_rule, splits["train"], cfg.batch_size, shuffle=True, seed=cfg.seed)
     best, best_state, waited = -1.0, None, 0
-    for epoch in tqdm(range(epochs), desc="baseline: linear", unit="epoch", disable=not progress):
+    for epoch in tqdm(range(cfg.epochs), desc="baseline: linear", unit="epoch", disable=not cfg.progress):
         verifier.train()
         train.sampler.set_epoch(epoch)
         for batch in train:

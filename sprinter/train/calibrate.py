@@ -22,10 +22,7 @@ from torchmetrics.functional.classification import (
     binary_calibration_error,
 )
 
-
-def budget_key(budget: float) -> str:
-    """The key of a budget in `thresholds` dicts and metrics.json: "0.05"."""
-    return str(float(budget))
+from sprinter.verifier import budget_key
 
 
 def threshold_for_budget(scores: torch.Tensor, labels: torch.Tensor, budget: float) -> float:

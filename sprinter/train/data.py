@@ -173,8 +173,9 @@ class Batches(Dataset):
 
 
 def loader(table: TokenTable, features: Sequence[str], label_rule: str, rows: torch.Tensor, batch_size: int,
-           shuffle: bool, seed: int = 0, rank: int = 0, world_size: int = 1) -> DataLoader:
-    sampler = BatchSampler(rows, batch_size, shuffle, seed, rank, world_size)
+           shuffle: bool, seed: int = 0, shard: tuple[int, int] = (0, 1)) -> DataLoader:
+    """Batches of `rows`; `shard` = (rank, world size): this process's share of them under DDP."""
+    sampler = BatchSampler(rows, batch_size, shuffle, seed, *shard)
     return DataLoader(Batches(table, features, label_rule), sampler=sampler, batch_size=None)
 
 
@@ -194,9 +195,9 @@ class ShardDataModule(L.LightningDataModule):
         self.table = TokenTable(self.paths, columns)
 
     def _loader(self, split: str, shuffle: bool) -> DataLoader:
-        rank, world = (self.trainer.global_rank, self.trainer.world_size) if self.trainer else (0, 1)
+        shard = (self.trainer.global_rank, self.trainer.world_size) if self.trainer else (0, 1)
         return loader(self.table, self.features, self.label_rule, self.splits[split], self.batch_size, shuffle,
-                      self.seed, rank, world)
+                      self.seed, shard)
 
     def train_dataloader(self) -> DataLoader:
         return self._loader("train", shuffle=True)
@@ -206,3 +207,33 @@ class ShardDataModule(L.LightningDataModule):
 
     def test_dataloader(self) -> DataLoader:
         return self._loader("test", shuffle=False)
+
+
+def auto_label_rule(manifests: Sequence[dict]) -> str:
+    """greedy for data decoded at temperature 0 (the target's argmax decides), else sprinter (q <= p)."""
+    temperatures = {m.get("temperature") for m in manifests}
+    if len(temperatures) != 1:
+        raise SprinterError(f"label_rule auto: the data folders were collected at temperatures "
+                            f"{sorted(map(str, temperatures))}; pass --label-rule greedy, sprinter or soft")
+    return "greedy" if temperatures.pop() == 0 else "sprinter"
+
+
+def check_splits(table: TokenTable, splits: dict, label_rule: str) -> dict:
+    """Every split needs both classes (AUROC and thresholds are undefined otherwise); returns split sizes."""
+    labels = table.column(EVAL_COLUMN[label_rule]) >= 0.5
+    prompts = table.column("prompt_index")
+    sizes = {}
+    for name, rows in splits.items():
+        accepted = labels[rows]
+        if len(rows) == 0 or accepted.all() or not accepted.any():
+            raise SprinterError(f"{name} split: {len(rows)} samples, all of one class of {EVAL_COLUMN[label_rule]!r}; "
+                                "expected both (collect more prompts or change val_fraction/test_fraction)")
+        sizes[name] = {"samples": len(rows), "prompts": int(prompts[rows].unique().numel()),
+                       "accept_rate": float(accepted.float().mean())}
+    return sizes
+
+
+def first_prompts(prompt_index: torch.Tensor, rows: torch.Tensor, n: int) -> torch.Tensor:
+    """The rows of `rows` whose prompt is among its n lowest prompt indices.  # (N,), (R,) -> (R',)"""
+    keep = prompt_index[rows].unique()[:n]  # sorted
+    return rows[torch.isin(prompt_index[rows], keep)]

@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
-import json
 import math
 import time
 import warnings
@@ -23,38 +22,38 @@ from typing import Sequence
 
 import lightning as L
 import torch
-from torchmetrics.aggregation import CatMetric
 
 from sprinter import __version__
 from sprinter.config import CONFIGS, check_integers, option, parse_config, save_config
 from sprinter.data.shards import read_manifest
 from sprinter.errors import SprinterError
-from sprinter.features import HIDDEN_PREV, KNOWN
-from sprinter.files import FolderLock, write_json
+from sprinter.features import KNOWN
+from sprinter.files import FolderLock, read_json, write_json
 from sprinter.train.baselines import (
     Scorer,
     draft_prob_scorer,
     fit_plain,
     logistic_regression,
     verifier_scorer,
-    weighted_bce,
 )
 from sprinter.train.calibrate import (
     budget_key,
     evaluate,
-    operating_point,
     summarize,
-    threshold_for_budget,
 )
 from sprinter.train.data import (
     EVAL_COLUMN,
     LABEL_COLUMN,
     ShardDataModule,
     TokenTable,
+    auto_label_rule,
+    check_splits,
+    first_prompts,
     open_folders,
     split_prompts,
 )
 from sprinter.train.folder import FULL, AtomicCheckpointIO, check_out_folder, check_resume, full_disk
+from sprinter.train.module import VerifierModule, epochs_left_bar, feature_statistics
 from sprinter.verifier import (
     HIDDEN,
     NORMS,
@@ -71,9 +70,6 @@ CONFIG_DIR = CONFIGS / "train"
 # `position` is left out by default: it counts within a continuation (corpus data), within a k-block
 # (decode data) and within a SPRINTER block at decode time: three meanings a verifier cannot reconcile.
 FEATURES = ("hidden", "token_id", "draft_prob", "draft_entropy")
-# A weighted BCE this large means logits in the thousands on the wrong side: the run has diverged (a poor but
-# sane verifier stays near ln 2 times the class weights).
-LOSS_LIMIT = 1e4
 
 
 @dataclass
@@ -165,7 +161,7 @@ class TrainConfig:
         check_trainer_options(self.accelerator, self.strategy, self.precision, self.devices)
 
 
-PRECISIONS = ("32-true", "64-true", "16-mixed", "bf16-mixed", "16-true", "bf16-true")
+TRAINER_PRECISIONS = ("32-true", "64-true", "16-mixed", "bf16-mixed", "16-true", "bf16-true")
 
 
 def check_trainer_options(accelerator: str, strategy: str, precision: str, devices: int) -> None:
@@ -183,180 +179,15 @@ def check_trainer_options(accelerator: str, strategy: str, precision: str, devic
     if strategy not in strategies:
         raise SprinterError(f"strategy: got {strategy!r}; expected auto or one of Lightning's: "
                             f"{', '.join(strategies[1:8])}, ...")
-    if precision not in PRECISIONS:
-        raise SprinterError(f"precision: got {precision!r}; expected one of {PRECISIONS}")
+    if precision not in TRAINER_PRECISIONS:
+        raise SprinterError(f"precision: got {precision!r}; expected one of {TRAINER_PRECISIONS}")
 
 
 def parse_train_config(argv: Sequence[str] | None) -> TrainConfig:
     return parse_config(TrainConfig, argv, "Train a verifier on collected shards (presets: configs/train/*.yaml).")
 
 
-# --------------------------------------------------------------------------------------------- model
-class VerifierModule(L.LightningModule):
-    """Wraps the plain Verifier for training; keeps the best-AUROC epoch as a safetensors file."""
-
-    def __init__(self, info: dict, cfg: dict, pos_weight: float, neg_weight: float, best_file: str) -> None:
-        super().__init__()
-        self.save_hyperparameters()
-        self.info = VerifierInfo(**info)
-        self.verifier = Verifier(self.info)
-        self.cfg, self.pos_weight, self.neg_weight, self.best_file = cfg, pos_weight, neg_weight, best_file
-        # gathered over DDP ranks at compute(); NaN kept, for check_finite to see
-        self.val_scores, self.val_labels = CatMetric(nan_strategy="disable"), CatMetric(nan_strategy="disable")
-        self.best_auroc, self.best_epoch = -1.0, -1
-        self.worst = torch.tensor(0.0)  # the epoch's largest train loss (NaN if any was): read once an epoch
-
-    def training_step(self, batch: dict, batch_idx: int) -> torch.Tensor:
-        loss = weighted_bce(self.verifier(batch), batch["label"], self.pos_weight, self.neg_weight)
-        self.worst = torch.maximum(self.worst.to(loss.device), loss.detach())  # no host sync per step
-        self.log("train/loss", loss, on_step=True, on_epoch=True, prog_bar=True, batch_size=len(batch["label"]))
-        return loss
-
-    def validation_step(self, batch: dict, batch_idx: int) -> None:
-        logits = self.verifier(batch)
-        loss = weighted_bce(logits, batch["label"], self.pos_weight, self.neg_weight)
-        self.log("val/loss", loss, on_epoch=True, sync_dist=True, batch_size=len(batch["label"]))
-        self.val_scores.update(torch.sigmoid(logits))
-        self.val_labels.update(batch["eval_label"])
-
-    def on_validation_epoch_end(self) -> None:
-        scores, labels = self.val_scores.compute().float().cpu(), self.val_labels.compute().float().cpu()
-        self.val_scores.reset()
-        self.val_labels.reset()
-        if self.trainer.sanity_checking:
-            return
-        self.check_finite(scores)
-        budget = self.cfg["budgets"][0]
-        point = operating_point(scores, labels, threshold_for_budget(scores, labels, budget))
-        metrics = summarize(scores, labels)
-        # Every rank holds the same gathered scores, so the values agree; sync_dist only averages equals.
-        self.log_dict({f"val/{k}": v for k, v in metrics.items() if k != "accept_rate"}, sync_dist=True)
-        self.log(f"val/true_accept@{budget_key(budget)}", point["true_accept"], prog_bar=True, sync_dist=True)
-        if metrics["auroc"] > self.best_auroc:
-            self.best_auroc, self.best_epoch = metrics["auroc"], self.current_epoch
-            if self.trainer.is_global_zero:
-                save_verifier(self.best_file, self.verifier, self.info)
-                write_json(Path(self.best_file).with_suffix(".json"),
-                           {"epoch": self.best_epoch, "auroc": self.best_auroc})
-        if self.trainer.is_global_zero and isinstance(self.logger, L.pytorch.loggers.TensorBoardLogger):
-            board, step = self.logger.experiment, self.current_epoch
-            board.add_histogram("val/score_accepted", scores[labels >= 0.5], step)
-            board.add_histogram("val/score_rejected", scores[labels < 0.5], step)
-            board.add_pr_curve("val/pr_curve", labels.int(), scores, step)
-
-    def check_finite(self, scores: torch.Tensor) -> None:
-        """Stop a diverging run with one line, before anything of this epoch is saved: the best epoch so far and
-        the last checkpoint stay as they were."""
-        worst = float(self.worst)
-        self.worst = torch.tensor(0.0)
-        if worst <= LOSS_LIMIT and bool(torch.isfinite(scores).all()) \
-                and all(bool(torch.isfinite(p).all()) for p in self.verifier.parameters()):
-            return
-        lr = self.cfg["lr"]
-        kept = (f"the best epoch so far ({self.best_epoch}) is kept in {self.best_file!r}" if self.best_epoch >= 0
-                else "no epoch had finished")
-        raise SprinterError(f"training diverged in epoch {self.current_epoch}: the train loss reached {worst:g} "
-                            f"(or the verifier's scores became NaN) at lr {lr:g}; expected a finite loss below "
-                            f"{LOSS_LIMIT:g}: rerun with a smaller "
-                            f"--lr (e.g. {lr / 100:g}) and --overwrite; {kept}")
-
-    def on_save_checkpoint(self, checkpoint: dict) -> None:
-        checkpoint["best"] = {"auroc": self.best_auroc, "epoch": self.best_epoch}
-
-    def on_load_checkpoint(self, checkpoint: dict) -> None:
-        self.best_auroc, self.best_epoch = checkpoint["best"]["auroc"], checkpoint["best"]["epoch"]
-
-    def configure_optimizers(self):
-        cfg = self.cfg
-        if cfg["optimizer"] == "sgd":
-            optimizer = torch.optim.SGD(self.parameters(), lr=cfg["lr"], momentum=0.9, weight_decay=cfg["weight_decay"])
-        elif cfg["optimizer"] == "adam":
-            optimizer = torch.optim.Adam(self.parameters(), lr=cfg["lr"])
-        else:
-            optimizer = torch.optim.AdamW(self.parameters(), lr=cfg["lr"], weight_decay=cfg["weight_decay"])
-        if cfg["schedule"] == "constant":
-            return optimizer
-        total = max(1, int(self.trainer.estimated_stepping_batches))
-        warmup = int(cfg["warmup_fraction"] * total)
-
-        def factor(step: int) -> float:  # linear warmup, then cosine decay to 0
-            if step < warmup:
-                return (step + 1) / warmup
-            return 0.5 * (1 + math.cos(math.pi * min(1.0, (step - warmup) / max(1, total - warmup))))
-
-        scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, factor)
-        return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}
-
-
 # ------------------------------------------------------------------------------------------ pipeline
-def feature_statistics(table: TokenTable, info: VerifierInfo, rows: torch.Tensor, seed: int, max_rows: int = 100_000):
-    """Mean and std of the hidden state and each scalar feature over (a sample of) the train rows."""
-    if len(rows) > max_rows:
-        rows = rows[torch.randperm(len(rows), generator=torch.Generator().manual_seed(seed))[:max_rows]].sort().values
-    hidden = table.gather(HIDDEN, rows).float()  # (n, H)
-    scalars = torch.stack([table.gather(f, rows).float() for f in info.scalar_features], dim=-1) \
-        if info.scalar_features else torch.zeros(len(rows), 0)
-    stats = [hidden.mean(0), hidden.std(0), scalars.mean(0), scalars.std(0)]
-    if HIDDEN_PREV in info.features:
-        prev = table.gather(HIDDEN_PREV, rows).float()  # (n, H)
-        stats += [prev.mean(0), prev.std(0)]
-    return stats
-
-
-def auto_label_rule(manifests: Sequence[dict]) -> str:
-    """greedy for data decoded at temperature 0 (the target's argmax decides), else sprinter (q <= p)."""
-    temperatures = {m.get("temperature") for m in manifests}
-    if len(temperatures) != 1:
-        raise SprinterError(f"label_rule auto: the data folders were collected at temperatures "
-                            f"{sorted(map(str, temperatures))}; pass --label-rule greedy, sprinter or soft")
-    return "greedy" if temperatures.pop() == 0 else "sprinter"
-
-
-def check_splits(table: TokenTable, splits: dict, label_rule: str) -> dict:
-    """Every split needs both classes (AUROC and thresholds are undefined otherwise); returns split sizes."""
-    labels = table.column(EVAL_COLUMN[label_rule]) >= 0.5
-    prompts = table.column("prompt_index")
-    sizes = {}
-    for name, rows in splits.items():
-        accepted = labels[rows]
-        if len(rows) == 0 or accepted.all() or not accepted.any():
-            raise SprinterError(f"{name} split: {len(rows)} samples, all of one class of {EVAL_COLUMN[label_rule]!r}; "
-                                "expected both (collect more prompts or change val_fraction/test_fraction)")
-        sizes[name] = {"samples": len(rows), "prompts": int(prompts[rows].unique().numel()),
-                       "accept_rate": float(accepted.float().mean())}
-    return sizes
-
-
-def first_prompts(prompt_index: torch.Tensor, rows: torch.Tensor, n: int) -> torch.Tensor:
-    """The rows of `rows` whose prompt is among its n lowest prompt indices.  # (N,), (R,) -> (R',)"""
-    keep = prompt_index[rows].unique()[:n]  # sorted
-    return rows[torch.isin(prompt_index[rows], keep)]
-
-
-def epochs_left_bar():
-    """Lightning's progress bar, whose description also says how long the remaining epochs take at most: each
-    epoch so far (training and validation) took its mean time, and early stopping may end the run sooner.
-    Lightning's own bar times only the epoch it is in."""
-    from lightning.pytorch.callbacks import TQDMProgressBar
-    from tqdm import tqdm
-
-    class EpochsLeftBar(TQDMProgressBar):
-        def on_train_start(self, trainer, pl_module) -> None:
-            super().on_train_start(trainer, pl_module)
-            self.started, self.first_epoch = time.perf_counter(), trainer.current_epoch  # a resumed run: from there
-
-        def on_train_epoch_start(self, trainer, *args) -> None:
-            super().on_train_epoch_start(trainer, *args)
-            epoch, done = trainer.current_epoch, trainer.current_epoch - self.first_epoch
-            text = f"Epoch {epoch + 1}/{trainer.max_epochs}"
-            if done:
-                left = (time.perf_counter() - self.started) / done * (trainer.max_epochs - epoch)
-                text += f" (at most {tqdm.format_interval(left)} left)"
-            self.train_progress_bar.set_description(text)
-
-    return EpochsLeftBar()
-
-
 def make_trainer(cfg: TrainConfig, out: Path) -> L.Trainer:
     from lightning.pytorch.callbacks import EarlyStopping, ModelCheckpoint
     from lightning.pytorch.loggers import TensorBoardLogger
@@ -477,7 +308,7 @@ def _train(cfg: TrainConfig) -> dict:
                "default_budget": cfg.budgets[0], "data": [str(p) for p in cfg.data], "draft": info.draft,
                "context_source": info.context_source, "splits": sizes, "pos_weight": cfg.pos_weight,
                "neg_weight": neg_weight, "epochs_run": trainer.current_epoch,
-               "best_epoch": json.loads(best_file.with_suffix(".json").read_text())["epoch"],
+               "best_epoch": read_json(best_file.with_suffix(".json"), "best epoch")["epoch"],
                "train_seconds": round(seconds, 2), "verifier": reports.pop("verifier"), "baselines": reports,
                "eval_data": {}}
     test_prompts = table.column("prompt_index")[splits["test"]].unique()
@@ -497,7 +328,7 @@ def _train(cfg: TrainConfig) -> dict:
 
 def probe_rows(table: TokenTable, rows: torch.Tensor, features: Sequence[str], seed: int) -> dict[str, torch.Tensor]:
     """A few validation rows, stored in the checkpoint: a load checks that the verifier still scores them as it
-    did (sprinter.verifier.check_probe)."""
+    did (sprinter.verifier_checks.check_probe)."""
     generator = torch.Generator().manual_seed(seed)
     rows = rows[torch.randperm(len(rows), generator=generator)[:PROBE_ROWS]].sort().values
     return {f: table.gather(f, rows) for f in features}
@@ -536,9 +367,8 @@ def fit_linear(cfg: TrainConfig, table: TokenTable, splits: dict, info: Verifier
     linear_info = dataclasses.replace(info, features=(HIDDEN,), arch=default_arch(depth=0), thresholds={})
     linear = Verifier(linear_info)
     linear.set_normalisation(verifier.hidden_mean, verifier.hidden_std, torch.zeros(0), torch.ones(0))
-    fit_plain(linear, table, (HIDDEN,), cfg.label_rule, splits, epochs=cfg.epochs, batch_size=cfg.batch_size,
-              lr=cfg.lr, pos_weight=cfg.pos_weight, neg_weight=neg_weight, patience=cfg.patience, seed=cfg.seed,
-              auroc=lambda scores, labels: summarize(scores, labels)["auroc"], progress=cfg.progress)
+    fit_plain(linear, table, (HIDDEN,), splits, cfg, neg_weight=neg_weight,
+              auroc=lambda scores, labels: summarize(scores, labels)["auroc"])
     return linear, linear_info
 
 

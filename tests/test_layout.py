@@ -1,0 +1,65 @@
+"""The shape of the tree (docs: README's file tree): the decode path stands on its own floor, functions take the
+objects they need whole, and every room is small enough to read in one sitting. Static checks, no model runs."""
+
+import ast
+from pathlib import Path
+
+import pytest
+
+PACKAGE = Path(__file__).resolve().parent.parent / "sprinter"
+MAX_PARAMETERS = 8  # self and cls not counted
+MAX_LINES = 400
+MAX_DECODER_LINES = 250
+
+
+def sources() -> list[Path]:
+    return sorted(PACKAGE.rglob("*.py"))
+
+
+def imported(path: Path) -> set[str]:
+    """Every module `path` imports, at the top or inside a function (a lazy import is still an arrow)."""
+    names = set()
+    for node in ast.walk(ast.parse(path.read_text())):
+        if isinstance(node, ast.Import):
+            names.update(alias.name for alias in node.names)
+        elif isinstance(node, ast.ImportFrom) and node.module and node.level == 0:
+            names.add(node.module)
+    return names
+
+
+@pytest.mark.parametrize("path", [*sorted((PACKAGE / "decode").glob("*.py")), PACKAGE / "features.py",
+                                  PACKAGE / "verifier.py"], ids=lambda p: p.relative_to(PACKAGE).as_posix())
+def test_decoding_imports_nothing_from_the_floors_above_it(path):
+    upward = sorted(m for m in imported(path) if m.split(".")[:2] in (["sprinter", "data"], ["sprinter", "train"],
+                                                                      ["sprinter", "bench"]))
+    assert not upward, f"{path.name} imports {upward}: the decode path must stand without data, train and bench"
+
+
+@pytest.mark.parametrize("name", ["errors", "files", "config", "corpus", "schedule", "features", "verifier",
+                                  "verifier_checks"])
+def test_the_ground_floor_imports_no_stage(name):
+    stages = ("pairs", "data", "train", "decode", "bench", "integrations")
+    upward = sorted(m for m in imported(PACKAGE / f"{name}.py")
+                    if m.split(".")[:2] in [["sprinter", stage] for stage in stages])
+    assert not upward, f"{name}.py imports {upward}: the modules every stage shares import none of them"
+
+
+def test_no_function_takes_more_than_eight_parameters():
+    wide = []
+    for path in sources():
+        for node in ast.walk(ast.parse(path.read_text())):
+            if isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef)):
+                a = node.args
+                names = [x.arg for x in (*a.posonlyargs, *a.args, *a.kwonlyargs, a.vararg, a.kwarg) if x is not None]
+                count = len([n for n in names if n not in ("self", "cls")])
+                if count > MAX_PARAMETERS:
+                    wide.append(f"{path.relative_to(PACKAGE)}:{node.lineno} {node.name} ({count})")
+    assert not wide, f"functions over {MAX_PARAMETERS} parameters (pass an options or state object): {wide}"
+
+
+def test_every_room_is_small():
+    long = [f"{p.relative_to(PACKAGE)} ({n})" for p in sources() if (n := len(p.read_text().splitlines())) > MAX_LINES]
+    assert not long, f"files over {MAX_LINES} lines (one job per room): {long}"
+    tree = ast.parse((PACKAGE / "decode" / "decoder.py").read_text())
+    (decoder,) = [n for n in tree.body if isinstance(n, ast.ClassDef) and n.name == "Decoder"]
+    assert decoder.end_lineno - decoder.lineno + 1 <= MAX_DECODER_LINES
