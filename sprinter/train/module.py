@@ -97,9 +97,14 @@ class VerifierModule(L.LightningModule):
 
     def on_save_checkpoint(self, checkpoint: dict) -> None:
         checkpoint["best"] = {"auroc": self.best_auroc, "epoch": self.best_epoch}
+        # Dropout draws its masks from torch's global generator (batches are shuffled by their own, seeded per
+        # epoch): keeping its state makes a resumed run draw the masks the uninterrupted one would have.
+        checkpoint["rng"] = torch.get_rng_state()
 
     def on_load_checkpoint(self, checkpoint: dict) -> None:
         self.best_auroc, self.best_epoch = checkpoint["best"]["auroc"], checkpoint["best"]["epoch"]
+        if "rng" in checkpoint:  # checkpoints written before it was kept resume as before
+            torch.set_rng_state(checkpoint["rng"])
 
     def configure_optimizers(self):
         cfg = self.cfg
