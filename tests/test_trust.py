@@ -313,6 +313,26 @@ def test_a_shard_of_another_source_is_refused(capsys, tmp_path, shards):
     one_error(capsys, shard.name, "'decode' contexts", "'corpus'")
 
 
+def test_a_shard_of_other_collection_settings_is_refused(capsys, tmp_path, shards):
+    """A shard copied in from a collection of the same pair and source but other settings (here: another
+    temperature) holds rows of another experiment: refused, naming the shard. Its fingerprint covers only the
+    settings that change what a row means (ROW_SETTINGS), so a resumed or larger run of the same settings matches."""
+    from sprinter.data.shards import MANIFEST, settings_fingerprint
+
+    data = tmp_path / "data"
+    shutil.copytree(shards, data)
+    manifest = json.loads((data / MANIFEST).read_text())
+    manifest["config"] = {**manifest.get("config", {}), "temperature": 0.0, "num_prompts": 100}
+    (data / MANIFEST).write_text(json.dumps(manifest))
+    same = {**manifest["config"], "num_prompts": 5000, "batch_size": 3}  # another size, the same rows
+    for name, config in (("shard-00000.safetensors", same), ("shard-00001.safetensors",
+                                                           {**manifest["config"], "temperature": 0.8})):
+        shard = data / name
+        save_file(load_file(str(shard)), str(shard), metadata={"settings": settings_fingerprint(config)})
+    assert run_cli(script("train"), train_argv(data, tmp_path / "t")) == 2
+    one_error(capsys, "shard-00001.safetensors", "other settings")
+
+
 def test_an_unlisted_shard_is_reported(tmp_path, shards):
     from sprinter.train.data import open_folders
 

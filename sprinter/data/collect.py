@@ -41,6 +41,7 @@ from sprinter.data.shards import (
     complete_shards,
     map_safetensors,
     read_header,
+    settings_fingerprint,
     shard_entry,
     write_manifest,
 )
@@ -284,7 +285,8 @@ def _collect(cfg: CollectConfig, dist: Dist) -> dict | None:
     draft_fp, target_fp = fingerprint(draft_path), fingerprint(target_path)
     done = done_prompts(out, draft_fp, target_fp)
     writer = ShardWriter(out, cfg.rows_per_shard, dist.rank,
-                         metadata={"source": cfg.source, "draft": draft_fp, "target": target_fp})
+                         metadata={"source": cfg.source, "draft": draft_fp, "target": target_fp,
+                                   "settings": settings_fingerprint(to_dict(cfg))})
     started = time.perf_counter()
     new_rows = new_tokens = seen = 0
     with tqdm(total=cfg.num_prompts, unit="prompt", desc=f"collect ({cfg.source})",

@@ -14,6 +14,7 @@ memory; nothing here unpickles anything.
 
 from __future__ import annotations
 
+import hashlib
 import json
 import math
 import re
@@ -163,12 +164,31 @@ def shard_entry(path: Path) -> dict:
     return {"file": path.name, "rows": rows.pop(), "rank": int(meta.get("rank", 0))}
 
 
+# The collection settings that decide what a row means (its prompt, its context, its labels): two shards whose
+# settings differ in any of these hold rows of different experiments. The size of a run (num_prompts, batch_size,
+# rows_per_shard), where it runs and how it is written are left out: they change no row.
+ROW_SETTINGS = ("dataset", "split", "text_field", "hub_split", "source", "prompt_len", "max_new_tokens", "k",
+                "windows_per_document", "temperature", "seed", "dtype", "hidden_dtype")
+
+
+def settings_fingerprint(config: dict) -> str:
+    """A short hash of a collection config's ROW_SETTINGS (a key the config lacks counts as None)."""
+    settings = {name: config.get(name) for name in ROW_SETTINGS}
+    return hashlib.sha256(json.dumps(settings, sort_keys=True).encode()).hexdigest()[:16]
+
+
 def check_shard_pair(path: str | Path, draft_fingerprint: str | None, target_fingerprint: str | None,
-                     source: str | None = None) -> None:
-    """Refuse a shard whose metadata names another draft, target or context source than the collection's (a shard
-    copied in from another folder). A shard without that metadata (hand-made, synthetic) is taken as it is."""
+                     source: str | None = None, settings: str | None = None) -> None:
+    """Refuse a shard whose metadata names another draft, target, context source or collection settings than the
+    collection's (a shard copied in from another folder). A shard without that metadata (hand-made, synthetic, or
+    written before shards carried it) is taken as it is."""
     header, _ = read_header(path)
     meta = header.get("__metadata__") or {}
+    got = meta.get("settings")
+    if got is not None and settings is not None and got != settings:
+        raise SprinterError(f"data: shard {str(path)!r} was collected with other settings (fingerprint {got!r}) than "
+                            f"the collection's ({settings!r}; the settings are {', '.join(ROW_SETTINGS)}): expected "
+                            "the shards of one collection (move the foreign shard out, or recollect with --overwrite)")
     got = meta.get("source")
     if got is not None and source is not None and got != source:
         raise SprinterError(f"data: shard {str(path)!r} holds {got!r} contexts; the collection's context_source is "
@@ -214,7 +234,9 @@ def read_manifest(folder: str | Path) -> dict:
         shard = folder / entry["file"]
         if not shard.is_file():
             raise SprinterError(f"data: shard {entry['file']!r} listed in {str(path)!r} is missing")
-        check_shard_pair(shard, pair["draft"], pair["target"], manifest.get("context_source"))
+        config = manifest.get("config")
+        settings = settings_fingerprint(config) if isinstance(config, dict) else None
+        check_shard_pair(shard, pair["draft"], pair["target"], manifest.get("context_source"), settings)
         rows = shard_entry(shard)["rows"]
         if rows != entry["rows"]:
             raise SprinterError(f"data: shard {entry['file']!r} has {rows} rows; the manifest says {entry['rows']}")
