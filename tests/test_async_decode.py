@@ -36,10 +36,11 @@ pytestmark = pytest.mark.usefixtures("single_thread")
 
 @pytest.fixture
 def no_thread_left():
-    """The test must leave exactly the threads it found."""
+    """The test must leave no thread it started. (Threads that were already there may end meanwhile: a model
+    load's thread pool, for one, can still be winding down when the test starts.)"""
     before = set(threading.enumerate())
     yield
-    assert set(threading.enumerate()) == before
+    assert set(threading.enumerate()) - before == set()
 
 
 def test_greedy_equals_ar_for_every_window(decoder, no_thread_left):
