@@ -155,3 +155,16 @@ def test_the_batched_gate_equals_the_decoders_gate_token_by_token():
                 step = DraftStep(token=x[pos, b], q=q, q_soft=q, hidden=hidden[pos, b, 0],
                                  hidden_prev=hidden[pos, b, 1])
                 assert torch.allclose(gate.accept_prob(step, pos), batched[pos][b], atol=1e-6)
+
+
+@pytest.mark.skipif(__import__("importlib").util.find_spec("vllm") is not None, reason="vLLM is installed here")
+def test_the_vllm_benchmark_without_vllm_is_one_line_before_any_work(tiny_pair, tmp_path, capsys):
+    from sprinter.errors import run_cli
+    from tests.test_bad_inputs import script
+
+    out = tmp_path / "out"
+    assert run_cli(script("bench_vllm").main, ["--pair", str(tiny_pair), "--verifier", str(tmp_path),
+                                               "--out", str(out)]) == 2
+    err = capsys.readouterr().err
+    assert "Traceback" not in err and "vLLM is not installed" in err and "install_vllm.sh" in err
+    assert not out.exists()  # refused before the Decoder rows or any file

@@ -177,8 +177,13 @@ def run_decoder(cfg: BenchVllmConfig, prompts: list[list[int]]) -> list[dict]:
 
 def run(cfg: BenchVllmConfig) -> dict:
     """Every row; writes OUT/results.json and OUT/results.md."""
+    import importlib.util
+
     from sprinter.pairs.load import load_tokenizer
 
+    if importlib.util.find_spec("vllm") is None:  # before the Decoder rows, which would run first for nothing
+        raise SprinterError("vLLM is not installed in this environment; expected it from "
+                            "`bash scripts/install_vllm.sh` (in its own virtual environment: docs/vllm.md)")
     for path in (Path(cfg.pair) / "target", Path(cfg.pair) / "draft", Path(cfg.verifier)):
         if not path.exists():
             raise SprinterError(f"{path}: does not exist; expected the pair's models and a verifier trained for its "
