@@ -359,3 +359,27 @@ def test_a_rollback_forgets_at_most_what_the_cache_holds():
     assert lm.length == 4
     lm.rollback(4)
     assert lm.length == 0 and lm.cache.get_seq_length() == 0
+
+
+def test_rollback_to_keeps_a_cache_of_that_length_or_less_untouched():
+    """rollback_to(n) drops only what is past n: at or under n the cache is left as it is (a mutant that always
+    dropped a token there survived the decode tests)."""
+    from sprinter.decode.cache import CachedLM
+
+    lm = CachedLM(random_lm(0, 0.6), VOCAB)
+    lm.append(torch.tensor([[1, 2, 3, 0]]))
+    for length in (4, 6):
+        lm.rollback_to(length)
+        assert lm.length == 4 and lm.cache.get_seq_length() == 4
+    lm.rollback_to(1)
+    assert lm.length == 1 and lm.cache.get_seq_length() == 1
+
+
+def test_leading_true_counts_each_row_of_a_batch():
+    """leading_true works row by row over any leading dims (# (..., k) -> (...)): the batched rounds count each
+    sequence's accepted prefix apart (a mutant that summed over the whole batch survived the decode tests)."""
+    from sprinter.decode.acceptance import leading_true
+
+    mask = torch.tensor([[True, True, False, True], [False, True, True, True], [True, True, True, True]])
+    assert leading_true(mask).tolist() == [2, 0, 4]
+    assert leading_true(mask[None]).tolist() == [[2, 0, 4]]

@@ -56,7 +56,8 @@ class Sampler:
         return probs
 
     def draw(self, probs: torch.Tensor, gen: torch.Generator) -> torch.Tensor:
-        """One token from `probs` (as made by `probs`): the argmax when greedy, else a draw with `gen`.  # (V,) -> ()"""
+        """One token per row of `probs` (as made by `probs`): the argmax when greedy, else a draw with `gen`.
+        # (..., V) -> (...)"""
         return probs.argmax(-1) if self.greedy else sample(probs, gen)
 
     def soft_probs(self, logits: torch.Tensor) -> torch.Tensor:
