@@ -1,6 +1,8 @@
 """Shared fixtures: tiny pairs built once per test session, offline, on CPU."""
 
+import importlib.util
 import os
+from contextlib import contextmanager
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -18,6 +20,26 @@ from sprinter.data.datastore import suffix_array  # noqa: E402
 from sprinter.decode.datastore import Datastore  # noqa: E402
 from sprinter.decode.decoder import Decoder  # noqa: E402
 from sprinter.pairs.build import build_pair, parse_pair_config  # noqa: E402
+
+
+def load_script(name: str):
+    """The module of scripts/NAME.py, loaded from this checkout (its `main` is what the command line runs)."""
+    spec = importlib.util.spec_from_file_location(f"script_{name}", ROOT / "scripts" / f"{name}.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+@contextmanager
+def torch_threads(n: int):
+    """torch's CPU thread count set to n inside, restored after: tiny models on a shared 2-core machine run fastest
+    on one thread, and two that fight run ~100x slower."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(n)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(before)
 
 
 def _build(tmp_path_factory, arch: str):

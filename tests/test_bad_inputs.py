@@ -5,7 +5,6 @@ scripts' own edge), and must give exit code 2, one `error:` line naming the valu
 cases run in this process (each subprocess imports torch: seconds); a handful run the scripts for real.
 """
 
-import importlib.util
 import json
 import os
 import subprocess
@@ -15,6 +14,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from conftest import load_script, torch_threads
 from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 
@@ -31,17 +31,11 @@ LATIN1 = "café = 'naïve'\n".encode("latin-1")  # not UTF-8: 0xe9 starts a mult
 @pytest.fixture(scope="module", autouse=True)
 def one_thread(tiny_pair):
     """One torch thread (tiny models on a busy machine), set after the tiny pair is built with the default."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+    with torch_threads(1):
+        yield
 
 
-def script(name: str):
-    spec = importlib.util.spec_from_file_location(f"script_{name}", ROOT / "scripts" / f"{name}.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+script = load_script
 
 
 @pytest.fixture(scope="module")

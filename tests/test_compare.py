@@ -40,10 +40,11 @@ def test_loop_share_script_on_the_tiny_pair(tiny_pair, capsys):
     one line with exit 2 for a bad value."""
     import json
 
-    from sprinter.errors import run_cli
-    from tests.test_bad_inputs import script
+    from conftest import load_script
 
-    main = script("loop_share").main
+    from sprinter.errors import run_cli
+
+    main = load_script("loop_share").main
     assert run_cli(main, ["--pair", str(tiny_pair), "--num-prompts", "2", "--max-new-tokens", "12"]) == 0
     result = json.loads(capsys.readouterr().out)
     assert result["prompts"] == 2 and result["held_out_text"]["windows"] > 0

@@ -13,6 +13,7 @@ from types import SimpleNamespace
 
 import pytest
 import torch
+from conftest import torch_threads
 from test_decode_distribution import VOCAB, IdTokenizer, random_lm
 
 from sprinter.decode.decoder import Decoder
@@ -25,10 +26,8 @@ from sprinter.pairs.load import Pair
 @pytest.fixture(scope="module", autouse=True)
 def one_thread():
     """One torch thread (conftest's single_thread without building the tiny pairs, which these tests never read)."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+    with torch_threads(1):
+        yield
 
 
 CHI2_P001 = {1: 10.83, 2: 13.82, 3: 16.27}  # chi-square critical values at p = 0.001 by degrees of freedom

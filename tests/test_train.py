@@ -7,6 +7,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from conftest import torch_threads
 
 from sprinter.data.synthetic import write_shards
 from sprinter.train.baselines import score_rows, weighted_bce
@@ -23,10 +24,8 @@ FEATURES = ("hidden", "token_id", "draft_prob", "draft_entropy", "position")
 @pytest.fixture(autouse=True)
 def one_thread():
     """Tiny tensors: one thread is fastest, and two threads fight badly on a shared 2-core runner."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+    with torch_threads(1):
+        yield
 
 
 @pytest.fixture(scope="module")

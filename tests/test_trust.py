@@ -6,7 +6,6 @@ command-line options. Each must end in one `error:` line (exit 2) or a documente
 and never a silent decode. Tests of the scripts run their `main` under `run_cli`, as tests/test_bad_inputs.py does.
 """
 
-import importlib.util
 import json
 import os
 import re
@@ -15,6 +14,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from conftest import load_script, torch_threads
 from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 
@@ -29,17 +29,12 @@ FEATURES = ("hidden", "token_id", "draft_prob", "draft_entropy")
 
 @pytest.fixture(scope="module", autouse=True)
 def one_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+    with torch_threads(1):
+        yield
 
 
 def _script(name: str):
-    spec = importlib.util.spec_from_file_location(f"script_{name}", ROOT / "scripts" / f"{name}.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module.main
+    return load_script(name).main
 
 
 # Loaded at import, outside any test's captured stderr: Lightning binds its log handler to the stderr of the moment.

@@ -159,11 +159,12 @@ def test_the_batched_gate_equals_the_decoders_gate_token_by_token():
 
 @pytest.mark.skipif(__import__("importlib").util.find_spec("vllm") is not None, reason="vLLM is installed here")
 def test_the_vllm_benchmark_without_vllm_is_one_line_before_any_work(tiny_pair, tmp_path, capsys):
+    from conftest import load_script
+
     from sprinter.errors import run_cli
-    from tests.test_bad_inputs import script
 
     out = tmp_path / "out"
-    assert run_cli(script("bench_vllm").main, ["--pair", str(tiny_pair), "--verifier", str(tmp_path),
+    assert run_cli(load_script("bench_vllm").main, ["--pair", str(tiny_pair), "--verifier", str(tmp_path),
                                                "--out", str(out)]) == 2
     err = capsys.readouterr().err
     assert "Traceback" not in err and "vLLM is not installed" in err and "install_vllm.sh" in err
