@@ -30,6 +30,20 @@ def load_script(name: str):
     return module
 
 
+def train_argv(data, out, *extra) -> list[str]:
+    """scripts/train.py's arguments for a one-epoch tiny training of the shards in `data` (no baselines)."""
+    return ["--config", str(ROOT / "configs/train/tiny.yaml"), "--data", str(data), "--out", str(out), "--epochs", "1",
+            "--no-baselines", *extra]
+
+
+@pytest.fixture(scope="module")
+def shards(tmp_path_factory):
+    """A folder of synthetic shards (sprinter.data.synthetic), made once per test module."""
+    from sprinter.data.synthetic import write_shards
+
+    return write_shards(tmp_path_factory.mktemp("syn") / "data")
+
+
 @contextmanager
 def torch_threads(n: int):
     """torch's CPU thread count set to n inside, restored after: tiny models on a shared 2-core machine run fastest

@@ -14,12 +14,11 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import load_script, torch_threads
+from conftest import load_script, torch_threads, train_argv
 from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 
 from sprinter.data.shards import complete_shards, load_columns, read_manifest
-from sprinter.data.synthetic import write_shards
 from sprinter.decode.decoder import Decoder
 from sprinter.errors import SprinterError, run_cli
 from sprinter.verifier import Verifier, VerifierInfo, default_arch, save_verifier
@@ -70,16 +69,6 @@ def collect_argv(pair, data, out, *extra):
     return ["--config", str(ROOT / "configs/collect/tiny.yaml"), "--draft", str(pair / "draft"), "--target",
             str(pair / "target"), "--dataset", str(data), "--split", "all", "--out", str(out), "--device", "cpu",
             "--no-progress", "--threads", "1", *extra]
-
-
-@pytest.fixture(scope="module")
-def shards(tmp_path_factory):
-    return write_shards(tmp_path_factory.mktemp("syn") / "data")
-
-
-def train_argv(data, out, *extra):
-    return ["--config", str(ROOT / "configs/train/tiny.yaml"), "--data", str(data), "--out", str(out), "--epochs", "1",
-            "--no-baselines", *extra]
 
 
 # ------------------------------------------------------------------------------------ command lines

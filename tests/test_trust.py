@@ -14,11 +14,10 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import load_script, torch_threads
+from conftest import load_script, torch_threads, train_argv
 from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 
-from sprinter.data.synthetic import write_shards
 from sprinter.errors import SprinterError, SprinterWarning, run_cli
 from sprinter.verifier import Verifier, VerifierInfo, default_arch, load_verifier, save_verifier
 
@@ -153,16 +152,6 @@ def test_a_nan_verifier_is_one_line_at_the_cli(capsys, tmp_path, tiny_pair):
 
 
 # ------------------------------------------------------------------------------------ 3-5. training's files
-@pytest.fixture(scope="module")
-def shards(tmp_path_factory):
-    return write_shards(tmp_path_factory.mktemp("syn") / "data")
-
-
-def train_argv(data, out, *extra):
-    return ["--config", str(ROOT / "configs/train/tiny.yaml"), "--data", str(data), "--out", str(out), "--epochs", "1",
-            "--no-baselines", *extra]
-
-
 def cut_short(path: Path) -> list[Path]:
     """Files under a final name that do not read whole (a torch zip archive or a safetensors file)."""
     import zipfile
