@@ -35,6 +35,49 @@ def option(default: Any, help: str, **kwargs: Any) -> Any:
     return dataclasses.field(default=default, metadata={"help": help}, **kwargs)
 
 
+# ---------------------------------------------------------------------------------- shared fields
+# The fields several stages share, each declared once with its default and help. A stage config extends the ones it
+# has (`class BenchConfig(ModelsConfig, RuntimeConfig, SeedConfig)`) and re-declares a field only where its
+# default or help differs (benchmarks time on one thread: `threads: int = option(1, ...)`). They are frozen, so
+# every stage config is (a config is a value: `dataclasses.replace` makes a changed copy), and keyword-only, so
+# the fields a stage declares after them keep their order.
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class ModelsConfig:
+    """The models a stage runs: a pair (preset or folder), or a draft and a target given one by one."""
+
+    pair: str = option("demo", "a preset pair under checkpoints/pairs/ (built if missing) or a pair folder")
+    draft: str | None = option(None, "draft model: Hub name or folder; none: PAIR/draft")
+    target: str | None = option(None, "target model: Hub name or folder; none: PAIR/target")
+
+
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class DeviceConfig:
+    """Where a stage runs."""
+
+    device: str = option("auto", "cpu, cuda, cuda:N or auto")
+
+
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class ThreadsConfig:
+    """How many CPU threads torch takes (checked against this machine's cores by `check_fields`)."""
+
+    threads: int = option(0, "CPU threads for torch (0: torch's default)")
+
+
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class RuntimeConfig(DeviceConfig, ThreadsConfig):
+    """Where models run, in which dtype, on how many CPU threads."""
+
+    dtype: str = option("auto", "float32, bfloat16, float16 or auto: bfloat16 on CUDA, float32 on CPU")
+
+
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class SeedConfig:
+    """The seed every random draw of a stage comes from (checked to fit torch's 64 bits by `check_fields`)."""
+
+    seed: int = option(0, "seed of the torch.Generator every random draw comes from")
+
+
 def check_integers(cfg: Any, names: Sequence[str], minimum: int = 1, *, optional: bool = False,
                    expected: str | None = None) -> None:
     """For `__post_init__`: each named field of `cfg` must be an integer >= minimum (bools are not integers), or
@@ -45,6 +88,23 @@ def check_integers(cfg: Any, names: Sequence[str], minimum: int = 1, *, optional
             continue
         if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
             raise SprinterError(f"{name}: got {value!r}; expected {expected or f'an integer >= {minimum}'}")
+
+
+def check_integer_lists(cfg: Any, names: Sequence[str], minimum: int = 1, *, empty: bool = False) -> None:
+    """For `__post_init__`: each named field of `cfg` must be a tuple (or list) of integers >= minimum, one or more
+    of them unless `empty` (bools are not integers)."""
+    for name in names:
+        values = getattr(cfg, name)
+        if (not values and not empty) or any(isinstance(v, bool) or not isinstance(v, int) or v < minimum
+                                             for v in values):
+            raise SprinterError(f"{name}: got {list(values)!r}; expected {'' if empty else 'one or more '}integers "
+                                f">= {minimum}{' (or none)' if empty else ''}")
+
+
+def check_seed(seed: Any, name: str = "seed") -> None:
+    """A seed must fit torch.Generator.manual_seed's signed 64 bits (bools are not integers)."""
+    if isinstance(seed, bool) or not isinstance(seed, int) or not 0 <= seed <= SEED_MAX:
+        raise SprinterError(f"{name}: got {seed!r}; expected an integer in [0, 2**63 - 1]")
 
 
 def check_runs(cfg: Any, neither: str | None = None) -> None:
@@ -72,9 +132,8 @@ def check_fields(cfg: Any) -> None:
         for v in values:
             if inner is float and isinstance(v, float) and not math.isfinite(v):
                 raise SprinterError(f"{f.name}: got {v!r}; expected a finite number")
-    seed = getattr(cfg, "seed", None)
-    if seed is not None and (isinstance(seed, bool) or not isinstance(seed, int) or not 0 <= seed <= SEED_MAX):
-        raise SprinterError(f"seed: got {seed!r}; expected an integer in [0, 2**63 - 1]")
+    if getattr(cfg, "seed", None) is not None:
+        check_seed(cfg.seed)
     threads, cores = getattr(cfg, "threads", None), os.cpu_count() or 1
     if threads is not None and (isinstance(threads, bool) or not isinstance(threads, int) or not 0 <= threads <= cores):
         raise SprinterError(f"threads: got {threads!r}; expected an integer in [0, {cores}] (this machine has "

@@ -7,6 +7,7 @@ The scrambled decoders of test_decode.py (random weights, so rejections really h
 4-token models of test_decode_distribution.py are reused.
 """
 
+import dataclasses
 import threading
 import time
 
@@ -275,7 +276,6 @@ def test_bench_async_script(tiny_pair, tmp_path):
     records = tmp_path / tiny_pair.name / "records.jsonl"
     lines = records.read_text().splitlines()
     records.write_text("\n".join(lines[:-1]) + "\n" + lines[-1][:25])
-    cfg.resume = True
-    (again,) = run(cfg)
+    (again,) = run(dataclasses.replace(cfg, resume=True))
     assert [m["prompts"] for m in again["methods"]] == [2, 2, 2]
     assert [json.loads(line)["prompt"] for line in records.read_text().splitlines()] == [0, 0, 0, 1, 1, 1]

@@ -38,7 +38,7 @@ from sprinter.bench.protocol import (
     save,
     warm_up,
 )
-from sprinter.config import check_integers, check_runs, option, to_dict
+from sprinter.config import DeviceConfig, check_integer_lists, check_integers, check_runs, option, to_dict
 from sprinter.decode.decoder import Decoder
 from sprinter.decode.options import DecodeOptions
 from sprinter.errors import SprinterError
@@ -56,8 +56,8 @@ def logit_gap(decoder: Decoder, prompt: Prompt, reference: list[int], i: int, to
     return abs(logits[reference[i]] - logits[token]).item()
 
 
-@dataclass
-class AsyncBenchConfig:
+@dataclass(frozen=True)
+class AsyncBenchConfig(DeviceConfig):
     """Options of scripts/bench_async.py: the single home of their defaults."""
 
     pairs: tuple[str, ...] = option(("demo", "bench"), "preset pairs under checkpoints/pairs/ (built if missing) or "
@@ -80,8 +80,7 @@ class AsyncBenchConfig:
 
     def __post_init__(self) -> None:
         check_integers(self, ("num_prompts", "prompt_len", "max_new_tokens", "ar_threads", "async_threads"))
-        if not self.sd_threads or any(isinstance(n, bool) or not isinstance(n, int) or n < 1 for n in self.sd_threads):
-            raise SprinterError(f"sd_threads: got {list(self.sd_threads)}; expected integers >= 1")
+        check_integer_lists(self, ("sd_threads",))
         check_integers(self, ("warmup",), minimum=0)
         check_runs(self)
         if not self.pairs:

@@ -40,7 +40,17 @@ from sprinter.bench.protocol import (
     save,
     warm_up,
 )
-from sprinter.config import CONFIGS, check_integers, check_runs, option, to_dict
+from sprinter.config import (
+    CONFIGS,
+    ModelsConfig,
+    RuntimeConfig,
+    SeedConfig,
+    check_integer_lists,
+    check_integers,
+    check_runs,
+    option,
+    to_dict,
+)
 from sprinter.decode.decoder import Decoder
 from sprinter.decode.options import DecodeOptions
 from sprinter.decode.roofline import measure_i_knee, speculation_length
@@ -52,13 +62,10 @@ FORMAT = "sprinter-bench-batch/1"
 RUNTIME_OPTIONS = ("out", "resume", "overwrite", "progress", "warmup")  # may change on --resume
 
 
-@dataclass
-class BatchBenchConfig:
+@dataclass(frozen=True)
+class BatchBenchConfig(ModelsConfig, RuntimeConfig, SeedConfig):
     """The batch sweep's options: the single home of their defaults (scripts/bench_batch.py reads them)."""
 
-    pair: str = option("demo", "a preset pair under checkpoints/pairs/ (built if missing) or a pair folder")
-    draft: str | None = option(None, "draft model: Hub name or folder; none: PAIR/draft")
-    target: str | None = option(None, "target model: Hub name or folder; none: PAIR/target")
     batch_sizes: tuple[int, ...] = option((1, 4, 8, 16, 32), "batch sizes B of the sweep")
     k: int = option(4, "sd: tokens drafted per sequence and target call")
     ngram_n: int = option(3, "ngram: longest suffix looked up")
@@ -76,8 +83,6 @@ class BatchBenchConfig:
     warmup: int = option(1, "warm-up batches per method before timing")
     temperature: float = option(0.0, "0 is greedy (outputs checked equal to batched ar's); above 0 samples")
     seed: int = option(0, "generator seed of every run")
-    device: str = option("auto", "cpu, cuda, cuda:N or auto")
-    dtype: str = option("auto", "float32, bfloat16, float16 or auto: bfloat16 on CUDA, float32 on CPU")
     threads: int = option(1, "CPU threads for torch (0: torch's default)")
     out: str = option("results/batch/demo", "output folder: results.json, results.md, batch.png")
     resume: bool = option(False, "continue from OUT/records.jsonl (same options): finished cells are kept")
@@ -87,11 +92,8 @@ class BatchBenchConfig:
     def __post_init__(self) -> None:
         check_integers(self, ("k", "ngram_n", "prompt_len", "max_new_tokens", "repeats"))
         check_integers(self, ("threads", "warmup"), minimum=0)
-        sizes = self.batch_sizes
-        if not sizes or any(isinstance(b, bool) or not isinstance(b, int) or b < 1 for b in sizes):
-            raise SprinterError(f"batch_sizes: got {list(self.batch_sizes)}; expected integers >= 1")
-        if any(isinstance(k, bool) or not isinstance(k, int) or k < 1 for k in self.fixed_k):
-            raise SprinterError(f"fixed_k: got {list(self.fixed_k)}; expected integers >= 1 (or none)")
+        check_integer_lists(self, ("batch_sizes",))
+        check_integer_lists(self, ("fixed_k",), empty=True)
         bad = [d for d in self.domains if d not in DOMAINS]
         if bad or not self.domains:
             raise SprinterError(f"domains: got {list(self.domains)}; expected some of {DOMAINS}")

@@ -42,7 +42,16 @@ from sprinter.bench.protocol import (
     warm_up,
 )
 from sprinter.bench.report import write_reports
-from sprinter.config import CONFIGS, check_integers, check_runs, option, to_dict
+from sprinter.config import (
+    CONFIGS,
+    ModelsConfig,
+    RuntimeConfig,
+    SeedConfig,
+    check_integers,
+    check_runs,
+    option,
+    to_dict,
+)
 from sprinter.decode.costs import measure_costs
 from sprinter.decode.decoder import Decoder
 from sprinter.decode.gates import (
@@ -58,13 +67,10 @@ CONFIG_DIR = CONFIGS / "bench"
 RUNTIME_OPTIONS = ("out", "resume", "overwrite", "progress", "threads", "warmup", "store_stop_threshold")
 
 
-@dataclass
-class BenchConfig:
+@dataclass(frozen=True)
+class BenchConfig(ModelsConfig, RuntimeConfig, SeedConfig):
     """The benchmark's options: the single home of their defaults (scripts/benchmark.py reads them)."""
 
-    pair: str = option("demo", "a preset pair under checkpoints/pairs/ (built if missing) or a pair folder")
-    draft: str | None = option(None, "draft model: Hub name or folder; none: PAIR/draft")
-    target: str | None = option(None, "target model: Hub name or folder; none: PAIR/target")
     verifier: str = option(DEMO_VERIFIER, "the project's verifier checkpoint (scripts/train.py --out)")
     linear_verifier: str | None = option(None, "the paper's linear verifier; none: VERIFIER/baselines/linear")
     compare_verifier: str | None = option(None, "sprinter-mlp: also run this verifier (e.g. the previous default) "
@@ -96,8 +102,6 @@ class BenchConfig:
                                         "exact_match_vs_ar still shows it)")
     seed: int = option(0, "seed of prompt i's generator is seed + i, the same for every method")
     warmup: int = option(1, "warm-up generations per method before timing")
-    device: str = option("auto", "cpu, cuda, cuda:N or auto")
-    dtype: str = option("auto", "float32, bfloat16, float16 or auto: bfloat16 on CUDA, float32 on CPU")
     threads: int = option(1, "CPU threads for torch (0: torch's default; 1 is fastest for small models on busy cores)")
     compile: bool = option(False, "also run the ar, draft, sd, sd-gated and sprinter rows compiled (NAME+compiled: "
                                   "static caches, torch.compile; every graph is compiled before timing)")

@@ -28,7 +28,7 @@ from typing import Sequence
 import torch
 from tqdm.auto import tqdm
 
-from sprinter.config import check_integers, option, parse_config, to_dict
+from sprinter.config import RuntimeConfig, check_integers, option, parse_config, to_dict
 from sprinter.data.collect import (
     CollectConfig,
     batch_rows,
@@ -41,8 +41,8 @@ from sprinter.features import entropy
 from sprinter.pairs.load import Pair, load_pair
 
 
-@dataclass
-class BenchCollectConfig:
+@dataclass(frozen=True)
+class BenchCollectConfig(RuntimeConfig):
     draft: str | None = option(None, "draft model (default: the demo pair, built if missing)")
     target: str | None = option(None, "target model (default: the demo pair)")
     dataset: str = option("stdlib", "prompt text (see scripts/collect.py)")

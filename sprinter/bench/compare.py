@@ -17,7 +17,7 @@ from dataclasses import dataclass
 from typing import Sequence
 
 from sprinter.bench.fidelity import first_difference, score_output
-from sprinter.config import check_integers, option
+from sprinter.config import ThreadsConfig, check_integers, option
 from sprinter.decode.options import DecodeOptions
 from sprinter.errors import SprinterError
 
@@ -132,8 +132,8 @@ def compare(decoder, prompt: str, options: DecodeOptions) -> Comparison:
 __all__ = ["Comparison", "LOSSLESS_MODES", "compare", "is_lossless", "loop_share", "tokens_differing"]
 
 
-@dataclass
-class LoopShareConfig:
+@dataclass(frozen=True)
+class LoopShareConfig(ThreadsConfig):
     """scripts/loop_share.py's options: how much of a pair's `ar` output loops, greedy and sampled, beside the
     held-out text itself (README, Quickstart)."""
 

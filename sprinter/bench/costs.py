@@ -9,13 +9,13 @@ from pathlib import Path
 
 import torch
 
-from sprinter.config import check_integers, option
+from sprinter.config import RuntimeConfig, check_integers, option
 from sprinter.decode.costs import FILE_NAME, NOISY, CostProfile, measure_costs, save_profile
 from sprinter.errors import SprinterError
 
 
-@dataclass
-class ProfileConfig:
+@dataclass(frozen=True)
+class ProfileConfig(RuntimeConfig):
     """scripts/profile_pair.py's options: the single home of their defaults."""
 
     pair: str = option("demo", "a preset pair under checkpoints/pairs/ (built if missing) or a pair folder")
@@ -23,8 +23,6 @@ class ProfileConfig:
                                    f"PAIR/{FILE_NAME} when the pair folder is writable, else ./{FILE_NAME}")
     verifier: str | None = option(None, "the learned verifier whose call is timed; none: an untrained one of the "
                                         "default shape (the same cost)")
-    device: str = option("auto", "cpu, cuda, cuda:N or auto")
-    dtype: str = option("auto", "float32, bfloat16, float16 or auto: bfloat16 on CUDA, float32 on CPU")
     threads: int = option(1, "CPU threads for torch (0: torch's default); part of the profile's key")
     max_block: int = option(20, "sprinter's longest block: target forwards over 1 .. max_block + 1 tokens are timed")
     context: int = option(64, "tokens in the caches before each timed call (the benchmark's prompt length)")

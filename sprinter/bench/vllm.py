@@ -26,7 +26,7 @@ from pathlib import Path
 import torch
 
 from sprinter.bench.protocol import check_lossless, hardware, libraries, load_prompts
-from sprinter.config import check_integers, option, to_dict
+from sprinter.config import ThreadsConfig, check_integer_lists, check_integers, option, to_dict
 from sprinter.errors import SprinterError
 from sprinter.files import write_atomic, write_json
 from sprinter.integrations.vllm import CLASS_PATH, CONFIG_ENV
@@ -36,8 +36,8 @@ ENGINE_ENV = {"VLLM_ENABLE_V1_MULTIPROCESSING": "0", "VLLM_CPU_KVCACHE_SPACE": "
               "VLLM_CPU_OMP_THREADS_BIND": "nobind"}
 
 
-@dataclass
-class BenchVllmConfig:
+@dataclass(frozen=True)
+class BenchVllmConfig(ThreadsConfig):
     pair: str = option("checkpoints/pairs/bench", "pair folder (PAIR/target, PAIR/draft)")
     verifier: str = option("checkpoints/verifiers/bench", "verifier trained for the pair's draft")
     threshold: float | None = option(None, "the proposer's flag threshold (none: the verifier's calibrated one)")
@@ -56,10 +56,7 @@ class BenchVllmConfig:
     def __post_init__(self) -> None:
         check_integers(self, ("num_prompts", "prompt_len", "max_new_tokens", "sprinter_k", "ngram_k", "repeats",
                               "threads"))
-        for name in ("ks", "concurrency"):
-            values = getattr(self, name)
-            if not values or any(isinstance(v, bool) or not isinstance(v, int) or v < 1 for v in values):
-                raise SprinterError(f"{name}: got {values!r}; expected one or more integers >= 1")
+        check_integer_lists(self, ("ks", "concurrency"))
 
 
 def spread(values: list[float]) -> dict:

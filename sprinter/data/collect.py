@@ -23,6 +23,8 @@ from tqdm.auto import tqdm
 import sprinter
 from sprinter.config import (
     CONFIGS,
+    RuntimeConfig,
+    SeedConfig,
     check_integers,
     check_runs,
     option,
@@ -58,8 +60,8 @@ COLUMNS = [*VECTORS, *SCALARS, "context_length"]  # draft-side columns a verifie
 RUNTIME_OPTIONS = ("resume", "overwrite", "device", "threads", "progress", "out")  # "out": a moved folder resumes
 
 
-@dataclass
-class CollectConfig:
+@dataclass(frozen=True)
+class CollectConfig(RuntimeConfig, SeedConfig):
     draft: str | None = option(None, "draft model: Hub name or local folder (default: the demo pair, built if missing)")
     target: str | None = option(None, "target model: Hub name or local folder (default: the demo pair)")
     dataset: str = option("stdlib", "prompt text: 'stdlib', a folder, a .jsonl/text file, or a Hub dataset name")

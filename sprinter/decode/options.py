@@ -12,7 +12,7 @@ import dataclasses
 import math
 from dataclasses import dataclass
 
-from sprinter.config import check_integers, option
+from sprinter.config import ModelsConfig, RuntimeConfig, SeedConfig, check_integers, check_seed, option
 from sprinter.decode.gates import CONFIDENCE_THRESHOLD, Gate, check_threshold
 from sprinter.decode.sampling import Sampler
 from sprinter.errors import SprinterError
@@ -28,7 +28,7 @@ DEMO_VERIFIER = "checkpoints/verifiers/demo"  # the verifier scripts/generate.py
 
 
 @dataclass(frozen=True)
-class DecodeOptions:
+class DecodeOptions(SeedConfig):
     """How to generate: one frozen object that travels from `Decoder.generate` through the decode loops.
 
     `threshold` and `stop_threshold` are two different numbers:
@@ -44,7 +44,6 @@ class DecodeOptions:
     temperature: float = option(0.0, "0 is greedy; above 0 samples")
     top_k: int = option(0, "sample among the k likeliest tokens only (0: all)")
     top_p: float = option(1.0, "sample from the smallest set with this much probability (1.0: all)")
-    seed: int = option(0, "seed of the torch.Generator every random draw comes from")
     stop: tuple[str, ...] = option((), "stop after any of these strings (kept in the output)")
     k: int = option(4, "tokens drafted per target call in mode 'sd'")
     max_block: int | None = option(20, "sprinter, sd-gated: call the target after this many drafted tokens "
@@ -102,8 +101,7 @@ class DecodeOptions:
             raise SprinterError(f"i_knee: got {i_knee!r}; expected a finite number > 0, "
                                 "or None (measured on the device)")
         # torch.Generator takes a signed 64-bit seed; anything else is refused before any model runs.
-        if isinstance(self.seed, bool) or not isinstance(self.seed, int) or not 0 <= self.seed <= 2**63 - 1:
-            raise SprinterError(f"seed: got {self.seed!r}; expected an integer in [0, 2**63 - 1]")
+        check_seed(self.seed)
         gate = self.gate
         if isinstance(gate, str) and gate not in GATES:
             raise SprinterError(f"gate: got {gate!r}; expected one of {GATES} or a Gate object")
@@ -167,7 +165,7 @@ def _is_sequence(value: object) -> bool:
 
 
 @dataclass(frozen=True)
-class GenerateConfig(DecodeOptions):
+class GenerateConfig(DecodeOptions, ModelsConfig, RuntimeConfig):
     """scripts/generate.py's options: a generation's (`DecodeOptions`, whose defaults and checks it inherits)
     and the command line's own (what to decode, which models, where). Validated on construction, before any
     model runs; `options()` is the `DecodeOptions` part, as `Decoder.generate` takes it."""
@@ -175,14 +173,8 @@ class GenerateConfig(DecodeOptions):
     prompt: str = option("def fibonacci(n):", "text to continue")
     prompts_file: str | None = option(None, "decode every prompt of this file as one batch (replaces --prompt): one "
                                             "prompt per line, or one JSON string per line in a .jsonl file")
-    pair: str = option("demo", "a preset pair under checkpoints/pairs/ (built if missing) or a pair folder")
-    draft: str | None = option(None, "draft model: Hub name or folder; none: PAIR/draft")
-    target: str | None = option(None, "target model: Hub name or folder; none: PAIR/target")
     verifier: str | None = option(None, f"verifier checkpoint; none: {DEMO_VERIFIER} when it exists")
     datastore: str | None = option(None, "ngram: also look up this n-gram datastore (scripts/build_datastore.py)")
-    device: str = option("auto", "cpu, cuda, cuda:N or auto")
-    dtype: str = option("auto", "float32, bfloat16, float16 or auto: bfloat16 on CUDA, float32 on CPU")
-    threads: int = option(0, "CPU threads for torch (0: torch's default)")
     static_cache: bool = option(False, "single-prompt modes: static KV caches written by position (else dynamic ones)")
     compile: bool = option(False, "single-prompt modes: torch.compile the draft step and the target's verify forward "
                                   "(static caches implied; compiling takes seconds to minutes, once per run)")

@@ -31,7 +31,16 @@ from typing import Sequence
 
 import torch
 
-from sprinter.config import CONFIGS, check_integers, option, parse_config, to_dict
+from sprinter.config import (
+    CONFIGS,
+    DeviceConfig,
+    SeedConfig,
+    ThreadsConfig,
+    check_integers,
+    option,
+    parse_config,
+    to_dict,
+)
 from sprinter.corpus import load_documents
 from sprinter.errors import SprinterError
 from sprinter.files import read_json
@@ -63,15 +72,14 @@ TARGET_OPTIONS = ("arch", "corpus", "seed", "max_train_chars", "vocab_size", "co
                   "target_layers", "target_width", "target_heads", "target_steps", "lr", "warmup_fraction")
 
 
-@dataclass
-class PairConfig:
+@dataclass(frozen=True)
+class PairConfig(DeviceConfig, ThreadsConfig, SeedConfig):
     preset: str = option("tiny", "size preset: a YAML under configs/pairs/ (tiny, demo, bench)")
     arch: str = option("gpt2", "transformers architecture of both models: gpt2 or llama")
     corpus: str = option("stdlib", "training text: 'stdlib', a folder, a .jsonl/text file, or a Hub dataset name")
     out: str | None = option(None, "output folder (default: checkpoints/pairs/<preset>)")
     overwrite: bool = option(False, "replace an existing pair in --out")
     seed: int = option(0, "seed for initialisation and batch sampling")
-    device: str = option("auto", "cpu, cuda or auto")
     max_train_chars: int = option(2_000_000, "characters of the train split to tokenize (tokenizer and model)")
     vocab_size: int = option(1024, "BPE vocabulary size")
     context_length: int = option(512, "models' context window (positions)")

@@ -21,7 +21,7 @@ from typing import Any, Sequence
 
 import torch
 
-from sprinter.config import option
+from sprinter.config import SeedConfig, ThreadsConfig, option
 from sprinter.decode.drafters import DraftStep
 from sprinter.decode.gates import LearnedGate
 from sprinter.errors import SprinterError
@@ -60,8 +60,8 @@ ROWS: dict[str, tuple[str, dict[str, Any]]] = {
 }
 
 
-@dataclass
-class AblationConfig:
+@dataclass(frozen=True)
+class AblationConfig(ThreadsConfig, SeedConfig):
     data: tuple[str, ...] = option(("data/bench-v2",), "decode-context shard folder(s) with the optional columns")
     out: str = option("results/verifiers", "output folder of ablation.json and ablation.md")
     runs: str = option("data/ablation", "folder of the runs, one verifier per row in RUNS/NAME (git-ignored)")
@@ -74,7 +74,8 @@ class AblationConfig:
     threads: int = option(1, "CPU threads (the gate is timed on one)")
 
     def __post_init__(self) -> None:
-        self.data, self.rows = tuple(self.data), tuple(self.rows)
+        object.__setattr__(self, "data", tuple(self.data))  # a list from YAML: the frozen config keeps a tuple
+        object.__setattr__(self, "rows", tuple(self.rows))
         unknown = [r for r in self.rows if r not in ROWS]
         if unknown:
             raise SprinterError(f"rows: got {unknown}; expected names among {list(ROWS)}")

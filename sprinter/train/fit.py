@@ -24,7 +24,7 @@ import lightning as L
 import torch
 
 from sprinter import __version__
-from sprinter.config import CONFIGS, check_integers, option, parse_config, save_config
+from sprinter.config import CONFIGS, SeedConfig, ThreadsConfig, check_integers, option, parse_config, save_config
 from sprinter.data.shards import read_manifest
 from sprinter.errors import SprinterError
 from sprinter.features import KNOWN
@@ -72,8 +72,8 @@ CONFIG_DIR = CONFIGS / "train"
 FEATURES = ("hidden", "token_id", "draft_prob", "draft_entropy")
 
 
-@dataclass
-class TrainConfig:
+@dataclass(frozen=True)
+class TrainConfig(ThreadsConfig, SeedConfig):
     data: tuple[str, ...] = option(("data/demo",), "shard folder(s) from scripts/collect.py (one draft)")
     out: str = option("checkpoints/verifiers/demo", "output folder: verifier.safetensors, metrics.json, TensorBoard")
     features: tuple[str, ...] = option(FEATURES, "verifier inputs: hidden, token_id and scalar columns of the shards")
@@ -114,12 +114,11 @@ class TrainConfig:
     precision: str = option("32-true", "Lightning precision: 32-true, bf16-mixed, 16-mixed")
     resume: str | None = option(None, "a Lightning .ckpt to resume from, or 'last' for OUT/lightning/last.ckpt")
     overwrite: bool = option(False, "replace a finished (or interrupted) training in --out")
-    threads: int = option(0, "CPU threads for torch (0: leave the default)")
     progress: bool = option(True, "show progress bars")
 
     def __post_init__(self) -> None:
-        self.data, self.features, self.budgets = tuple(self.data), tuple(self.features), tuple(self.budgets)
-        self.eval_data = tuple(self.eval_data)
+        for name in ("data", "features", "budgets", "eval_data"):  # a list from YAML: the frozen config keeps a tuple
+            object.__setattr__(self, name, tuple(getattr(self, name)))
         if self.resume is not None and self.overwrite:
             raise SprinterError(f"resume and overwrite: got --resume {self.resume!r} and --overwrite; expected at "
                                 "most one")
