@@ -8,7 +8,13 @@ import types
 
 import pytest
 import torch
-from test_decode_distribution import CHI2_DF3_P001, VOCAB, chi_square, random_decoder
+from test_decode_distribution import (
+    CHI2_DF3_P001,
+    chi_square,
+    random_decoder,
+    sample_two_tokens,
+    target_marginals,
+)
 
 from sprinter.bench.regime_map import synthetic_profile
 from sprinter.decode.auto import DRAFT_KS, AutoController, auto_decode
@@ -194,18 +200,9 @@ def test_auto_samples_from_the_target_distribution(pair):
     target = decoder.pair.target
     scripted(decoder, ["sd-k2", "sd-k1", "ar", "ngram-k2", "ar", "sd-k4"])
     prompt = [1, 2, 1, 2]
-    with torch.inference_mode():
-        p1 = target(torch.tensor([prompt])).logits[0, -1].softmax(-1)  # (V,) first token
-        p2_given = torch.stack([target(torch.tensor([prompt + [x]])).logits[0, -1].softmax(-1) for x in range(VOCAB)])
-    p2 = p1 @ p2_given  # (V,) marginal of the second token
+    p1, p2 = target_marginals(target, prompt)
     n = 1000
-    first, second = torch.zeros(VOCAB), torch.zeros(VOCAB)
-    rejected = 0
-    for seed in range(n):
-        out = decoder.generate(prompt, max_new_tokens=2, mode="auto", temperature=1.0, seed=seed)
-        first[out.token_ids[0]] += 1
-        second[out.token_ids[1]] += 1
-        rejected += out.stats.rejected
+    first, second, rejected = sample_two_tokens(decoder, prompt, n, mode="auto")
     assert rejected > n // 20  # residual sampling was exercised
     assert chi_square(first, p1) < CHI2_DF3_P001, (first / n, p1)
     assert chi_square(second, p2) < CHI2_DF3_P001, (second / n, p2)

@@ -54,24 +54,37 @@ def chi_square(counts: torch.Tensor, probs: torch.Tensor) -> float:
     return float(((counts - expected) ** 2 / expected).sum())
 
 
-def test_sd_samples_from_the_target_distribution():
-    decoder, target, draft = random_decoder()
-    prompt = [1, 2]
+def target_marginals(target: torch.nn.Module, prompt: list[int]) -> tuple[torch.Tensor, torch.Tensor]:
+    """(p1, p2): the target's distributions of the first and of the second generated token, both (V,)."""
     with torch.inference_mode():
         p1 = target(torch.tensor([prompt])).logits[0, -1].softmax(-1)  # (V,) first token
-        q1 = draft(torch.tensor([prompt])).logits[0, -1].softmax(-1)
         p2_given = torch.stack([target(torch.tensor([prompt + [x]])).logits[0, -1].softmax(-1) for x in range(VOCAB)])
-    p2 = p1 @ p2_given  # (V,) marginal of the second token
-    assert (p1 - q1).abs().sum() > 0.3  # the draft is clearly wrong, so the test has power
+    return p1, p1 @ p2_given  # (V,) marginal of the second token
 
-    n = 1000
+
+def sample_two_tokens(decoder: Decoder, prompt: list[int], n: int, **options) -> tuple[torch.Tensor, torch.Tensor, int]:
+    """(first, second, rejected): counts of each id as the first and as the second of two generated tokens over
+    seeds 0 .. n - 1 at temperature 1, and the drafted tokens rejected in all."""
     first, second = torch.zeros(VOCAB), torch.zeros(VOCAB)
     rejected = 0
     for seed in range(n):
-        out = decoder.generate(prompt, max_new_tokens=2, mode="sd", k=2, temperature=1.0, seed=seed)
+        out = decoder.generate(prompt, max_new_tokens=2, temperature=1.0, seed=seed, **options)
         first[out.token_ids[0]] += 1
         second[out.token_ids[1]] += 1
         rejected += out.stats.rejected
+    return first, second, rejected
+
+
+def test_sd_samples_from_the_target_distribution():
+    decoder, target, draft = random_decoder()
+    prompt = [1, 2]
+    p1, p2 = target_marginals(target, prompt)
+    with torch.inference_mode():
+        q1 = draft(torch.tensor([prompt])).logits[0, -1].softmax(-1)
+    assert (p1 - q1).abs().sum() > 0.3  # the draft is clearly wrong, so the test has power
+
+    n = 1000
+    first, second, rejected = sample_two_tokens(decoder, prompt, n, mode="sd", k=2)
     assert rejected > n // 10  # residual sampling was exercised
     assert chi_square(first, p1) < CHI2_DF3_P001, (first / n, p1)
     assert chi_square(second, p2) < CHI2_DF3_P001, (second / n, p2)

@@ -63,3 +63,44 @@ def test_every_room_is_small():
     tree = ast.parse((PACKAGE / "decode" / "decoder.py").read_text())
     (decoder,) = [n for n in tree.body if isinstance(n, ast.ClassDef) and n.name == "Decoder"]
     assert decoder.end_lineno - decoder.lineno + 1 <= MAX_DECODER_LINES
+
+
+def stage_configs() -> list[type]:
+    """Every dataclass under sprinter/ with a command-line option (a field declared with `config.option`)."""
+    import dataclasses
+    import importlib
+
+    found = {}
+    for path in sources():
+        module = ".".join(path.relative_to(PACKAGE.parent).with_suffix("").parts)
+        try:
+            mod = importlib.import_module(module)
+        except ImportError:  # an optional extra (vLLM) this machine lacks
+            continue
+        for obj in vars(mod).values():
+            if (isinstance(obj, type) and dataclasses.is_dataclass(obj) and obj.__module__ == module
+                    and any("help" in f.metadata for f in dataclasses.fields(obj))):
+                found[obj.__qualname__] = obj
+    return sorted(found.values(), key=lambda c: c.__qualname__)
+
+
+def test_shared_config_fields_have_one_home():
+    """device, dtype, threads and seed (and pair/draft/target where a stage has all three) come from the shared
+    bases in sprinter/config.py; a stage only re-declares one whose default or help is its own."""
+    import dataclasses
+
+    from sprinter.config import DeviceConfig, ModelsConfig, RuntimeConfig, SeedConfig, ThreadsConfig
+
+    homes = {"device": DeviceConfig, "dtype": RuntimeConfig, "threads": ThreadsConfig, "seed": SeedConfig}
+    configs = stage_configs()
+    assert len(configs) >= 14, [c.__name__ for c in configs]
+    stray = []
+    for cls in configs:
+        names = {f.name for f in dataclasses.fields(cls)}
+        stray += [f"{cls.__name__}.{name}" for name, home in homes.items() if name in names
+                  and not issubclass(cls, home)]
+        if {"pair", "draft", "target"} <= names and not issubclass(cls, ModelsConfig):
+            stray.append(f"{cls.__name__}.pair/draft/target")
+        if any(issubclass(cls, home) for home in (*homes.values(), ModelsConfig)):
+            assert cls.__dataclass_params__.frozen, f"{cls.__name__}: the shared bases are frozen, so is it"
+    assert not stray, f"shared fields declared outside their base in sprinter/config.py: {stray}"

@@ -28,6 +28,7 @@ import torch
 
 from sprinter.bench.protocol import (
     DOMAINS,
+    BenchRuntimeConfig,
     append_records,
     check_lossless,
     check_window,
@@ -43,7 +44,6 @@ from sprinter.bench.protocol import (
 from sprinter.config import (
     CONFIGS,
     ModelsConfig,
-    RuntimeConfig,
     SeedConfig,
     check_integer_lists,
     check_integers,
@@ -63,7 +63,7 @@ RUNTIME_OPTIONS = ("out", "resume", "overwrite", "progress", "warmup")  # may ch
 
 
 @dataclass(frozen=True)
-class BatchBenchConfig(ModelsConfig, RuntimeConfig, SeedConfig):
+class BatchBenchConfig(ModelsConfig, BenchRuntimeConfig, SeedConfig):
     """The batch sweep's options: the single home of their defaults (scripts/bench_batch.py reads them)."""
 
     batch_sizes: tuple[int, ...] = option((1, 4, 8, 16, 32), "batch sizes B of the sweep")
@@ -83,7 +83,6 @@ class BatchBenchConfig(ModelsConfig, RuntimeConfig, SeedConfig):
     warmup: int = option(1, "warm-up batches per method before timing")
     temperature: float = option(0.0, "0 is greedy (outputs checked equal to batched ar's); above 0 samples")
     seed: int = option(0, "generator seed of every run")
-    threads: int = option(1, "CPU threads for torch (0: torch's default)")
     out: str = option("results/batch/demo", "output folder: results.json, results.md, batch.png")
     resume: bool = option(False, "continue from OUT/records.jsonl (same options): finished cells are kept")
     overwrite: bool = option(False, "replace the records in OUT")

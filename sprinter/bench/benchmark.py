@@ -31,6 +31,7 @@ from sprinter.bench.methods import (
 from sprinter.bench.protocol import (
     DOMAINS,
     RECORDS,
+    BenchRuntimeConfig,
     Method,
     Prompt,
     append_records,
@@ -45,7 +46,6 @@ from sprinter.bench.report import write_reports
 from sprinter.config import (
     CONFIGS,
     ModelsConfig,
-    RuntimeConfig,
     SeedConfig,
     check_integers,
     check_runs,
@@ -68,7 +68,7 @@ RUNTIME_OPTIONS = ("out", "resume", "overwrite", "progress", "threads", "warmup"
 
 
 @dataclass(frozen=True)
-class BenchConfig(ModelsConfig, RuntimeConfig, SeedConfig):
+class BenchConfig(ModelsConfig, BenchRuntimeConfig, SeedConfig):
     """The benchmark's options: the single home of their defaults (scripts/benchmark.py reads them)."""
 
     verifier: str = option(DEMO_VERIFIER, "the project's verifier checkpoint (scripts/train.py --out)")
@@ -102,7 +102,6 @@ class BenchConfig(ModelsConfig, RuntimeConfig, SeedConfig):
                                         "exact_match_vs_ar still shows it)")
     seed: int = option(0, "seed of prompt i's generator is seed + i, the same for every method")
     warmup: int = option(1, "warm-up generations per method before timing")
-    threads: int = option(1, "CPU threads for torch (0: torch's default; 1 is fastest for small models on busy cores)")
     compile: bool = option(False, "also run the ar, draft, sd, sd-gated and sprinter rows compiled (NAME+compiled: "
                                   "static caches, torch.compile; every graph is compiled before timing)")
     out: str = option("results/demo", "output folder: records.jsonl, results.json, results.md, pareto.png")

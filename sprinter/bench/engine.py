@@ -27,8 +27,8 @@ from typing import Iterator
 
 import torch
 
-from sprinter.bench.protocol import hardware, libraries, load_prompts
-from sprinter.config import RuntimeConfig, SeedConfig, check_integers, option, save_config
+from sprinter.bench.protocol import BenchRuntimeConfig, hardware, libraries, load_prompts
+from sprinter.config import SeedConfig, check_integers, option, save_config
 from sprinter.decode.cache import CachedLM
 from sprinter.decode.decoder import Decoder
 from sprinter.decode.engine import Engine
@@ -49,7 +49,7 @@ SECTIONS = ("draft", "gate", "target", "other")
 
 
 @dataclass(frozen=True)
-class EngineBenchConfig(RuntimeConfig, SeedConfig):
+class EngineBenchConfig(BenchRuntimeConfig, SeedConfig):
     """scripts/bench_engine.py's options: the single home of their defaults."""
 
     pair: str = option("bench", "a preset pair under checkpoints/pairs/ (built if missing) or a pair folder")
@@ -61,7 +61,6 @@ class EngineBenchConfig(RuntimeConfig, SeedConfig):
     prompt_len: int = option(64, "tokens per prompt")
     max_new_tokens: int = option(96, "tokens generated per call")
     repeats: int = option(3, "timed calls per prompt, mode and engine (the median is kept)")
-    threads: int = option(1, "CPU threads for torch (0: torch's default)")
     dtype: str = option("float32", "float32, bfloat16, float16 or auto (float32: the rows are checked token for token)")
     seed: int = option(0, "sampling seed (the rows are greedy; it seeds the acceptance draws)")
     gate_cost: bool = option(False, "measure only what the gate costs per drafted token: the draft's step eager, "

@@ -23,6 +23,7 @@ from typing import Callable, Iterable, Sequence, TypeVar
 import torch
 
 from sprinter.bench.fidelity import first_difference
+from sprinter.config import RuntimeConfig, option
 from sprinter.corpus import load_documents, prose_documents
 from sprinter.errors import SprinterError
 from sprinter.files import read_json, write_atomic
@@ -33,6 +34,13 @@ T = TypeVar("T")
 
 
 # ------------------------------------------------------------------------------------------- prompts
+@dataclass(frozen=True, kw_only=True)
+class BenchRuntimeConfig(RuntimeConfig):
+    """Where a benchmark's models run: as every stage's `RuntimeConfig`, but timed on one CPU thread by default."""
+
+    threads: int = option(1, "CPU threads for torch (0: torch's default; 1 is fastest for small models on busy cores)")
+
+
 @dataclass(frozen=True)
 class Prompt:
     index: int
