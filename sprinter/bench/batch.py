@@ -29,7 +29,9 @@ import torch
 from sprinter.bench.protocol import (
     DOMAINS,
     BenchRuntimeConfig,
+    PromptSetConfig,
     append_records,
+    check_domains,
     check_lossless,
     check_window,
     disk_error,
@@ -63,7 +65,7 @@ RUNTIME_OPTIONS = ("out", "resume", "overwrite", "progress", "warmup")  # may ch
 
 
 @dataclass(frozen=True)
-class BatchBenchConfig(ModelsConfig, BenchRuntimeConfig, SeedConfig):
+class BatchBenchConfig(PromptSetConfig, ModelsConfig, BenchRuntimeConfig, SeedConfig):
     """The batch sweep's options: the single home of their defaults (scripts/bench_batch.py reads them)."""
 
     batch_sizes: tuple[int, ...] = option((1, 4, 8, 16, 32), "batch sizes B of the sweep")
@@ -74,8 +76,6 @@ class BatchBenchConfig(ModelsConfig, BenchRuntimeConfig, SeedConfig):
     datastore: str | None = option(None, "ngram rows also look up this datastore (scripts/build_datastore.py); "
                                          "none: each sequence's own text only")
     sd: bool = option(True, "include the sd row (needs the draft model)")
-    dataset: str = option("stdlib", "prompt source (sprinter.corpus): 'stdlib', a folder or a file")
-    split: str = option("test", "corpus split of the prompts (test: held out from pair training)")
     domains: tuple[str, ...] = option(DOMAINS, f"prompt domains, a sweep each: some of {DOMAINS}")
     prompt_len: int = option(64, "prompt tokens")
     max_new_tokens: int = option(64, "most tokens to generate per prompt")
@@ -93,9 +93,7 @@ class BatchBenchConfig(ModelsConfig, BenchRuntimeConfig, SeedConfig):
         check_integers(self, ("threads", "warmup"), minimum=0)
         check_integer_lists(self, ("batch_sizes",))
         check_integer_lists(self, ("fixed_k",), empty=True)
-        bad = [d for d in self.domains if d not in DOMAINS]
-        if bad or not self.domains:
-            raise SprinterError(f"domains: got {list(self.domains)}; expected some of {DOMAINS}")
+        check_domains(self.domains)
         DecodeOptions(mode="ngram", max_new_tokens=self.max_new_tokens, k=self.k, ngram_n=self.ngram_n,
                       i_knee=self.i_knee)
         if not isinstance(self.temperature, (int, float)) or not 0 <= self.temperature < float("inf"):

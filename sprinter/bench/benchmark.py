@@ -29,12 +29,13 @@ from sprinter.bench.methods import (
     compiled_methods,
 )
 from sprinter.bench.protocol import (
-    DOMAINS,
     RECORDS,
     BenchRuntimeConfig,
     Method,
     Prompt,
+    PromptSetConfig,
     append_records,
+    check_domains,
     check_lossless,
     check_window,
     load_prompts,
@@ -68,7 +69,7 @@ RUNTIME_OPTIONS = ("out", "resume", "overwrite", "progress", "threads", "warmup"
 
 
 @dataclass(frozen=True)
-class BenchConfig(ModelsConfig, BenchRuntimeConfig, SeedConfig):
+class BenchConfig(PromptSetConfig, ModelsConfig, BenchRuntimeConfig, SeedConfig):
     """The benchmark's options: the single home of their defaults (scripts/benchmark.py reads them)."""
 
     verifier: str = option(DEMO_VERIFIER, "the project's verifier checkpoint (scripts/train.py --out)")
@@ -90,9 +91,6 @@ class BenchConfig(ModelsConfig, BenchRuntimeConfig, SeedConfig):
                                              "trained with --label-rule soft suits it); none: VERIFIER")
     store_stop_threshold: bool = option(False, "write the fastest sd-gated stop threshold into STOP_VERIFIER's "
                                                "checkpoint (the Decoder's default for mode sd-gated)")
-    dataset: str = option("stdlib", "prompt source (sprinter.corpus): 'stdlib', a folder or a file")
-    split: str = option("test", "corpus split of the prompts (test: held out from pair and verifier training)")
-    domains: tuple[str, ...] = option(DOMAINS, f"prompt domains, alternated: some of {DOMAINS}")
     num_prompts: int = option(40, "prompts in all (the domains take turns)")
     prompt_len: int = option(64, "prompt tokens")
     max_new_tokens: int = option(128, "most tokens to generate per prompt")
@@ -116,9 +114,7 @@ class BenchConfig(ModelsConfig, BenchRuntimeConfig, SeedConfig):
         if "ar" not in self.methods:
             raise SprinterError(f"methods: got {list(self.methods)}; expected 'ar' among them (every speedup and "
                                 "fidelity figure is measured against it)")
-        bad_domains = [d for d in self.domains if d not in DOMAINS]
-        if bad_domains or not self.domains:
-            raise SprinterError(f"domains: got {list(self.domains)}; expected some of {DOMAINS}")
+        check_domains(self.domains)
         check_integers(self, ("num_prompts", "prompt_len", "max_new_tokens", "max_block"))
         for k in self.ks:
             DecodeOptions(mode="sd", max_new_tokens=self.max_new_tokens, k=k)

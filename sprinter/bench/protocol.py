@@ -41,6 +41,21 @@ class BenchRuntimeConfig(RuntimeConfig):
     threads: int = option(1, "CPU threads for torch (0: torch's default; 1 is fastest for small models on busy cores)")
 
 
+@dataclass(frozen=True, kw_only=True)
+class PromptSetConfig:
+    """Where a benchmark's prompts come from (`load_prompts`): held-out text, the domains taking turns."""
+
+    dataset: str = option("stdlib", "prompt source (sprinter.corpus): 'stdlib', a folder or a file")
+    split: str = option("test", "corpus split of the prompts (test: held out from pair and verifier training)")
+    domains: tuple[str, ...] = option(DOMAINS, f"prompt domains, alternated: some of {DOMAINS}")
+
+
+def check_domains(domains: Sequence[str]) -> None:
+    bad = [d for d in domains if d not in DOMAINS]
+    if bad or not domains:
+        raise SprinterError(f"domains: got {list(domains)}; expected some of {DOMAINS}")
+
+
 @dataclass(frozen=True)
 class Prompt:
     index: int
@@ -53,9 +68,7 @@ def load_prompts(tokenizer, *, dataset: str = "stdlib", split: str = "test", dom
                  num_prompts: int, prompt_len: int) -> list[Prompt]:
     """num_prompts prompts of prompt_len tokens, the domains taking turns: code windows cut from the middle
     of each source file of the split, prose from the start of each long docstring."""
-    bad = [d for d in domains if d not in DOMAINS]
-    if bad or not domains:
-        raise SprinterError(f"domains: got {list(domains)}; expected some of {DOMAINS}")
+    check_domains(domains)
     docs = load_documents(dataset, split)
     sources = {"code": docs, "prose": prose_documents(docs)}
     pools: dict[str, list[tuple[str, list[int]]]] = {}
