@@ -40,7 +40,7 @@ def option(default: Any, help: str, **kwargs: Any) -> Any:
 # has (`class BenchConfig(ModelsConfig, RuntimeConfig, SeedConfig)`) and re-declares a field only where its
 # default or help differs (benchmarks time on one thread: `threads: int = option(1, ...)`). They are frozen, so
 # every stage config is (a config is a value: `dataclasses.replace` makes a changed copy), and keyword-only, so
-# the fields a stage declares after them keep their order.
+# they take no positional place in a stage's constructor. Their fields come first in `--help`.
 @dataclasses.dataclass(frozen=True, kw_only=True)
 class ModelsConfig:
     """The models a stage runs: a pair (preset or folder), or a draft and a target given one by one."""
@@ -101,10 +101,10 @@ def check_integer_lists(cfg: Any, names: Sequence[str], minimum: int = 1, *, emp
                                 f">= {minimum}{' (or none)' if empty else ''}")
 
 
-def check_seed(seed: Any, name: str = "seed") -> None:
+def check_seed(seed: Any) -> None:
     """A seed must fit torch.Generator.manual_seed's signed 64 bits (bools are not integers)."""
     if isinstance(seed, bool) or not isinstance(seed, int) or not 0 <= seed <= SEED_MAX:
-        raise SprinterError(f"{name}: got {seed!r}; expected an integer in [0, 2**63 - 1]")
+        raise SprinterError(f"seed: got {seed!r}; expected an integer in [0, 2**63 - 1]")
 
 
 def check_runs(cfg: Any, neither: str | None = None) -> None:
