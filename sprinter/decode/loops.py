@@ -12,7 +12,7 @@ from dataclasses import dataclass
 
 import torch
 
-from sprinter.decode.acceptance import correction, flag_then_check
+from sprinter.decode.acceptance import RULE_THRESHOLDS, correction, kept_count, relaxed_checks
 from sprinter.decode.cache import CachedLM
 from sprinter.decode.drafters import Drafter, DraftStep
 from sprinter.decode.emit import Emitter
@@ -83,10 +83,12 @@ class Round:
 
 
 def speculative_round(target: CachedLM, drafter: Drafter, ids: list[int], k: int, *, rule: GateRule | None,
-                      check_all: bool, state: LoopState, meter: FalseAcceptMeter | None = None) -> Round:
+                      check_all: bool, state: LoopState, meter: FalseAcceptMeter | None = None,
+                      accept_rule: str = "exact", rule_threshold: float = 0.0) -> Round:
     """One round of `speculative` after `ids` (the prompt and every emitted token, not changed here): draft up to
     `k` tokens, verify, roll both caches back to `ids` + the decided tokens but the last. `meter`: where the
-    tokens passed unchecked add their rejection probability (the target scored them anyway in step 3)."""
+    tokens passed unchecked add their rejection probability (the target scored them anyway in step 3).
+    `accept_rule`, `rule_threshold`: the rule the checked tokens meet (sprinter.decode.acceptance.RULES)."""
     sampler, gen, stats, remaining = state.sampler, state.gen, state.stats, state.out.remaining
     device = next(target.model.parameters()).device
     # 1. Draft up to `k` tokens; with a gate, drafting stops where the gate says (see GateRule).
@@ -110,10 +112,13 @@ def speculative_round(target: CachedLM, drafter: Drafter, ids: list[int], k: int
     p = sampler.probs(logits)  # (n + 1, V)
     q = draft.q[0].to(device) if draft.q is not None else \
         torch.nn.functional.one_hot(x, p.shape[-1]).float()  # (n, V); a deterministic chain: one-hot
-    # 4. Check the flagged token (strict / SD: every token) with the speculative-sampling rule.
+    # 4. Check the flagged token (strict / SD: every token) with the speculative-sampling rule, or a relaxed one
+    #    that also keeps some tokens the target would not have chosen (it reads the target's soft distribution).
     positions = torch.arange(n, device=device)
     p_x, q_x = p[positions, x], q[positions, x]  # (n,), (n,)
-    n_kept = flag_then_check(p_x, q_x, uniform(n, gen, device), flagged, check_all)
+    p_soft = p[:n] if accept_rule == "exact" or not sampler.greedy else sampler.soft_probs(logits[:n])  # (n, V)
+    checks = relaxed_checks(accept_rule, rule_threshold, p_x, q_x, uniform(n, gen, device), p_soft, x, sampler.greedy)
+    n_kept = kept_count(checks, flagged, check_all)
     passed = n - int(flagged)  # sprinter: the tokens before the flagged one (all, if none was) went unchecked
     if meter is not None and not check_all and passed:
         meter.add(p_x[:passed], q_x[:passed])
@@ -138,7 +143,8 @@ def speculative(target: CachedLM, drafter: Drafter, prompt: list[int], *, option
 
     From `options`: "sd" drafts k tokens per block and the target checks all of them. "sprinter" drafts
     until the gate flags a token or max_block (None: unbounded) and checks only the flagged one (`strict`:
-    every one). "sd-gated" drafts until 1 - prod P(accept) exceeds `stop_threshold` (resolved by the
+    every one). `rule` decides which of the checked tokens a target call keeps (sprinter.decode.acceptance; "exact"
+    unless asked). "sd-gated" drafts until 1 - prod P(accept) exceeds `stop_threshold` (resolved by the
     caller) or max_block, and checks all. The target's cache always covers every emitted token but the
     last; its first forward reads the prompt together with the first block."""
     mode, out = options.mode, state.out
@@ -147,9 +153,13 @@ def speculative(target: CachedLM, drafter: Drafter, prompt: list[int], *, option
     rule = None if gate is None else GateRule(gate, options.stop_threshold if mode == "sd-gated" else None)
     ids = list(prompt)  # the prompt and every emitted token
     meter = None if check_all or gate is None else FalseAcceptMeter()
+    accept_rule, rule_threshold = options.rule, options.rule_threshold
+    if rule_threshold is None:
+        rule_threshold = RULE_THRESHOLDS.get(accept_rule, 0.0)
     while not out.done:
         k = out.remaining if max_block is None else min(max_block, out.remaining)
-        step = speculative_round(target, drafter, ids, k, rule=rule, check_all=check_all, state=state, meter=meter)
+        step = speculative_round(target, drafter, ids, k, rule=rule, check_all=check_all, state=state, meter=meter,
+                                 accept_rule=accept_rule, rule_threshold=rule_threshold)
         ids += step.decided
         out.emit(step.decided)
     if meter is not None:
