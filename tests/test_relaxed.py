@@ -160,3 +160,39 @@ def test_relaxed_rules_sample_reproducibly_and_the_draft_side_gates_decode(gpt2_
 def test_a_batch_with_a_relaxed_rule_is_refused(gpt2_decoder):
     with pytest.raises(SprinterError, match="rule: got 'ratio' with a batch of 2 prompts"):
         gpt2_decoder.generate([PROMPT, "x = 1"], mode="sd", rule="ratio", max_new_tokens=4)
+
+
+# ------------------------------------------------------------------------------------------ the relaxed label
+def test_the_relaxed_label_marks_tokens_nearly_as_likely_as_the_targets_choice():
+    from sprinter.data.contexts import accept_labels
+    from sprinter.data.shards import RELAXED_LAMBDA
+
+    assert RELAXED_LAMBDA == 0.5
+    p = torch.tensor([[0.5, 0.3, 0.2], [0.5, 0.26, 0.24], [0.5, 0.24, 0.26]])
+    q = torch.full((3, 3), 1 / 3)
+    labels = accept_labels(p, q, torch.tensor([0, 1, 1]))
+    assert labels["accept_relaxed"].tolist() == [1.0, 1.0, 0.0]  # the argmax; 0.26 >= 0.25; 0.24 < 0.25
+    assert labels["accept_greedy"].tolist() == [1.0, 0.0, 0.0]
+
+
+def test_train_with_the_relaxed_label_and_refuse_folders_without_it(shards, tmp_path):
+    import json
+
+    from conftest import train_argv
+
+    from sprinter.train.fit import parse_train_config, train
+
+    metrics = train(parse_train_config(train_argv(shards, tmp_path / "v", "--label-rule", "relaxed")))
+    assert metrics["verifier"]["auroc"] > 0.5
+    assert json.loads((tmp_path / "v" / "train_config.json").read_text())["label_rule"] == "relaxed"
+
+    old = tmp_path / "old"  # a collection from before the relaxed label: its manifest lists three labels
+    old.mkdir()
+    for path in shards.iterdir():
+        (old / path.name).symlink_to(path)
+    manifest = json.loads((shards / "manifest.json").read_text())
+    manifest["labels"] = manifest["labels"][:3]
+    (old / "manifest.json").unlink()
+    (old / "manifest.json").write_text(json.dumps(manifest))
+    with pytest.raises(SprinterError, match="collected before the relaxed label"):
+        train(parse_train_config(train_argv(old, tmp_path / "v2", "--label-rule", "relaxed")))
