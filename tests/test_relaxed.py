@@ -7,6 +7,7 @@ import math
 
 import pytest
 import torch
+from test_bench import bench_args, verifier  # noqa: F401  (the hand-made calibrated verifier, a fixture)
 
 from sprinter.bench.compare import is_lossless
 from sprinter.decode.acceptance import (
@@ -196,3 +197,39 @@ def test_train_with_the_relaxed_label_and_refuse_folders_without_it(shards, tmp_
     (old / "manifest.json").write_text(json.dumps(manifest))
     with pytest.raises(SprinterError, match="collected before the relaxed label"):
         train(parse_train_config(train_argv(old, tmp_path / "v2", "--label-rule", "relaxed")))
+
+
+# ------------------------------------------------------------------------------------------ the Pareto rows
+def test_the_relaxed_families_are_lossy_curves_of_one_benchmark(tiny_pair, verifier, tmp_path):  # noqa: F811
+    from sprinter.bench.benchmark import BenchConfig, run_benchmark
+    from sprinter.bench.methods import DEFAULT_METHODS, RELAXED
+    from sprinter.bench.report import CURVES, check_results
+    from sprinter.config import parse_config
+
+    assert set(RELAXED) <= set(CURVES) and not set(RELAXED) & set(DEFAULT_METHODS)
+    args = bench_args(tiny_pair, verifier, tmp_path / "out", "--methods", "ar", "sd", *RELAXED, "--ks", "2",
+                      "--ratio-lambdas", "0.5", "--entropy-taus", "0.0", "--entropy-gate-thresholds", "0.3",
+                      "--margin-thresholds", "0.3", "--budgets", "0.05", "--max-new-tokens", "12", "--num-prompts", "1")
+    results = run_benchmark(parse_config(BenchConfig, args, "test"))
+    check_results(results)
+    by_name = {m["name"]: m for m in results["methods"]}
+    assert list(by_name) == ["ar", "sd-k2", "sd-ratio@0.5", "sd-entropy@0", "sprinter-mlp+ratio@0.05",
+                             "sprinter-mlp+entropy@0.05", "sprinter-entropy@0.3", "sprinter-margin@0.3"]
+    assert all(not by_name[name]["lossless"] for name in list(by_name)[2:])
+    # tau 0 keeps every drafted token: blocks of k = 4 and the target's token, but where the budget cuts one short
+    assert by_name["sd-entropy@0"]["mean_acceptance_length"] > 3 >= by_name["sd-k2"]["mean_acceptance_length"]
+    assert (tmp_path / "out" / "pareto.png").read_bytes()[:4] == b"\x89PNG"
+
+
+@pytest.mark.parametrize(("argv", "message"), [
+    (["--ratio-lambdas", "0"], r"rule_threshold: got 0.0 with rule='ratio'"),
+    (["--gated-entropy-tau", "-1"], r"rule_threshold: got -1.0 with rule='entropy'"),
+    (["--margin-thresholds", "2"], "threshold: got 2.0"),
+    (["--rule-k", "0"], "rule_k"),
+])
+def test_bad_relaxed_operating_points_are_refused(argv, message):
+    from sprinter.bench.benchmark import BenchConfig
+    from sprinter.config import parse_config
+
+    with pytest.raises(SprinterError, match=message):
+        parse_config(BenchConfig, argv, "test")

@@ -105,6 +105,17 @@ class BenchConfig:
     resume: bool = option(False, "continue from OUT/records.jsonl (same options)")
     overwrite: bool = option(False, "replace the records in OUT")
     progress: bool = option(True, "show a progress bar")
+    rule_k: int = option(4, "sd-ratio, sd-entropy: tokens drafted per target call")
+    ratio_lambdas: tuple[float, ...] = option((0.3, 0.5, 0.8), "sd-ratio: lambdas of the ratio rule (keep x iff "
+                                                                "p(x) >= lambda max p) to sweep")
+    entropy_taus: tuple[float, ...] = option((1.0, 2.0, 3.0), "sd-entropy: taus of the entropy rule (keep x where "
+                                                               "the target's entropy >= tau nats) to sweep")
+    gated_ratio_lambda: float = option(0.5, "sprinter-mlp+ratio: the ratio rule's lambda at every budget")
+    gated_entropy_tau: float = option(2.0, "sprinter-mlp+entropy: the entropy rule's tau (nats) at every budget")
+    entropy_gate_thresholds: tuple[float, ...] = option((0.2, 0.4, 0.6), "sprinter-entropy: thresholds on "
+                                                                          "exp(-H(q)) to sweep")
+    margin_thresholds: tuple[float, ...] = option((0.1, 0.3, 0.5), "sprinter-margin: thresholds on q's top-1 minus "
+                                                                    "top-2 probability to sweep")
 
     def __post_init__(self) -> None:
         unknown = [m for m in self.methods if m not in FAMILIES]
@@ -132,6 +143,17 @@ class BenchConfig:
         if not isinstance(self.temperature, (int, float)) or not 0 <= self.temperature < float("inf"):
             raise SprinterError(f"temperature: got {self.temperature!r}; expected a finite number >= 0")
         check_runs(self, neither="PAIR/draft and PAIR/target")
+        self._check_relaxed()
+
+    def _check_relaxed(self) -> None:
+        """The RELAXED families' operating points, checked as DecodeOptions checks them (before any model loads)."""
+        check_integers(self, ("rule_k",))
+        for value in (*self.entropy_gate_thresholds, *self.margin_thresholds):
+            check_threshold(value)
+        for rule, values in (("ratio", (*self.ratio_lambdas, self.gated_ratio_lambda)),
+                             ("entropy", (*self.entropy_taus, self.gated_entropy_tau))):
+            for value in values:
+                DecodeOptions(mode="sd", rule=rule, rule_threshold=value)
 
 
 def default_config_path() -> Path:
