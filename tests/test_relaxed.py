@@ -226,6 +226,7 @@ def test_the_relaxed_families_are_lossy_curves_of_one_benchmark(tiny_pair, verif
     (["--gated-entropy-tau", "-1"], r"rule_threshold: got -1.0 with rule='entropy'"),
     (["--margin-thresholds", "2"], "threshold: got 2.0"),
     (["--rule-k", "0"], "rule_k"),
+    (["--gate-data", "/nonexistent/data"], "gate_data: got '/nonexistent/data', which holds no manifest.json"),
 ])
 def test_bad_relaxed_operating_points_are_refused(argv, message):
     from sprinter.bench.benchmark import BenchConfig
@@ -233,3 +234,38 @@ def test_bad_relaxed_operating_points_are_refused(argv, message):
 
     with pytest.raises(SprinterError, match=message):
         parse_config(BenchConfig, argv, "test")
+
+
+def test_draft_side_gates_are_calibrated_to_a_false_accept_budget_on_collected_rows(shards):
+    from sprinter.data.shards import load_columns
+    from sprinter.train.calibrate import draft_gate_thresholds, operating_point
+
+    rows = load_columns(shards, ("draft_prob", "draft_entropy", "accept_greedy"))
+    labels = rows["accept_greedy"].float()
+    for gate, scores in (("confidence", rows["draft_prob"].float()), ("entropy", torch.exp(-rows["draft_entropy"]))):
+        thresholds = draft_gate_thresholds(str(shards), gate, (0.05, 0.2), "accept_greedy")
+        assert list(thresholds) == [0.05, 0.2] and thresholds[0.05] >= thresholds[0.2]
+        for budget, threshold in thresholds.items():
+            assert operating_point(scores, labels, threshold)["false_accept"] <= budget
+    with pytest.raises(SprinterError, match=r"lacks column\(s\) \['draft_margin'\]"):  # synthetic rows hold no margin
+        draft_gate_thresholds(str(shards), "margin", (0.05,), "accept_greedy")
+
+
+def test_generate_cli_takes_the_rule():
+    from sprinter.config import parse_config
+    from sprinter.decode.options import GenerateConfig
+
+    cfg = parse_config(GenerateConfig, ["--mode", "sd", "--rule", "ratio", "--rule-threshold", "0.5"], "test")
+    assert (cfg.options().rule, cfg.options().rule_threshold) == ("ratio", 0.5)
+
+
+def test_with_gate_data_the_draft_side_rows_are_budgets(shards):
+    from sprinter.bench.benchmark import BenchConfig
+    from sprinter.bench.methods import relaxed_methods
+    from sprinter.train.calibrate import draft_gate_thresholds
+
+    cfg = BenchConfig(methods=("ar", "sprinter-entropy"), gate_data=str(shards), budgets=(0.2, 0.05))
+    rows = relaxed_methods(cfg, None, "sprinter-entropy", {}, {})  # runners are built, not run: no decoder needed
+    assert [(m.name, m.operating_point, m.lossless) for m in rows] == [("sprinter-entropy@0.05", 0.05, False),
+                                                                       ("sprinter-entropy@0.2", 0.2, False)]
+    assert draft_gate_thresholds(str(shards), "entropy", (0.05,), "accept_greedy")[0.05] > 0

@@ -116,6 +116,10 @@ class BenchConfig:
                                                                           "exp(-H(q)) to sweep")
     margin_thresholds: tuple[float, ...] = option((0.1, 0.3, 0.5), "sprinter-margin: thresholds on q's top-1 minus "
                                                                     "top-2 probability to sweep")
+    gate_data: str | None = option(None, "sprinter-entropy, sprinter-margin: calibrate their thresholds at BUDGETS "
+                                         "(empty: 0.02 0.05 0.1 0.2) on this shard folder's rows (scripts/collect.py; "
+                                         "label accept_greedy at temperature 0, else accept_sprinter), rows "
+                                         "GATE@BUDGET, instead of sweeping the thresholds")
 
     def __post_init__(self) -> None:
         unknown = [m for m in self.methods if m not in FAMILIES]
@@ -148,6 +152,9 @@ class BenchConfig:
     def _check_relaxed(self) -> None:
         """The RELAXED families' operating points, checked as DecodeOptions checks them (before any model loads)."""
         check_integers(self, ("rule_k",))
+        if self.gate_data is not None and not (Path(self.gate_data) / "manifest.json").is_file():
+            raise SprinterError(f"gate_data: got {self.gate_data!r}, which holds no manifest.json; expected a folder "
+                                "written by scripts/collect.py")
         for value in (*self.entropy_gate_thresholds, *self.margin_thresholds):
             check_threshold(value)
         for rule, values in (("ratio", (*self.ratio_lambdas, self.gated_ratio_lambda)),

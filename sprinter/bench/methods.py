@@ -34,6 +34,7 @@ DEFAULT_METHODS = FAMILIES[:-2]  # sprinter-strict and async are asked for by na
 RELAXED = ("sd-ratio", "sd-entropy", "sprinter-mlp+ratio", "sprinter-mlp+entropy", "sprinter-entropy",
            "sprinter-margin")
 FAMILIES += RELAXED
+CALIBRATED_BUDGETS = (0.02, 0.05, 0.1, 0.2)  # the draft-side gates' budgets with --gate-data and no --budgets
 LEARNED = ("sprinter-mlp", "sprinter-linear", "sprinter-strict")
 GATED = ("sd-gated", "sd-gated-confidence")  # lossless; the operating point is the stop threshold
 COMPILED_FAMILIES = ("ar", "draft", "sd", "sd-gated", "sd-gated-confidence", "sprinter-mlp", "sprinter-linear",
@@ -243,10 +244,21 @@ def relaxed_methods(cfg: BenchConfig, decoder: Decoder, family: str, gates: dict
                                                                        rule_threshold=v), v)
                 for v in sorted(set(values))]
     if family in ("sprinter-entropy", "sprinter-margin"):
-        values = cfg.entropy_gate_thresholds if rule == "entropy" else cfg.margin_thresholds
-        return [Method(f"{family}@{v:g}", family, False,
-                       decoder_runner(decoder, t, mode="sprinter", gate=rule, threshold=v, max_block=cfg.max_block), v)
-                for v in sorted(set(values))]
+        if cfg.gate_data is not None:  # calibrated: (budget, threshold) from collected rows
+            from sprinter.train.calibrate import draft_gate_thresholds
+
+            label = "accept_greedy" if t == 0 else "accept_sprinter"
+            budgets = sorted(set(cfg.budgets)) or list(CALIBRATED_BUDGETS)
+            points = sorted(draft_gate_thresholds(cfg.gate_data, rule, budgets, label).items())
+            print(f"{family}: thresholds {dict(points)} at false-accept budgets on {cfg.gate_data!r} ({label})",
+                  file=sys.stderr)
+        else:  # swept: the threshold is the operating point
+            values = cfg.entropy_gate_thresholds if rule == "entropy" else cfg.margin_thresholds
+            points = [(v, v) for v in sorted(set(values))]
+        return [Method(f"{family}@{point:g}", family, False,
+                       decoder_runner(decoder, t, mode="sprinter", gate=rule, threshold=threshold,
+                                      max_block=cfg.max_block), point)
+                for point, threshold in points]
     gate, thresholds = gates["mlp"]  # sprinter-mlp+RULE
     value = cfg.gated_ratio_lambda if rule == "ratio" else cfg.gated_entropy_tau
     return [Method(f"{family}@{budget:g}", family, False,
