@@ -183,7 +183,7 @@ class Decoder:
                                  for d in (options.target_device, options.draft_device))
         out = Emitter(self.tokenizer, options.max_new_tokens, self.tokenizer.eos_token_id, options.stop, on_text)
         state = LoopState(options.sampler, torch.Generator(device=target_dev).manual_seed(int(options.seed)), out,
-                          DecodeStats(mode=mode))
+                          DecodeStats(mode=mode), options.acceptance)
         capacity = len(ids) + options.max_new_tokens  # neither cache ever holds more than the prompt and the budget
         eager = options.mode == "async"  # its draft runs in a thread of its own: no compiled graphs there
         target = self.engine.lm(self.model_on("target", target_dev), self.pair.vocab_size, capacity, not eager)

@@ -12,7 +12,7 @@ from dataclasses import dataclass
 
 import torch
 
-from sprinter.decode.acceptance import RULE_THRESHOLDS, correction, kept_count, relaxed_checks
+from sprinter.decode.acceptance import correction, kept_count, relaxed_checks
 from sprinter.decode.cache import CachedLM
 from sprinter.decode.drafters import Drafter, DraftStep
 from sprinter.decode.emit import Emitter
@@ -25,13 +25,15 @@ from sprinter.decode.stats import DecodeStats, FalseAcceptMeter
 @dataclass
 class LoopState:
     """What every decode loop carries besides the models and the options: how logits become a distribution
-    (`sampler`), where every random draw comes from (`gen`), where decided tokens go (`out`) and what the loop
-    counts (`stats`). Made once per generation by `Decoder.generate`."""
+    (`sampler`), where every random draw comes from (`gen`), where decided tokens go (`out`), what the loop
+    counts (`stats`) and the rule at the target's call (`accept`, DecodeOptions.acceptance). Made once per
+    generation by `Decoder.generate`."""
 
     sampler: Sampler
     gen: torch.Generator
     out: Emitter
     stats: DecodeStats
+    accept: tuple[str, float] = ("exact", 0.0)  # (rule, threshold): which checked tokens a target call keeps
 
 
 def autoregressive(lm: CachedLM, tokens: torch.Tensor, state: LoopState) -> None:
@@ -83,12 +85,11 @@ class Round:
 
 
 def speculative_round(target: CachedLM, drafter: Drafter, ids: list[int], k: int, *, rule: GateRule | None,
-                      check_all: bool, state: LoopState, meter: FalseAcceptMeter | None = None,
-                      accept_rule: str = "exact", rule_threshold: float = 0.0) -> Round:
+                      check_all: bool, state: LoopState, meter: FalseAcceptMeter | None = None) -> Round:
     """One round of `speculative` after `ids` (the prompt and every emitted token, not changed here): draft up to
     `k` tokens, verify, roll both caches back to `ids` + the decided tokens but the last. `meter`: where the
     tokens passed unchecked add their rejection probability (the target scored them anyway in step 3).
-    `accept_rule`, `rule_threshold`: the rule the checked tokens meet (sprinter.decode.acceptance.RULES)."""
+    The checked tokens meet `state.accept`'s rule."""
     sampler, gen, stats, remaining = state.sampler, state.gen, state.stats, state.out.remaining
     device = next(target.model.parameters()).device
     # 1. Draft up to `k` tokens; with a gate, drafting stops where the gate says (see GateRule).
@@ -116,6 +117,7 @@ def speculative_round(target: CachedLM, drafter: Drafter, ids: list[int], k: int
     #    that also keeps some tokens the target would not have chosen (it reads the target's soft distribution).
     positions = torch.arange(n, device=device)
     p_x, q_x = p[positions, x], q[positions, x]  # (n,), (n,)
+    accept_rule, rule_threshold = state.accept
     p_soft = p[:n] if accept_rule == "exact" or not sampler.greedy else sampler.soft_probs(logits[:n])  # (n, V)
     checks = relaxed_checks(accept_rule, rule_threshold, p_x, q_x, uniform(n, gen, device), p_soft, x, sampler.greedy)
     n_kept = kept_count(checks, flagged, check_all)
@@ -143,23 +145,19 @@ def speculative(target: CachedLM, drafter: Drafter, prompt: list[int], *, option
 
     From `options`: "sd" drafts k tokens per block and the target checks all of them. "sprinter" drafts
     until the gate flags a token or max_block (None: unbounded) and checks only the flagged one (`strict`:
-    every one). `rule` decides which of the checked tokens a target call keeps (sprinter.decode.acceptance; "exact"
-    unless asked). "sd-gated" drafts until 1 - prod P(accept) exceeds `stop_threshold` (resolved by the
-    caller) or max_block, and checks all. The target's cache always covers every emitted token but the
-    last; its first forward reads the prompt together with the first block."""
+    every one). `state.accept` (options.rule) decides which checked tokens a target call keeps
+    (sprinter.decode.acceptance; "exact" unless asked). "sd-gated" drafts until 1 - prod P(accept) exceeds
+    `stop_threshold` (resolved by the caller) or max_block, and checks all. The target's cache always covers
+    every emitted token but the last; its first forward reads the prompt together with the first block."""
     mode, out = options.mode, state.out
     max_block = options.k if mode == "sd" else options.max_block
     check_all = mode != "sprinter" or options.strict
     rule = None if gate is None else GateRule(gate, options.stop_threshold if mode == "sd-gated" else None)
     ids = list(prompt)  # the prompt and every emitted token
     meter = None if check_all or gate is None else FalseAcceptMeter()
-    accept_rule, rule_threshold = options.rule, options.rule_threshold
-    if rule_threshold is None:
-        rule_threshold = RULE_THRESHOLDS.get(accept_rule, 0.0)
     while not out.done:
         k = out.remaining if max_block is None else min(max_block, out.remaining)
-        step = speculative_round(target, drafter, ids, k, rule=rule, check_all=check_all, state=state, meter=meter,
-                                 accept_rule=accept_rule, rule_threshold=rule_threshold)
+        step = speculative_round(target, drafter, ids, k, rule=rule, check_all=check_all, state=state, meter=meter)
         ids += step.decided
         out.emit(step.decided)
     if meter is not None:

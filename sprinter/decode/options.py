@@ -176,6 +176,13 @@ class DecodeOptions:
         return Sampler(self.temperature, self.top_k, self.top_p)
 
     @property
+    def acceptance(self) -> tuple[str, float]:
+        """(rule, threshold) at the target's call, the rule's default threshold filled in."""
+        if self.rule_threshold is not None:
+            return self.rule, float(self.rule_threshold)
+        return self.rule, RULE_THRESHOLDS.get(self.rule, 0.0)
+
+    @property
     def async_window(self) -> int:
         return ASYNC_WINDOW if self.window is None else self.window
 
