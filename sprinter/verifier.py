@@ -46,7 +46,7 @@ FORMAT = "sprinter-verifier/1"
 FILE_NAME = "verifier.safetensors"
 NORMS = ("none", "layer", "rms")
 # Columns that carry the target's answer: using one as a feature would leak the label.
-LEAKY = ("target_prob", "accept_greedy", "accept_sprinter", "accept_soft")
+LEAKY = ("target_prob", "accept_greedy", "accept_sprinter", "accept_soft", "accept_relaxed")
 PROBE = "probe."  # the prefix of the probe's tensors (not part of the module's state dict)
 PROBE_ROWS = 256  # validation rows kept as the probe: enough to tell "passes everything" from a weak verifier
 
@@ -63,7 +63,7 @@ class VerifierInfo:
     features: tuple[str, ...]
     hidden_size: int
     arch: dict[str, Any]  # width, depth, norm, dropout, token_dim, vocab_size
-    label_rule: str = "sprinter"  # greedy | sprinter | soft: the label the verifier was trained on
+    label_rule: str = "sprinter"  # greedy | sprinter | soft | relaxed: the label the verifier was trained on
     draft: dict[str, str] = field(default_factory=dict)  # {"name", "fingerprint"} from the data manifest
     target: dict[str, Any] = field(default_factory=dict)
     thresholds: dict[str, float] = field(default_factory=dict)  # false-accept budget (as str) -> threshold

@@ -36,7 +36,7 @@ SCHEMA = {
                                                                                   "vocab_size"))
              and v.get("norm") in NORMS and isinstance(v.get("dropout"), (int, float)) and 0 <= v["dropout"] < 1,
              f"{{width, depth, token_dim, vocab_size: integers >= 0, norm: one of {NORMS}, dropout in [0, 1)}}"),
-    "label_rule": (lambda v: v in ("greedy", "sprinter", "soft"), "greedy, sprinter or soft"),
+    "label_rule": (lambda v: v in ("greedy", "sprinter", "soft", "relaxed"), "greedy, sprinter, soft or relaxed"),
     "draft": (lambda v: isinstance(v, dict), "a mapping"),
     "target": (lambda v: isinstance(v, dict), "a mapping"),
     "thresholds": (lambda v: isinstance(v, dict) and all(_is_threshold(t) for t in v.values()),

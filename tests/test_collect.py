@@ -29,7 +29,8 @@ from sprinter.errors import run_cli
 
 ROOT = Path(__file__).resolve().parent.parent
 COLUMNS = ["hidden", "token_id", "draft_prob", "draft_entropy", "draft_max_prob", "target_prob", "position",
-           "context_length", "prompt_index", "accept_greedy", "accept_sprinter", "accept_soft"]
+           "context_length", "prompt_index", "accept_greedy", "accept_sprinter", "accept_soft",
+           "accept_relaxed"]
 
 
 @pytest.fixture(scope="module")
@@ -78,6 +79,8 @@ def test_labels_match_their_definitions_on_hand_built_probabilities():
     assert labels["accept_greedy"].tolist() == [1.0, 0.0, 1.0, 1.0]
     assert labels["accept_sprinter"].tolist() == [0.0, 0.0, 1.0, 1.0]
     assert torch.allclose(labels["accept_soft"], torch.tensor([0.5 / 0.7, 0.3 / 0.5, 1.0, 1.0]))
+    # relaxed: p(x) / max p = 1, 0.5 (at lambda: kept), 1, 1
+    assert labels["accept_relaxed"].tolist() == [1.0, 1.0, 1.0, 1.0]
 
 
 def test_the_decode_path_keeps_never_always_sometimes():

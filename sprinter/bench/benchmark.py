@@ -106,6 +106,21 @@ class BenchConfig(PromptSetConfig, ModelsConfig, BenchRuntimeConfig, SeedConfig)
     resume: bool = option(False, "continue from OUT/records.jsonl (same options)")
     overwrite: bool = option(False, "replace the records in OUT")
     progress: bool = option(True, "show a progress bar")
+    rule_k: int = option(4, "sd-ratio, sd-entropy: tokens drafted per target call")
+    ratio_lambdas: tuple[float, ...] = option((0.3, 0.5, 0.8), "sd-ratio: lambdas of the ratio rule (keep x iff "
+                                                                "p(x) >= lambda max p) to sweep")
+    entropy_taus: tuple[float, ...] = option((1.0, 2.0, 3.0), "sd-entropy: taus of the entropy rule (keep x where "
+                                                               "the target's entropy >= tau nats) to sweep")
+    gated_ratio_lambda: float = option(0.5, "sprinter-mlp+ratio: the ratio rule's lambda at every budget")
+    gated_entropy_tau: float = option(2.0, "sprinter-mlp+entropy: the entropy rule's tau (nats) at every budget")
+    entropy_gate_thresholds: tuple[float, ...] = option((0.2, 0.4, 0.6), "sprinter-entropy: thresholds on "
+                                                                          "exp(-H(q)) to sweep")
+    margin_thresholds: tuple[float, ...] = option((0.1, 0.3, 0.5), "sprinter-margin: thresholds on q's top-1 minus "
+                                                                    "top-2 probability to sweep")
+    gate_data: str | None = option(None, "sprinter-entropy, sprinter-margin: calibrate their thresholds at BUDGETS "
+                                         "(empty: 0.02 0.05 0.1 0.2) on this shard folder's rows (scripts/collect.py; "
+                                         "label accept_greedy at temperature 0, else accept_sprinter), rows "
+                                         "GATE@BUDGET, instead of sweeping the thresholds")
 
     def __post_init__(self) -> None:
         unknown = [m for m in self.methods if m not in FAMILIES]
@@ -131,6 +146,20 @@ class BenchConfig(PromptSetConfig, ModelsConfig, BenchRuntimeConfig, SeedConfig)
         if not isinstance(self.temperature, (int, float)) or not 0 <= self.temperature < float("inf"):
             raise SprinterError(f"temperature: got {self.temperature!r}; expected a finite number >= 0")
         check_runs(self, neither="PAIR/draft and PAIR/target")
+        self._check_relaxed()
+
+    def _check_relaxed(self) -> None:
+        """The RELAXED families' operating points, checked as DecodeOptions checks them (before any model loads)."""
+        check_integers(self, ("rule_k",))
+        if self.gate_data is not None and not (Path(self.gate_data) / "manifest.json").is_file():
+            raise SprinterError(f"gate_data: got {self.gate_data!r}, which holds no manifest.json; expected a folder "
+                                "written by scripts/collect.py")
+        for value in (*self.entropy_gate_thresholds, *self.margin_thresholds):
+            check_threshold(value)
+        for rule, values in (("ratio", (*self.ratio_lambdas, self.gated_ratio_lambda)),
+                             ("entropy", (*self.entropy_taus, self.gated_entropy_tau))):
+            for value in values:
+                DecodeOptions(mode="sd", rule=rule, rule_threshold=value)
 
 
 def default_config_path() -> Path:

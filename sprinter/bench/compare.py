@@ -29,7 +29,10 @@ SHARED_OPTIONS = ("max_new_tokens", "temperature", "top_k", "top_p", "seed", "st
 def is_lossless(options: DecodeOptions) -> bool:
     """Whether the mode keeps the target's output distribution (at temperature 0: its very tokens). sprinter is
     lossless only when every passed token is checked (`strict`) or its gate flags every token (`always`); auto
-    only without a false-accept budget."""
+    only without a false-accept budget. A relaxed rule at the target's call (`rule` other than "exact") is lossy in
+    every mode."""
+    if options.rule != "exact":
+        return False
     if options.mode in LOSSLESS_MODES:
         return True
     if options.mode == "sprinter":

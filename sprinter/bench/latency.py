@@ -94,7 +94,8 @@ def predict_row(profile: CostProfile, stats: AcceptanceStats | None, row: tuple[
     if family == "ngram" and calls > 0:
         return ngram_ms(profile, counts["drafted"] / calls, counts["accepted"] / calls,
                         1e3 * counts["draft_seconds"] / calls)
-    gate = "confidence" if family.endswith("confidence") else "learned"
+    gate = "confidence" if family.endswith("confidence") or family in ("sprinter-entropy", "sprinter-margin") \
+        else "learned"  # the draft-side gates cost what the confidence gate does: a read of q
     scorer = {"sprinter-mlp": "mlp", "sprinter-strict": "mlp", "sprinter-linear": "linear"}.get(family)
     point = rates.get(scorer, {}).get(budget_key(operating_point)) if scorer and operating_point is not None else None
     if point is not None and a:

@@ -27,6 +27,14 @@ if TYPE_CHECKING:
 FAMILIES = ("ar", "draft", "sd", "hf-assisted", "ngram", "sd-gated", "sd-gated-confidence", "sprinter-mlp",
             "sprinter-linear", "sprinter-confidence", "auto", "sprinter-strict", "async")
 DEFAULT_METHODS = FAMILIES[:-2]  # sprinter-strict and async are asked for by name
+# Relaxed acceptance and training-free gates (docs/decoding.md, "Relaxed acceptance"): all lossy, asked for by name
+# (configs/bench/pareto-demo.yaml). sd-RULE: sd-k{rule_k} whose target call keeps tokens by RULE, one row per
+# threshold; sprinter-mlp+RULE: the verifier at each budget, its target call keeping tokens by RULE; sprinter-GATE:
+# a draft-side gate's threshold sweep.
+RELAXED = ("sd-ratio", "sd-entropy", "sprinter-mlp+ratio", "sprinter-mlp+entropy", "sprinter-entropy",
+           "sprinter-margin")
+FAMILIES += RELAXED
+CALIBRATED_BUDGETS = (0.02, 0.05, 0.1, 0.2)  # the draft-side gates' budgets with --gate-data and no --budgets
 LEARNED = ("sprinter-mlp", "sprinter-linear", "sprinter-strict")
 GATED = ("sd-gated", "sd-gated-confidence")  # lossless; the operating point is the stop threshold
 COMPILED_FAMILIES = ("ar", "draft", "sd", "sd-gated", "sd-gated-confidence", "sprinter-mlp", "sprinter-linear",
@@ -112,7 +120,7 @@ def missing_verifier(path: str, role: str) -> SprinterError:
 def check_verifiers(cfg: BenchConfig) -> dict[str, str]:
     """{"mlp": path, "linear": path, "stop": path} for the learned families asked for; refuses a missing checkpoint."""
     paths = {}
-    if {"sprinter-mlp", "sprinter-strict"} & set(cfg.methods):
+    if {"sprinter-mlp", "sprinter-strict", "sprinter-mlp+ratio", "sprinter-mlp+entropy"} & set(cfg.methods):
         if not Path(cfg.verifier).exists():
             raise missing_verifier(cfg.verifier, "verifier")
         paths["mlp"] = cfg.verifier
@@ -194,6 +202,8 @@ def build_methods(cfg: BenchConfig, decoder: Decoder, verifiers: dict[str, str])
                                    decoder_runner(decoder, t, mode="auto", max_block=cfg.max_block,
                                                   max_false_accept=budget), budget)
                             for budget, _ in chosen_budgets(cfg, gates["mlp"][1], verifiers["mlp"])]
+        elif family in RELAXED:
+            methods += relaxed_methods(cfg, decoder, family, gates, verifiers)
         elif family == "sprinter-confidence":
             methods += [Method(f"{family}@{c:g}", family, False,
                                decoder_runner(decoder, t, mode="sprinter", gate="confidence", threshold=c,
@@ -224,6 +234,39 @@ def build_methods(cfg: BenchConfig, decoder: Decoder, verifiers: dict[str, str])
     return methods
 
 
+def relaxed_methods(cfg: BenchConfig, decoder: Decoder, family: str, gates: dict, verifiers: dict[str, str]
+                    ) -> list[Method]:
+    """The rows of one RELAXED family (every one lossy: never checked against ar)."""
+    t, rule = cfg.temperature, family.rsplit("+", 1)[-1].rsplit("-", 1)[-1]
+    if family in ("sd-ratio", "sd-entropy"):
+        values = cfg.ratio_lambdas if rule == "ratio" else cfg.entropy_taus
+        return [Method(f"{family}@{v:g}", family, False, decoder_runner(decoder, t, mode="sd", k=cfg.rule_k, rule=rule,
+                                                                       rule_threshold=v), v)
+                for v in sorted(set(values))]
+    if family in ("sprinter-entropy", "sprinter-margin"):
+        if cfg.gate_data is not None:  # calibrated: (budget, threshold) from collected rows
+            from sprinter.train.calibrate import draft_gate_thresholds
+
+            label = "accept_greedy" if t == 0 else "accept_sprinter"
+            budgets = sorted(set(cfg.budgets)) or list(CALIBRATED_BUDGETS)
+            points = sorted(draft_gate_thresholds(cfg.gate_data, rule, budgets, label).items())
+            print(f"{family}: thresholds {dict(points)} at false-accept budgets on {cfg.gate_data!r} ({label})",
+                  file=sys.stderr)
+        else:  # swept: the threshold is the operating point
+            values = cfg.entropy_gate_thresholds if rule == "entropy" else cfg.margin_thresholds
+            points = [(v, v) for v in sorted(set(values))]
+        return [Method(f"{family}@{point:g}", family, False,
+                       decoder_runner(decoder, t, mode="sprinter", gate=rule, threshold=threshold,
+                                      max_block=cfg.max_block), point)
+                for point, threshold in points]
+    gate, thresholds = gates["mlp"]  # sprinter-mlp+RULE
+    value = cfg.gated_ratio_lambda if rule == "ratio" else cfg.gated_entropy_tau
+    return [Method(f"{family}@{budget:g}", family, False,
+                   decoder_runner(decoder, t, mode="sprinter", max_block=cfg.max_block, rule=rule, rule_threshold=value,
+                                  gate=LearnedGate(gate.verifier, gate.features, threshold)), budget)
+            for budget, threshold in chosen_budgets(cfg, thresholds, verifiers["mlp"])]
+
+
 def compiled_methods(cfg: BenchConfig, decoder: Decoder, verifiers: dict[str, str]) -> list[Method]:
     """The compilable rows again, on a Decoder that shares the models but compiles its steps: NAME+compiled.
     Every graph is compiled here, so the timed runs pay none of it (the seconds go to stderr)."""
@@ -239,5 +282,6 @@ def compiled_methods(cfg: BenchConfig, decoder: Decoder, verifiers: dict[str, st
             if m.family in COMPILED_FAMILIES]
 
 
-__all__ = ["COMPILED_FAMILIES", "DEFAULT_METHODS", "FAMILIES", "GATED", "LEARNED", "ForwardCounter", "build_methods",
-           "check_verifiers", "compiled_methods", "decoder_runner", "hf_assisted_runner"]
+__all__ = ["COMPILED_FAMILIES", "DEFAULT_METHODS", "FAMILIES", "GATED", "LEARNED", "RELAXED", "ForwardCounter",
+           "build_methods", "check_verifiers", "compiled_methods", "decoder_runner", "hf_assisted_runner",
+           "relaxed_methods"]

@@ -32,7 +32,9 @@ METHOD_KEYS = ("name", "family", "operating_point", "lossless", "prompts", "new_
                "target_nll_ratio_vs_ar", "rouge_l_vs_ar", "exact_match_vs_ar", "by_domain")
 TOP_KEYS = ("format", "created", "hardware", "libraries", "pair", "verifiers", "prompts", "max_new_tokens",
             "temperature", "options", "elapsed_seconds", "methods")
-CURVES = ("sd-gated", "sd-gated-confidence", "sprinter-mlp", "sprinter-linear", "sprinter-confidence")
+CURVES = ("sd-gated", "sd-gated-confidence", "sprinter-mlp", "sprinter-linear", "sprinter-confidence",
+          "sd-ratio", "sd-entropy", "sprinter-mlp+ratio", "sprinter-mlp+entropy", "sprinter-entropy",
+          "sprinter-margin")  # the last six: sprinter.bench.methods.RELAXED
 BEST_OF = ("sd", "sd-gated", "sd-gated-confidence")  # lossless families whose fastest operating point is marked
 
 

@@ -38,6 +38,7 @@ from sprinter.data.shards import (
     FORMAT,
     LABELS,
     MANIFEST,
+    RELAXED_LAMBDA,
     ShardWriter,
     check_shard_pair,
     complete_shards,
@@ -203,7 +204,11 @@ def done_prompts(out: Path, draft_fingerprint: str, target_fingerprint: str) -> 
     done: set[int] = set()
     for path in complete_shards(out):
         check_shard_pair(path, draft_fingerprint, target_fingerprint)
-        done.update(map_safetensors(path)["prompt_index"].tolist())
+        columns = map_safetensors(path)
+        if "accept_relaxed" not in columns:
+            raise SprinterError(f"--resume: shard {str(path)!r} was collected before the relaxed label (it has no "
+                                "accept_relaxed column); expected shards of this version: rerun with --overwrite")
+        done.update(columns["prompt_index"].tolist())
     return done
 
 
@@ -352,6 +357,7 @@ def build_manifest(cfg: CollectConfig, pair: Pair, draft_path: str, target_path:
         "temperature": cfg.temperature,
         "features": COLUMNS,
         "labels": list(LABELS),
+        "relaxed_lambda": RELAXED_LAMBDA,
         "dtype": cfg.hidden_dtype,
         "columns": columns,
         "num_samples": total,

@@ -6,7 +6,9 @@ derived from p = target probabilities and q = draft probabilities at the collect
 
 - `accept_greedy`   1 iff x is the target's argmax (greedy speculative decoding keeps x);
 - `accept_sprinter` 1 iff q(x) <= p(x) (the label of the SPRINTER release; SD accepts x surely);
-- `accept_soft`     min(1, p(x) / q(x)) (the probability that speculative sampling accepts x).
+- `accept_soft`     min(1, p(x) / q(x)) (the probability that speculative sampling accepts x);
+- `accept_relaxed`  1 iff p(x) >= lambda * max p, lambda = RELAXED_LAMBDA (0.5): the target finds x nearly as
+                    likely as its own choice, the token the relaxed "ratio" rule keeps (sprinter.decode.acceptance).
 
 Two context sources:
 - `corpus_rows`: teacher forcing on dataset text. One draft and one target forward per window label
@@ -22,6 +24,8 @@ from typing import Sequence
 
 import torch
 
+from sprinter.data.shards import RELAXED_LAMBDA
+from sprinter.decode.acceptance import ratio_keep
 from sprinter.decode.batch_cache import BatchCachedLM
 from sprinter.decode.batched import BatchState, decode_batch
 from sprinter.decode.drafters import BatchModelDrafter, Draft
@@ -53,12 +57,14 @@ def gather(probs: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
 
 
 def accept_labels(p: torch.Tensor, q: torch.Tensor, x: torch.Tensor) -> dict[str, torch.Tensor]:
-    """The three accept labels of drafted tokens x under target p and draft q.  # (..., V), (..., V), (...)"""
+    """The four accept labels of drafted tokens x under target p and draft q.  # (..., V), (..., V), (...)"""
     p_x, q_x = gather(p, x), gather(q, x)
+    p_max = p.max(-1).values
     # Ties count as the argmax: a token as likely as the target's top one is an equally greedy choice.
-    greedy = p_x >= p.max(-1).values
+    greedy = p_x >= p_max
     soft = torch.where(q_x > 0, (p_x / q_x.clamp_min(1e-30)).clamp(max=1.0), torch.ones_like(p_x))
-    return {"accept_greedy": greedy.float(), "accept_sprinter": (q_x <= p_x).float(), "accept_soft": soft.float()}
+    return {"accept_greedy": greedy.float(), "accept_sprinter": (q_x <= p_x).float(), "accept_soft": soft.float(),
+            "accept_relaxed": ratio_keep(p_x, p_max, RELAXED_LAMBDA).float()}
 
 
 def row_columns(hidden: torch.Tensor, hidden_prev: torch.Tensor, q: torch.Tensor, p: torch.Tensor,

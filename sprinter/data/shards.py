@@ -31,10 +31,12 @@ from sprinter.files import read_json, write_atomic
 
 FORMAT = "sprinter-shards/1"
 MANIFEST = "manifest.json"
-LABELS = ("accept_greedy", "accept_sprinter", "accept_soft")
-# Columns every shard holds; a collector may add more (draft-side only), listed in the manifest.
+LABELS = ("accept_greedy", "accept_sprinter", "accept_soft", "accept_relaxed")
+RELAXED_LAMBDA = 0.5  # accept_relaxed: 1 iff p(x) >= RELAXED_LAMBDA * max p (sprinter.data.contexts.accept_labels)
+# Columns every shard holds; a collector may add more (draft-side only), listed in the manifest. accept_relaxed came
+# later: shards collected before it lack it and stay readable for every label rule but "relaxed".
 REQUIRED_COLUMNS = ("hidden", "token_id", "draft_prob", "draft_entropy", "target_prob", "position", "prompt_index",
-                    *LABELS)
+                    *LABELS[:3])
 SHARD_NAME = re.compile(r"^shard-(?:r(\d+)-)?(\d{5,})\.safetensors$")
 _DTYPES = {"F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16,
            "I64": torch.int64, "I32": torch.int32, "I16": torch.int16, "I8": torch.int8, "U8": torch.uint8,
@@ -279,7 +281,7 @@ def load_columns(folder: str | Path, names: list[str] | tuple[str, ...]) -> dict
     return {name: torch.cat(tensors) for name, tensors in parts.items()}
 
 
-__all__ = ["FORMAT", "LABELS", "MANIFEST", "REQUIRED_COLUMNS", "ShardWriter", "check_shard_pair",
+__all__ = ["FORMAT", "LABELS", "MANIFEST", "RELAXED_LAMBDA", "REQUIRED_COLUMNS", "ShardWriter", "check_shard_pair",
            "complete_shards", "iter_shards", "unlisted_shards",
            "load_columns", "map_safetensors", "read_header", "read_manifest", "shard_entry", "shard_name",
            "write_manifest"]

@@ -38,7 +38,7 @@ def make_rows(prompts: torch.Tensor, tokens_per_prompt: int, direction: torch.Te
             "position": torch.arange(tokens_per_prompt).repeat(len(prompts)),
             "prompt_index": prompts.repeat_interleave(tokens_per_prompt),
             "accept_greedy": accept_sprinter * (draft_prob > 0.5).float(), "accept_sprinter": accept_sprinter,
-            "accept_soft": accept_soft}
+            "accept_soft": accept_soft, "accept_relaxed": torch.maximum(accept_sprinter, (accept_soft > 0.6).float())}
 
 
 def write_shards(folder: str | Path, num_prompts: int = 60, tokens_per_prompt: int = 20, hidden_size: int = 16,

@@ -11,6 +11,10 @@ u < 1 on a match and u < 0 otherwise; the residual is the target's argmax).
    The output is distributed exactly as p.
 3. `flag_then_check`: SPRINTER (docs/references.md §1): the tokens the verifier passed are kept
    unchecked, only the flagged (last) token of the block meets rule 2; `strict=True` checks all.
+4. `relaxed_checks`: the rules at the target's call (RULES; docs/decoding.md, "Relaxed acceptance"), which see
+   p and decide which drafted tokens the call keeps: "exact" is rule 2 (lossless); "ratio" and "entropy" also
+   keep some tokens that differ from the target's choice (lossy). `kept_count` turns the per-token checks into
+   the number kept, as `flag_then_check` does for rule 2.
 """
 
 from __future__ import annotations
@@ -53,7 +57,14 @@ def flag_then_check(p_x: torch.Tensor, q_x: torch.Tensor, u: torch.Tensor, flagg
     The verifier passed x[:-1]; x[-1] is the flagged token when `flagged` (else the block ended at
     max_block with every token passed, and none is checked). Only the flagged token meets the
     speculative-sampling rule; `strict=True` checks every token (lossless, as standard SD)."""
-    checks = speculative_accept(p_x, q_x, u)
+    return kept_count(speculative_accept(p_x, q_x, u), flagged, strict)
+
+
+def kept_count(checks: torch.Tensor, flagged: bool, strict: bool = False) -> torch.Tensor:
+    """How many tokens of a block are kept, given each token's check.  # (k,) bool -> () long
+
+    `strict` (or SD): every check counts; else (SPRINTER) the passed tokens are kept unchecked and only the last
+    token's check counts when it was `flagged`."""
     if not strict:
         passed = torch.ones_like(checks)
         if flagged:
@@ -74,4 +85,52 @@ def correction(p: torch.Tensor, q: torch.Tensor, n_kept: torch.Tensor | int) -> 
     return residual(p.gather(-2, index), q_after.gather(-2, index)).squeeze(-2)
 
 
-__all__ = ["correction", "flag_then_check", "greedy_match", "leading_true", "residual", "speculative_accept"]
+RULES = ("exact", "ratio", "entropy")  # the rules at the target's call; every one but "exact" is lossy
+RULE_THRESHOLDS = {"ratio": 0.5, "entropy": 2.0}  # the default lambda and tau (nats) of the lossy rules
+
+
+def ratio_keep(p_x: torch.Tensor, p_max: torch.Tensor, lam: float) -> torch.Tensor:
+    """The greedy probability-ratio rule: keep x iff p(x) >= lambda * max p, i.e. the target finds x nearly as
+    likely as its own choice (lambda = 1: only its argmax; the token the relaxed label calls acceptable).
+    # (...), (...) -> (...) bool"""
+    return p_x >= lam * p_max
+
+
+def lenient_accept(p_x: torch.Tensor, q_x: torch.Tensor, u: torch.Tensor, lam: float) -> torch.Tensor:
+    """The sampled probability-ratio rule: keep x iff u < min(1, p(x) / (lambda q(x))), speculative sampling with
+    the lenience of Leviathan et al. 2023 (their appendix A.5; lambda = 1 is `speculative_accept`).
+    # (...) x3 -> (...) bool"""
+    return u * lam * q_x < p_x
+
+
+def entropy_keep(p: torch.Tensor, tau: float) -> torch.Tensor:
+    """The entropy rule: keep a token the exact rule would reject when the target is uncertain there, its
+    entropy H(p) >= tau nats (after FLy, ICLR 2026, whose gate also reads the target's entropy).  # (..., V) -> (...)"""
+    return torch.special.entr(p).sum(-1) >= tau
+
+
+def relaxed_checks(rule: str, threshold: float, p_x: torch.Tensor, q_x: torch.Tensor, u: torch.Tensor,
+                   p_soft: torch.Tensor, x: torch.Tensor, greedy: bool) -> torch.Tensor:
+    """Per-token checks of a drafted block under one of RULES.  # (k,) x3, (k, V), (k,) -> (k,) bool
+
+    p_x, q_x: the sampling distributions' probability of each drafted token (one-hot at temperature 0), u its
+    uniform draw; p_soft: the target's soft distribution at each position (its untempered softmax when greedy,
+    else p itself). "exact": `speculative_accept`. "ratio" (threshold: lambda in (0, 1]): greedy,
+    `ratio_keep` on p_soft; sampled, `lenient_accept`. "entropy" (threshold: tau >= 0 nats): what the exact rule
+    keeps, and any token where H(p_soft) >= tau (the entropy rule was chosen over KL(p || q) because it needs
+    no draft distribution: a greedy or n-gram draft's q is one-hot, where the KL is infinite or meaningless).
+    A token the lossy rules still reject is a mismatch, so `correction` after it is unchanged."""
+    exact = speculative_accept(p_x, q_x, u)
+    if rule == "exact":
+        return exact
+    if rule == "ratio":
+        if not greedy:
+            return lenient_accept(p_x, q_x, u, threshold)
+        return exact | ratio_keep(p_soft.gather(-1, x[:, None]).squeeze(-1), p_soft.amax(-1), threshold)
+    if rule == "entropy":
+        return exact | entropy_keep(p_soft, threshold)
+    raise ValueError(f"rule: got {rule!r}; expected one of {RULES}")
+
+
+__all__ = ["RULES", "RULE_THRESHOLDS", "correction", "entropy_keep", "flag_then_check", "greedy_match", "kept_count",
+           "leading_true", "lenient_accept", "ratio_keep", "relaxed_checks", "residual", "speculative_accept"]

@@ -51,8 +51,10 @@ from sprinter.decode.gates import (
     CONFIDENCE_THRESHOLD,
     AlwaysFlag,
     ConfidenceGate,
+    EntropyGate,
     Gate,
     LearnedGate,
+    MarginGate,
     NeverFlag,
     load_learned_gate,
 )
@@ -181,7 +183,7 @@ class Decoder:
                                  for d in (options.target_device, options.draft_device))
         out = Emitter(self.tokenizer, options.max_new_tokens, self.tokenizer.eos_token_id, options.stop, on_text)
         state = LoopState(options.sampler, torch.Generator(device=target_dev).manual_seed(int(options.seed)), out,
-                          DecodeStats(mode=mode))
+                          DecodeStats(mode=mode), options.acceptance)
         capacity = len(ids) + options.max_new_tokens  # neither cache ever holds more than the prompt and the budget
         eager = options.mode == "async"  # its draft runs in a thread of its own: no compiled graphs there
         target = self.engine.lm(self.model_on("target", target_dev), self.pair.vocab_size, capacity, not eager)
@@ -263,6 +265,9 @@ class Decoder:
         if batch and options.mode not in BATCH_MODES:
             raise SprinterError(f"prompt: got a batch of {len(prompt)} prompts with mode={options.mode!r}; expected a "
                                 f"single prompt, or a mode of {BATCH_MODES}")
+        if batch and options.rule != "exact":
+            raise SprinterError(f"rule: got {options.rule!r} with a batch of {len(prompt)} prompts; expected a single "
+                                "prompt (the batched loop keeps tokens by the exact rule only)")
         if batch and on_text is not None:
             raise SprinterError("on_text: got a callback with a batch of prompts; expected streaming only for a single "
                                 "prompt")
@@ -318,6 +323,9 @@ class Decoder:
             return self.gate if threshold is None else LearnedGate(self.gate.verifier, self.gate.features, threshold)
         if gate == "confidence":
             return ConfidenceGate(CONFIDENCE_THRESHOLD if threshold is None else threshold)
+        if gate in ("entropy", "margin"):
+            kind = EntropyGate if gate == "entropy" else MarginGate
+            return kind(CONFIDENCE_THRESHOLD if threshold is None else threshold)
         if gate == "always":
             return AlwaysFlag()
         if gate == "never":

@@ -5,6 +5,8 @@ token PASSES iff that estimate >= `threshold`; otherwise it is FLAGGED and the t
 - `LearnedGate`: the trained verifier (sprinter.verifier), reading the draft's hidden state etc.
 - `ConfidenceGate`: the draft's own probability q(x), as Hugging Face assisted generation does
   (`assistant_confidence_threshold`, default 0.4; docs/references.md §2): the baseline to beat.
+- `EntropyGate`, `MarginGate`: two more training-free scores of the draft alone, exp(-H(q)) and the top-1 minus
+  top-2 probability of q (FLy and the relaxed-acceptance papers gate on the entropy; docs/decoding.md).
 - `AlwaysFlag` / `NeverFlag`: the two limits (SPRINTER becomes lossless / becomes the draft alone).
 """
 
@@ -26,6 +28,7 @@ from sprinter.features import (
     TOKEN,
     block_features,
     distribution_features,
+    entropy,
 )
 
 CONFIDENCE_THRESHOLD = 0.4  # Hugging Face's default assistant_confidence_threshold
@@ -81,6 +84,33 @@ class ConfidenceGate:
 
     def accept_prob(self, step: DraftStep, position: int) -> torch.Tensor:
         return prob_of(step.q_soft, step.token)
+
+
+class EntropyGate:
+    """Passes x while exp(-H(q)) >= threshold, H the entropy of the draft's distribution in nats: the draft is sure
+    of its position whatever token it drew. exp(-H) is 1/m for q uniform over m tokens, so the threshold reads like
+    q(x)'s (a threshold t passes H <= -ln t)."""
+
+    hidden_layers = 0
+
+    def __init__(self, threshold: float = CONFIDENCE_THRESHOLD):
+        self.threshold = check_threshold(threshold)
+
+    def accept_prob(self, step: DraftStep, position: int) -> torch.Tensor:
+        return torch.exp(-entropy(step.q_soft))
+
+
+class MarginGate:
+    """Passes x while the draft's top-1 probability minus its top-2 probability >= threshold (a clear favourite)."""
+
+    hidden_layers = 0
+
+    def __init__(self, threshold: float = CONFIDENCE_THRESHOLD):
+        self.threshold = check_threshold(threshold)
+
+    def accept_prob(self, step: DraftStep, position: int) -> torch.Tensor:
+        top = step.q_soft.topk(min(2, step.q_soft.shape[-1])).values
+        return top[0] - top[1] if len(top) > 1 else top[0]
 
 
 class LearnedGate:
@@ -165,4 +195,5 @@ def load_learned_gate(path: str | Path, draft_fingerprint: str, hidden_size: int
     return LearnedGate(verifier.to(device, dtype).eval(), info.features, info.default_threshold), info
 
 
-__all__ = ["AlwaysFlag", "ConfidenceGate", "Gate", "LearnedGate", "NeverFlag", "check_threshold", "load_learned_gate"]
+__all__ = ["AlwaysFlag", "ConfidenceGate", "EntropyGate", "Gate", "MarginGate",
+           "LearnedGate", "NeverFlag", "check_threshold", "load_learned_gate"]

@@ -12,7 +12,7 @@ from dataclasses import dataclass
 
 import torch
 
-from sprinter.decode.acceptance import correction, flag_then_check
+from sprinter.decode.acceptance import correction, kept_count, relaxed_checks
 from sprinter.decode.cache import CachedLM
 from sprinter.decode.drafters import Drafter, DraftStep
 from sprinter.decode.emit import Emitter
@@ -25,13 +25,15 @@ from sprinter.decode.stats import DecodeStats, FalseAcceptMeter
 @dataclass
 class LoopState:
     """What every decode loop carries besides the models and the options: how logits become a distribution
-    (`sampler`), where every random draw comes from (`gen`), where decided tokens go (`out`) and what the loop
-    counts (`stats`). Made once per generation by `Decoder.generate`."""
+    (`sampler`), where every random draw comes from (`gen`), where decided tokens go (`out`), what the loop
+    counts (`stats`) and the rule at the target's call (`accept`, DecodeOptions.acceptance). Made once per
+    generation by `Decoder.generate`."""
 
     sampler: Sampler
     gen: torch.Generator
     out: Emitter
     stats: DecodeStats
+    accept: tuple[str, float] = ("exact", 0.0)  # (rule, threshold): which checked tokens a target call keeps
 
 
 def autoregressive(lm: CachedLM, tokens: torch.Tensor, state: LoopState) -> None:
@@ -86,7 +88,8 @@ def speculative_round(target: CachedLM, drafter: Drafter, ids: list[int], k: int
                       check_all: bool, state: LoopState, meter: FalseAcceptMeter | None = None) -> Round:
     """One round of `speculative` after `ids` (the prompt and every emitted token, not changed here): draft up to
     `k` tokens, verify, roll both caches back to `ids` + the decided tokens but the last. `meter`: where the
-    tokens passed unchecked add their rejection probability (the target scored them anyway in step 3)."""
+    tokens passed unchecked add their rejection probability (the target scored them anyway in step 3).
+    The checked tokens meet `state.accept`'s rule."""
     sampler, gen, stats, remaining = state.sampler, state.gen, state.stats, state.out.remaining
     device = next(target.model.parameters()).device
     # 1. Draft up to `k` tokens; with a gate, drafting stops where the gate says (see GateRule).
@@ -110,10 +113,14 @@ def speculative_round(target: CachedLM, drafter: Drafter, ids: list[int], k: int
     p = sampler.probs(logits)  # (n + 1, V)
     q = draft.q[0].to(device) if draft.q is not None else \
         torch.nn.functional.one_hot(x, p.shape[-1]).float()  # (n, V); a deterministic chain: one-hot
-    # 4. Check the flagged token (strict / SD: every token) with the speculative-sampling rule.
+    # 4. Check the flagged token (strict / SD: every token) with the speculative-sampling rule, or a relaxed one
+    #    that also keeps some tokens the target would not have chosen (it reads the target's soft distribution).
     positions = torch.arange(n, device=device)
     p_x, q_x = p[positions, x], q[positions, x]  # (n,), (n,)
-    n_kept = flag_then_check(p_x, q_x, uniform(n, gen, device), flagged, check_all)
+    accept_rule, rule_threshold = state.accept
+    p_soft = p[:n] if accept_rule == "exact" or not sampler.greedy else sampler.soft_probs(logits[:n])  # (n, V)
+    checks = relaxed_checks(accept_rule, rule_threshold, p_x, q_x, uniform(n, gen, device), p_soft, x, sampler.greedy)
+    n_kept = kept_count(checks, flagged, check_all)
     passed = n - int(flagged)  # sprinter: the tokens before the flagged one (all, if none was) went unchecked
     if meter is not None and not check_all and passed:
         meter.add(p_x[:passed], q_x[:passed])
@@ -138,9 +145,10 @@ def speculative(target: CachedLM, drafter: Drafter, prompt: list[int], *, option
 
     From `options`: "sd" drafts k tokens per block and the target checks all of them. "sprinter" drafts
     until the gate flags a token or max_block (None: unbounded) and checks only the flagged one (`strict`:
-    every one). "sd-gated" drafts until 1 - prod P(accept) exceeds `stop_threshold` (resolved by the
-    caller) or max_block, and checks all. The target's cache always covers every emitted token but the
-    last; its first forward reads the prompt together with the first block."""
+    every one). `state.accept` (options.rule) decides which checked tokens a target call keeps
+    (sprinter.decode.acceptance; "exact" unless asked). "sd-gated" drafts until 1 - prod P(accept) exceeds
+    `stop_threshold` (resolved by the caller) or max_block, and checks all. The target's cache always covers
+    every emitted token but the last; its first forward reads the prompt together with the first block."""
     mode, out = options.mode, state.out
     max_block = options.k if mode == "sd" else options.max_block
     check_all = mode != "sprinter" or options.strict

@@ -13,6 +13,7 @@ import math
 from dataclasses import dataclass
 
 from sprinter.config import ModelsConfig, RuntimeConfig, SeedConfig, check_integers, check_seed, option
+from sprinter.decode.acceptance import RULE_THRESHOLDS, RULES
 from sprinter.decode.gates import CONFIDENCE_THRESHOLD, Gate, check_threshold
 from sprinter.decode.sampling import Sampler
 from sprinter.errors import SprinterError
@@ -21,7 +22,9 @@ from sprinter.pairs.load import resolve_device
 MODES = ("ar", "draft", "sd", "sprinter", "sd-gated", "ngram", "async", "auto")
 BATCH_MODES = ("ar", "sd", "ngram")  # the modes that decode a list of prompts together
 GATED_MODES = ("sprinter", "sd-gated")  # the modes that consult a gate
-GATES = ("learned", "confidence", "always", "never")
+GATES = ("learned", "confidence", "always", "never", "entropy", "margin")
+THRESHOLD_GATES = (None, "learned", "confidence", "entropy", "margin")  # the gates that read `threshold`
+RULE_MODES = ("sd", "sprinter")  # the modes whose target call may keep tokens by a relaxed rule
 STOP_THRESHOLD = 0.5  # sd-gated: stop drafting once P(the block holds a rejection) exceeds this
 ASYNC_WINDOW = 4  # async: most drafted tokens awaiting verification
 DEMO_VERIFIER = "checkpoints/verifiers/demo"  # the verifier scripts/generate.py loads when it exists
@@ -70,6 +73,12 @@ class DecodeOptions(SeedConfig):
                                                   "verifier was calibrated for (e.g. 0.05); none: lossless modes only")
     draft_device: str | None = option(None, "async: the draft's device (cpu, cuda:N); none: the decoder's")
     target_device: str | None = option(None, "async: the target's device; none: the decoder's")
+    rule: str = option("exact", f"sd, sprinter: which checked tokens a target call keeps, one of {RULES}: exact "
+                                "(lossless), ratio (also x with p(x) >= lambda max p; sampled: u < p(x) / (lambda "
+                                "q(x))), entropy (also any x where the target's entropy >= tau nats); all but "
+                                "exact are lossy")
+    rule_threshold: float | None = option(None, "the rule's lambda in (0, 1] (ratio) or tau >= 0 in nats (entropy); "
+                                                f"none: {RULE_THRESHOLDS}")
 
     def __post_init__(self) -> None:
         if not isinstance(self.stop, (str, tuple)) and _is_sequence(self.stop):
@@ -118,6 +127,7 @@ class DecodeOptions(SeedConfig):
         for name in ("window", "draft_device", "target_device"):
             self._only(name, ("async",))
         self._only("max_false_accept", ("auto",))
+        self._check_rule()
         fa = self.max_false_accept
         if fa is not None and (isinstance(fa, bool) or not isinstance(fa, (int, float)) or not 0 < fa < 1):
             raise SprinterError(f"max_false_accept: got {fa!r}; expected a false-accept budget in (0, 1) that the "
@@ -125,15 +135,32 @@ class DecodeOptions(SeedConfig):
         if mode == "auto" and self.max_block is None:
             raise SprinterError("max_block: got None with mode='auto'; expected an integer >= 1 (auto prices its "
                                 "gated candidates with a bounded block)")
-        if self.threshold is not None and gate not in (None, "learned", "confidence"):
-            raise SprinterError(f"threshold: got {self.threshold!r} with gate={gate!r}; expected it only with the "
-                                "learned or the confidence gate")
+        if self.threshold is not None and gate not in THRESHOLD_GATES:
+            raise SprinterError(f"threshold: got {self.threshold!r} with gate={gate!r}; expected it only with one of "
+                                f"the gates {THRESHOLD_GATES[1:]}")
         if self.ngram_k is not None and i_knee is not None:
             raise SprinterError(f"i_knee: got {i_knee!r} with ngram_k={self.ngram_k!r}; expected at most one (ngram_k "
                                 "fixes the draft length, i_knee derives it from the batch size)")
         for device in (self.draft_device, self.target_device):
             if device is not None:
                 resolve_device(device)  # the device must exist on this machine
+
+    def _check_rule(self) -> None:
+        rule, value = self.rule, self.rule_threshold
+        if rule not in RULES:
+            raise SprinterError(f"rule: got {rule!r}; expected one of {RULES}")
+        if rule != "exact" and self.mode not in RULE_MODES:
+            raise SprinterError(f"rule: got {rule!r} with mode={self.mode!r}; expected it only with a mode of "
+                                f"{RULE_MODES}")
+        if value is None:
+            return
+        if rule == "exact":
+            raise SprinterError(f"rule_threshold: got {value!r} with rule='exact'; expected it only with rule 'ratio' "
+                                "(lambda) or 'entropy' (tau)")
+        if isinstance(value, bool) or not isinstance(value, (int, float)) or not (
+                0 < value <= 1 if rule == "ratio" else 0 <= value < math.inf):
+            expected = "lambda in (0, 1]" if rule == "ratio" else "tau, a finite number of nats >= 0"
+            raise SprinterError(f"rule_threshold: got {value!r} with rule={rule!r}; expected {expected}")
 
     def _only(self, name: str, modes: tuple[str, ...]) -> None:
         value = getattr(self, name)
@@ -145,6 +172,13 @@ class DecodeOptions(SeedConfig):
     def sampler(self) -> Sampler:
         """How logits become a distribution (temperature, top_k, top_p); draft and target share it."""
         return Sampler(self.temperature, self.top_k, self.top_p)
+
+    @property
+    def acceptance(self) -> tuple[str, float]:
+        """(rule, threshold) at the target's call, the rule's default threshold filled in."""
+        if self.rule_threshold is not None:
+            return self.rule, float(self.rule_threshold)
+        return self.rule, RULE_THRESHOLDS.get(self.rule, 0.0)
 
     @property
     def async_window(self) -> int:
@@ -206,5 +240,6 @@ class GenerateConfig(DecodeOptions, ModelsConfig, RuntimeConfig):
         """The generation's options alone."""
         return DecodeOptions(**{f.name: getattr(self, f.name) for f in dataclasses.fields(DecodeOptions)})
 
-__all__ = ["ASYNC_WINDOW", "BATCH_MODES", "DEMO_VERIFIER", "GATED_MODES", "GATES", "MODES", "STOP_THRESHOLD",
+__all__ = ["ASYNC_WINDOW", "BATCH_MODES", "RULE_MODES", "THRESHOLD_GATES",
+           "DEMO_VERIFIER", "GATED_MODES", "GATES", "MODES", "STOP_THRESHOLD",
            "DecodeOptions", "GenerateConfig"]

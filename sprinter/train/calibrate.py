@@ -70,6 +70,24 @@ def calibrate(scores: torch.Tensor, labels: torch.Tensor, budgets: Sequence[floa
     return {budget_key(b): threshold_for_budget(scores, labels, b) for b in budgets}
 
 
+# The training-free draft-side gates' scores, from the columns every collection holds (sprinter.decode.gates):
+# the score a gate compares with its threshold, computed from a row as the gate computes it from a draft step.
+DRAFT_GATE_SCORES = {"confidence": ("draft_prob", lambda v: v), "entropy": ("draft_entropy", lambda v: torch.exp(-v)),
+                     "margin": ("draft_margin", lambda v: v)}
+
+
+def draft_gate_thresholds(folder: str, gate: str, budgets: Sequence[float], label: str) -> dict[float, float]:
+    """budget -> the threshold of a draft-side gate ("confidence", "entropy" or "margin") at that false-accept
+    budget on a collected folder's rows (`label`: the shard column that says which tokens are acceptable)."""
+    from sprinter.data.shards import load_columns
+
+    column, score = DRAFT_GATE_SCORES[gate]
+    rows = load_columns(folder, (column, label))
+    scores = score(rows[column].float())
+    # A threshold above 1 passes nothing; 1.0 is the closest a gate's threshold may be (check_threshold).
+    return {float(b): min(1.0, threshold_for_budget(scores, rows[label].float(), b)) for b in budgets}
+
+
 def evaluate(val: tuple[torch.Tensor, torch.Tensor], test: tuple[torch.Tensor, torch.Tensor],
              budgets: Sequence[float], probabilities: bool = True) -> dict:
     """Calibrate on val, report on test: summary metrics + per-budget threshold / false / true accept."""

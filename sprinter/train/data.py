@@ -20,10 +20,14 @@ from sprinter.data.shards import iter_shards, read_manifest, unlisted_shards
 from sprinter.errors import SprinterError, warn
 from sprinter.verifier import HIDDEN, LEAKY, TOKEN
 
-LABEL_COLUMN = {"greedy": "accept_greedy", "sprinter": "accept_sprinter", "soft": "accept_soft"}
+LABEL_COLUMN = {"greedy": "accept_greedy", "sprinter": "accept_sprinter", "soft": "accept_soft",
+                "relaxed": "accept_relaxed"}
 # Metrics and thresholds need a 0/1 label. A soft-label verifier is judged on the paper's label
 # (accept_sprinter: q(x) <= p(x), accepted with probability 1), so it compares with the others.
-EVAL_COLUMN = {"greedy": "accept_greedy", "sprinter": "accept_sprinter", "soft": "accept_sprinter"}
+# A relaxed-label verifier is judged on its own label: its false accepts are tokens the target finds much worse
+# than its own choice (p(x) < lambda max p), what the relaxed "ratio" rule would reject.
+EVAL_COLUMN = {"greedy": "accept_greedy", "sprinter": "accept_sprinter", "soft": "accept_sprinter",
+               "relaxed": "accept_relaxed"}
 
 
 class TokenTable:
@@ -77,6 +81,13 @@ def open_folders(paths: Sequence[str | Path], features: Sequence[str], label_rul
         if m.get("draft", {}).get("fingerprint") != first.get("draft", {}).get("fingerprint"):
             raise SprinterError(f"data folders come from different drafts: {reference!r} has "
                                 f"{first.get('draft')}, {str(path)!r} has {m.get('draft')}")
+    if label_rule == "relaxed":
+        old = [str(p) for p, m in zip(paths, manifests) if "accept_relaxed" not in m.get("labels", ())]
+        if old:
+            raise SprinterError(f"label_rule relaxed: data folder(s) {old} were collected before the relaxed label "
+                                "(their manifest lists no accept_relaxed column); expected folders collected since "
+                                "(recollect with scripts/collect.py --overwrite), or --label-rule greedy, sprinter or "
+                                "soft")
     leaky = sorted(set(features) & set(LEAKY))
     if leaky:
         raise SprinterError(f"features: got {leaky}; these carry the target's answer and cannot be features")
@@ -214,7 +225,7 @@ def auto_label_rule(manifests: Sequence[dict]) -> str:
     temperatures = {m.get("temperature") for m in manifests}
     if len(temperatures) != 1:
         raise SprinterError(f"label_rule auto: the data folders were collected at temperatures "
-                            f"{sorted(map(str, temperatures))}; pass --label-rule greedy, sprinter or soft")
+                            f"{sorted(map(str, temperatures))}; pass --label-rule greedy, sprinter, soft or relaxed")
     return "greedy" if temperatures.pop() == 0 else "sprinter"
 
 

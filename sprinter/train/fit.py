@@ -78,8 +78,8 @@ class TrainConfig(ThreadsConfig, SeedConfig):
     out: str = option("checkpoints/verifiers/demo", "output folder: verifier.safetensors, metrics.json, TensorBoard")
     features: tuple[str, ...] = option(FEATURES, "verifier inputs: hidden, token_id and scalar columns of the shards")
     label_rule: str = option("auto", "training label: greedy (target argmax = token), sprinter (q <= p), soft "
-                                     "(min(1, p/q)), or auto: greedy for data collected at temperature 0, "
-                                     "else sprinter")
+                                     "(min(1, p/q)), relaxed (p(x) >= 0.5 max p: nearly the target's choice), or "
+                                     "auto: greedy for data collected at temperature 0, else sprinter")
     width: int = option(256, "MLP hidden width")
     depth: int = option(2, "MLP hidden layers (0: one linear layer, the paper's verifier)")
     norm: str = option("layer", "normalisation after each hidden layer: layer, rms or none")
