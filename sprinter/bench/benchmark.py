@@ -20,6 +20,7 @@ from typing import Sequence
 
 import torch
 
+from sprinter.bench.distribution import ALPHA
 from sprinter.bench.fidelity import exact_match, rouge_l, score_output
 from sprinter.bench.methods import (
     DEFAULT_METHODS,
@@ -36,12 +37,13 @@ from sprinter.bench.protocol import (
     append_records,
     check_lossless,
     check_window,
-    load_prompts,
     open_records,
     rotated,
     warm_up,
 )
 from sprinter.bench.report import write_reports
+from sprinter.bench.workloads import DEFAULTS as WORKLOAD_DEFAULTS
+from sprinter.bench.workloads import WORKLOADS, resolve, workload_prompts
 from sprinter.config import CONFIGS, check_integers, check_runs, option, to_dict
 from sprinter.decode.costs import measure_costs
 from sprinter.decode.decoder import Decoder
@@ -105,8 +107,33 @@ class BenchConfig:
     resume: bool = option(False, "continue from OUT/records.jsonl (same options)")
     overwrite: bool = option(False, "replace the records in OUT")
     progress: bool = option(True, "show a progress bar")
+    workload: str = option("sampled", f"prompts, sampling and length: one of {tuple(WORKLOADS)} (sprinter.bench."
+                                      "workloads; it fills temperature, top_p and max_new_tokens left at their "
+                                      "defaults)")
+    top_p: float = option(1.0, "nucleus of the sampled rows (hf-assisted too); the workload sets it")
+    repeats: int = option(3, "timed runs of each prompt x method (interleaved, the order rotated each round): "
+                             "the speedup's median and bootstrap interval are over prompts x repeats")
+    calibration_prompts: int = option(4, "prompts of CALIBRATION_SPLIT every row decodes before timing (also its "
+                                         "warm-up): the latency model's acceptance inputs (0: predict from the "
+                                         "timed run's own counts)")
+    calibration_split: str = option("val", "corpus split of the calibration prompts (disjoint from SPLIT's)")
+    distribution_alpha: float = option(ALPHA, "temperature > 0: the distribution check's significance level "
+                                              "(Bonferroni over lossless rows and its two tests)")
 
     def __post_init__(self) -> None:
+        workload = resolve(self.workload)
+        for name, default in WORKLOAD_DEFAULTS.items():  # the workload fills what was left at its default
+            if getattr(self, name) == default:
+                setattr(self, name, getattr(workload, name))
+        check_integers(self, ("repeats",))
+        check_integers(self, ("calibration_prompts",), minimum=0)
+        if self.calibration_prompts and self.calibration_split == self.split:
+            raise SprinterError(f"calibration_split: got {self.calibration_split!r}, the timed prompts' split; "
+                                "expected another (predictions are made on prompts disjoint from the timed ones)")
+        if not isinstance(self.top_p, (int, float)) or not 0 < self.top_p <= 1:
+            raise SprinterError(f"top_p: got {self.top_p!r}; expected a number in (0, 1]")
+        if not isinstance(self.distribution_alpha, (int, float)) or not 0 < self.distribution_alpha < 1:
+            raise SprinterError(f"distribution_alpha: got {self.distribution_alpha!r}; expected a number in (0, 1)")
         unknown = [m for m in self.methods if m not in FAMILIES]
         if unknown or not self.methods:
             raise SprinterError(f"methods: got {list(self.methods)}; expected some of {FAMILIES}")
@@ -147,24 +174,47 @@ def run_header(cfg: BenchConfig, prompts: Sequence[Prompt], methods: Sequence[Me
 
 
 def run_prompt(cfg: BenchConfig, decoder: Decoder, prompt: Prompt, methods: Sequence[Method], bar) -> list[dict]:
-    """Every method on one prompt (order rotated by the prompt index), then the checks and fidelity scores."""
+    """Every method on one prompt, `repeats` rounds (the order rotated each round), then the checks and fidelity
+    scores. Outputs, checks and fidelity are the first round's; every round's time is kept (`timings`). A greedy
+    lossless row must give the same tokens in every round (seeded runs are deterministic)."""
     outputs: dict[str, tuple[list[int], dict]] = {}
-    for method in rotated(methods, prompt.index):
-        bar.set_postfix_str(f"prompt {prompt.index} {method.name}")
-        outputs[method.name] = method.run(list(prompt.ids), cfg.seed + prompt.index, cfg.max_new_tokens)
-        bar.update(1)
+    timings: dict[str, list[dict]] = {m.name: [] for m in methods}
+    where = f"prompt {prompt.index} ({prompt.domain}, {prompt.doc})"
+    for round_ in range(cfg.repeats):
+        for method in rotated(methods, prompt.index * cfg.repeats + round_):
+            bar.set_postfix_str(f"prompt {prompt.index} {method.name}")
+            tokens, stats = method.run(list(prompt.ids), cfg.seed + prompt.index, cfg.max_new_tokens)
+            timings[method.name].append({"wall_seconds": stats["wall_seconds"], "new_tokens": stats["new_tokens"]})
+            if round_ == 0:
+                outputs[method.name] = (tokens, stats)
+            elif method.lossless and cfg.temperature == 0 and cfg.check_lossless and tokens != outputs[method.name][0]:
+                raise SprinterError(f"{method.name}: repeat {round_} of {where} gave other tokens than repeat 0; "
+                                    "expected a seeded greedy run to repeat itself")
+            bar.update(1)
     reference = outputs["ar"][0]
     records = []
     for method in methods:
         tokens, stats = outputs[method.name]
-        if method.lossless and cfg.check_lossless:
-            check_lossless(method.name, tokens, reference,
-                           where=f"prompt {prompt.index} ({prompt.domain}, {prompt.doc})")
+        if method.lossless and cfg.check_lossless and cfg.temperature == 0:
+            check_lossless(method.name, tokens, reference, where=where)
         fidelity = score_output(decoder.pair.target, prompt.ids, tokens, decoder.pair.vocab_size)
         records.append({"prompt": prompt.index, "domain": prompt.domain, "method": method.name, "tokens": tokens,
-                        "stats": stats, "fidelity": fidelity, "rouge_l_vs_ar": rouge_l(tokens, reference),
+                        "stats": stats, "timings": timings[method.name], "fidelity": fidelity,
+                        "rouge_l_vs_ar": rouge_l(tokens, reference),
                         "exact_match_vs_ar": exact_match(tokens, reference)})
     return records
+
+
+def calibrate(cfg: BenchConfig, decoder: Decoder, methods: Sequence[Method]) -> dict[str, list[dict]]:
+    """Every method on CALIBRATION_PROMPTS prompts of CALIBRATION_SPLIT (untimed; it warms the methods up too):
+    {method name: [stats per prompt]}, the latency model's inputs for the predictions (sprinter.bench.latency)."""
+    if not cfg.calibration_prompts:
+        return {}
+    prompts = workload_prompts(resolve(cfg.workload), decoder.tokenizer, dataset=cfg.dataset,
+                               split=cfg.calibration_split, domains=cfg.domains, num_prompts=cfg.calibration_prompts,
+                               prompt_len=cfg.prompt_len, continuation_len=0)
+    return {m.name: [m.run(list(p.ids), cfg.seed + p.index, cfg.max_new_tokens)[1] for p in prompts]
+            for m in methods}
 
 
 def load_decoder(cfg: BenchConfig, verifiers: dict[str, str]) -> Decoder:
@@ -193,8 +243,9 @@ def _run_benchmark(cfg: BenchConfig) -> dict:
     methods = build_methods(cfg, decoder, verifiers)
     if cfg.compile:
         methods += compiled_methods(cfg, decoder, verifiers)
-    prompts = load_prompts(decoder.tokenizer, dataset=cfg.dataset, split=cfg.split, domains=cfg.domains,
-                           num_prompts=cfg.num_prompts, prompt_len=cfg.prompt_len)
+    prompts = workload_prompts(resolve(cfg.workload), decoder.tokenizer, dataset=cfg.dataset, split=cfg.split,
+                               domains=cfg.domains, num_prompts=cfg.num_prompts, prompt_len=cfg.prompt_len,
+                               continuation_len=cfg.max_new_tokens)
     done = open_records(Path(cfg.out), run_header(cfg, prompts, methods), resume=cfg.resume, overwrite=cfg.overwrite)
     todo = [p for p in prompts if p.index not in done]
     start = time.perf_counter()
@@ -202,11 +253,14 @@ def _run_benchmark(cfg: BenchConfig) -> dict:
     profile = measure_costs(decoder.pair, name=cfg.pair, gate=decoder.gate, max_n=max(cfg.max_block, *cfg.ks) + 1,
                             context=cfg.prompt_len)
     decoder.profile = profile  # mode auto chooses with the same profile (not measured again)
-    # 2. Warm up, then every method on each prompt in turn; each finished prompt is appended to the records.
+    # 2. The calibration prompts (the predictions' acceptance inputs, before anything is timed), a warm-up, then
+    # every method on each prompt in turn, `repeats` rounds; each finished prompt is appended to the records.
+    calibration = calibrate(cfg, decoder, methods)
     if todo:
         first = list(todo[0].ids)
         warm_up(methods, lambda m: m.run(first, cfg.seed, min(cfg.max_new_tokens, 16)), times=cfg.warmup)
-        bar = tqdm(total=len(todo) * len(methods), desc="benchmark", unit="gen", disable=not cfg.progress)
+        bar = tqdm(total=len(todo) * len(methods) * cfg.repeats, desc="benchmark", unit="gen",
+                   disable=not cfg.progress)
         with bar:
             try:
                 for prompt in todo:
@@ -219,7 +273,13 @@ def _run_benchmark(cfg: BenchConfig) -> dict:
                 raise
     # 3. Aggregate and write the reports; store the chosen stop threshold with its verifier if asked.
     results = write_reports(Path(cfg.out), options=to_dict(cfg), decoder=decoder, verifiers=verifiers, prompts=prompts,
-                            methods=methods, done=done, seconds=time.perf_counter() - start)
+                            methods=methods, done=done, seconds=time.perf_counter() - start, calibration=calibration)
+    failed = {name: c for name, c in (results.get("distribution_check") or {}).items() if not c["passed"]}
+    if failed:
+        raise SprinterError("distribution check: " + "; ".join(
+            f"{name} p_nll={c['p_nll']:.2g}, p_tokens={c['p_tokens']:.2g}" for name, c in failed.items())
+            + f" below {next(iter(failed.values()))['threshold']:.2g} (alpha {cfg.distribution_alpha:g}, Bonferroni); "
+            f"expected lossless rows to sample ar's distribution (reports kept in {cfg.out})")
     stop = results["recommended_stop_threshold"]
     if cfg.store_stop_threshold and stop is not None:
         from sprinter.verifier import update_info

@@ -1,7 +1,8 @@
-"""The latency model over a benchmark run: each row's predicted ms/token from the pair's cost profile and the
-run's own acceptance statistics (by block position from the sd rows, the verifier's rates from its metrics.json,
-the n-gram row's per-call counts). The formulas are sprinter.decode.latency's (docs/latency.md); the regime map
-is sprinter.bench.regime_map.
+"""The latency model over a benchmark run: each row's ms/token from the pair's cost profile and acceptance
+statistics (by block position from the sd rows, the verifier's rates from its metrics.json, the n-gram rows'
+per-call counts). The benchmark feeds it twice: the calibration prompts' statistics (decoded before timing, on
+prompts disjoint from the timed ones: the prediction) and the timed run's own (the cost-model diagnostic).
+The formulas are sprinter.decode.latency's (docs/latency.md); the regime map is sprinter.bench.regime_map.
 """
 
 from __future__ import annotations
@@ -69,14 +70,16 @@ def totals(stats: Sequence[dict]) -> dict[str, float]:
 
 def predict_row(profile: CostProfile, stats: AcceptanceStats | None, row: tuple[str, float | None], *,
                 counts: dict[str, float], prompts: int, prompt_len: int, max_block: int,
-                rates: dict[str, dict[str, tuple[float, float]]]) -> float | None:
+                rates: dict[str, dict[str, tuple[float, float]]], scorer: str | None = None) -> float | None:
     """Predicted ms/token of one benchmark row, (family, operating point) (sprinter.bench.benchmark.FAMILIES);
     None for async (the overlap of two threads is not modelled) and for rows without tokens.
 
     ar, draft, sd, ngram and the learned sprinter rows follow from the profile and `stats` (acceptance by
     position from the sd rows, the verifier's rates from metrics.json, the n-gram row's drafted and accepted
     tokens per call). sd-gated's stop rule, the confidence gates and hf-assisted have no derived block length:
-    their costs are weighed by the row's own counts (`counted_ms`), as are the learned rows without metrics.json."""
+    their costs are weighed by the row's own counts (`counted_ms`), as are the learned rows without metrics.json.
+    `scorer`: the verifier whose rates price a learned row (`verifiers` key: "mlp", "linear", "compare"); None:
+    the family's own."""
     family, operating_point = row
     if family == "async" or not counts["new_tokens"]:
         return None
@@ -91,11 +94,11 @@ def predict_row(profile: CostProfile, stats: AcceptanceStats | None, row: tuple[
     a = stats.by_position if stats is not None else ()
     if family == "sd" and a:
         return sd_ms(profile, a, int(operating_point))
-    if family == "ngram" and calls > 0:
+    if family in ("ngram", "ngram-8") and calls > 0:  # ngram-8: auto's loop, the prompt read with the first block
         return ngram_ms(profile, counts["drafted"] / calls, counts["accepted"] / calls,
                         1e3 * counts["draft_seconds"] / calls)
     gate = "confidence" if family.endswith("confidence") else "learned"
-    scorer = {"sprinter-mlp": "mlp", "sprinter-strict": "mlp", "sprinter-linear": "linear"}.get(family)
+    scorer = scorer or {"sprinter-mlp": "mlp", "sprinter-strict": "mlp", "sprinter-linear": "linear"}.get(family)
     point = rates.get(scorer, {}).get(budget_key(operating_point)) if scorer and operating_point is not None else None
     if point is not None and a:
         model = sd_gated_ms if family == "sprinter-strict" else sprinter_ms
@@ -105,19 +108,21 @@ def predict_row(profile: CostProfile, stats: AcceptanceStats | None, row: tuple[
                       gate=gate if counts["verifier_calls"] else "learned")
 
 
-def predictions(profile: CostProfile, records: dict[str, list[dict]], families: dict[str, tuple[str, float | None]],
+def predictions(profile: CostProfile, runs: dict[str, list[dict]], families: dict[str, tuple[str, float | None]],
                 *, prompt_len: int, max_block: int, rates: dict[str, dict[str, tuple[float, float]]]
                 ) -> tuple[dict[str, float | None], AcceptanceStats | None]:
-    """Predicted ms/token per method name of a benchmark run, and the acceptance statistics behind them.
+    """ms/token per method name from a set of runs, and the acceptance statistics behind them.
 
-    records: each method's per-prompt records; families: method name -> (family, operating point)."""
-    sd_stats = [r["stats"] for name, recs in records.items() if families[name][0] == "sd" for r in recs]
+    runs: each method's per-prompt stats (DecodeStats.to_dict()); families: method name -> (family, operating
+    point). The sprinter-mlp-compare rows are priced with the compare verifier's rates."""
+    sd_stats = [s for name, stats in runs.items() if families[name][0] == "sd" for s in stats]
     a = acceptance_by_position(sd_stats)
     stats = AcceptanceStats(a) if a else None
     out = {}
-    for name, recs in records.items():
-        out[name] = predict_row(profile, stats, families[name], counts=totals([r["stats"] for r in recs]),
-                                prompts=len(recs), prompt_len=prompt_len, max_block=max_block, rates=rates)
+    for name, row_stats in runs.items():
+        out[name] = predict_row(profile, stats, families[name], counts=totals(row_stats), prompts=len(row_stats),
+                                prompt_len=prompt_len, max_block=max_block, rates=rates,
+                                scorer="compare" if name.startswith("sprinter-mlp-compare") else None)
     return out, stats
 
 

@@ -71,6 +71,8 @@ class DecodeOptions:
                                                   "verifier was calibrated for (e.g. 0.05); none: lossless modes only")
     draft_device: str | None = option(None, "async: the draft's device (cpu, cuda:N); none: the decoder's")
     target_device: str | None = option(None, "async: the target's device; none: the decoder's")
+    auto_candidate: str | None = option(None, "auto: run this one candidate every round (e.g. 'ngram-k8', 'sd-k4'): "
+                                              "a fixed setting on auto's own loop; none: choose before every round")
 
     def __post_init__(self) -> None:
         if not isinstance(self.stop, (str, tuple)) and _is_sequence(self.stop):
@@ -120,6 +122,7 @@ class DecodeOptions:
         for name in ("window", "draft_device", "target_device"):
             self._only(name, ("async",))
         self._only("max_false_accept", ("auto",))
+        self._only("auto_candidate", ("auto",))
         fa = self.max_false_accept
         if fa is not None and (isinstance(fa, bool) or not isinstance(fa, (int, float)) or not 0 < fa < 1):
             raise SprinterError(f"max_false_accept: got {fa!r}; expected a false-accept budget in (0, 1) that the "
