@@ -93,8 +93,8 @@ def bench_args(tiny_pair, verifier, out, *extra):
 @pytest.fixture(scope="module")
 def smoke(tiny_pair, verifier, tmp_path_factory):
     out = tmp_path_factory.mktemp("bench")
-    cfg = parse_config(BenchConfig, bench_args(tiny_pair, verifier, out, "--methods", *BenchConfig().methods,
-                                               "sprinter-strict"), "test")
+    cfg = parse_config(BenchConfig, bench_args(tiny_pair, verifier, out, "--methods", *BenchConfig().methods),
+                       "test")
     return out, run_benchmark(cfg)
 
 
@@ -106,7 +106,7 @@ def test_smoke_run_writes_every_output_with_the_schema(smoke):
     assert on_disk["prompts"]["count"] == 2 and on_disk["prompts"]["domains"] == {"code": 1, "prose": 1}
     assert on_disk["temperature"] == 0.0 and on_disk["hardware"]["dtype"] == "float32"
     names = [m["name"] for m in on_disk["methods"]]
-    assert names == ["ar", "draft", "sd-k2", "sd-k4", "hf-assisted", "ngram", "sd-gated@0.3", "sd-gated@0.7",
+    assert names == ["ar", "draft", "sd-k2", "sd-k4", "hf-assisted", "ngram", "ngram-8", "sd-gated@0.3", "sd-gated@0.7",
                      "sd-gated-confidence@0.3", "sd-gated-confidence@0.7", "sprinter-mlp@0.05", "sprinter-mlp@0.2",
                      "sprinter-linear@0.05", "sprinter-linear@0.2", "sprinter-confidence@0.4", "auto", "auto@0.05",
                      "auto@0.2", "sprinter-strict@0.05"]
