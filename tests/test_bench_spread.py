@@ -139,3 +139,17 @@ def test_the_compare_row_is_priced_with_the_compare_verifiers_rates():
     assert out["sprinter-mlp-compare@0.05"] == pytest.approx(sprinter_ms(p, (0.5,), 0.3, 0.05, 4, "learned"))
     assert out["sprinter-mlp@0.05"] != out["sprinter-mlp-compare@0.05"]
     assert AcceptanceStats((0.5,)).by_position == (0.5,)
+
+
+def test_the_regime_map_reads_the_marked_pairs_measured_verifier_rates(tmp_path):
+    import json
+
+    from sprinter.bench.regime_map import measured_rates
+
+    point = {"threshold": 0.6, "false_accept": 0.06, "true_accept": 0.45, "pass_rate": 0.3}
+    (tmp_path / "metrics.json").write_text(json.dumps({"verifier": {"operating_points": {"0.05": point}}}))
+    assert measured_rates(tmp_path) == (0.45, 0.06)
+    with pytest.raises(SprinterError, match="no operating point at budget 0.1"):
+        measured_rates(tmp_path, 0.1)
+    with pytest.raises(SprinterError, match="holds no metrics.json"):
+        measured_rates(tmp_path / "none")
