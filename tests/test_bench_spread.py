@@ -153,3 +153,18 @@ def test_the_regime_map_reads_the_marked_pairs_measured_verifier_rates(tmp_path)
         measured_rates(tmp_path, 0.1)
     with pytest.raises(SprinterError, match="holds no metrics.json"):
         measured_rates(tmp_path / "none")
+
+
+def test_the_ngram8_row_is_priced_as_ngram_on_a_single_prompt_loop():
+    from sprinter.bench.latency import predict_row
+    from sprinter.decode.latency import ngram_ms
+
+    p = CostProfile(pair="t", device="cpu", dtype="float32", threads=1, context=8, draft_step_ms=0.1,
+                    draft_hidden_step_ms=0.1, target_ms=tuple(1 + 0.1 * n for n in range(10)),
+                    gate_ms={"learned": 0.02, "confidence": 0.02}, round_ms=0.0)
+    counts = {"new_tokens": 100, "target_calls": 40, "target_tokens": 200, "draft_calls": 0, "verifier_calls": 0,
+              "drafted": 80, "accepted": 60, "draft_seconds": 0.004}
+    common = {"counts": counts, "prompts": 1, "prompt_len": 8, "max_block": 8, "rates": {}}
+    # auto's loop reads the prompt with its first block: every call counts (the batched ngram row's first does not)
+    assert predict_row(p, None, ("ngram-8", 8), **common) == pytest.approx(ngram_ms(p, 80 / 40, 60 / 40, 4 / 40))
+    assert predict_row(p, None, ("ngram", None), **common) == pytest.approx(ngram_ms(p, 80 / 39, 60 / 39, 4 / 39))
