@@ -138,6 +138,8 @@ def test_smoke_run_writes_every_output_with_the_schema(smoke):
     assert on_disk["workload"] == "greedy" and on_disk["repeats"] == 2 and on_disk["prompts"]["calibration"] == \
         {"split": "val", "count": 1}
     assert all(len(r["timings"]) == 2 for r in records)
+    calibration = json.loads((out / "calibration.json").read_text())  # read back by --resume
+    assert list(calibration) == names and all(len(runs) == 1 for runs in calibration.values())
     for m in on_disk["methods"]:
         lo, hi = m["speedup_interval"]
         assert lo <= m["speedup_vs_ar"] <= hi and isinstance(m["tie"], bool)

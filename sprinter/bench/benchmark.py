@@ -1,9 +1,12 @@
 """The benchmark: every decoding mode on the same prompts and hardware, speed and fidelity side by side.
 
-The protocol is sprinter.bench.protocol's (docs/benchmark.md): batch 1, greedy by default, held-out
-prompts of two domains, a warm-up generation per method first, then the methods interleaved prompt by
-prompt (their order rotated each prompt). Each lossless method's output is checked equal to `ar`'s
-(greedy runs); a difference stops the run with a SprinterError. Fidelity is scored outside the timed
+The protocol is sprinter.bench.protocol's (docs/benchmark.md): batch 1, a workload (sprinter.bench.workloads:
+`sampled`, the default, `greedy` or `grounded`) that sets the prompts, sampling and length, held-out prompts,
+calibration prompts of another split decoded by every row before timing (the latency model's inputs, so its
+predictions are made before the measurement), a warm-up per method, then the methods interleaved prompt by
+prompt, `repeats` rounds each (their order rotated each round). In greedy runs each lossless method's output is
+checked equal to `ar`'s (a difference stops the run with a SprinterError); in sampled runs the lossless rows are
+checked in distribution once all prompts ran (sprinter.bench.distribution). Fidelity is scored outside the timed
 region by one teacher-forced target forward per output (sprinter.bench.fidelity).
 
 Per-prompt records are appended to OUT/records.jsonl as each prompt finishes; `resume` continues from
@@ -12,6 +15,7 @@ them. sprinter.bench.report turns the records into results.json, results.md and 
 
 from __future__ import annotations
 
+import json
 import sys
 import time
 from dataclasses import dataclass
@@ -39,6 +43,7 @@ from sprinter.bench.protocol import (
     check_window,
     open_records,
     rotated,
+    save,
     warm_up,
 )
 from sprinter.bench.report import write_reports
@@ -53,9 +58,10 @@ from sprinter.decode.gates import (
 )
 from sprinter.decode.options import DEMO_VERIFIER, DecodeOptions
 from sprinter.errors import SprinterError
-from sprinter.files import FolderLock
+from sprinter.files import FolderLock, read_json
 
 CONFIG_DIR = CONFIGS / "bench"
+CALIBRATION = "calibration.json"  # the calibration prompts' stats (the predictions' inputs), beside the records
 # Options that may change on --resume without changing what a record means.
 RUNTIME_OPTIONS = ("out", "resume", "overwrite", "progress", "threads", "warmup", "store_stop_threshold")
 
@@ -207,14 +213,20 @@ def run_prompt(cfg: BenchConfig, decoder: Decoder, prompt: Prompt, methods: Sequ
 
 def calibrate(cfg: BenchConfig, decoder: Decoder, methods: Sequence[Method]) -> dict[str, list[dict]]:
     """Every method on CALIBRATION_PROMPTS prompts of CALIBRATION_SPLIT (untimed; it warms the methods up too):
-    {method name: [stats per prompt]}, the latency model's inputs for the predictions (sprinter.bench.latency)."""
+    {method name: [stats per prompt]}, the latency model's inputs for the predictions (sprinter.bench.latency).
+    Kept in OUT/calibration.json; a resumed run (same options: open_records checked them) reads it back."""
+    path = Path(cfg.out) / CALIBRATION
     if not cfg.calibration_prompts:
         return {}
+    if cfg.resume and path.is_file():
+        return read_json(path, CALIBRATION)
     prompts = workload_prompts(resolve(cfg.workload), decoder.tokenizer, dataset=cfg.dataset,
                                split=cfg.calibration_split, domains=cfg.domains, num_prompts=cfg.calibration_prompts,
                                prompt_len=cfg.prompt_len, continuation_len=0)
-    return {m.name: [m.run(list(p.ids), cfg.seed + p.index, cfg.max_new_tokens)[1] for p in prompts]
+    runs = {m.name: [m.run(list(p.ids), cfg.seed + p.index, cfg.max_new_tokens)[1] for p in prompts]
             for m in methods}
+    save(path, json.dumps(runs) + "\n")
+    return runs
 
 
 def load_decoder(cfg: BenchConfig, verifiers: dict[str, str]) -> Decoder:

@@ -185,8 +185,7 @@ def build_methods(cfg: BenchConfig, decoder: Decoder, verifiers: dict[str, str])
         elif family in GATED:
             gate = gates["stop"][0] if family == "sd-gated" else "confidence"
             methods += [Method(f"{family}@{c:g}", family, True,
-                               runner(mode="sd-gated", gate=gate, stop_threshold=c,
-                                              max_block=cfg.max_block), c)
+                               runner(mode="sd-gated", gate=gate, stop_threshold=c, max_block=cfg.max_block), c)
                         for c in sorted(set(cfg.stop_thresholds))]
         elif family == "ngram":  # batch 1: s from the device's I_knee (sprinter.decode.roofline)
             methods.append(Method(family, family, True, runner(mode="ngram")))
@@ -194,17 +193,14 @@ def build_methods(cfg: BenchConfig, decoder: Decoder, verifiers: dict[str, str])
             methods.append(Method(family, family, True, runner(mode="auto", max_block=cfg.max_block,
                                                            auto_candidate=f"ngram-k{AUTO_NGRAM}"), AUTO_NGRAM))
         elif family == "auto":  # lossless, and with a verifier one row per budget: sprinter at it is a candidate
-            methods.append(Method(family, family, True, runner(mode="auto",
-                                                                         max_block=cfg.max_block)))
+            methods.append(Method(family, family, True, runner(mode="auto", max_block=cfg.max_block)))
             if "mlp" in gates:
                 methods += [Method(f"auto@{budget:g}", family, False,
-                                   runner(mode="auto", max_block=cfg.max_block,
-                                                  max_false_accept=budget), budget)
+                                   runner(mode="auto", max_block=cfg.max_block, max_false_accept=budget), budget)
                             for budget, _ in chosen_budgets(cfg, gates["mlp"][1], verifiers["mlp"])]
         elif family == "sprinter-confidence":
             methods += [Method(f"{family}@{c:g}", family, False,
-                               runner(mode="sprinter", gate="confidence", threshold=c,
-                                              max_block=cfg.max_block), c)
+                               runner(mode="sprinter", gate="confidence", threshold=c, max_block=cfg.max_block), c)
                         for c in sorted(set(cfg.confidence_thresholds))]
         else:
             name = "linear" if family == "sprinter-linear" else "mlp"
@@ -215,8 +211,8 @@ def build_methods(cfg: BenchConfig, decoder: Decoder, verifiers: dict[str, str])
             for budget, threshold in budgets:
                 methods.append(Method(f"{family}@{budget:g}", family, family == "sprinter-strict",
                                       runner(mode="sprinter", max_block=cfg.max_block,
-                                                     strict=family == "sprinter-strict",
-                                                     gate=LearnedGate(gate.verifier, gate.features, threshold)),
+                                             strict=family == "sprinter-strict",
+                                             gate=LearnedGate(gate.verifier, gate.features, threshold)),
                                       budget))
             if family == "sprinter-mlp" and "compare" in gates:  # the other verifier at the same budgets
                 other, other_thresholds = gates["compare"]
@@ -226,7 +222,7 @@ def build_methods(cfg: BenchConfig, decoder: Decoder, verifiers: dict[str, str])
                         continue  # not calibrated for this budget
                     methods.append(Method(f"sprinter-mlp-compare@{budget:g}", family, False,
                                           runner(mode="sprinter", max_block=cfg.max_block,
-                                                         gate=LearnedGate(other.verifier, other.features, threshold)),
+                                                 gate=LearnedGate(other.verifier, other.features, threshold)),
                                           budget))
     return methods
 
