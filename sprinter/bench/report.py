@@ -399,7 +399,7 @@ def write_reports(out: Path, *, options: dict, decoder, verifiers: dict[str, str
         "reference": pooled([(p.ids, p.continuation) for p in finished if p.continuation]),
     }
     results["prompts"]["calibration"] = {"split": options.get("calibration_split"),
-                                         "count": options.get("calibration_prompts", 0) if calibration else 0}
+                                         "count": len(next(iter(calibration.values()), [])) if calibration else 0}
     results["distribution_check"] = (check_distributions(methods, done, options.get("distribution_alpha", ALPHA))
                                      if options["temperature"] > 0 else None)
     results["recommended_stop_threshold"] = recommended_stop_threshold(results["methods"])
