@@ -297,13 +297,13 @@ def test_a_sampling_run_checks_lossless_rows_in_distribution(tiny_pair, verifier
 
 def test_a_distribution_check_failure_stops_the_run_after_writing_the_reports(tiny_pair, verifier, tmp_path,
                                                                             monkeypatch):
-    import sprinter.bench.report as report
+    import sprinter.bench.distribution as distribution
 
     def failing(rows, *, alpha):
         return {name: {"p_nll": 1e-9, "p_tokens": 0.5, "threshold": alpha / 2, "prompts": 2, "smallest_p": 0.5,
                        "passed": False} for name in rows}
 
-    monkeypatch.setattr(report, "distribution_check", failing)
+    monkeypatch.setattr(distribution, "distribution_check", failing)
     args = bench_args(tiny_pair, verifier, tmp_path, "--workload", "sampled", "--methods", "ar", "sd", "--ks", "2",
                       "--repeats", "1", "--calibration-prompts", "0")
     with pytest.raises(SprinterError, match=r"distribution check: sd-k2 p_nll=1e-09.*expected lossless rows"):

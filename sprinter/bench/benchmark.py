@@ -34,6 +34,7 @@ from sprinter.bench.methods import (
     compiled_methods,
 )
 from sprinter.bench.protocol import (
+    CALIBRATION,
     DOMAINS,
     RECORDS,
     Method,
@@ -61,7 +62,6 @@ from sprinter.errors import SprinterError
 from sprinter.files import FolderLock, read_json
 
 CONFIG_DIR = CONFIGS / "bench"
-CALIBRATION = "calibration.json"  # the calibration prompts' stats (the predictions' inputs), beside the records
 # Options that may change on --resume without changing what a record means.
 RUNTIME_OPTIONS = ("out", "resume", "overwrite", "progress", "threads", "warmup", "store_stop_threshold")
 
@@ -217,6 +217,7 @@ def calibrate(cfg: BenchConfig, decoder: Decoder, methods: Sequence[Method]) -> 
     Kept in OUT/calibration.json; a resumed run (same options: open_records checked them) reads it back."""
     path = Path(cfg.out) / CALIBRATION
     if not cfg.calibration_prompts:
+        path.unlink(missing_ok=True)  # an earlier run's, replaced by --overwrite: not this run's inputs
         return {}
     if cfg.resume and path.is_file():
         return read_json(path, CALIBRATION)
@@ -267,7 +268,7 @@ def _run_benchmark(cfg: BenchConfig) -> dict:
     decoder.profile = profile  # mode auto chooses with the same profile (not measured again)
     # 2. The calibration prompts (the predictions' acceptance inputs, before anything is timed), a warm-up, then
     # every method on each prompt in turn, `repeats` rounds; each finished prompt is appended to the records.
-    calibration = calibrate(cfg, decoder, methods)
+    calibrate(cfg, decoder, methods)  # OUT/calibration.json, read by the report
     if todo:
         first = list(todo[0].ids)
         warm_up(methods, lambda m: m.run(first, cfg.seed, min(cfg.max_new_tokens, 16)), times=cfg.warmup)
@@ -285,7 +286,7 @@ def _run_benchmark(cfg: BenchConfig) -> dict:
                 raise
     # 3. Aggregate and write the reports; store the chosen stop threshold with its verifier if asked.
     results = write_reports(Path(cfg.out), options=to_dict(cfg), decoder=decoder, verifiers=verifiers, prompts=prompts,
-                            methods=methods, done=done, seconds=time.perf_counter() - start, calibration=calibration)
+                            methods=methods, done=done, seconds=time.perf_counter() - start)
     failed = {name: c for name, c in (results.get("distribution_check") or {}).items() if not c["passed"]}
     if failed:
         raise SprinterError("distribution check: " + "; ".join(

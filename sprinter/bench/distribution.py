@@ -101,4 +101,16 @@ def distribution_check(rows: dict[str, list[tuple[dict, dict]]], *, alpha: float
     return out
 
 
-__all__ = ["ALPHA", "BUCKETS", "distribution_check", "nll_p_value", "swaps", "token_distance", "tokens_p_value"]
+def check_distributions(methods: Sequence, done: dict[int, list[dict]], alpha: float) -> dict[str, dict]:
+    """The check of every lossless row (sprinter.bench.protocol.Method) against ar over a run's finished prompts."""
+    rows: dict[str, list[tuple[dict, dict]]] = {}
+    for index in sorted(done):
+        by_name = {r["method"]: r for r in done[index]}
+        for m in methods:
+            if m.lossless and m.name != "ar" and m.name in by_name:
+                rows.setdefault(m.name, []).append((by_name["ar"], by_name[m.name]))
+    return distribution_check(rows, alpha=alpha)
+
+
+__all__ = ["ALPHA", "BUCKETS", "check_distributions", "distribution_check", "nll_p_value", "swaps", "token_distance",
+           "tokens_p_value"]

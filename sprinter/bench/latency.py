@@ -10,6 +10,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Sequence
 
+from sprinter.bench.protocol import Method
 from sprinter.decode.costs import CostProfile
 from sprinter.decode.latency import (
     AcceptanceStats,
@@ -25,6 +26,7 @@ from sprinter.decode.latency import (
 from sprinter.files import read_json
 from sprinter.verifier import budget_key
 
+WITHIN = 0.25  # a prediction "holds" within this relative error of the measurement
 MIN_REACHED = 10  # blocks that must reach a position before its acceptance rate is estimated from them
 
 
@@ -70,16 +72,14 @@ def totals(stats: Sequence[dict]) -> dict[str, float]:
 
 def predict_row(profile: CostProfile, stats: AcceptanceStats | None, row: tuple[str, float | None], *,
                 counts: dict[str, float], prompts: int, prompt_len: int, max_block: int,
-                rates: dict[str, dict[str, tuple[float, float]]], scorer: str | None = None) -> float | None:
+                rates: dict[str, dict[str, tuple[float, float]]]) -> float | None:
     """Predicted ms/token of one benchmark row, (family, operating point) (sprinter.bench.benchmark.FAMILIES);
     None for async (the overlap of two threads is not modelled) and for rows without tokens.
 
     ar, draft, sd, ngram and the learned sprinter rows follow from the profile and `stats` (acceptance by
     position from the sd rows, the verifier's rates from metrics.json, the n-gram row's drafted and accepted
     tokens per call). sd-gated's stop rule, the confidence gates and hf-assisted have no derived block length:
-    their costs are weighed by the row's own counts (`counted_ms`), as are the learned rows without metrics.json.
-    `scorer`: the verifier whose rates price a learned row (`verifiers` key: "mlp", "linear", "compare"); None:
-    the family's own."""
+    their costs are weighed by the row's own counts (`counted_ms`), as are the learned rows without metrics.json."""
     family, operating_point = row
     if family == "async" or not counts["new_tokens"]:
         return None
@@ -98,7 +98,7 @@ def predict_row(profile: CostProfile, stats: AcceptanceStats | None, row: tuple[
         return ngram_ms(profile, counts["drafted"] / calls, counts["accepted"] / calls,
                         1e3 * counts["draft_seconds"] / calls)
     gate = "confidence" if family.endswith("confidence") else "learned"
-    scorer = scorer or {"sprinter-mlp": "mlp", "sprinter-strict": "mlp", "sprinter-linear": "linear"}.get(family)
+    scorer = {"sprinter-mlp": "mlp", "sprinter-strict": "mlp", "sprinter-linear": "linear"}.get(family)
     point = rates.get(scorer, {}).get(budget_key(operating_point)) if scorer and operating_point is not None else None
     if point is not None and a:
         model = sd_gated_ms if family == "sprinter-strict" else sprinter_ms
@@ -120,10 +120,48 @@ def predictions(profile: CostProfile, runs: dict[str, list[dict]], families: dic
     stats = AcceptanceStats(a) if a else None
     out = {}
     for name, row_stats in runs.items():
+        own = {**rates, "mlp": rates.get("compare", {})} if name.startswith("sprinter-mlp-compare") else rates
         out[name] = predict_row(profile, stats, families[name], counts=totals(row_stats), prompts=len(row_stats),
-                                prompt_len=prompt_len, max_block=max_block, rates=rates,
-                                scorer="compare" if name.startswith("sprinter-mlp-compare") else None)
+                                prompt_len=prompt_len, max_block=max_block, rates=own)
     return out, stats
 
 
-__all__ = ["acceptance_by_position", "load_verifier_rates", "predict_row", "predictions", "totals"]
+def add_predictions(results: dict, profile, options: dict, verifiers: dict[str, str], methods: Sequence[Method],
+                    done: dict[int, list[dict]], pair_meta: dict, calibration: dict[str, list[dict]]) -> None:
+    """Each entry's `predicted_ms_per_token`, from the calibration prompts' counts (decoded before timing, on
+    prompts disjoint from the timed ones) and the profile, and its `cost_model_ms_per_token`, from the timed
+    run's own counts (a check that the costs add up, not a prediction), each with its relative error against
+    the measured ms/token. Under `pair`: the profile's draft_target_cost_ratio, the pair's greedy_agreement
+    (pair.json), the calibration's acceptance by position and the profile. Without calibration prompts the
+    prediction is None."""
+    rows = {m.name: (m.family, m.operating_point) for m in methods}
+    rates = load_verifier_rates(verifiers)
+    timed = {m.name: [r["stats"] for i in sorted(done) for r in done[i] if r["method"] == m.name] for m in methods}
+    cost_model, timed_stats = predictions(profile, timed, rows, prompt_len=options["prompt_len"],
+                                          max_block=options["max_block"], rates=rates)
+    predicted, stats = ({}, None) if not calibration else predictions(
+        profile, calibration, rows, prompt_len=options["prompt_len"], max_block=options["max_block"], rates=rates)
+
+    def error(estimate, measured):
+        return estimate / measured - 1 if estimate is not None and measured else None
+
+    for entry in results["methods"]:
+        entry["predicted_ms_per_token"] = predicted.get(entry["name"])
+        entry["cost_model_ms_per_token"] = cost_model.get(entry["name"])
+        entry["prediction_error"] = error(entry["predicted_ms_per_token"], entry["ms_per_token"])
+        entry["cost_model_error"] = error(entry["cost_model_ms_per_token"], entry["ms_per_token"])
+    results["pair"].update(draft_target_cost_ratio=profile.cost_ratio,
+                           greedy_agreement=pair_meta.get("greedy_agreement"),
+                           acceptance_by_position=list(stats.by_position) if stats else None,
+                           timed_acceptance_by_position=list(timed_stats.by_position) if timed_stats else None,
+                           cost_profile=profile.to_dict())
+
+
+def within_share(entries: Sequence[dict], key: str) -> tuple[int, int]:
+    """(rows whose `key` error is within WITHIN, rows with such an error)."""
+    errors = [e[key] for e in entries if e.get(key) is not None]
+    return sum(abs(x) <= WITHIN for x in errors), len(errors)
+
+
+__all__ = ["WITHIN", "acceptance_by_position", "add_predictions", "load_verifier_rates", "predict_row", "predictions",
+           "totals", "within_share"]

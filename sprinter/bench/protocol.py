@@ -29,6 +29,7 @@ from sprinter.files import read_json, write_atomic
 
 DOMAINS = ("code", "prose")
 RECORDS, RUN = "records.jsonl", "run.json"
+CALIBRATION = "calibration.json"  # the main benchmark's calibration prompts' stats (the predictions' inputs)
 T = TypeVar("T")
 
 
@@ -253,6 +254,6 @@ def append_records(out: Path, records: Sequence[dict]) -> None:
         raise disk_error(path, err, "appending to") from err
 
 
-__all__ = ["DOMAINS", "RECORDS", "RUN", "Method", "Prompt", "Runner", "append_records", "check_lossless",
+__all__ = ["CALIBRATION", "DOMAINS", "RECORDS", "RUN", "Method", "Prompt", "Runner", "append_records", "check_lossless",
            "check_window", "disk_error", "hardware", "libraries", "load_prompts", "open_records", "read_records",
            "rotated", "save", "warm_up"]

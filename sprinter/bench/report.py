@@ -32,8 +32,9 @@ from typing import Sequence
 
 from sprinter.bench.degeneracy import KEYS as DEGENERACY_KEYS
 from sprinter.bench.degeneracy import pooled
-from sprinter.bench.distribution import ALPHA, distribution_check
-from sprinter.bench.protocol import Method, Prompt, disk_error, hardware, libraries, save
+from sprinter.bench.distribution import ALPHA, check_distributions
+from sprinter.bench.latency import add_predictions, within_share
+from sprinter.bench.protocol import CALIBRATION, Method, Prompt, disk_error, hardware, libraries, save
 from sprinter.bench.spread import LEVEL, bootstrap_interval, mark_ties
 from sprinter.bench.workloads import WORKLOADS
 from sprinter.decode.stats import promise_warning
@@ -49,7 +50,6 @@ METHOD_KEYS = ("name", "family", "operating_point", "lossless", "prompts", "new_
                "target_nll_ratio_vs_ar", "rouge_l_vs_ar", "exact_match_vs_ar", "by_domain")
 TOP_KEYS = ("format", "created", "hardware", "libraries", "pair", "verifiers", "prompts", "max_new_tokens",
             "temperature", "options", "elapsed_seconds", "methods", "workload", "reference")
-WITHIN = 0.25  # a prediction "holds" within this relative error
 CURVES = ("sd-gated", "sd-gated-confidence", "sprinter-mlp", "sprinter-linear", "sprinter-confidence")
 BEST_OF = ("sd", "sd-gated", "sd-gated-confidence")  # lossless families whose fastest operating point is marked
 
@@ -315,63 +315,13 @@ def plot(results: dict, path: Path) -> None:
     tmp.replace(path)
 
 
-def add_predictions(results: dict, profile, options: dict, verifiers: dict[str, str], methods: Sequence[Method],
-                    done: dict[int, list[dict]], pair_meta: dict, calibration: dict[str, list[dict]]) -> None:
-    """Each entry's `predicted_ms_per_token`, from the calibration prompts' counts (decoded before timing, on
-    prompts disjoint from the timed ones) and the profile, and its `cost_model_ms_per_token`, from the timed
-    run's own counts (a check that the costs add up, not a prediction), each with its relative error against
-    the measured ms/token. Under `pair`: the profile's draft_target_cost_ratio, the pair's greedy_agreement
-    (pair.json), the calibration's acceptance by position and the profile. Without calibration prompts the
-    prediction is None."""
-    from sprinter.bench.latency import load_verifier_rates, predictions
-
-    rows = {m.name: (m.family, m.operating_point) for m in methods}
-    rates = load_verifier_rates(verifiers)
-    timed = {m.name: [r["stats"] for i in sorted(done) for r in done[i] if r["method"] == m.name] for m in methods}
-    cost_model, timed_stats = predictions(profile, timed, rows, prompt_len=options["prompt_len"],
-                                          max_block=options["max_block"], rates=rates)
-    predicted, stats = ({}, None) if not calibration else predictions(
-        profile, calibration, rows, prompt_len=options["prompt_len"], max_block=options["max_block"], rates=rates)
-
-    def error(estimate, measured):
-        return estimate / measured - 1 if estimate is not None and measured else None
-
-    for entry in results["methods"]:
-        entry["predicted_ms_per_token"] = predicted.get(entry["name"])
-        entry["cost_model_ms_per_token"] = cost_model.get(entry["name"])
-        entry["prediction_error"] = error(entry["predicted_ms_per_token"], entry["ms_per_token"])
-        entry["cost_model_error"] = error(entry["cost_model_ms_per_token"], entry["ms_per_token"])
-    results["pair"].update(draft_target_cost_ratio=profile.cost_ratio,
-                           greedy_agreement=pair_meta.get("greedy_agreement"),
-                           acceptance_by_position=list(stats.by_position) if stats else None,
-                           timed_acceptance_by_position=list(timed_stats.by_position) if timed_stats else None,
-                           cost_profile=profile.to_dict())
-
-
-def within_share(entries: Sequence[dict], key: str) -> tuple[int, int]:
-    """(rows whose `key` error is within WITHIN, rows with such an error)."""
-    errors = [e[key] for e in entries if e.get(key) is not None]
-    return sum(abs(x) <= WITHIN for x in errors), len(errors)
-
-
-def check_distributions(methods: Sequence[Method], done: dict[int, list[dict]], alpha: float) -> dict[str, dict]:
-    """The sampled runs' distribution check (sprinter.bench.distribution) of every lossless row against ar."""
-    rows: dict[str, list[tuple[dict, dict]]] = {}
-    for index in sorted(done):
-        by_name = {r["method"]: r for r in done[index]}
-        for m in methods:
-            if m.lossless and m.name != "ar" and m.name in by_name:
-                rows.setdefault(m.name, []).append((by_name["ar"], by_name[m.name]))
-    return distribution_check(rows, alpha=alpha)
-
-
 def write_reports(out: Path, *, options: dict, decoder, verifiers: dict[str, str], prompts: Sequence[Prompt],
-                  methods: Sequence[Method], done: dict[int, list[dict]], seconds: float,
-                  calibration: dict[str, list[dict]] | None = None) -> dict:
+                  methods: Sequence[Method], done: dict[int, list[dict]], seconds: float) -> dict:
     """Write OUT/results.json, results.md and pareto.png from the finished prompts; returns the results.
     `options`: the benchmark's options as a dict (sprinter.config.to_dict of its BenchConfig). The decoder's
     `profile` (the pair's CostProfile, sprinter.decode.costs) gives the predicted ms/token (None: not predicted)."""
     pair, profile = decoder.pair, decoder.profile
+    calibration = read_json(out / CALIBRATION, CALIBRATION) if (out / CALIBRATION).is_file() else {}
     verifier_info = {}
     for name, path in verifiers.items():
         from sprinter.verifier import read_info
@@ -406,7 +356,7 @@ def write_reports(out: Path, *, options: dict, decoder, verifiers: dict[str, str
     if profile is not None:
         meta = Path(pair.draft_name).parent / "pair.json"
         add_predictions(results, profile, options, verifiers, methods, done,
-                        read_json(meta, "pair.json") if meta.is_file() else {}, calibration or {})
+                        read_json(meta, "pair.json") if meta.is_file() else {}, calibration)
     else:
         for entry in results["methods"]:
             entry.update(predicted_ms_per_token=None, cost_model_ms_per_token=None, prediction_error=None,
@@ -428,5 +378,5 @@ def write_reports(out: Path, *, options: dict, decoder, verifiers: dict[str, str
     return results
 
 
-__all__ = ["FORMAT", "METHOD_KEYS", "check_distributions", "check_results", "markdown", "method_entries", "plot",
-           "summarize", "within_share", "write_reports"]
+__all__ = ["FORMAT", "METHOD_KEYS", "check_results", "markdown", "method_entries", "plot", "summarize",
+           "write_reports"]
