@@ -107,9 +107,9 @@ def test_smoke_run_writes_every_output_with_the_schema(smoke):
     assert on_disk["temperature"] == 0.0 and on_disk["hardware"]["dtype"] == "float32"
     names = [m["name"] for m in on_disk["methods"]]
     assert names == ["ar", "draft", "sd-k2", "sd-k4", "hf-assisted", "ngram", "ngram-8", "sd-gated@0.3", "sd-gated@0.7",
-                     "sd-gated-confidence@0.3", "sd-gated-confidence@0.7", "sprinter-mlp@0.05", "sprinter-mlp@0.2",
-                     "sprinter-linear@0.05", "sprinter-linear@0.2", "sprinter-confidence@0.4", "auto", "auto@0.05",
-                     "auto@0.2", "sprinter-strict@0.05"]
+                     "sd-gated-confidence@0.3", "sd-gated-confidence@0.7", "sprinter-strict@0.05", "sprinter-mlp@0.05",
+                     "sprinter-mlp@0.2", "sprinter-linear@0.05", "sprinter-linear@0.2", "sprinter-confidence@0.4",
+                     "auto", "auto@0.05", "auto@0.2"]
     by_name = {m["name"]: m for m in on_disk["methods"]}
     ar = by_name["ar"]
     assert ar["speedup_vs_ar"] == pytest.approx(1.0) and ar["target_calls_per_token"] == 1.0
@@ -277,6 +277,27 @@ def test_every_bench_preset_parses():
             if isinstance(got, (list, tuple)):
                 got, value = tuple(got), tuple(value)
             assert got == value or str(got) == str(value), (path.name, key, got, value)
+
+
+def test_a_greedy_lossless_row_must_repeat_its_tokens_in_every_round():
+    from itertools import count
+
+    from sprinter.bench.benchmark import run_prompt
+    from sprinter.bench.protocol import Method
+
+    calls = count()
+    methods = [Method("ar", "ar", True, lambda ids, seed, n: ([1, 2, 3], {"wall_seconds": 0.1, "new_tokens": 3})),
+               Method("sd-k2", "sd", True, lambda ids, seed, n: ([1, 2, next(calls)], {"wall_seconds": 0.1,
+                                                                                     "new_tokens": 3}), 2)]
+
+    class Bar:
+        def set_postfix_str(self, _): ...
+
+        def update(self, _): ...
+
+    cfg = BenchConfig(workload="greedy", repeats=2)
+    with pytest.raises(SprinterError, match=r"sd-k2: repeat 1 of prompt 0 \(code, doc\) gave other tokens"):
+        run_prompt(cfg, None, Prompt(0, "code", "doc", (5, 6)), methods, Bar())
 
 
 def test_a_sampling_run_checks_lossless_rows_in_distribution(tiny_pair, verifier, tmp_path):

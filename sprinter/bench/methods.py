@@ -25,8 +25,8 @@ from sprinter.verifier import budget_key
 if TYPE_CHECKING:
     from sprinter.bench.benchmark import BenchConfig
 
-FAMILIES = ("ar", "draft", "sd", "hf-assisted", "ngram", "ngram-8", "sd-gated", "sd-gated-confidence", "sprinter-mlp",
-            "sprinter-linear", "sprinter-confidence", "auto", "sprinter-strict", "async")
+FAMILIES = ("ar", "draft", "sd", "hf-assisted", "ngram", "ngram-8", "sd-gated", "sd-gated-confidence",
+            "sprinter-strict", "sprinter-mlp", "sprinter-linear", "sprinter-confidence", "auto", "async")
 DEFAULT_METHODS = tuple(f for f in FAMILIES if f != "async")  # async is asked for by name
 AUTO_NGRAM = 8  # the ngram-8 row: auto's longest n-gram candidate, run every round on auto's own loop
 LEARNED = ("sprinter-mlp", "sprinter-linear", "sprinter-strict")
