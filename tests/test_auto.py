@@ -137,6 +137,13 @@ def test_a_fixed_candidate_runs_every_round_and_never_probes():
         AutoController(synthetic_profile(0.05), fixed="ngram-k5")
 
 
+def test_the_decoders_draft_prior_overrides_the_pairs_agreement(gpt2_decoder):
+    dec = Decoder(gpt2_decoder.pair)
+    dec.profile = synthetic_profile(0.05)
+    dec.draft_prior = 0.123  # the benchmark's calibration acceptance
+    assert dec.make_controller(DecodeOptions(mode="auto")).draft.rate == pytest.approx(0.123)
+
+
 def test_auto_with_a_fixed_ngram_candidate_equals_ar(decoder):
     ar = decoder.generate("def foo(x):", max_new_tokens=40, mode="ar")
     fixed = decoder.generate("def foo(x):", max_new_tokens=40, mode="auto", auto_candidate="ngram-k8")

@@ -139,6 +139,7 @@ def test_smoke_run_writes_every_output_with_the_schema(smoke):
         {"split": "val", "count": 1}
     assert all(len(r["timings"]) == 2 for r in records)
     calibration = json.loads((out / "calibration.json").read_text())  # read back by --resume
+    assert 0 <= on_disk["pair"]["auto_draft_prior"] <= 1  # auto starts from the calibration's sd acceptance
     assert list(calibration) == names and all(len(runs) == 1 for runs in calibration.values())
     for m in on_disk["methods"]:
         lo, hi = m["speedup_interval"]

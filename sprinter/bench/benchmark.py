@@ -26,6 +26,7 @@ import torch
 
 from sprinter.bench.distribution import ALPHA
 from sprinter.bench.fidelity import exact_match, rouge_l, score_output
+from sprinter.bench.latency import flat_acceptance
 from sprinter.bench.methods import (
     DEFAULT_METHODS,
     FAMILIES,
@@ -268,7 +269,9 @@ def _run_benchmark(cfg: BenchConfig) -> dict:
     decoder.profile = profile  # mode auto chooses with the same profile (not measured again)
     # 2. The calibration prompts (the predictions' acceptance inputs, before anything is timed), a warm-up, then
     # every method on each prompt in turn, `repeats` rounds; each finished prompt is appended to the records.
-    calibrate(cfg, decoder, methods)  # OUT/calibration.json, read by the report
+    calibration = calibrate(cfg, decoder, methods)  # OUT/calibration.json, read by the report
+    # mode auto starts from the calibration's acceptance (not pair.json's greedy agreement), as the predictions do
+    decoder.draft_prior = flat_acceptance([s for m in methods if m.family == "sd" for s in calibration.get(m.name, [])])
     if todo:
         first = list(todo[0].ids)
         warm_up(methods, lambda m: m.run(first, cfg.seed, min(cfg.max_new_tokens, 16)), times=cfg.warmup)

@@ -51,6 +51,14 @@ def acceptance_by_position(stats: Sequence[dict]) -> tuple[float, ...]:
     return tuple(rates)
 
 
+def flat_acceptance(stats: Sequence[dict]) -> float | None:
+    """P(a drafted token is accepted), pooled over every block position of runs' stats (auto's flat estimate);
+    None when no run recorded a checked block."""
+    reached = sum(sum(s.get("reached_by_position") or []) for s in stats)
+    accepted = sum(sum(s.get("accepted_by_position") or []) for s in stats)
+    return accepted / reached if reached else None
+
+
 def load_verifier_rates(verifiers: dict[str, str]) -> dict[str, dict[str, tuple[float, float]]]:
     """Per gate name of the benchmark ("mlp", "linear"), its rates from the metrics.json written beside it by
     scripts/train.py; the linear baseline's come from its MLP's metrics.json when it sits in VERIFIER/baselines/."""
@@ -163,5 +171,5 @@ def within_share(entries: Sequence[dict], key: str) -> tuple[int, int]:
     return sum(abs(x) <= WITHIN for x in errors), len(errors)
 
 
-__all__ = ["WITHIN", "acceptance_by_position", "add_predictions", "load_verifier_rates", "predict_row", "predictions",
-           "totals", "within_share"]
+__all__ = ["WITHIN", "acceptance_by_position", "add_predictions", "flat_acceptance", "load_verifier_rates",
+           "predict_row", "predictions", "totals", "within_share"]

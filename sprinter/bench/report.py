@@ -337,7 +337,8 @@ def write_reports(out: Path, *, options: dict, decoder, verifiers: dict[str, str
     results = {
         "format": FORMAT, "created": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
         "hardware": hardware(pair.device, pair.dtype), "libraries": libraries(),
-        "pair": {"draft": pair.draft_name, "target": pair.target_name, "vocab_size": pair.vocab_size},
+        "pair": {"draft": pair.draft_name, "target": pair.target_name, "vocab_size": pair.vocab_size,
+                 "auto_draft_prior": getattr(decoder, "draft_prior", None)},
         "verifiers": verifier_info,
         "prompts": {"dataset": options["dataset"], "split": options["split"], "count": len(finished),
                     "planned": len(prompts), "domains": domains, "prompt_len": options["prompt_len"]},

@@ -268,13 +268,15 @@ def run_auto(decoder: Decoder, target: CachedLM, draft: ModelDrafter, ids: list[
 
 
 def make_controller(decoder: Decoder, options: DecodeOptions) -> AutoController:
-    """The controller of one request. Its draft prior is the pair's greedy agreement (pair.json beside the draft)
-    when stated, else DRAFT_PRIOR; with max_false_accept, sprinter's rates come from the verifier's metrics.json
-    (true accept at that budget), else (SPRINTER_RATES' true accept, the budget)."""
+    """The controller of one request. Its draft prior is `decoder.draft_prior` when set (the benchmark's
+    calibration prompts), else the pair's greedy agreement (pair.json beside the draft) when stated, else
+    DRAFT_PRIOR; with max_false_accept, sprinter's rates come from the verifier's metrics.json (true accept at
+    that budget), else (SPRINTER_RATES' true accept, the budget)."""
     meta_path = Path(decoder.pair.draft_name).parent / "pair.json"
     meta = read_json(meta_path, "pair.json") if meta_path.is_file() else {}
     agreement = meta.get("greedy_agreement") if isinstance(meta, dict) else None
     prior = float(agreement) if isinstance(agreement, (int, float)) and 0 <= agreement <= 1 else DRAFT_PRIOR
+    prior = decoder.draft_prior if decoder.draft_prior is not None else prior
     budget = options.max_false_accept
     rates = None
     if budget is not None:
