@@ -113,7 +113,7 @@ def stage_argv(name: str, smoke: bool, work: Path) -> list[str]:
             [m for m in gpu_methods if m not in LEARNED]  # no verifier: the rows that need none still run
         argv = ["scripts/benchmark.py", "--config", str(CONFIGS / "bench" / f"{preset}.yaml"), "--pair", str(pair),
                 "--verifier", str(verifier), "--out", str(work / name), "--overwrite", "--methods", *methods]
-        return argv + [*cpu, "--num-prompts", "2"] if smoke else argv
+        return argv + [*cpu, "--num-prompts", "2", "--repeats", "1", "--calibration-prompts", "0"] if smoke else argv
     if name == "engine":  # eager vs compiled (CUDA graphs) in float32, every compiled row checked against eager
         gate = ["--verifier", str(verifier)] if (verifier / "verifier.safetensors").is_file() else []
         return ["scripts/bench_engine.py", "--pair", str(pair), *gate, "--out", str(work / "engine"), "--device",

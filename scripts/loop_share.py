@@ -2,6 +2,10 @@
 
     python scripts/loop_share.py                      # the demo pair: 20 held-out prompts x 128 tokens
     python scripts/loop_share.py --pair DIR --num-prompts 40 --temperature 0.6
+    python scripts/loop_share.py --pair DIR --split val --max-new-tokens 64   # choosing a workload's length
+
+The prompts and text come from the `val` split by default: the benchmark's workload lengths are chosen there
+(sprinter.bench.workloads) and reported on `test`.
 
 The figure is the share of generated tokens that complete a 4-gram the same output already holds
 (sprinter.bench.compare.loop_share). Small targets loop under greedy decoding, which flatters drafting

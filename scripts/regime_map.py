@@ -2,6 +2,7 @@
 
     python scripts/regime_map.py checkpoints/pairs/demo/pair.json checkpoints/pairs/bench/pair.json
     python scripts/regime_map.py --out docs/regime_map.png --table docs/regime_map.md --slope 0.05 PAIR.json ...
+    python scripts/regime_map.py --verifier checkpoints/verifiers/bench checkpoints/pairs/bench/pair.json
 
 Draws OUT (a PNG: the fastest of ar, sd, sd-gated and sprinter at the 0.05 budget in each region, its predicted
 speedup over ar as contours, the given pairs marked from their pair.json) and prints (or writes) the markdown
@@ -15,7 +16,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Sequence
 
-from sprinter.bench.regime_map import pair_point, plot_regime_map, regime_grid, regime_table
+from sprinter.bench.regime_map import measured_rates, pair_point, plot_regime_map, regime_grid, regime_table
 from sprinter.config import option, parse_config
 from sprinter.decode.latency import SPRINTER_RATES, STOP_RATES
 from sprinter.errors import SprinterError, run_cli
@@ -34,6 +35,8 @@ class RegimeConfig:
     gate_ratio: float = option(0.01, "a gate call's cost, in target steps")
     max_block: int = option(20, "sprinter / sd-gated: the longest block")
     true_accept: float = option(SPRINTER_RATES[0], "the verifier's true-accept rate at the 0.05 false-accept budget")
+    verifier: str | None = option(None, "the verifier of the marked pair: its measured (true accept, false accept) at "
+                                        "the 0.05 budget (metrics.json) replace true_accept and 0.05")
 
     def __post_init__(self) -> None:
         if not (0 <= self.true_accept <= 1) or self.slope < 0 or self.gate_ratio < 0 or self.max_block < 1:
@@ -52,15 +55,18 @@ def main(argv: Sequence[str] | None = None) -> None:
         if not Path(file).is_file():
             raise SprinterError(f"pair: got {file!r}, which does not exist; expected a pair.json")
         pairs[Path(file).parent.name] = pair_point(read_json(file, "pair.json"))
-    rates = dict(sprinter_rates=(cfg.true_accept, SPRINTER_RATES[1]), stop_rates=STOP_RATES, slope=cfg.slope,
+    true_accept, false_accept = (measured_rates(cfg.verifier) if cfg.verifier
+                                 else (cfg.true_accept, SPRINTER_RATES[1]))
+    rates = dict(sprinter_rates=(true_accept, false_accept), stop_rates=STOP_RATES, slope=cfg.slope,
                  gate_ratio=cfg.gate_ratio, max_block=cfg.max_block)
     agreements = [0.3 + 0.02 * i for i in range(33)]
     ratios = [0.02 * (30 ** (i / 39)) for i in range(40)]  # 0.02 .. 0.6, evenly on a log scale
     Path(cfg.out).parent.mkdir(parents=True, exist_ok=True)
     plot_regime_map(agreements, ratios, regime_grid(agreements, ratios, **rates), pairs, cfg.out,
                     f"The fastest mode by the latency model; contours: its speedup over ar\n(flat acceptance, "
-                    f"verification slope {cfg.slope:g} per token, verifier true-accept {cfg.true_accept:g} at "
-                    f"false-accept 0.05, gate {cfg.gate_ratio:g} of a target step)")
+                    f"verification slope {cfg.slope:g} per token, verifier true-accept {true_accept:.2f} at "
+                    f"false-accept {false_accept:.2f}{' (measured)' if cfg.verifier else ''}, gate "
+                    f"{cfg.gate_ratio:g} of a target step)")
     table = regime_table(TABLE_AGREEMENTS, TABLE_RATIOS, regime_grid(TABLE_AGREEMENTS, TABLE_RATIOS, **rates))
     if cfg.table:
         write_atomic(cfg.table, table)

@@ -248,7 +248,7 @@ def test_benchmark_rows(gpt2_decoder):
     from sprinter.bench.benchmark import BenchConfig
     from sprinter.bench.methods import build_methods
 
-    rows = build_methods(BenchConfig(methods=("ar", "async"), windows=(4, 1)), gpt2_decoder, {})
+    rows = build_methods(BenchConfig(methods=("ar", "async"), windows=(4, 1), workload="greedy"), gpt2_decoder, {})
     assert [m.name for m in rows] == ["ar", "async-w1", "async-w4"] and all(m.lossless for m in rows)
     reference, _ = rows[0].run(PROMPTS[2], 0, 12)
     tokens, stats = rows[2].run(PROMPTS[2], 0, 12)

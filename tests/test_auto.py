@@ -135,6 +135,27 @@ def test_the_sprinter_candidate_needs_its_rates():
         AutoController(synthetic_profile(0.05), budget=0.05)
 
 
+def test_a_fixed_candidate_runs_every_round_and_never_probes():
+    c = AutoController(costly(synthetic_profile(1.0)), draft_prior=0.2, ngram_prior=(0.0, 0.0), probe_every=1,
+                       fixed="ngram-k8")
+    assert {c.choose().name for _ in range(50)} == {"ngram-k8"}
+    with pytest.raises(SprinterError, match="auto_candidate: got 'ngram-k5'"):
+        AutoController(synthetic_profile(0.05), fixed="ngram-k5")
+
+
+def test_the_decoders_draft_prior_overrides_the_pairs_agreement(gpt2_decoder):
+    dec = Decoder(gpt2_decoder.pair)
+    dec.profile = synthetic_profile(0.05)
+    dec.draft_prior = 0.123  # the benchmark's calibration acceptance
+    assert dec.make_controller(DecodeOptions(mode="auto")).draft.rate == pytest.approx(0.123)
+
+
+def test_auto_with_a_fixed_ngram_candidate_equals_ar(decoder):
+    ar = decoder.generate("def foo(x):", max_new_tokens=40, mode="ar")
+    fixed = decoder.generate("def foo(x):", max_new_tokens=40, mode="auto", auto_candidate="ngram-k8")
+    assert fixed.token_ids == ar.token_ids and set(fixed.stats.modes) == {"ngram-k8"}
+
+
 # ------------------------------------------------------------------------------------------- decoding
 def gated(decoder):
     """The same pair with a gate for sd-gated rounds (the draft's confidence)."""
@@ -252,6 +273,7 @@ def test_the_profile_is_saved_beside_the_pair(tiny_pair, gpt2_decoder):
     (dict(mode="sd", max_false_accept=0.05), "expected it only with mode='auto'"),
     (dict(mode="auto", max_block=None), "max_block: got None with mode='auto'"),
     (dict(mode="auto", gate="confidence"), "gate: got 'confidence' with mode='auto'"),
+    (dict(mode="sd", auto_candidate="ngram-k8"), "auto_candidate: got 'ngram-k8' with mode='sd'"),
 ])
 def test_bad_options_are_refused(kwargs, message):
     with pytest.raises(SprinterError, match=message):

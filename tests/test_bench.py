@@ -93,8 +93,8 @@ def bench_args(tiny_pair, verifier, out, *extra):
 @pytest.fixture(scope="module")
 def smoke(tiny_pair, verifier, tmp_path_factory):
     out = tmp_path_factory.mktemp("bench")
-    cfg = parse_config(BenchConfig, bench_args(tiny_pair, verifier, out, "--methods", *BenchConfig().methods,
-                                               "sprinter-strict"), "test")
+    cfg = parse_config(BenchConfig, bench_args(tiny_pair, verifier, out, "--methods", *BenchConfig().methods),
+                       "test")
     return out, run_benchmark(cfg)
 
 
@@ -106,10 +106,10 @@ def test_smoke_run_writes_every_output_with_the_schema(smoke):
     assert on_disk["prompts"]["count"] == 2 and on_disk["prompts"]["domains"] == {"code": 1, "prose": 1}
     assert on_disk["temperature"] == 0.0 and on_disk["hardware"]["dtype"] == "float32"
     names = [m["name"] for m in on_disk["methods"]]
-    assert names == ["ar", "draft", "sd-k2", "sd-k4", "hf-assisted", "ngram", "sd-gated@0.3", "sd-gated@0.7",
-                     "sd-gated-confidence@0.3", "sd-gated-confidence@0.7", "sprinter-mlp@0.05", "sprinter-mlp@0.2",
-                     "sprinter-linear@0.05", "sprinter-linear@0.2", "sprinter-confidence@0.4", "auto", "auto@0.05",
-                     "auto@0.2", "sprinter-strict@0.05"]
+    assert names == ["ar", "draft", "sd-k2", "sd-k4", "hf-assisted", "ngram", "ngram-8", "sd-gated@0.3", "sd-gated@0.7",
+                     "sd-gated-confidence@0.3", "sd-gated-confidence@0.7", "sprinter-strict@0.05", "sprinter-mlp@0.05",
+                     "sprinter-mlp@0.2", "sprinter-linear@0.05", "sprinter-linear@0.2", "sprinter-confidence@0.4",
+                     "auto", "auto@0.05", "auto@0.2"]
     by_name = {m["name"]: m for m in on_disk["methods"]}
     ar = by_name["ar"]
     assert ar["speedup_vs_ar"] == pytest.approx(1.0) and ar["target_calls_per_token"] == 1.0
@@ -133,6 +133,25 @@ def test_smoke_run_writes_every_output_with_the_schema(smoke):
     assert (out / "pareto.png").read_bytes()[:4] == b"\x89PNG"
     records = [json.loads(line) for line in (out / "records.jsonl").read_text().splitlines()]
     assert len(records) == 2 * len(names)
+    # issue 24: two timed repeats per prompt, intervals and ties, loop shares beside the corpus text's, predictions
+    # from a calibration prompt (val split) beside the same-run cost model, and the fixed ngram-8 rival
+    assert on_disk["workload"] == "greedy" and on_disk["repeats"] == 2 and on_disk["prompts"]["calibration"] == \
+        {"split": "val", "count": 1}
+    assert all(len(r["timings"]) == 2 for r in records)
+    calibration = json.loads((out / "calibration.json").read_text())  # read back by --resume
+    assert 0 <= on_disk["pair"]["auto_draft_prior"] <= 1  # auto starts from the calibration's sd acceptance
+    assert list(calibration) == names and all(len(runs) == 1 for runs in calibration.values())
+    for m in on_disk["methods"]:
+        lo, hi = m["speedup_interval"]
+        assert lo <= m["speedup_vs_ar"] <= hi and isinstance(m["tie"], bool)
+        assert all(0 <= m[k] <= 1 for k in ("repeat_prompt", "repeat_output", "periodic_tail"))
+        assert m["cost_model_ms_per_token"] > 0 and m["cost_model_error"] is not None
+    assert set(on_disk["reference"]) == {"repeat_prompt", "repeat_output", "periodic_tail"}
+    assert on_disk["reference"]["repeat_output"] is not None and on_disk["distribution_check"] is None
+    ngram8 = [r for r in records if r["method"] == "ngram-8"]
+    assert all(set(r["stats"]["modes"]) <= {"ngram-k8"} for r in ngram8) and by_name["ngram-8"]["lossless"]
+    text = (out / "results.md").read_text()
+    assert "corpus text" in text and "Within 25% of the measured ms/token" in text and "Workload **greedy**" in text
 
 
 def test_resume_keeps_finished_prompts_and_reruns_only_the_rest(smoke, tiny_pair, verifier, tmp_path):
@@ -144,7 +163,7 @@ def test_resume_keeps_finished_prompts_and_reruns_only_the_rest(smoke, tiny_pair
     # A run killed during prompt 1: prompt 0 complete, one record of prompt 1.
     partial = first + [next(line for line in lines if json.loads(line)["prompt"] == 1)]
     (tmp_path / "records.jsonl").write_text("\n".join(partial) + "\n")
-    args = bench_args(tiny_pair, verifier, tmp_path, "--methods", *BenchConfig().methods, "sprinter-strict")
+    args = bench_args(tiny_pair, verifier, tmp_path, "--methods", *BenchConfig().methods)
     with pytest.raises(SprinterError, match="--resume"):
         run_benchmark(parse_config(BenchConfig, args, "test"))
     results = run_benchmark(parse_config(BenchConfig, args + ["--resume"], "test"))
@@ -161,7 +180,7 @@ def test_resume_after_a_torn_last_line_reruns_that_prompt_and_says_so(smoke, tin
         (tmp_path / name).write_text((out / name).read_text())
     lines = (tmp_path / "records.jsonl").read_text().splitlines()
     (tmp_path / "records.jsonl").write_text("\n".join(lines[:-1]) + "\n" + lines[-1][:40])  # kill -9 mid-write
-    args = bench_args(tiny_pair, verifier, tmp_path, "--methods", *BenchConfig().methods, "sprinter-strict", "--resume")
+    args = bench_args(tiny_pair, verifier, tmp_path, "--methods", *BenchConfig().methods, "--resume")
     results = run_benchmark(parse_config(BenchConfig, args, "test"))
     said = capsys.readouterr().err
     assert "resume: dropped the torn last line" in said and "resume: prompt 1 had not finished; it runs again" in said
@@ -224,6 +243,10 @@ def test_a_lossless_method_that_differs_from_ar_fails_loudly():
     (["--resume", "--overwrite"], "at most one"),
     (["--stop-thresholds", "2"], "threshold: got 2"),
     (["--methods", "ar", "sd", "--store-stop-threshold"], "expected 'sd-gated' among them"),
+    (["--workload", "chat"], "workload: got 'chat'"),
+    (["--repeats", "0"], "repeats: got 0"),
+    (["--calibration-split", "test"], "calibration_split: got 'test', the timed prompts' split"),
+    (["--top-p", "0"], "top_p: got 0"),
 ])
 def test_bad_options_are_refused(argv, message):
     with pytest.raises(SprinterError, match=message):
@@ -257,13 +280,67 @@ def test_every_bench_preset_parses():
             assert got == value or str(got) == str(value), (path.name, key, got, value)
 
 
-def test_a_sampling_run_reports_without_checking_outputs(tiny_pair, verifier, tmp_path):
-    args = bench_args(tiny_pair, verifier, tmp_path, "--temperature", "0.8", "--methods", "ar", "sd", "hf-assisted",
+def test_a_greedy_lossless_row_must_repeat_its_tokens_in_every_round():
+    from itertools import count
+
+    from sprinter.bench.benchmark import run_prompt
+    from sprinter.bench.protocol import Method
+
+    calls = count()
+    methods = [Method("ar", "ar", True, lambda ids, seed, n: ([1, 2, 3], {"wall_seconds": 0.1, "new_tokens": 3})),
+               Method("sd-k2", "sd", True, lambda ids, seed, n: ([1, 2, next(calls)], {"wall_seconds": 0.1,
+                                                                                     "new_tokens": 3}), 2)]
+
+    class Bar:
+        def set_postfix_str(self, _): ...
+
+        def update(self, _): ...
+
+    cfg = BenchConfig(workload="greedy", repeats=2)
+    with pytest.raises(SprinterError, match=r"sd-k2: repeat 1 of prompt 0 \(code, doc\) gave other tokens"):
+        run_prompt(cfg, None, Prompt(0, "code", "doc", (5, 6)), methods, Bar())
+
+
+def test_a_sampling_run_checks_lossless_rows_in_distribution(tiny_pair, verifier, tmp_path):
+    args = bench_args(tiny_pair, verifier, tmp_path, "--workload", "sampled", "--methods", "ar", "sd", "hf-assisted",
                       "sprinter-confidence")
-    results = run_benchmark(parse_config(BenchConfig, args, "test"))
+    cfg = parse_config(BenchConfig, args, "test")
+    assert (cfg.temperature, cfg.top_p, cfg.max_new_tokens) == (0.8, 0.95, 12)  # the preset's length is kept
+    results = run_benchmark(cfg)
     check_results(results)
-    assert results["temperature"] == 0.8 and all(not m["lossless"] for m in results["methods"] if m["name"] != "ar")
-    assert "not checked" in (tmp_path / "results.md").read_text()
+    assert results["temperature"] == 0.8 and results["top_p"] == 0.95 and results["workload"] == "sampled"
+    lossless = {m["name"] for m in results["methods"] if m["lossless"]}
+    assert lossless == {"ar", "sd-k2", "sd-k4", "hf-assisted"}
+    check = results["distribution_check"]
+    assert set(check) == lossless - {"ar"} and all(c["passed"] and c["prompts"] == 2 for c in check.values())
+    text = (tmp_path / "results.md").read_text()
+    assert "not checked" in text and "Distribution check" in text and "Workload **sampled**" in text
+
+
+def test_a_distribution_check_failure_stops_the_run_after_writing_the_reports(tiny_pair, verifier, tmp_path,
+                                                                            monkeypatch):
+    import sprinter.bench.distribution as distribution
+
+    def failing(rows, *, alpha):
+        return {name: {"p_nll": 1e-9, "p_tokens": 0.5, "threshold": alpha / 2, "prompts": 2, "smallest_p": 0.5,
+                       "passed": False} for name in rows}
+
+    monkeypatch.setattr(distribution, "distribution_check", failing)
+    args = bench_args(tiny_pair, verifier, tmp_path, "--workload", "sampled", "--methods", "ar", "sd", "--ks", "2",
+                      "--repeats", "1", "--calibration-prompts", "0")
+    with pytest.raises(SprinterError, match=r"distribution check: sd-k2 p_nll=1e-09.*expected lossless rows"):
+        run_benchmark(parse_config(BenchConfig, args, "test"))
+    assert "FAILED" in (tmp_path / "results.md").read_text()
+
+
+def test_the_grounded_workload_cuts_functions_and_says_so(tiny_pair, verifier, tmp_path):
+    args = bench_args(tiny_pair, verifier, tmp_path, "--workload", "grounded", "--methods", "ar", "ngram-8",
+                      "--repeats", "1", "--calibration-prompts", "0", "--prompt-len", "64")
+    results = run_benchmark(parse_config(BenchConfig, args, "test"))
+    assert results["workload"] == "grounded" and results["prompts"]["domains"] == {"code": 2}
+    assert "grounded: the continuation of a stdlib function" in (tmp_path / "results.md").read_text()
+    run = json.loads((tmp_path / "run.json").read_text())
+    assert all(":" in doc for _, doc, _ in run["prompts"])  # FILE:FUNCTION
 
 
 def test_script_refuses_a_missing_verifier_in_one_line(tmp_path):

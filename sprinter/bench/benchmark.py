@@ -1,9 +1,12 @@
 """The benchmark: every decoding mode on the same prompts and hardware, speed and fidelity side by side.
 
-The protocol is sprinter.bench.protocol's (docs/benchmark.md): batch 1, greedy by default, held-out
-prompts of two domains, a warm-up generation per method first, then the methods interleaved prompt by
-prompt (their order rotated each prompt). Each lossless method's output is checked equal to `ar`'s
-(greedy runs); a difference stops the run with a SprinterError. Fidelity is scored outside the timed
+The protocol is sprinter.bench.protocol's (docs/benchmark.md): batch 1, a workload (sprinter.bench.workloads:
+`sampled`, the default, `greedy` or `grounded`) that sets the prompts, sampling and length, held-out prompts,
+calibration prompts of another split decoded by every row before timing (the latency model's inputs, so its
+predictions are made before the measurement), a warm-up per method, then the methods interleaved prompt by
+prompt, `repeats` rounds each (their order rotated each round). In greedy runs each lossless method's output is
+checked equal to `ar`'s (a difference stops the run with a SprinterError); in sampled runs the lossless rows are
+checked in distribution once all prompts ran (sprinter.bench.distribution). Fidelity is scored outside the timed
 region by one teacher-forced target forward per output (sprinter.bench.fidelity).
 
 Per-prompt records are appended to OUT/records.jsonl as each prompt finishes; `resume` continues from
@@ -12,6 +15,7 @@ them. sprinter.bench.report turns the records into results.json, results.md and 
 
 from __future__ import annotations
 
+import json
 import sys
 import time
 from dataclasses import dataclass
@@ -20,7 +24,9 @@ from typing import Sequence
 
 import torch
 
+from sprinter.bench.distribution import ALPHA
 from sprinter.bench.fidelity import exact_match, rouge_l, score_output
+from sprinter.bench.latency import flat_acceptance
 from sprinter.bench.methods import (
     DEFAULT_METHODS,
     FAMILIES,
@@ -29,6 +35,7 @@ from sprinter.bench.methods import (
     compiled_methods,
 )
 from sprinter.bench.protocol import (
+    CALIBRATION,
     RECORDS,
     BenchRuntimeConfig,
     Method,
@@ -38,12 +45,14 @@ from sprinter.bench.protocol import (
     check_domains,
     check_lossless,
     check_window,
-    load_prompts,
     open_records,
     rotated,
+    save,
     warm_up,
 )
 from sprinter.bench.report import write_reports
+from sprinter.bench.workloads import DEFAULTS as WORKLOAD_DEFAULTS
+from sprinter.bench.workloads import WORKLOADS, resolve, workload_prompts
 from sprinter.config import (
     CONFIGS,
     ModelsConfig,
@@ -61,7 +70,7 @@ from sprinter.decode.gates import (
 )
 from sprinter.decode.options import DEMO_VERIFIER, DecodeOptions
 from sprinter.errors import SprinterError
-from sprinter.files import FolderLock
+from sprinter.files import FolderLock, read_json
 
 CONFIG_DIR = CONFIGS / "bench"
 # Options that may change on --resume without changing what a record means.
@@ -121,8 +130,33 @@ class BenchConfig(PromptSetConfig, ModelsConfig, BenchRuntimeConfig, SeedConfig)
                                          "(empty: 0.02 0.05 0.1 0.2) on this shard folder's rows (scripts/collect.py; "
                                          "label accept_greedy at temperature 0, else accept_sprinter), rows "
                                          "GATE@BUDGET, instead of sweeping the thresholds")
+    workload: str = option("sampled", f"prompts, sampling and length: one of {tuple(WORKLOADS)} (sprinter.bench."
+                                      "workloads; it fills temperature, top_p and max_new_tokens left at their "
+                                      "defaults)")
+    top_p: float = option(1.0, "nucleus of the sampled rows (hf-assisted too); the workload sets it")
+    repeats: int = option(3, "timed runs of each prompt x method (interleaved, the order rotated each round): "
+                             "the speedup's median and bootstrap interval are over prompts x repeats")
+    calibration_prompts: int = option(4, "prompts of CALIBRATION_SPLIT every row decodes before timing (also its "
+                                         "warm-up): the latency model's acceptance inputs (0: predict from the "
+                                         "timed run's own counts)")
+    calibration_split: str = option("val", "corpus split of the calibration prompts (disjoint from SPLIT's)")
+    distribution_alpha: float = option(ALPHA, "temperature > 0: the distribution check's significance level "
+                                              "(Bonferroni over lossless rows and its two tests)")
 
     def __post_init__(self) -> None:
+        workload = resolve(self.workload)
+        for name, default in WORKLOAD_DEFAULTS.items():  # the workload fills what was left at its default
+            if getattr(self, name) == default:
+                setattr(self, name, getattr(workload, name))
+        check_integers(self, ("repeats",))
+        check_integers(self, ("calibration_prompts",), minimum=0)
+        if self.calibration_prompts and self.calibration_split == self.split:
+            raise SprinterError(f"calibration_split: got {self.calibration_split!r}, the timed prompts' split; "
+                                "expected another (predictions are made on prompts disjoint from the timed ones)")
+        if not isinstance(self.top_p, (int, float)) or not 0 < self.top_p <= 1:
+            raise SprinterError(f"top_p: got {self.top_p!r}; expected a number in (0, 1]")
+        if not isinstance(self.distribution_alpha, (int, float)) or not 0 < self.distribution_alpha < 1:
+            raise SprinterError(f"distribution_alpha: got {self.distribution_alpha!r}; expected a number in (0, 1)")
         unknown = [m for m in self.methods if m not in FAMILIES]
         if unknown or not self.methods:
             raise SprinterError(f"methods: got {list(self.methods)}; expected some of {FAMILIES}")
@@ -175,24 +209,54 @@ def run_header(cfg: BenchConfig, prompts: Sequence[Prompt], methods: Sequence[Me
 
 
 def run_prompt(cfg: BenchConfig, decoder: Decoder, prompt: Prompt, methods: Sequence[Method], bar) -> list[dict]:
-    """Every method on one prompt (order rotated by the prompt index), then the checks and fidelity scores."""
+    """Every method on one prompt, `repeats` rounds (the order rotated each round), then the checks and fidelity
+    scores. Outputs, checks and fidelity are the first round's; every round's time is kept (`timings`). A greedy
+    lossless row must give the same tokens in every round (seeded runs are deterministic)."""
     outputs: dict[str, tuple[list[int], dict]] = {}
-    for method in rotated(methods, prompt.index):
-        bar.set_postfix_str(f"prompt {prompt.index} {method.name}")
-        outputs[method.name] = method.run(list(prompt.ids), cfg.seed + prompt.index, cfg.max_new_tokens)
-        bar.update(1)
+    timings: dict[str, list[dict]] = {m.name: [] for m in methods}
+    where = f"prompt {prompt.index} ({prompt.domain}, {prompt.doc})"
+    for round_ in range(cfg.repeats):
+        for method in rotated(methods, prompt.index * cfg.repeats + round_):
+            bar.set_postfix_str(f"prompt {prompt.index} {method.name}")
+            tokens, stats = method.run(list(prompt.ids), cfg.seed + prompt.index, cfg.max_new_tokens)
+            timings[method.name].append({"wall_seconds": stats["wall_seconds"], "new_tokens": stats["new_tokens"]})
+            if round_ == 0:
+                outputs[method.name] = (tokens, stats)
+            elif method.lossless and cfg.temperature == 0 and cfg.check_lossless and tokens != outputs[method.name][0]:
+                raise SprinterError(f"{method.name}: repeat {round_} of {where} gave other tokens than repeat 0; "
+                                    "expected a seeded greedy run to repeat itself")
+            bar.update(1)
     reference = outputs["ar"][0]
     records = []
     for method in methods:
         tokens, stats = outputs[method.name]
-        if method.lossless and cfg.check_lossless:
-            check_lossless(method.name, tokens, reference,
-                           where=f"prompt {prompt.index} ({prompt.domain}, {prompt.doc})")
+        if method.lossless and cfg.check_lossless and cfg.temperature == 0:
+            check_lossless(method.name, tokens, reference, where=where)
         fidelity = score_output(decoder.pair.target, prompt.ids, tokens, decoder.pair.vocab_size)
         records.append({"prompt": prompt.index, "domain": prompt.domain, "method": method.name, "tokens": tokens,
-                        "stats": stats, "fidelity": fidelity, "rouge_l_vs_ar": rouge_l(tokens, reference),
+                        "stats": stats, "timings": timings[method.name], "fidelity": fidelity,
+                        "rouge_l_vs_ar": rouge_l(tokens, reference),
                         "exact_match_vs_ar": exact_match(tokens, reference)})
     return records
+
+
+def calibrate(cfg: BenchConfig, decoder: Decoder, methods: Sequence[Method]) -> dict[str, list[dict]]:
+    """Every method on CALIBRATION_PROMPTS prompts of CALIBRATION_SPLIT (untimed; it warms the methods up too):
+    {method name: [stats per prompt]}, the latency model's inputs for the predictions (sprinter.bench.latency).
+    Kept in OUT/calibration.json; a resumed run (same options: open_records checked them) reads it back."""
+    path = Path(cfg.out) / CALIBRATION
+    if not cfg.calibration_prompts:
+        path.unlink(missing_ok=True)  # an earlier run's, replaced by --overwrite: not this run's inputs
+        return {}
+    if cfg.resume and path.is_file():
+        return read_json(path, CALIBRATION)
+    prompts = workload_prompts(resolve(cfg.workload), decoder.tokenizer, dataset=cfg.dataset,
+                               split=cfg.calibration_split, domains=cfg.domains, num_prompts=cfg.calibration_prompts,
+                               prompt_len=cfg.prompt_len, continuation_len=0)
+    runs = {m.name: [m.run(list(p.ids), cfg.seed + p.index, cfg.max_new_tokens)[1] for p in prompts]
+            for m in methods}
+    save(path, json.dumps(runs) + "\n")
+    return runs
 
 
 def load_decoder(cfg: BenchConfig, verifiers: dict[str, str]) -> Decoder:
@@ -221,8 +285,9 @@ def _run_benchmark(cfg: BenchConfig) -> dict:
     methods = build_methods(cfg, decoder, verifiers)
     if cfg.compile:
         methods += compiled_methods(cfg, decoder, verifiers)
-    prompts = load_prompts(decoder.tokenizer, dataset=cfg.dataset, split=cfg.split, domains=cfg.domains,
-                           num_prompts=cfg.num_prompts, prompt_len=cfg.prompt_len)
+    prompts = workload_prompts(resolve(cfg.workload), decoder.tokenizer, dataset=cfg.dataset, split=cfg.split,
+                               domains=cfg.domains, num_prompts=cfg.num_prompts, prompt_len=cfg.prompt_len,
+                               continuation_len=cfg.max_new_tokens)
     done = open_records(Path(cfg.out), run_header(cfg, prompts, methods), resume=cfg.resume, overwrite=cfg.overwrite)
     todo = [p for p in prompts if p.index not in done]
     start = time.perf_counter()
@@ -230,11 +295,16 @@ def _run_benchmark(cfg: BenchConfig) -> dict:
     profile = measure_costs(decoder.pair, name=cfg.pair, gate=decoder.gate, max_n=max(cfg.max_block, *cfg.ks) + 1,
                             context=cfg.prompt_len)
     decoder.profile = profile  # mode auto chooses with the same profile (not measured again)
-    # 2. Warm up, then every method on each prompt in turn; each finished prompt is appended to the records.
+    # 2. The calibration prompts (the predictions' acceptance inputs, before anything is timed), a warm-up, then
+    # every method on each prompt in turn, `repeats` rounds; each finished prompt is appended to the records.
+    calibration = calibrate(cfg, decoder, methods)  # OUT/calibration.json, read by the report
+    # mode auto starts from the calibration's acceptance (not pair.json's greedy agreement), as the predictions do
+    decoder.draft_prior = flat_acceptance([s for m in methods if m.family == "sd" for s in calibration.get(m.name, [])])
     if todo:
         first = list(todo[0].ids)
         warm_up(methods, lambda m: m.run(first, cfg.seed, min(cfg.max_new_tokens, 16)), times=cfg.warmup)
-        bar = tqdm(total=len(todo) * len(methods), desc="benchmark", unit="gen", disable=not cfg.progress)
+        bar = tqdm(total=len(todo) * len(methods) * cfg.repeats, desc="benchmark", unit="gen",
+                   disable=not cfg.progress)
         with bar:
             try:
                 for prompt in todo:
@@ -248,6 +318,12 @@ def _run_benchmark(cfg: BenchConfig) -> dict:
     # 3. Aggregate and write the reports; store the chosen stop threshold with its verifier if asked.
     results = write_reports(Path(cfg.out), options=to_dict(cfg), decoder=decoder, verifiers=verifiers, prompts=prompts,
                             methods=methods, done=done, seconds=time.perf_counter() - start)
+    failed = {name: c for name, c in (results.get("distribution_check") or {}).items() if not c["passed"]}
+    if failed:
+        raise SprinterError("distribution check: " + "; ".join(
+            f"{name} p_nll={c['p_nll']:.2g}, p_tokens={c['p_tokens']:.2g}" for name, c in failed.items())
+            + f" below {next(iter(failed.values()))['threshold']:.2g} (alpha {cfg.distribution_alpha:g}, Bonferroni); "
+            f"expected lossless rows to sample ar's distribution (reports kept in {cfg.out})")
     stop = results["recommended_stop_threshold"]
     if cfg.store_stop_threshold and stop is not None:
         from sprinter.verifier import update_info

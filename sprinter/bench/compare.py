@@ -141,12 +141,14 @@ class LoopShareConfig(ThreadsConfig):
     held-out text itself (README, Quickstart)."""
 
     pair: str = option("demo", "a preset pair under checkpoints/pairs/ (built if missing) or a pair folder")
-    num_prompts: int = option(20, "held-out prompts of the benchmark's `test` split (code and prose taking turns)")
+    num_prompts: int = option(20, "held-out prompts of SPLIT (code and prose taking turns)")
     prompt_len: int = option(64, "prompt tokens")
     max_new_tokens: int = option(128, "tokens `ar` generates per prompt; also the held-out text's window length")
     temperature: float = option(0.8, "the sampled run's temperature (the greedy run is temperature 0)")
     top_p: float = option(0.95, "the sampled run's nucleus")
     threads: int = option(1, "CPU threads for torch")
+    split: str = option("val", "corpus split of the prompts and the text (val: where the benchmark's workload "
+                               "lengths are chosen; test: where they are reported)")
 
     def __post_init__(self) -> None:
         check_integers(self, ("num_prompts", "prompt_len", "max_new_tokens", "threads"))
@@ -154,7 +156,7 @@ class LoopShareConfig(ThreadsConfig):
 
 def measure_loop_share(cfg: LoopShareConfig) -> dict:
     """The mean `loop_share` of `ar`'s output over held-out prompts, greedy and sampled (seed = prompt index), with
-    the number of outputs over 0.5, and the same figure for the held-out `test` text cut into windows of
+    the number of outputs over 0.5, and the same figure for the SPLIT text cut into windows of
     max_new_tokens tokens."""
     import statistics
 
@@ -168,8 +170,8 @@ def measure_loop_share(cfg: LoopShareConfig) -> dict:
     torch.set_num_threads(cfg.threads)
     draft, target = resolve_pair(cfg.pair)
     dec = Decoder.from_pretrained(draft=draft, target=target, device="cpu", dtype="float32")
-    prompts = load_prompts(dec.tokenizer, num_prompts=cfg.num_prompts, prompt_len=cfg.prompt_len)
-    result: dict = {"pair": cfg.pair, "prompts": len(prompts), "max_new_tokens": cfg.max_new_tokens}
+    prompts = load_prompts(dec.tokenizer, split=cfg.split, num_prompts=cfg.num_prompts, prompt_len=cfg.prompt_len)
+    result: dict = {"pair": cfg.pair, "split": cfg.split, "prompts": len(prompts), "max_new_tokens": cfg.max_new_tokens}
     for name, sampling in (("greedy", {"temperature": 0.0}),
                            ("sampled", {"temperature": cfg.temperature, "top_p": cfg.top_p})):
         shares = [loop_share(dec.generate(list(p.ids), mode="ar", max_new_tokens=cfg.max_new_tokens, seed=i,
@@ -177,7 +179,7 @@ def measure_loop_share(cfg: LoopShareConfig) -> dict:
         result[name] = {**sampling, "mean": round(statistics.mean(shares), 4),
                         "outputs_over_half": sum(s > 0.5 for s in shares)}
     n = cfg.max_new_tokens
-    windows = [ids[s:s + n] for doc in load_documents("stdlib", "test")
+    windows = [ids[s:s + n] for doc in load_documents("stdlib", cfg.split)
                for ids in [dec.tokenizer(doc.text, add_special_tokens=False)["input_ids"]]
                for s in range(0, len(ids) - n, n)]
     result["held_out_text"] = {"mean": round(statistics.mean(map(loop_share, windows)), 4), "windows": len(windows)}

@@ -1,7 +1,8 @@
-"""The latency model over a benchmark run: each row's predicted ms/token from the pair's cost profile and the
-run's own acceptance statistics (by block position from the sd rows, the verifier's rates from its metrics.json,
-the n-gram row's per-call counts). The formulas are sprinter.decode.latency's (docs/latency.md); the regime map
-is sprinter.bench.regime_map.
+"""The latency model over a benchmark run: each row's ms/token from the pair's cost profile and acceptance
+statistics (by block position from the sd rows, the verifier's rates from its metrics.json, the n-gram rows'
+per-call counts). The benchmark feeds it twice: the calibration prompts' statistics (decoded before timing, on
+prompts disjoint from the timed ones: the prediction) and the timed run's own (the cost-model diagnostic).
+The formulas are sprinter.decode.latency's (docs/latency.md); the regime map is sprinter.bench.regime_map.
 """
 
 from __future__ import annotations
@@ -9,6 +10,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Sequence
 
+from sprinter.bench.protocol import Method
 from sprinter.decode.costs import CostProfile
 from sprinter.decode.latency import (
     AcceptanceStats,
@@ -24,6 +26,7 @@ from sprinter.decode.latency import (
 from sprinter.files import read_json
 from sprinter.verifier import budget_key
 
+WITHIN = 0.25  # a prediction "holds" within this relative error of the measurement
 MIN_REACHED = 10  # blocks that must reach a position before its acceptance rate is estimated from them
 
 
@@ -46,6 +49,14 @@ def acceptance_by_position(stats: Sequence[dict]) -> tuple[float, ...]:
             break
         rates.append(acc / r)
     return tuple(rates)
+
+
+def flat_acceptance(stats: Sequence[dict]) -> float | None:
+    """P(a drafted token is accepted), pooled over every block position of runs' stats (auto's flat estimate);
+    None when no run recorded a checked block."""
+    reached = sum(sum(s.get("reached_by_position") or []) for s in stats)
+    accepted = sum(sum(s.get("accepted_by_position") or []) for s in stats)
+    return accepted / reached if reached else None
 
 
 def load_verifier_rates(verifiers: dict[str, str]) -> dict[str, dict[str, tuple[float, float]]]:
@@ -91,7 +102,7 @@ def predict_row(profile: CostProfile, stats: AcceptanceStats | None, row: tuple[
     a = stats.by_position if stats is not None else ()
     if family == "sd" and a:
         return sd_ms(profile, a, int(operating_point))
-    if family == "ngram" and calls > 0:
+    if family in ("ngram", "ngram-8") and calls > 0:  # ngram-8: auto's loop, the prompt read with the first block
         return ngram_ms(profile, counts["drafted"] / calls, counts["accepted"] / calls,
                         1e3 * counts["draft_seconds"] / calls)
     gate = "confidence" if family.endswith("confidence") or family in ("sprinter-entropy", "sprinter-margin") \
@@ -106,20 +117,60 @@ def predict_row(profile: CostProfile, stats: AcceptanceStats | None, row: tuple[
                       gate=gate if counts["verifier_calls"] else "learned")
 
 
-def predictions(profile: CostProfile, records: dict[str, list[dict]], families: dict[str, tuple[str, float | None]],
+def predictions(profile: CostProfile, runs: dict[str, list[dict]], families: dict[str, tuple[str, float | None]],
                 *, prompt_len: int, max_block: int, rates: dict[str, dict[str, tuple[float, float]]]
                 ) -> tuple[dict[str, float | None], AcceptanceStats | None]:
-    """Predicted ms/token per method name of a benchmark run, and the acceptance statistics behind them.
+    """ms/token per method name from a set of runs, and the acceptance statistics behind them.
 
-    records: each method's per-prompt records; families: method name -> (family, operating point)."""
-    sd_stats = [r["stats"] for name, recs in records.items() if families[name][0] == "sd" for r in recs]
+    runs: each method's per-prompt stats (DecodeStats.to_dict()); families: method name -> (family, operating
+    point). The sprinter-mlp-compare rows are priced with the compare verifier's rates."""
+    sd_stats = [s for name, stats in runs.items() if families[name][0] == "sd" for s in stats]
     a = acceptance_by_position(sd_stats)
     stats = AcceptanceStats(a) if a else None
     out = {}
-    for name, recs in records.items():
-        out[name] = predict_row(profile, stats, families[name], counts=totals([r["stats"] for r in recs]),
-                                prompts=len(recs), prompt_len=prompt_len, max_block=max_block, rates=rates)
+    for name, row_stats in runs.items():
+        own = {**rates, "mlp": rates.get("compare", {})} if name.startswith("sprinter-mlp-compare") else rates
+        out[name] = predict_row(profile, stats, families[name], counts=totals(row_stats), prompts=len(row_stats),
+                                prompt_len=prompt_len, max_block=max_block, rates=own)
     return out, stats
 
 
-__all__ = ["acceptance_by_position", "load_verifier_rates", "predict_row", "predictions", "totals"]
+def add_predictions(results: dict, profile, options: dict, verifiers: dict[str, str], methods: Sequence[Method],
+                    done: dict[int, list[dict]], pair_meta: dict, calibration: dict[str, list[dict]]) -> None:
+    """Each entry's `predicted_ms_per_token`, from the calibration prompts' counts (decoded before timing, on
+    prompts disjoint from the timed ones) and the profile, and its `cost_model_ms_per_token`, from the timed
+    run's own counts (a check that the costs add up, not a prediction), each with its relative error against
+    the measured ms/token. Under `pair`: the profile's draft_target_cost_ratio, the pair's greedy_agreement
+    (pair.json), the calibration's acceptance by position and the profile. Without calibration prompts the
+    prediction is None."""
+    rows = {m.name: (m.family, m.operating_point) for m in methods}
+    rates = load_verifier_rates(verifiers)
+    timed = {m.name: [r["stats"] for i in sorted(done) for r in done[i] if r["method"] == m.name] for m in methods}
+    cost_model, timed_stats = predictions(profile, timed, rows, prompt_len=options["prompt_len"],
+                                          max_block=options["max_block"], rates=rates)
+    predicted, stats = ({}, None) if not calibration else predictions(
+        profile, calibration, rows, prompt_len=options["prompt_len"], max_block=options["max_block"], rates=rates)
+
+    def error(estimate, measured):
+        return estimate / measured - 1 if estimate is not None and measured else None
+
+    for entry in results["methods"]:
+        entry["predicted_ms_per_token"] = predicted.get(entry["name"])
+        entry["cost_model_ms_per_token"] = cost_model.get(entry["name"])
+        entry["prediction_error"] = error(entry["predicted_ms_per_token"], entry["ms_per_token"])
+        entry["cost_model_error"] = error(entry["cost_model_ms_per_token"], entry["ms_per_token"])
+    results["pair"].update(draft_target_cost_ratio=profile.cost_ratio,
+                           greedy_agreement=pair_meta.get("greedy_agreement"),
+                           acceptance_by_position=list(stats.by_position) if stats else None,
+                           timed_acceptance_by_position=list(timed_stats.by_position) if timed_stats else None,
+                           cost_profile=profile.to_dict())
+
+
+def within_share(entries: Sequence[dict], key: str) -> tuple[int, int]:
+    """(rows whose `key` error is within WITHIN, rows with such an error)."""
+    errors = [e[key] for e in entries if e.get(key) is not None]
+    return sum(abs(x) <= WITHIN for x in errors), len(errors)
+
+
+__all__ = ["WITHIN", "acceptance_by_position", "add_predictions", "flat_acceptance", "load_verifier_rates",
+           "predict_row", "predictions", "totals", "within_share"]

@@ -5,6 +5,7 @@ prompt (sprinter.bench.protocol), built from a BenchConfig (sprinter.bench.bench
 from __future__ import annotations
 
 import dataclasses
+import functools
 import sys
 import time
 from pathlib import Path
@@ -24,9 +25,10 @@ from sprinter.verifier import budget_key
 if TYPE_CHECKING:
     from sprinter.bench.benchmark import BenchConfig
 
-FAMILIES = ("ar", "draft", "sd", "hf-assisted", "ngram", "sd-gated", "sd-gated-confidence", "sprinter-mlp",
-            "sprinter-linear", "sprinter-confidence", "auto", "sprinter-strict", "async")
-DEFAULT_METHODS = FAMILIES[:-2]  # sprinter-strict and async are asked for by name
+FAMILIES = ("ar", "draft", "sd", "hf-assisted", "ngram", "ngram-8", "sd-gated", "sd-gated-confidence",
+            "sprinter-strict", "sprinter-mlp", "sprinter-linear", "sprinter-confidence", "auto", "async")
+DEFAULT_METHODS = tuple(f for f in FAMILIES if f != "async")  # async is asked for by name
+AUTO_NGRAM = 8  # the ngram-8 row: auto's longest n-gram candidate, run every round on auto's own loop
 # Relaxed acceptance and training-free gates (docs/decoding.md, "Relaxed acceptance"): all lossy, asked for by name
 # (configs/bench/pareto-demo.yaml). sd-RULE: sd-k{rule_k} whose target call keeps tokens by RULE, one row per
 # threshold; sprinter-mlp+RULE: the verifier at each budget, its target call keeping tokens by RULE; sprinter-GATE:
@@ -67,7 +69,7 @@ class ForwardCounter:
         self.flops += self.flop_model.forward(past, new, logits)
 
 
-def hf_assisted_runner(decoder: Decoder, temperature: float) -> Runner:
+def hf_assisted_runner(decoder: Decoder, temperature: float, top_p: float = 1.0) -> Runner:
     """Hugging Face assisted generation on the same pair: target.generate(assistant_model=draft)."""
     pair = decoder.pair
     pad = pair.tokenizer.pad_token_id if pair.tokenizer.pad_token_id is not None else pair.tokenizer.eos_token_id
@@ -75,7 +77,7 @@ def hf_assisted_runner(decoder: Decoder, temperature: float) -> Runner:
     @torch.inference_mode()
     def run(ids: list[int], seed: int, max_new_tokens: int) -> tuple[list[int], dict]:
         inputs = torch.tensor([ids], device=pair.device)  # (1, T)
-        sampling = ({"do_sample": True, "temperature": temperature, "top_k": 0} if temperature > 0
+        sampling = ({"do_sample": True, "temperature": temperature, "top_k": 0, "top_p": top_p} if temperature > 0
                     else {"do_sample": False})
         torch.manual_seed(seed)  # HF samples from the global generator
         with ForwardCounter(pair.target) as target, ForwardCounter(pair.draft) as draft:
@@ -96,11 +98,13 @@ def hf_assisted_runner(decoder: Decoder, temperature: float) -> Runner:
     return run
 
 
-def decoder_runner(decoder: Decoder, temperature: float, **options) -> Runner:
+def decoder_runner(decoder: Decoder, temperature: float, top_p: float = 1.0, **options) -> Runner:
     """A sprinter mode, timed around the whole call as hf-assisted is (the loop's own time kept as loop_seconds)."""
+    sampling = {"temperature": temperature, "top_p": top_p} if temperature > 0 else {"temperature": temperature}
+
     def run(ids: list[int], seed: int, max_new_tokens: int) -> tuple[list[int], dict]:
         start = time.perf_counter()
-        out = decoder.generate(ids, max_new_tokens=max_new_tokens, temperature=temperature, seed=seed, **options)
+        out = decoder.generate(ids, max_new_tokens=max_new_tokens, seed=seed, **sampling, **options)
         seconds = time.perf_counter() - start  # generate synchronises CUDA before it returns
         stats = out.stats.to_dict()
         stats["loop_seconds"], stats["wall_seconds"] = stats["wall_seconds"], seconds
@@ -158,9 +162,9 @@ def chosen_budgets(cfg: BenchConfig, thresholds: dict[str, float], path: str) ->
 
 
 def build_methods(cfg: BenchConfig, decoder: Decoder, verifiers: dict[str, str]) -> list[Method]:
-    """The rows of the table, in the order of FAMILIES."""
-    t = cfg.temperature
-    greedy = t == 0
+    """The rows of the table, in the order of FAMILIES. A row is `lossless` when its mode keeps the target's
+    distribution (greedy: its very tokens), whatever the temperature."""
+    runner = functools.partial(decoder_runner, decoder, cfg.temperature, cfg.top_p)
     gates: dict[str, tuple[LearnedGate, dict[str, float]]] = {}
     if "mlp" in verifiers:
         gates["mlp"] = (decoder.gate, decoder.verifier_info.thresholds)
@@ -177,37 +181,36 @@ def build_methods(cfg: BenchConfig, decoder: Decoder, verifiers: dict[str, str])
         if family not in cfg.methods:
             continue
         if family in ("ar", "draft"):
-            methods.append(Method(family, family, family == "ar", decoder_runner(decoder, t, mode=family)))
+            methods.append(Method(family, family, family == "ar", runner(mode=family)))
         elif family == "sd":
-            methods += [Method(f"sd-k{k}", family, greedy, decoder_runner(decoder, t, mode="sd", k=k), k)
+            methods += [Method(f"sd-k{k}", family, True, runner(mode="sd", k=k), k)
                         for k in sorted(set(cfg.ks))]
         elif family == "async":
-            methods += [Method(f"async-w{w}", family, greedy, decoder_runner(decoder, t, mode="async", window=w), w)
+            methods += [Method(f"async-w{w}", family, True, runner(mode="async", window=w), w)
                         for w in sorted(set(cfg.windows))]
         elif family == "hf-assisted":
-            methods.append(Method(family, family, greedy, hf_assisted_runner(decoder, t)))
+            methods.append(Method(family, family, True, hf_assisted_runner(decoder, cfg.temperature, cfg.top_p)))
         elif family in GATED:
             gate = gates["stop"][0] if family == "sd-gated" else "confidence"
-            methods += [Method(f"{family}@{c:g}", family, greedy,
-                               decoder_runner(decoder, t, mode="sd-gated", gate=gate, stop_threshold=c,
-                                              max_block=cfg.max_block), c)
+            methods += [Method(f"{family}@{c:g}", family, True,
+                               runner(mode="sd-gated", gate=gate, stop_threshold=c, max_block=cfg.max_block), c)
                         for c in sorted(set(cfg.stop_thresholds))]
         elif family == "ngram":  # batch 1: s from the device's I_knee (sprinter.decode.roofline)
-            methods.append(Method(family, family, greedy, decoder_runner(decoder, t, mode="ngram")))
+            methods.append(Method(family, family, True, runner(mode="ngram")))
+        elif family == "ngram-8":  # the fixed rival auto must beat: its n-gram candidate on its single-prompt loop
+            methods.append(Method(family, family, True, runner(mode="auto", max_block=cfg.max_block,
+                                                           auto_candidate=f"ngram-k{AUTO_NGRAM}"), AUTO_NGRAM))
         elif family == "auto":  # lossless, and with a verifier one row per budget: sprinter at it is a candidate
-            methods.append(Method(family, family, greedy, decoder_runner(decoder, t, mode="auto",
-                                                                         max_block=cfg.max_block)))
+            methods.append(Method(family, family, True, runner(mode="auto", max_block=cfg.max_block)))
             if "mlp" in gates:
                 methods += [Method(f"auto@{budget:g}", family, False,
-                                   decoder_runner(decoder, t, mode="auto", max_block=cfg.max_block,
-                                                  max_false_accept=budget), budget)
+                                   runner(mode="auto", max_block=cfg.max_block, max_false_accept=budget), budget)
                             for budget, _ in chosen_budgets(cfg, gates["mlp"][1], verifiers["mlp"])]
         elif family in RELAXED:
             methods += relaxed_methods(cfg, decoder, family, gates, verifiers)
         elif family == "sprinter-confidence":
             methods += [Method(f"{family}@{c:g}", family, False,
-                               decoder_runner(decoder, t, mode="sprinter", gate="confidence", threshold=c,
-                                              max_block=cfg.max_block), c)
+                               runner(mode="sprinter", gate="confidence", threshold=c, max_block=cfg.max_block), c)
                         for c in sorted(set(cfg.confidence_thresholds))]
         else:
             name = "linear" if family == "sprinter-linear" else "mlp"
@@ -216,10 +219,10 @@ def build_methods(cfg: BenchConfig, decoder: Decoder, verifiers: dict[str, str])
             if family == "sprinter-strict":  # lossless: the default budget is enough to show its cost
                 budgets = budgets[:1]
             for budget, threshold in budgets:
-                methods.append(Method(f"{family}@{budget:g}", family, family == "sprinter-strict" and greedy,
-                                      decoder_runner(decoder, t, mode="sprinter", max_block=cfg.max_block,
-                                                     strict=family == "sprinter-strict",
-                                                     gate=LearnedGate(gate.verifier, gate.features, threshold)),
+                methods.append(Method(f"{family}@{budget:g}", family, family == "sprinter-strict",
+                                      runner(mode="sprinter", max_block=cfg.max_block,
+                                             strict=family == "sprinter-strict",
+                                             gate=LearnedGate(gate.verifier, gate.features, threshold)),
                                       budget))
             if family == "sprinter-mlp" and "compare" in gates:  # the other verifier at the same budgets
                 other, other_thresholds = gates["compare"]
@@ -228,8 +231,8 @@ def build_methods(cfg: BenchConfig, decoder: Decoder, verifiers: dict[str, str])
                     if threshold is None:
                         continue  # not calibrated for this budget
                     methods.append(Method(f"sprinter-mlp-compare@{budget:g}", family, False,
-                                          decoder_runner(decoder, t, mode="sprinter", max_block=cfg.max_block,
-                                                         gate=LearnedGate(other.verifier, other.features, threshold)),
+                                          runner(mode="sprinter", max_block=cfg.max_block,
+                                                 gate=LearnedGate(other.verifier, other.features, threshold)),
                                           budget))
     return methods
 

@@ -30,6 +30,7 @@ from sprinter.files import read_json, write_atomic
 
 DOMAINS = ("code", "prose")
 RECORDS, RUN = "records.jsonl", "run.json"
+CALIBRATION = "calibration.json"  # the main benchmark's calibration prompts' stats (the predictions' inputs)
 T = TypeVar("T")
 
 
@@ -62,16 +63,18 @@ class Prompt:
     domain: str  # "code" or "prose"
     doc: str  # the document id it was cut from
     ids: tuple[int, ...]
+    continuation: tuple[int, ...] = ()  # the tokens that follow it in the text (the degeneracy reference)
 
 
 def load_prompts(tokenizer, *, dataset: str = "stdlib", split: str = "test", domains: Sequence[str] = DOMAINS,
-                 num_prompts: int, prompt_len: int) -> list[Prompt]:
+                 num_prompts: int, prompt_len: int, continuation_len: int = 0) -> list[Prompt]:
     """num_prompts prompts of prompt_len tokens, the domains taking turns: code windows cut from the middle
-    of each source file of the split, prose from the start of each long docstring."""
+    of each source file of the split, prose from the start of each long docstring. Each keeps up to
+    `continuation_len` tokens of the text that follows it."""
     check_domains(domains)
     docs = load_documents(dataset, split)
     sources = {"code": docs, "prose": prose_documents(docs)}
-    pools: dict[str, list[tuple[str, list[int]]]] = {}
+    pools: dict[str, list[tuple[str, list[int], list[int]]]] = {}
     per_domain = -(-num_prompts // len(domains))
     for domain in domains:
         pool = []
@@ -80,7 +83,8 @@ def load_prompts(tokenizer, *, dataset: str = "stdlib", split: str = "test", dom
             if len(ids) < prompt_len + 8:  # room for a continuation that exists in the text
                 continue
             start = (len(ids) - prompt_len) // 2 if domain == "code" else 0
-            pool.append((doc.id, ids[start: start + prompt_len]))
+            pool.append((doc.id, ids[start: start + prompt_len],
+                         ids[start + prompt_len: start + prompt_len + continuation_len]))
             if len(pool) == per_domain:
                 break
         if not pool:
@@ -91,8 +95,8 @@ def load_prompts(tokenizer, *, dataset: str = "stdlib", split: str = "test", dom
     for i in range(max(map(len, pools.values()))):
         for domain in domains:
             if i < len(pools[domain]) and len(prompts) < num_prompts:
-                doc, ids = pools[domain][i]
-                prompts.append(Prompt(len(prompts), domain, doc, tuple(ids)))
+                doc, ids, after = pools[domain][i]
+                prompts.append(Prompt(len(prompts), domain, doc, tuple(ids), tuple(after)))
     return prompts
 
 
@@ -113,7 +117,7 @@ class Method:
 
     name: str  # "sd-k4", "sprinter-mlp@0.05", ...
     family: str  # the family it belongs to (a curve in the benchmark's plot for the sprinter families)
-    lossless: bool  # greedy output must equal ar's
+    lossless: bool  # keeps the target's distribution: greedy output must equal ar's, sampled must match it
     run: Runner
     operating_point: float | None = None  # k, false-accept budget or confidence threshold
 
@@ -271,6 +275,6 @@ def append_records(out: Path, records: Sequence[dict]) -> None:
         raise disk_error(path, err, "appending to") from err
 
 
-__all__ = ["DOMAINS", "RECORDS", "RUN", "Method", "Prompt", "Runner", "append_records", "check_lossless",
+__all__ = ["CALIBRATION", "DOMAINS", "RECORDS", "RUN", "Method", "Prompt", "Runner", "append_records", "check_lossless",
            "check_window", "disk_error", "hardware", "libraries", "load_prompts", "open_records", "read_records",
            "rotated", "save", "warm_up"]

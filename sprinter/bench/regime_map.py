@@ -4,6 +4,7 @@ by the draft's greedy agreement and its cost ratio (docs/latency.md, "The regime
 
 from __future__ import annotations
 
+from pathlib import Path
 from typing import Sequence
 
 from sprinter.decode.costs import CostProfile
@@ -15,8 +16,11 @@ from sprinter.decode.latency import (
     sd_gated_ms,
     sd_ms,
     sprinter_ms,
+    verifier_rates,
 )
 from sprinter.errors import SprinterError
+from sprinter.files import read_json
+from sprinter.verifier import budget_key
 
 REGIME_MODES = ("ar", "sd", "sd-gated", "sprinter@0.05")
 
@@ -88,6 +92,20 @@ def pair_point(meta: dict) -> tuple[float, float]:
                             "scripts/make_pair.py)") from None
 
 
+def measured_rates(verifier: str | Path, budget: float = 0.05) -> tuple[float, float]:
+    """(true accept, false accept) the verifier measured at `budget` on held-out data: its metrics.json (written
+    by scripts/train.py beside the checkpoint). The regime map of a pair is drawn from these, not SPRINTER_RATES."""
+    path = Path(verifier) / "metrics.json"
+    if not path.is_file():
+        raise SprinterError(f"verifier: got {str(verifier)!r}, which holds no metrics.json; expected a folder written "
+                            "by scripts/train.py")
+    rates = verifier_rates(read_json(path, "metrics.json"))
+    if budget_key(budget) not in rates:
+        raise SprinterError(f"verifier {str(verifier)!r}: no operating point at budget {budget:g} in metrics.json; "
+                            f"expected one of {sorted(rates)}")
+    return rates[budget_key(budget)]
+
+
 def plot_regime_map(agreements: Sequence[float], cost_ratios: Sequence[float], grid: list[list[tuple[str, float]]],
                     pairs: dict[str, tuple[float, float]], path, title: str) -> None:
     """The regime map as a PNG: the fastest mode's region in colour, its speedup over ar as contours, and the
@@ -125,5 +143,5 @@ def plot_regime_map(agreements: Sequence[float], cost_ratios: Sequence[float], g
     plt.close(fig)
 
 
-__all__ = ["REGIME_MODES", "fastest", "flat_shape", "mode_times", "pair_point", "plot_regime_map", "regime_grid",
-           "regime_table", "synthetic_profile"]
+__all__ = ["REGIME_MODES", "fastest", "flat_shape", "measured_rates", "mode_times", "pair_point", "plot_regime_map",
+           "regime_grid", "regime_table", "synthetic_profile"]

@@ -7,7 +7,18 @@ Aggregation (names as Spec-Bench and vLLM, docs/references.md §5):
 - `target_calls_per_token`, `target_tokens_per_token`, `flops_per_token` (target + draft + verifier):
   totals over new tokens; `mean_acceptance_length`: 1 + accepted / target calls (ar: 1.0);
 - fidelity pooled over output tokens: `target_consistency`, `target_nll`, `target_nll_ratio_vs_ar`;
-  per prompt, averaged: `rouge_l_vs_ar`, `exact_match_vs_ar`.
+  per prompt, averaged: `rouge_l_vs_ar`, `exact_match_vs_ar`;
+- spreads (sprinter.bench.spread): `speedup_vs_ar` is the median over prompts x repeats of ar's ms/token over
+  the row's in the same round, `speedup_interval` its bootstrap 90% interval, `tie` / `ties_with` whether it
+  overlaps the fastest row of its class (lossless or not);
+- degeneracy (sprinter.bench.degeneracy), pooled over output tokens: `repeat_prompt`, `repeat_output`,
+  `periodic_tail`; results["reference"] holds the same for the prompts' true continuations;
+- `predicted_ms_per_token` from the calibration prompts (made before timing) and `cost_model_ms_per_token` from
+  the timed run's own counts, each with its relative error (`prediction_error`, `cost_model_error`);
+- at temperature > 0, results["distribution_check"]: each lossless row's p-values against ar
+  (sprinter.bench.distribution).
+
+Records written before repeats (no `timings`) read as one repeat.
 """
 
 from __future__ import annotations
@@ -19,19 +30,26 @@ import sys
 from pathlib import Path
 from typing import Sequence
 
-from sprinter.bench.protocol import Method, Prompt, disk_error, hardware, libraries, save
+from sprinter.bench.degeneracy import KEYS as DEGENERACY_KEYS
+from sprinter.bench.degeneracy import pooled
+from sprinter.bench.distribution import ALPHA, check_distributions
+from sprinter.bench.latency import add_predictions, within_share
+from sprinter.bench.protocol import CALIBRATION, Method, Prompt, disk_error, hardware, libraries, save
+from sprinter.bench.spread import LEVEL, bootstrap_interval, mark_ties
+from sprinter.bench.workloads import WORKLOADS
 from sprinter.decode.stats import promise_warning
 from sprinter.errors import SprinterError
 from sprinter.files import read_json
 
 FORMAT = "sprinter-bench/1"
 METHOD_KEYS = ("name", "family", "operating_point", "lossless", "prompts", "new_tokens", "ms_per_token",
-               "predicted_ms_per_token", "tokens_per_s", "speedup_vs_ar",
+               "predicted_ms_per_token", "cost_model_ms_per_token", "prediction_error", "cost_model_error",
+               "tokens_per_s", "speedup_vs_ar", "speedup_interval", "tie", "ties_with", *DEGENERACY_KEYS,
                "target_calls_per_token", "target_tokens_per_token",
                "flops_per_token", "mean_acceptance_length", "target_consistency", "target_nll",
                "target_nll_ratio_vs_ar", "rouge_l_vs_ar", "exact_match_vs_ar", "by_domain")
 TOP_KEYS = ("format", "created", "hardware", "libraries", "pair", "verifiers", "prompts", "max_new_tokens",
-            "temperature", "options", "elapsed_seconds", "methods")
+            "temperature", "options", "elapsed_seconds", "methods", "workload", "reference")
 CURVES = ("sd-gated", "sd-gated-confidence", "sprinter-mlp", "sprinter-linear", "sprinter-confidence",
           "sd-ratio", "sd-entropy", "sprinter-mlp+ratio", "sprinter-mlp+entropy", "sprinter-entropy",
           "sprinter-margin")  # the last six: sprinter.bench.methods.RELAXED
@@ -47,14 +65,24 @@ def _ms_per_token(record: dict) -> float | None:
     return 1000 * stats["wall_seconds"] / stats["new_tokens"] if stats["new_tokens"] else None
 
 
-def summarize(records: Sequence[dict], reference: dict[int, dict]) -> dict:
-    """The figures of one method over its records; `reference`: ar's record per prompt."""
+def _repeat_ms(record: dict) -> list[float | None]:
+    """ms/token of each timed round of a record (one round for records written before repeats)."""
+    timings = record.get("timings") or [record["stats"]]
+    return [1000 * t["wall_seconds"] / t["new_tokens"] if t["new_tokens"] else None for t in timings]
+
+
+def summarize(records: Sequence[dict], reference: dict[int, dict], prompts: dict[int, Sequence[int]] | None = None
+              ) -> dict:
+    """The figures of one method over its records; `reference`: ar's record per prompt; `prompts`: each prompt's
+    ids (for the degeneracy figures; None: not computed)."""
     stats = [r["stats"] for r in records]
     total = lambda key: sum(s.get(key, 0) or 0 for s in stats)  # noqa: E731
     tokens = total("new_tokens")
-    ms = [m for m in map(_ms_per_token, records) if m is not None]
+    ms = [m for r in records for m in _repeat_ms(r) if m is not None]
     speedups = [ref / own for r in records
-                if (own := _ms_per_token(r)) and (ref := _ms_per_token(reference[r["prompt"]]))]
+                for own, ref in zip(_repeat_ms(r), _repeat_ms(reference[r["prompt"]])) if own and ref]
+    degeneracy = (pooled([(prompts[r["prompt"]], r["tokens"]) for r in records]) if prompts is not None
+                  else dict.fromkeys(DEGENERACY_KEYS))
     scored = sum(r["fidelity"]["tokens"] for r in records)
     nll = _ratio(sum(r["fidelity"]["nll_sum"] for r in records), scored)
     ar_scored = sum(reference[r["prompt"]]["fidelity"]["tokens"] for r in records)
@@ -64,6 +92,8 @@ def summarize(records: Sequence[dict], reference: dict[int, dict]) -> dict:
         "ms_per_token": statistics.median(ms) if ms else None,
         "tokens_per_s": _ratio(tokens, total("wall_seconds")),
         "speedup_vs_ar": statistics.median(speedups) if speedups else None,
+        "speedup_interval": bootstrap_interval(speedups),
+        **degeneracy,
         "target_calls_per_token": _ratio(total("target_calls"), tokens),
         "target_tokens_per_token": _ratio(total("target_tokens"), tokens),
         "flops_per_token": _ratio(total("target_flops") + total("draft_flops") + total("verifier_flops"), tokens),
@@ -93,8 +123,10 @@ def guard(stats: Sequence[dict]) -> dict:
     return out
 
 
-def method_entries(methods: Sequence[Method], done: dict[int, list[dict]]) -> list[dict]:
-    """One entry per method (the fastest of each BEST_OF family marked best), over the finished prompts."""
+def method_entries(methods: Sequence[Method], done: dict[int, list[dict]],
+                   prompts: dict[int, Sequence[int]] | None = None) -> list[dict]:
+    """One entry per method (the fastest of each BEST_OF family marked best; ties marked), over the finished
+    prompts; `prompts`: each prompt's ids, for the degeneracy figures."""
     if not done:
         raise SprinterError("no prompt finished; nothing to report (run without --resume, or with more time)")
     by_method: dict[str, list[dict]] = {}
@@ -106,7 +138,7 @@ def method_entries(methods: Sequence[Method], done: dict[int, list[dict]]) -> li
     for method in methods:
         records = by_method[method.name]
         entry = {"name": method.name, "family": method.family, "operating_point": method.operating_point,
-                 "lossless": method.lossless, **summarize(records, reference)}
+                 "lossless": method.lossless, **summarize(records, reference, prompts)}
         domains = sorted({r["domain"] for r in records})
         entry["by_domain"] = {d: {k: v
                                   for k, v in summarize([r for r in records if r["domain"] == d], reference).items()
@@ -119,6 +151,7 @@ def method_entries(methods: Sequence[Method], done: dict[int, list[dict]]) -> li
         for e in entries:
             if e["family"] == family:
                 e["best"] = bool(timed) and e is max(timed, key=lambda x: x["speedup_vs_ar"])
+    mark_ties(entries)
     return entries
 
 
@@ -149,32 +182,74 @@ def _fmt(value, digits: int = 2) -> str:
     return str(value)
 
 
+def _share(value) -> str:
+    return "-" if value is None else f"{value:.2f}"
+
+
+def _estimate(value, error) -> str:
+    return "-" if value is None else f"{value:.2f} ({error:+.0%})" if error is not None else f"{value:.2f}"
+
+
+def _interval(e: dict) -> str:
+    interval = e.get("speedup_interval")
+    text = _fmt(e["speedup_vs_ar"])
+    if interval:
+        text += f" [{interval[0]:.2f}, {interval[1]:.2f}]"
+    return text + (" (tie)" if e.get("tie") else "")
+
+
 def markdown(results: dict) -> str:
     hw, p = results["hardware"], results["prompts"]
     where = hw.get("gpu") or f"{hw['cpu']}, {hw['torch_threads']} torch thread(s)"
     domains = ", ".join(f"{n} {d}" for d, n in p["domains"].items())
+    workload = results.get("workload", "greedy")
+    note = WORKLOADS[workload].note if workload in WORKLOADS else workload
+    repeats = results.get("repeats", 1)
     lines = [f"# Benchmark: {results['pair']['target']} (target) / {results['pair']['draft']} (draft)", "",
+             f"Workload **{workload}**: {note}.", "",
              f"{where}; {hw['dtype']}; torch {results['libraries']['torch']}, transformers "
              f"{results['libraries']['transformers']}. {p['count']} prompts ({domains}; "
              f"{p['prompt_len']} tokens from {p['dataset']}/{p['split']}), "
              f"up to {results['max_new_tokens']} new tokens, "
-             f"temperature {results['temperature']}. Speedup: median over prompts of ar's ms/token over the method's, "
-             "measured interleaved in the same run.", "",
-             "| method | ms/token | predicted | tokens/s | speedup vs ar | target calls/token | target tokens/token "
-             "| FLOPs/token "
+             f"temperature {results['temperature']}, top-p {results.get('top_p', 1.0)}, {repeats} timed repeat(s). "
+             "Speedup: median over prompts x repeats of ar's ms/token over the method's, measured interleaved in "
+             f"the same round, with its bootstrap {LEVEL:.0%} interval; (tie): the interval overlaps the fastest row "
+             "of its class (lossless or lossy), so the two are not told apart. Loop shares (bench.degeneracy): "
+             "tokens completing a 4-gram seen earlier in the prompt / in the output, and tokens inside a periodic "
+             "tail (period <= 8, >= 32 tokens). Predicted: from calibration prompts decoded before timing; cost "
+             "model: from the timed run's own counts (a diagnostic); both with their error against the measurement.",
+             "",
+             "| method | ms/token | speedup vs ar [90%] | predicted (err) | cost model (err) | repeat: prompt "
+             "| repeat: output | periodic tail | tokens/s | target calls/token | target tokens/token | FLOPs/token "
              "| mean acc. length | target consistency | target NLL | NLL / ar | ROUGE-L vs ar | exact match vs ar |",
-             "|---|" + "---:|" * 13]
+             "|---|" + "---:|" * 17]
+    reference = results.get("reference") or {}
+    if reference.get("repeat_output") is not None:
+        lines.append("| corpus text (the prompts' true continuations) | - | - | - | - | "
+                     + " | ".join(_share(reference[k]) for k in DEGENERACY_KEYS) + " |" + " - |" * 10)
     for e in results["methods"]:
         name = (e["name"] + (f" (best {e['family']})" if e.get("best") else "")
                 + (" [lossless]" if e["lossless"] else "") + (" [verifier off its promise]"
                                                               if e.get("verifier_warning") else ""))
-        lines.append("| " + " | ".join([name, _fmt(e["ms_per_token"]), _fmt(e.get("predicted_ms_per_token")),
+        lines.append("| " + " | ".join([name, _fmt(e["ms_per_token"]), _interval(e),
+                                         _estimate(e.get("predicted_ms_per_token"), e.get("prediction_error")),
+                                         _estimate(e.get("cost_model_ms_per_token"), e.get("cost_model_error")),
+                                         *(_share(e.get(k)) for k in DEGENERACY_KEYS),
                                          _fmt(e["tokens_per_s"], 1),
-                                         _fmt(e["speedup_vs_ar"]), _fmt(e["target_calls_per_token"], 3),
+                                         _fmt(e["target_calls_per_token"], 3),
                                          _fmt(e["target_tokens_per_token"]), _fmt(e["flops_per_token"]),
                                          _fmt(e["mean_acceptance_length"]), _fmt(e["target_consistency"], 3),
                                          _fmt(e["target_nll"], 3), _fmt(e["target_nll_ratio_vs_ar"], 3),
                                          _fmt(e["rouge_l_vs_ar"], 3), _fmt(e["exact_match_vs_ar"], 2)]) + " |")
+    ties = [e for e in results["methods"] if e.get("tie")]
+    if ties:
+        lines += ["", "Ties (intervals overlapping the fastest row of their class): "
+                  + "; ".join(f"{e['name']} with {e['ties_with']}" for e in ties) + "."]
+    held = [(label, *within_share(results["methods"], key)) for label, key in
+            (("predictions (calibration prompts)", "prediction_error"), ("cost model (same-run counts)",
+                                                                         "cost_model_error"))]
+    lines += ["", "Within 25% of the measured ms/token: " + "; ".join(
+        f"{label} {n} of {total} rows" for label, n, total in held) + "."]
     for e in results["methods"]:
         if e.get("verifier_warning"):
             lines += ["", f"{e['name']} [verifier off its promise]: {e['verifier_warning']}; its speed and fidelity "
@@ -184,9 +259,19 @@ def markdown(results: dict) -> str:
         lines += ["", f"sd-gated: the fastest stop threshold was {stop:g} (`--store-stop-threshold` writes it into the "
                       "stop verifier's checkpoint, where mode sd-gated reads its default)."]
     checked = results["temperature"] == 0 and results["options"]["check_lossless"]
-    lines += ["", "Lossless rows were checked equal to ar's output token for token." if checked else
-              "Lossless rows were not checked against ar's output (sampling, or --no-check-lossless).", ""]
-    return "\n".join(lines)
+    lines += ["", "Lossless rows were checked equal to ar's output token for token (first repeat; every repeat gave "
+                  "the same tokens)." if checked else
+              "Lossless rows were not checked against ar's output token for token (sampling, or "
+              "--no-check-lossless)."]
+    check = results.get("distribution_check")
+    if check:
+        first = next(iter(check.values()))
+        lines += ["", f"Distribution check of the lossless rows against ar (exact swap tests over {first['prompts']} "
+                      f"prompts; fail below p = {first['threshold']:.2g}, the smallest attainable p being "
+                      f"{first['smallest_p']:.2g}): " + "; ".join(
+                          f"{name} p_nll {c['p_nll']:.2g}, p_tokens {c['p_tokens']:.2g}"
+                          + ("" if c["passed"] else " FAILED") for name, c in check.items()) + "."]
+    return "\n".join(lines + [""])
 
 
 def plot(results: dict, path: Path) -> None:
@@ -232,30 +317,13 @@ def plot(results: dict, path: Path) -> None:
     tmp.replace(path)
 
 
-def add_predictions(results: dict, profile, options: dict, verifiers: dict[str, str], methods: Sequence[Method],
-                    done: dict[int, list[dict]], pair_meta: dict) -> None:
-    """Each entry's `predicted_ms_per_token` (sprinter.bench.latency) and, under `pair`, the profile's
-    draft_target_cost_ratio, the pair's greedy_agreement (pair.json), acceptance by position and the profile."""
-    from sprinter.bench.latency import load_verifier_rates, predictions
-
-    records = {m.name: [r for i in sorted(done) for r in done[i] if r["method"] == m.name] for m in methods}
-    predicted, stats = predictions(profile, records, {m.name: (m.family, m.operating_point) for m in methods},
-                                   prompt_len=options["prompt_len"], max_block=options["max_block"],
-                                   rates=load_verifier_rates(verifiers))
-    for entry in results["methods"]:
-        entry["predicted_ms_per_token"] = predicted.get(entry["name"])
-    results["pair"].update(draft_target_cost_ratio=profile.cost_ratio,
-                           greedy_agreement=pair_meta.get("greedy_agreement"),
-                           acceptance_by_position=list(stats.by_position) if stats else None,
-                           cost_profile=profile.to_dict())
-
-
 def write_reports(out: Path, *, options: dict, decoder, verifiers: dict[str, str], prompts: Sequence[Prompt],
                   methods: Sequence[Method], done: dict[int, list[dict]], seconds: float) -> dict:
     """Write OUT/results.json, results.md and pareto.png from the finished prompts; returns the results.
     `options`: the benchmark's options as a dict (sprinter.config.to_dict of its BenchConfig). The decoder's
     `profile` (the pair's CostProfile, sprinter.decode.costs) gives the predicted ms/token (None: not predicted)."""
     pair, profile = decoder.pair, decoder.profile
+    calibration = read_json(out / CALIBRATION, CALIBRATION) if (out / CALIBRATION).is_file() else {}
     verifier_info = {}
     for name, path in verifiers.items():
         from sprinter.verifier import read_info
@@ -271,21 +339,31 @@ def write_reports(out: Path, *, options: dict, decoder, verifiers: dict[str, str
     results = {
         "format": FORMAT, "created": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
         "hardware": hardware(pair.device, pair.dtype), "libraries": libraries(),
-        "pair": {"draft": pair.draft_name, "target": pair.target_name, "vocab_size": pair.vocab_size},
+        "pair": {"draft": pair.draft_name, "target": pair.target_name, "vocab_size": pair.vocab_size,
+                 "auto_draft_prior": getattr(decoder, "draft_prior", None)},
         "verifiers": verifier_info,
         "prompts": {"dataset": options["dataset"], "split": options["split"], "count": len(finished),
                     "planned": len(prompts), "domains": domains, "prompt_len": options["prompt_len"]},
         "max_new_tokens": options["max_new_tokens"], "temperature": options["temperature"], "options": options,
-        "elapsed_seconds": round(seconds, 2), "methods": method_entries(methods, done),
+        "elapsed_seconds": round(seconds, 2),
+        "methods": method_entries(methods, done, {p.index: p.ids for p in finished}),
+        "workload": options.get("workload", "greedy"), "top_p": options.get("top_p", 1.0),
+        "repeats": options.get("repeats", 1),
+        "reference": pooled([(p.ids, p.continuation) for p in finished if p.continuation]),
     }
+    results["prompts"]["calibration"] = {"split": options.get("calibration_split"),
+                                         "count": len(next(iter(calibration.values()), [])) if calibration else 0}
+    results["distribution_check"] = (check_distributions(methods, done, options.get("distribution_alpha", ALPHA))
+                                     if options["temperature"] > 0 else None)
     results["recommended_stop_threshold"] = recommended_stop_threshold(results["methods"])
     if profile is not None:
         meta = Path(pair.draft_name).parent / "pair.json"
         add_predictions(results, profile, options, verifiers, methods, done,
-                        read_json(meta, "pair.json") if meta.is_file() else {})
+                        read_json(meta, "pair.json") if meta.is_file() else {}, calibration)
     else:
         for entry in results["methods"]:
-            entry["predicted_ms_per_token"] = None
+            entry.update(predicted_ms_per_token=None, cost_model_ms_per_token=None, prediction_error=None,
+                         cost_model_error=None)
     check_results(results)
     save(out / "results.json", json.dumps(results, indent=2) + "\n")
     save(out / "results.md", markdown(results))

@@ -113,6 +113,7 @@ class AutoController:
     sprinter_rates: tuple[float, float] | None = None
     probe_every: int = PROBE_EVERY
     cache: dict | None = None  # predictions by rounded estimate; a Decoder shares one across requests of one setting
+    fixed: str | None = None  # run this candidate every round (a fixed rival on this loop; the benchmark's ngram-8)
     draft: Estimate = field(init=False)
     ngram_hit: Estimate = field(init=False)
     ngram_accept: Estimate = field(init=False)
@@ -122,6 +123,8 @@ class AutoController:
             raise SprinterError(f"sprinter candidate: got budget={self.budget!r} with rates {self.sprinter_rates!r}; "
                                 "expected both or neither")
         self.candidates = candidates(gated=self.gated, budget=self.budget)
+        if self.fixed is not None and self.fixed not in self.candidates:
+            raise SprinterError(f"auto_candidate: got {self.fixed!r}; expected one of {sorted(self.candidates)}")
         self.draft = Estimate(self.draft_prior)
         self.ngram_hit, self.ngram_accept = Estimate(self.ngram_prior[0]), Estimate(self.ngram_prior[1])
         self.since_draft = 0  # rounds since the draft model was last observed
@@ -165,6 +168,8 @@ class AutoController:
 
     def choose(self) -> Candidate:
         """The next round's candidate: the fastest predicted, or a probe of the draft after a stretch of ar."""
+        if self.fixed is not None:
+            return self.candidates[self.fixed]
         times = self.predict()
         best = min(times, key=times.__getitem__)
         self.probing = False
@@ -263,13 +268,15 @@ def run_auto(decoder: Decoder, target: CachedLM, draft: ModelDrafter, ids: list[
 
 
 def make_controller(decoder: Decoder, options: DecodeOptions) -> AutoController:
-    """The controller of one request. Its draft prior is the pair's greedy agreement (pair.json beside the draft)
-    when stated, else DRAFT_PRIOR; with max_false_accept, sprinter's rates come from the verifier's metrics.json
-    (true accept at that budget), else (SPRINTER_RATES' true accept, the budget)."""
+    """The controller of one request. Its draft prior is `decoder.draft_prior` when set (the benchmark's
+    calibration prompts), else the pair's greedy agreement (pair.json beside the draft) when stated, else
+    DRAFT_PRIOR; with max_false_accept, sprinter's rates come from the verifier's metrics.json (true accept at
+    that budget), else (SPRINTER_RATES' true accept, the budget)."""
     meta_path = Path(decoder.pair.draft_name).parent / "pair.json"
     meta = read_json(meta_path, "pair.json") if meta_path.is_file() else {}
     agreement = meta.get("greedy_agreement") if isinstance(meta, dict) else None
     prior = float(agreement) if isinstance(agreement, (int, float)) and 0 <= agreement <= 1 else DRAFT_PRIOR
+    prior = decoder.draft_prior if decoder.draft_prior is not None else prior
     budget = options.max_false_accept
     rates = None
     if budget is not None:
@@ -280,7 +287,8 @@ def make_controller(decoder: Decoder, options: DecodeOptions) -> AutoController:
     gated = decoder.gate is not None
     setting = (repr(profile), options.max_block, gated, budget, rates)  # what predictions read
     return AutoController(profile, draft_prior=prior, max_block=options.max_block, gated=gated, budget=budget,
-                          sprinter_rates=rates, cache=decoder.predictions.setdefault(setting, {}))
+                          sprinter_rates=rates, cache=decoder.predictions.setdefault(setting, {}),
+                          fixed=options.auto_candidate)
 
 
 def cost_profile(decoder: Decoder, budget_s: float = 2.0) -> CostProfile:

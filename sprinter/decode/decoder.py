@@ -104,6 +104,8 @@ class Decoder:
         self.profiles: dict[str, object] = {}
         self.profile = None
         self.predictions: dict[tuple, dict] = {}  # mode "auto": predicted ms/token by setting, shared by its requests
+        self.draft_prior: float | None = None  # mode "auto": P(a drafted token is accepted) to start from (the
+        # benchmark sets its calibration prompts'); None: the pair's greedy agreement (pair.json)
 
     @classmethod
     def from_pretrained(cls, draft: str, target: str, verifier: str | Path | None = None, device: str = "auto",

@@ -79,6 +79,8 @@ class DecodeOptions(SeedConfig):
                                 "exact are lossy")
     rule_threshold: float | None = option(None, "the rule's lambda in (0, 1] (ratio) or tau >= 0 in nats (entropy); "
                                                 f"none: {RULE_THRESHOLDS}")
+    auto_candidate: str | None = option(None, "auto: run this one candidate every round (e.g. 'ngram-k8', 'sd-k4'): "
+                                              "a fixed setting on auto's own loop; none: choose before every round")
 
     def __post_init__(self) -> None:
         if not isinstance(self.stop, (str, tuple)) and _is_sequence(self.stop):
@@ -128,6 +130,7 @@ class DecodeOptions(SeedConfig):
             self._only(name, ("async",))
         self._only("max_false_accept", ("auto",))
         self._check_rule()
+        self._only("auto_candidate", ("auto",))
         fa = self.max_false_accept
         if fa is not None and (isinstance(fa, bool) or not isinstance(fa, (int, float)) or not 0 < fa < 1):
             raise SprinterError(f"max_false_accept: got {fa!r}; expected a false-accept budget in (0, 1) that the "
