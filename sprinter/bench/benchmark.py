@@ -147,7 +147,7 @@ class BenchConfig(PromptSetConfig, ModelsConfig, BenchRuntimeConfig, SeedConfig)
         workload = resolve(self.workload)
         for name, default in WORKLOAD_DEFAULTS.items():  # the workload fills what was left at its default
             if getattr(self, name) == default:
-                setattr(self, name, getattr(workload, name))
+                object.__setattr__(self, name, getattr(workload, name))  # frozen: set once, here
         check_integers(self, ("repeats",))
         check_integers(self, ("calibration_prompts",), minimum=0)
         if self.calibration_prompts and self.calibration_split == self.split:
