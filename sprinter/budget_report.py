@@ -3,10 +3,11 @@
 For each temperature and each budget F the verifier was calibrated for, mode "sprinter" decodes held-out
 prompts (the `test` split, as the benchmark's: sprinter.bench.protocol.load_prompts) at F, once with the
 calibrated threshold fixed ("static") and once with it adapted online ("adapted": DecodeOptions
-adapt_threshold, sprinter.decode.budget). Each row pools the prompts' counts: the measured decode-time
-false-accept rate (the share of passed tokens the target would have rejected: greedy, not its argmax;
-sampling, the speculative-sampling rejection probability), its 90% Wilson interval, the flag rate, ms/token,
-and whether the budget holds: the interval's upper end within F + tolerance.
+adapt_threshold, sprinter.decode.budget), each prompt starting from the threshold the one before it ended
+with: the prompts are one stream, as a server's requests are. Each row pools the prompts' counts: the
+measured decode-time false-accept rate (the share of passed tokens the target would have rejected: greedy,
+not its argmax; sampling, the speculative-sampling rejection probability), its 90% Wilson interval, the flag
+rate, ms/token, and whether the budget holds: the interval's upper end within F + tolerance.
 """
 
 from __future__ import annotations
@@ -121,12 +122,13 @@ def measure(cfg: BudgetConfig) -> dict:
     with tqdm(total=len(cells) * len(prompts), unit="generation", desc="budget", disable=not cfg.progress) as bar:
         for temperature, budget, variant in cells:
             sampling = {"temperature": temperature, "top_p": cfg.top_p} if temperature > 0 else {}
-            per_prompt = []
+            per_prompt, threshold = [], None  # None: the verifier's calibrated threshold for the budget
             for prompt in prompts:
                 out = decoder.generate(list(prompt.ids), mode="sprinter", max_new_tokens=cfg.max_new_tokens,
-                                       max_block=cfg.max_block, max_false_accept=budget,
+                                       max_block=cfg.max_block, max_false_accept=budget, threshold=threshold,
                                        adapt_threshold=variant == "adapted", seed=cfg.seed + prompt.index, **sampling)
                 per_prompt.append(out.stats.to_dict())
+                threshold = out.stats.adapted_threshold  # adapted: the next prompt continues the controller's stream
                 bar.update()
             rows.append(pooled_row(budget, temperature, variant, per_prompt, cfg.tolerance))
     return {"config": to_dict(cfg), "verifier": {"path": cfg.verifier, "label_rule": info.label_rule,

@@ -11,6 +11,9 @@ derived from p = target probabilities and q = draft probabilities at the collect
 Two context sources:
 - `corpus_rows`: teacher forcing on dataset text. One draft and one target forward per window label
   every continuation position at once; x is the draft's own greedy (or sampled) choice there.
+- `onpolicy_rows`: the contexts a verifier's own sprinter loop reaches (its accepted prefixes), labelled by
+  teacher forcing along each emitted path; several continuations per prompt, so rows are not limited by the
+  number of prompt windows.
 - `decode_rows`: contexts that decoding reaches. The batched decode loop (sprinter.decode.batched) with the
   draft model: the draft drafts k tokens, one target forward scores the block, every drafted token becomes a
   row, and the context continues along the target's path (accepted prefix, then the target's own token).
@@ -102,6 +105,37 @@ def corpus_rows(draft, target, windows: torch.Tensor, prompt_len: int, vocab_siz
             "row_prompt": torch.arange(b, device=windows.device).repeat_interleave(t)}
 
 
+@torch.inference_mode()
+def onpolicy_rows(decoder, prompts: torch.Tensor, *, max_new_tokens: int, temperatures: Sequence[float],
+                  label_temperature: float, seed: int, gen: torch.Generator) -> dict[str, torch.Tensor]:
+    """Contexts the verifier's own decode loop reaches. `decoder` (a Decoder with the verifier as its gate) decodes
+    each prompt in mode "sprinter" once per entry of `temperatures` (continuation c of prompt i with seed
+    seed + i * len(temperatures) + c), and every position of each emitted path becomes a row, labelled at
+    `label_temperature` by teacher forcing along the path (`corpus_rows`: the draft's own choice there, which at
+    temperature 0 is the token the loop drafted at that context). The block features read the whole continuation
+    as one block, as corpus rows do, not the loop's own blocks.
+
+    prompts: (B, P). Returns the rows prompt-major, with `row_prompt` (0..B-1; a prompt's continuations share it,
+    and so its split)."""
+    import warnings
+
+    from sprinter.errors import SprinterWarning
+
+    pair = decoder.pair
+    parts = []
+    for i, prompt in enumerate(prompts.tolist()):
+        for c, temperature in enumerate(temperatures):
+            with warnings.catch_warnings():  # the decode-time guard is about trusting an output, not about data
+                warnings.simplefilter("ignore", SprinterWarning)
+                out = decoder.generate(prompt, mode="sprinter", max_new_tokens=max_new_tokens, temperature=temperature,
+                                       seed=seed + i * len(temperatures) + c)
+            path = torch.tensor([prompt + out.token_ids], dtype=torch.long, device=prompts.device)  # (1, P + n)
+            rows = corpus_rows(pair.draft, pair.target, path, len(prompt), pair.vocab_size, label_temperature, gen)
+            rows["row_prompt"] = torch.full_like(rows["row_prompt"], i)
+            parts.append(rows)
+    return {name: torch.cat([part[name] for part in parts]) for name in parts[0]}
+
+
 class Context:
     """One prompt's decode context, as the batched loop's `outs` entry: the token path, and when it ends.
 
@@ -183,4 +217,4 @@ def decode_rows(pair: Pair, prompts: torch.Tensor, *, max_new_tokens: int, k: in
     return {name: t[order] for name, t in rows.items()}, [c.path for c in contexts]
 
 
-__all__ = ["Context", "accept_labels", "choose_tokens", "corpus_rows", "decode_rows", "probabilities"]
+__all__ = ["Context", "accept_labels", "choose_tokens", "corpus_rows", "decode_rows", "onpolicy_rows", "probabilities"]
