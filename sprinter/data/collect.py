@@ -31,7 +31,7 @@ from sprinter.config import (
     to_dict,
 )
 from sprinter.corpus import SPLITS, iter_documents, split_of
-from sprinter.data.contexts import corpus_rows, decode_rows, onpolicy_rows
+from sprinter.data.contexts import corpus_rows, decode_rows, onpolicy_decoder, onpolicy_rows
 from sprinter.data.shards import (
     FORMAT,
     LABELS,
@@ -106,15 +106,12 @@ class CollectConfig:
         check_runs(self, neither="the demo pair")
         check_integers(self, ("continuations",))
         if self.source == "onpolicy" and self.verifier is None:
-            raise SprinterError("source: got 'onpolicy' and no verifier; expected --verifier DIR (the verifier whose "
-                                "decode loop makes the contexts)")
+            raise SprinterError("source: got 'onpolicy' and no verifier; expected --verifier DIR (its loop decodes)")
         if self.source != "onpolicy" and (self.verifier is not None or self.continuations != 1):
-            raise SprinterError(f"verifier/continuations: got verifier={self.verifier!r}, continuations="
-                                f"{self.continuations!r} with source={self.source!r}; expected them only with "
-                                "source 'onpolicy'")
-        if not 0 < self.continuation_temperature < float("inf"):
-            raise SprinterError(f"continuation_temperature: got {self.continuation_temperature!r}; expected a finite "
-                                "number > 0 (the continuations after the first are sampled)")
+            raise SprinterError(f"verifier, continuations: got {self.verifier!r}, {self.continuations!r} with source="
+                                f"{self.source!r}; expected them only with source 'onpolicy'")
+        if not 0 < self.continuation_temperature < float("inf"):  # the continuations after the first are sampled
+            raise SprinterError(f"continuation_temperature: got {self.continuation_temperature!r}; expected > 0")
 
 
 def parse_collect_config(argv: Sequence[str] | None) -> CollectConfig:
@@ -222,10 +219,8 @@ def done_prompts(out: Path, draft_fingerprint: str, target_fingerprint: str) -> 
     return done
 
 
-def batch_rows(cfg: CollectConfig, pair: Pair, windows: torch.Tensor, first: int, decoder=None
-               ) -> dict[str, torch.Tensor]:
-    """The rows of one batch of prompts, with global `prompt_index`, ready for a shard (`decoder`: source onpolicy's
-    Decoder with the verifier)."""
+def batch_rows(cfg: CollectConfig, pair: Pair, windows: torch.Tensor, first: int, decoder=None) -> dict:
+    """The rows of one batch of prompts, with global `prompt_index`, ready for a shard (`decoder`: onpolicy's)."""
     # One generator per batch, seeded by its first prompt: the rows never depend on who computes them.
     gen = torch.Generator(device=pair.device).manual_seed(cfg.seed * 1_000_003 + first)
     windows = windows.to(pair.device)
@@ -246,16 +241,6 @@ def batch_rows(cfg: CollectConfig, pair: Pair, windows: torch.Tensor, first: int
     for name in VECTORS:
         rows[name] = rows[name].to(HIDDEN_DTYPES[cfg.hidden_dtype])
     return {name: (t.float() if t.is_floating_point() and name not in VECTORS else t).cpu() for name, t in rows.items()}
-
-
-def onpolicy_decoder(cfg: CollectConfig, pair: Pair, draft_fingerprint: str):
-    """Source onpolicy: a Decoder over the loaded pair with cfg.verifier as its gate (checked against the draft)."""
-    from sprinter.decode.decoder import Decoder
-    from sprinter.decode.gates import load_learned_gate
-
-    gate, info = load_learned_gate(cfg.verifier, draft_fingerprint, int(pair.draft.config.hidden_size), pair.device,
-                                   next(pair.draft.parameters()).dtype)
-    return Decoder(pair, gate, info)
 
 
 def check_pair(cfg: CollectConfig, pair: Pair) -> None:
@@ -318,7 +303,7 @@ def _collect(cfg: CollectConfig, dist: Dist) -> dict | None:
         (out / MANIFEST).unlink(missing_ok=True)  # a resumed folder is unfinished until every rank is done
     draft_fp, target_fp = fingerprint(draft_path), fingerprint(target_path)
     done = done_prompts(out, draft_fp, target_fp)
-    decoder = onpolicy_decoder(cfg, pair, draft_fp) if cfg.source == "onpolicy" else None
+    decoder = onpolicy_decoder(cfg.verifier, pair, draft_fp) if cfg.source == "onpolicy" else None
     writer = ShardWriter(out, cfg.rows_per_shard, dist.rank,
                          metadata={"source": cfg.source, "draft": draft_fp, "target": target_fp,
                                    "settings": settings_fingerprint(to_dict(cfg))})

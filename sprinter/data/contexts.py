@@ -105,6 +105,16 @@ def corpus_rows(draft, target, windows: torch.Tensor, prompt_len: int, vocab_siz
             "row_prompt": torch.arange(b, device=windows.device).repeat_interleave(t)}
 
 
+def onpolicy_decoder(verifier: str, pair: Pair, draft_fingerprint: str):
+    """A Decoder over the loaded pair with `verifier` as its gate (checked against the draft): onpolicy_rows'."""
+    from sprinter.decode.decoder import Decoder
+    from sprinter.decode.gates import load_learned_gate
+
+    gate, info = load_learned_gate(verifier, draft_fingerprint, int(pair.draft.config.hidden_size), pair.device,
+                                   next(pair.draft.parameters()).dtype)
+    return Decoder(pair, gate, info)
+
+
 @torch.inference_mode()
 def onpolicy_rows(decoder, prompts: torch.Tensor, *, max_new_tokens: int, temperatures: Sequence[float],
                   label_temperature: float, seed: int, gen: torch.Generator) -> dict[str, torch.Tensor]:
@@ -217,4 +227,5 @@ def decode_rows(pair: Pair, prompts: torch.Tensor, *, max_new_tokens: int, k: in
     return {name: t[order] for name, t in rows.items()}, [c.path for c in contexts]
 
 
-__all__ = ["Context", "accept_labels", "choose_tokens", "corpus_rows", "decode_rows", "onpolicy_rows", "probabilities"]
+__all__ = ["Context", "accept_labels", "choose_tokens", "corpus_rows", "decode_rows", "onpolicy_decoder",
+           "onpolicy_rows", "probabilities"]
