@@ -3,19 +3,24 @@ hand-made stream, and the controller inside the sprinter loop on the tiny pair."
 
 from __future__ import annotations
 
+import inspect
+import json
+import json.decoder
 import math
 import warnings
 
 import pytest
 import torch
+from conftest import load_script
+from transformers import AutoConfig
 
 from sprinter.decode.budget import ThresholdController
 from sprinter.decode.decoder import Decoder
 from sprinter.decode.gates import ConfidenceGate, LearnedGate
 from sprinter.decode.options import DecodeOptions
 from sprinter.decode.stats import DecodeStats, wilson_interval
-from sprinter.errors import SprinterError, SprinterWarning
-from sprinter.verifier import Verifier, VerifierInfo, default_arch
+from sprinter.errors import SprinterError, SprinterWarning, run_cli
+from sprinter.verifier import Verifier, VerifierInfo, default_arch, save_verifier
 
 pytestmark = pytest.mark.usefixtures("single_thread")
 F = 0.05
@@ -147,3 +152,36 @@ def test_a_greedy_label_verifier_warns_at_temperature_above_0(gpt2_decoder):
     with warnings.catch_warnings():
         warnings.simplefilter("error", SprinterWarning)
         dec.generate("def f():", mode="sprinter", max_new_tokens=8)  # greedy: the labels fit
+
+
+# ------------------------------------------------------------------------------------------ scripts/budget.py
+def test_pooled_rows_say_whether_the_budget_holds():
+    from sprinter.budget_report import pooled_row
+
+    stats = [{"passed_unchecked": 500, "false_accepts": 10.0, "verifier_calls": 700, "flagged": 200,
+              "new_tokens": 600, "wall_seconds": 1.2, "adapted_threshold": 0.7}] * 2
+    row = pooled_row(0.05, 0.0, "adapted", stats, tolerance=0.01)
+    assert row["false_accept_rate"] == 0.02 and row["false_accept_upper90"] < 0.03 and row["holds"]
+    assert row["flag_rate"] == pytest.approx(2 / 7) and row["ms_per_token"] == pytest.approx(2.0)
+    assert not pooled_row(0.02, 0.0, "static", stats, tolerance=0.0)["holds"]  # 0.02 measured, upper end above
+
+
+def test_the_budget_script_writes_its_table(tiny_pair, tmp_path):
+    width = AutoConfig.from_pretrained(tiny_pair / "draft").hidden_size
+    info = VerifierInfo(features=("hidden",), hidden_size=width, arch=default_arch(depth=0),
+                        thresholds={"0.05": 0.5}, default_budget=0.05, default_threshold=0.5)
+    save_verifier(tmp_path / "v", Verifier(info), info)
+    data = tmp_path / "docs.jsonl"
+    data.write_text(json.dumps({"text": inspect.getsource(json.decoder)}) + "\n")
+    main = load_script("budget").main
+    common = ["--pair", str(tiny_pair), "--verifier", str(tmp_path / "v"), "--dataset", str(data), "--split", "all",
+              "--num-prompts", "2", "--prompt-len", "16", "--max-new-tokens", "8", "--no-progress", "--device", "cpu"]
+    assert run_cli(main, [*common, "--budgets", "0.05", "--out", str(tmp_path / "out")]) == 0
+    results = json.loads((tmp_path / "out" / "results.json").read_text())
+    assert [(r["temperature"], r["variant"]) for r in results["rows"]] == [
+        (0.0, "static"), (0.0, "adapted"), (0.8, "static"), (0.8, "adapted")]
+    assert all(isinstance(r["holds"], bool) and r["prompts"] == 2 for r in results["rows"])
+    table = (tmp_path / "out" / "results.md").read_text()
+    assert table.count("\n| 0.") == 4 and "90% interval" in table
+    assert run_cli(main, [*common, "--budgets", "0.1", "--out", str(tmp_path / "bad")]) == 2  # not calibrated
+
