@@ -310,8 +310,8 @@ class Decoder:
 
             self._check_budget(options.max_false_accept)
             threshold = self.verifier_info.thresholds[budget_key(options.max_false_accept)]
-        if options.mode in GATED_MODES and options.temperature > 0 and options.gate in (None, "learned") \
-                and getattr(self.verifier_info, "label_rule", None) == "greedy":
+        if options.mode == "sprinter" and not options.strict and options.temperature > 0 \
+                and options.gate in (None, "learned") and getattr(self.verifier_info, "label_rule", None) == "greedy":
             warn(GREEDY_AT_T.format(verifier=str(self.verifier_dir), temperature=options.temperature))
         return self._gate(options.gate, threshold) if options.mode in GATED_MODES else None
 

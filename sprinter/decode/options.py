@@ -125,6 +125,8 @@ class DecodeOptions:
         for name in ("window", "draft_device", "target_device"):
             self._only(name, ("async",))
         self._only("max_false_accept", ("auto", "sprinter"))
+        if not isinstance(self.adapt_threshold, bool):
+            raise SprinterError(f"adapt_threshold: got {self.adapt_threshold!r}; expected True or False")
         self._only("adapt_threshold", ("sprinter",))
         if self.adapt_threshold and (self.max_false_accept is None or self.strict):
             raise SprinterError("adapt_threshold: got True with " + ("strict=True (the target checks every token: "
