@@ -270,7 +270,7 @@ def test_the_profile_is_saved_beside_the_pair(tiny_pair, gpt2_decoder):
     (dict(mode="auto", max_false_accept=1.5), "max_false_accept: got 1.5"),
     (dict(mode="auto", max_false_accept=0), "max_false_accept: got 0"),
     (dict(mode="auto", max_false_accept=True), "max_false_accept: got True"),
-    (dict(mode="sd", max_false_accept=0.05), "expected it only with mode='auto'"),
+    (dict(mode="sd", max_false_accept=0.05), "expected it only with a mode of \\('auto', 'sprinter'\\)"),
     (dict(mode="auto", max_block=None), "max_block: got None with mode='auto'"),
     (dict(mode="auto", gate="confidence"), "gate: got 'confidence' with mode='auto'"),
     (dict(mode="sd", auto_candidate="ngram-k8"), "auto_candidate: got 'ngram-k8' with mode='sd'"),

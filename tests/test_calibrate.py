@@ -72,3 +72,25 @@ def test_calibration_error_by_hand():
     scores = torch.tensor([0.25] * 4 + [0.75] * 4)
     labels = torch.tensor([1.0, 0, 0, 0, 1, 1, 1, 0])
     assert summarize(scores, labels)["calibration_error"] == pytest.approx(0.0, abs=1e-6)
+
+
+def test_soft_labels_are_calibrated_on_the_expected_rejection():
+    """label rule soft: each token weighs its speculative-sampling rejection 1 - min(1, p/q) (hand-made: four
+    tokens, expected rejections 0.4, 0.4, 0.9 and 0.0, total 1.7). Binarised at 0.5 only the third would count,
+    and a budget of 0.3 would pass the first two, whose expected rejection is 0.4 each."""
+    scores = torch.tensor([0.9, 0.8, 0.7, 0.6])
+    labels = torch.tensor([0.6, 0.6, 0.1, 1.0])
+    t = threshold_for_budget(scores, labels, 0.3)  # 0.51 of 1.7 may pass: the first token (0.4), not the second
+    assert 0.9 >= t > 0.8
+    point = operating_point(scores, labels, t)
+    assert point["false_accept"] == pytest.approx(0.4 / 1.7) and point["pass_rate"] == 0.25
+    assert point["true_accept"] == pytest.approx(0.6 / 2.3)
+
+
+def test_calibrated_rates_of_soft_labels_are_the_expected_rejection_of_passed_tokens():
+    from sprinter.verifier import calibrated_rates
+
+    scores, labels = torch.tensor([0.9, 0.8, 0.7, 0.6]), torch.tensor([0.75, 0.5, 0.1, 1.0])
+    report = evaluate((scores, labels), (scores, labels), [0.5])  # 0.825 of 1.65 may pass: the first two (0.75)
+    share = calibrated_rates(report)["0.5"]["false_accept_share"]
+    assert share == pytest.approx((0.25 + 0.5) / 2)  # what the decode-time meter measures over those passed tokens

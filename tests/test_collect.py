@@ -354,11 +354,11 @@ def test_non_finite_hidden_states_stop_with_a_clear_error(tiny_pair, text_file, 
     real = collect_module.batch_rows
     calls = []
 
-    def poisoned(cfg, pair, windows, first):
+    def poisoned(cfg, pair, windows, first, *rest):
         calls.append(1)
         if len(calls) == 2:
             pair.draft.transformer.ln_f.weight.data.fill_(float("nan"))
-        return real(cfg, pair, windows, first)
+        return real(cfg, pair, windows, first, *rest)
 
     monkeypatch.setattr(collect_module, "batch_rows", poisoned)
     assert _run(_argv(tiny_pair, text_file, tmp_path / "nan")) == 2

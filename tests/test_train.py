@@ -153,7 +153,7 @@ def test_two_process_gloo_ddp_with_soft_labels(shards, tmp_path):
                               "--accelerator", "cpu", "--strategy", "ddp_fork", "--epochs", "2", "--label-rule",
                               "soft", "--neg-weight", "6", "--no-baselines"])
     metrics = train(cfg)
-    assert metrics["label_rule"] == "soft" and metrics["eval_label"] == "accept_sprinter"
+    assert metrics["label_rule"] == "soft" and metrics["eval_label"] == "accept_soft"
     assert metrics["verifier"]["auroc"] > 0.5
     assert load_verifier(tmp_path)[1].label_rule == "soft"
 

@@ -33,7 +33,7 @@ from sprinter.config import (
     to_dict,
 )
 from sprinter.corpus import SPLITS, iter_documents, split_of
-from sprinter.data.contexts import corpus_rows, decode_rows
+from sprinter.data.contexts import check_onpolicy, corpus_rows, decode_rows, onpolicy_decoder, onpolicy_rows
 from sprinter.data.shards import (
     FORMAT,
     LABELS,
@@ -54,7 +54,7 @@ from sprinter.files import LOCK_NAME, FolderLock, read_json
 from sprinter.pairs.load import Pair, fingerprint, load_pair
 
 CONFIG_DIR = CONFIGS / "collect"
-SOURCES = ("corpus", "decode")
+SOURCES = ("corpus", "decode", "onpolicy")
 HIDDEN_DTYPES = {"float16": torch.float16, "float32": torch.float32}
 COLUMNS = [*VECTORS, *SCALARS, "context_length"]  # draft-side columns a verifier may read (sprinter.features)
 # Options that may change on --resume without changing a single row.
@@ -70,7 +70,8 @@ class CollectConfig(RuntimeConfig, SeedConfig):
     text_field: str = option("text", "text field of .jsonl rows and Hub datasets")
     hub_split: str = option("train", "split of a Hub dataset to read (before our own train/val/test split)")
     out: str = option("data/demo", "output folder for manifest.json and shard-NNNNN.safetensors")
-    source: str = option("corpus", "context source: corpus (teacher forcing, fast) or decode (speculative decoding)")
+    source: str = option("corpus", "context source: corpus (teacher forcing, fast), decode (speculative decoding) or "
+                                   "onpolicy (the paths of --verifier's own sprinter loop)")
     num_prompts: int = option(512, "prompts to collect (fewer if the dataset runs out)")
     prompt_len: int = option(64, "prompt tokens before the first labelled token")
     max_new_tokens: int = option(32, "labelled (drafted) tokens per prompt")
@@ -88,6 +89,11 @@ class CollectConfig(RuntimeConfig, SeedConfig):
     overwrite: bool = option(False, "replace the collection in --out")
     progress: bool = option(True, "show a progress bar")
     trust_remote_code: bool = option(False, "allow models with custom code from the Hub")
+    verifier: str | None = option(None, "onpolicy: the verifier whose sprinter loop (at its default threshold) makes "
+                                        "the contexts")
+    continuations: int = option(1, "onpolicy: continuations decoded per prompt, each its own rows: the first at "
+                                   "--temperature, the others sampled at --continuation-temperature")
+    continuation_temperature: float = option(0.8, "onpolicy: the temperature of continuations after the first")
 
     def __post_init__(self) -> None:
         if self.source not in SOURCES:
@@ -101,6 +107,7 @@ class CollectConfig(RuntimeConfig, SeedConfig):
         if self.hidden_dtype not in HIDDEN_DTYPES:
             raise SprinterError(f"hidden_dtype: got {self.hidden_dtype!r}; expected one of {sorted(HIDDEN_DTYPES)}")
         check_runs(self, neither="the demo pair")
+        check_onpolicy(self)
 
 
 def parse_collect_config(argv: Sequence[str] | None) -> CollectConfig:
@@ -212,19 +219,23 @@ def done_prompts(out: Path, draft_fingerprint: str, target_fingerprint: str) -> 
     return done
 
 
-def batch_rows(cfg: CollectConfig, pair: Pair, windows: torch.Tensor, first: int) -> dict[str, torch.Tensor]:
-    """The rows of one batch of prompts, with global `prompt_index`, ready for a shard."""
+def batch_rows(cfg: CollectConfig, pair: Pair, windows: torch.Tensor, first: int, decoder=None) -> dict:
+    """The rows of one batch of prompts, with global `prompt_index`, ready for a shard (`decoder`: onpolicy's)."""
     # One generator per batch, seeded by its first prompt: the rows never depend on who computes them.
     gen = torch.Generator(device=pair.device).manual_seed(cfg.seed * 1_000_003 + first)
     windows = windows.to(pair.device)
-    if cfg.source == "corpus":
+    if cfg.source == "onpolicy":
+        rows = onpolicy_rows(decoder, windows[:, : cfg.prompt_len], max_new_tokens=cfg.max_new_tokens,
+                             temperatures=[cfg.temperature] + [cfg.continuation_temperature] * (cfg.continuations - 1),
+                             label_temperature=cfg.temperature, seed=(cfg.seed * 1_000_003 + first) * cfg.continuations,
+                             gen=gen)
+    elif cfg.source == "corpus":
         rows = corpus_rows(pair.draft, pair.target, windows, cfg.prompt_len, pair.vocab_size, cfg.temperature, gen)
     else:
         tok = pair.tokenizer
         pad = tok.pad_token_id if tok.pad_token_id is not None else (tok.eos_token_id or 0)
         rows, _ = decode_rows(pair, windows[:, : cfg.prompt_len], max_new_tokens=cfg.max_new_tokens,
-                              k=cfg.k, temperature=cfg.temperature, gen=gen, pad_id=pad,
-                              eos_id=tok.eos_token_id)
+                              k=cfg.k, temperature=cfg.temperature, gen=gen, pad_id=pad, eos_id=tok.eos_token_id)
     rows["prompt_index"] = rows.pop("row_prompt") + first
     for name in VECTORS:
         rows[name] = rows[name].to(HIDDEN_DTYPES[cfg.hidden_dtype])
@@ -291,6 +302,7 @@ def _collect(cfg: CollectConfig, dist: Dist) -> dict | None:
         (out / MANIFEST).unlink(missing_ok=True)  # a resumed folder is unfinished until every rank is done
     draft_fp, target_fp = fingerprint(draft_path), fingerprint(target_path)
     done = done_prompts(out, draft_fp, target_fp)
+    decoder = onpolicy_decoder(cfg.verifier, pair, draft_fp) if cfg.source == "onpolicy" else None
     writer = ShardWriter(out, cfg.rows_per_shard, dist.rank,
                          metadata={"source": cfg.source, "draft": draft_fp, "target": target_fp,
                                    "settings": settings_fingerprint(to_dict(cfg))})
@@ -307,7 +319,7 @@ def _collect(cfg: CollectConfig, dist: Dist) -> dict | None:
             if len(todo) != len(windows):
                 raise SprinterError(f"out: {cfg.out!r} holds part of the batch starting at prompt {first}; expected "
                                     "whole batches (was --batch-size changed?): rerun with --overwrite")
-            rows = batch_rows(cfg, pair, windows, first)
+            rows = batch_rows(cfg, pair, windows, first, decoder)
             writer.add(rows)
             new_rows += len(rows["token_id"])
             new_tokens += windows.numel()

@@ -13,6 +13,9 @@ derived from p = target probabilities and q = draft probabilities at the collect
 Two context sources:
 - `corpus_rows`: teacher forcing on dataset text. One draft and one target forward per window label
   every continuation position at once; x is the draft's own greedy (or sampled) choice there.
+- `onpolicy_rows`: the contexts a verifier's own sprinter loop reaches (its accepted prefixes), labelled by
+  teacher forcing along each emitted path; several continuations per prompt, so rows are not limited by the
+  number of prompt windows.
 - `decode_rows`: contexts that decoding reaches. The batched decode loop (sprinter.decode.batched) with the
   draft model: the draft drafts k tokens, one target forward scores the block, every drafted token becomes a
   row, and the context continues along the target's path (accepted prefix, then the target's own token).
@@ -24,6 +27,7 @@ from typing import Sequence
 
 import torch
 
+from sprinter.config import check_integers
 from sprinter.data.shards import RELAXED_LAMBDA
 from sprinter.decode.acceptance import ratio_keep
 from sprinter.decode.batch_cache import BatchCachedLM
@@ -108,6 +112,47 @@ def corpus_rows(draft, target, windows: torch.Tensor, prompt_len: int, vocab_siz
             "row_prompt": torch.arange(b, device=windows.device).repeat_interleave(t)}
 
 
+def onpolicy_decoder(verifier: str, pair: Pair, draft_fingerprint: str):
+    """A Decoder over the loaded pair with `verifier` as its gate (checked against the draft): onpolicy_rows'."""
+    from sprinter.decode.decoder import Decoder
+    from sprinter.decode.gates import load_learned_gate
+
+    gate, info = load_learned_gate(verifier, draft_fingerprint, int(pair.draft.config.hidden_size), pair.device,
+                                   next(pair.draft.parameters()).dtype)
+    return Decoder(pair, gate, info)
+
+
+@torch.inference_mode()
+def onpolicy_rows(decoder, prompts: torch.Tensor, *, max_new_tokens: int, temperatures: Sequence[float],
+                  label_temperature: float, seed: int, gen: torch.Generator) -> dict[str, torch.Tensor]:
+    """Contexts the verifier's own decode loop reaches. `decoder` (a Decoder with the verifier as its gate) decodes
+    each prompt in mode "sprinter" once per entry of `temperatures` (continuation c of prompt i with seed
+    seed + i * len(temperatures) + c), and every position of each emitted path becomes a row, labelled at
+    `label_temperature` by teacher forcing along the path (`corpus_rows`: the draft's own choice there, which at
+    temperature 0 is the token the loop drafted at that context). The block features read the whole continuation
+    as one block, as corpus rows do, not the loop's own blocks.
+
+    prompts: (B, P). Returns the rows prompt-major, with `row_prompt` (0..B-1; a prompt's continuations share it,
+    and so its split)."""
+    import warnings
+
+    from sprinter.errors import SprinterWarning
+
+    pair = decoder.pair
+    parts = []
+    for i, prompt in enumerate(prompts.tolist()):
+        for c, temperature in enumerate(temperatures):
+            with warnings.catch_warnings():  # the decode-time guard is about trusting an output, not about data
+                warnings.simplefilter("ignore", SprinterWarning)
+                out = decoder.generate(prompt, mode="sprinter", max_new_tokens=max_new_tokens, temperature=temperature,
+                                       seed=seed + i * len(temperatures) + c)
+            path = torch.tensor([prompt + out.token_ids], dtype=torch.long, device=prompts.device)  # (1, P + n)
+            rows = corpus_rows(pair.draft, pair.target, path, len(prompt), pair.vocab_size, label_temperature, gen)
+            rows["row_prompt"] = torch.full_like(rows["row_prompt"], i)
+            parts.append(rows)
+    return {name: torch.cat([part[name] for part in parts]) for name in parts[0]}
+
+
 class Context:
     """One prompt's decode context, as the batched loop's `outs` entry: the token path, and when it ends.
 
@@ -189,4 +234,17 @@ def decode_rows(pair: Pair, prompts: torch.Tensor, *, max_new_tokens: int, k: in
     return {name: t[order] for name, t in rows.items()}, [c.path for c in contexts]
 
 
-__all__ = ["Context", "accept_labels", "choose_tokens", "corpus_rows", "decode_rows", "probabilities"]
+def check_onpolicy(cfg) -> None:
+    """The onpolicy source's options on a CollectConfig: a verifier with it, neither without it."""
+    check_integers(cfg, ("continuations",))
+    if cfg.source == "onpolicy" and cfg.verifier is None:
+        raise SprinterError("source: got 'onpolicy' and no verifier; expected --verifier DIR (its loop decodes)")
+    if cfg.source != "onpolicy" and (cfg.verifier is not None or cfg.continuations != 1):
+        raise SprinterError(f"verifier, continuations: got {cfg.verifier!r}, {cfg.continuations!r} with source="
+                            f"{cfg.source!r}; expected them only with source 'onpolicy'")
+    if not 0 < cfg.continuation_temperature < float("inf"):  # the continuations after the first are sampled
+        raise SprinterError(f"continuation_temperature: got {cfg.continuation_temperature!r}; expected > 0")
+
+
+__all__ = ["Context", "accept_labels", "check_onpolicy", "choose_tokens", "corpus_rows", "decode_rows",
+           "onpolicy_decoder", "onpolicy_rows", "probabilities"]

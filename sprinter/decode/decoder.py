@@ -47,17 +47,7 @@ from sprinter.decode.datastore import Datastore
 from sprinter.decode.drafters import ModelDrafter
 from sprinter.decode.emit import Emitter, GenerateOutput
 from sprinter.decode.engine import Engine
-from sprinter.decode.gates import (
-    CONFIDENCE_THRESHOLD,
-    AlwaysFlag,
-    ConfidenceGate,
-    EntropyGate,
-    Gate,
-    LearnedGate,
-    MarginGate,
-    NeverFlag,
-    load_learned_gate,
-)
+from sprinter.decode.gates import NO_VERIFIER, Gate, LearnedGate, load_learned_gate, make_gate
 from sprinter.decode.loops import GateRule, LoopState, autoregressive, speculative
 from sprinter.decode.options import (
     BATCH_MODES,
@@ -70,7 +60,7 @@ from sprinter.decode.options import (
 )
 from sprinter.decode.prompts import is_batch, prompt_ids
 from sprinter.decode.stats import DecodeStats, check_promise
-from sprinter.errors import SprinterError
+from sprinter.errors import SprinterError, warn
 from sprinter.files import read_json
 from sprinter.pairs.load import (
     Pair,
@@ -81,10 +71,12 @@ from sprinter.pairs.load import (
 )
 
 ENGINES = ("eager", "static", "compiled")  # Decoder.from_pretrained(engine=...): how the single-prompt loops run
-NO_VERIFIER = ("modes 'sprinter' and 'sd-gated' need a gate, and this decoder has no verifier: train one with "
-               "`python scripts/collect.py` then `python scripts/train.py` (writes checkpoints/verifiers/demo) and "
-               "pass verifier=DIR (CLI --verifier DIR), or use the draft's confidence: gate='confidence' "
-               "(CLI --gate confidence)")
+# A verifier trained on argmax labels predicts whether the target's argmax is the drafted token; at temperature > 0
+# the event that costs fidelity is the speculative-sampling rejection (sprinter.decode.budget), another event.
+GREEDY_AT_T = ("verifier {verifier!r} was trained on greedy (argmax) labels and is used at temperature {temperature}, "
+               "where the target rejects by speculative sampling: its calibrated false-accept budget does not carry "
+               "over. Measure it (stats.false_accept_rate; scripts/budget.py), hold it with adapt_threshold=True, "
+               "or train on data collected at this temperature with --label-rule soft (docs/decoding.md)")
 
 
 class Decoder:
@@ -303,10 +295,20 @@ class Decoder:
                                 f"window of {window} tokens; expected a shorter prompt or fewer new tokens")
         if options.mode == "auto" and options.max_false_accept is not None:
             self._check_budget(options.max_false_accept)
-        return self._gate(options.gate, options.threshold) if options.mode in GATED_MODES else None
+        threshold = options.threshold
+        if options.mode == "sprinter" and options.max_false_accept is not None and threshold is None \
+                and options.gate in (None, "learned"):  # the learned gate at that budget's calibrated threshold
+            from sprinter.verifier import budget_key
+
+            self._check_budget(options.max_false_accept)
+            threshold = self.verifier_info.thresholds[budget_key(options.max_false_accept)]
+        if options.mode == "sprinter" and not options.strict and options.temperature > 0 \
+                and options.gate in (None, "learned") and getattr(self.verifier_info, "label_rule", None) == "greedy":
+            warn(GREEDY_AT_T.format(verifier=str(self.verifier_dir), temperature=options.temperature))
+        return make_gate(options.gate, threshold, self.gate) if options.mode in GATED_MODES else None
 
     def _check_budget(self, budget: float) -> None:
-        """auto's max_false_accept must be a budget the loaded verifier was calibrated for."""
+        """max_false_accept (auto; sprinter's learned gate) must be a budget the loaded verifier was calibrated for."""
         from sprinter.verifier import budget_key
 
         if self.gate is None:
@@ -317,22 +319,6 @@ class Decoder:
         if budget_key(budget) not in thresholds:
             raise SprinterError(f"max_false_accept: got {budget!r}; expected one of the verifier's calibrated budgets "
                                 f"{sorted(float(b) for b in thresholds)} (retrain with --budgets to add one)")
-
-    def _gate(self, gate: str | Gate | None, threshold: float | None) -> Gate:
-        if gate is None or gate == "learned":
-            if self.gate is None:
-                raise SprinterError(NO_VERIFIER)
-            return self.gate if threshold is None else LearnedGate(self.gate.verifier, self.gate.features, threshold)
-        if gate == "confidence":
-            return ConfidenceGate(CONFIDENCE_THRESHOLD if threshold is None else threshold)
-        if gate in ("entropy", "margin"):
-            kind = EntropyGate if gate == "entropy" else MarginGate
-            return kind(CONFIDENCE_THRESHOLD if threshold is None else threshold)
-        if gate == "always":
-            return AlwaysFlag()
-        if gate == "never":
-            return NeverFlag()
-        return gate
 
 
 def _rates_beside(verifier: str | Path) -> dict:

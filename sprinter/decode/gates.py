@@ -32,6 +32,10 @@ from sprinter.features import (
 )
 
 CONFIDENCE_THRESHOLD = 0.4  # Hugging Face's default assistant_confidence_threshold
+NO_VERIFIER = ("modes 'sprinter' and 'sd-gated' need a gate, and this decoder has no verifier: train one with "
+               "`python scripts/collect.py` then `python scripts/train.py` (writes checkpoints/verifiers/demo) and "
+               "pass verifier=DIR (CLI --verifier DIR), or use the draft's confidence: gate='confidence' "
+               "(CLI --gate confidence)")
 
 
 def check_threshold(threshold: float) -> float:
@@ -195,5 +199,22 @@ def load_learned_gate(path: str | Path, draft_fingerprint: str, hidden_size: int
     return LearnedGate(verifier.to(device, dtype).eval(), info.features, info.default_threshold), info
 
 
-__all__ = ["AlwaysFlag", "ConfidenceGate", "EntropyGate", "Gate", "MarginGate",
-           "LearnedGate", "NeverFlag", "check_threshold", "load_learned_gate"]
+def make_gate(gate: "str | Gate | None", threshold: float | None, learned: LearnedGate | None) -> Gate:
+    """The gate a request names ("learned" or None: `learned`, the decoder's verifier, at `threshold` when given;
+    "confidence", "entropy", "margin" at `threshold` or CONFIDENCE_THRESHOLD; "always"; "never"; or a Gate itself)."""
+    if gate is None or gate == "learned":
+        if learned is None:
+            raise SprinterError(NO_VERIFIER)
+        return learned if threshold is None else LearnedGate(learned.verifier, learned.features, threshold)
+    if gate in ("confidence", "entropy", "margin"):
+        kind = {"confidence": ConfidenceGate, "entropy": EntropyGate, "margin": MarginGate}[gate]
+        return kind(CONFIDENCE_THRESHOLD if threshold is None else threshold)
+    if gate == "always":
+        return AlwaysFlag()
+    if gate == "never":
+        return NeverFlag()
+    return gate
+
+
+__all__ = ["NO_VERIFIER", "AlwaysFlag", "ConfidenceGate", "EntropyGate", "Gate", "LearnedGate", "MarginGate",
+           "NeverFlag", "check_threshold", "load_learned_gate", "make_gate"]

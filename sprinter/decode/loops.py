@@ -13,6 +13,7 @@ from dataclasses import dataclass
 import torch
 
 from sprinter.decode.acceptance import correction, kept_count, relaxed_checks
+from sprinter.decode.budget import ThresholdController
 from sprinter.decode.cache import CachedLM
 from sprinter.decode.drafters import Drafter, DraftStep
 from sprinter.decode.emit import Emitter
@@ -85,7 +86,8 @@ class Round:
 
 
 def speculative_round(target: CachedLM, drafter: Drafter, ids: list[int], k: int, *, rule: GateRule | None,
-                      check_all: bool, state: LoopState, meter: FalseAcceptMeter | None = None) -> Round:
+                      check_all: bool, state: LoopState,
+                      meter: FalseAcceptMeter | ThresholdController | None = None) -> Round:
     """One round of `speculative` after `ids` (the prompt and every emitted token, not changed here): draft up to
     `k` tokens, verify, roll both caches back to `ids` + the decided tokens but the last. `meter`: where the
     tokens passed unchecked add their rejection probability (the target scored them anyway in step 3).
@@ -152,9 +154,12 @@ def speculative(target: CachedLM, drafter: Drafter, prompt: list[int], *, option
     mode, out = options.mode, state.out
     max_block = options.k if mode == "sd" else options.max_block
     check_all = mode != "sprinter" or options.strict
+    meter = None if check_all or gate is None else FalseAcceptMeter()
+    if meter is not None and options.adapt_threshold:  # the threshold moves with the free checks (decode.budget)
+        meter = ThresholdController(options.max_false_accept, gate.threshold)
+        gate = meter.gate(gate)
     rule = None if gate is None else GateRule(gate, options.stop_threshold if mode == "sd-gated" else None)
     ids = list(prompt)  # the prompt and every emitted token
-    meter = None if check_all or gate is None else FalseAcceptMeter()
     while not out.done:
         k = out.remaining if max_block is None else min(max_block, out.remaining)
         step = speculative_round(target, drafter, ids, k, rule=rule, check_all=check_all, state=state, meter=meter)

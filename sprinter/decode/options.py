@@ -70,7 +70,9 @@ class DecodeOptions(SeedConfig):
                                          "of finished ones (none: all at once)")
     window: int | None = option(None, f"async: most drafted tokens awaiting verification; none: {ASYNC_WINDOW}")
     max_false_accept: float | None = option(None, "auto: also run sprinter at this false-accept budget, one the "
-                                                  "verifier was calibrated for (e.g. 0.05); none: lossless modes only")
+                                                  "verifier was calibrated for (e.g. 0.05); none: lossless modes only. "
+                                                  "sprinter: the budget whose calibrated threshold the learned gate "
+                                                  "uses (unless threshold is given), and that adapt_threshold holds")
     draft_device: str | None = option(None, "async: the draft's device (cpu, cuda:N); none: the decoder's")
     target_device: str | None = option(None, "async: the target's device; none: the decoder's")
     rule: str = option("exact", f"sd, sprinter: which checked tokens a target call keeps, one of {RULES}: exact "
@@ -81,6 +83,9 @@ class DecodeOptions(SeedConfig):
                                                 f"none: {RULE_THRESHOLDS}")
     auto_candidate: str | None = option(None, "auto: run this one candidate every round (e.g. 'ngram-k8', 'sd-k4'): "
                                               "a fixed setting on auto's own loop; none: choose before every round")
+    adapt_threshold: bool = option(False, "sprinter: move the gate's threshold during the generation so that the "
+                                          "share of passed tokens the target would reject stays within "
+                                          "max_false_accept (sprinter.decode.budget; needs max_false_accept)")
 
     def __post_init__(self) -> None:
         if not isinstance(self.stop, (str, tuple)) and _is_sequence(self.stop):
@@ -128,13 +133,23 @@ class DecodeOptions(SeedConfig):
         self._only("max_batch", BATCH_MODES)
         for name in ("window", "draft_device", "target_device"):
             self._only(name, ("async",))
-        self._only("max_false_accept", ("auto",))
+        self._only("max_false_accept", ("auto", "sprinter"))
+        if not isinstance(self.adapt_threshold, bool):
+            raise SprinterError(f"adapt_threshold: got {self.adapt_threshold!r}; expected True or False")
+        self._only("adapt_threshold", ("sprinter",))
+        if self.adapt_threshold and (self.max_false_accept is None or self.strict):
+            raise SprinterError("adapt_threshold: got True with " + ("strict=True (the target checks every token: "
+                                "nothing to hold)" if self.strict else "max_false_accept=None") + "; expected a "
+                                "false-accept budget to hold (max_false_accept=0.05) and strict=False")
         self._check_rule()
         self._only("auto_candidate", ("auto",))
         fa = self.max_false_accept
         if fa is not None and (isinstance(fa, bool) or not isinstance(fa, (int, float)) or not 0 < fa < 1):
             raise SprinterError(f"max_false_accept: got {fa!r}; expected a false-accept budget in (0, 1) that the "
                                 "verifier was calibrated for (e.g. 0.05), or None (lossless modes only)")
+        if mode == "sprinter" and fa is not None and not self.adapt_threshold and gate not in (None, "learned"):
+            raise SprinterError(f"max_false_accept: got {fa!r} with gate={gate!r} and adapt_threshold=False; expected "
+                                "the learned gate (its calibrated threshold for that budget) or adapt_threshold=True")
         if mode == "auto" and self.max_block is None:
             raise SprinterError("max_block: got None with mode='auto'; expected an integer >= 1 (auto prices its "
                                 "gated candidates with a bounded block)")

@@ -16,6 +16,7 @@ from sprinter.errors import warn
 # widened by an absolute slack because decode-time contexts differ from the training contexts (and the
 # tokens of one generation are not independent).
 MIN_TOKENS, SIGMAS, SLACK = 30, 4.0, 0.1
+Z90 = 1.6448536269514722  # a two-sided 90% interval: each end is a one-sided 95% bound
 
 
 @dataclass
@@ -71,6 +72,8 @@ class DecodeStats:
     promised_false_accept: float | None = None
     promised_flag_rate: float | None = None
     verifier_warning: str | None = None
+    # DecodeOptions adapt_threshold: the gate's threshold when the generation ended (sprinter.decode.budget)
+    adapted_threshold: float | None = None
 
     def count_block(self, drafted: int, kept: int) -> None:
         """Add one checked block of `drafted` tokens whose first `kept` were accepted to the by-position counts."""
@@ -88,6 +91,11 @@ class DecodeStats:
     def false_accept_rate(self) -> float | None:
         """Decode-time false-accept rate: the mean rejection probability of the tokens passed unchecked."""
         return self.false_accepts / self.passed_unchecked if self.passed_unchecked else None
+
+    @property
+    def false_accept_interval(self) -> tuple[float, float] | None:
+        """The 90% Wilson interval of `false_accept_rate` (sprinter.decode.budget explains why it serves at T > 0)."""
+        return wilson_interval(self.false_accepts, self.passed_unchecked)
 
     @property
     def flag_rate(self) -> float | None:
@@ -126,9 +134,21 @@ class DecodeStats:
         out["acceptance_rate"] = self.acceptance_rate
         out["overlap"] = self.overlap
         out["false_accept_rate"] = self.false_accept_rate
+        low_high = self.false_accept_interval
+        out["false_accept_lower90"], out["false_accept_upper90"] = low_high if low_high else (None, None)
         out["flag_rate"] = self.flag_rate
         out["wall_seconds"] = round(self.wall_seconds, 6)
         return out
+
+
+def wilson_interval(events: float, n: int, z: float = Z90) -> tuple[float, float] | None:
+    """(low, high) of the Wilson score interval for `events` out of `n` (None when n is 0)."""
+    if n <= 0:
+        return None
+    rate = min(max(events / n, 0.0), 1.0)
+    centre = (rate + z * z / (2 * n)) / (1 + z * z / n)
+    half = z / (1 + z * z / n) * math.sqrt(rate * (1 - rate) / n + z * z / (4 * n * n))
+    return max(0.0, centre - half), min(1.0, centre + half)
 
 
 class FalseAcceptMeter:
@@ -186,4 +206,4 @@ def check_promise(stats: DecodeStats, rates: dict | None, verifier: str = "verif
         warn(stats.verifier_warning)
 
 
-__all__ = ["DecodeStats", "FalseAcceptMeter", "check_promise", "promise_warning"]
+__all__ = ["DecodeStats", "FalseAcceptMeter", "check_promise", "promise_warning", "wilson_interval"]

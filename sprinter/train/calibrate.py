@@ -28,35 +28,47 @@ from sprinter.verifier import budget_key
 def threshold_for_budget(scores: torch.Tensor, labels: torch.Tensor, budget: float) -> float:
     """The lowest threshold whose false-accept rate on (scores, labels) is <= budget.
 
-    scores (N,) in any range, labels (N,) 0/1. Passing every token is allowed when the budget covers
-    every label-0 token; with no label-0 token at all nothing can be calibrated (ValueError).
+    scores (N,) in any range; labels (N,) in [0, 1]: 0/1 accept labels, or soft ones (the probability
+    min(1, p/q) that speculative sampling keeps the token). Each token weighs 1 - label as a false accept (a
+    label-0 token 1; a soft label its expected rejection), and the false-accept rate is the passing share of
+    that weight. Passing every token is allowed when the budget covers all of it; with no weight at all
+    nothing can be calibrated (ValueError).
     """
-    negatives = scores[labels < 0.5].double().sort(descending=True).values  # (N0,)
-    if len(negatives) == 0:
+    weights = rejection_weights(labels)
+    total = float(weights.sum())
+    if total <= 0:
         raise ValueError("threshold_for_budget: no label-0 tokens; a false-accept rate is undefined")
-    allowed = math.floor(budget * len(negatives) + 1e-9)  # label-0 tokens that may pass
-    if allowed >= len(negatives):
+    order = scores.double().argsort(descending=True)
+    values, counts = torch.unique_consecutive(scores.double()[order], return_counts=True)  # tie groups, descending
+    passed_weight = weights[order].cumsum(0)[counts.cumsum(0) - 1]  # (G,) the weight passing down to each group
+    over = (passed_weight > budget * total + 1e-9).nonzero()
+    if len(over) == 0:
         return float(scores.min())
-    # Just above the (allowed + 1)-th highest label-0 score: it and every tie with it are refused.
-    above = torch.nextafter(negatives[allowed].float(), torch.tensor(math.inf))
-    return float(above)
+    # Just above the first group that would spend more than the budget: it and every tie with it are refused.
+    return float(torch.nextafter(values[over[0, 0]].float(), torch.tensor(math.inf)))
+
+
+def rejection_weights(labels: torch.Tensor) -> torch.Tensor:
+    """How much each token counts as a false accept when passed: 1 - label (0/1 or soft labels).  # (N,) -> (N,)"""
+    return (1 - labels.double()).clamp(0, 1)
 
 
 def operating_point(scores: torch.Tensor, labels: torch.Tensor, threshold: float) -> dict[str, float]:
-    """false_accept (label-0 share passing), true_accept (label-1 share passing), pass_rate (all tokens)."""
+    """false_accept (the passing share of the false-accept weight 1 - label: of label-0 tokens, for 0/1 labels),
+    true_accept (the passing share of the accept weight, label), pass_rate (all tokens)."""
     passed = scores >= threshold
-    positive = labels >= 0.5
-    return {"threshold": threshold,
-            "false_accept": float(passed[~positive].float().mean()) if (~positive).any() else float("nan"),
-            "true_accept": float(passed[positive].float().mean()) if positive.any() else float("nan"),
+    rejects, accepts = rejection_weights(labels), 1 - rejection_weights(labels)
+    share = lambda w: float(w[passed].sum() / w.sum()) if w.sum() > 0 else float("nan")  # noqa: E731
+    return {"threshold": threshold, "false_accept": share(rejects), "true_accept": share(accepts),
             "pass_rate": float(passed.float().mean())}
 
 
 def summarize(scores: torch.Tensor, labels: torch.Tensor, probabilities: bool = True) -> dict[str, float]:
-    """AUROC, average precision; accuracy at 0.5 and calibration error when the scores are probabilities."""
+    """AUROC, average precision (against labels >= 0.5); accept_rate, the mean label (soft labels: the expected
+    acceptance); accuracy at 0.5 and calibration error when the scores are probabilities."""
     target = (labels >= 0.5).long()
     out = {"auroc": float(binary_auroc(scores, target)), "ap": float(binary_average_precision(scores, target)),
-           "accept_rate": float(target.float().mean())}
+           "accept_rate": float(labels.double().clamp(0, 1).mean())}
     if probabilities:
         out["accuracy"] = float(binary_accuracy(scores, target))
         with warnings.catch_warnings():  # torchmetrics' own bucketize call warns about a non-contiguous view

@@ -293,7 +293,7 @@ def _train(cfg: TrainConfig) -> dict:
                                                                pos_weight=cfg.pos_weight, neg_weight=neg_weight,
                                                                seed=cfg.seed),
                        linear=verifier_scorer(linear, (HIDDEN,), cfg.label_rule))
-    label = lambda t, rows: (t.gather(EVAL_COLUMN[cfg.label_rule], rows) >= 0.5).float()  # noqa: E731
+    label = lambda t, rows: eval_labels(t, rows, cfg.label_rule)  # noqa: E731
     val = {name: (score(table, splits["val"]), label(table, splits["val"])) for name, score in scorers.items()}
     reports = {name: evaluate(val[name], (score(table, splits["test"]), label(table, splits["test"])), cfg.budgets)
                for name, score in scorers.items()}
@@ -303,7 +303,8 @@ def _train(cfg: TrainConfig) -> dict:
         save_verifier(out / "baselines" / "linear", linear, calibrated(linear_info, reports["linear"], cfg.budgets),
                       probe)
     save_config(cfg, out / "train_config.json")
-    metrics = {"label_rule": cfg.label_rule, "eval_label": EVAL_COLUMN[cfg.label_rule],
+    eval_label = LABEL_COLUMN["soft"] if cfg.label_rule == "soft" else EVAL_COLUMN[cfg.label_rule]  # eval_labels'
+    metrics = {"label_rule": cfg.label_rule, "eval_label": eval_label,
                "default_budget": cfg.budgets[0], "data": [str(p) for p in cfg.data], "draft": info.draft,
                "context_source": info.context_source, "splits": sizes, "pos_weight": cfg.pos_weight,
                "neg_weight": neg_weight, "epochs_run": trainer.current_epoch,
@@ -351,6 +352,15 @@ def quiet_interrupt():
         logger.removeFilter(drop)
         if signal.getsignal(signal.SIGINT) != handler:
             signal.signal(signal.SIGINT, handler)
+
+
+def eval_labels(table, rows: torch.Tensor, label_rule: str) -> torch.Tensor:
+    """The labels thresholds are calibrated and reported on: 0/1 (EVAL_COLUMN, >= 0.5), and for label rule soft
+    the soft label itself, min(1, p/q): at temperature > 0 the event a pass risks is the speculative-sampling
+    rejection, and calibrate.py weighs each token by its probability, 1 - min(1, p/q)."""
+    if label_rule == "soft":
+        return table.gather(LABEL_COLUMN["soft"], rows).float().clamp(0, 1)
+    return (table.gather(EVAL_COLUMN[label_rule], rows) >= 0.5).float()
 
 
 def calibrated(info: VerifierInfo, report: dict, budgets: Sequence[float]) -> VerifierInfo:
