@@ -47,7 +47,9 @@ class RegimeConfig:
 
 def main(argv: Sequence[str] | None = None) -> None:
     args = list(sys.argv[1:] if argv is None else argv)
-    files = [a for a in args if a.endswith(".json")]  # pair.json files may also be given without --pairs
+    # pair.json files may also be given without --pairs (with it, they are its values)
+    files = [] if any(a == "--pairs" or a.startswith("--pairs=") for a in args) else [a for a in args
+                                                                                       if a.endswith(".json")]
     cfg = parse_config(RegimeConfig, [a for a in args if a not in files], "Draw the latency model's regime map.")
 
     pairs = {}
