@@ -20,7 +20,7 @@ from typing import Sequence
 import torch
 from tqdm.auto import tqdm
 
-from sprinter.bench.protocol import BenchRuntimeConfig
+from sprinter.bench.protocol import BenchRuntimeConfig, PromptSetConfig, check_domains
 from sprinter.config import ModelsConfig, SeedConfig, check_integers, option, parse_config, to_dict
 from sprinter.decode.stats import wilson_interval
 from sprinter.errors import SprinterError
@@ -30,7 +30,7 @@ VARIANTS = ("static", "adapted")
 
 
 @dataclass(frozen=True)
-class BudgetConfig(ModelsConfig, BenchRuntimeConfig, SeedConfig):
+class BudgetConfig(PromptSetConfig, ModelsConfig, BenchRuntimeConfig, SeedConfig):
     """scripts/budget.py's options: the budgets, temperatures and threshold variants to measure, and the prompts."""
 
     verifier: str = option("checkpoints/verifiers/demo", "the verifier checkpoint, calibrated for every budget")
@@ -44,8 +44,6 @@ class BudgetConfig(ModelsConfig, BenchRuntimeConfig, SeedConfig):
     prompt_len: int = option(64, "prompt tokens")
     max_new_tokens: int = option(64, "tokens generated per prompt")
     max_block: int = option(20, "sprinter: call the target after this many drafted tokens")
-    dataset: str = option("stdlib", "prompt text (as the benchmark's)")
-    split: str = option("test", "corpus split of the prompts (test: held out from pair and verifier training)")
     tolerance: float = option(0.01, "the budget holds when the interval's upper end is <= F + this")
     seed: int = option(0, "seed of the sampling (prompt i uses seed + i)")
     progress: bool = option(True, "show a progress bar")
@@ -54,6 +52,7 @@ class BudgetConfig(ModelsConfig, BenchRuntimeConfig, SeedConfig):
         for name in ("budgets", "temperatures", "variants"):  # frozen: a YAML list becomes a tuple, once, here
             object.__setattr__(self, name, tuple(getattr(self, name)))
         check_integers(self, ("num_prompts", "prompt_len", "max_new_tokens", "max_block"))
+        check_domains(self.domains)
         check_integers(self, ("threads",), 0)
         for b in self.budgets:
             if isinstance(b, bool) or not isinstance(b, (int, float)) or not 0 < b < 1:
@@ -96,7 +95,7 @@ def pooled_row(budget: float, temperature: float, variant: str, stats: Sequence[
 
 def measure(cfg: BudgetConfig) -> dict:
     """Decode every (temperature, budget, variant) row over the held-out prompts; returns the results."""
-    from sprinter.bench.protocol import check_window, load_prompts
+    from sprinter.bench.protocol import check_window, hardware, load_prompts
     from sprinter.decode.decoder import Decoder
     from sprinter.pairs.build import resolve_pair
     from sprinter.verifier import budget_key
@@ -111,8 +110,8 @@ def measure(cfg: BudgetConfig) -> dict:
         raise SprinterError(f"budgets: got {missing}, which verifier {cfg.verifier!r} was not calibrated for; expected "
                             f"some of {sorted(float(b) for b in info.thresholds)}")
     check_window(cfg.prompt_len, cfg.max_new_tokens, decoder.pair.max_length)
-    prompts = load_prompts(decoder.tokenizer, dataset=cfg.dataset, split=cfg.split, num_prompts=cfg.num_prompts,
-                           prompt_len=cfg.prompt_len)
+    prompts = load_prompts(decoder.tokenizer, dataset=cfg.dataset, split=cfg.split, domains=cfg.domains,
+                           num_prompts=cfg.num_prompts, prompt_len=cfg.prompt_len)
     cells = [(t, b, v) for t in cfg.temperatures for b in cfg.budgets for v in cfg.variants]
     decoder.generate(list(prompts[0].ids), mode="sprinter", max_new_tokens=8)  # warm-up: allocation, first kernels
     rows = []
@@ -131,7 +130,8 @@ def measure(cfg: BudgetConfig) -> dict:
     return {"config": to_dict(cfg), "verifier": {"path": cfg.verifier, "label_rule": info.label_rule,
                                                  "context_source": info.context_source,
                                                  "thresholds": dict(info.thresholds)},
-            "prompts": len(prompts), "cpu": _cpu(), "torch": torch.__version__,
+            "prompts": len(prompts), "cpu": hardware(decoder.pair.device, decoder.pair.dtype)["cpu"],
+            "torch": torch.__version__,
             "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()), "rows": rows}
 
 
@@ -165,18 +165,6 @@ def run(cfg: BudgetConfig) -> dict:
         write_json(out / "results.json", results)
         write_atomic(out / "results.md", markdown(results))
     return results
-
-
-def _cpu() -> str:
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    import platform
-
-    return platform.processor() or platform.machine()
 
 
 __all__ = ["BudgetConfig", "markdown", "measure", "parse_budget_config", "pooled_row", "run"]
