@@ -286,7 +286,10 @@ def plot(results: dict, path: Path) -> None:
     fig, axes = plt.subplots(1, 2, figsize=(12, 4.8))
     for ax, key, label in ((axes[0], "target_consistency", "target consistency (share of target-greedy tokens)"),
                            (axes[1], "target_nll_ratio_vs_ar", "target NLL / ar's (lower is closer)")):
-        for e in entries:
+        for e in entries:  # each point's bootstrap 90% speedup interval as a horizontal bar (its spread)
+            low, high = e.get("speedup_interval") or (e["speedup_vs_ar"],) * 2
+            if e[key] is not None:
+                ax.plot([low, high], [e[key]] * 2, color="grey", lw=0.8, alpha=0.6, zorder=1)
             if e["family"] not in CURVES and e[key] is not None:
                 ax.scatter(e["speedup_vs_ar"], e[key], marker="*" if e.get("best") else "o", s=60, zorder=3)
                 ax.annotate(e["name"], (e["speedup_vs_ar"], e[key]), textcoords="offset points", xytext=(4, 4),
@@ -304,7 +307,7 @@ def plot(results: dict, path: Path) -> None:
         ax.xaxis.set_major_formatter(matplotlib.ticker.FuncFormatter(lambda x, _: f"{x:g}x"))
         ax.xaxis.set_minor_formatter(matplotlib.ticker.FuncFormatter(
             lambda x, _: f"{x:g}x" if round(x, 3) in (0.2, 0.5, 2, 5) else ""))
-        ax.set_xlabel("speedup vs ar (median over prompts, log scale)")
+        ax.set_xlabel("speedup vs ar (median over prompts x repeats, log scale; bars: 90% interval)")
         ax.set_ylabel(label)
         ax.grid(alpha=0.3)
         if any(e["family"] in CURVES for e in entries):
