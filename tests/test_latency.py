@@ -257,6 +257,7 @@ def test_measure_costs_times_the_runs_sampler_and_prompt(gpt2_decoder):
                       sampler=Sampler(temperature=0.8, top_p=0.95), budget_s=0.2)
     assert (p.temperature, p.top_p, p.context, p.prompt) == (0.8, 0.95, 12, 6)
     assert p.target_prefill_ms > 0 and p.draft_prefill_ms > 0
+    assert measure_costs(gpt2_decoder.pair, name="tiny", max_n=2, context=4, budget_s=60, max_repeats=5).repeats == 5
     with pytest.raises(SprinterError, match="prompt"):
         measure_costs(gpt2_decoder.pair, name="tiny", prompt=0)
 

@@ -174,14 +174,15 @@ def timing_noise(samples: Iterable[Sequence[float]]) -> float:
 @torch.inference_mode()
 def measure_costs(pair: Pair, *, name: str, gate: LearnedGate | None = None, max_n: int = 21, context: int = 64,
                   prompt: int | None = None, sampler: Sampler | None = None, budget_s: float = 2.0,
-                  min_repeats: int = 3, seed: int = 0) -> CostProfile:
+                  min_repeats: int = 3, max_repeats: int | None = None, seed: int = 0) -> CostProfile:
     """Time every step of the decode loops (see the module docstring) with `pair`'s models in about `budget_s`
     seconds; the profile is keyed by `name` (the pair's folder, or its models' names) and this device.
 
     `max_n`: the longest target forward timed (sprinter's blocks: max_block drafted tokens and the last emitted
     one, 21 by default). `gate`: the learned gate to time; None: an untrained verifier of the default shape.
     `context`: the tokens in the caches before each step; `prompt`: the prefills' length (None: `context`);
-    `sampler`: how the loops turn logits into distributions and draws (None: greedy)."""
+    `sampler`: how the loops turn logits into distributions and draws (None: greedy). `max_repeats`: stop
+    after that many timed rounds of calls even within the budget (None: use the whole budget)."""
     prompt = context if prompt is None else prompt
     if not all(isinstance(v, int) and v >= 1 for v in (max_n, context, prompt)):
         raise SprinterError(f"max_n / context / prompt: got {max_n!r} / {context!r} / {prompt!r}; expected integers "
@@ -298,7 +299,8 @@ def measure_costs(pair: Pair, *, name: str, gate: LearnedGate | None = None, max
                 times[task].append(seconds)
         rounds += 1
         spent = time.perf_counter() - started
-        if rounds > min_repeats and spent * (rounds + 1) / rounds > budget_s:
+        if rounds > min_repeats and (spent * (rounds + 1) / rounds > budget_s
+                                     or max_repeats is not None and rounds > max_repeats):
             break
     ms = {task: 1e3 * statistics.median(values) for task, values in times.items()}
     noise = timing_noise(times.values())
