@@ -17,7 +17,7 @@ from sprinter.bench.regime_map import (
     regime_table,
     synthetic_profile,
 )
-from sprinter.decode.costs import CostProfile, find_profile, measure_costs, read_profiles, save_profile
+from sprinter.decode.costs import Budget, CostProfile, find_profile, measure_costs, read_profiles, save_profile
 from sprinter.decode.latency import (
     AcceptanceStats,
     ar_ms,
@@ -244,7 +244,7 @@ def test_profiles_are_saved_by_key_and_read_back(tmp_path):
 
 def test_measure_costs_on_a_tiny_pair(gpt2_decoder):
     pair = gpt2_decoder.pair
-    p = measure_costs(pair, name="tiny", max_n=5, context=8, budget_s=0.3)
+    p = measure_costs(pair, name="tiny", max_n=5, context=8, budget=Budget(0.3))
     assert len(p.target_ms) == 5 and p.repeats >= 3 and p.noise == round(p.noise, 4) and 0 <= p.noise < 10
     assert all(v > 0 for v in (p.draft_step_ms, p.draft_hidden_step_ms, p.round_ms, *p.gate_ms.values()))
     assert p.key == "tiny | cpu | float32 | %d thread(s)" % p.threads
@@ -254,10 +254,11 @@ def test_measure_costs_on_a_tiny_pair(gpt2_decoder):
 
 def test_measure_costs_times_the_runs_sampler_and_prompt(gpt2_decoder):
     p = measure_costs(gpt2_decoder.pair, name="tiny", max_n=3, context=12, prompt=6,
-                      sampler=Sampler(temperature=0.8, top_p=0.95), budget_s=0.2)
+                      sampler=Sampler(temperature=0.8, top_p=0.95), budget=Budget(0.2))
     assert (p.temperature, p.top_p, p.context, p.prompt) == (0.8, 0.95, 12, 6)
     assert p.target_prefill_ms > 0 and p.draft_prefill_ms > 0
-    assert measure_costs(gpt2_decoder.pair, name="tiny", max_n=2, context=4, budget_s=60, max_repeats=5).repeats == 5
+    assert measure_costs(gpt2_decoder.pair, name="tiny", max_n=2, context=4,
+                         budget=Budget(60, max_repeats=5)).repeats == 5  # 5 rounds, not a minute
     with pytest.raises(SprinterError, match="prompt"):
         measure_costs(gpt2_decoder.pair, name="tiny", prompt=0)
 

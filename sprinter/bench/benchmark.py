@@ -62,7 +62,7 @@ from sprinter.config import (
     option,
     to_dict,
 )
-from sprinter.decode.costs import measure_costs
+from sprinter.decode.costs import Budget, measure_costs
 from sprinter.decode.decoder import Decoder
 from sprinter.decode.gates import (
     CONFIDENCE_THRESHOLD,
@@ -75,7 +75,7 @@ from sprinter.files import FolderLock, read_json
 
 CONFIG_DIR = CONFIGS / "bench"
 # The cost profile's budget: 25 rounds of calls, or 5 s (a round: ~0.2 s on the demo pair; 2 s held ~8 rounds)
-PROFILE_SECONDS, PROFILE_REPEATS = 5.0, 25
+PROFILE_BUDGET = Budget(seconds=5.0, max_repeats=25)
 # Options that may change on --resume without changing what a record means.
 RUNTIME_OPTIONS = ("out", "resume", "overwrite", "progress", "threads", "warmup", "store_stop_threshold")
 
@@ -299,7 +299,7 @@ def _run_benchmark(cfg: BenchConfig) -> dict:
     profile = measure_costs(decoder.pair, name=cfg.pair, gate=decoder.gate, max_n=max(cfg.max_block, *cfg.ks) + 1,
                             context=cfg.prompt_len + cfg.max_new_tokens // 2, prompt=cfg.prompt_len,
                             sampler=Sampler(cfg.temperature, top_p=cfg.top_p if cfg.temperature > 0 else 1.0),
-                            budget_s=PROFILE_SECONDS, max_repeats=PROFILE_REPEATS)
+                            budget=PROFILE_BUDGET)
     decoder.profile = profile  # mode auto chooses with the same profile (not measured again)
     # 2. The calibration prompts (the predictions' acceptance inputs, before anything is timed), a warm-up, then
     # every method on each prompt in turn, `repeats` rounds; each finished prompt is appended to the records.

@@ -99,15 +99,16 @@ def predict_row(profile: CostProfile, stats: AcceptanceStats | None, row: tuple[
     per_generation = counts["new_tokens"] / max(1, prompts)
     if family == "draft":  # the draft alone: its prefill, not the target's
         return draft_ms(profile) + profile.draft_prefill_ms / per_generation
-    step = per_token(profile, stats, family, operating_point, counts=counts, prompts=prompts, prompt_len=prompt_len,
-                     max_block=max_block, rates=rates)
+    step = per_token(profile, stats, row, counts=counts, prompts=prompts, prompt_len=prompt_len, max_block=max_block,
+                     rates=rates)
     return step + generation_ms(profile, per_generation, draft=family not in NO_DRAFT_MODEL)
 
 
-def per_token(profile: CostProfile, stats: AcceptanceStats | None, family: str, operating_point: float | None, *,
+def per_token(profile: CostProfile, stats: AcceptanceStats | None, row: tuple[str, float | None], *,
               counts: dict[str, float], prompts: int, prompt_len: int, max_block: int,
               rates: dict[str, dict[str, tuple[float, float]]]) -> float:
     """predict_row's per-token time of the decode steps (without the generation's fixed cost)."""
+    family, operating_point = row
     if family == "ar":
         return ar_ms(profile)
     # Verification calls: the single-prompt loops read the prompt with the first block, the batched ones (ngram)

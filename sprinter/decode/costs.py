@@ -47,6 +47,7 @@ from sprinter.pairs.load import Pair
 
 FORMAT = "sprinter-costs/1"
 FILE_NAME = "cost_profile.json"
+SEED = 0  # the random token ids the calls read (timing needs no text)
 DRAFT_CHAIN = 4  # draft steps timed in a row (draft_step_ms is their mean): what a block of the loops drafts
 NOISY = 0.2  # a profile whose timings spread more than this (relative interquartile range) is flagged
 STAND_IN_FEATURES = ("hidden", "token_id", "draft_prob", "draft_entropy")  # the trained verifier's default inputs
@@ -126,6 +127,27 @@ class CostProfile:
         return cls(**{k: v for k, v in data.items() if k in names})
 
 
+@dataclass(frozen=True)
+class Budget:
+    """How long `measure_costs` times: rounds of every figure's calls until about `seconds` have passed (at least
+    `min_repeats` timed rounds), or `max_repeats` rounds (None: the whole time)."""
+
+    seconds: float = 2.0
+    min_repeats: int = 3
+    max_repeats: int | None = None
+
+    def __post_init__(self) -> None:
+        if not (isinstance(self.seconds, (int, float)) and self.seconds > 0):
+            raise SprinterError(f"budget seconds: got {self.seconds!r}; expected a time > 0")
+        if self.max_repeats is not None and not (isinstance(self.max_repeats, int) and self.max_repeats >= 1):
+            raise SprinterError(f"max_repeats: got {self.max_repeats!r}; expected an integer >= 1, or None")
+
+    def done(self, rounds: int, spent: float) -> bool:
+        """After `rounds` rounds (the warm-up one included) and `spent` seconds: stop?"""
+        return rounds > self.min_repeats and (spent * (rounds + 1) / rounds > self.seconds
+                                              or self.max_repeats is not None and rounds > self.max_repeats)
+
+
 def profile_key(pair: str, device: str, dtype: str, threads: int) -> str:
     return f"{pair} | {device} | {dtype} | {threads} thread(s)"
 
@@ -173,16 +195,14 @@ def timing_noise(samples: Iterable[Sequence[float]]) -> float:
 
 @torch.inference_mode()
 def measure_costs(pair: Pair, *, name: str, gate: LearnedGate | None = None, max_n: int = 21, context: int = 64,
-                  prompt: int | None = None, sampler: Sampler | None = None, budget_s: float = 2.0,
-                  min_repeats: int = 3, max_repeats: int | None = None, seed: int = 0) -> CostProfile:
-    """Time every step of the decode loops (see the module docstring) with `pair`'s models in about `budget_s`
-    seconds; the profile is keyed by `name` (the pair's folder, or its models' names) and this device.
+                  prompt: int | None = None, sampler: Sampler | None = None, budget: Budget = Budget()) -> CostProfile:
+    """Time every step of the decode loops (see the module docstring) with `pair`'s models for `budget`
+    (about two seconds); the profile is keyed by `name` (the pair's folder, or its models' names) and this device.
 
     `max_n`: the longest target forward timed (sprinter's blocks: max_block drafted tokens and the last emitted
     one, 21 by default). `gate`: the learned gate to time; None: an untrained verifier of the default shape.
     `context`: the tokens in the caches before each step; `prompt`: the prefills' length (None: `context`);
-    `sampler`: how the loops turn logits into distributions and draws (None: greedy). `max_repeats`: stop
-    after that many timed rounds of calls even within the budget (None: use the whole budget)."""
+    `sampler`: how the loops turn logits into distributions and draws (None: greedy)."""
     prompt = context if prompt is None else prompt
     if not all(isinstance(v, int) and v >= 1 for v in (max_n, context, prompt)):
         raise SprinterError(f"max_n / context / prompt: got {max_n!r} / {context!r} / {prompt!r}; expected integers "
@@ -191,7 +211,7 @@ def measure_costs(pair: Pair, *, name: str, gate: LearnedGate | None = None, max
     draft, target, vocab_size = pair.draft, pair.target, pair.vocab_size
     weight = next(target.parameters())
     device, dtype = weight.device, weight.dtype
-    gen = torch.Generator(device=device).manual_seed(seed)
+    gen = torch.Generator(device=device).manual_seed(SEED)
     ids = torch.randint(0, vocab_size, (1, max(context, prompt) + max(max_n, DRAFT_CHAIN) + 1), generator=gen,
                         device=device)  # timing needs no text
     sampler = Sampler() if sampler is None else sampler
@@ -299,8 +319,7 @@ def measure_costs(pair: Pair, *, name: str, gate: LearnedGate | None = None, max
                 times[task].append(seconds)
         rounds += 1
         spent = time.perf_counter() - started
-        if rounds > min_repeats and (spent * (rounds + 1) / rounds > budget_s
-                                     or max_repeats is not None and rounds > max_repeats):
+        if budget.done(rounds, spent):
             break
     ms = {task: 1e3 * statistics.median(values) for task, values in times.items()}
     noise = timing_noise(times.values())
@@ -316,6 +335,6 @@ def measure_costs(pair: Pair, *, name: str, gate: LearnedGate | None = None, max
                        created=datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"))
 
 
-__all__ = ["FILE_NAME", "FORMAT", "NOISY", "CostProfile", "find_profile", "measure_costs", "profile_key",
+__all__ = ["FILE_NAME", "FORMAT", "NOISY", "Budget", "CostProfile", "find_profile", "measure_costs", "profile_key",
            "read_profiles", "save_profile", "stand_in_verifier",
            "timing_noise"]
