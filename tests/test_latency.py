@@ -1,6 +1,7 @@
 """The cost profile and the latency model: formulas checked on hand-made profiles worked out by hand
 (docs/latency.md), the by-position counts of real runs, and the profile measured on a tiny pair."""
 
+import dataclasses
 import json
 
 import pytest
@@ -16,13 +17,14 @@ from sprinter.bench.regime_map import (
     regime_table,
     synthetic_profile,
 )
-from sprinter.decode.costs import CostProfile, find_profile, measure_costs, read_profiles, save_profile
+from sprinter.decode.costs import Budget, CostProfile, find_profile, measure_costs, read_profiles, save_profile
 from sprinter.decode.latency import (
     AcceptanceStats,
     ar_ms,
     counted_ms,
     draft_ms,
     gated_block,
+    generation_ms,
     ngram_ms,
     prefix_accept,
     sd_gated_ms,
@@ -30,6 +32,7 @@ from sprinter.decode.latency import (
     sprinter_ms,
     verifier_rates,
 )
+from sprinter.decode.sampling import Sampler
 from sprinter.decode.stats import DecodeStats
 from sprinter.errors import SprinterError
 
@@ -172,6 +175,41 @@ def test_benchmark_rows_are_predicted_from_the_statistics():
         pytest.approx(counted_ms(p, draft_calls=80, target_calls=40, target_tokens=120, gate_calls=0, new_tokens=100))
 
 
+def test_a_generations_fixed_cost_by_hand():
+    # prefills of 6 ms (target) and 2 ms (draft) over 128 new tokens
+    p = dataclasses.replace(profile(), target_prefill_ms=6.0, draft_prefill_ms=2.0, prompt=8)
+    assert generation_ms(p, 128) == pytest.approx(8 / 128)
+    assert generation_ms(p, 128, draft=False) == pytest.approx(6 / 128)
+    assert generation_ms(profile(), 128) == 0.0  # a profile without prefills (an older file): nothing added
+    with pytest.raises(SprinterError, match="new_tokens"):
+        generation_ms(p, 0)
+
+
+def test_every_row_adds_its_generations_fixed_cost():
+    p = dataclasses.replace(profile(d=0.1, slope=0.1, gate=0.02), target_prefill_ms=6.0, draft_prefill_ms=2.0)
+    stats = AcceptanceStats((0.5,))
+    # 2 generations of 50 tokens: the fixed cost spreads over 50 tokens each
+    counts = {"new_tokens": 100, "target_calls": 40, "target_tokens": 40 * 3 + 14, "draft_calls": 80,
+              "verifier_calls": 0, "drafted": 80, "accepted": 20, "draft_seconds": 0.004}
+    common = {"counts": counts, "prompts": 2, "prompt_len": 8, "max_block": 2, "rates": {}}
+    assert predict_row(p, stats, ("ar", None), **common) == pytest.approx(1.0 + 6 / 50)  # no draft prefilled
+    assert predict_row(p, stats, ("draft", None), **common) == pytest.approx(0.1 + 2 / 50)
+    assert predict_row(p, stats, ("sd", 2), **common) == pytest.approx(sd_ms(p, (0.5,), 2) + 8 / 50)
+    assert predict_row(p, stats, ("ngram-8", 8), **common) == pytest.approx(ngram_ms(p, 2, 0.5, 0.1) + 6 / 50)
+
+
+def test_old_profiles_load_with_the_new_fields_at_what_they_measured(tmp_path):
+    old = {k: v for k, v in profile().to_dict().items()
+           if k not in ("target_prefill_ms", "draft_prefill_ms", "prompt", "temperature", "top_p")}
+    path = tmp_path / "cost_profile.json"
+    path.write_text(json.dumps({"format": "sprinter-costs/1", "profiles": {"k": old}}))
+    (loaded,) = read_profiles(path).values()
+    assert (loaded.target_prefill_ms, loaded.draft_prefill_ms, loaded.prompt) == (0.0, 0.0, 0)
+    assert (loaded.temperature, loaded.top_p) == (0.0, 1.0)  # greedy, as every profile before them
+    with pytest.raises(SprinterError, match="target_prefill_ms"):
+        CostProfile(**{**old, "target_prefill_ms": -1.0})
+
+
 def test_the_regime_map_functions():
     p = synthetic_profile(0.1, slope=0.0, gate_ratio=0.0)
     assert p.target(7) == 1.0 and p.cost_ratio == pytest.approx(0.1)
@@ -206,10 +244,23 @@ def test_profiles_are_saved_by_key_and_read_back(tmp_path):
 
 def test_measure_costs_on_a_tiny_pair(gpt2_decoder):
     pair = gpt2_decoder.pair
-    p = measure_costs(pair, name="tiny", max_n=5, context=8, budget_s=0.3)
+    p = measure_costs(pair, name="tiny", max_n=5, context=8, budget=Budget(0.3))
     assert len(p.target_ms) == 5 and p.repeats >= 3 and p.noise == round(p.noise, 4) and 0 <= p.noise < 10
     assert all(v > 0 for v in (p.draft_step_ms, p.draft_hidden_step_ms, p.round_ms, *p.gate_ms.values()))
     assert p.key == "tiny | cpu | float32 | %d thread(s)" % p.threads
+    assert p.target_prefill_ms > 0 and p.draft_prefill_ms > 0 and p.prompt == 8
+    assert (p.temperature, p.top_p) == (0.0, 1.0)
+
+
+def test_measure_costs_times_the_runs_sampler_and_prompt(gpt2_decoder):
+    p = measure_costs(gpt2_decoder.pair, name="tiny", max_n=3, context=12, prompt=6,
+                      sampler=Sampler(temperature=0.8, top_p=0.95), budget=Budget(0.2))
+    assert (p.temperature, p.top_p, p.context, p.prompt) == (0.8, 0.95, 12, 6)
+    assert p.target_prefill_ms > 0 and p.draft_prefill_ms > 0
+    assert measure_costs(gpt2_decoder.pair, name="tiny", max_n=2, context=4,
+                         budget=Budget(60, max_repeats=5)).repeats == 5  # 5 rounds, not a minute
+    with pytest.raises(SprinterError, match="prompt"):
+        measure_costs(gpt2_decoder.pair, name="tiny", prompt=0)
 
 
 def test_timing_noise_by_hand():

@@ -62,17 +62,20 @@ from sprinter.config import (
     option,
     to_dict,
 )
-from sprinter.decode.costs import measure_costs
+from sprinter.decode.costs import Budget, measure_costs
 from sprinter.decode.decoder import Decoder
 from sprinter.decode.gates import (
     CONFIDENCE_THRESHOLD,
     check_threshold,
 )
 from sprinter.decode.options import DEMO_VERIFIER, DecodeOptions
+from sprinter.decode.sampling import Sampler
 from sprinter.errors import SprinterError
 from sprinter.files import FolderLock, read_json
 
 CONFIG_DIR = CONFIGS / "bench"
+# The cost profile's budget: 25 rounds of calls, or 5 s (a round: ~0.2 s on the demo pair; 2 s held ~8 rounds)
+PROFILE_BUDGET = Budget(seconds=5.0, max_repeats=25)
 # Options that may change on --resume without changing what a record means.
 RUNTIME_OPTIONS = ("out", "resume", "overwrite", "progress", "threads", "warmup", "store_stop_threshold")
 
@@ -291,9 +294,12 @@ def _run_benchmark(cfg: BenchConfig) -> dict:
     done = open_records(Path(cfg.out), run_header(cfg, prompts, methods), resume=cfg.resume, overwrite=cfg.overwrite)
     todo = [p for p in prompts if p.index not in done]
     start = time.perf_counter()
-    # The pair's cost profile (~2 s, before the timed runs): each row's predicted ms/token (sprinter.bench.latency).
+    # The pair's cost profile (~5 s, before the timed runs): each row's predicted ms/token (sprinter.bench.latency),
+    # its steps timed with the rows' sampler after the generations' mean context (the prompt and half the budget).
     profile = measure_costs(decoder.pair, name=cfg.pair, gate=decoder.gate, max_n=max(cfg.max_block, *cfg.ks) + 1,
-                            context=cfg.prompt_len)
+                            context=cfg.prompt_len + cfg.max_new_tokens // 2, prompt=cfg.prompt_len,
+                            sampler=Sampler(cfg.temperature, top_p=cfg.top_p if cfg.temperature > 0 else 1.0),
+                            budget=PROFILE_BUDGET)
     decoder.profile = profile  # mode auto chooses with the same profile (not measured again)
     # 2. The calibration prompts (the predictions' acceptance inputs, before anything is timed), a warm-up, then
     # every method on each prompt in turn, `repeats` rounds; each finished prompt is appended to the records.

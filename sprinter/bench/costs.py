@@ -10,7 +10,7 @@ from pathlib import Path
 import torch
 
 from sprinter.config import RuntimeConfig, check_integers, option
-from sprinter.decode.costs import FILE_NAME, NOISY, CostProfile, measure_costs, save_profile
+from sprinter.decode.costs import FILE_NAME, NOISY, Budget, CostProfile, measure_costs, save_profile
 from sprinter.errors import SprinterError
 
 
@@ -57,7 +57,7 @@ def profile_pair(cfg: ProfileConfig) -> tuple[CostProfile, Path]:
         gate, _ = load_learned_gate(cfg.verifier, fingerprint(draft), pair.draft.config.hidden_size, device, dtype)
     pair_dir = Path(draft).parent
     profile = measure_costs(pair, name=str(pair_dir), gate=gate,
-                            max_n=cfg.max_block + 1, context=cfg.context, budget_s=cfg.budget_s)
+                            max_n=cfg.max_block + 1, context=cfg.context, budget=Budget(cfg.budget_s))
     if profile.noise > NOISY:
         print(f"note: the timings spread widely (interquartile range {profile.noise:.0%} of the median): a busy "
               "machine? profile again when it is quiet, or with a larger --budget-s", file=sys.stderr)

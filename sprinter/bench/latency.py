@@ -17,6 +17,7 @@ from sprinter.decode.latency import (
     ar_ms,
     counted_ms,
     draft_ms,
+    generation_ms,
     ngram_ms,
     sd_gated_ms,
     sd_ms,
@@ -78,11 +79,15 @@ def totals(stats: Sequence[dict]) -> dict[str, float]:
     return {k: float(sum(s.get(k, 0) or 0 for s in stats)) for k in keys}
 
 
+NO_DRAFT_MODEL = ("ar", "ngram", "ngram-8")  # rows whose generations never prefill the draft model
+
+
 def predict_row(profile: CostProfile, stats: AcceptanceStats | None, row: tuple[str, float | None], *,
                 counts: dict[str, float], prompts: int, prompt_len: int, max_block: int,
                 rates: dict[str, dict[str, tuple[float, float]]]) -> float | None:
     """Predicted ms/token of one benchmark row, (family, operating point) (sprinter.bench.benchmark.FAMILIES);
-    None for async (the overlap of two threads is not modelled) and for rows without tokens.
+    None for async (the overlap of two threads is not modelled) and for rows without tokens. Every row adds its
+    generations' fixed cost (fresh caches and prefills, `generation_ms`) over the tokens a generation emits.
 
     ar, draft, sd, ngram and the learned sprinter rows follow from the profile and `stats` (acceptance by
     position from the sd rows, the verifier's rates from metrics.json, the n-gram row's drafted and accepted
@@ -91,10 +96,21 @@ def predict_row(profile: CostProfile, stats: AcceptanceStats | None, row: tuple[
     family, operating_point = row
     if family == "async" or not counts["new_tokens"]:
         return None
+    per_generation = counts["new_tokens"] / max(1, prompts)
+    if family == "draft":  # the draft alone: its prefill, not the target's
+        return draft_ms(profile) + profile.draft_prefill_ms / per_generation
+    step = per_token(profile, stats, row, counts=counts, prompts=prompts, prompt_len=prompt_len, max_block=max_block,
+                     rates=rates)
+    return step + generation_ms(profile, per_generation, draft=family not in NO_DRAFT_MODEL)
+
+
+def per_token(profile: CostProfile, stats: AcceptanceStats | None, row: tuple[str, float | None], *,
+              counts: dict[str, float], prompts: int, prompt_len: int, max_block: int,
+              rates: dict[str, dict[str, tuple[float, float]]]) -> float:
+    """predict_row's per-token time of the decode steps (without the generation's fixed cost)."""
+    family, operating_point = row
     if family == "ar":
         return ar_ms(profile)
-    if family == "draft":
-        return draft_ms(profile)
     # Verification calls: the single-prompt loops read the prompt with the first block, the batched ones (ngram)
     # in a call of its own; either way a call's tokens, less the prompt's, are the last emitted token and a block.
     calls = counts["target_calls"] - (prompts if family == "ngram" else 0)

@@ -30,7 +30,7 @@ from typing import TYPE_CHECKING, Sequence
 import torch
 
 from sprinter.decode.cache import CachedLM
-from sprinter.decode.costs import FILE_NAME, CostProfile, find_profile, measure_costs, profile_key, save_profile
+from sprinter.decode.costs import FILE_NAME, Budget, CostProfile, find_profile, measure_costs, profile_key, save_profile
 from sprinter.decode.drafters import Draft, ModelDrafter
 from sprinter.decode.gates import LearnedGate
 from sprinter.decode.latency import SPRINTER_RATES, ar_ms, ngram_ms, sd_gated_ms, sd_ms, sprinter_ms, verifier_rates
@@ -306,7 +306,7 @@ def cost_profile(decoder: Decoder, budget_s: float = 2.0) -> CostProfile:
         saved = find_profile(folder / FILE_NAME, name, str(pair.device), dtype, torch.get_num_threads()) \
             if name == str(folder) else None
         if saved is None:
-            saved = measure_costs(pair, name=name, gate=decoder.gate, budget_s=budget_s)
+            saved = measure_costs(pair, name=name, gate=decoder.gate, budget=Budget(budget_s))
             if name == str(folder) and os.access(folder, os.W_OK):
                 save_profile(folder / FILE_NAME, saved)
         decoder.profiles[key] = saved

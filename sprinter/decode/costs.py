@@ -9,11 +9,18 @@ Measured in about two seconds (`measure_costs`), the way the loops run the model
 - `gate_ms`: one gate decision: "learned" (the verifier's MLP on one hidden state, sigmoid, the host sync of
   the threshold test), "confidence" (the draft's q(x) and the same test);
 - `round_ms`: what a verification round costs besides the forwards: the acceptance check, the correction,
-  the host sync and both caches' rollbacks.
+  the host sync and both caches' rollbacks;
+- `target_prefill_ms` / `draft_prefill_ms`: what a generation pays once: a fresh cache and a forward over its
+  `prompt` tokens (with the last token's distribution and draw).
 
-Each figure is the median of repeated calls (the first round of calls warms up and is dropped); the calls
-of every figure take turns, so machine drift hits them alike. A profile is keyed by (pair, device, dtype,
-threads): a cost profile file (`cost_profile.json`, written atomically) holds one profile per key.
+The steps are timed with the run's sampler (`temperature`, `top_p`: at temperature > 0 every distribution is a
+softmax, a top-p sort and a draw, several times a greedy argmax's cost on a small model), after a cache of
+`context` tokens (the benchmark: the prompt and half the new tokens, the generation's mean context).
+Each figure is the median of repeated calls (the first round of calls warms up and is dropped; on a loaded
+machine the median of a short profile predicted the run better than the mean, which a single stall moves:
+docs/latency.md); the calls of every figure take turns, so machine drift hits them alike. A profile is keyed
+by (pair, device, dtype, threads): a cost profile file (`cost_profile.json`, written atomically) holds one
+profile per key.
 sprinter.decode.latency turns a profile and a run's acceptance statistics into predicted ms/token.
 """
 
@@ -40,6 +47,8 @@ from sprinter.pairs.load import Pair
 
 FORMAT = "sprinter-costs/1"
 FILE_NAME = "cost_profile.json"
+SEED = 0  # the random token ids the calls read (timing needs no text)
+DRAFT_CHAIN = 4  # draft steps timed in a row (draft_step_ms is their mean): what a block of the loops drafts
 NOISY = 0.2  # a profile whose timings spread more than this (relative interquartile range) is flagged
 STAND_IN_FEATURES = ("hidden", "token_id", "draft_prob", "draft_entropy")  # the trained verifier's default inputs
 
@@ -58,6 +67,12 @@ class CostProfile:
     target_ms: tuple[float, ...]  # [n - 1]: a target forward over n new tokens (n = 1 .. len)
     gate_ms: dict[str, float]  # "learned", "confidence"
     round_ms: float
+    # Added later (a profile file without them loads with these defaults: what its figures were measured as).
+    target_prefill_ms: float = 0.0  # once per generation: a fresh target cache and its forward over `prompt` tokens
+    draft_prefill_ms: float = 0.0  # the same for the draft
+    prompt: int = 0  # tokens of the prefills (0: not measured)
+    temperature: float = 0.0  # the sampler the steps were timed with (0: greedy; older files were all greedy)
+    top_p: float = 1.0
     repeats: int = 0  # timed calls behind each median
     noise: float = 0.0  # the median over figures of (upper - lower quartile) / median: above ~0.2, a busy machine
     seconds: float = 0.0  # how long the measurement took
@@ -66,7 +81,7 @@ class CostProfile:
     def __post_init__(self) -> None:
         if not self.target_ms or any(not (isinstance(t, (int, float)) and t > 0) for t in self.target_ms):
             raise SprinterError(f"cost profile target_ms: got {self.target_ms!r}; expected one or more times > 0")
-        for name in ("draft_step_ms", "draft_hidden_step_ms", "round_ms"):
+        for name in ("draft_step_ms", "draft_hidden_step_ms", "round_ms", "target_prefill_ms", "draft_prefill_ms"):
             value = getattr(self, name)
             if not (isinstance(value, (int, float)) and value >= 0):
                 raise SprinterError(f"cost profile {name}: got {value!r}; expected a time >= 0 (ms)")
@@ -110,6 +125,27 @@ class CostProfile:
             raise SprinterError(f"cost profile: missing {missing}; expected a profile written by "
                                 "scripts/profile_pair.py")
         return cls(**{k: v for k, v in data.items() if k in names})
+
+
+@dataclass(frozen=True)
+class Budget:
+    """How long `measure_costs` times: rounds of every figure's calls until about `seconds` have passed (at least
+    `min_repeats` timed rounds), or `max_repeats` rounds (None: the whole time)."""
+
+    seconds: float = 2.0
+    min_repeats: int = 3
+    max_repeats: int | None = None
+
+    def __post_init__(self) -> None:
+        if not (isinstance(self.seconds, (int, float)) and self.seconds > 0):
+            raise SprinterError(f"budget seconds: got {self.seconds!r}; expected a time > 0")
+        if self.max_repeats is not None and not (isinstance(self.max_repeats, int) and self.max_repeats >= 1):
+            raise SprinterError(f"max_repeats: got {self.max_repeats!r}; expected an integer >= 1, or None")
+
+    def done(self, rounds: int, spent: float) -> bool:
+        """After `rounds` rounds (the warm-up one included) and `spent` seconds: stop?"""
+        return rounds > self.min_repeats and (spent * (rounds + 1) / rounds > self.seconds
+                                              or self.max_repeats is not None and rounds > self.max_repeats)
 
 
 def profile_key(pair: str, device: str, dtype: str, threads: int) -> str:
@@ -159,21 +195,26 @@ def timing_noise(samples: Iterable[Sequence[float]]) -> float:
 
 @torch.inference_mode()
 def measure_costs(pair: Pair, *, name: str, gate: LearnedGate | None = None, max_n: int = 21, context: int = 64,
-                  budget_s: float = 2.0, min_repeats: int = 3, seed: int = 0) -> CostProfile:
-    """Time every step of the decode loops (see the module docstring) with `pair`'s models in about `budget_s`
-    seconds; the profile is keyed by `name` (the pair's folder, or its models' names) and this device.
+                  prompt: int | None = None, sampler: Sampler | None = None, budget: Budget = Budget()) -> CostProfile:
+    """Time every step of the decode loops (see the module docstring) with `pair`'s models for `budget`
+    (about two seconds); the profile is keyed by `name` (the pair's folder, or its models' names) and this device.
 
     `max_n`: the longest target forward timed (sprinter's blocks: max_block drafted tokens and the last emitted
-    one, 21 by default). `gate`: the learned gate to time; None: an untrained verifier of the default shape."""
-    if not (isinstance(max_n, int) and max_n >= 1) or not (isinstance(context, int) and context >= 1):
-        raise SprinterError(f"max_n / context: got {max_n!r} / {context!r}; expected integers >= 1")
+    one, 21 by default). `gate`: the learned gate to time; None: an untrained verifier of the default shape.
+    `context`: the tokens in the caches before each step; `prompt`: the prefills' length (None: `context`);
+    `sampler`: how the loops turn logits into distributions and draws (None: greedy)."""
+    prompt = context if prompt is None else prompt
+    if not all(isinstance(v, int) and v >= 1 for v in (max_n, context, prompt)):
+        raise SprinterError(f"max_n / context / prompt: got {max_n!r} / {context!r} / {prompt!r}; expected integers "
+                            ">= 1")
     started = time.perf_counter()
     draft, target, vocab_size = pair.draft, pair.target, pair.vocab_size
     weight = next(target.parameters())
     device, dtype = weight.device, weight.dtype
-    gen = torch.Generator(device=device).manual_seed(seed)
-    ids = torch.randint(0, vocab_size, (1, context + max_n + 1), generator=gen, device=device)  # timing needs no text
-    sampler = Sampler()
+    gen = torch.Generator(device=device).manual_seed(SEED)
+    ids = torch.randint(0, vocab_size, (1, max(context, prompt) + max(max_n, DRAFT_CHAIN) + 1), generator=gen,
+                        device=device)  # timing needs no text
+    sampler = Sampler() if sampler is None else sampler
     if gate is None:
         gate = LearnedGate(stand_in_verifier(draft.config.hidden_size, vocab_size).to(device), STAND_IN_FEATURES, 0.5)
     confidence = ConfidenceGate()
@@ -186,12 +227,14 @@ def measure_costs(pair: Pair, *, name: str, gate: LearnedGate | None = None, max
     target_lm = CachedLM(target, vocab_size)
     target_lm.append(ids[:, :context])
 
-    def propose(hidden: bool) -> DraftStep:
-        """One draft step as ModelDrafter.propose makes it: a one-token forward, the sampler's probabilities, a draw."""
+    def propose(hidden: bool, i: int = 0) -> DraftStep:
+        """One draft step as ModelDrafter.propose makes it: a one-token forward, the sampler's probabilities, a draw;
+        with a gate (`hidden`) also the states and the soft probabilities the gate reads (no host sync: the gate's
+        threshold test syncs, timed in gate_ms; without a gate the round's one sync is in round_ms)."""
         layers = hidden_layers if hidden else 0
-        logits, h = draft_lms[hidden].append(ids[:, context: context + 1], hidden=layers)  # (1, V), (1, layers, H)
+        logits, h = draft_lms[hidden].append(ids[:, context + i: context + i + 1], hidden=layers)  # (1, V), (1, L, H)
         q = sampler.probs(logits[0])
-        return DraftStep(token=sampler.draw(q, gen), q=q, q_soft=sampler.soft_probs(logits[0]),
+        return DraftStep(token=sampler.draw(q, gen), q=q, q_soft=sampler.soft_probs(logits[0]) if hidden else q,
                          hidden=None if h is None else h[0, 0], hidden_prev=h[0, 1] if layers > 1 else None)
 
     step = propose(True)  # a draft step with a hidden state, for the gates
@@ -206,13 +249,16 @@ def measure_costs(pair: Pair, *, name: str, gate: LearnedGate | None = None, max
             torch.cuda.synchronize(device)
 
     def draft_step(hidden: bool) -> Callable[[], float]:
+        """A draft step's share of a chain of DRAFT_CHAIN steps in a row, as a block drafts them (one step alone,
+        between the other figures' calls, found the draft's weights out of the CPU caches: ~1.4x a block's step)."""
         def run() -> float:
             sync()
             start = time.perf_counter()
-            out = propose(hidden)
-            out.token.item()  # the loops read every token on the host
-            seconds = time.perf_counter() - start
-            draft_lms[hidden].rollback(1)
+            for i in range(DRAFT_CHAIN):
+                propose(hidden, i)
+            sync()
+            seconds = (time.perf_counter() - start) / DRAFT_CHAIN
+            draft_lms[hidden].rollback(DRAFT_CHAIN)
             return seconds
         return run
 
@@ -235,6 +281,16 @@ def measure_costs(pair: Pair, *, name: str, gate: LearnedGate | None = None, max
             return time.perf_counter() - start
         return run
 
+    def prefill(model: torch.nn.Module) -> Callable[[], float]:
+        """A generation's first forward: a fresh cache, the prompt read, the last token's distribution and draw."""
+        def run() -> float:
+            sync()
+            start = time.perf_counter()
+            logits, _ = CachedLM(model, vocab_size).append(ids[:, :prompt])
+            sampler.draw(sampler.probs(logits[0]), gen).item()
+            return time.perf_counter() - start
+        return run
+
     def round_rest() -> float:
         """A round's acceptance check, correction, host sync and the two rollbacks (of one token each)."""
         target_lm.append(ids[:, context: context + 1])
@@ -251,7 +307,8 @@ def measure_costs(pair: Pair, *, name: str, gate: LearnedGate | None = None, max
 
     tasks: dict[str, Callable[[], float]] = {"draft": draft_step(False), "draft_hidden": draft_step(True),
                                              "gate_learned": gate_call(gate), "gate_confidence": gate_call(confidence),
-                                             "round": round_rest}
+                                             "round": round_rest, "target_prefill": prefill(target),
+                                             "draft_prefill": prefill(draft)}
     tasks = {**tasks, **{f"target_{n}": target_forward(n) for n in range(1, max_n + 1)}}
     times: dict[str, list[float]] = {task: [] for task in tasks}
     rounds = 0
@@ -262,7 +319,7 @@ def measure_costs(pair: Pair, *, name: str, gate: LearnedGate | None = None, max
                 times[task].append(seconds)
         rounds += 1
         spent = time.perf_counter() - started
-        if rounds > min_repeats and spent * (rounds + 1) / rounds > budget_s:
+        if budget.done(rounds, spent):
             break
     ms = {task: 1e3 * statistics.median(values) for task, values in times.items()}
     noise = timing_noise(times.values())
@@ -271,11 +328,13 @@ def measure_costs(pair: Pair, *, name: str, gate: LearnedGate | None = None, max
                        draft_hidden_step_ms=ms["draft_hidden"],
                        target_ms=tuple(ms[f"target_{n}"] for n in range(1, max_n + 1)),
                        gate_ms={"learned": ms["gate_learned"], "confidence": ms["gate_confidence"]},
-                       round_ms=ms["round"], repeats=rounds - 1, noise=noise,
+                       round_ms=ms["round"], target_prefill_ms=ms["target_prefill"],
+                       draft_prefill_ms=ms["draft_prefill"], prompt=prompt, temperature=sampler.temperature,
+                       top_p=sampler.top_p, repeats=rounds - 1, noise=noise,
                        seconds=round(time.perf_counter() - started, 3),
                        created=datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"))
 
 
-__all__ = ["FILE_NAME", "FORMAT", "NOISY", "CostProfile", "find_profile", "measure_costs", "profile_key",
+__all__ = ["FILE_NAME", "FORMAT", "NOISY", "Budget", "CostProfile", "find_profile", "measure_costs", "profile_key",
            "read_profiles", "save_profile", "stand_in_verifier",
            "timing_noise"]

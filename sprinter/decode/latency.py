@@ -26,9 +26,11 @@ The formulas, with P_j = a_0 ... a_{j-1} the chance that the first j drafted tok
   one when it agrees, and the target's token: E[L] - P(flagged) + P(flagged and label 1) + 1; sd-gated and
   strict sprinter keep the accepted prefix: 1 + sum_{j=1..M} P_j TA^(j-1).
 - ngram:  (T(D + 1) + lookup + r) / (1 + A), D and A the drafted and accepted tokens per call.
+- a generation's fixed cost, added to any mode's per-token time: (P_target + P_draft) / N, the fresh caches and
+  prompt prefills of the models it runs (`generation_ms`), over its N new tokens.
 
-Assumptions (see docs/latency.md): batch 1; greedy decoding; the prompt's prefill and the end of a
-generation are ignored (a few percent at 64 prompt tokens and 128 new ones); a token's label depends only on
+Assumptions (see docs/latency.md): batch 1; the end of a generation is ignored (a last block cut short);
+at temperature > 0, a_i is the speculative-sampling acceptance; a token's label depends only on
 how many accepted tokens precede it since its block started or since the last label-0 token (the run), and
 the gate's decision only on the token's label.
 """
@@ -182,6 +184,14 @@ def ngram_ms(profile: CostProfile, drafted: float, accepted: float, lookup_ms: f
     return (profile.target(drafted + 1) + lookup_ms + profile.round_ms) / (1 + accepted)
 
 
+def generation_ms(profile: CostProfile, new_tokens: float, draft: bool = True) -> float:
+    """A generation's fixed cost spread over its `new_tokens`: the target's fresh cache and prefill, and the
+    draft's when the mode drafts with the draft model (`draft`). 0 for a profile measured without them."""
+    if not new_tokens > 0:
+        raise SprinterError(f"new_tokens: got {new_tokens!r}; expected the tokens a generation emits (> 0)")
+    return (profile.target_prefill_ms + (profile.draft_prefill_ms if draft else 0.0)) / new_tokens
+
+
 def counted_ms(profile: CostProfile, *, draft_calls: float, target_calls: float, target_tokens: float,
                gate_calls: float, new_tokens: float, gate: str = "learned") -> float:
     """Costs weighed by a run's own counts (every step counted once): for rows whose block statistics the
@@ -206,5 +216,5 @@ def verifier_rates(metrics: dict, scorer: str = "verifier") -> dict[str, tuple[f
 
 
 __all__ = ["SPRINTER_RATES", "STOP_RATES", "AcceptanceStats", "Block", "ar_ms", "check_rates",
-           "counted_ms", "draft_ms", "gated_block", "gated_round_ms", "ngram_ms", "prefix_accept", "rate_at",
-           "sd_gated_ms", "sd_ms", "sd_tokens_per_call", "sprinter_ms", "verifier_rates"]
+           "counted_ms", "draft_ms", "gated_block", "gated_round_ms", "generation_ms", "ngram_ms", "prefix_accept",
+           "rate_at", "sd_gated_ms", "sd_ms", "sd_tokens_per_call", "sprinter_ms", "verifier_rates"]
