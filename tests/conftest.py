@@ -2,6 +2,7 @@
 
 import importlib.util
 import os
+import sys
 from contextlib import contextmanager
 from pathlib import Path
 
@@ -26,6 +27,7 @@ def load_script(name: str):
     """The module of scripts/NAME.py, loaded from this checkout (its `main` is what the command line runs)."""
     spec = importlib.util.spec_from_file_location(f"script_{name}", ROOT / "scripts" / f"{name}.py")
     module = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = module  # a script's dataclasses look their module up there
     spec.loader.exec_module(module)
     return module
 

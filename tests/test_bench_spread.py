@@ -168,3 +168,21 @@ def test_the_ngram8_row_is_priced_as_ngram_on_a_single_prompt_loop():
     # auto's loop reads the prompt with its first block: every call counts (the batched ngram row's first does not)
     assert predict_row(p, None, ("ngram-8", 8), **common) == pytest.approx(ngram_ms(p, 80 / 40, 60 / 40, 4 / 40))
     assert predict_row(p, None, ("ngram", None), **common) == pytest.approx(ngram_ms(p, 80 / 39, 60 / 39, 4 / 39))
+
+
+def test_regime_map_script_takes_pairs_by_flag_or_by_position(tmp_path, capsys):
+    """`--pairs FILE.json` and a bare FILE.json both mark the pair (the flag form once lost its values)."""
+    import json
+
+    from conftest import load_script
+
+    meta = tmp_path / "p" / "pair.json"
+    meta.parent.mkdir()
+    meta.write_text(json.dumps({"greedy_agreement": 0.6, "decode_step_ms": {"target": 10.0, "draft": 1.0}}))
+    main = load_script("regime_map").main
+    for argv in (["--pairs", str(meta)], [str(meta)]):
+        table = tmp_path / f"table{len(argv)}.md"
+        main([*argv, "--out", str(tmp_path / "map.png"), "--table", str(table)])
+        assert table.read_text().startswith("| cost ratio (rows)")
+    with pytest.raises(SprinterError, match="does not exist"):
+        main(["--pairs", str(tmp_path / "none.json"), "--out", str(tmp_path / "map.png")])
