@@ -53,10 +53,8 @@ class ThresholdController:
 
     def __init__(self, budget: float, threshold: float):
         self.budget = budget
-        self.start = threshold
         self.logit = _logit(threshold)
-        self.meter = FalseAcceptMeter()
-        self.events, self.count = 0.0, 0
+        self.meter = FalseAcceptMeter()  # the totals of the generation, as without adapting
 
     @property
     def threshold(self) -> float:
@@ -64,8 +62,6 @@ class ThresholdController:
 
     def observe(self, events: float, count: int) -> None:
         """A round whose `count` passed tokens had rejection probabilities summing to `events`."""
-        self.events += events
-        self.count += count
         step = ETA / self.budget * (events - self.budget * count)
         self.logit = min(max(self.logit + step, -LOGIT_LIMIT), LOGIT_LIMIT)
 
