@@ -74,6 +74,12 @@ class VerifierInfo:
     # decode-time guard compares with (sprinter.decode.stats.check_promise).
     rates: dict[str, dict[str, float]] = field(default_factory=dict)
     context_source: str | None = None  # "corpus" | "decode": how the training contexts were made
+    # Decode-time calibration (scripts/calibrate.py): temperature (as str) -> budget (as str) -> threshold, chosen on
+    # the verifier's own decode-time rows so that at most that share of passed tokens is rejected by the target;
+    # `threshold_for` prefers them to `thresholds` at that temperature. kept_calibration: temperature -> what made
+    # them ({data, rows, prompts, bound}).
+    kept_thresholds: dict[str, dict[str, float]] = field(default_factory=dict)
+    kept_calibration: dict[str, dict[str, Any]] = field(default_factory=dict)
     stop_threshold: float | None = None  # sd-gated: the recommended stop threshold (scripts/benchmark.py
     #                                      --store-stop-threshold writes the fastest one of its sweep here)
     sprinter_version: str = ""
@@ -89,6 +95,18 @@ class VerifierInfo:
     @property
     def scalar_features(self) -> tuple[str, ...]:
         return tuple(f for f in self.features if f not in (*VECTORS, TOKEN))
+
+    def threshold_for(self, budget: float, temperature: float = 0.0) -> float:
+        """The threshold of a false-accept budget at a decode temperature: the decode-time calibration's at that
+        temperature when there is one, else the one calibrated on collected rows (KeyError: neither)."""
+        key = budget_key(budget)
+        kept = self.kept_thresholds.get(budget_key(temperature), {})
+        return kept[key] if key in kept else self.thresholds[key]
+
+    def budgets_at(self, temperature: float = 0.0) -> list[float]:
+        """The budgets a threshold exists for at this temperature (either calibration)."""
+        keys = set(self.thresholds) | set(self.kept_thresholds.get(budget_key(temperature), {}))
+        return sorted(float(k) for k in keys)
 
     def rates_at(self, threshold: float) -> dict[str, float] | None:
         """The calibrated rates at `threshold` (one of `thresholds`), or None for a threshold never calibrated."""
@@ -292,6 +310,8 @@ def read_info(path: str | Path) -> VerifierInfo:
     check_info(values, file)
     info = VerifierInfo(**values)
     info.thresholds = {str(k): float(v) for k, v in info.thresholds.items()}
+    info.kept_thresholds = {str(t): {str(k): float(v) for k, v in part.items()}
+                            for t, part in info.kept_thresholds.items()}
     stored = metadata.get("feature_spec")  # absent in checkpoints written before it existed
     if stored is not None and stored != feature_spec(info):
         raise SprinterError(f"verifier {str(file)!r}: metadata features {list(info.features)} (hidden size "

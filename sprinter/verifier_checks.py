@@ -41,6 +41,12 @@ SCHEMA = {
     "target": (lambda v: isinstance(v, dict), "a mapping"),
     "thresholds": (lambda v: isinstance(v, dict) and all(_is_threshold(t) for t in v.values()),
                    "a mapping of budget -> threshold in (0, 1)"),
+    "kept_thresholds": (lambda v: isinstance(v, dict) and all(
+        isinstance(part, dict) and all(isinstance(t, (int, float)) and not isinstance(t, bool) and 0 < t <= 1
+                                       for t in part.values()) for part in v.values()),
+        "a mapping of temperature -> budget -> threshold in (0, 1]"),
+    "kept_calibration": (lambda v: isinstance(v, dict) and all(isinstance(part, dict) for part in v.values()),
+                         "a mapping of temperature -> mapping"),
     "default_budget": (lambda v: v is None or _is_share(v), "a number in [0, 1] or null"),
     "default_threshold": (_is_threshold, "a number in (0, 1)"),
     "rates": (lambda v: isinstance(v, dict) and all(isinstance(r, dict) and _is_share(r.get("pass_rate"))

@@ -4,7 +4,6 @@ bad options refused."""
 
 import copy
 import dataclasses
-import types
 
 import pytest
 import torch
@@ -30,6 +29,7 @@ from sprinter.decode.options import DecodeOptions
 from sprinter.decode.stats import DecodeStats
 from sprinter.errors import SprinterError
 from sprinter.pairs.load import Pair
+from sprinter.verifier import VerifierInfo, default_arch
 
 pytestmark = pytest.mark.usefixtures("single_thread")
 
@@ -288,7 +288,10 @@ def test_auto_requests_are_checked_against_the_decoder(gpt2_decoder):
     pair = gpt2_decoder.pair
     gate = LearnedGate(stand_in_verifier(pair.draft.config.hidden_size, pair.vocab_size),
                        ("hidden", "token_id", "draft_prob", "draft_entropy"), 0.5)
-    dec = Decoder(pair, gate, types.SimpleNamespace(thresholds={"0.05": 0.5, "0.1": 0.4}, stop_threshold=None))
+    info = VerifierInfo(features=("hidden", "token_id", "draft_prob", "draft_entropy"),
+                        hidden_size=pair.draft.config.hidden_size, arch=default_arch(),
+                        thresholds={"0.05": 0.5, "0.1": 0.4})
+    dec = Decoder(pair, gate, info)
     with pytest.raises(SprinterError, match=r"expected one of the verifier's calibrated budgets \[0.05, 0.1\]"):
         dec.generate("def f():", mode="auto", max_false_accept=0.2)
     dec.profile = synthetic_profile(0.05)

@@ -105,10 +105,11 @@ def measure(cfg: BudgetConfig) -> dict:
     draft, target = resolve_pair(cfg.pair, cfg.draft, cfg.target)
     decoder = Decoder.from_pretrained(draft, target, verifier=cfg.verifier, device=cfg.device, dtype=cfg.dtype)
     info = decoder.verifier_info
-    missing = [b for b in cfg.budgets if budget_key(b) not in info.thresholds]
-    if missing:
-        raise SprinterError(f"budgets: got {missing}, which verifier {cfg.verifier!r} was not calibrated for; expected "
-                            f"some of {sorted(float(b) for b in info.thresholds)}")
+    for t in cfg.temperatures:
+        missing = [b for b in cfg.budgets if float(b) not in info.budgets_at(t)]
+        if missing:
+            raise SprinterError(f"budgets: got {missing}, which verifier {cfg.verifier!r} was not calibrated for at "
+                                f"temperature {t}; expected some of {info.budgets_at(t)}")
     check_window(cfg.prompt_len, cfg.max_new_tokens, decoder.pair.max_length)
     prompts = load_prompts(decoder.tokenizer, dataset=cfg.dataset, split=cfg.split, domains=cfg.domains,
                            num_prompts=cfg.num_prompts, prompt_len=cfg.prompt_len)
@@ -126,10 +127,15 @@ def measure(cfg: BudgetConfig) -> dict:
                 per_prompt.append(out.stats.to_dict())
                 threshold = out.stats.adapted_threshold  # adapted: the next prompt continues the controller's stream
                 bar.update()
-            rows.append(pooled_row(budget, temperature, variant, per_prompt, cfg.tolerance))
+            kept = budget_key(budget) in info.kept_thresholds.get(budget_key(temperature), {})
+            rows.append({**pooled_row(budget, temperature, variant, per_prompt, cfg.tolerance),
+                         "calibration": "decode-time" if kept else "collected",
+                         "start_threshold": info.threshold_for(budget, temperature)})
     return {"config": to_dict(cfg), "verifier": {"path": cfg.verifier, "label_rule": info.label_rule,
                                                  "context_source": info.context_source,
-                                                 "thresholds": dict(info.thresholds)},
+                                                 "thresholds": dict(info.thresholds),
+                                                 "kept_thresholds": dict(info.kept_thresholds),
+                                                 "kept_calibration": dict(info.kept_calibration)},
             "prompts": len(prompts), "cpu": hardware(decoder.pair.device, decoder.pair.dtype)["cpu"],
             "torch": torch.__version__,
             "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()), "rows": rows}
@@ -147,10 +153,12 @@ def markdown(results: dict) -> str:
              f"max_block {cfg['max_block']}; top-p {cfg['top_p']} at T > 0; {results['cpu']}, "
              f"torch {results['torch']}, "
              f"{cfg['threads']} thread(s). Holds: the 90% interval's upper end <= F + {cfg['tolerance']}.", "",
-             "| T | F | threshold | passed | measured FA | 90% interval | flag rate | ms/token | holds |",
-             "|---|---|---|---|---|---|---|---|---|"]
+             "| T | F | calibrated on (threshold) | variant | passed | measured FA | 90% interval | flag rate | "
+             "ms/token | holds |",
+             "|---|---|---|---|---|---|---|---|---|---|"]
     for r in results["rows"]:
-        lines.append(f"| {r['temperature']} | {r['budget']} | {r['variant']} | {r['passed_unchecked']} | "
+        lines.append(f"| {r['temperature']} | {r['budget']} | {r.get('calibration', 'collected')} rows "
+                     f"({num(r.get('start_threshold'))}) | {r['variant']} | {r['passed_unchecked']} | "
                      f"{num(r['false_accept_rate'])} | [{num(r['false_accept_lower90'])}, "
                      f"{num(r['false_accept_upper90'])}] | {num(r['flag_rate'])} | {num(r['ms_per_token'], 2)} | "
                      f"{'yes' if r['holds'] else 'NO'} |")

@@ -133,7 +133,7 @@ def onpolicy_rows(decoder, prompts: torch.Tensor, *, max_new_tokens: int, temper
     as one block, as corpus rows do, not the loop's own blocks.
 
     prompts: (B, P). Returns the rows prompt-major, with `row_prompt` (0..B-1; a prompt's continuations share it,
-    and so its split)."""
+    and so its split) and `continuation` (c: which temperature decoded the path)."""
     import warnings
 
     from sprinter.errors import SprinterWarning
@@ -149,6 +149,7 @@ def onpolicy_rows(decoder, prompts: torch.Tensor, *, max_new_tokens: int, temper
             path = torch.tensor([prompt + out.token_ids], dtype=torch.long, device=prompts.device)  # (1, P + n)
             rows = corpus_rows(pair.draft, pair.target, path, len(prompt), pair.vocab_size, label_temperature, gen)
             rows["row_prompt"] = torch.full_like(rows["row_prompt"], i)
+            rows["continuation"] = torch.full_like(rows["row_prompt"], c)  # 0: decoded at --temperature
             parts.append(rows)
     return {name: torch.cat([part[name] for part in parts]) for name in parts[0]}
 

@@ -260,7 +260,7 @@ def run_auto(decoder: Decoder, target: CachedLM, draft: ModelDrafter, ids: list[
     controller = decoder.make_controller(options)
     gate, sprinter_rule = decoder.gate, None
     if options.max_false_accept is not None:
-        threshold = decoder.verifier_info.thresholds[budget_key(options.max_false_accept)]
+        threshold = decoder.verifier_info.threshold_for(options.max_false_accept, options.temperature)
         sprinter_rule = GateRule(LearnedGate(gate.verifier, gate.features, threshold), None)
     stop_rule = None if gate is None else GateRule(gate, decoder.stop_threshold(None, gate))
     auto_decode(target, draft, ids, controller=controller, options=options, stop_rule=stop_rule,

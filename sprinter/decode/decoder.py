@@ -294,31 +294,29 @@ class Decoder:
             raise SprinterError(f"prompt: {prompt_len} tokens + max_new_tokens={budget} exceed the context "
                                 f"window of {window} tokens; expected a shorter prompt or fewer new tokens")
         if options.mode == "auto" and options.max_false_accept is not None:
-            self._check_budget(options.max_false_accept)
+            self._check_budget(options.max_false_accept, options.temperature)
         threshold = options.threshold
         if options.mode == "sprinter" and options.max_false_accept is not None and threshold is None \
                 and options.gate in (None, "learned"):  # the learned gate at that budget's calibrated threshold
-            from sprinter.verifier import budget_key
-
-            self._check_budget(options.max_false_accept)
-            threshold = self.verifier_info.thresholds[budget_key(options.max_false_accept)]
+            self._check_budget(options.max_false_accept, options.temperature)
+            threshold = self.verifier_info.threshold_for(options.max_false_accept, options.temperature)
         if options.mode == "sprinter" and not options.strict and options.temperature > 0 \
-                and options.gate in (None, "learned") and getattr(self.verifier_info, "label_rule", None) == "greedy":
+                and options.gate in (None, "learned") and getattr(self.verifier_info, "label_rule", None) == "greedy" \
+                and str(float(options.temperature)) not in self.verifier_info.kept_thresholds:  # calibrated there
             warn(GREEDY_AT_T.format(verifier=str(self.verifier_dir), temperature=options.temperature))
         return make_gate(options.gate, threshold, self.gate) if options.mode in GATED_MODES else None
 
-    def _check_budget(self, budget: float) -> None:
-        """max_false_accept (auto; sprinter's learned gate) must be a budget the loaded verifier was calibrated for."""
-        from sprinter.verifier import budget_key
-
+    def _check_budget(self, budget: float, temperature: float) -> None:
+        """max_false_accept (auto; sprinter's learned gate) must be a budget the loaded verifier was calibrated for
+        (on collected rows, or at this temperature on decode-time rows)."""
         if self.gate is None:
             raise SprinterError(f"max_false_accept: got {budget!r}, and this decoder has no verifier; expected a "
                                 "verifier (verifier=DIR, CLI --verifier DIR) calibrated for that budget, or no "
                                 "max_false_accept (lossless modes only)")
-        thresholds = getattr(self.verifier_info, "thresholds", None) or {}
-        if budget_key(budget) not in thresholds:
+        budgets = self.verifier_info.budgets_at(temperature)
+        if float(budget) not in budgets:
             raise SprinterError(f"max_false_accept: got {budget!r}; expected one of the verifier's calibrated budgets "
-                                f"{sorted(float(b) for b in thresholds)} (retrain with --budgets to add one)")
+                                f"{budgets} (retrain with --budgets, or add one with scripts/calibrate.py --budgets)")
 
 
 def _rates_beside(verifier: str | Path) -> dict:
