@@ -170,3 +170,28 @@ def test_a_checkpoint_with_an_impossible_decode_time_threshold_is_refused(traine
     update_info(copy, kept_thresholds={"0.0": {"0.05": 1.5}})
     with pytest.raises(SprinterError, match="metadata kept_thresholds is"):
         read_info(copy)
+
+
+def test_the_scaling_curve_reads_each_verifier_on_the_rows_of_its_test_prompts(trained, tmp_path):
+    from conftest import load_script
+
+    out = tmp_path / "curve"
+    import shutil
+
+    # The tiny pair agrees too often for a verifier on fewer prompts to see both classes, and its own loop's rows on
+    # 3 test prompts may hold no rejection: the same verifier twice, read on the training rows of its test prompts
+    # (a bench run reads an on-policy collection; folder_rows serves both).
+    shutil.copytree(trained / "v", tmp_path / "v-again")
+    args = ["--verifiers", str(trained / "v"), str(tmp_path / "v-again"), "--data", str(trained / "d"),
+            "--out", str(out)]
+    assert run_cli(load_script("scaling_curve").main, args) == 0
+    results = json.loads((out / "results.json").read_text())
+    first, second = results["points"]
+    assert first["decode_time"]["prompts"] == second["decode_time"]["prompts"] == 3  # the same 3 test prompts
+    assert first["decode_time"]["rows"] == second["decode_time"]["rows"]
+    assert second["train_rows"] == first["train_rows"] > 0 and second["decode_time"] == first["decode_time"]
+    metrics = json.loads((trained / "v" / "metrics.json").read_text())["verifier"]
+    assert first["decode_time"]["auroc"] == pytest.approx(metrics["auroc"], abs=1e-6)  # the same rows as its test
+    assert first["decode_time"]["false_accept"] <= 0.05 and (out / "scaling.png").stat().st_size > 0
+    assert "| decode-time AUROC |" in (out / "results.md").read_text()
+    assert run_cli(load_script("scaling_curve").main, ["--data", str(trained / "on")]) == 2

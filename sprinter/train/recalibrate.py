@@ -115,9 +115,9 @@ def kept_point(scores: torch.Tensor, labels: torch.Tensor, threshold: float) -> 
             "kept_error": events / n if n else None, "kept_error_upper90": interval[1] if interval else None}
 
 
-def val_prompts(verifier_dir: Path) -> tuple[torch.Tensor, dict]:
-    """The prompt ids of the verifier's own `val` split, as scripts/train.py drew it (its train_config.json), and
-    that config."""
+def val_prompts(verifier_dir: Path, split: str = "val") -> tuple[torch.Tensor, dict]:
+    """The prompt ids of the verifier's own `val` split (or another of its splits), as scripts/train.py drew it
+    (its train_config.json), and that config."""
     from sprinter.train.data import TokenTable, split_prompts
 
     config_file = verifier_dir / "train_config.json"
@@ -131,7 +131,7 @@ def val_prompts(verifier_dir: Path) -> tuple[torch.Tensor, dict]:
                             "training data (the val split is drawn from its prompt list)")
     prompts = TokenTable(train_cfg["data"], ["prompt_index"]).column("prompt_index")
     splits = split_prompts(prompts, train_cfg["val_fraction"], train_cfg["test_fraction"], train_cfg["seed"])
-    return prompts[splits["val"]].unique(), train_cfg
+    return prompts[splits[split]].unique(), train_cfg
 
 
 def folder_rows(folder: str, verifier, info, val: torch.Tensor, train_cfg: dict) -> tuple[float, dict]:
