@@ -32,6 +32,22 @@ def load_script(name: str):
     return module
 
 
+def collect_argv(pair, data, out, *extra) -> list[str]:
+    """scripts/collect.py's arguments for a tiny collection (configs/collect/tiny.yaml) from `pair` over `data`."""
+    return ["--config", str(ROOT / "configs/collect/tiny.yaml"), "--draft", str(pair / "draft"),
+            "--target", str(pair / "target"), "--dataset", str(data), "--split", "all", "--out", str(out),
+            "--device", "cpu", "--no-progress", "--threads", "1", *extra]
+
+
+def write_corpus(path, source: str, documents: int):
+    """A .jsonl corpus at `path`: `source` cut into `documents` equal documents."""
+    import json
+
+    chunk = len(source) // documents
+    path.write_text("".join(json.dumps({"text": source[i * chunk:(i + 1) * chunk]}) + "\n" for i in range(documents)))
+    return path
+
+
 def train_argv(data, out, *extra) -> list[str]:
     """scripts/train.py's arguments for a one-epoch tiny training of the shards in `data` (no baselines)."""
     return ["--config", str(ROOT / "configs/train/tiny.yaml"), "--data", str(data), "--out", str(out), "--epochs", "1",

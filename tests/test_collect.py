@@ -12,6 +12,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from conftest import collect_argv, write_corpus
 
 import sprinter.data.collect as collect_module
 from sprinter import load_pair
@@ -36,17 +37,11 @@ COLUMNS = ["hidden", "token_id", "draft_prob", "draft_entropy", "draft_max_prob"
 @pytest.fixture(scope="module")
 def text_file(tmp_path_factory):
     """A small .jsonl corpus: 12 documents of Python source, each long enough for a few windows."""
-    path = tmp_path_factory.mktemp("corpus") / "docs.jsonl"
     source = inspect.getsource(json.decoder) + inspect.getsource(email.message)
-    chunk = len(source) // 12
-    path.write_text("".join(json.dumps({"text": source[i * chunk:(i + 1) * chunk]}) + "\n" for i in range(12)))
-    return path
+    return write_corpus(tmp_path_factory.mktemp("corpus") / "docs.jsonl", source, 12)
 
 
-def _argv(pair, data, out, *extra):
-    return ["--config", str(ROOT / "configs/collect/tiny.yaml"), "--draft", str(pair / "draft"),
-            "--target", str(pair / "target"), "--dataset", str(data), "--split", "all", "--out", str(out),
-            "--device", "cpu", "--no-progress", "--threads", "1", *extra]
+_argv = collect_argv
 
 
 def _run(argv) -> int:

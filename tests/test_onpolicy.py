@@ -8,6 +8,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from conftest import collect_argv, write_corpus
 from transformers import AutoConfig
 
 import sprinter.data.collect as collect_module
@@ -22,11 +23,7 @@ pytestmark = pytest.mark.usefixtures("single_thread")
 
 @pytest.fixture(scope="module")
 def text_file(tmp_path_factory):
-    path = tmp_path_factory.mktemp("onpolicy-text") / "docs.jsonl"
-    source = inspect.getsource(json.decoder)
-    chunk = len(source) // 4
-    path.write_text("".join(json.dumps({"text": source[i * chunk:(i + 1) * chunk]}) + "\n" for i in range(4)))
-    return path
+    return write_corpus(tmp_path_factory.mktemp("onpolicy-text") / "docs.jsonl", inspect.getsource(json.decoder), 4)
 
 
 @pytest.fixture(scope="module")
@@ -45,10 +42,8 @@ def verifier(tiny_pair, tmp_path_factory):
 
 
 def argv(pair, data, out, verifier, *extra):
-    return ["--config", str(ROOT / "configs/collect/tiny.yaml"), "--draft", str(pair / "draft"),
-            "--target", str(pair / "target"), "--dataset", str(data), "--split", "all", "--out", str(out),
-            "--device", "cpu", "--no-progress", "--threads", "1", "--source", "onpolicy", "--verifier", str(verifier),
-            "--num-prompts", "4", "--batch-size", "2", *extra]
+    return collect_argv(pair, data, out, "--source", "onpolicy", "--verifier", str(verifier), "--num-prompts", "4",
+                        "--batch-size", "2", *extra)
 
 
 def run(args) -> int:

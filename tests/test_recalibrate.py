@@ -10,7 +10,8 @@ import math
 
 import pytest
 import torch
-from conftest import ROOT, train_argv
+from conftest import collect_argv as tiny_collect_argv
+from conftest import train_argv, write_corpus
 
 from sprinter.data.collect import collect, parse_collect_config
 from sprinter.decode.decoder import Decoder
@@ -84,17 +85,11 @@ def test_threshold_for_prefers_the_decode_time_calibration_at_its_temperature():
 
 @pytest.fixture(scope="module")
 def text_file(tmp_path_factory):
-    path = tmp_path_factory.mktemp("recal-text") / "docs.jsonl"
-    source = inspect.getsource(json.decoder)
-    chunk = len(source) // 4
-    path.write_text("".join(json.dumps({"text": source[i * chunk:(i + 1) * chunk]}) + "\n" for i in range(4)))
-    return path
+    return write_corpus(tmp_path_factory.mktemp("recal-text") / "docs.jsonl", inspect.getsource(json.decoder), 4)
 
 
 def collect_argv(pair, text, out, *extra):
-    return ["--config", str(ROOT / "configs/collect/tiny.yaml"), "--draft", str(pair / "draft"),
-            "--target", str(pair / "target"), "--dataset", str(text), "--split", "all", "--out", str(out),
-            "--device", "cpu", "--no-progress", "--threads", "1", "--num-prompts", "12", *extra]
+    return tiny_collect_argv(pair, text, out, "--num-prompts", "12", *extra)
 
 
 @pytest.fixture(scope="module")
