@@ -16,10 +16,11 @@ from conftest import collect_argv, write_corpus
 
 import sprinter.data.collect as collect_module
 from sprinter import load_pair
-from sprinter.data.collect import collect, iter_windows, parse_collect_config
+from sprinter.data.collect import collect, parse_collect_config
 from sprinter.data.contexts import (
     accept_labels,
     decode_rows,
+    iter_windows,
     probabilities,
 )
 from sprinter.data.shards import complete_shards, load_columns, read_manifest

@@ -13,6 +13,7 @@ from transformers import AutoConfig
 
 import sprinter.data.collect as collect_module
 from sprinter.data.collect import collect, parse_collect_config
+from sprinter.data.contexts import iter_windows
 from sprinter.data.shards import complete_shards, load_columns, read_header, read_manifest
 from sprinter.errors import SprinterError, run_cli
 from sprinter.verifier import Verifier, VerifierInfo, default_arch, save_verifier
@@ -76,7 +77,7 @@ def test_the_first_continuation_follows_the_sprinter_loop(tiny_pair, text_file, 
 
     pair = load_pair(str(tiny_pair / "draft"), str(tiny_pair / "target"), "cpu", "float32")
     decoder = collect_module.onpolicy_decoder(cfg.verifier, pair, fingerprint(str(tiny_pair / "draft")))
-    window = next(collect_module.iter_windows(cfg, pair.tokenizer))[: cfg.prompt_len]
+    window = next(iter_windows(cfg, pair.tokenizer))[: cfg.prompt_len]
     out = decoder.generate(window.tolist(), mode="sprinter", max_new_tokens=cfg.max_new_tokens)
     mine = rows["prompt_index"] == 0
     assert rows["context_length"][mine].tolist() == list(range(cfg.prompt_len, cfg.prompt_len + len(out.token_ids)))
@@ -114,3 +115,7 @@ def test_onpolicy_options_are_checked():
         collect_module.CollectConfig(continuations=3)
     with pytest.raises(SprinterError, match="continuations: got 0"):
         collect_module.CollectConfig(source="onpolicy", verifier="v", continuations=0)
+    with pytest.raises(SprinterError, match="expected them only with source .onpolicy."):
+        collect_module.CollectConfig(held_out=True)
+    with pytest.raises(SprinterError, match="onpolicy_tokens: got -1"):
+        collect_module.CollectConfig(source="onpolicy", verifier="v", onpolicy_tokens=-1)

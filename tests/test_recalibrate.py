@@ -190,3 +190,25 @@ def test_the_scaling_curve_reads_each_verifier_on_the_rows_of_its_test_prompts(t
     assert first["decode_time"]["false_accept"] <= 0.05 and (out / "scaling.png").stat().st_size > 0
     assert "| decode-time AUROC |" in (out / "results.md").read_text()
     assert run_cli(load_script("scaling_curve").main, ["--data", str(trained / "on")]) == 2
+
+
+def test_a_held_out_collection_decodes_only_the_prompts_the_verifier_never_trained_on(trained, tiny_pair, text_file,
+                                                                                      tmp_path):
+    from sprinter.data.shards import load_columns
+    from sprinter.train.recalibrate import val_prompts
+
+    out = tmp_path / "held"
+    assert run_cli(lambda a: collect(parse_collect_config(a)), collect_argv(
+        tiny_pair, text_file, out, "--source", "onpolicy", "--verifier", str(trained / "v"), "--held-out",
+        "--onpolicy-tokens", "12")) == 0
+    rows = load_columns(out, ["prompt_index", "context_length"])
+    val, _ = val_prompts(trained / "v", "val")
+    test, _ = val_prompts(trained / "v", "test")
+    assert set(rows["prompt_index"].tolist()) == set(val.tolist()) | set(test.tolist())  # 3 + 3 of the 12
+    per_prompt = torch.bincount(rows["prompt_index"])
+    assert int(per_prompt.max()) > 8  # --onpolicy-tokens 12 decodes past tiny.yaml's 8 new tokens
+    # the prompt list must be the verifier's: a longer window (--max-new-tokens) cuts another one
+    with pytest.raises(SprinterError, match="held_out: this collection cuts its prompts"):
+        collect(parse_collect_config(collect_argv(tiny_pair, text_file, tmp_path / "x", "--source", "onpolicy",
+                                                  "--verifier", str(trained / "v"), "--held-out",
+                                                  "--max-new-tokens", "12")))

@@ -15,7 +15,7 @@ import time
 from dataclasses import dataclass
 from datetime import datetime, timezone
 from pathlib import Path
-from typing import Iterator, Sequence
+from typing import Sequence
 
 import torch
 from tqdm.auto import tqdm
@@ -32,8 +32,17 @@ from sprinter.config import (
     save_config,
     to_dict,
 )
-from sprinter.corpus import SPLITS, iter_documents, split_of
-from sprinter.data.contexts import check_onpolicy, corpus_rows, decode_rows, onpolicy_decoder, onpolicy_rows
+from sprinter.corpus import SPLITS
+from sprinter.data.contexts import (
+    OnPolicyOptions,
+    check_onpolicy,
+    corpus_rows,
+    decode_rows,
+    held_out_prompts,
+    iter_batches,
+    onpolicy_decoder,
+    onpolicy_rows,
+)
 from sprinter.data.shards import (
     FORMAT,
     LABELS,
@@ -62,7 +71,7 @@ RUNTIME_OPTIONS = ("resume", "overwrite", "device", "threads", "progress", "out"
 
 
 @dataclass(frozen=True)
-class CollectConfig(RuntimeConfig, SeedConfig):
+class CollectConfig(RuntimeConfig, SeedConfig, OnPolicyOptions):
     draft: str | None = option(None, "draft model: Hub name or local folder (default: the demo pair, built if missing)")
     target: str | None = option(None, "target model: Hub name or local folder (default: the demo pair)")
     dataset: str = option("stdlib", "prompt text: 'stdlib', a folder, a .jsonl/text file, or a Hub dataset name")
@@ -89,11 +98,6 @@ class CollectConfig(RuntimeConfig, SeedConfig):
     overwrite: bool = option(False, "replace the collection in --out")
     progress: bool = option(True, "show a progress bar")
     trust_remote_code: bool = option(False, "allow models with custom code from the Hub")
-    verifier: str | None = option(None, "onpolicy: the verifier whose sprinter loop (at its default threshold) makes "
-                                        "the contexts")
-    continuations: int = option(1, "onpolicy: continuations decoded per prompt, each its own rows: the first at "
-                                   "--temperature, the others sampled at --continuation-temperature")
-    continuation_temperature: float = option(0.8, "onpolicy: the temperature of continuations after the first")
 
     def __post_init__(self) -> None:
         if self.source not in SOURCES:
@@ -113,39 +117,6 @@ class CollectConfig(RuntimeConfig, SeedConfig):
 def parse_collect_config(argv: Sequence[str] | None) -> CollectConfig:
     return parse_config(CollectConfig, argv, "Collect draft features and accept labels into safetensors shards.",
                         CONFIG_DIR / "demo.yaml")
-
-
-# ------------------------------------------------------------------------------------------- prompts
-def iter_windows(cfg: CollectConfig, tokenizer) -> Iterator[torch.Tensor]:
-    """Token windows of prompt_len + max_new_tokens tokens from the chosen split, in a fixed order."""
-    length = cfg.prompt_len + cfg.max_new_tokens
-    found = 0
-    for doc in iter_documents(cfg.dataset, cfg.text_field, cfg.hub_split):
-        if cfg.split != "all" and split_of(doc.id) != cfg.split:
-            continue
-        ids = tokenizer(doc.text)["input_ids"]
-        for start in range(0, min(len(ids) // length, cfg.windows_per_document) * length, length):
-            found += 1
-            yield torch.tensor(ids[start: start + length], dtype=torch.long)
-    if found == 0:
-        raise SprinterError(f"dataset {cfg.dataset!r} has no document of at least {length} tokens "
-                            f"(prompt_len + max_new_tokens) in its {cfg.split!r} split; expected some text, "
-                            "or a smaller --prompt-len/--max-new-tokens")
-
-
-def iter_batches(cfg: CollectConfig, tokenizer) -> Iterator[tuple[int, torch.Tensor]]:
-    """(index of the batch's first prompt, windows (B, L)) for the first num_prompts windows."""
-    batch: list[torch.Tensor] = []
-    first = 0
-    for n, window in enumerate(iter_windows(cfg, tokenizer)):
-        if n >= cfg.num_prompts:
-            break
-        batch.append(window)
-        if len(batch) == cfg.batch_size:
-            yield first, torch.stack(batch)
-            first, batch = n + 1, []
-    if batch:
-        yield first, torch.stack(batch)
 
 
 # ------------------------------------------------------------------------------------------- the run
@@ -225,7 +196,8 @@ def batch_rows(cfg: CollectConfig, pair: Pair, windows: torch.Tensor, first: int
     gen = torch.Generator(device=pair.device).manual_seed(cfg.seed * 1_000_003 + first)
     windows = windows.to(pair.device)
     if cfg.source == "onpolicy":
-        rows = onpolicy_rows(decoder, windows[:, : cfg.prompt_len], max_new_tokens=cfg.max_new_tokens,
+        rows = onpolicy_rows(decoder, windows[:, : cfg.prompt_len],
+                             max_new_tokens=cfg.onpolicy_tokens or cfg.max_new_tokens,
                              temperatures=[cfg.temperature] + [cfg.continuation_temperature] * (cfg.continuations - 1),
                              label_temperature=cfg.temperature, seed=(cfg.seed * 1_000_003 + first) * cfg.continuations,
                              gen=gen)
@@ -310,7 +282,7 @@ def _collect(cfg: CollectConfig, dist: Dist) -> dict | None:
     new_rows = new_tokens = seen = 0
     with tqdm(total=cfg.num_prompts, unit="prompt", desc=f"collect ({cfg.source})",
               disable=not cfg.progress or dist.rank != 0) as bar:  # closed before an error prints
-        for b, (first, windows) in enumerate(iter_batches(cfg, pair.tokenizer)):
+        for b, (first, windows) in enumerate(iter_batches(cfg, pair.tokenizer, held_out_prompts(cfg))):
             seen = first + len(windows)
             todo = set(range(first, seen)) - done
             if b % dist.world != dist.rank or not todo:
@@ -332,7 +304,7 @@ def _collect(cfg: CollectConfig, dist: Dist) -> dict | None:
     dist.barrier()  # every rank's shards are on disk
     if dist.rank != 0:
         return None
-    if seen < cfg.num_prompts:
+    if seen < cfg.num_prompts and not cfg.held_out:
         print(f"note: dataset {cfg.dataset!r} ({cfg.split!r} split) holds {seen} prompts of "
               f"{cfg.prompt_len + cfg.max_new_tokens} tokens, fewer than num_prompts={cfg.num_prompts}; "
               "raise --windows-per-document or use a larger dataset for more")

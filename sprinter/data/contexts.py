@@ -23,11 +23,13 @@ Two context sources:
 
 from __future__ import annotations
 
-from typing import Sequence
+import dataclasses
+from typing import Iterator, Sequence
 
 import torch
 
-from sprinter.config import check_integers
+from sprinter.config import check_integers, option
+from sprinter.corpus import iter_documents, split_of
 from sprinter.data.shards import RELAXED_LAMBDA
 from sprinter.decode.acceptance import ratio_keep
 from sprinter.decode.batch_cache import BatchCachedLM
@@ -235,17 +237,95 @@ def decode_rows(pair: Pair, prompts: torch.Tensor, *, max_new_tokens: int, k: in
     return {name: t[order] for name, t in rows.items()}, [c.path for c in contexts]
 
 
+# ------------------------------------------------------------------------------------------- prompts
+def iter_windows(cfg, tokenizer) -> Iterator[torch.Tensor]:
+    """Token windows of prompt_len + max_new_tokens tokens from the chosen split, in a fixed order."""
+    length = cfg.prompt_len + cfg.max_new_tokens
+    found = 0
+    for doc in iter_documents(cfg.dataset, cfg.text_field, cfg.hub_split):
+        if cfg.split != "all" and split_of(doc.id) != cfg.split:
+            continue
+        ids = tokenizer(doc.text)["input_ids"]
+        for start in range(0, min(len(ids) // length, cfg.windows_per_document) * length, length):
+            found += 1
+            yield torch.tensor(ids[start: start + length], dtype=torch.long)
+    if found == 0:
+        raise SprinterError(f"dataset {cfg.dataset!r} has no document of at least {length} tokens "
+                            f"(prompt_len + max_new_tokens) in its {cfg.split!r} split; expected some text, "
+                            "or a smaller --prompt-len/--max-new-tokens")
+
+
+def iter_batches(cfg, tokenizer, only: set[int] | None = None) -> Iterator[tuple[int, torch.Tensor]]:
+    """(index of the batch's first prompt, windows (B, L)) for the first num_prompts windows; with `only`, just
+    those prompts, one a batch (onpolicy decodes prompt by prompt anyway)."""
+    batch: list[torch.Tensor] = []
+    first = 0
+    for n, window in enumerate(iter_windows(cfg, tokenizer)):
+        if n >= cfg.num_prompts:
+            break
+        if only is not None:
+            if n in only:
+                yield n, window[None]
+            continue
+        batch.append(window)
+        if len(batch) == cfg.batch_size:
+            yield first, torch.stack(batch)
+            first, batch = n + 1, []
+    if batch:
+        yield first, torch.stack(batch)
+
+
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class OnPolicyOptions:
+    """The onpolicy source's options (a base of the collect stage's CollectConfig)."""
+
+    verifier: str | None = option(None, "onpolicy: the verifier whose sprinter loop (at its default threshold) makes "
+                                        "the contexts")
+    continuations: int = option(1, "onpolicy: continuations decoded per prompt, each its own rows: the first at "
+                                   "--temperature, the others sampled at --continuation-temperature")
+    continuation_temperature: float = option(0.8, "onpolicy: the temperature of continuations after the first")
+    onpolicy_tokens: int = option(0, "onpolicy: tokens decoded per continuation (0: --max-new-tokens, which also "
+                                     "cuts the prompt list: keep it, and decode longer with this)")
+    held_out: bool = option(False, "onpolicy: only the prompts --verifier never trained on (its val and test splits, "
+                                   "from its train_config.json; the prompt list it was trained on)")
+
+
+def held_out_prompts(cfg) -> set[int] | None:
+    """With `held_out`, the prompt ids of the verifier's val and test splits (None without): the prompt list this
+    collection cuts must be the one the verifier was trained on."""
+    if not cfg.held_out:
+        return None
+    from pathlib import Path
+
+    from sprinter.data.shards import read_manifest
+    from sprinter.train.recalibrate import val_prompts
+
+    val, train_cfg = val_prompts(Path(cfg.verifier), "val")
+    test, _ = val_prompts(Path(cfg.verifier), "test")
+    trained_on = read_manifest(train_cfg["data"][0]).get("config", {})
+    same = ("dataset", "split", "prompt_len", "max_new_tokens", "windows_per_document")
+    if any(getattr(cfg, k) != trained_on.get(k) for k in same):
+        raise SprinterError(f"held_out: this collection cuts its prompts with {[getattr(cfg, k) for k in same]} "
+                            f"({same}), the verifier's data with {[trained_on.get(k) for k in same]}; expected the "
+                            "same prompt list (decode longer with --onpolicy-tokens)")
+    return set(val.tolist()) | set(test.tolist())
+
+
 def check_onpolicy(cfg) -> None:
     """The onpolicy source's options on a CollectConfig: a verifier with it, neither without it."""
     check_integers(cfg, ("continuations",))
+    check_integers(cfg, ("onpolicy_tokens",), 0)
     if cfg.source == "onpolicy" and cfg.verifier is None:
         raise SprinterError("source: got 'onpolicy' and no verifier; expected --verifier DIR (its loop decodes)")
-    if cfg.source != "onpolicy" and (cfg.verifier is not None or cfg.continuations != 1):
-        raise SprinterError(f"verifier, continuations: got {cfg.verifier!r}, {cfg.continuations!r} with source="
+    if cfg.source != "onpolicy" and (cfg.verifier is not None or cfg.continuations != 1 or cfg.onpolicy_tokens
+                                     or cfg.held_out):
+        raise SprinterError(f"verifier, continuations, onpolicy_tokens, held_out: got {cfg.verifier!r}, "
+                            f"{cfg.continuations!r}, {cfg.onpolicy_tokens!r}, {cfg.held_out!r} with source="
                             f"{cfg.source!r}; expected them only with source 'onpolicy'")
     if not 0 < cfg.continuation_temperature < float("inf"):  # the continuations after the first are sampled
         raise SprinterError(f"continuation_temperature: got {cfg.continuation_temperature!r}; expected > 0")
 
 
-__all__ = ["Context", "accept_labels", "check_onpolicy", "choose_tokens", "corpus_rows", "decode_rows",
-           "onpolicy_decoder", "onpolicy_rows", "probabilities"]
+__all__ = ["Context", "OnPolicyOptions", "accept_labels", "check_onpolicy", "choose_tokens", "corpus_rows",
+           "decode_rows", "held_out_prompts", "iter_batches", "iter_windows", "onpolicy_decoder", "onpolicy_rows",
+           "probabilities"]

@@ -144,7 +144,7 @@ def folder_rows(folder: str, verifier, info, val: torch.Tensor, train_cfg: dict)
     manifest = read_manifest(folder)
     collected = manifest.get("config", {})
     trained_on = read_manifest(train_cfg["data"][0]).get("config", {})
-    same = ("dataset", "split", "prompt_len", "windows_per_document")
+    same = ("dataset", "split", "prompt_len", "max_new_tokens", "windows_per_document")  # cut the prompt list
     if any(collected.get(k) != trained_on.get(k) for k in same):
         raise SprinterError(f"data {folder!r}: prompts from {[collected.get(k) for k in same]} ({same}); the verifier "
                             f"was trained on {[trained_on.get(k) for k in same]}; expected the same prompt list, so "
