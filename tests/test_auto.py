@@ -358,6 +358,10 @@ def test_auto_with_a_budget_says_which_candidates_ran_and_estimates_the_ratio_ru
     assert sum(out.stats.modes.values()) == out.stats.new_tokens
     assert set(out.stats.modes) <= set(made[-1].candidates)
     assert made[-1].ratio.trials > PRIOR_WEIGHT  # observed in the checked rounds, whichever rule ran
+    sampled = dec.generate(PROMPT, mode="auto", max_false_accept=0.05, auto_candidate="sd-k4+ratio",
+                           temperature=0.8, seed=3, max_new_tokens=24)
+    assert sampled.stats.modes == {"sd-k4+ratio": sampled.stats.new_tokens}
+    assert 0 <= made[-1].false_accepts.rate <= 1 and made[-1].ratio.rate >= made[-1].draft.rate - 0.05
     lossless = dec.generate(PROMPT, mode="auto", max_new_tokens=40)
     assert made[-1].relaxed is None and lossless.token_ids == gpt2_decoder.generate(
         PROMPT, mode="ar", max_new_tokens=40).token_ids
@@ -366,7 +370,7 @@ def test_auto_with_a_budget_says_which_candidates_ran_and_estimates_the_ratio_ru
 def test_the_ratio_candidate_at_lambda_1_is_exact(decoder):
     """lambda = 1 keeps only the target's argmax: forced switches through the ratio candidates give ar's tokens,
     and the free tallies find the ratio rule keeping what the exact rule keeps, with no false accept."""
-    script = ["sd-k4+ratio", "ar", "sd-k2", "sd-k8+ratio", "ngram-k4", "sd-k1+ratio", "sprinter@0.05"]
+    script = ["sd-k4+ratio", "ar", "sd-k2", "sd-k8+ratio", "ngram-k4", "sd-k1+ratio", "sd-gated"]
     dec = budgeted(decoder.pair)
     controllers = []
 

@@ -176,7 +176,8 @@ class AutoController:
         return {name: ms for key in keys for name, ms in self.cache[key].items()}
 
     def _ms(self, c: Candidate, *rates: float) -> float:
-        """ms/token of `c` at rates (a) for the draft model's candidates, (hit, a_ng) for the n-gram ones."""
+        """ms/token of `c` at rates (a) for the draft model's and the ratio rule's candidates, (hit, a_ng) for the
+        n-gram ones."""
         p = self.profile
         if c.kind == "ar":
             return ar_ms(p)
