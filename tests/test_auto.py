@@ -16,7 +16,7 @@ from test_decode_distribution import (
 )
 
 from sprinter.bench.regime_map import synthetic_profile
-from sprinter.decode.auto import DRAFT_KS, AutoController, auto_decode
+from sprinter.decode.auto import DRAFT_KS, PRIOR_WEIGHT, AutoController, auto_decode
 from sprinter.decode.cache import CachedLM
 from sprinter.decode.costs import stand_in_verifier
 from sprinter.decode.decoder import Decoder
@@ -33,6 +33,7 @@ from sprinter.verifier import VerifierInfo, default_arch
 
 pytestmark = pytest.mark.usefixtures("single_thread")
 
+PROMPT = "def foo(x):"
 SWITCHES = ["ar", "ar", "sd-k4", "ngram-k4", "sd-k1", "ar", "ar", "ar", "sd-k8", "ngram-k2", "sd-k2", "ar", "sd-gated"]
 
 
@@ -133,6 +134,49 @@ def test_the_sprinter_candidate_needs_its_rates():
     assert "sprinter@0.05" not in AutoController(synthetic_profile(0.05)).predict()  # lossless: never a candidate
     with pytest.raises(SprinterError, match="sprinter candidate"):
         AutoController(synthetic_profile(0.05), budget=0.05)
+
+
+def relaxed_controller(**kwargs):
+    """A cheap draft that the exact rule keeps half the time, with a budget of 0.05 and the ratio candidates."""
+    return AutoController(synthetic_profile(0.05), draft_prior=0.5, budget=0.05, sprinter_rates=(0.1, 0.05),
+                          relaxed=0.5, **kwargs)
+
+
+def test_the_ratio_candidate_runs_when_predicted_fastest_and_within_the_budget():
+    c = relaxed_controller()
+    assert c.choose().kind != "sd-ratio"  # before any block: the ratio rule keeps what the exact one keeps (a tie)
+    for _ in range(20):  # every block: the exact rule keeps 1 of 4, the ratio rule all 4, one in 40 a false accept
+        c.observe_draft(1, 2)
+        c.observe_relaxed(4, 4, 0.1)
+    assert c.false_accepts.rate == pytest.approx(0.025, abs=0.005) and c.relaxed_allowed
+    assert c.choose().name == "sd-k8+ratio"
+
+
+def test_the_ratio_candidate_is_refused_while_its_false_accepts_exceed_the_budget():
+    c = relaxed_controller()
+    for _ in range(20):  # as fast as above, but one kept token in ten is one the target rejects
+        c.observe_draft(1, 2)
+        c.observe_relaxed(4, 4, 0.4)
+    times = c.predict()
+    assert c.candidates[min(times, key=times.__getitem__)].kind == "sd-ratio"  # the fastest on speed alone
+    assert not c.relaxed_allowed and c.choose().kind != "sd-ratio"
+    for _ in range(60):  # the text changes: no more false accepts, and the share decays back under 0.05
+        c.observe_draft(1, 2)
+        c.observe_relaxed(4, 4, 0.0)
+    assert c.choose().kind == "sd-ratio"
+
+
+def test_the_ratio_candidate_is_never_offered_without_a_budget(gpt2_decoder):
+    lossless = AutoController(synthetic_profile(0.05), draft_prior=0.9)
+    assert not lossless.relaxed_allowed and not any("ratio" in name for name in lossless.predict())
+    budget_only = AutoController(synthetic_profile(0.05), budget=0.05, sprinter_rates=(0.9, 0.05))
+    assert not any("ratio" in name for name in budget_only.predict())  # a hand-made one without a lambda
+    with pytest.raises(SprinterError, match="ratio candidates: got lambda 0.5 with budget=None"):
+        AutoController(synthetic_profile(0.05), relaxed=0.5)
+    with pytest.raises(SprinterError, match="auto_candidate: got 'sd-k4\\+ratio'"):
+        gpt2_decoder.generate("def f():", mode="auto", auto_candidate="sd-k4+ratio", max_new_tokens=4)
+    with pytest.raises(SprinterError, match="max_false_accept=None"):
+        DecodeOptions(mode="auto", rule="ratio", rule_threshold=0.3)
 
 
 def test_a_fixed_candidate_runs_every_round_and_never_probes():
@@ -278,6 +322,69 @@ def test_the_profile_is_saved_beside_the_pair(tiny_pair, gpt2_decoder):
 def test_bad_options_are_refused(kwargs, message):
     with pytest.raises(SprinterError, match=message):
         DecodeOptions(**kwargs)
+
+
+def budgeted(pair) -> Decoder:
+    """A decoder with a stand-in verifier calibrated for the budgets 0.05 and 0.1 (auto's lossy candidates may
+    run) and a cheap draft on a hand-made profile."""
+    features = ("hidden", "token_id", "draft_prob", "draft_entropy")
+    gate = LearnedGate(stand_in_verifier(pair.draft.config.hidden_size, pair.vocab_size), features, 0.5)
+    info = VerifierInfo(features=features, hidden_size=pair.draft.config.hidden_size, arch=default_arch(),
+                        thresholds={"0.05": 0.5, "0.1": 0.4})
+    dec = Decoder(pair, gate, info)
+    dec.profile = synthetic_profile(0.05)
+    return dec
+
+
+def test_autos_ratio_candidate_decodes_as_sd_with_the_ratio_rule(gpt2_decoder):
+    dec = budgeted(gpt2_decoder.pair)
+    ar = gpt2_decoder.generate(PROMPT, mode="ar", max_new_tokens=40).token_ids
+    for lam in (0.3, 0.5):
+        sd = gpt2_decoder.generate(PROMPT, mode="sd", k=4, rule="ratio", rule_threshold=lam, max_new_tokens=40)
+        auto = dec.generate(PROMPT, mode="auto", max_false_accept=0.05, auto_candidate="sd-k4+ratio", rule="ratio",
+                            rule_threshold=lam, max_new_tokens=40)
+        assert auto.token_ids == sd.token_ids != ar  # the rule kept tokens that are not the target's choice
+        assert auto.stats.modes == {"sd-k4+ratio": auto.stats.new_tokens}
+    default = dec.generate(PROMPT, mode="auto", max_false_accept=0.05, auto_candidate="sd-k4+ratio", max_new_tokens=40)
+    assert default.token_ids == sd.token_ids  # without rule='ratio': lambda 0.5
+
+
+def test_auto_with_a_budget_says_which_candidates_ran_and_estimates_the_ratio_rule_for_free(gpt2_decoder):
+    dec = budgeted(gpt2_decoder.pair)
+    made = []
+    make = dec.make_controller
+    dec.make_controller = lambda options: made.append(make(options)) or made[-1]
+    out = dec.generate(PROMPT, mode="auto", max_false_accept=0.05, max_new_tokens=40)
+    assert sum(out.stats.modes.values()) == out.stats.new_tokens
+    assert set(out.stats.modes) <= set(made[-1].candidates)
+    assert made[-1].ratio.trials > PRIOR_WEIGHT  # observed in the checked rounds, whichever rule ran
+    sampled = dec.generate(PROMPT, mode="auto", max_false_accept=0.05, auto_candidate="sd-k4+ratio",
+                           temperature=0.8, seed=3, max_new_tokens=24)
+    assert sampled.stats.modes == {"sd-k4+ratio": sampled.stats.new_tokens}
+    assert 0 <= made[-1].false_accepts.rate <= 1 and made[-1].ratio.rate >= made[-1].draft.rate - 0.05
+    lossless = dec.generate(PROMPT, mode="auto", max_new_tokens=40)
+    assert made[-1].relaxed is None and lossless.token_ids == gpt2_decoder.generate(
+        PROMPT, mode="ar", max_new_tokens=40).token_ids
+
+
+def test_the_ratio_candidate_at_lambda_1_is_exact(decoder):
+    """lambda = 1 keeps only the target's argmax: forced switches through the ratio candidates give ar's tokens,
+    and the free tallies find the ratio rule keeping what the exact rule keeps, with no false accept."""
+    script = ["sd-k4+ratio", "ar", "sd-k2", "sd-k8+ratio", "ngram-k4", "sd-k1+ratio", "sd-gated"]
+    dec = budgeted(decoder.pair)
+    controllers = []
+
+    def make_controller(options):
+        controllers.append(Scripted(script, budget=0.05, sprinter_rates=(0.9, 0.05), relaxed=options.acceptance[1]))
+        return controllers[-1]
+
+    dec.make_controller = make_controller
+    ar = decoder.generate([5, 17, 33, 2, 9], mode="ar", max_new_tokens=40)
+    auto = dec.generate([5, 17, 33, 2, 9], mode="auto", max_false_accept=0.05, rule="ratio", rule_threshold=1.0,
+                        max_new_tokens=40)
+    c = controllers[-1]
+    assert auto.token_ids == ar.token_ids and {"sd-k4+ratio", "sd-k2"} <= set(auto.stats.modes)
+    assert c.false_accepts.rate == 0 and c.ratio.rate == pytest.approx(c.draft.rate) and c.ratio.trials > PRIOR_WEIGHT
 
 
 def test_auto_requests_are_checked_against_the_decoder(gpt2_decoder):

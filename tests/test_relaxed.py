@@ -16,6 +16,7 @@ from sprinter.decode.acceptance import (
     kept_count,
     lenient_accept,
     ratio_keep,
+    ratio_tally,
     relaxed_checks,
     speculative_accept,
 )
@@ -72,6 +73,25 @@ def test_lenient_rule_relaxes_the_speculative_ratio():
     assert sampled.tolist() == [True, True, False]  # u < 0.625
 
 
+@pytest.mark.parametrize(("lam", "expected"), [(1.0, [0, 0, 0]),    # never a mismatch kept
+                                               (0.5, [0, 1, 1]),    # the near-tie: kept, and a false accept
+                                               (0.01, [0, 3, 2])])  # every token: two mismatches and a match
+def test_the_ratio_tally_counts_what_each_rule_keeps_and_the_false_accepts(lam, expected):
+    p = torch.nn.functional.one_hot(P_SOFT.argmax(-1), 3).float()
+    q = torch.nn.functional.one_hot(X, 3).float()
+    pos = torch.arange(3)
+    assert ratio_tally(lam, p[pos, X], q[pos, X], torch.zeros(3), P_SOFT, X, True).tolist() == expected
+
+
+def test_the_sampled_ratio_tally_counts_rejection_probabilities():
+    p_x, q_x = torch.tensor([0.2, 0.2, 0.2]), torch.tensor([0.4, 0.4, 0.4])
+    u = torch.tensor([0.45, 0.55, 0.99])
+    pos = torch.arange(3)
+    # exact keeps the first (u q < p), the lenient ratio rule all three; each would be rejected w.p. 1 - 0.2 / 0.4
+    assert ratio_tally(0.5, p_x, q_x, u, torch.eye(3)[pos], pos, False).tolist() == [1, 3, 1.5]
+    assert ratio_tally(1.0, p_x, q_x, u, torch.eye(3)[pos], pos, False).tolist() == [1, 1, 0.5]
+
+
 def test_unknown_rule_is_refused():
     with pytest.raises(ValueError, match="rule: got 'kl'"):
         relaxed_checks("kl", 0.1, torch.ones(1), torch.ones(1), torch.zeros(1), torch.ones(1, 1),
@@ -112,6 +132,9 @@ def test_entropy_and_margin_gates_score_the_draft_alone():
     ({"mode": "sd", "rule": "entropy", "rule_threshold": -1.0}, "tau, a finite number"),
     ({"mode": "sd", "rule": "entropy", "rule_threshold": True}, "tau, a finite number"),
     ({"mode": "sprinter", "gate": "always", "threshold": 0.5}, "threshold: got 0.5 with gate='always'"),
+    ({"mode": "auto", "rule": "ratio"}, "rule: got 'ratio' with mode='auto' and max_false_accept=None"),
+    ({"mode": "auto", "rule": "entropy", "max_false_accept": 0.05}, "rule: got 'entropy' with mode='auto'"),
+    ({"mode": "auto", "rule": "ratio", "rule_threshold": 0.0, "max_false_accept": 0.05}, r"lambda in \(0, 1\]"),
 ])
 def test_bad_rule_options_are_refused_before_any_model_runs(options, message):
     with pytest.raises(SprinterError, match=message):
@@ -125,6 +148,7 @@ def test_every_relaxed_rule_is_lossy():
         assert not is_lossless(DecodeOptions(mode="sd", rule=rule))
         assert not is_lossless(DecodeOptions(mode="sprinter", gate="always", rule=rule))
         assert not is_lossless(DecodeOptions(mode="sprinter", strict=True, rule=rule))
+    assert not is_lossless(DecodeOptions(mode="auto", rule="ratio", max_false_accept=0.05))
 
 
 PROMPT = "def f(x):"

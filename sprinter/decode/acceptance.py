@@ -14,7 +14,9 @@ u < 1 on a match and u < 0 otherwise; the residual is the target's argmax).
 4. `relaxed_checks`: the rules at the target's call (RULES; docs/decoding.md, "Relaxed acceptance"), which see
    p and decide which drafted tokens the call keeps: "exact" is rule 2 (lossless); "ratio" and "entropy" also
    keep some tokens that differ from the target's choice (lossy). `kept_count` turns the per-token checks into
-   the number kept, as `flag_then_check` does for rule 2.
+   the number kept, as `flag_then_check` does for rule 2. `ratio_tally`: what the exact and the ratio rule
+   would keep of a checked block, and how much of the latter the exact rule rejects (mode "auto"'s free look at
+   its lossy candidate).
 """
 
 from __future__ import annotations
@@ -132,5 +134,24 @@ def relaxed_checks(rule: str, threshold: float, p_x: torch.Tensor, q_x: torch.Te
     raise ValueError(f"rule: got {rule!r}; expected one of {RULES}")
 
 
+def ratio_tally(lam: float, p_x: torch.Tensor, q_x: torch.Tensor, u: torch.Tensor, p_soft: torch.Tensor,
+                x: torch.Tensor, greedy: bool) -> torch.Tensor:
+    """What the exact rule and the ratio rule at `lam` keep of one checked block, with the same draws `u`, and
+    how many of the ratio rule's tokens are false accepts.  # (k,) x3, (k, V), (k,) -> (3,) float
+
+    Returns [e, n, m]: e and n the leading tokens `relaxed_checks` keeps under "exact" and "ratio"; m the sum over
+    the n of the exact rule's rejection probability 1 - min(1, p(x) / q(x)) (greedy, p and q one-hot: how many
+    kept tokens are not the target's argmax), as the fidelity budget counts false accepts (sprinter.decode.budget).
+    With shared draws the ratio rule keeps a superset of what the exact rule keeps (u lambda q < p whenever
+    u q < p, and greedy it adds to the exact checks), so whichever of the two rules ran, [e, n] is what each would
+    have kept of the very same block."""
+    e = leading_true(speculative_accept(p_x, q_x, u))
+    n = leading_true(relaxed_checks("ratio", lam, p_x, q_x, u, p_soft, x, greedy))
+    rejection = 1 - (p_x / q_x.clamp_min(torch.finfo(q_x.dtype).tiny)).clamp(max=1)  # (k,)
+    kept = torch.arange(p_x.shape[-1], device=p_x.device) < n
+    return torch.stack([e.to(p_x.dtype), n.to(p_x.dtype), (rejection * kept).sum()])
+
+
 __all__ = ["RULES", "RULE_THRESHOLDS", "correction", "entropy_keep", "flag_then_check", "greedy_match", "kept_count",
-           "leading_true", "lenient_accept", "ratio_keep", "relaxed_checks", "residual", "speculative_accept"]
+           "leading_true", "lenient_accept", "ratio_keep", "ratio_tally", "relaxed_checks", "residual",
+           "speculative_accept"]

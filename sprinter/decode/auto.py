@@ -2,12 +2,19 @@
 
 The candidates (`candidates`): "ar"; "sd-k{k}" for k in DRAFT_KS; "sd-gated" (when a learned gate is loaded);
 "ngram-k{k}" for k in NGRAM_KS; and, only when the caller allows a fidelity loss (`max_false_accept=F`, one of the
-verifier's calibrated budgets), "sprinter@F". Each is priced in ms/token by sprinter.decode.latency from the
-pair's cost profile (sprinter.decode.costs) and two acceptance estimates, both flat across block positions:
+verifier's calibrated budgets), "sprinter@F" and "sd-k{k}+ratio" (sd-k{k} whose target call keeps by the ratio
+rule, sprinter.decode.acceptance, at lambda = `rule_threshold` with rule="ratio", else RULE_THRESHOLDS' 0.5).
+Each is priced in ms/token by sprinter.decode.latency from the pair's cost profile (sprinter.decode.costs) and
+acceptance estimates, all flat across block positions:
 - the draft model's: P(a drafted token is accepted), starting from the pair's greedy agreement (pair.json) when
   present, else DRAFT_PRIOR, worth PRIOR_WEIGHT observations; updated from every block the target checks
   (sd-k, sd-gated), and in sprinter rounds from the gate's decisions (a passed token counts as accepted, a
   flagged one as what the target said);
+- with a budget, the ratio rule's: P(it keeps a drafted token), from the draft's prior, and the share of the tokens
+  it keeps that the exact rule rejects (its false accepts, as budget.py counts them), from 0. Every round the
+  target checks a draft-model block gives both for free (acceptance.ratio_tally: p is at hand), whichever rule
+  ran. The share forgets at FALSE_ACCEPT_DECAY, slower than DECAY: the budget bounds a share over the request.
+  The ratio candidates run only while that share is within F (they are priced, never chosen, beyond it);
 - the n-gram drafter's: P(a lookup finds a chain) and P(a chained token is accepted), from NGRAM_PRIOR. A
   lookup costs microseconds, so it is made before every round whatever runs, and compared with the tokens the
   round emits: the n-gram estimate never goes stale.
@@ -22,6 +29,7 @@ tokens it skipped), and the wait doubles after each probe that does not bring dr
 
 from __future__ import annotations
 
+import dataclasses
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -29,6 +37,7 @@ from typing import TYPE_CHECKING, Sequence
 
 import torch
 
+from sprinter.decode.acceptance import RULE_THRESHOLDS
 from sprinter.decode.cache import CachedLM
 from sprinter.decode.costs import FILE_NAME, Budget, CostProfile, find_profile, measure_costs, profile_key, save_profile
 from sprinter.decode.drafters import Draft, ModelDrafter
@@ -50,6 +59,7 @@ DRAFT_PRIOR = 0.6  # P(accept) of a drafted token when the pair states no greedy
 NGRAM_PRIOR = (0.3, 0.3)  # (P(a lookup finds a chain), P(a chained token is accepted)) before any lookup
 PRIOR_WEIGHT = 4.0  # the prior counts as this many observed tokens
 DECAY = 0.7  # per observed round: the weight of everything seen before it
+FALSE_ACCEPT_DECAY = 0.95  # the same for the ratio rule's false-accept share (~20 rounds, ~60 checked tokens)
 PROBE_EVERY = 16  # ar rounds before the draft model is probed again with one sd-1 round
 PROBE_MAX = 128  # the longest wait between probes (it doubles after each probe that loses)
 GATED_RATES = (0.75, 0.1)  # sd-gated's stop rule modelled as a gate at (TA, FA): latency.STOP_RATES' second point
@@ -78,15 +88,18 @@ class Estimate:
 
 @dataclass(frozen=True)
 class Candidate:
-    """One thing auto can run for a round: kind "ar", "sd" (k tokens), "sd-gated", "ngram" (k tokens), "sprinter"."""
+    """One thing auto can run for a round: kind "ar", "sd" (k tokens), "sd-gated", "ngram" (k tokens), "sprinter",
+    "sd-ratio" (k tokens, the ratio rule at the target's call)."""
 
     name: str
     kind: str
     k: int = 0
 
 
-def candidates(*, gated: bool, budget: float | None, ks: Sequence[int] = DRAFT_KS,
+def candidates(*, gated: bool, budget: float | None, relaxed: bool = False, ks: Sequence[int] = DRAFT_KS,
                ngram_ks: Sequence[int] = NGRAM_KS) -> dict[str, Candidate]:
+    """Every candidate by name; the lossy ones (sprinter, with `relaxed` the ratio rule's) only with a `budget`.
+    The ratio candidates come last, so that a tie with a lossless one goes to the lossless one."""
     out = {"ar": Candidate("ar", "ar")}
     out.update({f"sd-k{k}": Candidate(f"sd-k{k}", "sd", k) for k in ks})
     if gated:
@@ -94,6 +107,8 @@ def candidates(*, gated: bool, budget: float | None, ks: Sequence[int] = DRAFT_K
     out.update({f"ngram-k{k}": Candidate(f"ngram-k{k}", "ngram", k) for k in ngram_ks})
     if budget is not None:
         out[f"sprinter@{budget:g}"] = Candidate(f"sprinter@{budget:g}", "sprinter")
+        if relaxed:
+            out.update({f"sd-k{k}+ratio": Candidate(f"sd-k{k}+ratio", "sd-ratio", k) for k in ks})
     return out
 
 
@@ -102,7 +117,8 @@ class AutoController:
     """Chooses each round's candidate from predicted ms/token (see the module docstring).
 
     `sprinter_rates`: the verifier's (true accept, false accept) at the allowed budget (None: no sprinter
-    candidate); `gated`: offer sd-gated (a learned gate is loaded)."""
+    candidate); `gated`: offer sd-gated (a learned gate is loaded); `relaxed`: the ratio rule's lambda (None: no
+    ratio candidates; needs a budget)."""
 
     profile: CostProfile
     draft_prior: float = DRAFT_PRIOR
@@ -111,22 +127,29 @@ class AutoController:
     gated: bool = False
     budget: float | None = None
     sprinter_rates: tuple[float, float] | None = None
+    relaxed: float | None = None
     probe_every: int = PROBE_EVERY
     cache: dict | None = None  # predictions by rounded estimate; a Decoder shares one across requests of one setting
     fixed: str | None = None  # run this candidate every round (a fixed rival on this loop; the benchmark's ngram-8)
     draft: Estimate = field(init=False)
     ngram_hit: Estimate = field(init=False)
     ngram_accept: Estimate = field(init=False)
+    ratio: Estimate = field(init=False)  # P(the ratio rule keeps a drafted token)
+    false_accepts: Estimate = field(init=False)  # the share of what it keeps that the exact rule rejects
 
     def __post_init__(self) -> None:
         if (self.budget is None) != (self.sprinter_rates is None):
             raise SprinterError(f"sprinter candidate: got budget={self.budget!r} with rates {self.sprinter_rates!r}; "
                                 "expected both or neither")
-        self.candidates = candidates(gated=self.gated, budget=self.budget)
+        if self.relaxed is not None and (self.budget is None or not 0 < self.relaxed <= 1):
+            raise SprinterError(f"ratio candidates: got lambda {self.relaxed!r} with budget={self.budget!r}; expected "
+                                "a lambda in (0, 1] and a budget (they are lossy)")
+        self.candidates = candidates(gated=self.gated, budget=self.budget, relaxed=self.relaxed is not None)
         if self.fixed is not None and self.fixed not in self.candidates:
             raise SprinterError(f"auto_candidate: got {self.fixed!r}; expected one of {sorted(self.candidates)}")
         self.draft = Estimate(self.draft_prior)
         self.ngram_hit, self.ngram_accept = Estimate(self.ngram_prior[0]), Estimate(self.ngram_prior[1])
+        self.ratio, self.false_accepts = Estimate(self.draft_prior), Estimate(0.0, decay=FALSE_ACCEPT_DECAY)
         self.since_draft = 0  # rounds since the draft model was last observed
         self.wait = self.probe_every  # ar rounds before the next probe
         self.probing = False
@@ -140,18 +163,21 @@ class AutoController:
 
     def predict(self) -> dict[str, float]:
         """Predicted ms/token of every candidate under the current estimates, each rounded to QUANTUM. The draft
-        model's candidates and the n-gram ones are cached apart (the gated ones' Markov chain costs ~0.3 ms)."""
-        a, hit, a_ng = (round(e.rate / QUANTUM) for e in (self.draft, self.ngram_hit, self.ngram_accept))
-        model, ngram = ("model", a), ("ngram", hit, a_ng)
-        for key in (model, ngram):
+        model's candidates, the ratio rule's and the n-gram ones are cached apart (the gated ones' Markov chain
+        costs ~0.3 ms)."""
+        a, hit, a_ng, a_r = (round(e.rate / QUANTUM) for e in (self.draft, self.ngram_hit, self.ngram_accept,
+                                                                self.ratio))
+        keys = {("model", a): ("ar", "sd", "sd-gated", "sprinter"), ("ngram", hit, a_ng): ("ngram",),
+                ("ratio", a_r): ("sd-ratio",)}
+        for key, kinds in keys.items():
             if key not in self.cache:
                 rates = [q * QUANTUM for q in key[1:]]
-                kinds = ("ngram",) if key[0] == "ngram" else ("ar", "sd", "sd-gated", "sprinter")
                 self.cache[key] = {name: self._ms(c, *rates) for name, c in self.candidates.items() if c.kind in kinds}
-        return {**self.cache[model], **self.cache[ngram]}
+        return {name: ms for key in keys for name, ms in self.cache[key].items()}
 
     def _ms(self, c: Candidate, *rates: float) -> float:
-        """ms/token of `c` at rates (a) for the draft model's candidates, (hit, a_ng) for the n-gram ones."""
+        """ms/token of `c` at rates (a) for the draft model's and the ratio rule's candidates, (hit, a_ng) for the
+        n-gram ones."""
         p = self.profile
         if c.kind == "ar":
             return ar_ms(p)
@@ -160,18 +186,29 @@ class AutoController:
             accepted = hit * sum(a_ng ** j for j in range(1, c.k + 1))
             return ngram_ms(p, hit * c.k, accepted)
         (a,) = rates
-        if c.kind == "sd":
+        if c.kind in ("sd", "sd-ratio"):  # the ratio rule's block: sd's, at the ratio rule's acceptance
             return sd_ms(p, (a,), c.k)
         if c.kind == "sd-gated":
             return sd_gated_ms(p, (a,), *GATED_RATES, self.max_block)
         return sprinter_ms(p, (a,), *self.sprinter_rates, self.max_block)
 
+    @property
+    def relaxed_allowed(self) -> bool:
+        """Whether the ratio candidates may run: offered, and their estimated false-accept share within the budget."""
+        return self.relaxed is not None and self.false_accepts.rate <= self.budget
+
+    def fastest(self) -> str:
+        """The candidate predicted fastest among those allowed now."""
+        times = self.predict()
+        allowed = self.relaxed_allowed
+        return min((name for name in times if allowed or self.candidates[name].kind != "sd-ratio"),
+                   key=times.__getitem__)
+
     def choose(self) -> Candidate:
         """The next round's candidate: the fastest predicted, or a probe of the draft after a stretch of ar."""
         if self.fixed is not None:
             return self.candidates[self.fixed]
-        times = self.predict()
-        best = min(times, key=times.__getitem__)
+        best = self.fastest()
         self.probing = False
         if self.candidates[best].kind in ("ar", "ngram"):
             self.since_draft += 1
@@ -186,9 +223,14 @@ class AutoController:
         self.draft.update(accepted, reached)
         self.since_draft = 0
         if self.probing:  # the probe decides how long until the next one
-            times = self.predict()
-            drafting = self.candidates[min(times, key=times.__getitem__)].kind not in ("ar", "ngram")
+            drafting = self.candidates[self.fastest()].kind not in ("ar", "ngram")
             self.wait = self.probe_every if drafting else min(2 * self.wait, PROBE_MAX)
+
+    def observe_relaxed(self, kept: int, drafted: int, false_accepts: float) -> None:
+        """What the ratio rule would keep of a checked block of `drafted` tokens (`kept`, its first rejection
+        judged too), and the false accepts among those kept (acceptance.ratio_tally)."""
+        self.ratio.update(kept, min(kept + 1, drafted))
+        self.false_accepts.update(false_accepts, kept)
 
     def observe_ngram(self, chain: Sequence[int], emitted: Sequence[int]) -> None:
         """A lookup's chain (before the round) against the tokens the round emitted after it."""
@@ -222,13 +264,21 @@ def auto_decode(target: CachedLM, draft: ModelDrafter, prompt: list[int], *, con
     Both caches stay exact across switches: the target's covers every emitted token but the last after every
     round of every kind (an ar round reads what it lacks, as `autoregressive` does; a drafted round rolls back
     to it); the draft's may fall behind during ar and n-gram rounds, and the next draft-model round reads the
-    tokens it skipped first (ModelDrafter feeds `seq[lm.length:]`)."""
+    tokens it skipped first (ModelDrafter feeds `seq[lm.length:]`).
+
+    Only the ratio candidates' target calls keep by the ratio rule (at `controller.relaxed`); every other round
+    keeps by the exact rule, whatever `state.accept` says. With `controller.relaxed` every draft-model round the
+    target checks also tallies both rules (`Round.tally`) for the controller's estimates."""
     sampler, gen, out, max_block = state.sampler, state.gen, state.out, options.max_block
     ids = list(prompt)
     index = NgramDrafter(options.ngram_n).index(ids)
     ngram = IndexDrafter(index)
     device = next(target.model.parameters()).device
     rules = {"sd-gated": stop_rule, "sprinter": sprinter_rule}
+    exact = dataclasses.replace(state, accept=("exact", 0.0), relaxed=controller.relaxed)  # the draft model's rounds
+    states = {"ngram": dataclasses.replace(exact, relaxed=None)}
+    if controller.relaxed is not None:
+        states["sd-ratio"] = dataclasses.replace(exact, accept=("ratio", controller.relaxed))
     modes = state.stats.modes
     while not out.done:
         choice = controller.choose()
@@ -240,10 +290,13 @@ def auto_decode(target: CachedLM, draft: ModelDrafter, prompt: list[int], *, con
             k = min(max_block if choice.kind in ("sd-gated", "sprinter") else choice.k, out.remaining)
             drafter = ngram if choice.kind == "ngram" else draft
             step = speculative_round(target, drafter, ids, k, rule=rules.get(choice.kind),
-                                     check_all=choice.kind != "sprinter", state=state)
+                                     check_all=choice.kind != "sprinter", state=states.get(choice.kind, exact))
             decided = step.decided
             if drafter is draft:  # the judged tokens: the kept prefix and the first rejection (if any)
-                controller.observe_draft(step.kept, min(step.kept + 1, step.drafted))
+                kept = step.tally[0] if choice.kind == "sd-ratio" else step.kept  # what the exact rule kept
+                controller.observe_draft(kept, min(kept + 1, step.drafted))
+                if step.tally is not None:
+                    controller.observe_relaxed(step.tally[1], step.drafted, step.tally[2])
         controller.observe_ngram(chain, decided)
         ids += decided
         index.extend(decided)
@@ -271,23 +324,27 @@ def make_controller(decoder: Decoder, options: DecodeOptions) -> AutoController:
     """The controller of one request. Its draft prior is `decoder.draft_prior` when set (the benchmark's
     calibration prompts), else the pair's greedy agreement (pair.json beside the draft) when stated, else
     DRAFT_PRIOR; with max_false_accept, sprinter's rates come from the verifier's metrics.json (true accept at
-    that budget), else (SPRINTER_RATES' true accept, the budget)."""
+    that budget), else (SPRINTER_RATES' true accept, the budget), and the ratio candidates' lambda is
+    `rule_threshold` with rule="ratio", else RULE_THRESHOLDS["ratio"] (0.5: the relaxed label's lambda, whose
+    false-accept share on the bench pair's val rows, 0.21, is already above any calibrated budget; a smaller
+    lambda keeps more of the target's rejections, so its candidates would be allowed less often)."""
     meta_path = Path(decoder.pair.draft_name).parent / "pair.json"
     meta = read_json(meta_path, "pair.json") if meta_path.is_file() else {}
     agreement = meta.get("greedy_agreement") if isinstance(meta, dict) else None
     prior = float(agreement) if isinstance(agreement, (int, float)) and 0 <= agreement <= 1 else DRAFT_PRIOR
     prior = decoder.draft_prior if decoder.draft_prior is not None else prior
     budget = options.max_false_accept
-    rates = None
+    rates = relaxed = None
     if budget is not None:
+        relaxed = options.acceptance[1] if options.rule == "ratio" else RULE_THRESHOLDS["ratio"]
         path = decoder.verifier_dir / "metrics.json" if decoder.verifier_dir else None
         metrics = read_json(path, "metrics.json") if path is not None and path.is_file() else {}
         rates = verifier_rates(metrics).get(budget_key(budget), (SPRINTER_RATES[0], float(budget)))
     profile = decoder.cost_profile()
     gated = decoder.gate is not None
-    setting = (repr(profile), options.max_block, gated, budget, rates)  # what predictions read
+    setting = (repr(profile), options.max_block, gated, budget, rates, relaxed)  # what predictions read
     return AutoController(profile, draft_prior=prior, max_block=options.max_block, gated=gated, budget=budget,
-                          sprinter_rates=rates, cache=decoder.predictions.setdefault(setting, {}),
+                          sprinter_rates=rates, relaxed=relaxed, cache=decoder.predictions.setdefault(setting, {}),
                           fixed=options.auto_candidate)
 
 
@@ -313,6 +370,6 @@ def cost_profile(decoder: Decoder, budget_s: float = 2.0) -> CostProfile:
     return decoder.profiles[key]
 
 
-__all__ = ["DECAY", "DRAFT_KS", "DRAFT_PRIOR", "NGRAM_PRIOR", "NGRAM_KS", "PRIOR_WEIGHT", "PROBE_EVERY",
-           "AutoController", "Candidate", "Estimate", "IndexDrafter", "auto_decode", "candidates", "cost_profile",
-           "make_controller", "run_auto"]
+__all__ = ["DECAY", "DRAFT_KS", "DRAFT_PRIOR", "FALSE_ACCEPT_DECAY", "NGRAM_PRIOR", "NGRAM_KS", "PRIOR_WEIGHT",
+           "PROBE_EVERY", "AutoController", "Candidate", "Estimate", "IndexDrafter", "auto_decode", "candidates",
+           "cost_profile", "make_controller", "run_auto"]

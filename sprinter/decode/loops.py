@@ -12,7 +12,7 @@ from dataclasses import dataclass
 
 import torch
 
-from sprinter.decode.acceptance import correction, kept_count, relaxed_checks
+from sprinter.decode.acceptance import correction, kept_count, ratio_tally, relaxed_checks
 from sprinter.decode.budget import ThresholdController
 from sprinter.decode.cache import CachedLM
 from sprinter.decode.drafters import Drafter, DraftStep
@@ -28,13 +28,15 @@ class LoopState:
     """What every decode loop carries besides the models and the options: how logits become a distribution
     (`sampler`), where every random draw comes from (`gen`), where decided tokens go (`out`), what the loop
     counts (`stats`) and the rule at the target's call (`accept`, DecodeOptions.acceptance). Made once per
-    generation by `Decoder.generate`."""
+    generation by `Decoder.generate`. `relaxed`: mode "auto" with a fidelity budget sets it to the ratio rule's
+    lambda, and every round the target checks then also tallies what that rule would keep (`Round.tally`)."""
 
     sampler: Sampler
     gen: torch.Generator
     out: Emitter
     stats: DecodeStats
     accept: tuple[str, float] = ("exact", 0.0)  # (rule, threshold): which checked tokens a target call keeps
+    relaxed: float | None = None  # the ratio rule's lambda to tally in every checked round (auto), or None
 
 
 def autoregressive(lm: CachedLM, tokens: torch.Tensor, state: LoopState) -> None:
@@ -83,6 +85,8 @@ class Round:
     drafted: int
     kept: int  # drafted tokens kept (sprinter: passed by the gate, or checked and accepted)
     checked: bool  # the target checked every drafted token (else only a flagged one, or none)
+    # with state.relaxed (acceptance.ratio_tally): (kept by the exact rule, kept by the ratio rule, its false accepts)
+    tally: tuple[int, int, float] | None = None
 
 
 def speculative_round(target: CachedLM, drafter: Drafter, ids: list[int], k: int, *, rule: GateRule | None,
@@ -120,8 +124,10 @@ def speculative_round(target: CachedLM, drafter: Drafter, ids: list[int], k: int
     positions = torch.arange(n, device=device)
     p_x, q_x = p[positions, x], q[positions, x]  # (n,), (n,)
     accept_rule, rule_threshold = state.accept
-    p_soft = p[:n] if accept_rule == "exact" or not sampler.greedy else sampler.soft_probs(logits[:n])  # (n, V)
-    checks = relaxed_checks(accept_rule, rule_threshold, p_x, q_x, uniform(n, gen, device), p_soft, x, sampler.greedy)
+    exact = accept_rule == "exact" and state.relaxed is None
+    p_soft = p[:n] if exact or not sampler.greedy else sampler.soft_probs(logits[:n])  # (n, V)
+    u = uniform(n, gen, device)  # (n,)
+    checks = relaxed_checks(accept_rule, rule_threshold, p_x, q_x, u, p_soft, x, sampler.greedy)
     n_kept = kept_count(checks, flagged, check_all)
     passed = n - int(flagged)  # sprinter: the tokens before the flagged one (all, if none was) went unchecked
     if meter is not None and not check_all and passed:
@@ -130,6 +136,11 @@ def speculative_round(target: CachedLM, drafter: Drafter, ids: list[int], k: int
     y = sampler.draw(correction(p, q, n_kept), gen)
     kept, *decided = torch.cat([n_kept.view(1), x, y.view(1)]).tolist()  # the one host sync of this round
     decided = decided[:kept] + decided[-1:]
+    tally = None
+    if state.relaxed is not None:  # auto's free look at its lossy candidate: p is at hand (one more host sync)
+        exact_kept, ratio_kept, false_accepts = ratio_tally(state.relaxed, p_x, q_x, u, p_soft, x,
+                                                            sampler.greedy).tolist()
+        tally = (int(exact_kept), int(ratio_kept), false_accepts)
     stats.accepted += kept
     stats.rejected += n - kept
     if check_all:
@@ -138,7 +149,7 @@ def speculative_round(target: CachedLM, drafter: Drafter, ids: list[int], k: int
     emitted = len(ids) + len(decided)
     target.rollback_to(emitted - 1)
     drafter.keep([0], [emitted - 1])
-    return Round(decided, n, kept, check_all)
+    return Round(decided, n, kept, check_all, tally)
 
 
 def speculative(target: CachedLM, drafter: Drafter, prompt: list[int], *, options: DecodeOptions,

@@ -78,7 +78,8 @@ class DecodeOptions(SeedConfig):
     rule: str = option("exact", f"sd, sprinter: which checked tokens a target call keeps, one of {RULES}: exact "
                                 "(lossless), ratio (also x with p(x) >= lambda max p; sampled: u < p(x) / (lambda "
                                 "q(x))), entropy (also any x where the target's entropy >= tau nats); all but "
-                                "exact are lossy")
+                                "exact are lossy. auto with max_false_accept: ratio sets the lambda of its "
+                                "sd-k{k}+ratio candidates (which run while within the budget)")
     rule_threshold: float | None = option(None, "the rule's lambda in (0, 1] (ratio) or tau >= 0 in nats (entropy); "
                                                 f"none: {RULE_THRESHOLDS}")
     auto_candidate: str | None = option(None, "auto: run this one candidate every round (e.g. 'ngram-k8', 'sd-k4'): "
@@ -167,9 +168,11 @@ class DecodeOptions(SeedConfig):
         rule, value = self.rule, self.rule_threshold
         if rule not in RULES:
             raise SprinterError(f"rule: got {rule!r}; expected one of {RULES}")
-        if rule != "exact" and self.mode not in RULE_MODES:
-            raise SprinterError(f"rule: got {rule!r} with mode={self.mode!r}; expected it only with a mode of "
-                                f"{RULE_MODES}")
+        auto_ratio = self.mode == "auto" and rule == "ratio" and self.max_false_accept is not None
+        if rule != "exact" and self.mode not in RULE_MODES and not auto_ratio:
+            raise SprinterError(f"rule: got {rule!r} with mode={self.mode!r}" + (
+                " and max_false_accept=None; expected rule='ratio' with a false-accept budget (auto's lossy "
+                "candidates)" if self.mode == "auto" else f"; expected it only with a mode of {RULE_MODES}"))
         if value is None:
             return
         if rule == "exact":
