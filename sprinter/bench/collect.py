@@ -28,6 +28,7 @@ from typing import Sequence
 import torch
 from tqdm.auto import tqdm
 
+from sprinter.bench.protocol import PromptLenConfig
 from sprinter.config import RuntimeConfig, check_integers, option, parse_config, to_dict
 from sprinter.data.collect import (
     CollectConfig,
@@ -42,13 +43,12 @@ from sprinter.pairs.load import Pair, load_pair
 
 
 @dataclass(frozen=True)
-class BenchCollectConfig(RuntimeConfig):
+class BenchCollectConfig(PromptLenConfig, RuntimeConfig):
     draft: str | None = option(None, "draft model (default: the demo pair, built if missing)")
     target: str | None = option(None, "target model (default: the demo pair)")
     dataset: str = option("stdlib", "prompt text (see scripts/collect.py)")
     split: str = option("val", "corpus split the prompts come from")
     num_prompts: int = option(16, "prompts, the same for every method")
-    prompt_len: int = option(64, "prompt tokens")
     max_new_tokens: int = option(32, "labelled tokens per prompt")
     k: int = option(4, "tokens drafted per target call (decode source)")
     batch_size: int = option(16, "prompts per forward (corpus and decode)")
