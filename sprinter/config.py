@@ -37,10 +37,11 @@ def option(default: Any, help: str, **kwargs: Any) -> Any:
 
 # ---------------------------------------------------------------------------------- shared fields
 # The fields several stages share, each declared once with its default and help. A stage config extends the ones it
-# has (`class BenchConfig(ModelsConfig, RuntimeConfig, SeedConfig)`) and re-declares a field only where its
+# has (`class CollectConfig(RuntimeConfig, SeedConfig, ProgressConfig)`) and re-declares a field only where its
 # default or help differs (benchmarks time on one thread: `threads: int = option(1, ...)`). They are frozen, so
 # every stage config is (a config is a value: `dataclasses.replace` makes a changed copy), and keyword-only, so
-# they take no positional place in a stage's constructor. Their fields come first in `--help`.
+# they take no positional place in a stage's constructor. Their fields come first in `--help`. The benchmarks'
+# own shared fields (prompt set, prompt length, one-thread runtime) live in sprinter/bench/protocol.py.
 @dataclasses.dataclass(frozen=True, kw_only=True)
 class PairSourceConfig:
     """The pair a stage loads: a preset (built if missing) or a pair folder."""
