@@ -37,7 +37,7 @@ def option(default: Any, help: str, **kwargs: Any) -> Any:
 
 # ---------------------------------------------------------------------------------- shared fields
 # The fields several stages share, each declared once with its default and help. A stage config extends the ones it
-# has (`class CollectConfig(RuntimeConfig, SeedConfig, ProgressConfig)`) and re-declares a field only where its
+# has (`class CollectConfig(ProgressConfig, RuntimeConfig, SeedConfig)`) and re-declares a field only where its
 # default or help differs (benchmarks time on one thread: `threads: int = option(1, ...)`). They are frozen, so
 # every stage config is (a config is a value: `dataclasses.replace` makes a changed copy), and keyword-only, so
 # they take no positional place in a stage's constructor. Their fields come first in `--help`. The benchmarks'

@@ -66,7 +66,7 @@ def logit_gap(decoder: Decoder, prompt: Prompt, reference: list[int], i: int, to
 
 
 @dataclass(frozen=True)
-class AsyncBenchConfig(DeviceConfig, PromptLenConfig, ProgressConfig):
+class AsyncBenchConfig(ProgressConfig, PromptLenConfig, DeviceConfig):
     """Options of scripts/bench_async.py: the single home of their defaults."""
 
     pairs: tuple[str, ...] = option(("demo", "bench"), "preset pairs under checkpoints/pairs/ (built if missing) or "

@@ -137,7 +137,7 @@ __all__ = ["Comparison", "LOSSLESS_MODES", "compare", "is_lossless", "loop_share
 
 
 @dataclass(frozen=True)
-class LoopShareConfig(PairSourceConfig, PromptLenConfig, ThreadsConfig):
+class LoopShareConfig(PromptLenConfig, PairSourceConfig, ThreadsConfig):
     """scripts/loop_share.py's options: how much of a pair's `ar` output loops, greedy and sampled, beside the
     held-out text itself (README, Quickstart)."""
 

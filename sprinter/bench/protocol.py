@@ -59,7 +59,7 @@ class PromptLenConfig:
 
 
 @dataclass(frozen=True, kw_only=True)
-class PairBenchConfig(PromptSetConfig, PromptLenConfig, ModelsConfig, BenchRuntimeConfig, SeedConfig, ProgressConfig):
+class PairBenchConfig(ProgressConfig, PromptLenConfig, PromptSetConfig, ModelsConfig, BenchRuntimeConfig, SeedConfig):
     """What the benchmarks of one pair on a held-out prompt set share (the main benchmark, the batch sweep, the
     budget check): the models, where they run, the prompts, the seed and the progress bar."""
 

@@ -63,7 +63,7 @@ RUNTIME_OPTIONS = ("resume", "overwrite", "device", "threads", "progress", "out"
 
 
 @dataclass(frozen=True)
-class CollectConfig(RuntimeConfig, SeedConfig, ProgressConfig):
+class CollectConfig(ProgressConfig, RuntimeConfig, SeedConfig):
     draft: str | None = option(None, "draft model: Hub name or local folder (default: the demo pair, built if missing)")
     target: str | None = option(None, "target model: Hub name or local folder (default: the demo pair)")
     dataset: str = option("stdlib", "prompt text: 'stdlib', a folder, a .jsonl/text file, or a Hub dataset name")
