@@ -37,15 +37,22 @@ def option(default: Any, help: str, **kwargs: Any) -> Any:
 
 # ---------------------------------------------------------------------------------- shared fields
 # The fields several stages share, each declared once with its default and help. A stage config extends the ones it
-# has (`class BenchConfig(ModelsConfig, RuntimeConfig, SeedConfig)`) and re-declares a field only where its
+# has (`class CollectConfig(ProgressConfig, RuntimeConfig, SeedConfig)`) and re-declares a field only where its
 # default or help differs (benchmarks time on one thread: `threads: int = option(1, ...)`). They are frozen, so
 # every stage config is (a config is a value: `dataclasses.replace` makes a changed copy), and keyword-only, so
-# they take no positional place in a stage's constructor. Their fields come first in `--help`.
+# they take no positional place in a stage's constructor. Their fields come first in `--help`. The benchmarks'
+# own shared fields (prompt set, prompt length, one-thread runtime) live in sprinter/bench/protocol.py.
 @dataclasses.dataclass(frozen=True, kw_only=True)
-class ModelsConfig:
-    """The models a stage runs: a pair (preset or folder), or a draft and a target given one by one."""
+class PairSourceConfig:
+    """The pair a stage loads: a preset (built if missing) or a pair folder."""
 
     pair: str = option("demo", "a preset pair under checkpoints/pairs/ (built if missing) or a pair folder")
+
+
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class ModelsConfig(PairSourceConfig):
+    """The models a stage runs: a pair (preset or folder), or a draft and a target given one by one."""
+
     draft: str | None = option(None, "draft model: Hub name or folder; none: PAIR/draft")
     target: str | None = option(None, "target model: Hub name or folder; none: PAIR/target")
 
@@ -76,6 +83,13 @@ class SeedConfig:
     """The seed every random draw of a stage comes from (checked to fit torch's 64 bits by `check_fields`)."""
 
     seed: int = option(0, "seed of the torch.Generator every random draw comes from")
+
+
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class ProgressConfig:
+    """Whether a long stage draws a progress bar (off in tests and logs)."""
+
+    progress: bool = option(True, "show a progress bar")
 
 
 def check_integers(cfg: Any, names: Sequence[str], minimum: int = 1, *, optional: bool = False,

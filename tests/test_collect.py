@@ -387,6 +387,19 @@ def test_two_processes_write_the_same_rows_as_one(tiny_pair, text_file, tmp_path
     _assert_same_rows(one, two)
 
 
+def test_bench_collect_times_every_source_on_a_tiny_pair(tiny_pair, text_file, tmp_path):
+    from sprinter.bench.collect import parse_bench_config, run_benchmark
+
+    cfg = parse_bench_config(["--draft", str(tiny_pair / "draft"), "--target", str(tiny_pair / "target"),
+                              "--dataset", str(text_file), "--split", "all", "--num-prompts", "2", "--prompt-len",
+                              "16", "--max-new-tokens", "3", "--batch-size", "2", "--repeats", "1", "--threads", "1",
+                              "--out", str(tmp_path)])
+    report = run_benchmark(cfg)
+    assert list(report["results"]) == ["release_sequential", "corpus", "decode"]
+    assert all(r["rows"] == 6 for r in report["results"].values())
+    assert all(a["same_tokens"] for a in report["first_row_agreement"].values())
+
+
 def test_release_baseline_agrees_on_each_prompts_first_row(tiny_pair, text_file):
     from sprinter.bench.collect import release_rows
     from sprinter.data.collect import batch_rows

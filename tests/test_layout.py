@@ -104,3 +104,37 @@ def test_shared_config_fields_have_one_home():
         if any(issubclass(cls, home) for home in (*homes.values(), ModelsConfig)):
             assert cls.__dataclass_params__.frozen, f"{cls.__name__}: the shared bases are frozen, so is it"
     assert not stray, f"shared fields declared outside their base in sprinter/config.py: {stray}"
+
+
+def test_a_shared_field_is_not_copied_into_a_stage():
+    """A stage field with the name, default and help of a shared base's field (sprinter/config.py, the benchmarks'
+    in sprinter/bench/protocol.py) comes from that base: a stage declares such a field itself only to give it a
+    default or help of its own."""
+    import dataclasses
+
+    from sprinter.bench.protocol import BenchRuntimeConfig, PromptLenConfig, PromptSetConfig
+    from sprinter.config import (
+        DeviceConfig,
+        ModelsConfig,
+        PairSourceConfig,
+        ProgressConfig,
+        RuntimeConfig,
+        SeedConfig,
+        ThreadsConfig,
+    )
+
+    def key(f: dataclasses.Field) -> tuple:
+        default = f.default if f.default is not dataclasses.MISSING else f.default_factory()  # type: ignore[misc]
+        return f.name, repr(default), f.metadata.get("help")
+
+    bases = (PairSourceConfig, ModelsConfig, DeviceConfig, ThreadsConfig, RuntimeConfig, SeedConfig, ProgressConfig,
+             BenchRuntimeConfig, PromptSetConfig, PromptLenConfig)
+    homes = {}  # (name, default, help) -> the base that declares it
+    for base in bases:
+        inherited = {key(f) for parent in base.__mro__[1:] if dataclasses.is_dataclass(parent)
+                     for f in dataclasses.fields(parent)}
+        homes.update({key(f): base for f in dataclasses.fields(base) if key(f) not in inherited})
+    assert len(homes) == 13, sorted(homes)
+    copies = [f"{cls.__name__}.{f.name} (home: {homes[key(f)].__name__})" for cls in stage_configs()
+              for f in dataclasses.fields(cls) if key(f) in homes and not issubclass(cls, homes[key(f)])]
+    assert not copies, f"shared fields copied into a stage instead of extending their base: {copies}"

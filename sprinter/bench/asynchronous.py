@@ -28,6 +28,7 @@ import torch
 
 from sprinter.bench.protocol import (
     Prompt,
+    PromptLenConfig,
     append_records,
     check_lossless,
     hardware,
@@ -38,7 +39,15 @@ from sprinter.bench.protocol import (
     save,
     warm_up,
 )
-from sprinter.config import DeviceConfig, check_integer_lists, check_integers, check_runs, option, to_dict
+from sprinter.config import (
+    DeviceConfig,
+    ProgressConfig,
+    check_integer_lists,
+    check_integers,
+    check_runs,
+    option,
+    to_dict,
+)
 from sprinter.decode.decoder import Decoder
 from sprinter.decode.options import DecodeOptions
 from sprinter.errors import SprinterError
@@ -57,13 +66,12 @@ def logit_gap(decoder: Decoder, prompt: Prompt, reference: list[int], i: int, to
 
 
 @dataclass(frozen=True)
-class AsyncBenchConfig(DeviceConfig):
+class AsyncBenchConfig(ProgressConfig, PromptLenConfig, DeviceConfig):
     """Options of scripts/bench_async.py: the single home of their defaults."""
 
     pairs: tuple[str, ...] = option(("demo", "bench"), "preset pairs under checkpoints/pairs/ (built if missing) or "
                                                        "pair folders")
     num_prompts: int = option(20, "held-out prompts per pair (code and prose take turns)")
-    prompt_len: int = option(64, "prompt tokens")
     max_new_tokens: int = option(128, "most tokens to generate per prompt")
     ks: tuple[int, ...] = option((2, 4, 8), "sd: draft lengths k")
     windows: tuple[int, ...] = option((2, 4, 8), "async: windows (most drafted tokens awaiting verification)")
@@ -76,7 +84,6 @@ class AsyncBenchConfig(DeviceConfig):
     out: str = option("results/async", "output folder: OUT/<pair>/records.jsonl, results.json and results.md")
     resume: bool = option(False, "continue from OUT/<pair>/records.jsonl (same options): finished prompts are kept")
     overwrite: bool = option(False, "replace the records in OUT/<pair>")
-    progress: bool = option(True, "show a progress bar")
 
     def __post_init__(self) -> None:
         check_integers(self, ("num_prompts", "prompt_len", "max_new_tokens", "ar_threads", "async_threads"))

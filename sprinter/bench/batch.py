@@ -28,8 +28,7 @@ import torch
 
 from sprinter.bench.protocol import (
     DOMAINS,
-    BenchRuntimeConfig,
-    PromptSetConfig,
+    PairBenchConfig,
     append_records,
     check_domains,
     check_lossless,
@@ -45,8 +44,6 @@ from sprinter.bench.protocol import (
 )
 from sprinter.config import (
     CONFIGS,
-    ModelsConfig,
-    SeedConfig,
     check_integer_lists,
     check_integers,
     check_runs,
@@ -65,7 +62,7 @@ RUNTIME_OPTIONS = ("out", "resume", "overwrite", "progress", "warmup")  # may ch
 
 
 @dataclass(frozen=True)
-class BatchBenchConfig(PromptSetConfig, ModelsConfig, BenchRuntimeConfig, SeedConfig):
+class BatchBenchConfig(PairBenchConfig):
     """The batch sweep's options: the single home of their defaults (scripts/bench_batch.py reads them)."""
 
     batch_sizes: tuple[int, ...] = option((1, 4, 8, 16, 32), "batch sizes B of the sweep")
@@ -77,7 +74,6 @@ class BatchBenchConfig(PromptSetConfig, ModelsConfig, BenchRuntimeConfig, SeedCo
                                          "none: each sequence's own text only")
     sd: bool = option(True, "include the sd row (needs the draft model)")
     domains: tuple[str, ...] = option(DOMAINS, f"prompt domains, a sweep each: some of {DOMAINS}")
-    prompt_len: int = option(64, "prompt tokens")
     max_new_tokens: int = option(64, "most tokens to generate per prompt")
     repeats: int = option(3, "timed runs per (domain, B, method); the median is reported")
     warmup: int = option(1, "warm-up batches per method before timing")
@@ -86,7 +82,6 @@ class BatchBenchConfig(PromptSetConfig, ModelsConfig, BenchRuntimeConfig, SeedCo
     out: str = option("results/batch/demo", "output folder: results.json, results.md, batch.png")
     resume: bool = option(False, "continue from OUT/records.jsonl (same options): finished cells are kept")
     overwrite: bool = option(False, "replace the records in OUT")
-    progress: bool = option(True, "show a progress bar")
 
     def __post_init__(self) -> None:
         check_integers(self, ("k", "ngram_n", "prompt_len", "max_new_tokens", "repeats"))

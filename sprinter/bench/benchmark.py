@@ -37,10 +37,9 @@ from sprinter.bench.methods import (
 from sprinter.bench.protocol import (
     CALIBRATION,
     RECORDS,
-    BenchRuntimeConfig,
     Method,
+    PairBenchConfig,
     Prompt,
-    PromptSetConfig,
     append_records,
     check_domains,
     check_lossless,
@@ -55,8 +54,6 @@ from sprinter.bench.workloads import DEFAULTS as WORKLOAD_DEFAULTS
 from sprinter.bench.workloads import WORKLOADS, resolve, workload_prompts
 from sprinter.config import (
     CONFIGS,
-    ModelsConfig,
-    SeedConfig,
     check_integers,
     check_runs,
     option,
@@ -81,7 +78,7 @@ RUNTIME_OPTIONS = ("out", "resume", "overwrite", "progress", "threads", "warmup"
 
 
 @dataclass(frozen=True)
-class BenchConfig(PromptSetConfig, ModelsConfig, BenchRuntimeConfig, SeedConfig):
+class BenchConfig(PairBenchConfig):
     """The benchmark's options: the single home of their defaults (scripts/benchmark.py reads them)."""
 
     verifier: str = option(DEMO_VERIFIER, "the project's verifier checkpoint (scripts/train.py --out)")
@@ -104,7 +101,6 @@ class BenchConfig(PromptSetConfig, ModelsConfig, BenchRuntimeConfig, SeedConfig)
     store_stop_threshold: bool = option(False, "write the fastest sd-gated stop threshold into STOP_VERIFIER's "
                                                "checkpoint (the Decoder's default for mode sd-gated)")
     num_prompts: int = option(40, "prompts in all (the domains take turns)")
-    prompt_len: int = option(64, "prompt tokens")
     max_new_tokens: int = option(128, "most tokens to generate per prompt")
     temperature: float = option(0.0, "0 is greedy (outputs of lossless methods are checked); above 0 samples")
     check_lossless: bool = option(True, "greedy: stop with an error when a lossless method's output differs from ar's "
@@ -117,7 +113,6 @@ class BenchConfig(PromptSetConfig, ModelsConfig, BenchRuntimeConfig, SeedConfig)
     out: str = option("results/demo", "output folder: records.jsonl, results.json, results.md, pareto.png")
     resume: bool = option(False, "continue from OUT/records.jsonl (same options)")
     overwrite: bool = option(False, "replace the records in OUT")
-    progress: bool = option(True, "show a progress bar")
     rule_k: int = option(4, "sd-ratio, sd-entropy: tokens drafted per target call")
     ratio_lambdas: tuple[float, ...] = option((0.3, 0.5, 0.8), "sd-ratio: lambdas of the ratio rule (keep x iff "
                                                                 "p(x) >= lambda max p) to sweep")

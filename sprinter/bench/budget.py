@@ -20,8 +20,8 @@ from typing import Sequence
 import torch
 from tqdm.auto import tqdm
 
-from sprinter.bench.protocol import BenchRuntimeConfig, PromptSetConfig, check_domains
-from sprinter.config import ModelsConfig, SeedConfig, check_integers, option, parse_config, to_dict
+from sprinter.bench.protocol import PairBenchConfig, check_domains
+from sprinter.config import check_integers, option, parse_config, to_dict
 from sprinter.decode.stats import wilson_interval
 from sprinter.errors import SprinterError
 from sprinter.files import FolderLock, write_atomic, write_json
@@ -30,7 +30,7 @@ VARIANTS = ("static", "adapted")
 
 
 @dataclass(frozen=True)
-class BudgetConfig(PromptSetConfig, ModelsConfig, BenchRuntimeConfig, SeedConfig):
+class BudgetConfig(PairBenchConfig):
     """scripts/budget.py's options: the budgets, temperatures and threshold variants to measure, and the prompts."""
 
     verifier: str = option("checkpoints/verifiers/demo", "the verifier checkpoint, calibrated for every budget")
@@ -41,12 +41,10 @@ class BudgetConfig(PromptSetConfig, ModelsConfig, BenchRuntimeConfig, SeedConfig
     top_p: float = option(0.95, "top-p at temperature > 0")
     variants: tuple[str, ...] = option(VARIANTS, f"threshold variants, some of {VARIANTS}")
     num_prompts: int = option(8, "held-out prompts per row")
-    prompt_len: int = option(64, "prompt tokens")
     max_new_tokens: int = option(64, "tokens generated per prompt")
     max_block: int = option(20, "sprinter: call the target after this many drafted tokens")
     tolerance: float = option(0.01, "the budget holds when the interval's upper end is <= F + this")
     seed: int = option(0, "seed of the sampling (prompt i uses seed + i)")
-    progress: bool = option(True, "show a progress bar")
 
     def __post_init__(self) -> None:
         for name in ("budgets", "temperatures", "variants"):  # frozen: a YAML list becomes a tuple, once, here

@@ -20,7 +20,7 @@ import json
 import os
 import platform
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from datetime import datetime, timezone
 from pathlib import Path
 from typing import Sequence
@@ -28,6 +28,7 @@ from typing import Sequence
 import torch
 from tqdm.auto import tqdm
 
+from sprinter.bench.protocol import PromptLenConfig
 from sprinter.config import RuntimeConfig, check_integers, option, parse_config, to_dict
 from sprinter.data.collect import (
     CollectConfig,
@@ -42,13 +43,12 @@ from sprinter.pairs.load import Pair, load_pair
 
 
 @dataclass(frozen=True)
-class BenchCollectConfig(RuntimeConfig):
+class BenchCollectConfig(PromptLenConfig, RuntimeConfig):
     draft: str | None = option(None, "draft model (default: the demo pair, built if missing)")
     target: str | None = option(None, "target model (default: the demo pair)")
     dataset: str = option("stdlib", "prompt text (see scripts/collect.py)")
     split: str = option("val", "corpus split the prompts come from")
     num_prompts: int = option(16, "prompts, the same for every method")
-    prompt_len: int = option(64, "prompt tokens")
     max_new_tokens: int = option(32, "labelled tokens per prompt")
     k: int = option(4, "tokens drafted per target call (decode source)")
     batch_size: int = option(16, "prompts per forward (corpus and decode)")
@@ -117,10 +117,11 @@ def run_benchmark(cfg: BenchCollectConfig) -> dict:
     results["release_sequential"] = {"rows": len(rows["token_id"]), "seconds": round(seconds, 3)}
     rows_by_method["release_sequential"] = rows
     for source in ("corpus", "decode"):
-        collect_cfg.source = source
+        source_cfg = replace(collect_cfg, source=source)  # configs are frozen: a changed copy per source
         best = None
         for _ in range(cfg.repeats):
-            seconds, parts = _timed(lambda: [batch_rows(collect_cfg, pair, w, first) for first, w in batches])
+            # B023: _timed calls the lambda before the loop moves on, so source_cfg is this round's
+            seconds, parts = _timed(lambda: [batch_rows(source_cfg, pair, w, first) for first, w in batches])  # noqa: B023
             best = seconds if best is None else min(best, seconds)
         rows = {name: torch.cat([part[name] for part in parts]) for name in parts[0]}
         results[source] = {"rows": len(rows["token_id"]), "seconds": round(best, 3)}

@@ -17,7 +17,8 @@ from dataclasses import dataclass
 from typing import Sequence
 
 from sprinter.bench.fidelity import first_difference, score_output
-from sprinter.config import ThreadsConfig, check_integers, option
+from sprinter.bench.protocol import PromptLenConfig
+from sprinter.config import PairSourceConfig, ThreadsConfig, check_integers, option
 from sprinter.decode.options import DecodeOptions
 from sprinter.errors import SprinterError
 
@@ -136,13 +137,11 @@ __all__ = ["Comparison", "LOSSLESS_MODES", "compare", "is_lossless", "loop_share
 
 
 @dataclass(frozen=True)
-class LoopShareConfig(ThreadsConfig):
+class LoopShareConfig(PromptLenConfig, PairSourceConfig, ThreadsConfig):
     """scripts/loop_share.py's options: how much of a pair's `ar` output loops, greedy and sampled, beside the
     held-out text itself (README, Quickstart)."""
 
-    pair: str = option("demo", "a preset pair under checkpoints/pairs/ (built if missing) or a pair folder")
     num_prompts: int = option(20, "held-out prompts of SPLIT (code and prose taking turns)")
-    prompt_len: int = option(64, "prompt tokens")
     max_new_tokens: int = option(128, "tokens `ar` generates per prompt; also the held-out text's window length")
     temperature: float = option(0.8, "the sampled run's temperature (the greedy run is temperature 0)")
     top_p: float = option(0.95, "the sampled run's nucleus")

@@ -9,16 +9,15 @@ from pathlib import Path
 
 import torch
 
-from sprinter.config import RuntimeConfig, check_integers, option
+from sprinter.config import PairSourceConfig, RuntimeConfig, check_integers, option
 from sprinter.decode.costs import FILE_NAME, NOISY, Budget, CostProfile, measure_costs, save_profile
 from sprinter.errors import SprinterError
 
 
 @dataclass(frozen=True)
-class ProfileConfig(RuntimeConfig):
+class ProfileConfig(PairSourceConfig, RuntimeConfig):
     """scripts/profile_pair.py's options: the single home of their defaults."""
 
-    pair: str = option("demo", "a preset pair under checkpoints/pairs/ (built if missing) or a pair folder")
     out: str | None = option(None, "profile file (profiles of other devices/threads in it are kept); none: "
                                    f"PAIR/{FILE_NAME} when the pair folder is writable, else ./{FILE_NAME}")
     verifier: str | None = option(None, "the learned verifier whose call is timed; none: an untrained one of the "

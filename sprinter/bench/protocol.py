@@ -23,7 +23,7 @@ from typing import Callable, Iterable, Sequence, TypeVar
 import torch
 
 from sprinter.bench.fidelity import first_difference
-from sprinter.config import RuntimeConfig, option
+from sprinter.config import ModelsConfig, ProgressConfig, RuntimeConfig, SeedConfig, option
 from sprinter.corpus import load_documents, prose_documents
 from sprinter.errors import SprinterError
 from sprinter.files import read_json, write_atomic
@@ -49,6 +49,19 @@ class PromptSetConfig:
     dataset: str = option("stdlib", "prompt source (sprinter.corpus): 'stdlib', a folder or a file")
     split: str = option("test", "corpus split of the prompts (test: held out from pair and verifier training)")
     domains: tuple[str, ...] = option(DOMAINS, f"prompt domains, alternated: some of {DOMAINS}")
+
+
+@dataclass(frozen=True, kw_only=True)
+class PromptLenConfig:
+    """How long a benchmark's prompts are (`load_prompts`' prompt_len; checked against the pair by `check_window`)."""
+
+    prompt_len: int = option(64, "prompt tokens")
+
+
+@dataclass(frozen=True, kw_only=True)
+class PairBenchConfig(ProgressConfig, PromptLenConfig, PromptSetConfig, ModelsConfig, BenchRuntimeConfig, SeedConfig):
+    """What the benchmarks of one pair on a held-out prompt set share (the main benchmark, the batch sweep, the
+    budget check): the models, where they run, the prompts, the seed and the progress bar."""
 
 
 def check_domains(domains: Sequence[str]) -> None:

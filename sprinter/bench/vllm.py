@@ -25,7 +25,7 @@ from pathlib import Path
 
 import torch
 
-from sprinter.bench.protocol import check_lossless, hardware, libraries, load_prompts
+from sprinter.bench.protocol import PromptLenConfig, check_lossless, hardware, libraries, load_prompts
 from sprinter.config import ThreadsConfig, check_integer_lists, check_integers, option, to_dict
 from sprinter.errors import SprinterError
 from sprinter.files import write_atomic, write_json
@@ -37,13 +37,12 @@ ENGINE_ENV = {"VLLM_ENABLE_V1_MULTIPROCESSING": "0", "VLLM_CPU_KVCACHE_SPACE": "
 
 
 @dataclass(frozen=True)
-class BenchVllmConfig(ThreadsConfig):
+class BenchVllmConfig(PromptLenConfig, ThreadsConfig):
     pair: str = option("checkpoints/pairs/bench", "pair folder (PAIR/target, PAIR/draft)")
     verifier: str = option("checkpoints/verifiers/bench", "verifier trained for the pair's draft")
     threshold: float | None = option(None, "the proposer's flag threshold (none: the verifier's calibrated one)")
     out: str = option("results/vllm/bench", "output folder (results.json, results.md)")
     num_prompts: int = option(16, "held-out prompts (code and prose taking turns)")
-    prompt_len: int = option(64, "prompt tokens")
     max_new_tokens: int = option(128, "new tokens per request")
     ks: tuple[int, ...] = option((2, 4, 8), "vLLM draft_model's and the Decoder's sd's fixed k")
     sprinter_k: int = option(8, "the sprinter proposer's most tokens per chain (num_speculative_tokens)")

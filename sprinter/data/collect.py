@@ -23,6 +23,7 @@ from tqdm.auto import tqdm
 import sprinter
 from sprinter.config import (
     CONFIGS,
+    ProgressConfig,
     RuntimeConfig,
     SeedConfig,
     check_integers,
@@ -71,7 +72,7 @@ RUNTIME_OPTIONS = ("resume", "overwrite", "device", "threads", "progress", "out"
 
 
 @dataclass(frozen=True)
-class CollectConfig(RuntimeConfig, SeedConfig, OnPolicyOptions):
+class CollectConfig(OnPolicyOptions, ProgressConfig, RuntimeConfig, SeedConfig):
     draft: str | None = option(None, "draft model: Hub name or local folder (default: the demo pair, built if missing)")
     target: str | None = option(None, "target model: Hub name or local folder (default: the demo pair)")
     dataset: str = option("stdlib", "prompt text: 'stdlib', a folder, a .jsonl/text file, or a Hub dataset name")
@@ -96,7 +97,6 @@ class CollectConfig(RuntimeConfig, SeedConfig, OnPolicyOptions):
     threads: int = option(0, "CPU threads per process (0: the cores divided among the processes)")
     resume: bool = option(False, "continue an interrupted collection in --out")
     overwrite: bool = option(False, "replace the collection in --out")
-    progress: bool = option(True, "show a progress bar")
     trust_remote_code: bool = option(False, "allow models with custom code from the Hub")
 
     def __post_init__(self) -> None:
