@@ -104,19 +104,21 @@ def plot(results: dict, path: Path) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    points = sorted(results["points"], key=lambda r: r["train_rows"])
-    rows = [r["train_rows"] for r in points]
-    fig, ax = plt.subplots(figsize=(5.5, 3.6))
-    ax.plot(rows, [r["decode_time"]["true_accept"] for r in points], "o-", label="decode-time rows (test prompts)")
-    ax.plot(rows, [r["collected"]["true_accept"] for r in points], "s--", label="collected rows (test split)")
-    for r in points:
-        ax.annotate(Path(r["verifier"]).name, (r["train_rows"], r["decode_time"]["true_accept"]), fontsize=7,
-                    textcoords="offset points", xytext=(3, -9))
+    groups: dict[str, list[dict]] = {}  # one line per training source: more rows of the same kind of data
+    for r in sorted(results["points"], key=lambda r: r["train_rows"]):
+        groups.setdefault(" + ".join(r["data"]), []).append(r)
+    fig, ax = plt.subplots(figsize=(6, 3.8))
+    for i, (source, points) in enumerate(groups.items()):
+        rows, color = [r["train_rows"] for r in points], f"C{i}"
+        ax.plot(rows, [r["decode_time"]["true_accept"] for r in points], "o-", color=color,
+                label=f"{source}: decode-time rows")
+        ax.plot(rows, [r["collected"]["true_accept"] for r in points], "s--", color=color, mfc="none",
+                label=f"{source}: its own test rows")
     ax.set_xscale("log")
-    ax.set_xlabel("training rows")
+    ax.set_xlabel("training rows (the verifier's train split)")
     ax.set_ylabel(f"true-accept at {results['config']['budget']} false-accept")
     ax.grid(alpha=0.3)
-    ax.legend(fontsize=8)
+    ax.legend(fontsize=7)
     fig.tight_layout()
     fig.savefig(path, dpi=120)
     plt.close(fig)
