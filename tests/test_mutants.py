@@ -1,0 +1,85 @@
+"""Tests written against the survivors of the decode core's mutation run (docs/testing.md, results/mutation/):
+each pins a behaviour a one-line change in acceptance.py, cache.py, sampling.py, loops.py or gates.py altered
+without any other test noticing. Hand-made inputs; no model larger than a stand-in."""
+
+import sys
+import types
+
+import pytest
+import torch
+
+from sprinter.decode import cache as cache_module
+from sprinter.decode.acceptance import lenient_accept
+from sprinter.decode.drafters import DraftStep
+from sprinter.decode.gates import MarginGate, load_learned_gate
+from sprinter.errors import SprinterError
+
+
+def step_with(q_soft: torch.Tensor) -> DraftStep:
+    return DraftStep(token=q_soft.argmax(), q=q_soft, q_soft=q_soft, hidden=None)
+
+
+def test_the_margin_of_a_one_token_vocabulary_is_its_probability():
+    """With one token there is no runner-up: the margin is the top probability itself (no index past the end)."""
+    assert float(MarginGate(0.5).accept_prob(step_with(torch.tensor([1.0])), 0)) == 1.0
+    assert float(MarginGate(0.5).accept_prob(step_with(torch.tensor([0.7, 0.2, 0.1])), 0)) == pytest.approx(0.5)
+
+
+def test_the_ratio_rule_rejects_at_exact_equality():
+    """keep x iff u < p(x) / (lambda q(x)), strictly: at u * lambda * q(x) == p(x) the token is not kept (as
+    speculative_accept's u < p/q)."""
+    p, q, u = torch.tensor([0.5, 0.5]), torch.tensor([1.0, 1.0]), torch.tensor([0.5, 0.25])
+    assert lenient_accept(p, q, u, 1.0).tolist() == [False, True]
+    assert lenient_accept(p, q, u, 2.0).tolist() == [False, False]  # 0.25 * 2 * 1 == 0.5: not kept either
+
+
+def test_a_missing_verifier_names_the_path_and_the_commands_that_make_one(tmp_path):
+    missing = tmp_path / "nowhere"
+    with pytest.raises(SprinterError) as err:
+        load_learned_gate(missing, "fp", 8, torch.device("cpu"), torch.float32)
+    assert str(err.value) == (
+        f"verifier: got {str(missing)!r}, which does not exist; train one with `python scripts/collect.py` then "
+        "`python scripts/train.py` (which writes checkpoints/verifiers/demo), or decode with the draft's "
+        "confidence instead (gate='confidence', CLI --gate confidence)")
+
+
+def test_a_transformers_without_static_layers_has_no_static_cache(monkeypatch):
+    with monkeypatch.context() as patched:
+        patched.setitem(sys.modules, "transformers.cache_utils", types.ModuleType("transformers.cache_utils"))
+        assert cache_module.static_cache_supported() is False
+    from transformers import __version__
+
+    monkeypatch.setattr(cache_module, "static_cache_supported", lambda: False)
+    with pytest.raises(SprinterError) as err:
+        cache_module.static_cache(torch.nn.Linear(1, 1), 8)
+    assert str(err.value) == (f"static cache: transformers {__version__} has no StaticCache whose length can be "
+                              "moved back; expected a release that has one (5.17 or later), or engine=\"eager\"")
+
+
+class _Layer:
+    def __init__(self, sliding):
+        if sliding is not None:
+            self.is_sliding = sliding
+
+
+@pytest.mark.parametrize("flags, refused", [((False, True), True), ((False, False), False), ((None, None), False)])
+def test_a_static_cache_with_sliding_window_layers_is_refused(monkeypatch, flags, refused):
+    """A layer that says is_sliding=True cannot move its length back; a layer that says nothing is a full one."""
+    import transformers
+
+    class FakeStatic:
+        def __init__(self, config, max_cache_len):
+            self.layers = [_Layer(f) for f in flags]
+
+    class Model(torch.nn.Module):
+        config = None
+
+    monkeypatch.setattr(cache_module, "static_cache_supported", lambda: True)
+    monkeypatch.setattr(transformers, "StaticCache", FakeStatic)
+    if refused:
+        with pytest.raises(SprinterError) as err:
+            cache_module.static_cache(Model(), 8)
+        assert str(err.value) == ("static cache: Model has sliding-window layers, whose static cache cannot move its "
+                                  "length back; expected engine=\"eager\"")
+    else:
+        assert len(cache_module.static_cache(Model(), 8).layers) == 2
