@@ -83,3 +83,15 @@ def test_a_static_cache_with_sliding_window_layers_is_refused(monkeypatch, flags
                                   "length back; expected engine=\"eager\"")
     else:
         assert len(cache_module.static_cache(Model(), 8).layers) == 2
+
+
+def test_a_token_the_target_likes_more_than_the_draft_is_no_false_accept():
+    """ratio_tally's false-accept count is a sum of 1 - min(1, p/q): a kept token with p(x) > q(x) adds 0, never a
+    negative share that would hide another token's rejection."""
+    from sprinter.decode.acceptance import ratio_tally
+
+    p_x, q_x, u = torch.tensor([0.9, 0.2]), torch.tensor([0.5, 0.4]), torch.tensor([0.1, 0.6])
+    p_soft, x = torch.full((2, 4), 0.25), torch.tensor([0, 1])
+    e, n, m = ratio_tally(0.5, p_x, q_x, u, p_soft, x, greedy=False).tolist()
+    assert (e, n) == (1.0, 2.0)  # exact: 0.6 * 0.4 >= 0.2 rejects the second; ratio 0.5: 0.12 < 0.2 keeps it
+    assert m == pytest.approx(0.5)  # 0 for the first (p > q), 1 - 0.2 / 0.4 for the second
