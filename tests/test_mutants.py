@@ -95,3 +95,57 @@ def test_a_token_the_target_likes_more_than_the_draft_is_no_false_accept():
     e, n, m = ratio_tally(0.5, p_x, q_x, u, p_soft, x, greedy=False).tolist()
     assert (e, n) == (1.0, 2.0)  # exact: 0.6 * 0.4 >= 0.2 rejects the second; ratio 0.5: 0.12 < 0.2 keeps it
     assert m == pytest.approx(0.5)  # 0 for the first (p > q), 1 - 0.2 / 0.4 for the second
+
+
+def _saved_verifier(folder, features, hidden_size=8, draft=None):
+    from sprinter.verifier import Verifier, VerifierInfo, default_arch, save_verifier
+
+    info = VerifierInfo(features=features, hidden_size=hidden_size, arch=default_arch(depth=0),
+                        draft=draft or {}, default_threshold=0.5)
+    save_verifier(folder, Verifier(info), info)
+    return folder
+
+
+def test_a_verifier_for_another_draft_or_width_is_refused_word_for_word(tmp_path):
+    path = _saved_verifier(tmp_path / "v", ("hidden",), draft={"name": "other-draft", "fingerprint": "aaaa"})
+    with pytest.raises(SprinterError) as err:
+        load_learned_gate(path, "bbbb", 8, torch.device("cpu"), torch.float32)
+    assert str(err.value) == (f"verifier {str(path)!r} was trained for draft 'other-draft' (fingerprint aaaa); this "
+                              "draft's fingerprint is bbbb: expected a verifier trained on this draft")
+    with pytest.raises(SprinterError) as err:
+        load_learned_gate(path, "aaaa", 16, torch.device("cpu"), torch.float32)
+    assert str(err.value) == (f"verifier {str(path)!r} reads hidden states of size 8; this draft's hidden size is "
+                              "16: expected a verifier trained on this draft")
+
+
+def test_a_learned_gate_runs_in_the_drafts_dtype(tmp_path):
+    path = _saved_verifier(tmp_path / "v", ("hidden",))
+    gate, _ = load_learned_gate(path, "fp", 8, torch.device("cpu"), torch.bfloat16)
+    assert {p.dtype for p in gate.verifier.parameters()} == {torch.bfloat16} and gate.dtype == torch.bfloat16
+
+
+def test_the_learned_gates_refusals_are_word_for_word(tmp_path):
+    from sprinter.decode.gates import LearnedGate
+    from sprinter.verifier import load_verifier
+
+    verifier, info = load_verifier(_saved_verifier(tmp_path / "b", ("hidden", "prev_draft_prob")))
+    gate = LearnedGate(verifier, info.features, 0.5)
+    step = DraftStep(token=torch.tensor(0), q=torch.tensor([0.6, 0.4]), q_soft=torch.tensor([0.6, 0.4]),
+                     hidden=torch.zeros(8))
+    gate.step_features(step, 0)
+    with pytest.raises(SprinterError) as err:
+        gate.step_features(step, 2)
+    assert str(err.value) == ("LearnedGate: got position 2 after 1 token(s) of this block; expected every drafted "
+                              "token in order, the block's first at position 0")
+    verifier, info = load_verifier(_saved_verifier(tmp_path / "p", ("hidden", "hidden_prev_layer")))
+    with pytest.raises(SprinterError) as err:
+        LearnedGate(verifier, info.features, 0.5).step_features(step, 0)
+    assert str(err.value) == ("LearnedGate: the verifier reads hidden_prev_layer and the drafter gave none; expected "
+                              "a ModelDrafter made with hidden_layers=gate.hidden_layers")
+
+
+def test_the_entropy_rule_reads_the_last_axis_of_any_batch_shape():
+    from sprinter.decode.acceptance import entropy_keep
+
+    p = torch.tensor([[[0.5, 0.5, 0.0], [1.0, 0.0, 0.0]]])  # (b=1, k=2, V=3): entropies ln 2 and 0
+    assert entropy_keep(p, 0.5).tolist() == [[True, False]]
