@@ -103,6 +103,11 @@ class VerifierInfo:
         kept = self.kept_thresholds.get(budget_key(temperature), {})
         return kept[key] if key in kept else self.thresholds[key]
 
+    def thresholds_at(self, temperature: float = 0.0) -> dict[str, float]:
+        """budget (as str) -> the threshold `threshold_for` gives at this temperature, for every budget of either
+        calibration."""
+        return {budget_key(b): self.threshold_for(b, temperature) for b in self.budgets_at(temperature)}
+
     def budgets_at(self, temperature: float = 0.0) -> list[float]:
         """The budgets a threshold exists for at this temperature (either calibration)."""
         keys = set(self.thresholds) | set(self.kept_thresholds.get(budget_key(temperature), {}))

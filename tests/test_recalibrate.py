@@ -79,6 +79,7 @@ def test_threshold_for_prefers_the_decode_time_calibration_at_its_temperature():
     assert info.threshold_for(0.05, 0.0) == 0.6 and info.threshold_for(0.02, 0.0) == 0.8
     assert info.threshold_for(0.05, 0.8) == 0.3  # no decode-time calibration at 0.8: the collected rows' threshold
     assert info.budgets_at(0.0) == [0.02, 0.05] and info.budgets_at(0.8) == [0.05]
+    assert info.thresholds_at(0.0) == {"0.02": 0.8, "0.05": 0.6} and info.thresholds_at(0.8) == {"0.05": 0.3}
     with pytest.raises(KeyError):
         info.threshold_for(0.02, 0.8)
 

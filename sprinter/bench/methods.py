@@ -167,13 +167,13 @@ def build_methods(cfg: BenchConfig, decoder: Decoder, verifiers: dict[str, str])
     runner = functools.partial(decoder_runner, decoder, cfg.temperature, cfg.top_p)
     gates: dict[str, tuple[LearnedGate, dict[str, float]]] = {}
     if "mlp" in verifiers:
-        gates["mlp"] = (decoder.gate, decoder.verifier_info.thresholds)
+        gates["mlp"] = (decoder.gate, decoder.verifier_info.thresholds_at(cfg.temperature))  # decode-time first
     for name in ("linear", "stop", "compare"):
         if name in verifiers and not (name == "stop" and verifiers["stop"] == verifiers.get("mlp")):
             pair = decoder.pair
             gate, info = load_learned_gate(verifiers[name], fingerprint(pair.draft_name), pair.draft.config.hidden_size,
                                            pair.device, pair.dtype)
-            gates[name] = (gate, info.thresholds)
+            gates[name] = (gate, info.thresholds_at(cfg.temperature))
     if "stop" in verifiers and "stop" not in gates:
         gates["stop"] = gates["mlp"]
     methods: list[Method] = []

@@ -334,6 +334,7 @@ def write_reports(out: Path, *, options: dict, decoder, verifiers: dict[str, str
         info = read_info(path)
         verifier_info[name] = {"path": path, "features": list(info.features), "arch": info.arch,
                                "label_rule": info.label_rule, "thresholds": info.thresholds,
+                               "kept_thresholds": info.kept_thresholds,
                                "context_source": info.context_source}
     finished = [p for p in prompts if p.index in done]
     domains: dict[str, int] = {}
