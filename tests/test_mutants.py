@@ -100,7 +100,7 @@ def test_a_token_the_target_likes_more_than_the_draft_is_no_false_accept():
 def _saved_verifier(folder, features, hidden_size=8, draft=None):
     from sprinter.verifier import Verifier, VerifierInfo, default_arch, save_verifier
 
-    info = VerifierInfo(features=features, hidden_size=hidden_size, arch=default_arch(depth=0),
+    info = VerifierInfo(features=features, hidden_size=hidden_size, arch=default_arch(depth=0, vocab_size=3),
                         draft=draft or {}, default_threshold=0.5)
     save_verifier(folder, Verifier(info), info)
     return folder
@@ -149,3 +149,38 @@ def test_the_entropy_rule_reads_the_last_axis_of_any_batch_shape():
 
     p = torch.tensor([[[0.5, 0.5, 0.0], [1.0, 0.0, 0.0]]])  # (b=1, k=2, V=3): entropies ln 2 and 0
     assert entropy_keep(p, 0.5).tolist() == [[True, False]]
+
+
+def test_a_learned_gate_computes_exactly_its_features_in_its_own_dtype(tmp_path):
+    """Every feature the verifier reads, and no other, each in the verifier's dtype (bfloat16 here: the draft's
+    float32 states and the int position are converted), the token id left an id."""
+    from sprinter.decode.gates import LearnedGate
+    from sprinter.verifier import load_verifier
+
+    features = ("hidden", "hidden_prev_layer", "token_id", "draft_prob", "draft_margin", "prev_draft_prob",
+                "block_cum_prob", "position")
+    path = _saved_verifier(tmp_path / "all", features)
+    verifier, info = load_verifier(path)
+    gate = LearnedGate(verifier.to(torch.bfloat16), info.features, 0.5)
+    q = torch.tensor([0.6, 0.3, 0.1])
+    step = DraftStep(token=torch.tensor(0), q=q, q_soft=q, hidden=torch.ones(8), hidden_prev=torch.ones(8))
+    gate.step_features(step, 0)
+    out = gate.step_features(step, 1)
+    assert set(features) <= set(out)  # with a top-k feature every distribution feature comes from one topk
+    assert {k: v.dtype for k, v in out.items() if k != "token_id"} == dict.fromkeys(set(out) - {"token_id"},
+                                                                                   torch.bfloat16)
+    assert out["token_id"].dtype == torch.long and float(out["position"]) == 1.0
+    assert float(out["prev_draft_prob"]) == pytest.approx(0.6, abs=1e-2)
+    assert 0 < float(gate.accept_prob(step, 2)) < 1
+
+
+def test_a_gate_without_top_k_features_computes_no_top_k(tmp_path):
+    """A default verifier (hidden, draft_prob, draft_entropy) asks only for what it reads: no topk per step."""
+    from sprinter.decode.gates import LearnedGate
+    from sprinter.verifier import load_verifier
+
+    verifier, info = load_verifier(_saved_verifier(tmp_path / "d", ("hidden", "draft_prob", "draft_entropy")))
+    q = torch.tensor([0.6, 0.3, 0.1])
+    step = DraftStep(token=torch.tensor(1), q=q, q_soft=q, hidden=torch.ones(8))
+    out = LearnedGate(verifier, info.features, 0.5).step_features(step, 0)
+    assert set(out) == {"hidden", "draft_prob", "draft_entropy"} and float(out["draft_prob"]) == pytest.approx(0.3)
