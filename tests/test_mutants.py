@@ -184,3 +184,23 @@ def test_a_gate_without_top_k_features_computes_no_top_k(tmp_path):
     step = DraftStep(token=torch.tensor(1), q=q, q_soft=q, hidden=torch.ones(8))
     out = LearnedGate(verifier, info.features, 0.5).step_features(step, 0)
     assert set(out) == {"hidden", "draft_prob", "draft_entropy"} and float(out["draft_prob"]) == pytest.approx(0.3)
+
+
+def test_make_gate_names_the_learned_gate_and_a_parameterless_verifier_runs_in_float32(tmp_path):
+    from sprinter.decode.gates import NO_VERIFIER, LearnedGate, make_gate
+    from sprinter.verifier import load_verifier
+
+    verifier, info = load_verifier(_saved_verifier(tmp_path / "v", ("hidden",)))
+    learned = LearnedGate(verifier, info.features, 0.5)
+    assert make_gate("learned", None, learned) is learned and make_gate(None, None, learned) is learned
+    at = make_gate("learned", 0.9, learned)
+    assert isinstance(at, LearnedGate) and at.threshold == 0.9 and at.verifier is verifier
+    with pytest.raises(SprinterError) as err:
+        make_gate("learned", None, None)
+    assert str(err.value) == NO_VERIFIER
+
+    class Fixed(torch.nn.Module):  # no parameters at all: the features go in float32
+        def forward(self, inputs):
+            return inputs["hidden"].sum(-1)
+
+    assert LearnedGate(Fixed(), ("hidden",), 0.5).dtype == torch.float32
