@@ -204,3 +204,43 @@ def test_make_gate_names_the_learned_gate_and_a_parameterless_verifier_runs_in_f
             return inputs["hidden"].sum(-1)
 
     assert LearnedGate(Fixed(), ("hidden",), 0.5).dtype == torch.float32
+
+
+def test_a_training_free_gate_takes_the_threshold_it_is_given():
+    from sprinter.decode.gates import CONFIDENCE_THRESHOLD, make_gate
+
+    for name in ("confidence", "entropy", "margin"):
+        assert make_gate(name, 0.9, None).threshold == 0.9
+        assert make_gate(name, None, None).threshold == CONFIDENCE_THRESHOLD
+
+
+def test_when_sampling_the_verifier_reads_the_sampling_distribution():
+    """q_soft is the untempered softmax only when greedy; sampling at T / top-p it is q itself."""
+    from sprinter.decode.sampling import Sampler
+
+    logits = torch.tensor([2.0, 1.0, 0.0, -1.0])
+    sampler = Sampler(temperature=0.5, top_p=0.9)
+    assert torch.allclose(sampler.soft_probs(logits), sampler.probs(logits))
+    assert not torch.allclose(sampler.soft_probs(logits), logits.softmax(-1))
+    assert torch.allclose(Sampler().soft_probs(logits), logits.softmax(-1))
+
+
+class _Half:
+    """A stand-in gate: every drafted token has P(accept) 0.5, at threshold 0.5 (sprinter would pass them all)."""
+
+    hidden_layers = 0
+    threshold = 0.5
+
+    def accept_prob(self, step, position):
+        return torch.tensor(0.5)
+
+
+def test_sd_gated_stops_by_its_own_stop_threshold(gpt2_decoder):
+    """sd-gated ends a block once 1 - prod P(accept) > stop_threshold: at P 0.5 a block of 2 at 0.6 (1 - 0.25),
+    of 1 at 0.4, never at 0.99 for k = 4 (1 - 0.0625); the gate's own threshold plays no part."""
+    drafted = {}
+    for stop in (0.4, 0.6, 0.99):
+        out = gpt2_decoder.generate("def f(x):", mode="sd-gated", gate=_Half(), stop_threshold=stop, k=4,
+                                    max_new_tokens=24)
+        drafted[stop] = out.stats.drafted / out.stats.target_calls
+    assert drafted[0.4] < drafted[0.6] < drafted[0.99]
