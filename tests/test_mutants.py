@@ -244,3 +244,10 @@ def test_sd_gated_stops_by_its_own_stop_threshold(gpt2_decoder):
                                     max_new_tokens=24)
         drafted[stop] = out.stats.drafted / out.stats.target_calls
     assert drafted[0.4] < drafted[0.6] < drafted[0.99]
+
+
+def test_modes_without_a_gate_make_no_gate_decisions(gpt2_decoder):
+    out = gpt2_decoder.generate("def f(x):", mode="sd", k=4, max_new_tokens=16)
+    assert out.stats.verifier_calls == 0 and out.stats.flagged == 0 and out.stats.target_calls > 1
+    gated = gpt2_decoder.generate("def f(x):", mode="sprinter", gate=_Half(), max_new_tokens=16)
+    assert gated.stats.verifier_calls >= gated.stats.drafted > 0  # one decision a drafted token
