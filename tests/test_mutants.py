@@ -251,3 +251,9 @@ def test_modes_without_a_gate_make_no_gate_decisions(gpt2_decoder):
     assert out.stats.verifier_calls == 0 and out.stats.flagged == 0 and out.stats.target_calls > 1
     gated = gpt2_decoder.generate("def f(x):", mode="sprinter", gate=_Half(), max_new_tokens=16)
     assert gated.stats.verifier_calls >= gated.stats.drafted > 0  # one decision a drafted token
+
+
+def test_a_flagged_token_is_never_counted_as_passed_unchecked(gpt2_decoder):
+    """The flagged token is the one the target checks: a gate that flags every token passes nothing unchecked."""
+    out = gpt2_decoder.generate("def f(x):", mode="sprinter", gate="always", max_new_tokens=12)
+    assert out.stats.flagged > 0 and out.stats.passed_unchecked == 0 and out.stats.false_accepts == 0
