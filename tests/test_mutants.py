@@ -257,3 +257,26 @@ def test_a_flagged_token_is_never_counted_as_passed_unchecked(gpt2_decoder):
     """The flagged token is the one the target checks: a gate that flags every token passes nothing unchecked."""
     out = gpt2_decoder.generate("def f(x):", mode="sprinter", gate="always", max_new_tokens=12)
     assert out.stats.flagged > 0 and out.stats.passed_unchecked == 0 and out.stats.false_accepts == 0
+
+
+def test_last_states_are_the_last_layers_last_first():
+    from sprinter.decode.cache import last_states
+
+    layers = tuple(torch.full((1, 3, 2), float(i)) for i in range(4))  # embeddings, then 3 layers
+    states = last_states(layers, 2, 1)  # (T - start, n, H)
+    assert states.shape == (2, 2, 2) and states[:, 0].unique().item() == 3.0 and states[:, 1].unique().item() == 2.0
+    assert last_states(layers, 0, 0) is None
+
+
+def test_an_append_returns_states_only_when_asked_and_a_rollback_of_nothing_keeps_the_cache(gpt2_decoder):
+    from sprinter.decode.cache import CachedLM
+
+    pair = gpt2_decoder.pair
+    lm = CachedLM(pair.target, pair.vocab_size)
+    ids = torch.tensor([[1, 2, 3]])
+    logits, states = lm.append(ids)
+    assert states is None and logits.shape == (1, pair.vocab_size)
+    lm.rollback(0)
+    assert lm.length == 3 and lm.cache.get_seq_length() == 3
+    _, states = lm.append(torch.tensor([[4]]), hidden=1)
+    assert states.shape == (1, 1, pair.target.config.hidden_size)
