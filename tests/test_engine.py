@@ -117,7 +117,9 @@ def test_compiled_steps_decode_as_the_eager_reference_in_ci():
     compiled = Decoder(eager.pair, engine=Engine(eager.pair.device, compile=True))
     prompt = [1, 2, 3, 0, 1]
     rejected = 0
-    for options in (dict(mode="ar"), dict(mode="sd", k=2)):
+    # sprinter with the confidence gate runs the fused draft step (the draft's forward, q and the gate in one graph,
+    # CachedLM.append_fused): the same tokens as the eager loop, where the gate runs apart
+    for options in (dict(mode="ar"), dict(mode="sd", k=2), dict(mode="sprinter", gate="confidence")):
         want = eager.generate(prompt, max_new_tokens=10, **options)
         got = compiled.generate(prompt, max_new_tokens=10, **options)
         assert got.token_ids == want.token_ids, options
@@ -125,6 +127,7 @@ def test_compiled_steps_decode_as_the_eager_reference_in_ci():
     assert rejected > 0  # the draft disagreed: rollbacks of the static caches ran between compiled steps
     assert compiled.engine.compile_seconds > 0 and set(compiled.engine.steps) == {id(eager.pair.target),
                                                                                  id(eager.pair.draft)}
+    assert len(compiled.engine.fused_steps) == 1
 
 
 @pytest.mark.slow
