@@ -123,6 +123,7 @@ def test_compiled_steps_decode_as_the_eager_reference_in_ci():
         want = eager.generate(prompt, max_new_tokens=10, **options)
         got = compiled.generate(prompt, max_new_tokens=10, **options)
         assert got.token_ids == want.token_ids, options
+        assert (got.stats.draft_flops, got.stats.target_flops) == (want.stats.draft_flops, want.stats.target_flops)
         rejected += got.stats.rejected
     assert rejected > 0  # the draft disagreed: rollbacks of the static caches ran between compiled steps
     assert compiled.engine.compile_seconds > 0 and set(compiled.engine.steps) == {id(eager.pair.target),

@@ -29,12 +29,12 @@ from typing import Sequence
 import torch
 
 from sprinter.config import ThreadsConfig, option, parse_config, to_dict
+from sprinter.decode.stats import Z90
 from sprinter.errors import SprinterError
 from sprinter.files import FolderLock, read_json, write_json
 from sprinter.verifier import budget_key
 
 BOUNDS = ("wilson90", "point")
-Z90 = 1.6448536269514722  # the two-sided 90% normal quantile, as sprinter.decode.stats
 
 
 @dataclass(frozen=True)
@@ -71,7 +71,8 @@ def parse_calibrate_config(argv: Sequence[str] | None) -> CalibrateConfig:
 
 
 def wilson_upper(events: torch.Tensor, n: torch.Tensor, z: float = Z90) -> torch.Tensor:
-    """The upper end of the 90% Wilson interval of events / n, elementwise (n > 0).  # (G,), (G,) -> (G,)"""
+    """The upper end of the 90% Wilson interval of events / n, elementwise (n > 0): sprinter.decode.stats'
+    wilson_interval over a whole curve of counts at once.  # (G,), (G,) -> (G,)"""
     rate = (events / n).clamp(0, 1)
     centre = (rate + z * z / (2 * n)) / (1 + z * z / n)
     half = z / (1 + z * z / n) * torch.sqrt(rate * (1 - rate) / n + z * z / (4 * n * n))
