@@ -275,6 +275,10 @@ def iter_batches(cfg, tokenizer, only: set[int] | None = None) -> Iterator[tuple
         yield first, torch.stack(batch)
 
 
+# The collect options that cut a prompt list: two collections agree on them, or their prompt ids name other windows.
+PROMPT_LIST = ("dataset", "split", "prompt_len", "max_new_tokens", "windows_per_document")
+
+
 @dataclasses.dataclass(frozen=True, kw_only=True)
 class OnPolicyOptions:
     """The onpolicy source's options (a base of the collect stage's CollectConfig)."""
@@ -303,7 +307,7 @@ def held_out_prompts(cfg) -> set[int] | None:
     val, train_cfg = val_prompts(Path(cfg.verifier), "val")
     test, _ = val_prompts(Path(cfg.verifier), "test")
     trained_on = read_manifest(train_cfg["data"][0]).get("config", {})
-    same = ("dataset", "split", "prompt_len", "max_new_tokens", "windows_per_document")
+    same = PROMPT_LIST
     if any(getattr(cfg, k) != trained_on.get(k) for k in same):
         raise SprinterError(f"held_out: this collection cuts its prompts with {[getattr(cfg, k) for k in same]} "
                             f"({same}), the verifier's data with {[trained_on.get(k) for k in same]}; expected the "
@@ -326,6 +330,6 @@ def check_onpolicy(cfg) -> None:
         raise SprinterError(f"continuation_temperature: got {cfg.continuation_temperature!r}; expected > 0")
 
 
-__all__ = ["Context", "OnPolicyOptions", "accept_labels", "check_onpolicy", "choose_tokens", "corpus_rows",
-           "decode_rows", "held_out_prompts", "iter_batches", "iter_windows", "onpolicy_decoder", "onpolicy_rows",
-           "probabilities"]
+__all__ = ["PROMPT_LIST", "Context", "OnPolicyOptions", "accept_labels", "check_onpolicy", "choose_tokens",
+           "corpus_rows", "decode_rows", "held_out_prompts", "iter_batches", "iter_windows", "onpolicy_decoder",
+           "onpolicy_rows", "probabilities"]

@@ -138,6 +138,7 @@ def val_prompts(verifier_dir: Path, split: str = "val") -> tuple[torch.Tensor, d
 def folder_rows(folder: str, verifier, info, val: torch.Tensor, train_cfg: dict) -> tuple[float, dict]:
     """(temperature, {scores, labels, rows, prompts}) of one collection: its rows decoded and labelled at its
     temperature, on the verifier's val prompts."""
+    from sprinter.data.contexts import PROMPT_LIST
     from sprinter.data.shards import read_manifest
     from sprinter.train.baselines import score_rows
     from sprinter.train.data import TokenTable, open_folders
@@ -145,7 +146,7 @@ def folder_rows(folder: str, verifier, info, val: torch.Tensor, train_cfg: dict)
     manifest = read_manifest(folder)
     collected = manifest.get("config", {})
     trained_on = read_manifest(train_cfg["data"][0]).get("config", {})
-    same = ("dataset", "split", "prompt_len", "max_new_tokens", "windows_per_document")  # cut the prompt list
+    same = PROMPT_LIST
     if any(collected.get(k) != trained_on.get(k) for k in same):
         raise SprinterError(f"data {folder!r}: prompts from {[collected.get(k) for k in same]} ({same}); the verifier "
                             f"was trained on {[trained_on.get(k) for k in same]}; expected the same prompt list, so "
