@@ -7,7 +7,8 @@ import json
 import pytest
 import torch
 
-from sprinter.bench.latency import acceptance_by_position, predict_row
+from sprinter.bench.latency import acceptance_by_position, add_predictions, load_verifier_rates, predict_row
+from sprinter.bench.protocol import Method
 from sprinter.bench.regime_map import (
     fastest,
     flat_shape,
@@ -35,6 +36,7 @@ from sprinter.decode.latency import (
 from sprinter.decode.sampling import Sampler
 from sprinter.decode.stats import DecodeStats
 from sprinter.errors import SprinterError
+from sprinter.verifier import Verifier, VerifierInfo, default_arch, save_verifier
 
 
 def clean_prefix(a, true_accept: float, max_block: int) -> float:
@@ -154,6 +156,38 @@ def test_verifier_rates_come_from_metrics_json():
     assert verifier_rates(metrics) == {"0.05": (0.7, 0.05)}
     assert verifier_rates(metrics, "linear") == {"0.05": (0.4, 0.05)}
     assert verifier_rates({}, "linear") == {}
+
+
+def test_a_verifier_calibrated_at_decode_time_is_priced_from_the_calibration_prompts(tmp_path):
+    metrics = {"verifier": {"operating_points": {"0.05": {"true_accept": 0.7, "false_accept": 0.05}}}}
+    for name, kept in (("collected", {}), ("kept", {"0.0": {"0.05": 0.9}})):
+        info = VerifierInfo(features=("hidden",), hidden_size=8, arch=default_arch(), kept_thresholds=kept)
+        save_verifier(tmp_path / name, Verifier(info), info)
+        (tmp_path / name / "metrics.json").write_text(json.dumps(metrics))
+    both = {"mlp": str(tmp_path / "kept"), "compare": str(tmp_path / "collected")}
+    # at its calibrated temperature the kept verifier's metrics.json points are not the thresholds it decodes at
+    assert load_verifier_rates(both, 0.0) == {"compare": {"0.05": (0.7, 0.05)}}
+    assert load_verifier_rates(both, 0.8) == {"mlp": {"0.05": (0.7, 0.05)}, "compare": {"0.05": (0.7, 0.05)}}
+    assert load_verifier_rates(both) == load_verifier_rates(both, 0.8)
+
+
+def test_predicted_speedups_cancel_a_machine_wide_change_of_load():
+    p = profile(d=0.1, slope=0.1)
+    counts = {"new_tokens": 8, "target_calls": 4, "target_tokens": 4 * 3 + 7, "draft_calls": 8, "verifier_calls": 0,
+              "drafted": 8, "accepted": 4, "draft_seconds": 0.0}
+    stats = counts | {"reached_by_position": [10, 10], "accepted_by_position": [5, 5]}
+    methods = [Method("ar", "ar", True, None), Method("sd-k2", "sd", True, None, 2)]
+    done = {0: [{"method": m.name, "stats": stats} for m in methods]}
+    sd = sd_ms(p, (0.5, 0.5), 2)
+    # the timed run measured everything twice as slow as the profile: ms/token off by +100%, the speedup exact
+    results = {"methods": [{"name": "ar", "ms_per_token": 2.0}, {"name": "sd-k2", "ms_per_token": 2 * sd}],
+               "pair": {}}
+    add_predictions(results, p, {"prompt_len": 8, "max_block": 2, "temperature": 0.0}, {}, methods, done, {},
+                    {m.name: [stats] for m in methods})
+    ar, sd_row = results["methods"]
+    assert ar["prediction_error"] == pytest.approx(-0.5) and sd_row["prediction_error"] == pytest.approx(-0.5)
+    assert sd_row["predicted_speedup"] == pytest.approx(1.0 / sd)
+    assert ar["speedup_prediction_error"] == 0.0 and sd_row["speedup_prediction_error"] == pytest.approx(0.0)
 
 
 def test_benchmark_rows_are_predicted_from_the_statistics():

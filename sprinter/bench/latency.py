@@ -25,7 +25,7 @@ from sprinter.decode.latency import (
     verifier_rates,
 )
 from sprinter.files import read_json
-from sprinter.verifier import budget_key
+from sprinter.verifier import budget_key, checkpoint_file, read_info
 
 WITHIN = 0.25  # a prediction "holds" within this relative error of the measurement
 MIN_REACHED = 10  # blocks that must reach a position before its acceptance rate is estimated from them
@@ -60,17 +60,30 @@ def flat_acceptance(stats: Sequence[dict]) -> float | None:
     return accepted / reached if reached else None
 
 
-def load_verifier_rates(verifiers: dict[str, str]) -> dict[str, dict[str, tuple[float, float]]]:
+def load_verifier_rates(verifiers: dict[str, str], temperature: float | None = None
+                        ) -> dict[str, dict[str, tuple[float, float]]]:
     """Per gate name of the benchmark ("mlp", "linear"), its rates from the metrics.json written beside it by
-    scripts/train.py; the linear baseline's come from its MLP's metrics.json when it sits in VERIFIER/baselines/."""
+    scripts/train.py; the linear baseline's come from its MLP's metrics.json when it sits in VERIFIER/baselines/.
+
+    A verifier with decode-time thresholds at `temperature` (scripts/calibrate.py) decodes at other thresholds than
+    metrics.json's operating points: it has no rates here, and its rows are priced from the calibration prompts'
+    own counts (what the verifier flagged there, decoded before timing)."""
     out: dict[str, dict[str, tuple[float, float]]] = {}
     for name, path in verifiers.items():
+        if temperature is not None and _kept_at(path, temperature):
+            continue
         own, parent = Path(path) / "metrics.json", Path(path).parent.parent / "metrics.json"
         if own.is_file():
             out[name] = verifier_rates(read_json(own, "metrics.json"))
         elif name == "linear" and Path(path).parent.name == "baselines" and parent.is_file():
             out[name] = verifier_rates(read_json(parent, "metrics.json"), "linear")
     return out
+
+
+def _kept_at(path: str | Path, temperature: float) -> bool:
+    if not checkpoint_file(path).is_file():
+        return False
+    return bool(read_info(path).kept_thresholds.get(budget_key(temperature)))
 
 
 def totals(stats: Sequence[dict]) -> dict[str, float]:
@@ -160,7 +173,7 @@ def add_predictions(results: dict, profile, options: dict, verifiers: dict[str, 
     (pair.json), the calibration's acceptance by position and the profile. Without calibration prompts the
     prediction is None."""
     rows = {m.name: (m.family, m.operating_point) for m in methods}
-    rates = load_verifier_rates(verifiers)
+    rates = load_verifier_rates(verifiers, options.get("temperature"))
     timed = {m.name: [r["stats"] for i in sorted(done) for r in done[i] if r["method"] == m.name] for m in methods}
     cost_model, timed_stats = predictions(profile, timed, rows, prompt_len=options["prompt_len"],
                                           max_block=options["max_block"], rates=rates)
@@ -170,8 +183,17 @@ def add_predictions(results: dict, profile, options: dict, verifiers: dict[str, 
     def error(estimate, measured):
         return estimate / measured - 1 if estimate is not None and measured else None
 
+    ar_predicted, ar_measured = predicted.get("ar"), next(
+        (e["ms_per_token"] for e in results["methods"] if e["name"] == "ar"), None)
     for entry in results["methods"]:
         entry["predicted_ms_per_token"] = predicted.get(entry["name"])
+        # the speedup over ar both ways: a machine that is busier (or quieter) during the timed run than during the
+        # profile moves every row's ms/token alike, and cancels here
+        entry["predicted_speedup"] = (ar_predicted / entry["predicted_ms_per_token"]
+                                      if ar_predicted and entry["predicted_ms_per_token"] else None)
+        entry["speedup_prediction_error"] = error(
+            entry["predicted_speedup"], ar_measured / entry["ms_per_token"] if ar_measured and entry["ms_per_token"]
+            else None)
         entry["cost_model_ms_per_token"] = cost_model.get(entry["name"])
         entry["prediction_error"] = error(entry["predicted_ms_per_token"], entry["ms_per_token"])
         entry["cost_model_error"] = error(entry["cost_model_ms_per_token"], entry["ms_per_token"])

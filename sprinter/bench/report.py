@@ -250,6 +250,10 @@ def markdown(results: dict) -> str:
                                                                          "cost_model_error"))]
     lines += ["", "Within 25% of the measured ms/token: " + "; ".join(
         f"{label} {n} of {total} rows" for label, n, total in held) + "."]
+    n, total = within_share(results["methods"], "speedup_prediction_error")
+    if total:
+        lines[-1] += (f" Of the predicted speedups over ar (a machine-wide change of load between the profile and the "
+                      f"timed run cancels in them): {n} of {total} rows within 25%.")
     for e in results["methods"]:
         if e.get("verifier_warning"):
             lines += ["", f"{e['name']} [verifier off its promise]: {e['verifier_warning']}; its speed and fidelity "
