@@ -387,6 +387,25 @@ def test_the_ratio_candidate_at_lambda_1_is_exact(decoder):
     assert c.false_accepts.rate == 0 and c.ratio.rate == pytest.approx(c.draft.rate) and c.ratio.trials > PRIOR_WEIGHT
 
 
+def test_exact_rounds_tally_the_ratio_rule_on_the_targets_soft_distribution(gpt2_decoder):
+    """Greedy rounds that ran the exact rule still tally what the ratio rule would keep, reading softmax(logits)
+    (greedy p is one-hot: read as the ratio rule's input it would keep just the argmax, what exact keeps)."""
+    dec = budgeted(gpt2_decoder.pair)
+    controllers = []
+
+    def make_controller(options):
+        controllers.append(Scripted(["sd-k4"], budget=0.05, sprinter_rates=(0.9, 0.05), relaxed=options.acceptance[1]))
+        return controllers[-1]
+
+    dec.make_controller = make_controller
+    auto = dec.generate(PROMPT, mode="auto", max_false_accept=0.05, rule="ratio", rule_threshold=0.3,
+                        max_new_tokens=40)
+    c = controllers[-1]
+    assert auto.token_ids == gpt2_decoder.generate(PROMPT, mode="ar", max_new_tokens=40).token_ids  # exact rounds
+    assert c.ratio.trials > PRIOR_WEIGHT and c.ratio.rate > c.draft.rate + 0.05  # the ratio rule keeps more
+    assert c.false_accepts.rate > 0  # and some of what it adds is not the target's choice
+
+
 def test_auto_requests_are_checked_against_the_decoder(gpt2_decoder):
     with pytest.raises(SprinterError, match="no verifier"):
         gpt2_decoder.generate("def f():", mode="auto", max_false_accept=0.05)

@@ -280,3 +280,33 @@ def test_an_append_returns_states_only_when_asked_and_a_rollback_of_nothing_keep
     assert lm.length == 3 and lm.cache.get_seq_length() == 3
     _, states = lm.append(torch.tensor([[4]]), hidden=1)
     assert states.shape == (1, 1, pair.target.config.hidden_size)
+
+
+def test_the_prefill_runs_eagerly_even_where_a_compiled_step_would_fit(gpt2_decoder):
+    """The compiled step serves appends after the prefill (`past > 0`); the first append of a fresh static cache
+    (whose buffers a graph must not allocate) runs the model eagerly, then the step takes the short appends."""
+    from sprinter.decode.cache import CachedLM, static_cache, static_cache_supported
+    from sprinter.pairs.load import run_with_cache
+
+    if not static_cache_supported():
+        pytest.skip("this transformers has no StaticCache whose length can be moved back")
+    pair = gpt2_decoder.pair
+
+    class Step:  # a stand-in for CompiledForward that fits every append and records the ones it serves
+        served: list[int] = []
+
+        def fits(self, past, new, capacity):
+            return True
+
+        def bucket(self, new):
+            return new
+
+        def __call__(self, ids, cache, hidden):
+            self.served.append(ids.shape[1])
+            return run_with_cache(pair.target, cache, input_ids=ids).logits[0], None
+
+    lm = CachedLM(pair.target, pair.vocab_size, static_cache(pair.target, 16), Step())
+    lm.append(torch.tensor([[1, 2, 3]]))
+    assert Step.served == [] and lm.length == 3
+    lm.append(torch.tensor([[4, 5]]), logits=2)
+    assert Step.served == [2] and lm.length == 5
