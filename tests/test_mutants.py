@@ -310,3 +310,21 @@ def test_the_prefill_runs_eagerly_even_where_a_compiled_step_would_fit(gpt2_deco
     assert Step.served == [] and lm.length == 3
     lm.append(torch.tensor([[4, 5]]), logits=2)
     assert Step.served == [2] and lm.length == 5
+
+
+def test_the_flop_model_by_hand(gpt2_decoder):
+    """2 x non-embedding parameters per new token, the output projection for each row of logits, and 4 x layers x
+    width per attended position (every new token attends the cached ones and the new ones up to itself)."""
+    from sprinter.decode.cache import FlopModel
+
+    flops = FlopModel(non_embedding_params=1000, layers=2, width=8, vocab_size=50)
+    # past 3, new 2: attended 2 * 3 + (1 + 2) = 9; 2 * 1000 * 2 + 2 * 50 * 8 * 1 + 4 * 2 * 8 * 9
+    assert flops.forward(3, 2, 1) == 4000 + 800 + 576
+    assert flops.forward(0, 1, 1) == 2000 + 800 + 64  # a first token attends itself
+    assert flops.forward(5, 4, 4) == 8000 + 3200 + 64 * (20 + 10)
+    model = gpt2_decoder.pair.target
+    embedding = sum(m.weight.numel() for m in model.modules() if isinstance(m, torch.nn.Embedding))
+    of = FlopModel.of(model)
+    assert embedding > 0 and of.non_embedding_params == sum(p.numel() for p in model.parameters()) - embedding
+    assert (of.layers, of.width, of.vocab_size) == (model.config.num_hidden_layers, model.config.hidden_size,
+                                                   model.config.vocab_size)
