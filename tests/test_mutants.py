@@ -319,7 +319,7 @@ def test_the_flop_model_by_hand(gpt2_decoder):
 
     flops = FlopModel(non_embedding_params=1000, layers=2, width=8, vocab_size=50)
     # past 3, new 2: attended 2 * 3 + (1 + 2) = 9; 2 * 1000 * 2 + 2 * 50 * 8 * 1 + 4 * 2 * 8 * 9
-    assert flops.forward(3, 2, 1) == 4000 + 800 + 576
+    assert flops.forward(3, 2, 1) == 4000 + 800 + 576 and isinstance(flops.forward(3, 2, 1), int)  # a count
     assert flops.forward(0, 1, 1) == 2000 + 800 + 64  # a first token attends itself
     assert flops.forward(5, 4, 4) == 8000 + 3200 + 64 * (20 + 10)
     model = gpt2_decoder.pair.target
