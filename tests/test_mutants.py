@@ -283,33 +283,42 @@ def test_an_append_returns_states_only_when_asked_and_a_rollback_of_nothing_keep
 
 
 def test_the_prefill_runs_eagerly_even_where_a_compiled_step_would_fit(gpt2_decoder):
-    """The compiled step serves appends after the prefill (`past > 0`); the first append of a fresh static cache
-    (whose buffers a graph must not allocate) runs the model eagerly, then the step takes the short appends."""
-    from sprinter.decode.cache import CachedLM, static_cache, static_cache_supported
+    """The compiled step serves appends after the prefill (`past > 0`, a one-token prefill included); the first
+    append of a fresh static cache (whose buffers a graph must not allocate) runs the model eagerly. The step is
+    asked whether it fits with the append's own numbers and runs on the LM's cache with the states asked for; a
+    step without a static cache is refused; the FLOPs start at 0 and count every append."""
+    from sprinter.decode.cache import CachedLM, FlopModel, static_cache, static_cache_supported
     from sprinter.pairs.load import run_with_cache
 
     if not static_cache_supported():
         pytest.skip("this transformers has no StaticCache whose length can be moved back")
     pair = gpt2_decoder.pair
 
-    class Step:  # a stand-in for CompiledForward that fits every append and records the ones it serves
-        served: list[int] = []
+    class Step:  # a stand-in for CompiledForward that fits every append and records what it is asked and given
+        asked: list[tuple] = []
+        served: list[tuple] = []
 
         def fits(self, past, new, capacity):
+            self.asked.append((past, new, capacity))
             return True
 
         def bucket(self, new):
             return new
 
         def __call__(self, ids, cache, hidden):
-            self.served.append(ids.shape[1])
+            self.served.append((ids.shape[1], cache, hidden))
             return run_with_cache(pair.target, cache, input_ids=ids).logits[0], None
 
-    lm = CachedLM(pair.target, pair.vocab_size, static_cache(pair.target, 16), Step())
-    lm.append(torch.tensor([[1, 2, 3]]))
-    assert Step.served == [] and lm.length == 3
+    with pytest.raises(RuntimeError, match="^a compiled step needs a static cache$"):
+        CachedLM(pair.target, pair.vocab_size, None, Step())
+    cache = static_cache(pair.target, 16)
+    lm = CachedLM(pair.target, pair.vocab_size, cache, Step())
+    assert lm.flops == 0
+    lm.append(torch.tensor([[1]]))
+    assert Step.served == [] and lm.length == 1 and lm.flops == FlopModel.of(pair.target).forward(0, 1, 1)
     lm.append(torch.tensor([[4, 5]]), logits=2)
-    assert Step.served == [2] and lm.length == 5
+    assert Step.asked == [(1, 2, 16)] and Step.served == [(2, cache, 0)] and lm.length == 3
+    assert lm.flops == FlopModel.of(pair.target).forward(0, 1, 1) + FlopModel.of(pair.target).forward(1, 2, 2)
 
 
 def test_the_flop_model_by_hand(gpt2_decoder):
