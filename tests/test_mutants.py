@@ -337,3 +337,49 @@ def test_the_flop_model_by_hand(gpt2_decoder):
     assert embedding > 0 and of.non_embedding_params == sum(p.numel() for p in model.parameters()) - embedding
     assert (of.layers, of.width, of.vocab_size) == (model.config.num_hidden_layers, model.config.hidden_size,
                                                    model.config.vocab_size)
+
+
+def test_a_compiled_step_that_pads_to_its_bucket_leaves_the_cache_as_an_eager_append_does(gpt2_decoder):
+    """A graph runs a whole bucket of positions: CachedLM forgets the padding at once and returns the real
+    positions' logits and states, so the next append continues exactly as after an eager one."""
+    from sprinter.decode.cache import CachedLM, last_states, static_cache, static_cache_supported
+    from sprinter.pairs.load import run_with_cache
+
+    if not static_cache_supported():
+        pytest.skip("this transformers has no StaticCache whose length can be moved back")
+    pair = gpt2_decoder.pair
+
+    class PaddingStep:  # a stand-in for CompiledForward with one bucket of 4 positions
+        def fits(self, past, new, capacity):
+            return new <= 4
+
+        def bucket(self, new):
+            return 4
+
+        def __call__(self, ids, cache, hidden):
+            padded = torch.cat([ids, ids.new_zeros(1, 4 - ids.shape[1])], 1)
+            out = run_with_cache(pair.target, cache, input_ids=padded, output_hidden_states=bool(hidden))
+            return out.logits[0], last_states(out.hidden_states, int(hidden), 0)
+
+    padded = CachedLM(pair.target, pair.vocab_size, static_cache(pair.target, 32), PaddingStep())
+    eager = CachedLM(pair.target, pair.vocab_size)
+    for lm in (padded, eager):
+        lm.append(torch.tensor([[1, 2, 3]]))
+    (a, sa), (b, sb) = (lm.append(torch.tensor([[4, 5]]), logits=2, hidden=1) for lm in (padded, eager))
+    assert a.shape == b.shape == (2, pair.vocab_size) and torch.allclose(a, b, atol=1e-5)
+    assert sa.shape == sb.shape == (2, 1, pair.target.config.hidden_size) and torch.allclose(sa, sb, atol=1e-5)
+    assert padded.length == eager.length == 5
+    (a, _), (b, _) = (lm.append(torch.tensor([[6]])) for lm in (padded, eager))
+    assert torch.allclose(a, b, atol=1e-5)  # the padding was forgotten: position 5 follows position 4
+    _, states = eager.append(torch.tensor([[7, 8, 9]]), hidden=1)  # states of the logits' positions only
+    assert states.shape == (1, 1, pair.target.config.hidden_size)
+
+
+def test_the_samplers_refusals_name_the_value():
+    from sprinter.decode.sampling import Sampler
+
+    for kwargs, message in (({"temperature": float("inf")}, "temperature: got inf"),
+                            ({"top_k": -1}, "top_k: got -1; expected an integer >= 0"),
+                            ({"top_p": 0.0}, r"top_p: got 0.0; expected a number in \(0, 1\]")):
+        with pytest.raises(SprinterError, match=message):
+            Sampler(**kwargs)
