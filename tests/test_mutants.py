@@ -383,3 +383,14 @@ def test_the_samplers_refusals_name_the_value():
                             ({"top_p": 0.0}, r"top_p: got 0.0; expected a number in \(0, 1\]")):
         with pytest.raises(SprinterError, match=message):
             Sampler(**kwargs)
+
+
+def test_top_p_drops_a_token_once_the_tokens_above_it_reach_top_p_and_never_at_1():
+    """The nucleus keeps a token while the mass ranked above it is below top_p: at exactly top_p it goes; at
+    top_p = 1 nothing is dropped, not even a token the float32 cumulative sum has already rounded to 1."""
+    from sprinter.decode.sampling import Sampler
+
+    logits = torch.tensor([0.5, 0.25, 0.25]).log()  # mass above each: 0, 0.5, 0.75 (exact in float32)
+    assert Sampler(1.0, top_p=0.75).probs(logits).tolist() == pytest.approx([2 / 3, 1 / 3, 0.0])
+    tiny = Sampler(1.0).probs(torch.tensor([0.0, -30.0]))  # [1.0, 9.4e-14]: the mass above the second is 1.0
+    assert 0 < tiny[1] < 1e-12
