@@ -86,6 +86,8 @@ def main() -> None:
     os.makedirs(args.logs, exist_ok=True)
     os.environ.setdefault("SPRINTER_TEST_PAIRS", os.path.abspath("../test-pairs"))
     whole = tomllib.load(open("pyproject.toml", "rb"))["tool"]["mutmut"]["pytest_add_cli_args_test_selection"]
+    # the same tests, tests/test_mutants.py first: the unit tests written against survivors fail fastest
+    whole = sorted(whole, key=lambda path: path != "tests/test_mutants.py")
     import torch  # noqa: F401  (imported once, before the forks)
     import transformers  # noqa: F401
 
