@@ -191,7 +191,7 @@ def add_predictions(results: dict, profile, options: dict, verifiers: dict[str, 
         # profile moves every row's ms/token alike, and cancels here
         entry["predicted_speedup"] = (ar_predicted / entry["predicted_ms_per_token"]
                                       if ar_predicted and entry["predicted_ms_per_token"] else None)
-        entry["speedup_prediction_error"] = error(
+        entry["speedup_prediction_error"] = None if entry["name"] == "ar" else error(  # ar's: 1 / 1, not a test
             entry["predicted_speedup"], ar_measured / entry["ms_per_token"] if ar_measured and entry["ms_per_token"]
             else None)
         entry["cost_model_ms_per_token"] = cost_model.get(entry["name"])
