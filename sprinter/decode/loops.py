@@ -84,7 +84,6 @@ class Round:
     decided: list[int]  # what it emits: the kept drafted tokens and (unless it ended the budget) the target's
     drafted: int
     kept: int  # drafted tokens kept (sprinter: passed by the gate, or checked and accepted)
-    checked: bool  # the target checked every drafted token (else only a flagged one, or none)
     # with state.relaxed (acceptance.ratio_tally): (kept by the exact rule, kept by the ratio rule, its false accepts)
     tally: tuple[int, int, float] | None = None
 
@@ -111,7 +110,7 @@ def speculative_round(target: CachedLM, drafter: Drafter, ids: list[int], k: int
     # 2. A block that ends the generation with nothing flagged needs no target (unless every token is checked).
     if not flagged and not check_all and n == remaining:
         stats.accepted += n
-        return Round(draft.chains()[0], n, n, False)
+        return Round(draft.chains()[0], n, n)
     # 3. One target forward over every token it has not seen (the last emitted one(s) and the block);
     #    this also fills its cache. p[i] is the target's distribution for block position i, p[n] after it.
     unseen = torch.tensor(ids[target.length:], dtype=torch.long, device=device)
@@ -149,7 +148,7 @@ def speculative_round(target: CachedLM, drafter: Drafter, ids: list[int], k: int
     emitted = len(ids) + len(decided)
     target.rollback_to(emitted - 1)
     drafter.keep([0], [emitted - 1])
-    return Round(decided, n, kept, check_all, tally)
+    return Round(decided, n, kept, tally)
 
 
 def speculative(target: CachedLM, drafter: Drafter, prompt: list[int], *, options: DecodeOptions,
