@@ -141,13 +141,19 @@ class DecodeStats:
         return out
 
 
+def wilson_centre_half(rate, n, z: float = Z90):
+    """The Wilson score interval of a rate observed over n trials as (centre, half width): floats, or tensors
+    elementwise (sprinter.train.recalibrate reads a whole curve of counts at once)."""
+    centre = (rate + z * z / (2 * n)) / (1 + z * z / n)
+    half = z / (1 + z * z / n) * (rate * (1 - rate) / n + z * z / (4 * n * n)) ** 0.5
+    return centre, half
+
+
 def wilson_interval(events: float, n: int, z: float = Z90) -> tuple[float, float] | None:
     """(low, high) of the Wilson score interval for `events` out of `n` (None when n is 0)."""
     if n <= 0:
         return None
-    rate = min(max(events / n, 0.0), 1.0)
-    centre = (rate + z * z / (2 * n)) / (1 + z * z / n)
-    half = z / (1 + z * z / n) * math.sqrt(rate * (1 - rate) / n + z * z / (4 * n * n))
+    centre, half = wilson_centre_half(min(max(events / n, 0.0), 1.0), n, z)
     return max(0.0, centre - half), min(1.0, centre + half)
 
 
@@ -206,4 +212,5 @@ def check_promise(stats: DecodeStats, rates: dict | None, verifier: str = "verif
         warn(stats.verifier_warning)
 
 
-__all__ = ["DecodeStats", "FalseAcceptMeter", "check_promise", "promise_warning", "wilson_interval"]
+__all__ = ["DecodeStats", "FalseAcceptMeter", "check_promise", "promise_warning", "wilson_centre_half",
+           "wilson_interval"]

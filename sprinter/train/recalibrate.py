@@ -29,7 +29,7 @@ from typing import Sequence
 import torch
 
 from sprinter.config import ThreadsConfig, option, parse_config, to_dict
-from sprinter.decode.stats import Z90
+from sprinter.decode.stats import Z90, wilson_centre_half
 from sprinter.errors import SprinterError
 from sprinter.files import FolderLock, read_json, write_json
 from sprinter.verifier import budget_key
@@ -73,9 +73,7 @@ def parse_calibrate_config(argv: Sequence[str] | None) -> CalibrateConfig:
 def wilson_upper(events: torch.Tensor, n: torch.Tensor, z: float = Z90) -> torch.Tensor:
     """The upper end of the 90% Wilson interval of events / n, elementwise (n > 0): sprinter.decode.stats'
     wilson_interval over a whole curve of counts at once.  # (G,), (G,) -> (G,)"""
-    rate = (events / n).clamp(0, 1)
-    centre = (rate + z * z / (2 * n)) / (1 + z * z / n)
-    half = z / (1 + z * z / n) * torch.sqrt(rate * (1 - rate) / n + z * z / (4 * n * n))
+    centre, half = wilson_centre_half((events / n).clamp(0, 1), n, z)
     return (centre + half).clamp(max=1)
 
 
