@@ -179,7 +179,8 @@ def test_predicted_speedups_cancel_a_machine_wide_change_of_load():
     methods = [Method("ar", "ar", True, None), Method("sd-k2", "sd", True, None, 2)]
     done = {0: [{"method": m.name, "stats": stats} for m in methods]}
     sd = sd_ms(p, (0.5, 0.5), 2)
-    # the timed run measured everything twice as slow as the profile: ms/token off by +100%, the speedup exact
+    # the timed run measured everything twice as slow as the profile: every ms/token predicted 50% low, the speedup
+    # exact
     results = {"methods": [{"name": "ar", "ms_per_token": 2.0}, {"name": "sd-k2", "ms_per_token": 2 * sd}],
                "pair": {}}
     add_predictions(results, p, {"prompt_len": 8, "max_block": 2, "temperature": 0.0}, {}, methods, done, {},
