@@ -23,6 +23,7 @@ def main(argv: Sequence[str] | None = None) -> None:
     profile, path = profile_pair(cfg)
     t = profile.target_ms
     print(json.dumps({"key": profile.key, "draft_step_ms": round(profile.draft_step_ms, 4),
+                      "draft_run_ms": round(profile.draft_run_ms, 4),
                       "target_ms": {"n=1": round(t[0], 4), f"n={len(t)}": round(t[-1], 4)},
                       "draft_target_cost_ratio": round(profile.cost_ratio, 4),
                       "gate_ms": {k: round(v, 4) for k, v in profile.gate_ms.items()},

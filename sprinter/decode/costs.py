@@ -10,6 +10,7 @@ Measured in about two seconds (`measure_costs`), the way the loops run the model
   the threshold test), "confidence" (the draft's q(x) and the same test);
 - `round_ms`: what a verification round costs besides the forwards: the acceptance check, the correction,
   the host sync and both caches' rollbacks;
+- `draft_run_ms`: the "draft" mode's step: the draft's plain decode step, the mean of a run of DRAFT_RUN;
 - `target_prefill_ms` / `draft_prefill_ms`: what a generation pays once: a fresh cache and a forward over its
   `prompt` tokens (with the last token's distribution and draw).
 
@@ -49,6 +50,7 @@ FORMAT = "sprinter-costs/1"
 FILE_NAME = "cost_profile.json"
 SEED = 0  # the random token ids the calls read (timing needs no text)
 DRAFT_CHAIN = 4  # draft steps timed in a row (draft_step_ms is their mean): what a block of the loops drafts
+DRAFT_RUN = 32  # plain decode steps of the draft timed in a row (draft_run_ms): what the "draft" mode runs
 NOISY = 0.2  # a profile whose timings spread more than this (relative interquartile range) is flagged
 STAND_IN_FEATURES = ("hidden", "token_id", "draft_prob", "draft_entropy")  # the trained verifier's default inputs
 
@@ -71,6 +73,7 @@ class CostProfile:
     target_prefill_ms: float = 0.0  # once per generation: a fresh target cache and its forward over `prompt` tokens
     draft_prefill_ms: float = 0.0  # the same for the draft
     prompt: int = 0  # tokens of the prefills (0: not measured)
+    draft_run_ms: float = 0.0  # one plain decode step of the draft in a run of DRAFT_RUN (0: not measured)
     temperature: float = 0.0  # the sampler the steps were timed with (0: greedy; older files were all greedy)
     top_p: float = 1.0
     repeats: int = 0  # timed calls behind each median
@@ -81,7 +84,8 @@ class CostProfile:
     def __post_init__(self) -> None:
         if not self.target_ms or any(not (isinstance(t, (int, float)) and t > 0) for t in self.target_ms):
             raise SprinterError(f"cost profile target_ms: got {self.target_ms!r}; expected one or more times > 0")
-        for name in ("draft_step_ms", "draft_hidden_step_ms", "round_ms", "target_prefill_ms", "draft_prefill_ms"):
+        for name in ("draft_step_ms", "draft_hidden_step_ms", "round_ms", "target_prefill_ms", "draft_prefill_ms",
+                     "draft_run_ms"):
             value = getattr(self, name)
             if not (isinstance(value, (int, float)) and value >= 0):
                 raise SprinterError(f"cost profile {name}: got {value!r}; expected a time >= 0 (ms)")
@@ -212,7 +216,7 @@ def measure_costs(pair: Pair, *, name: str, gate: LearnedGate | None = None, max
     weight = next(target.parameters())
     device, dtype = weight.device, weight.dtype
     gen = torch.Generator(device=device).manual_seed(SEED)
-    ids = torch.randint(0, vocab_size, (1, max(context, prompt) + max(max_n, DRAFT_CHAIN) + 1), generator=gen,
+    ids = torch.randint(0, vocab_size, (1, max(context, prompt) + max(max_n, DRAFT_RUN) + 1), generator=gen,
                         device=device)  # timing needs no text
     sampler = Sampler() if sampler is None else sampler
     if gate is None:
@@ -262,6 +266,21 @@ def measure_costs(pair: Pair, *, name: str, gate: LearnedGate | None = None, max
             return seconds
         return run
 
+    def draft_run() -> float:
+        """A plain decode step of the draft (the "draft" mode's loop, sprinter.decode.loops.autoregressive: a
+        one-token forward, its distribution, the draw and the host read) as the DRAFT_RUN-th part of a run of them:
+        a run of one model keeps its weights in the CPU caches, which DRAFT_CHAIN's blocks between target calls
+        do not (draft_step_ms read the "draft" rows 12-41% slow)."""
+        lm = draft_lms[False]
+        sync()
+        start = time.perf_counter()
+        for i in range(DRAFT_RUN):
+            logits, _ = lm.append(ids[:, context + i: context + i + 1])
+            sampler.draw(sampler.probs(logits[0]), gen).item()
+        seconds = (time.perf_counter() - start) / DRAFT_RUN
+        lm.rollback(DRAFT_RUN)
+        return seconds
+
     def target_forward(n: int) -> Callable[[], float]:
         def run() -> float:
             sync()
@@ -308,7 +327,7 @@ def measure_costs(pair: Pair, *, name: str, gate: LearnedGate | None = None, max
     tasks: dict[str, Callable[[], float]] = {"draft": draft_step(False), "draft_hidden": draft_step(True),
                                              "gate_learned": gate_call(gate), "gate_confidence": gate_call(confidence),
                                              "round": round_rest, "target_prefill": prefill(target),
-                                             "draft_prefill": prefill(draft)}
+                                             "draft_prefill": prefill(draft), "draft_run": draft_run}
     tasks = {**tasks, **{f"target_{n}": target_forward(n) for n in range(1, max_n + 1)}}
     times: dict[str, list[float]] = {task: [] for task in tasks}
     rounds = 0
@@ -329,7 +348,8 @@ def measure_costs(pair: Pair, *, name: str, gate: LearnedGate | None = None, max
                        target_ms=tuple(ms[f"target_{n}"] for n in range(1, max_n + 1)),
                        gate_ms={"learned": ms["gate_learned"], "confidence": ms["gate_confidence"]},
                        round_ms=ms["round"], target_prefill_ms=ms["target_prefill"],
-                       draft_prefill_ms=ms["draft_prefill"], prompt=prompt, temperature=sampler.temperature,
+                       draft_prefill_ms=ms["draft_prefill"], prompt=prompt, draft_run_ms=ms["draft_run"],
+                       temperature=sampler.temperature,
                        top_p=sampler.top_p, repeats=rounds - 1, noise=noise,
                        seconds=round(time.perf_counter() - started, 3),
                        created=datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"))

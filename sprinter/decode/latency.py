@@ -17,7 +17,7 @@ Acceptance comes from `AcceptanceStats`:
 - `ngram`: the n-gram drafter's drafted and accepted tokens per target call and its lookup time per call.
 
 The formulas, with P_j = a_0 ... a_{j-1} the chance that the first j drafted tokens are all accepted:
-- ar:     T(1);  draft: d
+- ar:     T(1);  draft: d_run (the draft's plain decode step in a run of them; d where not measured)
 - sd, k:  (k d + T(k + 1) + r) / (1 + sum_{j=1..k} P_j)
 - gated blocks (sprinter, sd-gated, strict sprinter): drafting stops at the first token the gate flags or
   after M = max_block tokens; a label-1 token passes with probability TA, a label-0 one with FA. A Markov
@@ -92,7 +92,9 @@ def ar_ms(profile: CostProfile) -> float:
 
 
 def draft_ms(profile: CostProfile) -> float:
-    return profile.draft_step_ms
+    """The draft alone (mode "draft"): a plain decode step in a run of them; a profile measured before
+    draft_run_ms existed: the drafter's step."""
+    return profile.draft_run_ms or profile.draft_step_ms
 
 
 def sd_tokens_per_call(a: Sequence[float], k: int) -> float:
