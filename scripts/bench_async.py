@@ -15,15 +15,14 @@ from pathlib import Path
 from typing import Sequence
 
 from sprinter.bench.asynchronous import AsyncBenchConfig, markdown, run
+from sprinter.bench.protocol import print_report
 from sprinter.config import parse_config
 from sprinter.errors import run_cli
 
 
 def main(argv: Sequence[str] | None = None) -> None:
     cfg = parse_config(AsyncBenchConfig, argv, "Benchmark ar, sd and async (draft and target in two threads).")
-    for results in run(cfg):
-        print(markdown(results))
-    print(f"written: {Path(cfg.out)}/<pair>/results.json, results.md", file=sys.stderr)
+    print_report([markdown(results) for results in run(cfg)], f"{Path(cfg.out)}/<pair>/results.json, results.md")
 
 
 if __name__ == "__main__":

@@ -16,22 +16,14 @@ import sys
 from pathlib import Path
 from typing import Sequence
 
-from sprinter.bench.batch import (
-    BatchBenchConfig,
-    default_config_path,
-    markdown,
-    run_sweep,
-)
-from sprinter.config import parse_config
+from sprinter.bench.batch import markdown, parse_batch_config, run_sweep
+from sprinter.bench.protocol import print_report
 from sprinter.errors import run_cli
 
 
 def main(argv: Sequence[str] | None = None) -> None:
-    cfg = parse_config(BatchBenchConfig, argv, "Batch sweep: tokens/s of batched ar, sd and ngram as B grows.",
-                       default_config_path())
-    results = run_sweep(cfg)
-    print(markdown(results))
-    print(f"written: {Path(cfg.out) / 'results.json'}, results.md, batch.png", file=sys.stderr)
+    cfg = parse_batch_config(argv)
+    print_report([markdown(run_sweep(cfg))], f"{Path(cfg.out) / 'results.json'}, results.md, batch.png")
 
 
 if __name__ == "__main__":

@@ -15,18 +15,15 @@ import sys
 from pathlib import Path
 from typing import Sequence
 
-from sprinter.bench.benchmark import BenchConfig, default_config_path, run_benchmark
+from sprinter.bench.benchmark import parse_bench_config, run_benchmark
+from sprinter.bench.protocol import print_report
 from sprinter.bench.report import markdown
-from sprinter.config import parse_config
 from sprinter.errors import run_cli
 
 
 def main(argv: Sequence[str] | None = None) -> None:
-    cfg = parse_config(BenchConfig, argv, "Benchmark ar, draft, sd, hf-assisted and sprinter: speed and fidelity.",
-                       default_config_path())
-    results = run_benchmark(cfg)
-    print(markdown(results))
-    print(f"written: {Path(cfg.out) / 'results.json'}, results.md, pareto.png", file=sys.stderr)
+    cfg = parse_bench_config(argv)
+    print_report([markdown(run_benchmark(cfg))], f"{Path(cfg.out) / 'results.json'}, results.md, pareto.png")
 
 
 if __name__ == "__main__":

@@ -84,31 +84,26 @@ def test_argparse_errors_are_one_line(mains, capsys, name, bad):
     one_error(capsys, named)
 
 
-@pytest.mark.parametrize("name, argv, named", [
-    ("generate", ["--mode", "ngram", "--i-knee", "inf"], "i_knee: got inf"),
-    ("generate", ["--seed", str(2**64)], "seed: got 18446744073709551616"),
-    ("generate", ["--seed", "-1"], "seed: got -1"),
-    ("generate", ["--temperature", "inf"], "temperature: got inf"),
-    ("generate", ["--threads", "100000"], "threads: got 100000"),
-    ("collect", ["--threads", "-2"], "threads: got -2"),
-    ("collect", ["--temperature", "inf"], "temperature: got inf"),
-    ("collect", ["--temperature", "nan"], "temperature: got nan"),
-    ("collect", ["--split", "bogus"], "'train', 'val', 'test', 'all'"),
-    ("benchmark", ["--temperature", "inf"], "temperature: got inf"),
-    ("benchmark", ["--seed", str(2**63)], "seed: got"),
-    ("bench_batch", ["--threads", "100000"], "threads: got 100000"),
-    ("train", ["--lr", "inf"], "got inf/"),
-    ("train", ["--neg-weight", "inf"], "got 0.001/1.0/inf"),
-    ("train", ["--warmup-fraction", "nan"], "warmup_fraction: got nan"),
-    ("train", ["--warmup-fraction", "-1"], "warmup_fraction: got -1.0"),
-    ("train", ["--weight-decay", "nan"], "weight_decay: got nan"),
-    ("train", ["--precision", "bogus"], "precision: got 'bogus'"),
-    ("train", ["--strategy", "bogus"], "strategy: got 'bogus'"),
-    ("train", ["--budgets", "0.05", "inf"], "budgets: got [0.05, inf]"),
-    ("make_pair", ["--lr", "nan"], "lr: got nan"),
-])
-def test_numbers_at_the_edge_are_refused_where_parsed(mains, capsys, tmp_path, name, argv, named):
-    assert run_cli(mains[name], argv + ([] if name == "generate" else ["--out", str(tmp_path / "out")])) == 2
+EDGES = {  # script: {a command line of it: what its one error line names}
+    "generate": {"--mode ngram --i-knee inf": "i_knee: got inf", f"--seed {2**64}": "seed: got 18446744073709551616",
+                 "--seed -1": "seed: got -1", "--temperature inf": "temperature: got inf",
+                 "--threads 100000": "threads: got 100000"},
+    "collect": {"--threads -2": "threads: got -2", "--temperature inf": "temperature: got inf",
+                "--temperature nan": "temperature: got nan", "--split bogus": "'train', 'val', 'test', 'all'"},
+    "benchmark": {"--temperature inf": "temperature: got inf", f"--seed {2**63}": "seed: got"},
+    "bench_batch": {"--threads 100000": "threads: got 100000"},
+    "train": {"--lr inf": "got inf/", "--neg-weight inf": "got 0.001/1.0/inf",
+              "--warmup-fraction nan": "warmup_fraction: got nan", "--warmup-fraction -1": "warmup_fraction: got -1.0",
+              "--weight-decay nan": "weight_decay: got nan", "--precision bogus": "precision: got 'bogus'",
+              "--strategy bogus": "strategy: got 'bogus'", "--budgets 0.05 inf": "budgets: got [0.05, inf]"},
+    "make_pair": {"--lr nan": "lr: got nan"},
+}
+
+
+@pytest.mark.parametrize("name, line, named",
+                         [(name, line, named) for name, lines in EDGES.items() for line, named in lines.items()])
+def test_numbers_at_the_edge_are_refused_where_parsed(mains, capsys, tmp_path, name, line, named):
+    assert run_cli(mains[name], line.split() + ([] if name == "generate" else ["--out", str(tmp_path / "out")])) == 2
     one_error(capsys, named)
     assert not (tmp_path / "out").exists()
 

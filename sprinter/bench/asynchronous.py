@@ -18,7 +18,6 @@ are wall time, so they also count time a side spent descheduled or waiting for t
 from __future__ import annotations
 
 import datetime
-import json
 import statistics
 import time
 from dataclasses import dataclass
@@ -26,19 +25,8 @@ from pathlib import Path
 
 import torch
 
-from sprinter.bench.protocol import (
-    Prompt,
-    PromptLenConfig,
-    append_records,
-    check_lossless,
-    hardware,
-    libraries,
-    load_prompts,
-    open_records,
-    rotated,
-    save,
-    warm_up,
-)
+from sprinter.bench import protocol
+from sprinter.bench.protocol import Prompt, PromptLenConfig
 from sprinter.config import (
     DeviceConfig,
     ProgressConfig,
@@ -145,7 +133,7 @@ def run_prompt(decoder: Decoder, prompt: Prompt, rows: list[tuple[str, int, dict
                max_new_tokens: int, bar) -> list[dict]:
     """Every row on one prompt (order rotated by the prompt index), each checked equal to ar's output."""
     runs: dict[str, dict] = {}
-    for name, threads, options in rotated(rows, prompt.index):
+    for name, threads, options in protocol.rotated(rows, prompt.index):
         bar.set_postfix_str(f"{Path(pair).name} prompt {prompt.index} {name}")
         runs[name] = run_once(decoder, prompt, threads, options, max_new_tokens)
         bar.update(1)
@@ -157,7 +145,8 @@ def run_prompt(decoder: Decoder, prompt: Prompt, rows: list[tuple[str, int, dict
         def near_tie(i: int, tokens: list[int] = tokens) -> bool:
             return i < len(tokens) and logit_gap(decoder, prompt, reference, i, tokens[i]) <= NEAR_TIE
 
-        i = check_lossless(name, tokens, reference, where=f"prompt {prompt.index} of pair {pair!r}", tolerate=near_tie)
+        i = protocol.check_lossless(name, tokens, reference, where=f"prompt {prompt.index} of pair {pair!r}",
+                                    tolerate=near_tie)
         records.append({"prompt": prompt.index, "method": name, **runs[name], "near_tie_flip": i is not None})
     return records
 
@@ -169,23 +158,23 @@ def bench_pair(cfg: AsyncBenchConfig, pair: str, bar) -> dict:
 
     draft, target = resolve_pair(pair, None, None)
     decoder = Decoder.from_pretrained(draft, target, device=cfg.device)
-    prompts = load_prompts(decoder.tokenizer, num_prompts=cfg.num_prompts, prompt_len=cfg.prompt_len)
+    prompts = protocol.load_prompts(decoder.tokenizer, num_prompts=cfg.num_prompts, prompt_len=cfg.prompt_len)
     rows = methods(cfg)
     header = {"options": {k: v for k, v in to_dict(cfg).items() if k not in RUNTIME_OPTIONS},
               "pair": [draft, target], "methods": [name for name, _, _ in rows],
               "prompts": [[p.domain, p.doc, list(p.ids)] for p in prompts]}
-    done = open_records(Path(cfg.out) / Path(pair).name, header, resume=cfg.resume, overwrite=cfg.overwrite)
+    done = protocol.open_records(Path(cfg.out) / Path(pair).name, header, resume=cfg.resume, overwrite=cfg.overwrite)
     todo = [p for p in prompts if p.index not in done]
     bar.update(len(rows) * (len(prompts) - len(todo)))
     if todo:
-        warm_up(rows, lambda row: run_once(decoder, todo[0], row[1], row[2], min(cfg.max_new_tokens, 16)),
+        protocol.warm_up(rows, lambda row: run_once(decoder, todo[0], row[1], row[2], min(cfg.max_new_tokens, 16)),
                 times=cfg.warmup)
     for prompt in todo:
         done[prompt.index] = run_prompt(decoder, prompt, rows, pair=pair, max_new_tokens=cfg.max_new_tokens, bar=bar)
-        append_records(Path(cfg.out) / Path(pair).name, done[prompt.index])
+        protocol.append_records(Path(cfg.out) / Path(pair).name, done[prompt.index])
     runs = {name: [r for p in prompts for r in done[p.index] if r["method"] == name] for name, _, _ in rows}
     return {"format": FORMAT, "created": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
-            "hardware": hardware(decoder.pair.device, decoder.pair.dtype), "libraries": libraries(),
+            **protocol.machine(decoder.pair.device, decoder.pair.dtype),
             "pair": {"name": pair, "draft": draft, "target": target}, "prompts": len(prompts),
             "max_new_tokens": cfg.max_new_tokens, "options": to_dict(cfg),
             "methods": [summarize(name, threads, runs[name], runs["ar"]) for name, threads, _ in rows]}
@@ -230,8 +219,7 @@ def run(cfg: AsyncBenchConfig) -> list[dict]:
             for pair in cfg.pairs:
                 results = bench_pair(cfg, pair, bar)
                 folder = Path(cfg.out) / Path(pair).name
-                save(folder / "results.json", json.dumps(results, indent=2) + "\n")
-                save(folder / "results.md", markdown(results))
+                protocol.save_results(folder, results, markdown(results))
                 out.append(results)
     finally:
         torch.set_num_threads(before)

@@ -23,6 +23,7 @@ import sys
 import time
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Sequence
 
 import torch
 
@@ -34,12 +35,11 @@ from sprinter.bench.protocol import (
     check_lossless,
     check_window,
     disk_error,
-    hardware,
-    libraries,
     load_prompts,
+    machine,
     open_records,
     rotated,
-    save,
+    save_results,
     warm_up,
 )
 from sprinter.config import (
@@ -48,6 +48,7 @@ from sprinter.config import (
     check_integers,
     check_runs,
     option,
+    parse_config,
     to_dict,
 )
 from sprinter.decode.decoder import Decoder
@@ -78,7 +79,6 @@ class BatchBenchConfig(PairBenchConfig):
     repeats: int = option(3, "timed runs per (domain, B, method); the median is reported")
     warmup: int = option(1, "warm-up batches per method before timing")
     temperature: float = option(0.0, "0 is greedy (outputs checked equal to batched ar's); above 0 samples")
-    seed: int = option(0, "generator seed of every run")
     out: str = option("results/batch/demo", "output folder: results.json, results.md, batch.png")
     resume: bool = option(False, "continue from OUT/records.jsonl (same options): finished cells are kept")
     overwrite: bool = option(False, "replace the records in OUT")
@@ -96,8 +96,10 @@ class BatchBenchConfig(PairBenchConfig):
         check_runs(self, neither="PAIR/draft and PAIR/target")
 
 
-def default_config_path() -> Path:
-    return CONFIG_DIR / "demo.yaml"
+def parse_batch_config(argv: Sequence[str] | None) -> BatchBenchConfig:
+    """scripts/bench_batch.py's options: defaults < configs/bench_batch/demo.yaml (or --config) < flags."""
+    return parse_config(BatchBenchConfig, argv, "Batch sweep: tokens/s of batched ar, sd and ngram as B grows.",
+                        CONFIG_DIR / "demo.yaml")
 
 
 def methods(cfg: BatchBenchConfig) -> dict[str, dict]:
@@ -186,7 +188,7 @@ def run_sweep(cfg: BatchBenchConfig) -> dict:
                     cells[domain][str(size)] = {r["method"]: {k: v for k, v in r.items() if k not in ("cell", "method")}
                                                 for r in done[f"{domain}/{size}"]}
         return {"format": FORMAT, "created": time.strftime("%Y-%m-%dT%H:%M:%S"),
-                "hardware": hardware(decoder.pair.device, decoder.pair.dtype), "libraries": libraries(),
+                **machine(decoder.pair.device, decoder.pair.dtype),
                 "pair": {"draft": draft, "target": target}, "options": to_dict(cfg), "i_knee": i_knee,
                 "k_rule": {str(b): speculation_length(i_knee, b) for b in sizes}, "methods": rows,
                 "elapsed_seconds": time.perf_counter() - start, "partial": partial, "cells": cells}
@@ -252,8 +254,7 @@ def plot(results: dict, path: Path) -> None:
 
 def write_reports(results: dict, out: Path) -> None:
     out.mkdir(parents=True, exist_ok=True)
-    save(out / "results.json", json.dumps(results, indent=2) + "\n")
-    save(out / "results.md", markdown(results) + "\n")
+    save_results(out, results, markdown(results) + "\n")
     try:
         import matplotlib  # noqa: F401  (an extra: sprinter[plot])
     except ImportError:
@@ -266,4 +267,4 @@ def write_reports(results: dict, out: Path) -> None:
         raise disk_error(out / "batch.png", err, "writing") from err
 
 
-__all__ = ["BatchBenchConfig", "default_config_path", "markdown", "methods", "run_sweep"]
+__all__ = ["BatchBenchConfig", "markdown", "methods", "parse_batch_config", "run_sweep"]

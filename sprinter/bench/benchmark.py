@@ -57,6 +57,7 @@ from sprinter.config import (
     check_integers,
     check_runs,
     option,
+    parse_config,
     to_dict,
 )
 from sprinter.decode.costs import Budget, measure_costs
@@ -196,8 +197,10 @@ class BenchConfig(PairBenchConfig):
                 DecodeOptions(mode="sd", rule=rule, rule_threshold=value)
 
 
-def default_config_path() -> Path:
-    return CONFIG_DIR / "demo.yaml"
+def parse_bench_config(argv: Sequence[str] | None) -> BenchConfig:
+    """scripts/benchmark.py's options: defaults < configs/bench/demo.yaml (or --config) < flags."""
+    return parse_config(BenchConfig, argv, "Benchmark ar, draft, sd, hf-assisted and sprinter: speed and fidelity.",
+                        CONFIG_DIR / "demo.yaml")
 
 
 # ------------------------------------------------------------------------------------------- records
@@ -337,4 +340,4 @@ def _run_benchmark(cfg: BenchConfig) -> dict:
     return results
 
 
-__all__ = ["BenchConfig", "FAMILIES", "build_methods", "default_config_path", "run_benchmark"]
+__all__ = ["BenchConfig", "FAMILIES", "build_methods", "parse_bench_config", "run_benchmark"]

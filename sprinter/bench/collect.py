@@ -28,10 +28,10 @@ from typing import Sequence
 import torch
 from tqdm.auto import tqdm
 
-from sprinter.bench.protocol import PromptLenConfig
 from sprinter.config import RuntimeConfig, check_integers, option, parse_config, to_dict
 from sprinter.data.collect import (
     CollectConfig,
+    LabelledPromptsConfig,
     batch_rows,
     check_pair,
     iter_batches,
@@ -43,18 +43,9 @@ from sprinter.pairs.load import Pair, load_pair
 
 
 @dataclass(frozen=True)
-class BenchCollectConfig(PromptLenConfig, RuntimeConfig):
-    draft: str | None = option(None, "draft model (default: the demo pair, built if missing)")
-    target: str | None = option(None, "target model (default: the demo pair)")
-    dataset: str = option("stdlib", "prompt text (see scripts/collect.py)")
-    split: str = option("val", "corpus split the prompts come from")
+class BenchCollectConfig(LabelledPromptsConfig, RuntimeConfig):
     num_prompts: int = option(16, "prompts, the same for every method")
-    max_new_tokens: int = option(32, "labelled tokens per prompt")
-    k: int = option(4, "tokens drafted per target call (decode source)")
-    batch_size: int = option(16, "prompts per forward (corpus and decode)")
     repeats: int = option(3, "timed repeats of the batched sources (the best is kept; the baseline runs once)")
-    device: str = option("cpu", "device")
-    dtype: str = option("float32", "model dtype")
     threads: int = option(2, "CPU threads (the goal is stated for 2 cores)")
     out: str = option("results/collect", "folder for the results JSON")
 
@@ -100,10 +91,7 @@ def _timed(fn) -> tuple[float, object]:
 
 def run_benchmark(cfg: BenchCollectConfig) -> dict:
     torch.set_num_threads(cfg.threads)
-    collect_cfg = CollectConfig(draft=cfg.draft, target=cfg.target, dataset=cfg.dataset, split=cfg.split,
-                                num_prompts=cfg.num_prompts, prompt_len=cfg.prompt_len,
-                                max_new_tokens=cfg.max_new_tokens, k=cfg.k,
-                                batch_size=cfg.batch_size, device=cfg.device, dtype=cfg.dtype, progress=False)
+    collect_cfg = CollectConfig(**cfg.labelled_prompts(), device=cfg.device, dtype=cfg.dtype, progress=False)
     draft_path, target_path = resolve_pair_paths(collect_cfg)
     pair = load_pair(draft_path, target_path, cfg.device, cfg.dtype)
     check_pair(collect_cfg, pair)

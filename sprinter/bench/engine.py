@@ -27,7 +27,7 @@ from typing import Iterator
 
 import torch
 
-from sprinter.bench.protocol import BenchRuntimeConfig, hardware, libraries, load_prompts
+from sprinter.bench.protocol import BenchRuntimeConfig, load_prompts, machine
 from sprinter.config import SeedConfig, check_integers, option, save_config
 from sprinter.decode.cache import CachedLM
 from sprinter.decode.decoder import Decoder
@@ -180,7 +180,7 @@ def run_engine_bench(cfg: EngineBenchConfig) -> dict:
 
         summary = summarise(cfg, samples, outputs, modes, calls, compile_seconds, p_index + 1)
         summary.update({"pair": str(Path(draft).parent), "verifier": verifier,
-                        "hardware": hardware(pair.device, pair.dtype), "libraries": libraries()})
+                        **machine(pair.device, pair.dtype)})
         write_json(out / "results.json", summary)  # after every prompt: a run stopped from outside keeps them
         write_atomic(out / "results.md", report(summary))
     print(report(summary))
@@ -251,7 +251,7 @@ def measure_gate_cost(cfg: EngineBenchConfig, eager: Decoder, compiled: Decoder,
               "features": list(getattr(gate, "features", ())), "ms_per_drafted_token": ms,
               "eager_gate_share_of_step": round((ms["eager+gate"] - ms["eager"]) / ms["eager"], 4),
               "fused_gate_share_of_step": round((ms["fused"] - ms["compiled"]) / ms["compiled"], 4),
-              "hardware": hardware(pair.device, pair.dtype), "libraries": libraries()}
+              **machine(pair.device, pair.dtype)}
     write_json(out / "gate_cost.json", result)
     print(json.dumps(result, indent=1))
     return result

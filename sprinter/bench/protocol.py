@@ -197,6 +197,24 @@ def disk_error(path: Path, err: OSError, doing: str) -> SprinterError:
                          "the folder, then rerun the same command with --resume")
 
 
+def machine(device: torch.device, dtype: torch.dtype) -> dict:
+    """The hardware and libraries a benchmark's results record (its figures hold on these only)."""
+    return {"hardware": hardware(device, dtype), "libraries": libraries()}
+
+
+def save_results(folder: Path, results: dict, md: str) -> None:
+    """A benchmark's results.json and results.md (`md`, its markdown), each written atomically."""
+    save(folder / "results.json", json.dumps(results, indent=2) + "\n")
+    save(folder / "results.md", md)
+
+
+def print_report(tables: Iterable[str], written: str) -> None:
+    """A benchmark script's last words: its tables on stdout (what a pipe reads), the files it wrote on stderr."""
+    for table in tables:
+        print(table)
+    print(f"written: {written}", file=sys.stderr)
+
+
 def save(path: Path, text: str, *, doing: str = "writing") -> None:
     """write_atomic, with an OSError (a full disk, a read-only folder) turned into one SprinterError line."""
     try:
@@ -289,5 +307,5 @@ def append_records(out: Path, records: Sequence[dict]) -> None:
 
 
 __all__ = ["CALIBRATION", "DOMAINS", "RECORDS", "RUN", "Method", "Prompt", "Runner", "append_records", "check_lossless",
-           "check_window", "disk_error", "hardware", "libraries", "load_prompts", "open_records", "read_records",
-           "rotated", "save", "warm_up"]
+           "check_window", "disk_error", "hardware", "libraries", "load_prompts", "machine", "open_records",
+           "print_report", "read_records", "rotated", "save", "save_results", "warm_up"]

@@ -24,7 +24,6 @@ Records written before repeats (no `timings`) read as one repeat.
 from __future__ import annotations
 
 import datetime
-import json
 import statistics
 import sys
 from pathlib import Path
@@ -34,7 +33,7 @@ from sprinter.bench.degeneracy import KEYS as DEGENERACY_KEYS
 from sprinter.bench.degeneracy import pooled
 from sprinter.bench.distribution import ALPHA, check_distributions
 from sprinter.bench.latency import add_predictions, within_share
-from sprinter.bench.protocol import CALIBRATION, Method, Prompt, disk_error, hardware, libraries, save
+from sprinter.bench.protocol import CALIBRATION, Method, Prompt, disk_error, machine, save_results
 from sprinter.bench.spread import LEVEL, bootstrap_interval, mark_ties
 from sprinter.bench.workloads import WORKLOADS
 from sprinter.decode.stats import promise_warning
@@ -346,7 +345,7 @@ def write_reports(out: Path, *, options: dict, decoder, verifiers: dict[str, str
         domains[p.domain] = domains.get(p.domain, 0) + 1
     results = {
         "format": FORMAT, "created": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
-        "hardware": hardware(pair.device, pair.dtype), "libraries": libraries(),
+        **machine(pair.device, pair.dtype),
         "pair": {"draft": pair.draft_name, "target": pair.target_name, "vocab_size": pair.vocab_size,
                  "auto_draft_prior": getattr(decoder, "draft_prior", None)},
         "verifiers": verifier_info,
@@ -373,8 +372,7 @@ def write_reports(out: Path, *, options: dict, decoder, verifiers: dict[str, str
             entry.update(predicted_ms_per_token=None, cost_model_ms_per_token=None, prediction_error=None,
                          cost_model_error=None)
     check_results(results)
-    save(out / "results.json", json.dumps(results, indent=2) + "\n")
-    save(out / "results.md", markdown(results))
+    save_results(out, results, markdown(results))
     try:
         import matplotlib  # noqa: F401  (an extra: sprinter[plot]; the GPU image may lack it)
     except ImportError:

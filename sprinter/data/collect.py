@@ -10,6 +10,7 @@ batches, so `--resume` skips the prompts already in finished shards and nothing 
 
 from __future__ import annotations
 
+import dataclasses
 import os
 import time
 from dataclasses import dataclass
@@ -71,24 +72,35 @@ COLUMNS = [*VECTORS, *SCALARS, "context_length"]  # draft-side columns a verifie
 RUNTIME_OPTIONS = ("resume", "overwrite", "device", "threads", "progress", "out")  # "out": a moved folder resumes
 
 
-@dataclass(frozen=True)
-class CollectConfig(OnPolicyOptions, ProgressConfig, RuntimeConfig, SeedConfig):
+@dataclass(frozen=True, kw_only=True)
+class LabelledPromptsConfig:
+    """What a collection labels, shared by the data stage and its throughput benchmark (sprinter.bench.collect):
+    the models, the prompts (dataset, split, how many, how long) and the tokens labelled after each."""
+
     draft: str | None = option(None, "draft model: Hub name or local folder (default: the demo pair, built if missing)")
     target: str | None = option(None, "target model: Hub name or local folder (default: the demo pair)")
     dataset: str = option("stdlib", "prompt text: 'stdlib', a folder, a .jsonl/text file, or a Hub dataset name")
     split: str = option("val", "corpus split the prompts come from: train, val, test or all")
+    num_prompts: int = option(512, "prompts to collect (fewer if the dataset runs out)")
+    prompt_len: int = option(64, "prompt tokens before the first labelled token")
+    max_new_tokens: int = option(32, "labelled (drafted) tokens per prompt")
+    k: int = option(4, "tokens the draft drafts per target call (decode source)")
+    batch_size: int = option(16, "prompts per forward pass")
+
+    def labelled_prompts(self) -> dict:
+        """These fields by name: what a `CollectConfig` for the same prompts takes."""
+        return {f.name: getattr(self, f.name) for f in dataclasses.fields(LabelledPromptsConfig)}
+
+
+@dataclass(frozen=True)
+class CollectConfig(LabelledPromptsConfig, OnPolicyOptions, ProgressConfig, RuntimeConfig, SeedConfig):
     text_field: str = option("text", "text field of .jsonl rows and Hub datasets")
     hub_split: str = option("train", "split of a Hub dataset to read (before our own train/val/test split)")
     out: str = option("data/demo", "output folder for manifest.json and shard-NNNNN.safetensors")
     source: str = option("corpus", "context source: corpus (teacher forcing, fast), decode (speculative decoding) or "
                                    "onpolicy (the paths of --verifier's own sprinter loop)")
-    num_prompts: int = option(512, "prompts to collect (fewer if the dataset runs out)")
-    prompt_len: int = option(64, "prompt tokens before the first labelled token")
-    max_new_tokens: int = option(32, "labelled (drafted) tokens per prompt")
-    k: int = option(4, "tokens the draft drafts per target call (decode source)")
     windows_per_document: int = option(32, "most prompts cut from one document (spreads prompts over documents)")
     temperature: float = option(0.0, "collection temperature: 0 drafts greedily, > 0 samples from q")
-    batch_size: int = option(16, "prompts per forward pass")
     rows_per_shard: int = option(50_000, "rows per shard file (a shard holds whole batches)")
     hidden_dtype: str = option("float32", "dtype of the stored hidden states: float32 or float16")
     device: str = option("auto", "cpu, cuda, cuda:N or auto (each torchrun rank takes cuda:LOCAL_RANK)")

@@ -143,7 +143,7 @@ class DecodeStats:
 
 def wilson_centre_half(rate, n, z: float = Z90):
     """The Wilson score interval of a rate observed over n trials as (centre, half width): floats, or tensors
-    elementwise (sprinter.train.recalibrate reads a whole curve of counts at once)."""
+    elementwise (the decode-time recalibration reads a whole curve of counts at once)."""
     centre = (rate + z * z / (2 * n)) / (1 + z * z / n)
     half = z / (1 + z * z / n) * (rate * (1 - rate) / n + z * z / (4 * n * n)) ** 0.5
     return centre, half
