@@ -1,17 +1,22 @@
 """The benchmark protocol (sprinter.bench.protocol): rotated order, warm-up, the lossless check, and records that
 survive a torn tail or a full disk. Model-free: the runs themselves are tested in test_bench.py."""
 
+import json
 from pathlib import Path
 
 import pytest
+import torch
 
 from sprinter.bench.protocol import (
     RECORDS,
     RUN,
     append_records,
     check_lossless,
+    machine,
     open_records,
+    print_report,
     rotated,
+    save_results,
     warm_up,
 )
 from sprinter.errors import SprinterError
@@ -113,3 +118,25 @@ def test_a_full_disk_while_appending_is_one_error_that_says_to_resume(tmp_path):
     message = str(err.value)
     assert "appending to" in message and "No space left on device" in message and "--resume" in message
     assert "\n" not in message
+
+
+def test_results_are_written_whole_with_the_machine_they_ran_on_and_reported_on_two_streams(tmp_path, capsys):
+    results = {"format": "x/1", **machine(torch.device("cpu"), torch.float32), "methods": []}
+    assert results["hardware"]["device"] == "cpu" and results["hardware"]["dtype"] == "float32"
+    assert results["libraries"]["torch"] == torch.__version__
+    save_results(tmp_path, results, "| table |\n")
+    assert json.loads((tmp_path / "results.json").read_text()) == results
+    assert (tmp_path / "results.md").read_text() == "| table |\n"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["results.json", "results.md"]  # no temporary file left
+    print_report(["| a |", "| b |"], "OUT/results.json, results.md")
+    out, err = capsys.readouterr()
+    assert out == "| a |\n| b |\n" and err == "written: OUT/results.json, results.md\n"  # a pipe reads the tables
+
+
+def test_the_benchmark_scripts_read_their_presets(tmp_path):
+    from sprinter.bench.batch import parse_batch_config
+    from sprinter.bench.benchmark import parse_bench_config
+
+    assert parse_batch_config([]).fixed_k == (2, 4)  # configs/bench_batch/demo.yaml; the class default is (4,)
+    assert parse_batch_config(["--fixed-k", "8"]).fixed_k == (8,)  # a flag beats the preset
+    assert parse_bench_config(["--out", str(tmp_path)]).out == str(tmp_path)

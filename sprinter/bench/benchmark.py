@@ -294,8 +294,9 @@ def _run_benchmark(cfg: BenchConfig) -> dict:
     done = open_records(Path(cfg.out), run_header(cfg, prompts, methods), resume=cfg.resume, overwrite=cfg.overwrite)
     todo = [p for p in prompts if p.index not in done]
     start = time.perf_counter()
-    # The pair's cost profile (~5 s, before the timed runs): each row's predicted ms/token (sprinter.bench.latency),
-    # its steps timed with the rows' sampler after the generations' mean context (the prompt and half the budget).
+    # The pair's cost profile (PROFILE_BUDGET: 30 s, before the timed runs): each row's predicted ms/token
+    # (sprinter.bench.latency), its steps timed with the rows' sampler after the generations' mean context (the
+    # prompt and half the budget).
     profile = measure_costs(decoder.pair, name=cfg.pair, gate=decoder.gate, max_n=max(cfg.max_block, *cfg.ks) + 1,
                             context=cfg.prompt_len + cfg.max_new_tokens // 2, prompt=cfg.prompt_len,
                             sampler=Sampler(cfg.temperature, top_p=cfg.top_p if cfg.temperature > 0 else 1.0),
