@@ -4,7 +4,8 @@ the demo-sampled run's own cost profile (results/demo-sampled/results.json, pair
 calibration prior (pair.auto_draft_prior). No model runs: each round's cost is the profile's, as the latency
 model prices it (ar: T(1); sd-k: k d + T(k + 1) + r), and a round emits its accepted prefix and one token.
 
-    python results/auto-sampled/simulate.py            # about 10 s; prints results/auto-sampled/README.md's table
+    python results/auto-sampled/simulate.py             # about 10 s; prints results/auto-sampled/README.md's table
+    python results/auto-sampled/simulate.py variants    # about 40 s; the controller variants' table
 """
 
 from __future__ import annotations
@@ -12,6 +13,7 @@ from __future__ import annotations
 import collections
 import json
 import random
+import sys
 from pathlib import Path
 
 from sprinter.decode.auto import PRIOR_WEIGHT, AutoController, Estimate
@@ -52,8 +54,43 @@ def auto(a: float, decay: float) -> tuple[float, float]:
     return ms / tokens, by_kind["ar"] / sum(by_kind.values())
 
 
+def variant(decay: float, relax: float) -> None:
+    """Controllers whose draft estimate forgets at `decay` per observed round and, while `ar` runs, moves back
+    toward the prior (its evidence weighed by `relax` per ar round, the prior's weight topped up; 0: not at all)."""
+    Estimate.__init__.__defaults__ = (PRIOR_WEIGHT, 0.7)
+    choose = ORIGINAL_CHOOSE
+
+    def patched(self):
+        if not getattr(self, "_patched", False):
+            self._patched, self.draft = True, Estimate(self.draft_prior, decay=decay)
+        candidate = choose(self)
+        if relax and candidate.kind in ("ar", "ngram"):
+            w = PRIOR_WEIGHT * (1 - relax)
+            self.draft.hits = self.draft.hits * relax + self.draft_prior * w
+            self.draft.trials = self.draft.trials * relax + w
+        return candidate
+    AutoController.choose = patched
+
+
+ORIGINAL_CHOOSE = AutoController.choose
+
+
 def fixed(a: float, k: int) -> float:
     return round_ms("sd", k) / sum(a ** j for j in range(k + 1))
+
+
+def variants() -> None:
+    accept = (0.3, 0.5, 0.65, 0.8, 0.85)
+    best = " | ".join(f"{min(PROFILE.target(1), fixed(a, 2), fixed(a, 4)):.2f}" for a in accept)
+    print("| draft estimate decay | back toward the prior while ar runs | " + " | ".join(f"a = {a}" for a in accept)
+          + " |")
+    print("|---|---|" + "---|" * len(accept))
+    print(f"| best fixed row (ar, sd-k2, sd-k4) | | {best} |")
+    for decay, relax in ((0.7, 0.0), (0.9, 0.0), (0.9, 0.97), (0.9, 0.95), (0.9, 0.9)):
+        variant(decay, relax)
+        cells = " | ".join("{:.2f} ({:.2f})".format(*auto(a, decay)) for a in accept)
+        print(f"| {decay} | {relax or 'no'} | {cells} |")
+    AutoController.choose = ORIGINAL_CHOOSE
 
 
 def main() -> None:
@@ -67,4 +104,4 @@ def main() -> None:
 
 
 if __name__ == "__main__":
-    main()
+    variants() if sys.argv[1:] == ["variants"] else main()
