@@ -32,7 +32,8 @@ def round_ms(kind: str, k: int) -> float:
 
 def auto(a: float, decay: float) -> tuple[float, float]:
     """ms/token of auto over REQUESTS simulated requests at acceptance a, and the share of tokens ar emitted."""
-    Estimate.__init__.__defaults__ = (PRIOR_WEIGHT, decay)  # the draft estimate's forgetting (DECAY: 0.7)
+    Estimate.__init__.__defaults__ = (PRIOR_WEIGHT, decay)  # every estimate's forgetting (DECAY: 0.7); the
+    # n-gram ones never see a chain here, so this is the draft estimate's
     ms = tokens = 0.0
     by_kind: collections.Counter = collections.Counter()
     for seed in range(REQUESTS):

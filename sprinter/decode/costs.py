@@ -252,34 +252,24 @@ def measure_costs(pair: Pair, *, name: str, gate: LearnedGate | None = None, max
         if device.type == "cuda":
             torch.cuda.synchronize(device)
 
-    def draft_step(hidden: bool) -> Callable[[], float]:
-        """A draft step's share of a chain of DRAFT_CHAIN steps in a row, as a block drafts them (one step alone,
-        between the other figures' calls, found the draft's weights out of the CPU caches: ~1.4x a block's step)."""
+    def draft_steps(hidden: bool, chain: int, read: bool = False) -> Callable[[], float]:
+        """A draft step's share of a chain of `chain` steps in a row. DRAFT_CHAIN: as a block drafts them (one step
+        alone, between the other figures' calls, found the draft's weights out of the CPU caches: ~1.4x a block's
+        step). DRAFT_RUN with `read`: the "draft" mode's loop (sprinter.decode.loops.autoregressive), each token read
+        on the host; a run of one model keeps its weights in the CPU caches (the 4-step chains read that mode 12-41%
+        slow)."""
         def run() -> float:
             sync()
             start = time.perf_counter()
-            for i in range(DRAFT_CHAIN):
-                propose(hidden, i)
+            for i in range(chain):
+                step = propose(hidden, i)
+                if read:
+                    step.token.item()
             sync()
-            seconds = (time.perf_counter() - start) / DRAFT_CHAIN
-            draft_lms[hidden].rollback(DRAFT_CHAIN)
+            seconds = (time.perf_counter() - start) / chain
+            draft_lms[hidden].rollback(chain)
             return seconds
         return run
-
-    def draft_run() -> float:
-        """A plain decode step of the draft (the "draft" mode's loop, sprinter.decode.loops.autoregressive: a
-        one-token forward, its distribution, the draw and the host read) as the DRAFT_RUN-th part of a run of them:
-        a run of one model keeps its weights in the CPU caches, which DRAFT_CHAIN's blocks between target calls
-        do not (draft_step_ms read the "draft" rows 12-41% slow)."""
-        lm = draft_lms[False]
-        sync()
-        start = time.perf_counter()
-        for i in range(DRAFT_RUN):
-            logits, _ = lm.append(ids[:, context + i: context + i + 1])
-            sampler.draw(sampler.probs(logits[0]), gen).item()
-        seconds = (time.perf_counter() - start) / DRAFT_RUN
-        lm.rollback(DRAFT_RUN)
-        return seconds
 
     def target_forward(n: int) -> Callable[[], float]:
         def run() -> float:
@@ -324,10 +314,12 @@ def measure_costs(pair: Pair, *, name: str, gate: LearnedGate | None = None, max
         draft_lms[False].rollback(1)
         return time.perf_counter() - start
 
-    tasks: dict[str, Callable[[], float]] = {"draft": draft_step(False), "draft_hidden": draft_step(True),
+    tasks: dict[str, Callable[[], float]] = {"draft": draft_steps(False, DRAFT_CHAIN),
+                                             "draft_hidden": draft_steps(True, DRAFT_CHAIN),
                                              "gate_learned": gate_call(gate), "gate_confidence": gate_call(confidence),
                                              "round": round_rest, "target_prefill": prefill(target),
-                                             "draft_prefill": prefill(draft), "draft_run": draft_run}
+                                             "draft_prefill": prefill(draft),
+                                             "draft_run": draft_steps(False, DRAFT_RUN, read=True)}
     tasks = {**tasks, **{f"target_{n}": target_forward(n) for n in range(1, max_n + 1)}}
     times: dict[str, list[float]] = {task: [] for task in tasks}
     rounds = 0
