@@ -137,9 +137,9 @@ class BenchConfig(PairBenchConfig):
     top_p: float = option(1.0, "nucleus of the sampled rows (hf-assisted too); the workload sets it")
     repeats: int = option(3, "timed runs of each prompt x method (interleaved, the order rotated each round): "
                              "the speedup's median and bootstrap interval are over prompts x repeats")
-    calibration_prompts: int = option(4, "prompts of CALIBRATION_SPLIT every row decodes before timing (also its "
-                                         "warm-up): the latency model's acceptance inputs (0: predict from the "
-                                         "timed run's own counts)")
+    calibration_prompts: int = option(12, "prompts of CALIBRATION_SPLIT every row decodes before timing (also its "
+                                          "warm-up): the latency model's acceptance inputs (0: predict from the "
+                                          "timed run's own counts; 12: results/calibration-count)")
     calibration_split: str = option("val", "corpus split of the calibration prompts (disjoint from SPLIT's)")
     distribution_alpha: float = option(ALPHA, "temperature > 0: the distribution check's significance level "
                                               "(Bonferroni over lossless rows and its two tests)")
