@@ -65,10 +65,12 @@ def test_the_target_cost_interpolates_and_extrapolates():
 
 def test_ar_draft_and_sd_by_hand():
     p = profile(d=0.1, slope=0.1, round_ms=0.05)
-    assert ar_ms(p) == 1.0 and draft_ms(p) == 0.1  # a profile without draft_run_ms: the drafter's step
+    assert ar_ms(p) == 1.0 and draft_ms(p) == 0.1  # a profile without the runs: a lone step of each model
     assert draft_ms(dataclasses.replace(p, draft_run_ms=0.07)) == 0.07  # the "draft" mode's own run
-    with pytest.raises(SprinterError, match="draft_run_ms"):
-        dataclasses.replace(p, draft_run_ms=-1.0)
+    assert ar_ms(dataclasses.replace(p, target_run_ms=0.85)) == 0.85  # the "ar" mode's own run
+    for name in ("draft_run_ms", "target_run_ms"):
+        with pytest.raises(SprinterError, match=name):
+            dataclasses.replace(p, **{name: -1.0})
     # flat a = 0.5, k = 2: (2 x 0.1 + T(3) + r) / (1 + 0.5 + 0.25) = (0.2 + 1.2 + 0.05) / 1.75
     assert sd_ms(p, (0.5,), 2) == pytest.approx(1.45 / 1.75)
     # a = (0.8, 0.5, 0.5...), k = 3: P = 0.8, 0.4, 0.2 -> 2.4 tokens; cost 0.3 + T(4) + 0.05 = 1.65
@@ -284,7 +286,7 @@ def test_measure_costs_on_a_tiny_pair(gpt2_decoder):
     pair = gpt2_decoder.pair
     p = measure_costs(pair, name="tiny", max_n=5, context=8, budget=Budget(0.3))
     assert len(p.target_ms) == 5 and p.repeats >= 3 and p.noise == round(p.noise, 4) and 0 <= p.noise < 10
-    assert all(v > 0 for v in (p.draft_step_ms, p.draft_hidden_step_ms, p.draft_run_ms, p.round_ms,
+    assert all(v > 0 for v in (p.draft_step_ms, p.draft_hidden_step_ms, p.draft_run_ms, p.target_run_ms, p.round_ms,
                                *p.gate_ms.values()))
     assert p.key == "tiny | cpu | float32 | %d thread(s)" % p.threads
     assert p.target_prefill_ms > 0 and p.draft_prefill_ms > 0 and p.prompt == 8

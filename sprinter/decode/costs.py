@@ -11,6 +11,7 @@ Measured in about two seconds (`measure_costs`), the way the loops run the model
 - `round_ms`: what a verification round costs besides the forwards: the acceptance check, the correction,
   the host sync and both caches' rollbacks;
 - `draft_run_ms`: the "draft" mode's step: the draft's plain decode step, the mean of a run of DRAFT_RUN;
+  `target_run_ms` the same for the target (mode "ar"), after one untimed step of the run;
 - `target_prefill_ms` / `draft_prefill_ms`: what a generation pays once: a fresh cache and a forward over its
   `prompt` tokens (with the last token's distribution and draw).
 
@@ -51,6 +52,7 @@ FILE_NAME = "cost_profile.json"
 SEED = 0  # the random token ids the calls read (timing needs no text)
 DRAFT_CHAIN = 4  # draft steps timed in a row (draft_step_ms is their mean): what a block of the loops drafts
 DRAFT_RUN = 32  # plain decode steps of the draft timed in a row (draft_run_ms): what the "draft" mode runs
+TARGET_RUN = 8  # plain decode steps of the target timed in a row (target_run_ms), after one untimed: mode "ar"
 NOISY = 0.2  # a profile whose timings spread more than this (relative interquartile range) is flagged
 STAND_IN_FEATURES = ("hidden", "token_id", "draft_prob", "draft_entropy")  # the trained verifier's default inputs
 
@@ -74,6 +76,7 @@ class CostProfile:
     draft_prefill_ms: float = 0.0  # the same for the draft
     prompt: int = 0  # tokens of the prefills (0: not measured)
     draft_run_ms: float = 0.0  # one plain decode step of the draft in a run of DRAFT_RUN (0: not measured)
+    target_run_ms: float = 0.0  # one plain decode step of the target in a run of TARGET_RUN (0: not measured)
     temperature: float = 0.0  # the sampler the steps were timed with (0: greedy; older files were all greedy)
     top_p: float = 1.0
     repeats: int = 0  # timed calls behind each median
@@ -85,7 +88,7 @@ class CostProfile:
         if not self.target_ms or any(not (isinstance(t, (int, float)) and t > 0) for t in self.target_ms):
             raise SprinterError(f"cost profile target_ms: got {self.target_ms!r}; expected one or more times > 0")
         for name in ("draft_step_ms", "draft_hidden_step_ms", "round_ms", "target_prefill_ms", "draft_prefill_ms",
-                     "draft_run_ms"):
+                     "draft_run_ms", "target_run_ms"):
             value = getattr(self, name)
             if not (isinstance(value, (int, float)) and value >= 0):
                 raise SprinterError(f"cost profile {name}: got {value!r}; expected a time >= 0 (ms)")
@@ -216,7 +219,8 @@ def measure_costs(pair: Pair, *, name: str, gate: LearnedGate | None = None, max
     weight = next(target.parameters())
     device, dtype = weight.device, weight.dtype
     gen = torch.Generator(device=device).manual_seed(SEED)
-    ids = torch.randint(0, vocab_size, (1, max(context, prompt) + max(max_n, DRAFT_RUN) + 1), generator=gen,
+    longest = max(max_n, DRAFT_RUN, TARGET_RUN + 1)  # the most tokens a timed call (or run) adds to a cache
+    ids = torch.randint(0, vocab_size, (1, max(context, prompt) + longest + 1), generator=gen,
                         device=device)  # timing needs no text
     sampler = Sampler() if sampler is None else sampler
     if gate is None:
@@ -282,6 +286,23 @@ def measure_costs(pair: Pair, *, name: str, gate: LearnedGate | None = None, max
             return seconds
         return run
 
+    def target_run() -> float:
+        """Mode "ar"'s step: the target's plain decode step (a forward, the sampler's draw, the token read on the
+        host), the mean of TARGET_RUN in a row after one untimed step. The run's first step finds the target's
+        weights out of the CPU caches (the figures before it ran the draft); ar's steps follow one another, and
+        a lone one-token forward, target_ms[0], read mode ar 16-20% slow on the bench pair."""
+        start = 0.0
+        for i in range(TARGET_RUN + 1):
+            if i == 1:
+                sync()
+                start = time.perf_counter()
+            logits, _ = target_lm.append(ids[:, context + i: context + i + 1])
+            sampler.draw(sampler.probs(logits[0]), gen).item()
+        sync()
+        seconds = (time.perf_counter() - start) / TARGET_RUN
+        target_lm.rollback(TARGET_RUN + 1)
+        return seconds
+
     def gate_call(g) -> Callable[[], float]:
         def run() -> float:
             sync()
@@ -314,7 +335,8 @@ def measure_costs(pair: Pair, *, name: str, gate: LearnedGate | None = None, max
         draft_lms[False].rollback(1)
         return time.perf_counter() - start
 
-    tasks: dict[str, Callable[[], float]] = {"draft": draft_steps(False, DRAFT_CHAIN),
+    # the target's run first: after the last round's longest forward, before the draft's chains (as in the loops)
+    tasks: dict[str, Callable[[], float]] = {"target_run": target_run, "draft": draft_steps(False, DRAFT_CHAIN),
                                              "draft_hidden": draft_steps(True, DRAFT_CHAIN),
                                              "gate_learned": gate_call(gate), "gate_confidence": gate_call(confidence),
                                              "round": round_rest, "target_prefill": prefill(target),
@@ -341,6 +363,7 @@ def measure_costs(pair: Pair, *, name: str, gate: LearnedGate | None = None, max
                        gate_ms={"learned": ms["gate_learned"], "confidence": ms["gate_confidence"]},
                        round_ms=ms["round"], target_prefill_ms=ms["target_prefill"],
                        draft_prefill_ms=ms["draft_prefill"], prompt=prompt, draft_run_ms=ms["draft_run"],
+                       target_run_ms=ms["target_run"],
                        temperature=sampler.temperature,
                        top_p=sampler.top_p, repeats=rounds - 1, noise=noise,
                        seconds=round(time.perf_counter() - started, 3),

@@ -88,7 +88,9 @@ def prefix_accept(a: Sequence[float], j: int) -> float:
 
 # ------------------------------------------------------------------------------------------- the modes
 def ar_ms(profile: CostProfile) -> float:
-    return profile.target(1)
+    """Mode "ar": a plain decode step of the target in a run of them; a profile measured before target_run_ms
+    existed: a lone one-token forward, T(1)."""
+    return profile.target_run_ms or profile.target(1)
 
 
 def draft_ms(profile: CostProfile) -> float:
