@@ -151,7 +151,40 @@ def test_smoke_run_writes_every_output_with_the_schema(smoke):
     ngram8 = [r for r in records if r["method"] == "ngram-8"]
     assert all(set(r["stats"]["modes"]) <= {"ngram-k8"} for r in ngram8) and by_name["ngram-8"]["lossless"]
     text = (out / "results.md").read_text()
-    assert "corpus text" in text and "Within 25% of the measured ms/token" in text and "Workload **greedy**" in text
+    assert "corpus text" in text and "Within 25% of the measured (pooled) ms/token" in text
+    assert "Workload **greedy**" in text
+    for m in on_disk["methods"]:  # the model prices all time over all tokens: its errors are against that mean
+        rounds = [t for r in records if r["method"] == m["name"] for t in r["timings"]]
+        pooled = 1000 * sum(t["wall_seconds"] for t in rounds) / sum(t["new_tokens"] for t in rounds)
+        assert m["pooled_ms_per_token"] == pytest.approx(pooled)
+        assert m["prediction_error"] == pytest.approx(m["predicted_ms_per_token"] / pooled - 1)
+
+
+def test_report_only_rewrites_the_reports_with_the_stored_profile(smoke, tiny_pair, verifier, tmp_path, monkeypatch):
+    import sprinter.bench.benchmark as benchmark
+
+    out, results = smoke
+    args = bench_args(tiny_pair, verifier, tmp_path, "--methods", *BenchConfig().methods, "--report-only")
+    with pytest.raises(SprinterError, match=r"report_only: .*\(no results.json\); expected the --out of a finished"):
+        run_benchmark(parse_config(BenchConfig, args, "test"))
+    for name in ("run.json", "records.jsonl", "calibration.json", "results.json"):
+        (tmp_path / name).write_text((out / name).read_text())
+    records = (tmp_path / "records.jsonl").read_text()
+
+    def no_timing(*args, **kwargs):
+        raise AssertionError("--report-only measured a profile")
+
+    monkeypatch.setattr(benchmark, "measure_costs", no_timing)
+    again = run_benchmark(parse_config(BenchConfig, args, "test"))
+    assert (tmp_path / "records.jsonl").read_text() == records  # nothing decoded, nothing appended
+    assert again["pair"]["cost_profile"] == results["pair"]["cost_profile"]
+    assert again["elapsed_seconds"] == results["elapsed_seconds"]
+    assert [m["predicted_ms_per_token"] for m in again["methods"]] == pytest.approx(
+        [m["predicted_ms_per_token"] for m in results["methods"]])
+    lines = records.splitlines()  # a run that did not finish is refused
+    (tmp_path / "records.jsonl").write_text("\n".join(lines[:len(lines) // 2]) + "\n")
+    with pytest.raises(SprinterError, match=r"report_only: 1 of 2 prompts .* not finished; expected a finished run"):
+        run_benchmark(parse_config(BenchConfig, args, "test"))
 
 
 def test_resume_keeps_finished_prompts_and_reruns_only_the_rest(smoke, tiny_pair, verifier, tmp_path):

@@ -60,7 +60,7 @@ from sprinter.config import (
     parse_config,
     to_dict,
 )
-from sprinter.decode.costs import Budget, measure_costs
+from sprinter.decode.costs import Budget, CostProfile, measure_costs
 from sprinter.decode.decoder import Decoder
 from sprinter.decode.gates import (
     CONFIDENCE_THRESHOLD,
@@ -77,7 +77,8 @@ CONFIG_DIR = CONFIGS / "bench"
 # non-monotone in n (20.7 ms at n = 1, 7.4 at n = 5) and ar's prediction +134% (results/bench-greedy, session 7).
 PROFILE_BUDGET = Budget(seconds=30.0, min_repeats=10, max_repeats=100)
 # Options that may change on --resume without changing what a record means.
-RUNTIME_OPTIONS = ("out", "resume", "overwrite", "progress", "threads", "warmup", "store_stop_threshold")
+RUNTIME_OPTIONS = ("out", "resume", "overwrite", "progress", "threads", "warmup", "store_stop_threshold",
+                   "report_only")
 
 
 @dataclass(frozen=True)
@@ -116,6 +117,9 @@ class BenchConfig(PairBenchConfig):
     out: str = option("results/demo", "output folder: records.jsonl, results.json, results.md, pareto.png")
     resume: bool = option(False, "continue from OUT/records.jsonl (same options)")
     overwrite: bool = option(False, "replace the records in OUT")
+    report_only: bool = option(False, "write OUT's reports again from its finished records, calibration prompts and "
+                                      "the cost profile its results.json stored (measured before that run's timing); "
+                                      "nothing is decoded or timed")
     rule_k: int = option(4, "sd-ratio, sd-entropy: tokens drafted per target call")
     ratio_lambdas: tuple[float, ...] = option((0.3, 0.5, 0.8), "sd-ratio: lambdas of the ratio rule (keep x iff "
                                                                 "p(x) >= lambda max p) to sweep")
@@ -251,7 +255,7 @@ def calibrate(cfg: BenchConfig, decoder: Decoder, methods: Sequence[Method]) -> 
     if not cfg.calibration_prompts:
         path.unlink(missing_ok=True)  # an earlier run's, replaced by --overwrite: not this run's inputs
         return {}
-    if cfg.resume and path.is_file():
+    if (cfg.resume or cfg.report_only) and path.is_file():
         return read_json(path, CALIBRATION)
     prompts = workload_prompts(resolve(cfg.workload), decoder.tokenizer, dataset=cfg.dataset,
                                split=cfg.calibration_split, domains=cfg.domains, num_prompts=cfg.calibration_prompts,
@@ -260,6 +264,17 @@ def calibrate(cfg: BenchConfig, decoder: Decoder, methods: Sequence[Method]) -> 
             for m in methods}
     save(path, json.dumps(runs) + "\n")
     return runs
+
+
+def stored_run(out: Path) -> dict:
+    """--report-only: OUT's results.json, which must hold the cost profile its run measured before timing."""
+    path = out / "results.json"
+    stored = read_json(path, "results.json") if path.is_file() else {}
+    if not isinstance((stored.get("pair") or {}).get("cost_profile"), dict) or not (out / CALIBRATION).is_file():
+        raise SprinterError(f"report_only: {str(out)!r} holds no finished run with a cost profile and calibration "
+                            f"prompts ({'no results.json' if not stored else 'results.json without them'}); expected "
+                            "the --out of a finished benchmark")
+    return stored
 
 
 def load_decoder(cfg: BenchConfig, verifiers: dict[str, str]) -> Decoder:
@@ -291,16 +306,21 @@ def _run_benchmark(cfg: BenchConfig) -> dict:
     prompts = workload_prompts(resolve(cfg.workload), decoder.tokenizer, dataset=cfg.dataset, split=cfg.split,
                                domains=cfg.domains, num_prompts=cfg.num_prompts, prompt_len=cfg.prompt_len,
                                continuation_len=cfg.max_new_tokens)
-    done = open_records(Path(cfg.out), run_header(cfg, prompts, methods), resume=cfg.resume, overwrite=cfg.overwrite)
+    stored = stored_run(Path(cfg.out)) if cfg.report_only else {}
+    done = open_records(Path(cfg.out), run_header(cfg, prompts, methods), resume=cfg.resume or cfg.report_only,
+                        overwrite=cfg.overwrite)
     todo = [p for p in prompts if p.index not in done]
+    if cfg.report_only and todo:
+        raise SprinterError(f"report_only: {len(todo)} of {len(prompts)} prompts in {cfg.out!r} are not finished; "
+                            "expected a finished run (--resume finishes it)")
     start = time.perf_counter()
     # The pair's cost profile (PROFILE_BUDGET: 30 s, before the timed runs): each row's predicted ms/token
     # (sprinter.bench.latency), its steps timed with the rows' sampler after the generations' mean context (the
-    # prompt and half the budget).
-    profile = measure_costs(decoder.pair, name=cfg.pair, gate=decoder.gate, max_n=max(cfg.max_block, *cfg.ks) + 1,
-                            context=cfg.prompt_len + cfg.max_new_tokens // 2, prompt=cfg.prompt_len,
-                            sampler=Sampler(cfg.temperature, top_p=cfg.top_p if cfg.temperature > 0 else 1.0),
-                            budget=PROFILE_BUDGET)
+    # prompt and half the budget). --report-only: the one that run measured before its timing.
+    profile = CostProfile.from_dict(stored["pair"]["cost_profile"]) if stored else measure_costs(
+        decoder.pair, name=cfg.pair, gate=decoder.gate, max_n=max(cfg.max_block, *cfg.ks) + 1,
+        context=cfg.prompt_len + cfg.max_new_tokens // 2, prompt=cfg.prompt_len,
+        sampler=Sampler(cfg.temperature, top_p=cfg.top_p if cfg.temperature > 0 else 1.0), budget=PROFILE_BUDGET)
     decoder.profile = profile  # mode auto chooses with the same profile (not measured again)
     # 2. The calibration prompts (the predictions' acceptance inputs, before anything is timed), a warm-up, then
     # every method on each prompt in turn, `repeats` rounds; each finished prompt is appended to the records.
@@ -324,7 +344,8 @@ def _run_benchmark(cfg: BenchConfig) -> dict:
                 raise
     # 3. Aggregate and write the reports; store the chosen stop threshold with its verifier if asked.
     results = write_reports(Path(cfg.out), options=to_dict(cfg), decoder=decoder, verifiers=verifiers, prompts=prompts,
-                            methods=methods, done=done, seconds=time.perf_counter() - start)
+                            methods=methods, done=done,
+                            seconds=stored.get("elapsed_seconds") or time.perf_counter() - start)
     failed = {name: c for name, c in (results.get("distribution_check") or {}).items() if not c["passed"]}
     if failed:
         raise SprinterError("distribution check: " + "; ".join(

@@ -169,9 +169,9 @@ def add_predictions(results: dict, profile, options: dict, verifiers: dict[str, 
     """Each entry's `predicted_ms_per_token`, from the calibration prompts' counts (decoded before timing, on
     prompts disjoint from the timed ones) and the profile, and its `cost_model_ms_per_token`, from the timed
     run's own counts (a check that the costs add up, not a prediction), each with its relative error against
-    the measured ms/token. Under `pair`: the profile's draft_target_cost_ratio, the pair's greedy_agreement
-    (pair.json), the calibration's acceptance by position and the profile. Without calibration prompts the
-    prediction is None."""
+    the measured pooled ms/token (all time over all tokens: the model prices a mean, not the median prompt).
+    Under `pair`: the profile's draft_target_cost_ratio, the pair's greedy_agreement (pair.json), the
+    calibration's acceptance by position and the profile. Without calibration prompts the prediction is None."""
     rows = {m.name: (m.family, m.operating_point) for m in methods}
     rates = load_verifier_rates(verifiers, options.get("temperature"))
     timed = {m.name: [r["stats"] for i in sorted(done) for r in done[i] if r["method"] == m.name] for m in methods}
@@ -183,8 +183,11 @@ def add_predictions(results: dict, profile, options: dict, verifiers: dict[str, 
     def error(estimate, measured):
         return estimate / measured - 1 if estimate is not None and measured else None
 
+    def measured(entry: dict) -> float | None:  # the pooled ms/token the model predicts (older results: the median)
+        return entry.get("pooled_ms_per_token") or entry["ms_per_token"]
+
     ar_predicted, ar_measured = predicted.get("ar"), next(
-        (e["ms_per_token"] for e in results["methods"] if e["name"] == "ar"), None)
+        (measured(e) for e in results["methods"] if e["name"] == "ar"), None)
     for entry in results["methods"]:
         entry["predicted_ms_per_token"] = predicted.get(entry["name"])
         # the speedup over ar both ways: a machine that is busier (or quieter) during the timed run than during the
@@ -192,11 +195,10 @@ def add_predictions(results: dict, profile, options: dict, verifiers: dict[str, 
         entry["predicted_speedup"] = (ar_predicted / entry["predicted_ms_per_token"]
                                       if ar_predicted and entry["predicted_ms_per_token"] else None)
         entry["speedup_prediction_error"] = None if entry["name"] == "ar" else error(  # ar's: 1 / 1, not a test
-            entry["predicted_speedup"], ar_measured / entry["ms_per_token"] if ar_measured and entry["ms_per_token"]
-            else None)
+            entry["predicted_speedup"], ar_measured / measured(entry) if ar_measured and measured(entry) else None)
         entry["cost_model_ms_per_token"] = cost_model.get(entry["name"])
-        entry["prediction_error"] = error(entry["predicted_ms_per_token"], entry["ms_per_token"])
-        entry["cost_model_error"] = error(entry["cost_model_ms_per_token"], entry["ms_per_token"])
+        entry["prediction_error"] = error(entry["predicted_ms_per_token"], measured(entry))
+        entry["cost_model_error"] = error(entry["cost_model_ms_per_token"], measured(entry))
     results["pair"].update(draft_target_cost_ratio=profile.cost_ratio,
                            greedy_agreement=pair_meta.get("greedy_agreement"),
                            acceptance_by_position=list(stats.by_position) if stats else None,
