@@ -5,6 +5,7 @@ import torch
 
 from sprinter.decode.acceptance import (
     correction,
+    expected_acceptance,
     flag_then_check,
     greedy_match,
     leading_true,
@@ -108,3 +109,12 @@ def test_correction_is_batched_over_leading_axes():
     for b in range(3):
         assert torch.allclose(rows[b], correction(p[b], q[b], int(n_kept[b])))
     assert torch.allclose(rows[2], p[2, 4])  # all kept: the bonus token comes from p itself
+
+
+def test_expected_acceptance_is_one_minus_total_variation():
+    p = torch.tensor([0.5, 0.5, 0.0])
+    q = torch.tensor([0.25, 0.25, 0.5])
+    assert expected_acceptance(p, q).item() == pytest.approx(0.5)  # TV = 0.5
+    assert expected_acceptance(p, p).item() == pytest.approx(1.0)
+    one_hot = torch.eye(3)  # greedy: 1 where the argmaxes agree, 0 where not
+    assert expected_acceptance(one_hot, one_hot[[0, 2, 2]]).tolist() == [1.0, 0.0, 1.0]

@@ -91,6 +91,12 @@ RULES = ("exact", "ratio", "entropy")  # the rules at the target's call; every o
 RULE_THRESHOLDS = {"ratio": 0.5, "entropy": 2.0}  # the default lambda and tau (nats) of the lossy rules
 
 
+def expected_acceptance(p: torch.Tensor, q: torch.Tensor) -> torch.Tensor:
+    """P(a token drawn from q is kept by the exact rule) = sum_x min(p(x), q(x)) = 1 - TV(p, q) (greedy one-hots:
+    1 where the argmaxes agree).  # (..., V), (..., V) -> (...)"""
+    return torch.minimum(p, q).sum(-1)
+
+
 def ratio_keep(p_x: torch.Tensor, p_max: torch.Tensor, lam: float) -> torch.Tensor:
     """The greedy probability-ratio rule: keep x iff p(x) >= lambda * max p, i.e. the target finds x nearly as
     likely as its own choice (lambda = 1: only its argmax; the token the relaxed label calls acceptable).
@@ -152,6 +158,6 @@ def ratio_tally(lam: float, p_x: torch.Tensor, q_x: torch.Tensor, u: torch.Tenso
     return torch.stack([e.to(p_x.dtype), n.to(p_x.dtype), (rejection * kept).sum()])
 
 
-__all__ = ["RULES", "RULE_THRESHOLDS", "correction", "entropy_keep", "flag_then_check", "greedy_match", "kept_count",
-           "leading_true", "lenient_accept", "ratio_keep", "ratio_tally", "relaxed_checks", "residual",
-           "speculative_accept"]
+__all__ = ["RULES", "RULE_THRESHOLDS", "correction", "entropy_keep", "expected_acceptance", "flag_then_check",
+           "greedy_match", "kept_count", "leading_true", "lenient_accept", "ratio_keep", "ratio_tally",
+           "relaxed_checks", "residual", "speculative_accept"]

@@ -18,10 +18,13 @@ acceptance estimates, all flat across block positions:
 - the n-gram drafter's: P(a lookup finds a chain) and P(a chained token is accepted), from NGRAM_PRIOR. A
   lookup costs microseconds, so it is made before every round whatever runs, and compared with the tokens the
   round emits: the n-gram estimate never goes stale.
-Each estimate forgets its past at DECAY per observed round (an exponentially weighted ratio), so a request whose
-text stops being predictable leaves a drafted mode within a few target calls. While "ar" runs the draft model
-is not observed: after `probe_every` ar rounds auto runs one sd-1 round (the draft first catches up on the
-tokens it skipped), and the wait doubles after each probe that does not bring drafting back (up to PROBE_MAX).
+Each estimate forgets its past per observed round (an exponentially weighted ratio; the n-gram ones at DECAY, the
+draft model's at DRAFT_DECAY), so a request whose text stops being predictable leaves a drafted mode within a few
+target calls. While "ar" (or n-gram) runs the draft model is not observed: its estimate goes back toward its prior
+(RELAX per round: after a few unlucky rejections on text where drafting pays, drafting resumes within ~10 rounds;
+results/auto-prior), and after `probe_every` such rounds auto runs one sd-1 round (the draft first catches up on the
+tokens it skipped), the wait doubling after each probe that does not bring drafting back (up to PROBE_MAX). With
+`prompt_prior` the prior is the request's own, its prompt's teacher-forced acceptance (`prompt_acceptance`).
 
 `AutoController` is pure (no model): `choose()` names the next round's candidate, `observe_draft` /
 `observe_ngram` feed it what the rounds showed. The loop that runs the rounds is `auto_decode`.
@@ -30,16 +33,15 @@ tokens it skipped), and the wait doubles after each probe that does not bring dr
 from __future__ import annotations
 
 import dataclasses
-import os
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Sequence
 
 import torch
 
-from sprinter.decode.acceptance import RULE_THRESHOLDS
+from sprinter.decode.acceptance import RULE_THRESHOLDS, expected_acceptance
 from sprinter.decode.cache import CachedLM
-from sprinter.decode.costs import FILE_NAME, Budget, CostProfile, find_profile, measure_costs, profile_key, save_profile
+from sprinter.decode.costs import CostProfile
 from sprinter.decode.drafters import Draft, ModelDrafter
 from sprinter.decode.gates import LearnedGate
 from sprinter.decode.latency import SPRINTER_RATES, ar_ms, ngram_ms, sd_gated_ms, sd_ms, sprinter_ms, verifier_rates
@@ -58,7 +60,14 @@ NGRAM_KS = (2, 4, 8)  # n-gram chain lengths to choose among
 DRAFT_PRIOR = 0.6  # P(accept) of a drafted token when the pair states no greedy agreement
 NGRAM_PRIOR = (0.3, 0.3)  # (P(a lookup finds a chain), P(a chained token is accepted)) before any lookup
 PRIOR_WEIGHT = 4.0  # the prior counts as this many observed tokens
-DECAY = 0.7  # per observed round: the weight of everything seen before it
+DECAY = 0.7  # per observed round: the weight of everything seen before it (the n-gram estimates)
+DRAFT_DECAY = 0.9  # the same for the draft model's estimate (0.7 until results/auto-prior: it left sd after one or
+# two early rejections on sampled text where sd pays)
+RELAX = 0.9  # per round that does not observe the draft model: its estimate's evidence keeps this weight and the
+# rest goes back to the prior (1: the estimate waits for a probe)
+PROMPT_PRIOR = False  # start each request from its prompt's teacher-forced acceptance (measured slower on demo:
+# results/auto-prior/README.md)
+PROMPT_SKIP = 16  # the prompt prior reads the positions with at least this many tokens of context
 FALSE_ACCEPT_DECAY = 0.95  # the same for the ratio rule's false-accept share (~20 rounds, ~60 checked tokens)
 PROBE_EVERY = 16  # ar rounds before the draft model is probed again with one sd-1 round
 PROBE_MAX = 128  # the longest wait between probes (it doubles after each probe that loses)
@@ -74,6 +83,12 @@ class Estimate:
             raise SprinterError(f"estimate: got prior={prior!r}, weight={weight!r}, decay={decay!r}; expected a "
                                 "prior in [0, 1], a weight > 0 and a decay in (0, 1]")
         self.hits, self.trials, self.decay = prior * weight, weight, decay
+
+    def toward(self, prior: float, factor: float, weight: float = PRIOR_WEIGHT) -> None:
+        """Keep `factor` of the evidence and give the rest back to `prior` (at most `weight` observations' worth)."""
+        if factor < 1:
+            self.hits = self.hits * factor + prior * weight * (1 - factor)
+            self.trials = self.trials * factor + weight * (1 - factor)
 
     def update(self, hits: float, trials: float) -> None:
         if trials <= 0:
@@ -131,6 +146,9 @@ class AutoController:
     probe_every: int = PROBE_EVERY
     cache: dict | None = None  # predictions by rounded estimate; a Decoder shares one across requests of one setting
     fixed: str | None = None  # run this candidate every round (a fixed rival on this loop; the benchmark's ngram-8)
+    draft_decay: float = DRAFT_DECAY
+    relax: float = RELAX
+    prompt_prior: bool = PROMPT_PRIOR  # auto_decode calls `start` with the prompt's acceptance before any round
     draft: Estimate = field(init=False)
     ngram_hit: Estimate = field(init=False)
     ngram_accept: Estimate = field(init=False)
@@ -147,9 +165,12 @@ class AutoController:
         self.candidates = candidates(gated=self.gated, budget=self.budget, relaxed=self.relaxed is not None)
         if self.fixed is not None and self.fixed not in self.candidates:
             raise SprinterError(f"auto_candidate: got {self.fixed!r}; expected one of {sorted(self.candidates)}")
-        self.draft = Estimate(self.draft_prior)
+        if not 0 < self.relax <= 1:
+            raise SprinterError(f"auto relax: got {self.relax!r}; expected a number in (0, 1] (1: off)")
+        self.draft = Estimate(self.draft_prior, decay=self.draft_decay)
         self.ngram_hit, self.ngram_accept = Estimate(self.ngram_prior[0]), Estimate(self.ngram_prior[1])
-        self.ratio, self.false_accepts = Estimate(self.draft_prior), Estimate(0.0, decay=FALSE_ACCEPT_DECAY)
+        self.ratio = Estimate(self.draft_prior, decay=self.draft_decay)  # observed when the draft is: alike
+        self.false_accepts = Estimate(0.0, decay=FALSE_ACCEPT_DECAY)
         self.since_draft = 0  # rounds since the draft model was last observed
         self.wait = self.probe_every  # ar rounds before the next probe
         self.probing = False
@@ -215,7 +236,15 @@ class AutoController:
             if self.since_draft > self.wait:
                 self.probing = True
                 return self.candidates["sd-k1"]
+            self.draft.toward(self.draft_prior, self.relax)
+            self.ratio.toward(self.draft_prior, self.relax)
         return self.candidates[best]
+
+    def start(self, prior: float) -> None:
+        """A request's own prior (its prompt's teacher-forced acceptance) in place of the pair's, before any round."""
+        self.draft_prior = min(max(float(prior), 0.0), 1.0)
+        self.draft = Estimate(self.draft_prior, decay=self.draft_decay)
+        self.ratio = Estimate(self.draft_prior, decay=self.draft_decay)
 
     def observe_draft(self, accepted: int, reached: int) -> None:
         """A round of the draft model: `reached` drafted tokens were judged (a block's accepted prefix and its
@@ -238,6 +267,17 @@ class AutoController:
         n = min(len(chain), len(emitted))
         match = next((i for i in range(n) if chain[i] != emitted[i]), n)
         self.ngram_accept.update(match, min(match + 1, n))
+
+
+def prompt_acceptance(target: CachedLM, draft: CachedLM, ids: Sequence[int], sampler) -> float:
+    """The prompt's teacher-forced acceptance: both models read all of it but its last token (prefills the first
+    rounds need anyway), and the mean of 1 - TV(p, q) under the request's sampler over the positions with at least
+    PROMPT_SKIP tokens of context (a shorter prompt: its later half)."""
+    head = torch.tensor([list(ids[:-1])], dtype=torch.long, device=next(target.model.parameters()).device)
+    n = head.shape[1]
+    p, _ = target.append(head, logits=n)  # (n, V)
+    q, _ = draft.append(head, logits=n)
+    return expected_acceptance(sampler.probs(p), sampler.probs(q))[min(PROMPT_SKIP, n // 2):].mean().item()
 
 
 class IndexDrafter:
@@ -280,6 +320,8 @@ def auto_decode(target: CachedLM, draft: ModelDrafter, prompt: list[int], *, con
     if controller.relaxed is not None:
         states["sd-ratio"] = dataclasses.replace(exact, accept=("ratio", controller.relaxed))
     modes = state.stats.modes
+    if controller.prompt_prior and len(ids) > 2 and target.length == 0 and draft.lm.length == 0:
+        controller.start(prompt_acceptance(target, draft.lm, ids, sampler))
     while not out.done:
         choice = controller.choose()
         chain = index.chain(controller.max_chain)  # the free n-gram probe: compared with what this round emits
@@ -348,28 +390,6 @@ def make_controller(decoder: Decoder, options: DecodeOptions) -> AutoController:
                           fixed=options.auto_candidate)
 
 
-def cost_profile(decoder: Decoder, budget_s: float = 2.0) -> CostProfile:
-    """The pair's cost profile (sprinter.decode.costs) on this device, dtype and thread count: `decoder.profile`
-    when set; else the one kept in memory by the decoder; else the one in cost_profile.json beside the pair
-    (scripts/profile_pair.py writes it); else measured now in about `budget_s` seconds, kept in memory, and saved
-    beside the pair when its folder is writable (measuring works for any model, random test ones too)."""
-    if decoder.profile is not None:
-        return decoder.profile
-    pair, folder = decoder.pair, Path(decoder.pair.draft_name).parent
-    name = str(folder) if (folder / "pair.json").is_file() else f"{pair.draft_name} | {pair.target_name}"
-    dtype = str(pair.dtype).removeprefix("torch.")
-    key = profile_key(name, str(pair.device), dtype, torch.get_num_threads())
-    if key not in decoder.profiles:
-        saved = find_profile(folder / FILE_NAME, name, str(pair.device), dtype, torch.get_num_threads()) \
-            if name == str(folder) else None
-        if saved is None:
-            saved = measure_costs(pair, name=name, gate=decoder.gate, budget=Budget(budget_s))
-            if name == str(folder) and os.access(folder, os.W_OK):
-                save_profile(folder / FILE_NAME, saved)
-        decoder.profiles[key] = saved
-    return decoder.profiles[key]
-
-
 __all__ = ["DECAY", "DRAFT_KS", "DRAFT_PRIOR", "FALSE_ACCEPT_DECAY", "NGRAM_PRIOR", "NGRAM_KS", "PRIOR_WEIGHT",
            "PROBE_EVERY", "AutoController", "Candidate", "Estimate", "IndexDrafter", "auto_decode", "candidates",
-           "cost_profile", "make_controller", "run_auto"]
+           "make_controller", "prompt_acceptance", "run_auto"]

@@ -30,11 +30,12 @@ from __future__ import annotations
 
 import dataclasses
 import datetime
+import os
 import statistics
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable, Iterable, Sequence
+from typing import TYPE_CHECKING, Callable, Iterable, Sequence
 
 import torch
 
@@ -46,6 +47,9 @@ from sprinter.decode.sampling import Sampler, uniform
 from sprinter.errors import SprinterError
 from sprinter.files import read_json, write_json
 from sprinter.pairs.load import Pair
+
+if TYPE_CHECKING:
+    from sprinter.decode.decoder import Decoder
 
 FORMAT = "sprinter-costs/1"
 FILE_NAME = "cost_profile.json"
@@ -370,6 +374,27 @@ def measure_costs(pair: Pair, *, name: str, gate: LearnedGate | None = None, max
                        created=datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"))
 
 
-__all__ = ["FILE_NAME", "FORMAT", "NOISY", "Budget", "CostProfile", "find_profile", "measure_costs", "profile_key",
-           "read_profiles", "save_profile", "stand_in_verifier",
-           "timing_noise"]
+def cost_profile(decoder: Decoder, budget_s: float = 2.0) -> CostProfile:
+    """The pair's cost profile (sprinter.decode.costs) on this device, dtype and thread count: `decoder.profile`
+    when set; else the one kept in memory by the decoder; else the one in cost_profile.json beside the pair
+    (scripts/profile_pair.py writes it); else measured now in about `budget_s` seconds, kept in memory, and saved
+    beside the pair when its folder is writable (measuring works for any model, random test ones too)."""
+    if decoder.profile is not None:
+        return decoder.profile
+    pair, folder = decoder.pair, Path(decoder.pair.draft_name).parent
+    name = str(folder) if (folder / "pair.json").is_file() else f"{pair.draft_name} | {pair.target_name}"
+    dtype = str(pair.dtype).removeprefix("torch.")
+    key = profile_key(name, str(pair.device), dtype, torch.get_num_threads())
+    if key not in decoder.profiles:
+        saved = find_profile(folder / FILE_NAME, name, str(pair.device), dtype, torch.get_num_threads()) \
+            if name == str(folder) else None
+        if saved is None:
+            saved = measure_costs(pair, name=name, gate=decoder.gate, budget=Budget(budget_s))
+            if name == str(folder) and os.access(folder, os.W_OK):
+                save_profile(folder / FILE_NAME, saved)
+        decoder.profiles[key] = saved
+    return decoder.profiles[key]
+
+
+__all__ = ["FILE_NAME", "FORMAT", "NOISY", "Budget", "CostProfile", "cost_profile", "find_profile", "measure_costs",
+           "profile_key", "read_profiles", "save_profile", "stand_in_verifier", "timing_noise"]

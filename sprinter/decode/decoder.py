@@ -39,10 +39,10 @@ from typing import Callable, Sequence
 import torch
 
 from sprinter.decode.asynchronous import asynchronous
-from sprinter.decode.auto import AutoController, cost_profile, make_controller, run_auto
+from sprinter.decode.auto import AutoController, make_controller, run_auto
 from sprinter.decode.batched import generate_batch
 from sprinter.decode.cache import CachedLM
-from sprinter.decode.costs import CostProfile
+from sprinter.decode.costs import CostProfile, cost_profile
 from sprinter.decode.datastore import Datastore
 from sprinter.decode.drafters import ModelDrafter
 from sprinter.decode.emit import Emitter, GenerateOutput
@@ -221,7 +221,7 @@ class Decoder:
         return make_controller(self, options)
 
     def cost_profile(self, budget_s: float = 2.0) -> CostProfile:
-        """The pair's cost profile on this device, dtype and thread count (sprinter.decode.auto.cost_profile)."""
+        """The pair's cost profile on this device, dtype and thread count (sprinter.decode.costs.cost_profile)."""
         return cost_profile(self, budget_s)
 
     @staticmethod
