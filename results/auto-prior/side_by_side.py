@@ -114,5 +114,8 @@ def table(results: list[dict]) -> str:
 if __name__ == "__main__":
     if sys.argv[1:] == ["report"]:
         print(table([json.loads(p.read_text()) for p in sorted(HERE.glob("*-*.json"))]))
-    else:
+    elif len(sys.argv) == 3 and (HERE.parent / f"{sys.argv[1]}-{sys.argv[2]}" / "results.json").is_file():
         measure(*sys.argv[1:3])
+    else:
+        sys.exit(f"usage: side_by_side.py PAIR WORKLOAD | report; got {sys.argv[1:]}: expected a pair and workload "
+                 "with a benchmark run in results/PAIR-WORKLOAD (its profile and prior are read from there)")
