@@ -167,9 +167,8 @@ class AutoController:
             raise SprinterError(f"auto_candidate: got {self.fixed!r}; expected one of {sorted(self.candidates)}")
         if not 0 < self.relax <= 1:
             raise SprinterError(f"auto relax: got {self.relax!r}; expected a number in (0, 1] (1: off)")
-        self.draft = Estimate(self.draft_prior, decay=self.draft_decay)
+        self.start(self.draft_prior)  # the draft's estimate and the ratio rule's (observed when the draft is)
         self.ngram_hit, self.ngram_accept = Estimate(self.ngram_prior[0]), Estimate(self.ngram_prior[1])
-        self.ratio = Estimate(self.draft_prior, decay=self.draft_decay)  # observed when the draft is: alike
         self.false_accepts = Estimate(0.0, decay=FALSE_ACCEPT_DECAY)
         self.since_draft = 0  # rounds since the draft model was last observed
         self.wait = self.probe_every  # ar rounds before the next probe
@@ -241,7 +240,8 @@ class AutoController:
         return self.candidates[best]
 
     def start(self, prior: float) -> None:
-        """A request's own prior (its prompt's teacher-forced acceptance) in place of the pair's, before any round."""
+        """Start the draft's estimate and the ratio rule's from `prior` (at construction: the pair's; with
+        `prompt_prior`, before a request's first round: its prompt's teacher-forced acceptance)."""
         self.draft_prior = min(max(float(prior), 0.0), 1.0)
         self.draft = Estimate(self.draft_prior, decay=self.draft_decay)
         self.ratio = Estimate(self.draft_prior, decay=self.draft_decay)
